@@ -1,0 +1,146 @@
+"""The block device contract (after MirageOS's ``Mirage_block.S``), read this first.
+
+A device is a run of ``size_sectors`` sectors of ``sector_size`` bytes.  All I/O is
+async and sector-addressed; buffers are writable (for ``read``) or readable (for
+``write``) bytes-like objects, each a whole number of sectors long, used in order.
+
+Every device tolerates concurrent calls: the FUSE front end runs up to 99 handlers at
+once.  Errors are the ``blockfuse.errors`` vocabulary and nothing else.
+
+Optional capabilities are declared in ``capabilities``, never guessed: a caller checks
+``Capability.RESIZE in dev.capabilities`` before calling ``resize``; a device that does
+not declare one raises ``Unimplemented`` from it and does nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import Unimplemented
+
+Buffer = bytearray | memoryview | bytes
+"""A run of bytes handed to ``read`` (must be writable) or ``write``."""
+
+SECTOR_SIZE = 512
+
+
+@dataclass(frozen=True)
+class Info:
+    """What ``get_info`` answers: writability and geometry."""
+
+    read_write: bool
+    sector_size: int
+    size_sectors: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.sector_size * self.size_sectors
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of sectors that either holds data or is a hole (reads as zeroes)."""
+
+    sector: int
+    count: int
+    is_data: bool
+
+    @property
+    def end(self) -> int:
+        return self.sector + self.count
+
+
+class Capability(enum.Enum):
+    DISCARD = "discard"
+    WRITE_ZEROES = "write_zeroes"
+    RESIZE = "resize"
+    EXTENTS = "extents"
+
+
+class BlockDevice(ABC):
+    """An async block device.  Subclasses implement the five core methods.
+
+    Each method documents what it raises and what a failure leaves behind.  Cancellation
+    of a call may leave a write partly done, as an error would.
+    """
+
+    kind: str = "device"
+    """A short name for the kind of device, shown as ``user.blockfuse.kind``."""
+
+    capabilities: frozenset[Capability] = frozenset()
+
+    @abstractmethod
+    async def get_info(self) -> Info:
+        """The device's current geometry; raises ``Disconnected`` after ``aclose``."""
+
+    @abstractmethod
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        """Fill ``buffers`` one after another from ``sector`` on.
+
+        On error some buffers may be unfilled.  Raises ``Unsafe`` (bad request),
+        ``Disconnected``, ``RequestFailed`` or ``ProtocolError``.
+        """
+
+    @abstractmethod
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        """Write ``buffers`` in order from ``sector`` on.
+
+        A read-only device raises ``ReadOnly`` and writes nothing.  On any other error
+        some of the write may have happened.  The caller must not change the buffers
+        until the call returns.
+        """
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make everything written before this call durable where the device can."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the device.  Never fails, idempotent; later I/O raises ``Disconnected``."""
+
+    async def discard(self, sector: int, count: int) -> None:
+        """Forget ``count`` sectors from ``sector``; they may read back as anything."""
+        raise Unimplemented(f"{self.kind} devices cannot discard")
+
+    async def write_zeroes(self, sector: int, count: int) -> None:
+        """Make ``count`` sectors from ``sector`` read back as zeroes."""
+        raise Unimplemented(f"{self.kind} devices cannot write zeroes efficiently")
+
+    async def resize(self, size_sectors: int) -> None:
+        """Grow (reading back zeroes) or shrink (dropping data past the end) the device."""
+        raise Unimplemented(f"{self.kind} devices cannot be resized")
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        """Which parts of ``[sector, sector+count)`` hold data and which are holes.
+
+        The answer covers the range from ``sector`` in order; it may stop early (the
+        caller asks again from where it stopped).  A device without ``EXTENTS`` raises
+        ``Unimplemented``; a caller then treats everything as data.
+        """
+        raise Unimplemented(f"{self.kind} devices cannot report extents")
+
+    def status(self) -> dict[str, str]:
+        """Extra status for the front end (``user.blockfuse.*`` xattrs); empty by default."""
+        return {}
+
+    @property
+    def inner(self) -> BlockDevice | None:
+        """The device a wrapper stands on, or ``None`` for a device that wraps nothing."""
+        return None
+
+
+def total_length(buffers: Sequence[Buffer]) -> int:
+    """The number of bytes in ``buffers``."""
+    return sum(len(b) for b in buffers)
+
+
+def format_size(n: int) -> str:
+    """``1073741824`` -> ``'1 GiB'``; exact where it can be, else one decimal."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,217 @@
+"""The ``blockfuse`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .block import BlockDevice, format_size
+from .devices.safe import SafeDevice
+from .fuse.flatfile import FlatFile
+from .fuse.mount import MountError, mount_type, prepare_mountpoint, serve, unmount_command
+from .spec import Recipe, SpecError, compile_spec, split_named
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DEFAULT_NAME = "disk"
+DEFAULT_IMAGE = "blockfuse-disk.img"
+DEFAULT_SIZE = 1 << 30
+
+log = logging.getLogger("blockfuse")
+
+
+class CommandError(Exception):
+    """A failure to report in one line; ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="blockfuse",
+        description="Compose block devices and show each as a flat file in a FUSE mount.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = sub.add_parser(
+        "mount",
+        help="mount devices as flat files (runs in the foreground)",
+        description=(
+            "Show each device as the file MOUNTPOINT/NAME until Ctrl-C, SIGTERM or "
+            "`blockfuse umount MOUNTPOINT`; every device is flushed before exit. "
+            f"With no --device, shows {DEFAULT_NAME}={DEFAULT_IMAGE} (1 GiB, created sparse "
+            "in the current directory if missing)."
+        ),
+        epilog=(
+            "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
+            "(sizes like 512, 64K, 256M, 1G, 1T); safe(SPEC). Calls nest; quote paths "
+            "holding commas or parentheses."
+        ),
+    )
+    mount.add_argument("mountpoint")
+    mount.add_argument(
+        "--device",
+        "-d",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a device to show as MOUNTPOINT/NAME (repeatable)",
+    )
+    mount.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
+    mount.add_argument("--allow-other", action="store_true", help="let other users open the files")
+    mount.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="do not wrap devices in safe(...) (skips the per-request contract checks)",
+    )
+
+    umount = sub.add_parser("umount", help="unmount a blockfuse mount")
+    umount.add_argument("mountpoint")
+    return parser.parse_args(argv)
+
+
+# --- mount ---------------------------------------------------------------------------
+
+
+def default_device() -> tuple[str, str]:
+    """The built-in default: a 1 GiB image in the current directory, created if missing."""
+    if not os.path.exists(DEFAULT_IMAGE):
+        with open(DEFAULT_IMAGE, "xb") as f:
+            f.truncate(DEFAULT_SIZE)
+        log.warning("created %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
+    return DEFAULT_NAME, DEFAULT_IMAGE
+
+
+def compile_devices(specs: Sequence[str]) -> list[tuple[str, Recipe]]:
+    """Check every --device before anything is opened or created."""
+    named = [split_named(text) for text in specs]
+    names = [name for name, _ in named]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"two devices are named {name!r}; each name must be unique")
+    return [(name, compile_spec(spec)) for name, spec in named]
+
+
+async def open_files(recipes: Sequence[tuple[str, Recipe]], *, unsafe: bool) -> list[FlatFile]:
+    files: list[FlatFile] = []
+    try:
+        for name, recipe in recipes:
+            device: BlockDevice = await open_recipe(name, recipe)
+            if not unsafe:
+                device = SafeDevice(device)
+            files.append(FlatFile(name, device, kind=recipe.kind, spec=recipe.text))
+    except BaseException:
+        for f in files:
+            await f.device.aclose()
+        raise
+    return files
+
+
+async def open_recipe(name: str, recipe: Recipe) -> BlockDevice:
+    try:
+        return await recipe.open()
+    except (OSError, ValueError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
+
+
+async def describe(mountpoint: str, files: Sequence[FlatFile]) -> str:
+    lines = [f"blockfuse: serving {len(files)} device(s) under {mountpoint}:"]
+    for f in files:
+        info = await f.info()
+        ro = "" if info.read_write else ", read-only"
+        lines.append(
+            f"  {os.path.join(mountpoint, f.name)}  {format_size(info.size_bytes)}"
+            f"  {f.kind} {f.spec}{ro}"
+        )
+    lines.append(f"Stop with Ctrl-C or: blockfuse umount {mountpoint}")
+    return "\n".join(lines)
+
+
+async def run_mount(args: argparse.Namespace, recipes: list[tuple[str, Recipe]]) -> int:
+    files = await open_files(recipes, unsafe=args.unsafe)
+    banner = await describe(args.mountpoint, files)
+    problems = await serve(
+        args.mountpoint,
+        files,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
+        on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+    )
+    for problem in problems:
+        print(f"blockfuse: {problem}", file=sys.stderr)
+    print(f"blockfuse: unmounted {args.mountpoint}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    specs = args.device or ["=".join(default_device_spec())]
+    recipes = compile_devices(specs)
+    try:
+        prepare_mountpoint(args.mountpoint)
+    except MountError as exc:
+        raise CommandError(str(exc)) from exc
+    if not args.device:
+        default_device()
+        recipes = compile_devices(specs)
+    return trio.run(run_mount, args, recipes)
+
+
+def default_device_spec() -> tuple[str, str]:
+    return DEFAULT_NAME, DEFAULT_IMAGE
+
+
+# --- umount --------------------------------------------------------------------------
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    path = args.mountpoint
+    try:
+        fstype = mount_type(path)
+    except OSError as exc:
+        raise CommandError(f"cannot read the mount table: {exc}") from exc
+    if fstype is None:
+        try:
+            os.stat(path)
+        except OSError:
+            fstype = "stale"
+        else:
+            raise CommandError(f"{path} is not mounted")
+    cmd = unmount_command(path) if fstype == "stale" else ["fusermount3", "-u", path]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}")
+    return EXIT_OK
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="blockfuse: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as exc:
+        print(f"blockfuse: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"blockfuse: {exc}", file=sys.stderr)
+        return exc.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

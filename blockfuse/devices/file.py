@@ -1,0 +1,195 @@
+"""A raw image file or a block device as a device.
+
+Blocking syscalls must not stall the event loop.  The measured trade-off
+(``scripts/bench_file_calls.py``): a ``preadv`` of 4 KiB from the page cache costs a few
+microseconds in the loop, while handing it to a worker thread costs tens of
+microseconds; but a read that misses the cache can block for milliseconds.  So each
+call first tries the syscall in the loop with ``RWF_NOWAIT`` (the kernel answers
+``EAGAIN`` instead of blocking, or returns what it has without waiting), and only the
+rest goes to a worker thread.  Flushes always go to a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ..block import SECTOR_SIZE, BlockDevice, Buffer, Info, total_length
+from ..errors import Disconnected, ReadOnly, RequestFailed, map_os_errors
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+
+IoCall = Callable[[int, list[memoryview], int, int], int]
+
+_threads = trio.CapacityLimiter(16)
+
+
+def advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views left after skipping the first ``n`` bytes."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+        else:
+            out.append(v[n:])
+            n = 0
+    return out
+
+
+def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
+    return [memoryview(b).cast("B") for b in buffers]
+
+
+def device_geometry(fd: int) -> tuple[int, int]:
+    """``(size_bytes, sector_size)`` of an open regular file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        sector_size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+        return size, sector_size
+    return st.st_size, SECTOR_SIZE
+
+
+class _NoWait:
+    """Whether the kernel takes ``RWF_NOWAIT`` for one kind of call on this file."""
+
+    def __init__(self) -> None:
+        self.supported = hasattr(os, "RWF_NOWAIT")
+
+    def attempt(self, call: IoCall, fd: int, views: list[memoryview], offset: int) -> int:
+        """Bytes done without blocking (0 if the kernel would have to wait)."""
+        if not self.supported:
+            return 0
+        try:
+            return call(fd, views, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self.supported = False
+            return 0
+
+
+class FileDevice(BlockDevice):
+    """An open file descriptor as a device; ``open_file`` builds one from a path."""
+
+    kind = "file"
+
+    def __init__(self, fd: int, path: str, *, read_only: bool) -> None:
+        self._fd = fd
+        self.path = path
+        self._read_only = read_only
+        size, self._sector_size = device_geometry(fd)
+        self._size_sectors = size // self._sector_size
+        self._nowait_read = _NoWait()
+        self._nowait_write = _NoWait()
+        self._closed = False
+        self._in_flight = 0
+        self._idle = trio.Event()
+
+    async def get_info(self) -> Info:
+        self._check_open()
+        return Info(not self._read_only, self._sector_size, self._size_sectors)
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._io(os.preadv, self._nowait_read, sector, buffers, "read")
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        if self._read_only:
+            raise ReadOnly(f"{self.path} is open read-only")
+        await self._io(os.pwritev, self._nowait_write, sector, buffers, "write")
+
+    async def flush(self) -> None:
+        self._check_open()
+        if self._read_only:
+            return
+        with self._busy(), map_os_errors(f"flush {self.path}"):
+            await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=_threads)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._in_flight:
+            with trio.CancelScope(shield=True):
+                await self._idle.wait()
+        os.close(self._fd)
+
+    async def _io(
+        self, call: IoCall, nowait: _NoWait, sector: int, buffers: Sequence[Buffer], what: str
+    ) -> None:
+        self._check_open()
+        offset = sector * self._sector_size
+        views = byte_views(buffers)
+        with self._busy(), map_os_errors(f"{what} {self.path} at byte {offset}"):
+            done = nowait.attempt(call, self._fd, views, offset)
+            if done < total_length(views):
+                rest = advance(views, done)
+                await trio.to_thread.run_sync(
+                    self._blocking_io, call, rest, offset + done, what, limiter=_threads
+                )
+
+    def _blocking_io(self, call: IoCall, views: list[memoryview], offset: int, what: str) -> None:
+        """Loop until every byte is done; a zero-length answer means the file ended."""
+        while views:
+            n = call(self._fd, views, offset, 0)
+            if n == 0:
+                raise RequestFailed(
+                    errno.EIO, f"{what} {self.path}: the file ended at byte {offset}"
+                )
+            views = advance(views, n)
+            offset += n
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Disconnected(f"{self.path} is closed")
+
+    def _busy(self) -> _InFlight:
+        return _InFlight(self)
+
+
+class _InFlight:
+    """Counts calls in progress so that ``aclose`` waits for them before closing the fd."""
+
+    def __init__(self, dev: FileDevice) -> None:
+        self._dev = dev
+
+    def __enter__(self) -> None:
+        self._dev._in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._dev._in_flight -= 1
+        if self._dev._in_flight == 0 and self._dev._closed:
+            self._dev._idle.set()
+
+
+def open_file(path: str, *, read_only: bool = False) -> FileDevice:
+    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size)."""
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        check_openable(fd, path)
+        return FileDevice(fd, path, read_only=read_only)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_openable(fd: int, path: str) -> None:
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ValueError(f"{path} is not a regular file or block device")
+    size, sector_size = device_geometry(fd)
+    if size % sector_size:
+        raise ValueError(
+            f"{path} is {size} bytes, not a whole number of {sector_size}-byte sectors "
+            f"(use sparse({path}) or `truncate -s` it to a multiple of {sector_size})"
+        )

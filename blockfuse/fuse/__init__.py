@@ -1,0 +1,1 @@
+"""The FUSE front end: one flat file per device."""

@@ -1,0 +1,105 @@
+"""One device seen as a flat file of bytes: the FUSE handlers' only way to a device.
+
+No pyfuse3 here, so the byte-level behaviour is tested against a memory device alone.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ..block import BlockDevice, Capability, Info
+from ..errors import RequestFailed
+from .bridge import Span, clip, span
+from .rangelock import RangeLock
+
+
+class FlatFile:
+    def __init__(self, name: str, device: BlockDevice, *, kind: str, spec: str) -> None:
+        self.name = name
+        self.device = device
+        self.kind = kind
+        self.spec = spec
+        self._writes = RangeLock()
+
+    async def info(self) -> Info:
+        return await self.device.get_info()
+
+    async def read(self, offset: int, length: int) -> memoryview:
+        info = await self.device.get_info()
+        length = clip(offset, length, info.size_bytes)
+        if length == 0:
+            return memoryview(b"")
+        s = span(offset, length, info.sector_size)
+        buf = bytearray(s.count * info.sector_size)
+        await self.device.read(s.first, [buf])
+        return memoryview(buf)[s.head : s.head + length]
+
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``; a write running past the end is cut short there."""
+        info = await self.device.get_info()
+        length = clip(offset, len(data), info.size_bytes)
+        if length == 0:
+            if not data:
+                return 0
+            raise RequestFailed(errno.ENOSPC, f"write at byte {offset} is past the end")
+        view = memoryview(data)[:length]
+        s = span(offset, length, info.sector_size)
+        async with self._writes.hold(s.first, s.end):
+            if s.aligned:
+                await self.device.write(s.first, [view])
+            else:
+                await self._read_modify_write(s, view, info.sector_size)
+        return length
+
+    async def _read_modify_write(self, s: Span, data: memoryview, ss: int) -> None:
+        """Patch the partial end sectors and write them with the aligned middle at once."""
+        if s.count == 1:
+            sector = await self._read_sector(s.first, ss)
+            sector[s.head : s.head + len(data)] = data
+            return await self.device.write(s.first, [sector])
+        head_len = (ss - s.head) if s.head else 0
+        tail_len = (ss - s.tail) if s.tail else 0
+        buffers: list[bytearray | memoryview] = []
+        if head_len:
+            head = await self._read_sector(s.first, ss)
+            head[s.head :] = data[:head_len]
+            buffers.append(head)
+        if len(data) > head_len + tail_len:
+            buffers.append(data[head_len : len(data) - tail_len])
+        if tail_len:
+            tail = await self._read_sector(s.end - 1, ss)
+            tail[:tail_len] = data[len(data) - tail_len :]
+            buffers.append(tail)
+        await self.device.write(s.first, buffers)
+
+    async def _read_sector(self, sector: int, ss: int) -> bytearray:
+        buf = bytearray(ss)
+        await self.device.read(sector, [buf])
+        return buf
+
+    async def flush(self) -> None:
+        await self.device.flush()
+
+    async def resize(self, size_bytes: int) -> None:
+        info = await self.device.get_info()
+        if size_bytes == info.size_bytes:
+            return
+        if Capability.RESIZE not in self.device.capabilities:
+            raise RequestFailed(errno.EPERM, f"{self.kind} devices cannot change size")
+        if size_bytes % info.sector_size:
+            raise RequestFailed(
+                errno.EINVAL, f"size {size_bytes} is not a multiple of {info.sector_size}"
+            )
+        await self.device.resize(size_bytes // info.sector_size)
+
+    def status(self) -> dict[str, str]:
+        """Every layer's status, outermost last so that it wins on a shared key."""
+        layers = []
+        dev: BlockDevice | None = self.device
+        while dev is not None:
+            layers.append(dev)
+            dev = dev.inner
+        out: dict[str, str] = {}
+        for layer in reversed(layers):
+            out.update(layer.status())
+        return out

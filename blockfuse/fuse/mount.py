@@ -1,0 +1,145 @@
+"""Mounting: the mountpoint's checks, the pyfuse3 session, and a clean shutdown.
+
+pyfuse3 holds one session per process.  ``serve`` mounts, runs the request loop until a
+signal (SIGINT/SIGTERM) or an outside ``umount``, then unmounts, flushes every device and
+closes it.  Nothing that happens in between may leave the mount behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+
+import pyfuse3
+import trio
+
+from ..errors import BlockError
+from .flatfile import FlatFile
+from .ops import BlockFS
+
+log = logging.getLogger(__name__)
+
+FSNAME = "blockfuse"
+
+
+class MountError(Exception):
+    """The mountpoint cannot be used; the message says what to do."""
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted exactly at ``path``, from /proc/self/mountinfo."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if point == real:
+                found = fields[sep + 1]  # the last mount on a path is the visible one
+    return found
+
+
+def unmount_command(path: str) -> list[str]:
+    if shutil.which("fusermount3"):
+        return ["fusermount3", "-u", "-z", path]
+    return ["umount", "-l", path]
+
+
+def clear_stale(path: str) -> None:
+    cmd = unmount_command(path)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(
+            f"{path} holds a stale mount left by a blockfuse that died, and clearing it failed "
+            f"({result.stderr.strip()}); clear it with: {' '.join(cmd)}"
+        )
+    log.warning("cleared a stale mount at %s left by a blockfuse that died", path)
+
+
+def prepare_mountpoint(path: str) -> None:
+    """Make ``path`` ready to mount on: create it, clear a stale mount, refuse a live one."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        os.mkdir(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"cannot use {path} as a mountpoint: {exc.strerror}") from exc
+        clear_stale(path)
+    if not os.path.isdir(path):
+        raise MountError(f"{path} is not a directory")
+    fstype = mount_type(path)
+    if fstype == "fuse." + FSNAME:
+        raise MountError(
+            f"{path} is already mounted by a running blockfuse; stop that process, "
+            f"or run: blockfuse umount {path}"
+        )
+    if fstype is not None:
+        raise MountError(f"{path} is already a mount point ({fstype}); choose another directory")
+
+
+def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _terminate_on_signal(
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def close_files(files: Sequence[FlatFile]) -> list[str]:
+    """Flush and close every device; the problems found, one line each."""
+    problems = []
+    for f in files:
+        try:
+            await f.flush()
+        except BlockError as exc:
+            problems.append(f"flushing {f.name} failed: {exc}")
+        await f.device.aclose()
+    return problems
+
+
+async def serve(
+    mountpoint: str,
+    files: Sequence[FlatFile],
+    *,
+    read_only: bool = False,
+    allow_other: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> list[str]:
+    """Mount, serve until a signal or an outside unmount, then flush and close everything.
+
+    Returns the problems met while flushing (empty when all went well).
+    """
+    ops = BlockFS(files, read_only=read_only)
+    pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_terminate_on_signal)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        with trio.CancelScope(shield=True):
+            problems = await close_files(files)
+    return problems

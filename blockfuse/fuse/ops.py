@@ -1,0 +1,200 @@
+"""pyfuse3 Operations: a root directory holding one flat file per device.
+
+Only ``FUSEError`` may leave a handler (anything else takes the mount down), so every
+handler runs under ``fuse_errors``: our ``BlockError``s become their errno, anything
+unexpected is logged and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from ..errors import BlockError
+from .flatfile import FlatFile
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+XATTR_PREFIX = "user.blockfuse."
+ATTR_TIMEOUT = 1.0
+
+
+def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Let only ``FUSEError`` out of a handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except BlockError as exc:
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from exc
+        except Exception as exc:
+            log.exception("unexpected error in FUSE handler %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    return wrapper
+
+
+class BlockFS(pyfuse3.Operations):
+    def __init__(self, files: Sequence[FlatFile], *, read_only: bool = False) -> None:
+        super().__init__()
+        self._by_inode = {pyfuse3.ROOT_INODE + 1 + i: f for i, f in enumerate(files)}
+        self._by_name = {f.name.encode(): ino for ino, f in self._by_inode.items()}
+        self._read_only = read_only
+        self._started_ns = time.time_ns()
+
+    def _file(self, inode: int) -> FlatFile:
+        try:
+            return self._by_inode[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    # --- names and attributes -------------------------------------------------------
+
+    def _base_attr(self, inode: int, mode: int, size: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_mode = mode
+        attr.st_nlink = 1
+        attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
+        attr.st_size = size
+        attr.st_blksize = 4096
+        attr.st_blocks = -(-size // 512)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._started_ns
+        attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
+        return attr
+
+    @fuse_errors
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        if inode == pyfuse3.ROOT_INODE:
+            return self._base_attr(inode, stat.S_IFDIR | 0o755, 0)
+        info = await self._file(inode).info()
+        writable = info.read_write and not self._read_only
+        mode = stat.S_IFREG | (0o644 if writable else 0o444)
+        return self._base_attr(inode, mode, info.size_bytes)
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE or name not in self._by_name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.getattr(self._by_name[name])
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            if self._read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            await self._file(inode).resize(attr.st_size)
+        return await self.getattr(inode)
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inodes = sorted(self._by_inode)
+        for index in range(start_id, len(inodes)):
+            inode = inodes[index]
+            name = self._by_inode[inode].name.encode()
+            if not pyfuse3.readdir_reply(token, name, await self.getattr(inode), index + 1):
+                break
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        total = 0
+        for f in self._by_inode.values():
+            total += (await f.info()).size_bytes
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = total // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self._by_inode) + 1
+        data.f_namemax = 255
+        return data
+
+    # --- file I/O ----------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        f = self._file(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            info = await f.info()
+            if self._read_only or not info.read_write:
+                raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # pyfuse3 takes any contiguous buffer; a memoryview saves a copy of the data.
+        return await self._file(fh).read(off, size)  # type: ignore[return-value]
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._file(fh).write(off, buf)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._file(fh).flush()
+
+    async def flush(self, fh: int) -> None:
+        """close(2): data already reached the device; durability is ``fsync``'s job."""
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    # --- status as extended attributes ----------------------------------------------------
+
+    async def _xattrs(self, inode: int) -> dict[str, str]:
+        f = self._file(inode)
+        info = await f.info()
+        values = {
+            "kind": f.kind,
+            "spec": f.spec,
+            "size": str(info.size_bytes),
+            "sector_size": str(info.sector_size),
+            "read_only": "yes" if (self._read_only or not info.read_write) else "no",
+        }
+        values.update(f.status())
+        return values
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return []
+        return [(XATTR_PREFIX + key).encode() for key in await self._xattrs(inode)]
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        key = name.decode(errors="replace")
+        if inode == pyfuse3.ROOT_INODE or not key.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        values = await self._xattrs(inode)
+        try:
+            return values[key[len(XATTR_PREFIX) :]].encode()
+        except KeyError:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)

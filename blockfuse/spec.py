@@ -1,0 +1,352 @@
+"""Device specs: the strings after ``--device NAME=`` turned into opened devices.
+
+Grammar (calls nest; arguments are positional or ``key=value``)::
+
+    spec  := call | word
+    call  := KIND "(" [arg ("," arg)*] ")"
+    arg   := [KEY "="] spec
+    word  := quoted string | bare text up to the next "," or ")" outside quotes
+
+A bare word is a path (a raw image file or block device).  Examples::
+
+    ./disk.img    file(./disk.img, ro=true)    mem(256M)    safe(mem(1G))
+    file("/images/odd,name(1).img")
+
+Opening is two steps so that bad input changes nothing: ``compile_spec`` parses and
+checks every argument (kinds, sizes, that files exist) and returns a ``Recipe``; only
+then does ``Recipe.open`` create or open anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .block import BlockDevice
+from .devices.file import open_file
+from .devices.memory import MemoryDevice
+from .devices.safe import SafeDevice
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message says what is wrong with it."""
+
+
+# --- syntax ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    quoted: bool = False
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str
+    args: tuple[Node, ...] = ()
+    kwargs: tuple[tuple[str, Node], ...] = ()
+
+
+Node = Word | Call
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def fail(self, problem: str) -> SpecError:
+        return SpecError(f"{problem} at character {self.pos + 1}")
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_spaces(self) -> None:
+        while self.peek().isspace():
+            self.pos += 1
+
+    def parse_spec(self) -> Node:
+        self.skip_spaces()
+        if self.peek() in ("'", '"'):
+            return Word(self.parse_quoted(), quoted=True)
+        m = _IDENT.match(self.text, self.pos)
+        if m and self.text[m.end() : m.end() + 1] == "(":
+            self.pos = m.end() + 1
+            return self.parse_call(m.group())
+        return self.parse_bare()
+
+    def parse_quoted(self) -> str:
+        quote, start = self.peek(), self.pos
+        self.pos += 1
+        out = []
+        while (c := self.peek()) != quote:
+            if not c:
+                self.pos = start
+                raise self.fail("unterminated quoted string")
+            if c == "\\":
+                self.pos += 1
+                c = self.peek()
+            out.append(c)
+            self.pos += 1
+        self.pos += 1
+        return "".join(out)
+
+    def parse_bare(self) -> Word:
+        start = self.pos
+        while self.peek() and self.peek() not in ",()":
+            self.pos += 1
+        text = self.text[start : self.pos].strip()
+        if not text:
+            raise self.fail("expected a device spec")
+        return Word(text)
+
+    def parse_call(self, kind: str) -> Call:
+        args: list[Node] = []
+        kwargs: list[tuple[str, Node]] = []
+        self.skip_spaces()
+        if self.peek() == ")":
+            self.pos += 1
+            return Call(kind)
+        while True:
+            self.parse_arg(kind, args, kwargs)
+            self.skip_spaces()
+            c = self.peek()
+            self.pos += 1
+            if c == ")":
+                return Call(kind, tuple(args), tuple(kwargs))
+            if c != ",":
+                self.pos -= 1
+                raise self.fail(f"expected ',' or ')' in {kind}(...)")
+
+    def parse_arg(self, kind: str, args: list[Node], kwargs: list[tuple[str, Node]]) -> None:
+        self.skip_spaces()
+        m = _IDENT.match(self.text, self.pos)
+        if m and self.text[m.end() : m.end() + 1] == "=":
+            self.pos = m.end() + 1
+            if any(k == m.group() for k, _ in kwargs):
+                raise self.fail(f"{kind}(...) names '{m.group()}' twice")
+            kwargs.append((m.group(), self.parse_spec()))
+            return
+        if kwargs:
+            raise self.fail(f"positional argument after key=value in {kind}(...)")
+        args.append(self.parse_spec())
+
+
+def parse(text: str) -> Node:
+    """Parse a spec into its syntax tree; raises ``SpecError``."""
+    p = _Parser(text)
+    node = p.parse_spec()
+    p.skip_spaces()
+    if p.pos != len(text):
+        raise p.fail(f"unexpected {text[p.pos]!r}")
+    return node
+
+
+# --- values ------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
+_SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(text: str) -> int:
+    """``'512'`` -> 512, ``'64K'`` -> 65536, ``'1G'``/``'1GiB'`` -> 2**30 (binary units)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise SpecError(f"bad size {text!r} (use a number with an optional K, M, G, T or P)")
+    return int(m.group(1)) << _SHIFTS[m.group(2).upper()]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise SpecError(f"bad boolean {text!r} (use true or false)")
+
+
+# --- recipes -----------------------------------------------------------------------
+
+Opener = Callable[[], Awaitable[BlockDevice]]
+
+
+@dataclass
+class Recipe:
+    """A checked spec, ready to open.  ``kind`` is the outermost kind the user wrote."""
+
+    kind: str
+    text: str
+    open: Opener
+    children: list[Recipe] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    convert: Callable[[Node], object]
+    default: object = None
+    required: bool = True
+
+
+def word(node: Node, what: str) -> str:
+    if not isinstance(node, Word):
+        raise SpecError(f"{what} must be a plain value, not {node.kind}(...)")
+    return node.text
+
+
+def existing_path(node: Node) -> str:
+    path = word(node, "a path")
+    if not os.path.exists(path):
+        raise SpecError(f"no such file: {path}")
+    return path
+
+
+def size_arg(node: Node) -> int:
+    return parse_size(word(node, "a size"))
+
+
+def bool_arg(node: Node) -> bool:
+    return parse_bool(word(node, "a boolean"))
+
+
+def device_arg(node: Node) -> Recipe:
+    return compile_node(node)
+
+
+def bind(call: Call, params: list[Param]) -> dict[str, object]:
+    """Match a call's arguments to ``params`` and convert each; raises ``SpecError``."""
+    if len(call.args) > len(params):
+        raise SpecError(f"{call.kind}(...) takes at most {len(params)} arguments")
+    given: dict[str, Node] = {p.name: a for p, a in zip(params, call.args, strict=False)}
+    names = {p.name for p in params}
+    for key, node in call.kwargs:
+        if key not in names:
+            raise SpecError(
+                f"{call.kind}(...) has no argument '{key}' (it takes: {', '.join(sorted(names))})"
+            )
+        if key in given:
+            raise SpecError(f"{call.kind}(...) got '{key}' twice")
+        given[key] = node
+    values: dict[str, object] = {}
+    for p in params:
+        if p.name in given:
+            values[p.name] = p.convert(given[p.name])
+        elif p.required:
+            raise SpecError(f"{call.kind}(...) needs '{p.name}'")
+        else:
+            values[p.name] = p.default
+    return values
+
+
+def unparse(node: Node) -> str:
+    if isinstance(node, Word):
+        return repr(node.text) if node.quoted else node.text
+    parts = [unparse(a) for a in node.args] + [f"{k}={unparse(v)}" for k, v in node.kwargs]
+    return f"{node.kind}({', '.join(parts)})"
+
+
+# --- kinds -------------------------------------------------------------------------
+
+KindCompiler = Callable[[Call], Recipe]
+KINDS: dict[str, KindCompiler] = {}
+
+
+def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
+    def register(fn: KindCompiler) -> KindCompiler:
+        for name in names:
+            KINDS[name] = fn
+        return fn
+
+    return register
+
+
+def file_recipe(path: str, read_only: bool, text: str) -> Recipe:
+    async def open_() -> BlockDevice:
+        return open_file(path, read_only=read_only)
+
+    return Recipe("file", text, open_)
+
+
+@kind("file")
+def compile_file(call: Call) -> Recipe:
+    v = bind(call, [Param("path", existing_path), Param("ro", bool_arg, False, False)])
+    path, ro = str(v["path"]), bool(v["ro"])
+    check_file_access(path, ro)
+    return file_recipe(path, ro, unparse(call))
+
+
+def check_file_access(path: str, read_only: bool) -> None:
+    if os.path.isdir(path):
+        raise SpecError(f"{path} is a directory, not an image file or block device")
+    if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
+        mode = "reading" if read_only else "reading and writing"
+        raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")
+
+
+@kind("mem", "memory")
+def compile_memory(call: Call) -> Recipe:
+    size = int(bind(call, [Param("size", size_arg)])["size"])  # type: ignore[call-overload]
+    if size % 512:
+        raise SpecError(f"memory size {size} is not a whole number of 512-byte sectors")
+
+    async def open_() -> BlockDevice:
+        return MemoryDevice(size)
+
+    return Recipe("memory", unparse(call), open_)
+
+
+@kind("safe")
+def compile_safe(call: Call) -> Recipe:
+    inner = bind(call, [Param("device", device_arg)])["device"]
+    assert isinstance(inner, Recipe)
+
+    async def open_() -> BlockDevice:
+        return SafeDevice(await inner.open())
+
+    return Recipe(inner.kind, unparse(call), open_, [inner])
+
+
+def compile_word(node: Word) -> Recipe:
+    """A bare word: a path to a raw image or block device."""
+    path = existing_path(node)
+    check_file_access(path, False)
+    return file_recipe(path, False, unparse(node))
+
+
+def compile_node(node: Node) -> Recipe:
+    if isinstance(node, Word):
+        return compile_word(node)
+    compiler = KINDS.get(node.kind)
+    if compiler is None:
+        known = ", ".join(sorted(KINDS))
+        raise SpecError(f"unknown device kind '{node.kind}' (known kinds: {known})")
+    return compiler(node)
+
+
+def compile_spec(text: str) -> Recipe:
+    """Parse and check ``text``; raises ``SpecError`` with the spec named in the message."""
+    try:
+        return compile_node(parse(text))
+    except SpecError as exc:
+        raise SpecError(f"bad device spec {text!r}: {exc}") from None
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def split_named(text: str) -> tuple[str, str]:
+    """``'disk=./a.img'`` -> ``('disk', './a.img')``; the name becomes a file name."""
+    name, sep, spec = text.partition("=")
+    if not sep or not spec.strip():
+        raise SpecError(f"bad --device {text!r}: expected NAME=SPEC, e.g. disk=./disk.img")
+    if not _NAME.fullmatch(name):
+        raise SpecError(
+            f"bad --device {text!r}: the name {name!r} must be a file name "
+            "(letters, digits, '.', '_', '-'; no '/')"
+        )
+    return name, spec.strip()
