@@ -14,7 +14,14 @@ import trio
 from .block import BlockDevice, format_size
 from .devices.safe import SafeDevice
 from .fuse.flatfile import FlatFile
-from .fuse.mount import MountError, mount_type, prepare_mountpoint, serve, unmount_command
+from .fuse.mount import (
+    MountError,
+    is_stale,
+    mount_type,
+    prepare_mountpoint,
+    serve,
+    unmount_command,
+)
 from .spec import Recipe, SpecError, compile_spec, split_named
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -181,13 +188,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read the mount table: {exc}") from exc
     if fstype is None:
-        try:
-            os.stat(path)
-        except OSError:
-            fstype = "stale"
-        else:
-            raise CommandError(f"{path} is not mounted")
-    cmd = unmount_command(path) if fstype == "stale" else ["fusermount3", "-u", path]
+        raise CommandError(f"{path} is not mounted")
+    cmd = unmount_command(path) if is_stale(path) else ["fusermount3", "-u", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}")

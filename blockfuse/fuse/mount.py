@@ -62,6 +62,15 @@ def clear_stale(path: str) -> None:
     log.warning("cleared a stale mount at %s left by a blockfuse that died", path)
 
 
+def is_stale(path: str) -> bool:
+    """Whether the FUSE mount at ``path`` has lost its process (cached stats still work)."""
+    try:
+        os.listdir(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def prepare_mountpoint(path: str) -> None:
     """Make ``path`` ready to mount on: create it, clear a stale mount, refuse a live one."""
     try:
@@ -76,6 +85,9 @@ def prepare_mountpoint(path: str) -> None:
     if not os.path.isdir(path):
         raise MountError(f"{path} is not a directory")
     fstype = mount_type(path)
+    if fstype == "fuse." + FSNAME and is_stale(path):
+        clear_stale(path)
+        fstype = mount_type(path)
     if fstype == "fuse." + FSNAME:
         raise MountError(
             f"{path} is already mounted by a running blockfuse; stop that process, "

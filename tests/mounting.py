@@ -1,0 +1,89 @@
+"""Run ``blockfuse mount`` as a real subprocess for FUSE tests, and always stop it.
+
+pyfuse3 allows one mount per process, and a real mount is what users run, so FUSE tests
+start the CLI in a child process, wait until its files appear, and stop it by PID in
+the fixture's finalizer (also when the test fails).  A mount that outlives its process
+is cleared with ``fusermount3 -uz``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+READY = "Stop with Ctrl-C"
+"""The last line of the banner ``blockfuse mount`` prints once the mount is up."""
+
+
+class MountProcess:
+    def __init__(self, proc: subprocess.Popen[str], mountpoint: Path, log: Path) -> None:
+        self.proc = proc
+        self.mountpoint = mountpoint
+        self.log = log
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the mount process and wait for it; its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def blockfuse_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "blockfuse.cli", *args]
+
+
+def wait_for(condition, timeout: float, what: str, proc: MountProcess) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"blockfuse exited ({proc.proc.returncode}):\n{proc.output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{proc.output()}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def mounted(
+    mountpoint: Path, devices: Sequence[str] = (), extra: Sequence[str] = (), timeout: float = 20
+) -> Iterator[MountProcess]:
+    """``blockfuse mount MOUNTPOINT --device ...`` running for the body of the block."""
+    log = mountpoint.parent / f"{mountpoint.name}.log"
+    args = ["mount", str(mountpoint)]
+    for d in devices:
+        args += ["--device", d]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            blockfuse_command(*args, *extra), stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    m = MountProcess(proc, mountpoint, log)
+    try:
+        wait_for(lambda: READY in m.output() and is_mounted(mountpoint), timeout, "the mount", m)
+        yield m
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
