@@ -142,7 +142,9 @@ class BlockFS(pyfuse3.Operations):
             info = await f.info()
             if self._read_only or not info.read_write:
                 raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, direct_io=True)
+        # Not direct_io: the kernel then submits O_DIRECT requests in parallel (async DIO)
+        # where a direct_io file would hold the inode lock across each write.
+        return pyfuse3.FileInfo(fh=inode, direct_io=False, keep_cache=False)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""fio through blockfuse's FUSE file vs qemu-storage-daemon's FUSE export, same run.
+
+Both serve a copy of the same 1 GiB image.  fio runs with O_DIRECT (libaio): sequential
+1 MiB read and write at queue depth 4, random 4 KiB read and write at depth 1 and 16.
+Prints IOPS side by side with the ratio, then the mount process's peak memory (VmHWM)
+for a 1 GiB and a 1 TiB device.
+
+    sudo .venv/bin/python scripts/bench_fuse.py [--runtime 5] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 1 << 30
+
+JOBS = [
+    ("seq read 1M qd4", "read", "1M", 4),
+    ("seq write 1M qd4", "write", "1M", 4),
+    ("rand read 4K qd1", "randread", "4k", 1),
+    ("rand read 4K qd16", "randread", "4k", 16),
+    ("rand write 4K qd1", "randwrite", "4k", 1),
+    ("rand write 4K qd16", "randwrite", "4k", 16),
+]
+
+
+def need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{what} did not come up")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if is_mounted(mountpoint):
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+
+
+@contextmanager
+def blockfuse_mount(image: Path, mountpoint: Path) -> Iterator[tuple[Path, int]]:
+    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mountpoint), "-d", f"disk={image}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: is_mounted(mountpoint), "blockfuse mount", proc)
+        yield mountpoint / "disk", proc.pid
+    finally:
+        stop(proc, mountpoint)
+
+
+@contextmanager
+def qsd_export(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
+    target.touch()
+    cmd = [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--export", f"type=fuse,id=e0,node-name=f0,mountpoint={target},writable=on",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: is_mounted(target), "qemu-storage-daemon", proc)
+        yield target, proc.pid
+    finally:
+        stop(proc, target)
+
+
+def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> float:
+    cmd = [
+        "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
+        f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={IMAGE_SIZE}",
+        "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+        "--randrepeat=0", "--norandommap",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
+    job = json.loads(out.stdout)["jobs"][0]
+    side = "read" if "read" in rw else "write"
+    return float(job[side]["iops"])
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_image(path: Path) -> None:
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 24):
+            f.write(os.urandom(1 << 24))
+
+
+def run(workdir: Path, runtime: int) -> None:
+    ours_img, ref_img = workdir / "ours.img", workdir / "ref.img"
+    make_image(ours_img)
+    shutil.copyfile(ours_img, ref_img)
+    print(f"fio O_DIRECT libaio, {runtime}s per job, 1 GiB image copies in {workdir}")
+    print(f"{'job':<20} {'blockfuse IOPS':>15} {'qsd IOPS':>12} {'ratio':>7}")
+    with (
+        blockfuse_mount(ours_img, workdir / "mnt") as (ours, pid),
+        qsd_export(ref_img, workdir / "qsd-export") as (ref, _),
+    ):
+        for label, rw, bs, depth in JOBS:
+            a = fio(ours, rw, bs, depth, runtime)
+            b = fio(ref, rw, bs, depth, runtime)
+            print(f"{label:<20} {a:>15.0f} {b:>12.0f} {a / b:>6.2f}x", flush=True)
+        rss_small = peak_rss_mib(pid)
+    big = workdir / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)
+    with blockfuse_mount(big, workdir / "mnt") as (ours, pid):
+        fio(ours, "randread", "4k", 16, 2)
+        rss_big = peak_rss_mib(pid)
+    print(f"mount process peak RSS: {rss_small:.1f} MiB (1 GiB device, after all jobs), "
+          f"{rss_big:.1f} MiB (1 TiB device)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    parser.add_argument("--dir", default="/var/tmp", help="where the images go (needs 2 GiB)")
+    args = parser.parse_args()
+    need("fio", "fio")
+    need("qemu-storage-daemon", "qemu-system-common")
+    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-", dir=args.dir))
+    try:
+        run(workdir, args.runtime)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The byte/sector bridge and the flat file, without FUSE."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockfuse.devices.memory import MemoryDevice
+from blockfuse.errors import RequestFailed
+from blockfuse.fuse.bridge import clip, span
+from blockfuse.fuse.flatfile import FlatFile
+from blockfuse.fuse.rangelock import RangeLock
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "expected"),
+    [
+        (0, 512, (0, 1, 0, 0)),
+        (0, 1, (0, 1, 0, 511)),
+        (511, 2, (0, 2, 511, 511)),
+        (512, 1024, (1, 2, 0, 0)),
+        (100, 1000, (0, 3, 100, 436)),
+    ],
+)
+def test_span(offset: int, length: int, expected: tuple[int, int, int, int]) -> None:
+    s = span(offset, length, 512)
+    assert (s.first, s.count, s.head, s.tail) == expected
+
+
+@given(st.integers(0, 1 << 40), st.integers(1, 1 << 21), st.sampled_from([512, 4096]))
+def test_span_covers_exactly(offset: int, length: int, ss: int) -> None:
+    s = span(offset, length, ss)
+    assert s.first * ss + s.head == offset
+    assert s.end * ss - s.tail == offset + length
+    assert 0 <= s.head < ss and 0 <= s.tail < ss
+
+
+def test_clip() -> None:
+    assert clip(0, 10, 100) == 10
+    assert clip(95, 10, 100) == 5
+    assert clip(100, 10, 100) == 0
+    assert clip(200, 10, 100) == 0
+
+
+def flat(size: int = 1 << 16, ss: int = 512) -> tuple[FlatFile, MemoryDevice]:
+    mem = MemoryDevice(size, sector_size=ss)
+    return FlatFile("disk", mem, kind="memory", spec="mem"), mem
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, (1 << 16) - 1), st.binary(min_size=1, max_size=3000)),
+        max_size=20,
+    ),
+    st.sampled_from([512, 4096]),
+)
+def test_random_byte_writes_match_a_bytearray(writes: list[tuple[int, bytes]], ss: int) -> None:
+    async def run() -> None:
+        f, mem = flat(ss=ss)
+        model = bytearray(1 << 16)
+        for offset, data in writes:
+            n = await f.write(offset, data)
+            assert n == min(len(data), len(model) - offset)
+            model[offset : offset + n] = data[:n]
+        assert mem.data == model
+        for offset, data in writes:
+            assert bytes(await f.read(offset, len(data))) == model[offset : offset + len(data)]
+
+    trio.run(run)
+
+
+async def test_write_past_the_end_is_enospc() -> None:
+    f, _ = flat()
+    with trio.fail_after(5), pytest.raises(RequestFailed) as info:
+        await f.write(1 << 16, b"x")
+    assert info.value.errno == errno.ENOSPC
+
+
+async def test_concurrent_writers_to_one_sector_lose_nothing() -> None:
+    """Many tasks each write their own bytes of the same few sectors at once."""
+    f, mem = flat(4096)
+
+    class Slow(MemoryDevice):
+        async def read(self, sector, buffers):  # type: ignore[no-untyped-def]
+            await trio.sleep(random.random() / 1000)
+            await super().read(sector, buffers)
+
+    slow = Slow(4096)
+    f = FlatFile("disk", slow, kind="memory", spec="mem")
+    rng = random.Random(7)
+    offsets = list(range(0, 2048, 3))
+    rng.shuffle(offsets)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for offset in offsets:
+                nursery.start_soon(f.write, offset, bytes([offset % 251 + 1]) * 2)
+    for offset in offsets:
+        assert slow.data[offset] == offset % 251 + 1, f"byte {offset} was lost"
+    del mem
+
+
+async def test_range_lock_serialises_overlaps_only() -> None:
+    lock = RangeLock()
+    order: list[str] = []
+
+    async def holder(name: str, start: int, end: int, delay: float) -> None:
+        async with lock.hold(start, end):
+            order.append(f"{name}+")
+            await trio.sleep(delay)
+            order.append(f"{name}-")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, "a", 0, 10, 0.05)
+            await trio.sleep(0.01)
+            nursery.start_soon(holder, "b", 5, 15, 0)  # overlaps a: waits
+            nursery.start_soon(holder, "c", 10, 20, 0)  # does not overlap a: runs now
+    assert order.index("c+") < order.index("a-") < order.index("b+")
+
+
+async def test_large_aligned_write_is_one_device_call() -> None:
+    calls: list[int] = []
+
+    class Counting(MemoryDevice):
+        async def write(self, sector, buffers):  # type: ignore[no-untyped-def]
+            calls.append(sum(len(b) for b in buffers))
+            await super().write(sector, buffers)
+
+    f = FlatFile("disk", Counting(4 << 20), kind="memory", spec="mem")
+    with trio.fail_after(5):
+        await f.write(0, os.urandom(1 << 20))
+        await f.write(100, os.urandom(1 << 20))
+    assert calls == [1 << 20, (1 << 20) + 512]

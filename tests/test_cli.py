@@ -1,0 +1,70 @@
+"""The blockfuse command's argument handling: bad input is exit 2 and changes nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from blockfuse.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    status = main(list(argv))
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("disk=mem(1X)", "bad device spec 'mem(1X)': bad size '1X'"),
+        ("disk=nope(1)", "unknown device kind 'nope'"),
+        ("disk=./missing.img", "no such file: ./missing.img"),
+        ("disk", "expected NAME=SPEC"),
+        ("a/b=mem(1M)", "must be a file name"),
+        ("disk=mem(1M", "expected ',' or ')'"),
+    ],
+)
+def test_bad_specs_exit_2_and_create_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, err = run(capsys, "mount", "mnt", "--device", device)
+    assert status == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_bad_device_among_good_ones_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, err = run(capsys, "mount", "mnt", "-d", "a=mem(1M)", "-d", "b=mem(2Q)")
+    assert status == 2 and "bad size '2Q'" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_names_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, err = run(capsys, "mount", "mnt", "-d", "a=mem(1M)", "-d", "a=mem(1M)")
+    assert status == 2 and "two devices are named 'a'" in err
+
+
+def test_umount_of_a_plain_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, err = run(capsys, "umount", str(tmp_path))
+    assert status == 1 and "is not mounted" in err
+
+
+def test_mountpoint_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    status, err = run(capsys, "mount", str(target), "-d", "a=mem(1M)")
+    assert status == 1 and "is not a directory" in err
