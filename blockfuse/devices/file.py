@@ -119,7 +119,7 @@ class FileDevice(BlockDevice):
         self.path = path
         self._read_only = read_only
         size, self._sector_size = device_geometry(fd)
-        self._size_sectors = size // self._sector_size
+        self._info = Info(not read_only, self._sector_size, size // self._sector_size)
         self._nowait_read = _NoWait()
         self._nowait_write = _NoWait(fallback=_BlockingGuard())
         self._closed = False
@@ -128,7 +128,7 @@ class FileDevice(BlockDevice):
 
     async def get_info(self) -> Info:
         self._check_open()
-        return Info(not self._read_only, self._sector_size, self._size_sectors)
+        return self._info
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._io(os.preadv, self._nowait_read, sector, buffers, "read")

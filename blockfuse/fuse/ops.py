@@ -137,14 +137,19 @@ class BlockFS(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        """Open with ``direct_io``: every read and write reaches the device, no page cache.
+
+        Measured with fio (4K random writes, depth 16): without direct_io the kernel
+        asks for the ``security.capability`` xattr before every write (file_remove_privs,
+        under the inode lock), a second round trip that halved write IOPS.  With
+        direct_io it does not, and requests keep their size (up to 1 MiB).
+        """
         f = self._file(inode)
         if flags & (os.O_WRONLY | os.O_RDWR):
             info = await f.info()
             if self._read_only or not info.read_write:
                 raise pyfuse3.FUSEError(errno.EROFS)
-        # Not direct_io: the kernel then submits O_DIRECT requests in parallel (async DIO)
-        # where a direct_io file would hold the inode lock across each write.
-        return pyfuse3.FileInfo(fh=inode, direct_io=False, keep_cache=False)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
