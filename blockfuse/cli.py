@@ -89,13 +89,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --- mount ---------------------------------------------------------------------------
 
 
-def default_device() -> tuple[str, str]:
+def default_device() -> str:
     """The built-in default: a 1 GiB image in the current directory, created if missing."""
     if not os.path.exists(DEFAULT_IMAGE):
         with open(DEFAULT_IMAGE, "xb") as f:
             f.truncate(DEFAULT_SIZE)
         log.warning("created %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
-    return DEFAULT_NAME, DEFAULT_IMAGE
+    return f"{DEFAULT_NAME}={DEFAULT_IMAGE}"
 
 
 def compile_devices(specs: Sequence[str]) -> list[tuple[str, Recipe]]:
@@ -162,20 +162,14 @@ async def run_mount(args: argparse.Namespace, recipes: list[tuple[str, Recipe]])
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    specs = args.device or ["=".join(default_device_spec())]
-    recipes = compile_devices(specs)
+    recipes = compile_devices(args.device) if args.device else []
     try:
         prepare_mountpoint(args.mountpoint)
     except MountError as exc:
         raise CommandError(str(exc)) from exc
     if not args.device:
-        default_device()
-        recipes = compile_devices(specs)
+        recipes = compile_devices([default_device()])
     return trio.run(run_mount, args, recipes)
-
-
-def default_device_spec() -> tuple[str, str]:
-    return DEFAULT_NAME, DEFAULT_IMAGE
 
 
 # --- umount --------------------------------------------------------------------------

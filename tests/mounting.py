@@ -62,7 +62,11 @@ def wait_for(condition, timeout: float, what: str, proc: MountProcess) -> None: 
 
 @contextmanager
 def mounted(
-    mountpoint: Path, devices: Sequence[str] = (), extra: Sequence[str] = (), timeout: float = 20
+    mountpoint: Path,
+    devices: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    timeout: float = 20,
+    cwd: Path | None = None,
 ) -> Iterator[MountProcess]:
     """``blockfuse mount MOUNTPOINT --device ...`` running for the body of the block."""
     log = mountpoint.parent / f"{mountpoint.name}.log"
@@ -71,7 +75,11 @@ def mounted(
         args += ["--device", d]
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            blockfuse_command(*args, *extra), stdout=out, stderr=subprocess.STDOUT, text=True
+            blockfuse_command(*args, *extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
         )
     m = MountProcess(proc, mountpoint, log)
     try:

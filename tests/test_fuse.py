@@ -202,3 +202,26 @@ def test_concurrent_writers_to_one_sector_through_fuse(tmp_path: Path) -> None:
         finally:
             os.close(fd)
     assert data == bytes(o % 255 + 1 for o in range(4096))
+
+
+def test_device_errors_become_errno_and_the_mount_lives_on(tmp_path: Path, image: Path) -> None:
+    with mounted(tmp_path / "mnt", [f"disk={image}"]) as m:
+        fd = os.open(m.path("disk"), os.O_RDWR)
+        try:
+            os.truncate(image, 4096)  # the image shrinks behind the device's back
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, 8 << 20)
+            assert info.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 0) == bytes(4096)
+        finally:
+            os.close(fd)
+        assert m.proc.poll() is None
+
+
+def test_bare_mount_shows_the_default_device(tmp_path: Path) -> None:
+    with mounted(tmp_path / "mnt", cwd=tmp_path) as m:
+        assert os.listdir(m.mountpoint) == ["disk"]
+        assert m.path("disk").stat().st_size == 1 << 30
+        backing = tmp_path / "blockfuse-disk.img"
+        assert backing.stat().st_size == 1 << 30
+        assert backing.stat().st_blocks == 0, "the default image is created sparse"
