@@ -11,6 +11,8 @@ and NBD edges answer with.  The split follows whose fault it is and how much is 
 - ``RequestFailed``: the backend refused or failed this one request (an OSError from a
   file, an NBD error reply); the device lives on.
 - ``ProtocolError``: the peer broke the NBD protocol; the connection is dropped.
+- ``NoSpace``: swapfs has no free units left for a write; the file is unchanged.
+- ``HandleFreed``: a swapfs handle was used after ``free``; nothing was touched.
 
 ``map_os_errors`` is the one place where foreign ``OSError``s become ours.
 """
@@ -65,6 +67,18 @@ class RequestFailed(BlockError):
     def __init__(self, err: int, message: str = "") -> None:
         self.errno = err
         super().__init__(message or os.strerror(err))
+
+
+class NoSpace(BlockError):
+    """swapfs cannot find the space a write needs; the handle is unchanged."""
+
+    errno = errno.ENOSPC
+
+
+class HandleFreed(BlockError):
+    """A swapfs handle was used after ``free``; nothing was read or written."""
+
+    errno = errno.EBADF
 
 
 @contextmanager
