@@ -13,6 +13,7 @@ import trio
 
 from .block import BlockDevice, format_size
 from .devices.safe import SafeDevice
+from .errors import BlockError
 from .fuse.flatfile import FlatFile
 from .fuse.mount import (
     MountError,
@@ -22,7 +23,9 @@ from .fuse.mount import (
     serve,
     unmount_command,
 )
-from .spec import Recipe, SpecError, compile_spec, split_named
+from .fuse.scratch import INODE_SPAN, ScratchDir
+from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
+from .swap import DEFAULT_UNIT, open_swap
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,8 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=(
             "Show each device as the file MOUNTPOINT/NAME until Ctrl-C, SIGTERM or "
             "`blockfuse umount MOUNTPOINT`; every device is flushed before exit. "
-            f"With no --device, shows {DEFAULT_NAME}={DEFAULT_IMAGE} (1 GiB, created sparse "
-            "in the current directory if missing)."
+            f"With no --device and no --scratch, shows {DEFAULT_NAME}={DEFAULT_IMAGE} (1 GiB, "
+            "created sparse in the current directory if missing). "
+            "A --scratch directory is temporary: everything in it is gone after unmount."
         ),
         epilog=(
             "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
@@ -72,6 +76,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="NAME=SPEC",
         help="a device to show as MOUNTPOINT/NAME (repeatable)",
+    )
+    mount.add_argument(
+        "--scratch",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help=(
+            "a scratch directory MOUNTPOINT/NAME/ whose files live on the device SPEC "
+            "(repeatable); EVERYTHING IN IT IS GONE AFTER UNMOUNT, and the device's old "
+            "contents are overwritten as files grow"
+        ),
+    )
+    mount.add_argument(
+        "--scratch-unit",
+        type=parse_size,
+        default=DEFAULT_UNIT,
+        metavar="SIZE",
+        help="scratch space is given out in units of SIZE (default 1M): a file takes whole units",
     )
     mount.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
     mount.add_argument("--allow-other", action="store_true", help="let other users open the files")
@@ -132,7 +154,38 @@ async def open_recipe(name: str, recipe: Recipe) -> BlockDevice:
         raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
 
 
-async def describe(mountpoint: str, files: Sequence[FlatFile]) -> str:
+async def open_scratch(
+    recipes: Sequence[tuple[str, Recipe]], *, unsafe: bool, unit: int
+) -> list[ScratchDir]:
+    dirs: list[ScratchDir] = []
+    try:
+        for index, (name, recipe) in enumerate(recipes):
+            device: BlockDevice = await open_recipe(name, recipe)
+            device = device if unsafe else SafeDevice(device)
+            dirs.append(await scratch_dir(name, recipe, device, unit, (index + 1) * INODE_SPAN))
+    except BaseException:
+        for d in dirs:
+            await d.aclose()
+        raise
+    return dirs
+
+
+async def scratch_dir(
+    name: str, recipe: Recipe, device: BlockDevice, unit: int, base: int
+) -> ScratchDir:
+    try:
+        swap = await open_swap(device, unit)
+        if swap.capacity_bytes == 0:
+            raise CommandError(f"scratch {name}={recipe.text} is smaller than one {unit}-byte unit")
+    except (BlockError, CommandError) as exc:
+        await device.aclose()
+        raise CommandError(f"cannot use scratch {name}={recipe.text}: {exc}") from exc
+    return ScratchDir(name, swap, base, kind=recipe.kind, spec=recipe.text)
+
+
+async def describe(
+    mountpoint: str, files: Sequence[FlatFile], scratch: Sequence[ScratchDir] = ()
+) -> str:
     lines = [f"blockfuse: serving {len(files)} device(s) under {mountpoint}:"]
     for f in files:
         info = await f.info()
@@ -141,19 +194,35 @@ async def describe(mountpoint: str, files: Sequence[FlatFile]) -> str:
             f"  {os.path.join(mountpoint, f.name)}  {format_size(info.size_bytes)}"
             f"  {f.kind} {f.spec}{ro}"
         )
+    for d in scratch:
+        lines.append(
+            f"  {os.path.join(mountpoint, d.name)}/  scratch, {format_size(d.swap.capacity_bytes)}"
+            f"  {d.kind} {d.spec}  (everything in it is gone after unmount)"
+        )
     lines.append(f"Stop with Ctrl-C or: blockfuse umount {mountpoint}")
     return "\n".join(lines)
 
 
-async def run_mount(args: argparse.Namespace, recipes: list[tuple[str, Recipe]]) -> int:
+async def run_mount(
+    args: argparse.Namespace,
+    recipes: list[tuple[str, Recipe]],
+    scratch_recipes: Sequence[tuple[str, Recipe]] = (),
+) -> int:
     files = await open_files(recipes, unsafe=args.unsafe)
-    banner = await describe(args.mountpoint, files)
+    try:
+        scratch = await open_scratch(scratch_recipes, unsafe=args.unsafe, unit=args.scratch_unit)
+    except BaseException:
+        for f in files:
+            await f.device.aclose()
+        raise
+    banner = await describe(args.mountpoint, files, scratch)
     problems = await serve(
         args.mountpoint,
         files,
         read_only=args.read_only,
         allow_other=args.allow_other,
         on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+        scratch=scratch,
     )
     for problem in problems:
         print(f"blockfuse: {problem}", file=sys.stderr)
@@ -162,14 +231,19 @@ async def run_mount(args: argparse.Namespace, recipes: list[tuple[str, Recipe]])
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    recipes = compile_devices(args.device) if args.device else []
+    use_default = not args.device and not args.scratch
+    recipes = compile_devices(args.device)
+    scratch_recipes = compile_devices(args.scratch)
+    clash = {name for name, _ in recipes} & {name for name, _ in scratch_recipes}
+    if clash:
+        raise SpecError(f"{sorted(clash)[0]!r} names both a device and a scratch directory")
     try:
         prepare_mountpoint(args.mountpoint)
     except MountError as exc:
         raise CommandError(str(exc)) from exc
-    if not args.device:
+    if use_default:
         recipes = compile_devices([default_device()])
-    return trio.run(run_mount, args, recipes)
+    return trio.run(run_mount, args, recipes, scratch_recipes)
 
 
 # --- umount --------------------------------------------------------------------------

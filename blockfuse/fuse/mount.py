@@ -21,6 +21,7 @@ import trio
 from ..errors import BlockError
 from .flatfile import FlatFile
 from .ops import BlockFS
+from .scratch import ScratchDir
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,14 @@ async def serve(
     read_only: bool = False,
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
+    scratch: Sequence[ScratchDir] = (),
 ) -> list[str]:
     """Mount, serve until a signal or an outside unmount, then flush and close everything.
 
-    Returns the problems met while flushing (empty when all went well).
+    Returns the problems met while flushing (empty when all went well).  Scratch
+    directories are dropped unflushed: their files end with the mount.
     """
-    ops = BlockFS(files, read_only=read_only)
+    ops = BlockFS(files, read_only=read_only, scratch=scratch)
     pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))
     try:
         async with trio.open_nursery() as nursery:
@@ -163,4 +166,6 @@ async def serve(
         pyfuse3.close(unmount=True)
         with trio.CancelScope(shield=True):
             problems = await close_files(files)
+            for directory in scratch:
+                await directory.aclose()
     return problems

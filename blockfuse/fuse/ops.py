@@ -1,5 +1,9 @@
 """pyfuse3 Operations: a root directory holding one flat file per device.
 
+The root may also hold scratch directories (``blockfuse.fuse.scratch``); each owns a
+range of inode numbers, and ``routed`` hands every request about one of its inodes or
+file handles to it.
+
 Only ``FUSEError`` may leave a handler (anything else takes the mount down), so every
 handler runs under ``fuse_errors``: our ``BlockError``s become their errno, anything
 unexpected is logged and becomes EIO.
@@ -14,12 +18,15 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
 from ..errors import BlockError
 from .flatfile import FlatFile
+
+if TYPE_CHECKING:
+    from .scratch import ScratchDir
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +56,40 @@ def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutin
     return wrapper
 
 
+Handler = Callable[Concatenate["BlockFS", int, P], Coroutine[Any, Any, R]]
+
+
+def routed(fn: Handler[P, R]) -> Handler[P, R]:
+    """Hand a request whose first number is a scratch directory's to that directory."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: BlockFS, number: int, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        subtree = self._subtree(number)
+        if subtree is None:
+            return await fn(self, number, *args, **kwargs)
+        handler: Callable[..., Coroutine[Any, Any, R]] = getattr(subtree, fn.__name__)
+        return await handler(number, *args, **kwargs)
+
+    return wrapper
+
+
 class BlockFS(pyfuse3.Operations):
-    def __init__(self, files: Sequence[FlatFile], *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        files: Sequence[FlatFile],
+        *,
+        read_only: bool = False,
+        scratch: Sequence[ScratchDir] = (),
+    ) -> None:
         super().__init__()
         self._by_inode = {pyfuse3.ROOT_INODE + 1 + i: f for i, f in enumerate(files)}
         self._by_name = {f.name.encode(): ino for ino, f in self._by_inode.items()}
+        self._scratch = {d.name.encode(): d for d in scratch}
         self._read_only = read_only
         self._started_ns = time.time_ns()
+
+    def _subtree(self, number: int) -> ScratchDir | None:
+        return next((d for d in self._scratch.values() if d.owns(number)), None)
 
     def _file(self, inode: int) -> FlatFile:
         try:
@@ -78,6 +112,7 @@ class BlockFS(pyfuse3.Operations):
         attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
         return attr
 
+    @routed
     @fuse_errors
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -89,12 +124,17 @@ class BlockFS(pyfuse3.Operations):
         mode = stat.S_IFREG | (0o644 if writable else 0o444)
         return self._base_attr(inode, mode, info.size_bytes)
 
+    @routed
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name in self._scratch:
+            scratch = self._scratch[name]
+            return await scratch.getattr(scratch.inode)
         if parent_inode != pyfuse3.ROOT_INODE or name not in self._by_name:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self.getattr(self._by_name[name])
 
+    @routed
     @fuse_errors
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: Any, ctx: Any
@@ -105,18 +145,20 @@ class BlockFS(pyfuse3.Operations):
             await self._file(inode).resize(attr.st_size)
         return await self.getattr(inode)
 
+    @routed
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @routed
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        inodes = sorted(self._by_inode)
-        for index in range(start_id, len(inodes)):
-            inode = inodes[index]
-            name = self._by_inode[inode].name.encode()
+        entries = [(self._by_inode[ino].name.encode(), ino) for ino in sorted(self._by_inode)]
+        entries += [(name, d.inode) for name, d in self._scratch.items()]
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
             if not pyfuse3.readdir_reply(token, name, await self.getattr(inode), index + 1):
                 break
 
@@ -125,16 +167,21 @@ class BlockFS(pyfuse3.Operations):
         total = 0
         for f in self._by_inode.values():
             total += (await f.info()).size_bytes
+        free = sum(d.swap.free_bytes for d in self._scratch.values())
+        total += sum(d.swap.capacity_bytes for d in self._scratch.values())
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         data.f_blocks = total // 4096
-        data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self._by_inode) + 1
+        data.f_bfree = data.f_bavail = free // 4096
+        new_files = sum(d.swap.free_bytes // d.swap.unit_size for d in self._scratch.values())
+        data.f_files = len(self._by_inode) + 1 + new_files
+        data.f_ffree = data.f_favail = new_files
         data.f_namemax = 255
         return data
 
     # --- file I/O ----------------------------------------------------------------------
 
+    @routed
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         """Open with ``direct_io``: every read and write reaches the device, no page cache.
@@ -151,24 +198,89 @@ class BlockFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
+    @routed
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # pyfuse3 takes any contiguous buffer; a memoryview saves a copy of the data.
         return await self._file(fh).read(off, size)  # type: ignore[return-value]
 
+    @routed
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._file(fh).write(off, buf)
 
+    @routed
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._file(fh).flush()
 
+    @routed
     async def flush(self, fh: int) -> None:
         """close(2): data already reached the device; durability is ``fsync``'s job."""
 
+    @routed
     async def release(self, fh: int) -> None:
         pass
+
+    # --- names: only scratch directories hold files that come and go ---------------------
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for scratch in self._scratch.values():
+            mine = [(ino, n) for ino, n in inode_list if scratch.owns(ino)]
+            if mine:
+                await scratch.forget(mine)
+
+    @routed
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @routed
+    async def rename(
+        self, parent_old: int, old: bytes, parent_new: int, new: bytes, flags: int, ctx: Any
+    ) -> None:
+        if self._subtree(parent_new) is not None:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # The root's own entries are fixed: what would add or remove one is not permitted.
+
+    @routed
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     # --- status as extended attributes ----------------------------------------------------
 
@@ -185,12 +297,14 @@ class BlockFS(pyfuse3.Operations):
         values.update(f.status())
         return values
 
+    @routed
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
         if inode == pyfuse3.ROOT_INODE:
             return []
         return [(XATTR_PREFIX + key).encode() for key in await self._xattrs(inode)]
 
+    @routed
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         key = name.decode(errors="replace")
@@ -202,6 +316,11 @@ class BlockFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
 
+    @routed
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @routed
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)

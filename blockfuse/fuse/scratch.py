@@ -1,0 +1,351 @@
+"""A scratch directory in the mount: regular files kept in a swapfs, gone at unmount.
+
+``--scratch NAME=SPEC`` shows ``MOUNTPOINT/NAME/``; each file in it is one swapfs handle
+on the device.  The directory owns the inode range ``[base, base + INODE_SPAN)``: the
+directory itself is ``base``, its files ``base+1``, ``base+2``, ... (never reused within
+a mount), and an open file's FUSE file handle is its inode.  ``BlockFS`` hands every
+request about those numbers here.
+
+A file's life follows POSIX.  ``unlink``, or a ``rename`` over it, removes the name at
+once; the space is freed when the file has neither a name nor an open file (the
+kernel's ``release``), so a process that still has it open keeps reading and writing
+it.  Lookup counts (``forget``) decide only when the inode number is forgotten.
+
+There is one level only: ``mkdir``, ``symlink``, ``link`` and device nodes fail with
+EPERM, which is what a filesystem without them answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+
+from ..swap import Handle, Swap
+from .ops import ATTR_TIMEOUT, fuse_errors
+
+INODE_SPAN = 1 << 32
+NAME_MAX = 255
+
+
+def fail(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names a regular filesystem would: too long, or not one path component."""
+    if len(name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise fail(errno.EINVAL)
+
+
+@dataclass(eq=False)
+class Node:
+    """One file: its handle, its metadata, and who still holds it."""
+
+    inode: int
+    handle: Handle
+    mode: int
+    uid: int
+    gid: int
+    time_ns: int
+    name: bytes | None
+    opens: int = 0
+    lookups: int = 0
+    freed: bool = False
+
+
+class ScratchDir:
+    def __init__(self, name: str, swap: Swap, base: int, *, kind: str, spec: str) -> None:
+        self.name = name
+        self.swap = swap
+        self.inode = base
+        self.kind = kind
+        self.spec = spec
+        self._names: dict[bytes, Node] = {}
+        self._nodes: dict[int, Node] = {}
+        self._next_inode = base + 1
+        self._started_ns = time.time_ns()
+
+    def owns(self, number: int) -> bool:
+        return self.inode <= number < self.inode + INODE_SPAN
+
+    async def aclose(self) -> None:
+        await self.swap.device.aclose()
+
+    # --- nodes -------------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise fail(errno.ENOENT) from None
+
+    def _named(self, parent: int, name: bytes) -> Node:
+        self._check_parent(parent)
+        check_name(name)
+        try:
+            return self._names[name]
+        except KeyError:
+            raise fail(errno.ENOENT) from None
+
+    def _check_parent(self, parent: int) -> None:
+        if parent != self.inode:
+            raise fail(errno.ENOTDIR)
+
+    def _check_new_name(self, parent: int, name: bytes) -> None:
+        self._check_parent(parent)
+        check_name(name)
+        if name in self._names:
+            raise fail(errno.EEXIST)
+
+    async def _new_node(self, name: bytes, mode: int, ctx: Any) -> Node:
+        node = Node(
+            self._next_inode,
+            await self.swap.empty(),
+            stat.S_IFREG | (mode & 0o7777),
+            ctx.uid,
+            ctx.gid,
+            time.time_ns(),
+            name,
+            lookups=1,
+        )
+        self._next_inode += 1
+        self._nodes[node.inode] = node
+        self._names[name] = node
+        return node
+
+    def _unname(self, node: Node) -> None:
+        del self._names[node.name or b""]
+        node.name = None
+
+    async def _free_if_gone(self, node: Node) -> None:
+        """Free the space of a file that has no name and no open file left."""
+        if node.name is None and node.opens == 0 and not node.freed:
+            node.freed = True
+            await self.swap.free(node.handle)
+        self._forget_if_unused(node)
+
+    def _forget_if_unused(self, node: Node) -> None:
+        if node.freed and node.lookups <= 0:
+            self._nodes.pop(node.inode, None)
+
+    # --- attributes ----------------------------------------------------------------------
+
+    def _attr(self, inode: int, mode: int, size: int, time_ns: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_mode = mode
+        attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
+        attr.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attr.st_size = size
+        attr.st_blksize = 4096
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = time_ns
+        attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
+        return attr
+
+    async def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        size = 0 if node.freed else await self.swap.size(node.handle)
+        attr = self._attr(node.inode, node.mode, size, node.time_ns)
+        attr.st_uid, attr.st_gid = node.uid, node.gid
+        attr.st_nlink = 0 if node.name is None else 1
+        attr.st_blocks = 0 if node.freed else self.swap.allocated_bytes(node.handle) // 512
+        return attr
+
+    @fuse_errors
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        if inode == self.inode:
+            return self._attr(inode, stat.S_IFDIR | 0o755, 0, self._started_ns)
+        return await self._node_attr(self._node(inode))
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        if inode == self.inode:
+            return await self.getattr(inode)
+        node = self._node(inode)
+        if fields.update_size:
+            await self.swap.truncate(node.handle, attr.st_size)
+        if fields.update_mode:
+            node.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_mtime:
+            node.time_ns = attr.st_mtime_ns
+        elif fields.update_size:
+            node.time_ns = time.time_ns()
+        return await self._node_attr(node)
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self._named(parent_inode, name)
+        node.lookups += 1
+        return await self._node_attr(node)
+
+    @fuse_errors
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            node = self._nodes.get(inode)
+            if node is not None:
+                node.lookups -= count
+                self._forget_if_unused(node)
+
+    # --- the directory -------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self._check_parent(inode)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Entries in inode order; ``next_id`` is the inode after, so changes skip nothing."""
+        for node in sorted(self._names.values(), key=lambda n: n.inode):
+            if node.inode < start_id or node.name is None:
+                continue
+            if not pyfuse3.readdir_reply(
+                token, node.name, await self._node_attr(node), node.inode + 1
+            ):
+                break
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_new_name(parent_inode, name)
+        node = await self._new_node(name, mode, ctx)
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=node.inode, direct_io=True), await self._node_attr(node)
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        if not stat.S_ISREG(mode):
+            raise fail(errno.EPERM)
+        return await self._node_attr(await self._new_node(name, mode, ctx))
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        raise fail(errno.EPERM)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        raise fail(errno.EPERM)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EPERM)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        node = self._named(parent_inode, name)
+        self._unname(node)
+        await self._free_if_gone(node)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._named(parent_inode, name)
+        raise fail(errno.ENOTDIR)
+
+    @fuse_errors
+    async def rename(
+        self, parent_old: int, old: bytes, parent_new: int, new: bytes, flags: int, ctx: Any
+    ) -> None:
+        node = self._named(parent_old, old)
+        if parent_new != self.inode:
+            raise fail(errno.EXDEV)
+        check_name(new)
+        target = self._names.get(new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            return self._exchange(node, target)
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise fail(errno.EEXIST)
+        if target is node:
+            return None
+        if target is not None:
+            self._unname(target)
+        self._unname(node)
+        node.name = new
+        self._names[new] = node
+        if target is not None:
+            await self._free_if_gone(target)
+        return None
+
+    def _exchange(self, node: Node, target: Node | None) -> None:
+        if target is None:
+            raise fail(errno.ENOENT)
+        assert node.name is not None and target.name is not None
+        node.name, target.name = target.name, node.name
+        self._names[node.name], self._names[target.name] = node, target
+
+    # --- file I/O --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode == self.inode:
+            raise fail(errno.EISDIR)
+        self._node(inode).opens += 1
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.swap.get_partial(self._node(fh).handle, off, size)  # type: ignore[return-value]
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._node(fh)
+        await self.swap.write(node.handle, off, buf)
+        node.time_ns = time.time_ns()
+        return len(buf)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Nothing here outlives the mount, so there is nothing to make durable."""
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        node = self._node(fh)
+        node.opens -= 1
+        await self._free_if_gone(node)
+
+    # --- extended attributes: none ------------------------------------------------------
+
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        return []
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise fail(pyfuse3.ENOATTR)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise fail(errno.EOPNOTSUPP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise fail(pyfuse3.ENOATTR)
