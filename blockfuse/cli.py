@@ -23,9 +23,9 @@ from .fuse.mount import (
     serve,
     unmount_command,
 )
-from .fuse.scratch import INODE_SPAN, ScratchDir
+from .fuse.scratch import ScratchDir, open_scratch_dir
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
-from .swap import DEFAULT_UNIT, open_swap
+from .swap import DEFAULT_UNIT
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -162,25 +162,16 @@ async def open_scratch(
         for index, (name, recipe) in enumerate(recipes):
             device: BlockDevice = await open_recipe(name, recipe)
             device = device if unsafe else SafeDevice(device)
-            dirs.append(await scratch_dir(name, recipe, device, unit, (index + 1) * INODE_SPAN))
+            try:
+                d = await open_scratch_dir(name, device, unit, index, recipe.kind, recipe.text)
+            except BlockError as exc:
+                raise CommandError(f"cannot use scratch {name}={recipe.text}: {exc}") from exc
+            dirs.append(d)
     except BaseException:
         for d in dirs:
             await d.aclose()
         raise
     return dirs
-
-
-async def scratch_dir(
-    name: str, recipe: Recipe, device: BlockDevice, unit: int, base: int
-) -> ScratchDir:
-    try:
-        swap = await open_swap(device, unit)
-        if swap.capacity_bytes == 0:
-            raise CommandError(f"scratch {name}={recipe.text} is smaller than one {unit}-byte unit")
-    except (BlockError, CommandError) as exc:
-        await device.aclose()
-        raise CommandError(f"cannot use scratch {name}={recipe.text}: {exc}") from exc
-    return ScratchDir(name, swap, base, kind=recipe.kind, spec=recipe.text)
 
 
 async def describe(

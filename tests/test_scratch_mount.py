@@ -71,6 +71,9 @@ def test_cp_in_and_cmp_back(tmp_path: Path) -> None:
             ["ls", "-l", str(m.path("tmp"))], capture_output=True, text=True, timeout=30
         ).stdout
         assert f" {MiB + 7} " in out
+        run("cp", sources[2], m.path("tmp") / sources[5].name)  # O_TRUNC over a bigger file
+        run("cmp", sources[2], m.path("tmp") / sources[5].name)
+        assert statvfs_free(m) == 8 * MiB - 6 * MiB  # 511 B, 4 KiB, 1 MiB+7 B, 511 B
 
 
 def test_rm_frees_and_the_space_is_reused(tmp_path: Path) -> None:
@@ -221,3 +224,19 @@ def assert_eventually(condition, timeout: float = 5) -> None:  # type: ignore[no
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.02)
+
+
+def test_bad_scratch_options_are_refused_before_mounting(tmp_path: Path) -> None:
+    cases = [
+        (["-d", "x=mem(1M)", "--scratch", "x=mem(4M)"], 2, "names both a device and a scratch"),
+        (["--scratch", "tmp=mem(512K)"], 1, "smaller than one 1 MiB unit"),
+        (["--scratch", "tmp=mem(4M)", "--scratch-unit", "1000"], 1, "not a whole number"),
+    ]
+    for args, status, message in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "blockfuse.cli", "mount", str(tmp_path / "mnt"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (out.returncode, message in out.stderr) == (status, True), out.stderr

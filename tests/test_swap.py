@@ -303,6 +303,7 @@ async def run_model(sequence: list[Op]) -> None:
 
 async def apply(swap: Swap, handles: list, model: list[bytearray], op: str, i: int, n: int) -> None:  # type: ignore[type-arg]
     blob = bytes([i + 1]) * n
+    size_wanted = {"append": len(model[i]) + n, "write": n // 2 + min(n, 300)}.get(op, n)
     try:
         if op == "append":
             await swap.append(handles[i], blob)
@@ -322,6 +323,8 @@ async def apply(swap: Swap, handles: list, model: list[bytearray], op: str, i: i
             handles[i], model[i] = await swap.empty(), bytearray()
     except NoSpace:
         assert await swap.size(handles[i]) == len(model[i])
+        owned = swap.allocated_bytes(handles[i]) // UNIT
+        assert -(-size_wanted // UNIT) - owned > swap.free_bytes // UNIT, "freed space not reused"
 
 
 def check_ownership(swap: Swap, handles: list) -> None:  # type: ignore[type-arg]

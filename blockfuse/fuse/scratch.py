@@ -27,7 +27,9 @@ from typing import Any
 
 import pyfuse3
 
-from ..swap import Handle, Swap
+from ..block import BlockDevice, format_size
+from ..errors import Unsafe
+from ..swap import Handle, Swap, open_swap
 from .ops import ATTR_TIMEOUT, fuse_errors
 
 INODE_SPAN = 1 << 32
@@ -60,6 +62,20 @@ class Node:
     opens: int = 0
     lookups: int = 0
     freed: bool = False
+
+
+async def open_scratch_dir(
+    name: str, device: BlockDevice, unit: int, index: int, kind: str, spec: str
+) -> ScratchDir:
+    """The ``index``-th scratch directory of a mount; closes ``device`` if it is unusable."""
+    try:
+        swap = await open_swap(device, unit)
+        if swap.capacity_bytes == 0:
+            raise Unsafe(f"the device is smaller than one {format_size(unit)} unit")
+    except BaseException:
+        await device.aclose()
+        raise
+    return ScratchDir(name, swap, (index + 1) * INODE_SPAN, kind=kind, spec=spec)
 
 
 class ScratchDir:
@@ -310,7 +326,11 @@ class ScratchDir:
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode == self.inode:
             raise fail(errno.EISDIR)
-        self._node(inode).opens += 1
+        node = self._node(inode)
+        if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: no setattr comes first
+            await self.swap.truncate(node.handle, 0)
+            node.time_ns = time.time_ns()
+        node.opens += 1
         return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
     @fuse_errors
