@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import random
 from collections.abc import Sequence
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +19,7 @@ from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import HandleFreed, NoSpace, ReadOnly, RequestFailed
 from blockfuse.swap import (
     FreeSpace,
+    Handle,
     Run,
     Swap,
     map_range,
@@ -360,3 +364,63 @@ def test_a_run_that_fits_is_taken_whole(sizes: list[int], data: st.DataObject) -
     if biggest:
         got = space.take(biggest)
         assert len(got) == 1
+
+
+class JitteryDevice(CountingDevice):
+    """Yields to other tasks a random number of times inside every call."""
+
+    def __init__(self, inner: BlockDevice, seed: int) -> None:
+        super().__init__(inner)
+        self._rng = random.Random(seed)
+
+    async def _jitter(self) -> None:
+        for _ in range(self._rng.randrange(4)):
+            await trio.lowlevel.checkpoint()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._jitter()
+        await super().read(sector, buffers)
+        await self._jitter()
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._jitter()
+        await super().write(sector, buffers)
+
+
+async def read_or_freed(swap: Swap, h: Handle, expected: bytes) -> None:
+    """A read racing ``free`` gets the file's own bytes or fails cleanly."""
+    with contextlib.suppress(HandleFreed):
+        assert bytes(await swap.get_partial(h, 0, len(expected))) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32))
+def test_concurrent_files_never_see_each_others_data(seed: int) -> None:
+    """Tasks append, read, truncate and free their own files on a small device at once."""
+
+    async def worker(swap: Swap, me: int, rng: random.Random) -> None:
+        for _ in range(15):
+            h, expected = await swap.empty(), b""
+            for _ in range(rng.randrange(1, 4)):
+                blob = bytes([me]) * rng.randrange(1, 2 * UNIT)
+                try:
+                    await swap.append(h, blob)
+                    expected += blob
+                except NoSpace:
+                    pass
+                data = bytes(await swap.get_partial(h, 0, len(expected)))
+                assert data == expected, f"task {me} read another file's bytes"
+            async with trio.open_nursery() as nursery:  # free racing a read
+                nursery.start_soon(read_or_freed, swap, h, expected)
+                nursery.start_soon(swap.free, h)
+
+    async def main() -> None:
+        swap = await make_swap(device=JitteryDevice(MemoryDevice(UNITS * UNIT), seed))
+        rng = random.Random(seed)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for me in range(1, 6):
+                    nursery.start_soon(worker, swap, me, random.Random(rng.random()))
+        assert swap.free_runs() == [Run(0, UNITS)]
+
+    trio.run(main)
