@@ -22,7 +22,9 @@ back to the free map: they move them to ``retired``, and the last user to leave 
 them.  A unit goes back into circulation only when no I/O of its old owner can touch it.
 ``free`` marks the handle dead at once (later calls raise ``HandleFreed``), then waits
 for the users to leave; if that wait is cancelled, the units still come back when the
-last user leaves.
+last user leaves.  (So a handle read without a pause keeps its retired units until the
+reads stop; the space is late, never wrong.)  Writes to one handle take turns on its
+lock, so a partial-sector read-modify-write never interleaves with another write.
 
 Allocation is first-fit over the address-ordered free map, preferring contiguity: a write
 first grows the handle's last run in place, then takes the first free run big enough for
@@ -40,179 +42,21 @@ because the garbage collector may run it in the middle of a map update.
 from __future__ import annotations
 
 import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
-from sortedcontainers import SortedDict
 
 from .block import BlockDevice, Buffer, total_length
-from .errors import HandleFreed, NoSpace, ReadOnly, Unsafe
+from .errors import HandleFreed, ReadOnly, Unsafe
+from .swapspace import FreeSpace, Run, map_range, merge_runs, round_up, split_buffers, split_runs
 
 DEFAULT_UNIT = 1 << 20
 ZERO_CHUNK = 1 << 20
 """Gaps (a write past the end, a growing truncate) are filled this many bytes at a time."""
 
 DeviceCall = Callable[[int, Sequence[Buffer]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Run:
-    """``count`` units from unit ``start``."""
-
-    start: int
-    count: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.count
-
-
-# --- the free-space map --------------------------------------------------------------
-
-
-class FreeSpace:
-    """The free units as disjoint runs, coalesced: no two free runs touch."""
-
-    def __init__(self, total_units: int) -> None:
-        self.total_units = total_units
-        self.free_units = 0
-        self._runs: SortedDict = SortedDict()  # start -> count
-        self.give([Run(0, total_units)])
-
-    def runs(self) -> list[Run]:
-        return [Run(start, count) for start, count in self._runs.items()]
-
-    def take(self, count: int, after: int | None = None) -> list[Run]:
-        """``count`` units, as few runs as first-fit allows; ``NoSpace`` takes nothing.
-
-        ``after`` is the unit just past the caller's last run: growing there comes first.
-        """
-        if count > self.free_units:
-            raise NoSpace(f"{count} units needed, {self.free_units} free")
-        taken: list[Run] = []
-        if count and after is not None and after in self._runs:
-            taken.append(self._cut(after, count))
-            count -= taken[-1].count
-        if count and (start := self._first_fit(count)) is not None:
-            taken.append(self._cut(start, count))
-            count = 0
-        while count:
-            taken.append(self._cut(self._runs.keys()[0], count))
-            count -= taken[-1].count
-        return taken
-
-    def give(self, runs: Iterable[Run]) -> None:
-        """Return ``runs`` to the map, merging each with the free runs it touches."""
-        for run in runs:
-            if run.count:
-                self._check_owned(run)
-                self._insert(run)
-
-    def _first_fit(self, count: int) -> int | None:
-        for start, n in self._runs.items():
-            if n >= count:
-                return int(start)
-        return None
-
-    def _cut(self, start: int, want: int) -> Run:
-        """Up to ``want`` units from the front of the free run at ``start``."""
-        n = self._runs.pop(start)
-        got = min(n, want)
-        if got < n:
-            self._runs[start + got] = n - got
-        self.free_units -= got
-        return Run(start, got)
-
-    def _insert(self, run: Run) -> None:
-        start, count = run.start, run.count
-        i = self._runs.bisect_left(start)
-        if i:
-            before, before_count = self._runs.peekitem(i - 1)
-            if before + before_count == start:
-                del self._runs[before]
-                start, count = before, before_count + count
-        if run.end in self._runs:
-            count += self._runs.pop(run.end)
-        self._runs[start] = count
-        self.free_units += run.count
-
-    def _check_owned(self, run: Run) -> None:
-        """A run given back must lie on the device and overlap no free run."""
-        if run.start < 0 or run.end > self.total_units:
-            raise AssertionError(f"{run} lies outside {self.total_units} units")
-        i = self._runs.bisect_right(run.start)
-        if i and sum(self._runs.peekitem(i - 1)) > run.start:
-            raise AssertionError(f"{run} is already free in part")
-        if i < len(self._runs) and self._runs.keys()[i] < run.end:
-            raise AssertionError(f"{run} is already free in part")
-
-
-# --- pure layout arithmetic ----------------------------------------------------------
-
-
-def merge_runs(runs: Sequence[Run], more: Iterable[Run]) -> list[Run]:
-    """``runs + more``, joining neighbours that continue one another on the device."""
-    out = list(runs)
-    for run in more:
-        if out and out[-1].end == run.start:
-            out[-1] = Run(out[-1].start, out[-1].count + run.count)
-        else:
-            out.append(run)
-    return out
-
-
-def split_runs(runs: Sequence[Run], keep: int) -> tuple[list[Run], list[Run]]:
-    """The first ``keep`` units of ``runs``, and the rest."""
-    head: list[Run] = []
-    tail: list[Run] = []
-    for run in runs:
-        n = max(0, min(run.count, keep))
-        keep -= n
-        if n:
-            head.append(Run(run.start, n))
-        if n < run.count:
-            tail.append(Run(run.start + n, run.count - n))
-    return head, tail
-
-
-def map_range(runs: Sequence[Run], unit: int, offset: int, length: int) -> list[tuple[int, int]]:
-    """The device byte ranges ``(offset, length)`` that hold a handle's bytes, in order."""
-    out: list[tuple[int, int]] = []
-    stop, pos = offset + length, 0
-    for run in runs:
-        lo, hi = max(offset, pos), min(stop, pos + run.count * unit)
-        if lo < hi:
-            out.append((run.start * unit + lo - pos, hi - lo))
-        pos += run.count * unit
-        if pos >= stop:
-            break
-    if sum(n for _, n in out) != length:
-        raise AssertionError(f"bytes {offset}..{stop} run past the handle's units")
-    return out
-
-
-def split_buffers(buffers: Sequence[Buffer], lengths: Sequence[int]) -> list[list[memoryview]]:
-    """Cut ``buffers`` (without copying) into consecutive groups of ``lengths`` bytes."""
-    views = deque(memoryview(b).cast("B") for b in buffers)
-    groups: list[list[memoryview]] = []
-    for n in lengths:
-        group: list[memoryview] = []
-        while n:
-            view = views.popleft()
-            if len(view) > n:
-                views.appendleft(view[n:])
-                view = view[:n]
-            group.append(view)
-            n -= len(view)
-        groups.append(group)
-    return groups
-
-
-def round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
 
 
 # --- handles ---------------------------------------------------------------------------

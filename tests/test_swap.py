@@ -17,17 +17,8 @@ from hypothesis import strategies as st
 from blockfuse.block import BlockDevice, Buffer, Info
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import HandleFreed, NoSpace, ReadOnly, RequestFailed
-from blockfuse.swap import (
-    FreeSpace,
-    Handle,
-    Run,
-    Swap,
-    map_range,
-    merge_runs,
-    open_swap,
-    split_buffers,
-    split_runs,
-)
+from blockfuse.swap import Handle, Swap, open_swap
+from blockfuse.swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
 from blockfuse.testing import Fault, FaultyDevice
 
 UNIT = 4096
