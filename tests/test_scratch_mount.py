@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
@@ -137,6 +139,47 @@ def test_appends_overwrites_gaps_and_truncate(tmp_path: Path) -> None:
         assert path.read_bytes() == expected[:10]
         os.truncate(path, 3000)
         assert path.read_bytes() == expected[:10] + bytes(2990)
+
+
+def test_random_writes_truncates_and_reads_match_a_model(tmp_path: Path) -> None:
+    rng = random.Random(99)
+    model = bytearray()
+    with scratch(tmp_path, "mem(8M)", "--scratch-unit", "64K") as m:
+        fd = os.open(m.path("tmp") / "f", os.O_RDWR | os.O_CREAT)
+        try:
+            for _ in range(300):
+                offset = rng.randrange(0, 3 * MiB)
+                if rng.random() < 0.1:
+                    os.ftruncate(fd, offset)
+                    model = model[:offset] + bytes(max(0, offset - len(model)))
+                    continue
+                blob = rng.randbytes(rng.randrange(1, 70000))
+                assert os.pwrite(fd, blob, offset) == len(blob)
+                model.extend(bytes(max(0, offset + len(blob) - len(model))))
+                model[offset : offset + len(blob)] = blob
+            assert os.fstat(fd).st_size == len(model)
+            for _ in range(100):
+                offset, length = rng.randrange(0, len(model) + 10), rng.randrange(1, 200000)
+                assert os.pread(fd, length, offset) == model[offset : offset + length]
+        finally:
+            os.close(fd)
+
+
+def test_parallel_writers_to_different_files(tmp_path: Path) -> None:
+    blobs = {f"f{i}": os.urandom(MiB + 4096 * i + i) for i in range(6)}
+    with scratch(tmp_path, "mem(16M)", "--scratch-unit", "64K") as m:
+
+        def write(name: str) -> None:
+            with open(m.path("tmp") / name, "wb") as f:
+                data = memoryview(blobs[name])
+                for start in range(0, len(data), 10000):
+                    f.write(data[start : start + 10000])
+                    f.flush()
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(write, blobs))
+        for name, data in blobs.items():
+            assert (m.path("tmp") / name).read_bytes() == data
 
 
 def test_bad_names_and_directories_get_the_usual_errno(tmp_path: Path) -> None:

@@ -123,9 +123,12 @@ class ScratchDir:
             raise fail(errno.EEXIST)
 
     async def _new_node(self, name: bytes, mode: int, ctx: Any) -> Node:
+        handle = await self.swap.empty()
+        if name in self._names:  # created by another request meanwhile
+            raise fail(errno.EEXIST)
         node = Node(
             self._next_inode,
-            await self.swap.empty(),
+            handle,
             stat.S_IFREG | (mode & 0o7777),
             ctx.uid,
             ctx.gid,
