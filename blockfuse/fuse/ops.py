@@ -164,6 +164,10 @@ class BlockFS(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        """One answer for the whole mount (pyfuse3 does not say which inode was asked).
+
+        Size: every device plus every scratch device; free: the scratch free space.
+        """
         total = 0
         for f in self._by_inode.values():
             total += (await f.info()).size_bytes
