@@ -5,35 +5,20 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
+from . import timing
 from .mounting import MountProcess, mounted
 
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """Fail a test that runs for more than a minute instead of hanging the suite."""
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError("the test ran for more than 60 seconds")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(60)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+time_limit = timing.time_limit(60)
 
 
 def scratch(tmp_path: Path, spec: str = "mem(4M)", *extra: str) -> mounted:  # type: ignore[valid-type]

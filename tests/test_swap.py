@@ -21,6 +21,10 @@ from blockfuse.swap import Handle, Swap, open_swap
 from blockfuse.swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
 from blockfuse.testing import Fault, FaultyDevice
 
+from . import timing
+
+time_limit = timing.time_limit(60)
+
 UNIT = 4096
 UNITS = 16
 
