@@ -108,7 +108,8 @@ def prepare_mountpoint(path: str) -> None:
 
 
 def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
-    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    # An fsname that names a directory in the cwd would be shown as that path.
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}:", f"subtype={FSNAME}"}
     if read_only:
         options.add("ro")
     if allow_other:
