@@ -120,9 +120,9 @@ def default_device() -> str:
     return f"{DEFAULT_NAME}={DEFAULT_IMAGE}"
 
 
-def compile_devices(specs: Sequence[str]) -> list[tuple[str, Recipe]]:
-    """Check every --device before anything is opened or created."""
-    named = [split_named(text) for text in specs]
+def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:
+    """Check every NAME=SPEC of ``option`` before anything is opened or created."""
+    named = [split_named(text, option) for text in specs]
     names = [name for name, _ in named]
     for name in names:
         if names.count(name) > 1:
@@ -224,7 +224,7 @@ async def run_mount(
 def cmd_mount(args: argparse.Namespace) -> int:
     use_default = not args.device and not args.scratch
     recipes = compile_devices(args.device)
-    scratch_recipes = compile_devices(args.scratch)
+    scratch_recipes = compile_devices(args.scratch, "--scratch")
     clash = {name for name, _ in recipes} & {name for name, _ in scratch_recipes}
     if clash:
         raise SpecError(f"{sorted(clash)[0]!r} names both a device and a scratch directory")

@@ -339,14 +339,14 @@ def compile_spec(text: str) -> Recipe:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
-def split_named(text: str) -> tuple[str, str]:
+def split_named(text: str, option: str = "--device") -> tuple[str, str]:
     """``'disk=./a.img'`` -> ``('disk', './a.img')``; the name becomes a file name."""
     name, sep, spec = text.partition("=")
     if not sep or not spec.strip():
-        raise SpecError(f"bad --device {text!r}: expected NAME=SPEC, e.g. disk=./disk.img")
+        raise SpecError(f"bad {option} {text!r}: expected NAME=SPEC, e.g. disk=./disk.img")
     if not _NAME.fullmatch(name):
         raise SpecError(
-            f"bad --device {text!r}: the name {name!r} must be a file name "
+            f"bad {option} {text!r}: the name {name!r} must be a file name "
             "(letters, digits, '.', '_', '-'; no '/')"
         )
     return name, spec.strip()
