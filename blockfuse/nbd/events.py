@@ -1,0 +1,148 @@
+"""What the NBD cores hand to the layer above: frozen records, one per happening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .constants import DEFAULT_MAX_PAYLOAD, NO_TX_FLAGS, Opt, Rep, TxFlag
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""``next_event()`` answers this when it cannot go on without more bytes."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """One export as the server describes it (``NBD_INFO_*`` or ``NBD_REP_SERVER``)."""
+
+    name: str
+    size: int | None = None
+    flags: TxFlag = NO_TX_FLAGS
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    block_size_given: bool = False
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & TxFlag.READ_ONLY)
+
+
+# --- handshake --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The handshake is over; transmission starts with these parameters."""
+
+    export: ExportInfo
+    structured: bool
+    contexts: dict[str, int] = field(default_factory=dict)
+    """Selected metadata contexts by name -> the id the server gave them."""
+
+
+@dataclass(frozen=True)
+class ExportList:
+    """The answer to ``NBD_OPT_LIST`` (with ``NBD_OPT_INFO`` details where asked)."""
+
+    exports: tuple[ExportInfo, ...]
+
+
+@dataclass(frozen=True)
+class OptionRefused:
+    """The server answered ``option`` with error ``reply``; the handshake is over."""
+
+    option: Opt
+    reply: int
+    message: str
+
+    @property
+    def reply_name(self) -> str:
+        try:
+            return Rep(self.reply).name
+        except ValueError:
+            return f"error {self.reply:#x}"
+
+
+HandshakeEvent = Negotiated | ExportList | OptionRefused
+
+# --- transmission (client side) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadData:
+    """Part of a READ's answer: ``data`` belongs at absolute byte ``offset``."""
+
+    cookie: int
+    offset: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class ReadHole:
+    """Part of a READ's answer: ``length`` bytes from ``offset`` read as zeroes."""
+
+    cookie: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """One metadata context's extents ``(length, flags)`` from the request's offset on."""
+
+    cookie: int
+    context: int
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """The request is answered; ``error`` 0 means it succeeded."""
+
+    cookie: int
+    error: int = 0
+    message: str = ""
+
+
+ReplyEvent = ReadData | ReadHole | BlockStatus | Done
+
+# --- server side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerReady:
+    """The client opened ``export``; requests follow."""
+
+    export: ExportInfo
+    structured: bool
+
+
+@dataclass(frozen=True)
+class Request:
+    """A client request; ``data`` is a WRITE's payload (empty otherwise)."""
+
+    cookie: int
+    cmd: int
+    flags: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class ClientGone:
+    """The client ended the conversation (``NBD_OPT_ABORT`` or ``NBD_CMD_DISC``)."""
+
+
+ServerEvent = ServerReady | Request | ClientGone

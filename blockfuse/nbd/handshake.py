@@ -1,0 +1,389 @@
+"""The client side of the NBD handshake as a sans-io state machine.
+
+The client is goal-driven: it is built to either open one export (``goal_go``) or list
+the server's exports (``goal_list``), and it decides by itself which options to send.
+The layer above only moves bytes::
+
+    hs = ClientHandshake.go("disk0")
+    while True:
+        send(hs.data_to_send())
+        event = hs.next_event()
+        if event is NEED_DATA:
+            hs.receive_data(recv())
+            continue
+        break           # Negotiated, ExportList or OptionRefused
+
+The conversation for ``go`` (fixed newstyle; one option in flight at a time)::
+
+    S: NBDMAGIC IHAVEOPT flags           C: client flags (what was offered of FIXED, NO_ZEROES)
+    C: STRUCTURED_REPLY                  S: ACK | ERR_UNSUP (simple replies then)
+    C: SET_META_CONTEXT base:allocation  S: META_CONTEXT(id)* ACK | error (no block status)
+    C: GO(name, [BLOCK_SIZE, NAME, DESCRIPTION])
+                                         S: INFO* ACK -> Negotiated
+                                            ERR_UNSUP -> C: EXPORT_NAME, S: size flags [zeroes]
+                                            other error -> OptionRefused, C: ABORT
+
+A server without FIXED_NEWSTYLE only understands EXPORT_NAME.  ``list`` sends LIST, then
+INFO for each export (when details are wanted), then ABORT.
+
+Every length the server sends is checked against the protocol's limit before anything is
+waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes; any
+violation raises ``ProtocolError`` naming what arrived, and the machine stays broken.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..errors import ProtocolError
+from .buffer import ReceiveBuffer
+from .constants import (
+    BASE_ALLOCATION,
+    CLIENT_FLAGS,
+    CLISERV_MAGIC,
+    EXPORT_NAME_PADDING,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_EXPORTS,
+    MAX_MIN_BLOCK,
+    MAX_OPTION_REPLY,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION,
+    OPTION_REPLY,
+    OPTION_REPLY_MAGIC,
+    REP_ERROR_BIT,
+    U16,
+    U32,
+    ClientFlag,
+    HandshakeFlag,
+    InfoType,
+    Opt,
+    Rep,
+    TxFlag,
+)
+from .events import NEED_DATA, ExportInfo, ExportList, HandshakeEvent, Negotiated, OptionRefused
+
+
+class State(enum.Enum):
+    GREETING = "greeting"
+    OPTION_REPLY = "waiting for an option reply"
+    EXPORT_NAME_REPLY = "waiting for the EXPORT_NAME reply"
+    FINISHED = "finished"
+    BROKEN = "broken"
+
+
+def encode_option(option: Opt, data: bytes = b"") -> bytes:
+    return OPTION.pack(IHAVEOPT, option, len(data)) + data
+
+
+def encode_name(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > MAX_STRING:
+        raise ValueError(f"export name longer than {MAX_STRING} bytes")
+    return U32.pack(len(raw)) + raw
+
+
+def encode_info_request(name: str, infos: tuple[InfoType, ...]) -> bytes:
+    return encode_name(name) + U16.pack(len(infos)) + b"".join(U16.pack(i) for i in infos)
+
+
+def decode_string(raw: bytes, what: str) -> str:
+    if len(raw) > MAX_STRING:
+        raise ProtocolError(f"{what} is {len(raw)} bytes (the limit is {MAX_STRING})")
+    return raw.decode("utf-8", errors="replace")
+
+
+WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
+
+
+class ClientHandshake:
+    """One handshake toward one goal; see the module text for the conversation."""
+
+    def __init__(self, export: str | None, *, structured: bool = True, details: bool = True):
+        self._export = export
+        self._want_structured = structured
+        self._details = details
+        self._buf = ReceiveBuffer()
+        self._out = bytearray()
+        self.state = State.GREETING
+        self._option: Opt | None = None
+        self._reply: tuple[int, int] | None = None  # (reply type, length) being read
+        self._no_zeroes = False
+        self._structured = False
+        self._contexts: dict[str, int] = {}
+        self._info = ExportInfo(export or "")
+        self._exports: list[ExportInfo] = []
+        self._info_index = 0
+        self._result: HandshakeEvent | None = None
+
+    @classmethod
+    def go(cls, export: str, *, structured: bool = True) -> ClientHandshake:
+        return cls(export, structured=structured)
+
+    @classmethod
+    def list(cls, *, details: bool = True) -> ClientHandshake:
+        return cls(None, structured=False, details=details)
+
+    # --- the sans-io surface --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the server; ``b""`` means the server closed the connection."""
+        if not data and self.state is not State.FINISHED:
+            where = self.state.value
+            self.state = State.BROKEN
+            raise ProtocolError(f"the server closed the connection (state: {where})")
+        self._buf.feed(data)
+
+    def data_to_send(self) -> bytes:
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def next_event(self) -> HandshakeEvent | object:
+        """The outcome once known, else ``NEED_DATA``; raises ``ProtocolError``."""
+        if self.state is State.BROKEN:
+            raise ProtocolError("the handshake already failed")
+        try:
+            while self._result is None:
+                if not self._step():
+                    return NEED_DATA
+        except ProtocolError:
+            self.state = State.BROKEN
+            raise
+        self.state = State.FINISHED
+        return self._result
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes the server sent after the handshake (normally none)."""
+        return self._buf.take(len(self._buf)) or b""
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        if self.state is State.GREETING:
+            return self._greeting()
+        if self.state is State.EXPORT_NAME_REPLY:
+            return self._export_name_reply()
+        return self._option_reply()
+
+    def _greeting(self) -> bool:
+        raw = self._buf.take(GREETING.size)
+        if raw is None:
+            return False
+        magic, second, flags = GREETING.unpack(raw)
+        if magic != NBDMAGIC:
+            raise ProtocolError(f"not an NBD server: greeting starts with {raw[:8]!r}")
+        if second == CLISERV_MAGIC:
+            raise ProtocolError("the server speaks the obsolete oldstyle handshake")
+        if second != IHAVEOPT:
+            raise ProtocolError(f"unknown handshake magic {second:#x} after NBDMAGIC")
+        offered = HandshakeFlag(flags & (HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
+        self._no_zeroes = HandshakeFlag.NO_ZEROES in offered
+        self._out += CLIENT_FLAGS.pack(ClientFlag(int(offered)))
+        self._start(fixed=HandshakeFlag.FIXED_NEWSTYLE in offered)
+        return True
+
+    def _start(self, *, fixed: bool) -> None:
+        if self._export is None:
+            if not fixed:
+                self._refuse(Opt.LIST, Rep.ERR_UNSUP, "the server is not fixed-newstyle")
+            else:
+                self._send(Opt.LIST)
+        elif not fixed:
+            self._send_export_name()
+        elif self._want_structured:
+            self._send(Opt.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+
+    def _send(self, option: Opt, data: bytes = b"") -> None:
+        self._out += encode_option(option, data)
+        self._option = option
+        self.state = State.OPTION_REPLY
+
+    def _send_go(self) -> None:
+        assert self._export is not None
+        self._send(Opt.GO, encode_info_request(self._export, WANTED_INFO))
+
+    def _send_export_name(self) -> None:
+        assert self._export is not None
+        self._out += encode_option(Opt.EXPORT_NAME, self._export.encode())
+        self._option = Opt.EXPORT_NAME
+        self.state = State.EXPORT_NAME_REPLY
+
+    def _send_set_meta_context(self) -> None:
+        assert self._export is not None
+        query = encode_name(self._export) + U32.pack(1) + encode_name(BASE_ALLOCATION)
+        self._send(Opt.SET_META_CONTEXT, query)
+
+    def _refuse(self, option: Opt, reply: int, message: str) -> None:
+        self._result = OptionRefused(option, reply, message)
+        self._out += encode_option(Opt.ABORT)
+
+    def _export_name_reply(self) -> bool:
+        need = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_PADDING)
+        raw = self._buf.take(need)
+        if raw is None:
+            return False
+        size, flags = EXPORT_NAME_REPLY.unpack(raw[: EXPORT_NAME_REPLY.size])
+        info = replace(self._info, size=size, flags=TxFlag(flags))
+        self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
+        return True
+
+    # --- option replies ---------------------------------------------------------------
+
+    def _option_reply(self) -> bool:
+        if self._reply is None:
+            raw = self._buf.take(OPTION_REPLY.size)
+            if raw is None:
+                return False
+            self._reply = self._reply_header(raw)
+        rtype, length = self._reply
+        data = self._buf.take(length)
+        if data is None:
+            return False
+        self._reply = None
+        self._dispatch(rtype, data)
+        return True
+
+    def _reply_header(self, raw: bytes) -> tuple[int, int]:
+        magic, option, rtype, length = OPTION_REPLY.unpack(raw)
+        if magic != OPTION_REPLY_MAGIC:
+            raise ProtocolError(f"option reply with wrong magic {magic:#x}")
+        if option != self._option:
+            raise ProtocolError(f"reply to option {option} while {self._option!r} was asked")
+        if length > MAX_OPTION_REPLY:
+            raise ProtocolError(
+                f"option reply of {length} bytes to {self._option!r} "
+                f"(the limit is {MAX_OPTION_REPLY})"
+            )
+        return rtype, length
+
+    def _dispatch(self, rtype: int, data: bytes) -> None:
+        assert self._option is not None
+        if rtype & REP_ERROR_BIT:
+            return self._on_error(self._option, rtype, decode_string(data, "error message"))
+        handler = self._handlers().get((self._option, rtype))
+        if handler is None:
+            raise ProtocolError(f"unexpected reply type {rtype} to {self._option!r}")
+        handler(data)
+
+    def _handlers(self) -> dict[tuple[Opt, int], Callable[[bytes], None]]:
+        return {
+            (Opt.STRUCTURED_REPLY, Rep.ACK): self._on_structured,
+            (Opt.SET_META_CONTEXT, Rep.META_CONTEXT): self._on_meta_context,
+            (Opt.SET_META_CONTEXT, Rep.ACK): lambda _: self._send_go(),
+            (Opt.GO, Rep.INFO): self._on_info,
+            (Opt.GO, Rep.ACK): self._on_go_ack,
+            (Opt.INFO, Rep.INFO): self._on_info,
+            (Opt.INFO, Rep.ACK): self._on_info_ack,
+            (Opt.LIST, Rep.SERVER): self._on_server,
+            (Opt.LIST, Rep.ACK): self._on_list_ack,
+            (Opt.ABORT, Rep.ACK): lambda _: None,
+        }
+
+    def _on_error(self, option: Opt, rtype: int, message: str) -> None:
+        if option is Opt.STRUCTURED_REPLY:
+            return self._send_go()
+        if option is Opt.SET_META_CONTEXT:
+            self._contexts = {}
+            return self._send_go()
+        if option is Opt.GO and rtype == Rep.ERR_UNSUP:
+            return self._send_export_name()
+        if option is Opt.INFO:
+            return self._next_info()
+        self._refuse(option, rtype, message)
+
+    def _on_structured(self, data: bytes) -> None:
+        self._structured = True
+        self._send_set_meta_context()
+
+    def _on_meta_context(self, data: bytes) -> None:
+        if len(data) < 4:
+            raise ProtocolError(f"META_CONTEXT reply of {len(data)} bytes")
+        (context_id,) = U32.unpack(data[:4])
+        self._contexts[decode_string(data[4:], "context name")] = context_id
+
+    def _on_info(self, data: bytes) -> None:
+        if len(data) < 2:
+            raise ProtocolError(f"INFO reply of {len(data)} bytes")
+        (itype,) = U16.unpack(data[:2])
+        self._info = apply_info(self._info, itype, data)
+
+    def _on_go_ack(self, data: bytes) -> None:
+        if self._info.size is None:
+            raise ProtocolError("GO succeeded without NBD_INFO_EXPORT")
+        self._result = Negotiated(self._info, structured=self._structured, contexts=self._contexts)
+
+    def _on_server(self, data: bytes) -> None:
+        if len(data) < 4:
+            raise ProtocolError(f"SERVER reply of {len(data)} bytes")
+        (n,) = U32.unpack(data[:4])
+        if n > len(data) - 4:
+            raise ProtocolError(f"SERVER reply names {n} bytes but carries {len(data) - 4}")
+        if len(self._exports) >= MAX_EXPORTS:
+            raise ProtocolError(f"more than {MAX_EXPORTS} exports in one LIST")
+        name = decode_string(data[4 : 4 + n], "export name")
+        desc = decode_string(data[4 + n :], "export description")
+        self._exports.append(ExportInfo(name, description=desc))
+
+    def _on_list_ack(self, data: bytes) -> None:
+        self._info_index = -1
+        self._next_info()
+
+    def _next_info(self) -> None:
+        if 0 <= self._info_index < len(self._exports) and self._option is Opt.INFO:
+            self._exports[self._info_index] = self._info
+        self._info_index += 1
+        if not self._details or self._info_index >= len(self._exports):
+            self._result = ExportList(tuple(self._exports))
+            self._out += encode_option(Opt.ABORT)
+            return
+        self._info = self._exports[self._info_index]
+        self._send(Opt.INFO, encode_info_request(self._info.name, WANTED_INFO))
+
+    def _on_info_ack(self, data: bytes) -> None:
+        self._next_info()
+
+
+def apply_info(info: ExportInfo, itype: int, data: bytes) -> ExportInfo:
+    """``info`` updated with one ``NBD_REP_INFO`` payload (unknown types are ignored)."""
+    if itype == InfoType.EXPORT:
+        if len(data) != INFO_EXPORT.size:
+            raise ProtocolError(f"NBD_INFO_EXPORT of {len(data)} bytes (must be 12)")
+        _, size, flags = INFO_EXPORT.unpack(data)
+        return replace(info, size=size, flags=TxFlag(flags))
+    if itype == InfoType.NAME:
+        return replace(info, name=decode_string(data[2:], "export name"))
+    if itype == InfoType.DESCRIPTION:
+        return replace(info, description=decode_string(data[2:], "description"))
+    if itype == InfoType.BLOCK_SIZE:
+        return apply_block_size(info, data)
+    return info
+
+
+def apply_block_size(info: ExportInfo, data: bytes) -> ExportInfo:
+    if len(data) != INFO_BLOCK_SIZE.size:
+        raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes (must be 14)")
+    _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
+    if not is_power_of_two(minimum) or minimum > MAX_MIN_BLOCK:
+        raise ProtocolError(f"minimum block size {minimum} is not a power of two up to 64 KiB")
+    if not is_power_of_two(preferred) or maximum < minimum:
+        raise ProtocolError(f"block sizes {minimum}/{preferred}/{maximum} are inconsistent")
+    return replace(
+        info,
+        min_block=minimum,
+        preferred_block=preferred,
+        max_payload=maximum,
+        block_size_given=True,
+    )
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

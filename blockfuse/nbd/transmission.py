@@ -1,0 +1,424 @@
+"""The client side of NBD transmission as a sans-io state machine.
+
+Requests go out as bytes from ``request()``, each with a fresh cookie; replies come in
+through ``receive_data()`` and leave as events from ``next_event()``.  Many requests may
+be in flight, and the server answers them in any order, interleaving the chunks of
+structured replies; the only thing tying a reply to its request is the cookie::
+
+    request(READ, 0, 8192)   -> cookie 1      +---------------------------------------+
+    request(WRITE, 0, 512)   -> cookie 2      | reply header: which magic?            |
+                                              |   simple (16 B):  cookie, error       |
+    <- chunk cookie=1 DATA off=4096 (4 KiB)   |     READ ok -> stream `length` bytes  |
+    <- simple cookie=2 error=0                |   chunk (20 B): cookie, type, length  |
+    <- chunk cookie=1 HOLE off=0 len=4096     |     DATA  -> 8 B offset, then stream  |
+    <- chunk cookie=1 NONE DONE               |     HOLE / STATUS / ERROR -> read all |
+                                              |   DONE flag -> check coverage, Done   |
+    events: ReadData(1, 4096, view)           +---------------------------------------+
+            Done(2)  ReadHole(1, 0, 4096)  Done(1)
+
+The invariant that keeps a hostile or broken server harmless: before waiting for any
+payload its length is checked against what we asked for (a READ's data) or a protocol
+limit (status, errors), so we never buffer more than one bounded header or chunk; data
+is streamed out as zero-copy views of what arrived.  Every violation (wrong magic,
+unknown cookie, a chunk outside its request, overlapping chunks, a successful READ that
+does not cover its range) raises ``ProtocolError`` with what arrived, and the machine
+stays broken: the connection must be dropped.  A server's error reply is not a
+violation: it becomes ``Done(cookie, errno)`` and the connection lives on.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from ..errors import ProtocolError, ReadOnly, Unimplemented, Unsafe
+from .buffer import ReceiveBuffer
+from .constants import (
+    BASE_ALLOCATION,
+    CHUNK_ERROR_BIT,
+    CHUNK_HEADER,
+    DEFAULT_MAX_PAYLOAD,
+    ERROR_HEADER,
+    EXTENT,
+    HOLE,
+    MAX_BLOCK_STATUS_CHUNK,
+    MAX_ERROR_CHUNK,
+    NO_CMD_FLAGS,
+    REPLY_FLAG_DONE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    U32,
+    U64,
+    Chunk,
+    Cmd,
+    CmdFlag,
+    Errno,
+    TxFlag,
+)
+from .coverage import Coverage
+from .events import (
+    NEED_DATA,
+    BlockStatus,
+    Done,
+    ExportInfo,
+    Negotiated,
+    ReadData,
+    ReadHole,
+    ReplyEvent,
+)
+
+NEEDS_FLAG = {
+    Cmd.FLUSH: TxFlag.SEND_FLUSH,
+    Cmd.TRIM: TxFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TxFlag.SEND_CACHE,
+}
+FLAG_NEEDS = {
+    CmdFlag.FUA: TxFlag.SEND_FUA,
+    CmdFlag.DF: TxFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TxFlag.SEND_FAST_ZERO,
+}
+FLAG_COMMANDS = {
+    CmdFlag.NO_HOLE: {Cmd.WRITE_ZEROES},
+    CmdFlag.DF: {Cmd.READ},
+    CmdFlag.REQ_ONE: {Cmd.BLOCK_STATUS},
+    CmdFlag.FAST_ZERO: {Cmd.WRITE_ZEROES},
+}
+WRITES = {Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES}
+NO_RANGE = {Cmd.FLUSH, Cmd.DISC}
+
+
+def wire_errno(value: int) -> int:
+    """An error value from the wire as an errno; values the spec does not allow are EINVAL."""
+    return value if value in Errno._value2member_map_ else Errno.EINVAL
+
+
+class Rx(enum.Enum):
+    HEADER = "reply header"
+    SIMPLE_DATA = "simple reply data"
+    DATA_OFFSET = "data chunk offset"
+    CHUNK_DATA = "data chunk payload"
+    CHUNK_PAYLOAD = "chunk payload"
+    BROKEN = "broken"
+
+
+@dataclass
+class Pending:
+    cmd: Cmd
+    offset: int
+    length: int
+    error: int = 0
+    message: str = ""
+    coverage: Coverage = field(default_factory=Coverage)
+
+
+@dataclass
+class Stream:
+    """The chunk or simple reply being read: where its next payload bytes belong."""
+
+    cookie: int
+    pending: Pending
+    flags: int = 0
+    ctype: int = 0
+    length: int = 0
+    offset: int = 0
+    remaining: int = 0
+
+
+class ClientTransmission:
+    """Frames requests and parses replies for one negotiated connection."""
+
+    def __init__(self, negotiated: Negotiated) -> None:
+        self.export: ExportInfo = negotiated.export
+        self.structured = negotiated.structured
+        self.allocation_context = negotiated.contexts.get(BASE_ALLOCATION)
+        self.max_payload = min(self.export.max_payload, DEFAULT_MAX_PAYLOAD)
+        self._pending: dict[int, Pending] = {}
+        self._cookies = itertools.count(1)
+        self._buf = ReceiveBuffer()
+        self._rx = Rx.HEADER
+        self._stream: Stream | None = None
+        self._disconnected = False
+        self._eof = False
+        self._ready: ReplyEvent | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def can(self, flag: TxFlag) -> bool:
+        return bool(self.export.flags & flag)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def request(
+        self, cmd: Cmd, offset: int = 0, length: int = 0, flags: CmdFlag = NO_CMD_FLAGS
+    ) -> tuple[int, bytes]:
+        """``(cookie, header)`` for a request; a WRITE's payload goes right after the header.
+
+        Raises ``Unsafe`` (bad range, alignment or size), ``ReadOnly`` or ``Unimplemented``
+        (the server did not offer the command or flag) and changes nothing then.
+        """
+        self._check(cmd, offset, length, flags)
+        cookie = next(self._cookies)
+        self._pending[cookie] = Pending(cmd, offset, length)
+        return cookie, REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+    def disconnect(self) -> bytes:
+        """The ``NBD_CMD_DISC`` request; nothing may be sent after it."""
+        self._disconnected = True
+        return REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+
+    def _check(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
+        if self._disconnected or self._rx is Rx.BROKEN:
+            raise Unsafe("the connection is closed")
+        if cmd in WRITES and self.export.read_only:
+            raise ReadOnly(f"export {self.export.name!r} is read-only")
+        self._check_supported(cmd, flags)
+        if cmd not in NO_RANGE:
+            self._check_range(cmd, offset, length)
+        elif offset or length:
+            raise Unsafe(f"{cmd.name} takes no offset or length")
+
+    def _check_supported(self, cmd: Cmd, flags: CmdFlag) -> None:
+        needed = NEEDS_FLAG.get(cmd)
+        if needed is not None and not self.can(needed):
+            raise Unimplemented(f"the server does not offer {cmd.name}")
+        if cmd is Cmd.BLOCK_STATUS and self.allocation_context is None:
+            raise Unimplemented("the server does not offer base:allocation block status")
+        if cmd is Cmd.DISC:
+            raise Unsafe("use disconnect() for NBD_CMD_DISC")
+        for flag in CmdFlag:
+            if flag & flags and not self._flag_allowed(flag, cmd):
+                raise Unimplemented(f"flag {flag.name} is not usable on {cmd.name} here")
+
+    def _flag_allowed(self, flag: CmdFlag, cmd: Cmd) -> bool:
+        if flag in FLAG_NEEDS and not self.can(FLAG_NEEDS[flag]):
+            return False
+        return flag not in FLAG_COMMANDS or cmd in FLAG_COMMANDS[flag]
+
+    def _check_range(self, cmd: Cmd, offset: int, length: int) -> None:
+        size, align = self.export.size or 0, self.export.min_block
+        if length <= 0 or offset < 0 or offset + length > size:
+            raise Unsafe(f"{cmd.name} of {length} bytes at {offset} is outside 0..{size}")
+        if offset % align or length % align:
+            raise Unsafe(f"{cmd.name} at {offset}+{length} is not aligned to {align} bytes")
+        if cmd in (Cmd.READ, Cmd.WRITE) and length > self.max_payload:
+            raise Unsafe(f"{cmd.name} of {length} bytes exceeds {self.max_payload}")
+        if length > 0xFFFFFFFF:
+            raise Unsafe(f"{cmd.name} of {length} bytes does not fit 32 bits")
+
+    # --- replies ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the server; ``b""`` marks the end of the connection."""
+        if not data:
+            self._eof = True
+        self._buf.feed(data)
+
+    def next_event(self) -> ReplyEvent | object:
+        """The next event, or ``NEED_DATA``; raises ``ProtocolError`` (and stays broken)."""
+        if self._rx is Rx.BROKEN:
+            raise ProtocolError("the connection already broke the protocol")
+        try:
+            event = self._next()
+        except ProtocolError:
+            self._rx = Rx.BROKEN
+            raise
+        if event is NEED_DATA and self._eof and (self._pending or len(self._buf)):
+            where = self._rx.value
+            self._rx = Rx.BROKEN
+            raise ProtocolError(
+                f"the server closed the connection with {len(self._pending)} request(s) "
+                f"in flight (while reading a {where})"
+            )
+        return event
+
+    def _next(self) -> ReplyEvent | object:
+        steps = {
+            Rx.HEADER: self._header,
+            Rx.SIMPLE_DATA: self._stream_data,
+            Rx.CHUNK_DATA: self._stream_data,
+            Rx.DATA_OFFSET: self._data_offset,
+            Rx.CHUNK_PAYLOAD: self._chunk_payload,
+        }
+        while True:
+            if self._ready is not None:
+                event, self._ready = self._ready, None
+                return event
+            result = steps[self._rx]()
+            if result is not None:
+                return result
+
+    def _header(self) -> object | None:
+        raw = self._buf.peek(4)
+        if raw is None:
+            return NEED_DATA
+        (magic,) = U32.unpack(raw)
+        if magic == SIMPLE_REPLY_MAGIC:
+            if (rest := self._buf.take(SIMPLE_REPLY.size)) is None:
+                return NEED_DATA
+            self._simple(*SIMPLE_REPLY.unpack(rest)[1:])
+        elif magic == STRUCTURED_REPLY_MAGIC:
+            if (rest := self._buf.take(CHUNK_HEADER.size)) is None:
+                return NEED_DATA
+            self._chunk_header(*CHUNK_HEADER.unpack(rest)[1:])
+        else:
+            raise ProtocolError(f"reply with unknown magic {magic:#010x}")
+        return None
+
+    def _lookup(self, cookie: int) -> Pending:
+        pending = self._pending.get(cookie)
+        if pending is None:
+            raise ProtocolError(f"reply for unknown cookie {cookie:#x}")
+        return pending
+
+    def _simple(self, error: int, cookie: int) -> None:
+        pending = self._lookup(cookie)
+        if error or pending.cmd is not Cmd.READ:
+            self._finish(cookie, wire_errno(error) if error else 0)
+            return
+        self._stream = Stream(cookie, pending, offset=pending.offset, remaining=pending.length)
+        self._rx = Rx.SIMPLE_DATA
+
+    def _finish(self, cookie: int, error: int, message: str = "") -> None:
+        del self._pending[cookie]
+        self._ready = Done(cookie, error, message)
+        self._rx = Rx.HEADER
+
+    def _chunk_header(self, flags: int, ctype: int, cookie: int, length: int) -> None:
+        if not self.structured:
+            raise ProtocolError("structured reply chunk on a connection without them")
+        pending = self._lookup(cookie)
+        self._stream = Stream(cookie, pending, flags=flags, ctype=ctype, length=length)
+        check_chunk(pending, ctype, length, flags)
+        if ctype == Chunk.OFFSET_DATA:
+            self._rx = Rx.DATA_OFFSET
+        elif ctype == Chunk.NONE:
+            self._end_chunk()
+        else:
+            self._rx = Rx.CHUNK_PAYLOAD
+
+    def _data_offset(self) -> object | None:
+        raw = self._buf.take(8)
+        if raw is None:
+            return NEED_DATA
+        s = self._stream
+        assert s is not None
+        (s.offset,) = U64.unpack(raw)
+        s.remaining = s.length - 8
+        claim(s.pending, s.offset, s.remaining, "data")
+        self._rx = Rx.CHUNK_DATA
+        return None
+
+    def _stream_data(self) -> ReplyEvent | object | None:
+        s = self._stream
+        assert s is not None
+        if s.remaining == 0:
+            self._after_data(s)
+            return None
+        view = self._buf.take_some(s.remaining)
+        if view is None:
+            return NEED_DATA
+        offset = s.offset
+        s.offset += len(view)
+        s.remaining -= len(view)
+        if s.remaining == 0:
+            self._after_data(s)
+        return ReadData(s.cookie, offset, view)
+
+    def _after_data(self, s: Stream) -> None:
+        if self._rx is Rx.SIMPLE_DATA:
+            self._finish(s.cookie, 0)
+        else:
+            self._end_chunk()
+
+    def _chunk_payload(self) -> ReplyEvent | object | None:
+        s = self._stream
+        assert s is not None
+        raw = self._buf.take(s.length)
+        if raw is None:
+            return NEED_DATA
+        event = self._parse_payload(s, raw)
+        self._end_chunk()
+        return event
+
+    def _parse_payload(self, s: Stream, raw: bytes) -> ReplyEvent | None:
+        if s.ctype == Chunk.OFFSET_HOLE:
+            offset, size = HOLE.unpack(raw)
+            claim(s.pending, offset, size, "hole")
+            return ReadHole(s.cookie, offset, size)
+        if s.ctype == Chunk.BLOCK_STATUS:
+            return parse_block_status(s.cookie, raw)
+        error, message = parse_error(s.ctype, raw)
+        if not s.pending.error:
+            s.pending.error, s.pending.message = error, message
+        return None
+
+    def _end_chunk(self) -> None:
+        s = self._stream
+        assert s is not None
+        self._rx = Rx.HEADER
+        if not s.flags & REPLY_FLAG_DONE:
+            return
+        p = s.pending
+        if p.cmd is Cmd.READ and not p.error and p.coverage.total != p.length:
+            raise ProtocolError(
+                f"READ reply (cookie {s.cookie:#x}) ended after {p.coverage.total} "
+                f"of {p.length} bytes"
+            )
+        self._finish(s.cookie, p.error, p.message)
+
+
+def check_chunk(pending: Pending, ctype: int, length: int, flags: int) -> None:
+    """Refuse a chunk header whose type or length cannot belong to ``pending``."""
+    what = f"chunk type {ctype} of {length} bytes for {pending.cmd.name}"
+    if ctype == Chunk.NONE:
+        ok = length == 0 and bool(flags & REPLY_FLAG_DONE)
+    elif ctype == Chunk.OFFSET_DATA:
+        ok = pending.cmd is Cmd.READ and 9 <= length <= pending.length + 8
+    elif ctype == Chunk.OFFSET_HOLE:
+        ok = pending.cmd is Cmd.READ and length == HOLE.size
+    elif ctype == Chunk.BLOCK_STATUS:
+        ok = pending.cmd is Cmd.BLOCK_STATUS and 12 <= length <= MAX_BLOCK_STATUS_CHUNK
+        ok = ok and (length - 4) % EXTENT.size == 0
+    elif ctype & CHUNK_ERROR_BIT:
+        ok = ERROR_HEADER.size <= length <= MAX_ERROR_CHUNK
+    else:
+        raise ProtocolError(f"unknown non-error {what}")
+    if not ok:
+        raise ProtocolError(f"invalid {what}")
+
+
+def claim(pending: Pending, offset: int, length: int, what: str) -> None:
+    end = pending.offset + pending.length
+    if length <= 0 or offset < pending.offset or offset + length > end:
+        raise ProtocolError(
+            f"{what} chunk [{offset}, {offset + length}) outside the request "
+            f"[{pending.offset}, {end})"
+        )
+    pending.coverage.add(offset, offset + length)
+
+
+def parse_block_status(cookie: int, raw: bytes) -> BlockStatus:
+    (context,) = U32.unpack(raw[:4])
+    extents = tuple(EXTENT.iter_unpack(raw[4:]))
+    if any(length == 0 for length, _ in extents):
+        raise ProtocolError("block status extent of length 0")
+    return BlockStatus(cookie, context, extents)
+
+
+def parse_error(ctype: int, raw: bytes) -> tuple[int, str]:
+    error, n = ERROR_HEADER.unpack(raw[: ERROR_HEADER.size])
+    if ctype in (Chunk.ERROR, Chunk.ERROR_OFFSET):
+        tail = 8 if ctype == Chunk.ERROR_OFFSET else 0
+        if ERROR_HEADER.size + n + tail != len(raw):
+            raise ProtocolError(f"error chunk message of {n} bytes in {len(raw)} bytes")
+        if error == 0:
+            raise ProtocolError("error chunk with error value 0")
+    message = raw[ERROR_HEADER.size : ERROR_HEADER.size + n].decode("utf-8", errors="replace")
+    return wire_errno(error) if error else Errno.EINVAL, message
