@@ -132,7 +132,7 @@ class ClientHandshake:
 
     # --- the sans-io surface --------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
         if not data and self.state is not State.FINISHED:
             where = self.state.value

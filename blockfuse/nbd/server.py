@@ -80,7 +80,7 @@ class ServerCore:
         self._meta_export: str | None = None
         self._header: tuple[int, int, int, int, int] | None = None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buf.feed(data)
 
     def data_to_send(self) -> bytes:

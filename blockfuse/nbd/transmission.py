@@ -214,7 +214,7 @@ class ClientTransmission:
 
     # --- replies ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the server; ``b""`` marks the end of the connection."""
         if not data:
             self._eof = True

@@ -1,0 +1,75 @@
+"""NBD URIs (``doc/uri.md``): ``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH``."""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+
+from .constants import DEFAULT_PORT
+
+SCHEMES = ("nbd", "nbd+unix")
+
+
+class BadURI(ValueError):
+    """Not a usable NBD URI; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an export lives: a TCP host and port, or a Unix socket; and its name."""
+
+    export: str = ""
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    socket: str | None = None
+
+    @property
+    def server(self) -> str:
+        """The server for messages: ``host:port`` or ``unix:PATH``."""
+        return f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        export = urllib.parse.quote(self.export)
+        if self.socket:
+            return f"nbd+unix:///{export}?socket={self.socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{export}"
+
+
+def looks_like_uri(text: str) -> bool:
+    return any(text.startswith(f"{scheme}://") for scheme in SCHEMES)
+
+
+def parse_uri(text: str) -> Address:
+    """Parse an NBD URI; raises ``BadURI``.  TLS schemes (``nbds``) are refused."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme in ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock"):
+        raise BadURI(f"{parts.scheme}:// is not supported (use nbd:// or nbd+unix://)")
+    if parts.scheme not in SCHEMES:
+        raise BadURI(f"{text!r} is not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix)")
+    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    query = urllib.parse.parse_qs(parts.query)
+    if parts.scheme == "nbd+unix":
+        return _unix(text, parts, export, query)
+    return _tcp(text, parts, export, query)
+
+
+def _unix(text: str, parts: urllib.parse.SplitResult, export: str, query: dict) -> Address:  # type: ignore[type-arg]
+    if parts.netloc:
+        raise BadURI(f"{text!r}: nbd+unix:// takes no host (write nbd+unix:///EXPORT?socket=PATH)")
+    sockets = query.get("socket", [])
+    if len(sockets) != 1 or not sockets[0]:
+        raise BadURI(f"{text!r}: nbd+unix:// needs exactly one ?socket=PATH")
+    return Address(export, socket=sockets[0])
+
+
+def _tcp(text: str, parts: urllib.parse.SplitResult, export: str, query: dict) -> Address:  # type: ignore[type-arg]
+    if query:
+        raise BadURI(f"{text!r}: nbd:// takes no query parameters")
+    if not parts.hostname:
+        raise BadURI(f"{text!r}: nbd:// needs a host")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise BadURI(f"{text!r}: bad port ({exc})") from None
+    return Address(export, host=parts.hostname, port=port)

@@ -1,0 +1,344 @@
+"""One NBD connection over trio: requests from many tasks, one reader task.
+
+    async with open_nbd_client(parse_uri("nbd+unix:///disk?socket=/run/s")) as client:
+        await client.pread(buf, 0)
+
+Invariants (pyfuse3 calls in from up to 99 tasks at once):
+
+- Requests are written whole under ``_send_lock`` with cancellation shielded, so a
+  cancelled caller never leaves half a request on the wire.
+- Only the reader task feeds the core and only it completes calls; a caller waits on its
+  call's event.  A call stays registered until its reply is done, even if its caller was
+  cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
+- When the connection breaks (EOF, reset, a protocol violation) the reader records why,
+  fails every waiting call with that error and ends; later requests fail at once.  The
+  reader never raises into its nursery: the error is delivered to every caller instead.
+
+Entry points in tiers: ``open_nbd_client`` (owns its nursery), ``connect_nbd(nursery,
+address)`` and ``wrap_nbd_stream(nursery, stream, export)`` (tests over memory streams).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import BlockError, Disconnected, ProtocolError, RequestFailed
+from ..nbd.constants import NO_CMD_FLAGS, Cmd, CmdFlag, TxFlag
+from ..nbd.events import (
+    NEED_DATA,
+    BlockStatus,
+    Done,
+    ExportInfo,
+    ExportList,
+    Negotiated,
+    OptionRefused,
+    ReadData,
+    ReadHole,
+)
+from ..nbd.handshake import ClientHandshake
+from ..nbd.transmission import ClientTransmission
+from ..nbd.uri import Address
+from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
+
+RECEIVE_SIZE = 1 << 18
+ZERO_SPLIT = 1 << 30
+"""Payload-less requests (TRIM, WRITE_ZEROES, BLOCK_STATUS) are split at 1 GiB."""
+
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass
+class Call:
+    """One request on the wire; ``sink`` receives a READ's data."""
+
+    cookie: int
+    offset: int
+    sink: memoryview | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Done | None = None
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class NBDClient:
+    """A negotiated connection; see the module text for what holds under concurrency."""
+
+    def __init__(self, stream: trio.abc.Stream, negotiated: Negotiated, server: str) -> None:
+        self._stream = stream
+        self._tx = ClientTransmission(negotiated)
+        self.server = server
+        self._send_lock = trio.Lock()
+        self._calls: dict[int, Call] = {}
+        self._broken: BlockError | None = None
+        self._closed = False
+        self._reader_done = trio.Event()
+
+    @property
+    def export(self) -> ExportInfo:
+        return self._tx.export
+
+    @property
+    def max_payload(self) -> int:
+        return self._tx.max_payload
+
+    @property
+    def has_block_status(self) -> bool:
+        return self._tx.allocation_context is not None
+
+    @property
+    def broken(self) -> BlockError | None:
+        """Why the connection is unusable, or ``None`` while it works."""
+        return self._broken
+
+    def can(self, flag: TxFlag) -> bool:
+        return self._tx.can(flag)
+
+    # --- the reader task ------------------------------------------------------------------
+
+    async def run_reader(self, trailing: bytes = b"") -> None:
+        """Read replies until the connection ends; never raises (see the module text)."""
+        try:
+            if trailing:
+                self._feed(trailing)
+            while True:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+                self._feed(data)
+                if not data:
+                    raise ConnectionLost(f"{self.server} closed the connection")
+        except ProtocolError as exc:
+            self._fail(ProtocolError(f"{self.server}: {exc}"), exc)
+        except ConnectionLost as exc:
+            self._fail(exc, exc)
+        except STREAM_ERRORS as exc:
+            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
+        finally:
+            self._fail(Disconnected(f"connection to {self.server} is closed"), None)
+            self._reader_done.set()
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        self._tx.receive_data(data)
+        while (event := self._tx.next_event()) is not NEED_DATA:
+            self._deliver(event)
+
+    def _deliver(self, event: object) -> None:
+        if isinstance(event, ReadData):
+            call = self._calls[event.cookie]
+            assert call.sink is not None
+            start = event.offset - call.offset
+            call.sink[start : start + len(event.data)] = event.data
+        elif isinstance(event, ReadHole):
+            call = self._calls[event.cookie]
+            assert call.sink is not None
+            start = event.offset - call.offset
+            call.sink[start : start + event.length] = bytes(event.length)
+        elif isinstance(event, BlockStatus):
+            if event.context == self._tx.allocation_context:
+                self._calls[event.cookie].extents.extend(event.extents)
+        elif isinstance(event, Done):
+            call = self._calls.pop(event.cookie)
+            call.result = event
+            call.done.set()
+
+    def _fail(self, error: BlockError, cause: BaseException | None) -> None:
+        if self._broken is None:
+            error.__cause__ = cause
+            self._broken = error
+        for call in self._calls.values():
+            call.error = self._broken
+            call.done.set()
+        self._calls.clear()
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        cmd: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: CmdFlag = NO_CMD_FLAGS,
+        *,
+        payload: memoryview | None = None,
+        sink: memoryview | None = None,
+    ) -> Call:
+        """Put one request on the wire; its reply completes the returned call."""
+        async with self._send_lock:
+            self._check_usable()
+            cookie, header = self._tx.request(cmd, offset, length, flags)
+            call = Call(cookie, offset, sink)
+            self._calls[cookie] = call
+            with trio.CancelScope(shield=True):
+                await self._send(header, payload)
+        return call
+
+    async def _send(self, header: bytes, payload: memoryview | None) -> None:
+        try:
+            if payload is not None and len(payload) <= 1 << 16:
+                await self._stream.send_all(header + payload)
+                return
+            await self._stream.send_all(header)
+            if payload is not None:
+                await self._stream.send_all(payload)
+        except STREAM_ERRORS as exc:
+            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise Disconnected(f"connection to {self.server} is closed")
+        if self._broken is not None:
+            raise self._broken
+
+    async def wait(self, calls: Sequence[Call]) -> None:
+        """Wait for every call; raise the first failure (after all have ended)."""
+        first: BaseException | None = None
+        for call in calls:
+            await call.done.wait()
+            first = first or call.error or self._request_error(call)
+        if first is not None:
+            raise first
+
+    def _request_error(self, call: Call) -> RequestFailed | None:
+        done = call.result
+        if done is None or not done.error:
+            return None
+        text = done.message or os.strerror(done.error)
+        return RequestFailed(done.error, f"{self.server}: {text}")
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from byte ``offset``, split at the server's maximum payload."""
+        pieces = split(offset, len(buf), self.max_payload)
+        calls = [
+            await self.submit(Cmd.READ, off, n, sink=buf[off - offset : off - offset + n])
+            for off, n in pieces
+        ]
+        await self.wait(calls)
+
+    async def pwrite(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
+        flags = CmdFlag.FUA if fua else NO_CMD_FLAGS
+        pieces = split(offset, len(data), self.max_payload)
+        calls = [
+            await self.submit(Cmd.WRITE, off, n, flags, payload=data[off - offset :][:n])
+            for off, n in pieces
+        ]
+        await self.wait(calls)
+
+    async def flush(self) -> None:
+        await self.wait([await self.submit(Cmd.FLUSH)])
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._ranged(Cmd.TRIM, offset, length, NO_CMD_FLAGS)
+
+    async def zero(self, offset: int, length: int, *, no_hole: bool = False) -> None:
+        await self._ranged(
+            Cmd.WRITE_ZEROES, offset, length, CmdFlag.NO_HOLE if no_hole else NO_CMD_FLAGS
+        )
+
+    async def _ranged(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
+        pieces = split(offset, length, ZERO_SPLIT)
+        await self.wait([await self.submit(cmd, off, n, flags) for off, n in pieces])
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` of ``base:allocation`` from ``offset`` on; may stop short."""
+        call = await self.submit(Cmd.BLOCK_STATUS, offset, min(length, ZERO_SPLIT))
+        await self.wait([call])
+        return call.extents
+
+    async def aclose(self) -> None:
+        """Send ``NBD_CMD_DISC`` once requests are answered, and close; never fails."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self._wait_idle()
+            async with self._send_lock:
+                if self._broken is None:
+                    await _quietly(self._stream.send_all(self._tx.disconnect()))
+            await _quietly(self._stream.aclose())
+            await self._reader_done.wait()
+
+    async def _wait_idle(self) -> None:
+        while self._calls and self._broken is None:
+            await next(iter(self._calls.values())).done.wait()
+
+
+async def _quietly(aw: Awaitable[object]) -> None:
+    with contextlib.suppress(*STREAM_ERRORS):
+        await aw
+
+
+def split(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` pieces of at most ``limit`` bytes covering the range."""
+    return [
+        (off, min(limit, offset + length - off)) for off in range(offset, offset + length, limit)
+    ]
+
+
+# --- connecting -------------------------------------------------------------------------
+
+
+async def open_stream(address: Address) -> trio.abc.Stream:
+    """A connected stream to the server; raises ``ConnectionLost`` when it cannot connect."""
+    try:
+        if address.socket:
+            return await trio.open_unix_socket(address.socket)
+        assert address.host is not None
+        return await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {address.server}: {exc.strerror or exc}") from exc
+
+
+async def wrap_nbd_stream(
+    nursery: trio.Nursery, stream: trio.abc.Stream, export: str, *, server: str = "server"
+) -> NBDClient:
+    """Negotiate ``export`` over ``stream`` and start its reader task in ``nursery``."""
+    outcome = await run_handshake(stream, ClientHandshake.go(export), server)
+    if isinstance(outcome, OptionRefused):
+        raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
+    assert isinstance(outcome, Negotiated)
+    client = NBDClient(stream, outcome, server)
+    nursery.start_soon(client.run_reader)
+    return client
+
+
+async def connect_nbd(nursery: trio.Nursery, address: Address) -> NBDClient:
+    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``."""
+    stream = await open_stream(address)
+    try:
+        return await wrap_nbd_stream(nursery, stream, address.export, server=address.server)
+    except BaseException:
+        await _quietly(stream.aclose())
+        raise
+
+
+@asynccontextmanager
+async def open_nbd_client(address: Address) -> AsyncIterator[NBDClient]:
+    """A connection for the body of the block; closed (with DISC) when it ends."""
+    async with trio.open_nursery() as nursery:
+        client = await connect_nbd(nursery, address)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+
+async def list_exports(address: Address, *, details: bool = True) -> list[ExportInfo]:
+    """The server's exports (with ``NBD_OPT_INFO`` details when ``details``)."""
+    stream = await open_stream(address)
+    try:
+        outcome = await run_handshake(stream, ClientHandshake.list(details=details), address.server)
+    finally:
+        await _quietly(stream.aclose())
+    if isinstance(outcome, OptionRefused):
+        raise HandshakeRefused(refusal_message(outcome, address.server, None), outcome)
+    assert isinstance(outcome, ExportList)
+    return list(outcome.exports)
+
+
+__all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient"]

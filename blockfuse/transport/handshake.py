@@ -1,0 +1,91 @@
+"""Running the sans-io handshake over a trio stream, and its refusals as exceptions."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+import trio
+
+from ..errors import BlockError, ProtocolError
+from ..nbd.constants import Opt, Rep
+from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused
+from ..nbd.handshake import ClientHandshake
+
+RECEIVE_SIZE = 1 << 16
+HANDSHAKE_TIMEOUT = 30
+
+
+class ConnectionLost(BlockError):
+    """The connection to the server broke (reset, closed, unreachable); it may come back."""
+
+    errno = errno.EIO
+
+
+class HandshakeRefused(BlockError):
+    """The server said no during the handshake (no such export, listing refused, ...)."""
+
+    def __init__(self, message: str, refusal: OptionRefused) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.errno = REFUSAL_ERRNO.get(refusal.reply, errno.EIO)
+
+
+REFUSAL_ERRNO: dict[int, int] = {
+    Rep.ERR_UNKNOWN: errno.ENOENT,
+    Rep.ERR_POLICY: errno.EACCES,
+    Rep.ERR_UNSUP: errno.EOPNOTSUPP,
+    Rep.ERR_PLATFORM: errno.EOPNOTSUPP,
+    Rep.ERR_TLS_REQD: errno.EACCES,
+}
+
+
+def refusal_message(refusal: OptionRefused, server: str, export: str | None) -> str:
+    said = f" ({refusal.message})" if refusal.message else ""
+    code = f"NBD_REP_{refusal.reply_name}"
+    if refusal.option is Opt.LIST:
+        if refusal.reply == Rep.ERR_POLICY:
+            detail = f": {refusal.message}" if refusal.message else ""
+            return f"{server} refuses to list its exports ({code}{detail})"
+        if refusal.reply in (Rep.ERR_UNSUP, Rep.ERR_PLATFORM):
+            return f"{server} does not support listing exports ({code}){said}"
+        return f"{server} refused to list its exports ({code}){said}"
+    if refusal.reply == Rep.ERR_UNKNOWN:
+        return f"{server} has no export named {export!r}{said}"
+    if refusal.reply == Rep.ERR_TLS_REQD:
+        return f"{server} requires TLS for export {export!r}, which blockfuse does not speak"
+    return f"{server} refused export {export!r} ({code}){said}"
+
+
+async def run_handshake(
+    stream: trio.abc.Stream, hs: ClientHandshake, server: str
+) -> HandshakeEvent:
+    """Drive ``hs`` to its outcome over ``stream``; raises ``ProtocolError``/``ConnectionLost``."""
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            return await _exchange(stream, hs)
+    except trio.TooSlowError:
+        raise ConnectionLost(f"{server}: no answer to the NBD handshake") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise ConnectionLost(f"{server}: connection lost during the handshake: {exc}") from exc
+    except ProtocolError as exc:
+        raise ProtocolError(f"{server}: {exc}") from exc
+
+
+async def _exchange(stream: trio.abc.Stream, hs: ClientHandshake) -> HandshakeEvent:
+    while True:
+        event = hs.next_event()
+        if event is not NEED_DATA:
+            await _send_goodbye(stream, hs.data_to_send())
+            return event  # type: ignore[return-value]
+        if out := hs.data_to_send():
+            await stream.send_all(out)
+        hs.receive_data(await stream.receive_some(RECEIVE_SIZE))
+
+
+async def _send_goodbye(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a final ABORT if there is one; the server may already be gone."""
+    if not data:
+        return
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_all(data)
