@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import trio
 
+from .background import background_tasks
 from .block import BlockDevice, format_size
 from .devices.safe import SafeDevice
 from .errors import BlockError
@@ -24,8 +25,10 @@ from .fuse.mount import (
     unmount_command,
 )
 from .fuse.scratch import ScratchDir, open_scratch_dir
+from .nbd.uri import BadURI, parse_uri
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
 from .swap import DEFAULT_UNIT
+from .transport.client import list_exports
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -64,8 +67,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         epilog=(
             "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
-            "(sizes like 512, 64K, 256M, 1G, 1T); safe(SPEC). Calls nest; quote paths "
-            "holding commas or parentheses."
+            "(sizes like 512, 64K, 256M, 1G, 1T); safe(SPEC); an NBD URI "
+            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH. Calls nest; "
+            "quote paths holding commas or parentheses."
         ),
     )
     mount.add_argument("mountpoint")
@@ -105,6 +109,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     umount = sub.add_parser("umount", help="unmount a blockfuse mount")
     umount.add_argument("mountpoint")
+
+    ls = sub.add_parser(
+        "ls",
+        help="list the exports of an NBD server",
+        description="Print the server's exports, one per line: name, size, description.",
+    )
+    ls.add_argument("uri", help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH")
     return parser.parse_args(argv)
 
 
@@ -148,7 +159,7 @@ async def open_files(recipes: Sequence[tuple[str, Recipe]], *, unsafe: bool) -> 
 async def open_recipe(name: str, recipe: Recipe) -> BlockDevice:
     try:
         return await recipe.open()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BlockError) as exc:
         message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
@@ -198,6 +209,15 @@ async def run_mount(
     args: argparse.Namespace,
     recipes: list[tuple[str, Recipe]],
     scratch_recipes: Sequence[tuple[str, Recipe]] = (),
+) -> int:
+    async with background_tasks():  # devices' own tasks (NBD readers) live here
+        return await mount_files(args, recipes, scratch_recipes)
+
+
+async def mount_files(
+    args: argparse.Namespace,
+    recipes: list[tuple[str, Recipe]],
+    scratch_recipes: Sequence[tuple[str, Recipe]],
 ) -> int:
     files = await open_files(recipes, unsafe=args.unsafe)
     try:
@@ -255,7 +275,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"mount": cmd_mount, "umount": cmd_umount}
+# --- ls ------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    try:
+        address = parse_uri(args.uri)
+    except BadURI as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+    try:
+        exports = trio.run(list_exports, address)
+    except BlockError as exc:
+        raise CommandError(str(exc)) from exc
+    for export in exports:
+        size = format_size(export.size) if export.size is not None else "?"
+        name = export.name or '""'
+        line = f"{name}\t{size}"
+        print(f"{line}\t{export.description}" if export.description else line)
+    return EXIT_OK
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,10 +7,11 @@ Grammar (calls nest; arguments are positional or ``key=value``)::
     arg   := [KEY "="] spec
     word  := quoted string | bare text up to the next "," or ")" outside quotes
 
-A bare word is a path (a raw image file or block device).  Examples::
+A bare word is a path (a raw image file or block device) or an NBD URI
+(``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``).  Examples::
 
     ./disk.img    file(./disk.img, ro=true)    mem(256M)    safe(mem(1G))
-    file("/images/odd,name(1).img")
+    file("/images/odd,name(1).img")    nbd://10.0.0.5/disk0    safe(nbd+unix:///?socket=/s)
 
 Opening is two steps so that bad input changes nothing: ``compile_spec`` parses and
 checks every argument (kinds, sizes, that files exist) and returns a ``Recipe``; only
@@ -21,13 +22,17 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .background import background_nursery
 from .block import BlockDevice
 from .devices.file import open_file
 from .devices.memory import MemoryDevice
+from .devices.remote import open_remote
 from .devices.safe import SafeDevice
+from .nbd.uri import BadURI, parse_uri
 
 
 class SpecError(ValueError):
@@ -311,8 +316,39 @@ def compile_safe(call: Call) -> Recipe:
     return Recipe(inner.kind, unparse(call), open_, [inner])
 
 
+_URI = re.compile(r"nbd[a-z+]*://")
+
+
+def compile_remote(text: str) -> Recipe:
+    """An NBD URI: checked now (syntax, that a Unix socket exists), connected on open."""
+    try:
+        address = parse_uri(text)
+    except BadURI as exc:
+        raise SpecError(str(exc)) from None
+    if address.socket is not None:
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(address.socket).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise SpecError(f"no NBD server socket at {address.socket}")
+
+    async def open_() -> BlockDevice:
+        return await open_remote(background_nursery(), address)
+
+    return Recipe("nbd", text, open_)
+
+
+@kind("nbd")
+def compile_nbd(call: Call) -> Recipe:
+    uri = word(bind(call, [Param("uri", lambda n: n)])["uri"], "an NBD URI")  # type: ignore[arg-type]
+    return compile_remote(uri)
+
+
 def compile_word(node: Word) -> Recipe:
-    """A bare word: a path to a raw image or block device."""
+    """A bare word: an NBD URI, or a path to a raw image or block device."""
+    if _URI.match(node.text):
+        return compile_remote(node.text)
     path = existing_path(node)
     check_file_access(path, False)
     return file_recipe(path, False, unparse(node))

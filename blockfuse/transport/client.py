@@ -212,21 +212,32 @@ class NBDClient:
     # --- operations -----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` from byte ``offset``, split at the server's maximum payload."""
-        pieces = split(offset, len(buf), self.max_payload)
-        calls = [
-            await self.submit(Cmd.READ, off, n, sink=buf[off - offset : off - offset + n])
-            for off, n in pieces
-        ]
+        """Fill ``buf`` from byte ``offset``."""
+        await self.preadv([buf], offset)
+
+    async def preadv(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Fill ``bufs`` one after another from ``offset``; all pieces in flight at once."""
+        calls = []
+        for buf in bufs:
+            for off, n in split(offset, len(buf), self.max_payload):
+                start = off - offset
+                calls.append(await self.submit(Cmd.READ, off, n, sink=buf[start : start + n]))
+            offset += len(buf)
         await self.wait(calls)
 
     async def pwrite(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
+        await self.pwritev([data], offset, fua=fua)
+
+    async def pwritev(self, bufs: Sequence[memoryview], offset: int, *, fua: bool = False) -> None:
+        """Write ``bufs`` in order from ``offset``, split at the server's maximum payload."""
         flags = CmdFlag.FUA if fua else NO_CMD_FLAGS
-        pieces = split(offset, len(data), self.max_payload)
-        calls = [
-            await self.submit(Cmd.WRITE, off, n, flags, payload=data[off - offset :][:n])
-            for off, n in pieces
-        ]
+        calls = []
+        for buf in bufs:
+            for off, n in split(offset, len(buf), self.max_payload):
+                start = off - offset
+                piece = buf[start : start + n]
+                calls.append(await self.submit(Cmd.WRITE, off, n, flags, payload=piece))
+            offset += len(buf)
         await self.wait(calls)
 
     async def flush(self) -> None:

@@ -1,0 +1,94 @@
+"""Keeping an NBD export reachable across dropped connections.
+
+Every NBD request blockfuse sends is idempotent (a READ, a WRITE of the same bytes to
+the same place, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS), so a request that was in flight
+when the connection dropped can simply be sent again on a new connection.  ``run(op)``
+does that: on ``ConnectionLost`` it reconnects with exponential backoff (bounded by
+``max_backoff``) and retries, at most ``retries`` times; then the request fails with
+``RequestFailed(EIO)`` and the next request starts a fresh budget, so a mount stays up
+while the server is away and recovers when it comes back.
+
+A ``ProtocolError`` is not retried (a server that breaks the protocol would break it
+again); it fails that request, and the next request reconnects.  One lock serialises
+reconnecting, so a burst of failed requests makes one new connection, not many.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from ..errors import BlockError, Disconnected, RequestFailed
+from .client import NBDClient
+from .handshake import ConnectionLost
+
+T = TypeVar("T")
+Connect = Callable[[trio.Nursery], Awaitable[NBDClient]]
+
+
+class Reconnecting:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        connect: Connect,
+        first: NBDClient,
+        *,
+        retries: int = 5,
+        backoff: float = 0.1,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._nursery = nursery
+        self._connect = connect
+        self.client = first
+        self.server = first.server
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._lock = trio.Lock()
+        self._closed = False
+        self.reconnects = 0
+        self.last_failure: str = ""
+
+    async def run(self, op: Callable[[NBDClient], Awaitable[T]]) -> T:
+        """``op`` on a working connection, retried over reconnects; see the module text."""
+        failure: BlockError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await trio.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+            try:
+                return await op(await self._usable())
+            except ConnectionLost as exc:
+                failure = exc
+                self.last_failure = str(exc)
+        raise RequestFailed(
+            errno.EIO, f"{self.server}: still unreachable after {self.retries} retries: {failure}"
+        ) from failure
+
+    async def _usable(self) -> NBDClient:
+        async with self._lock:
+            if self._closed:
+                raise Disconnected(f"connection to {self.server} is closed")
+            if self.client.broken is None:
+                return self.client
+            await self.client.aclose()
+            try:
+                self.client = await self._connect(self._nursery)
+            except BlockError as exc:
+                raise ConnectionLost(f"reconnecting to {self.server} failed: {exc}") from exc
+            self.reconnects += 1
+            return self.client
+
+    def state(self) -> str:
+        if self._closed:
+            return "closed"
+        if self.client.broken is None:
+            return "connected"
+        return f"disconnected: {self.client.broken}"
+
+    async def aclose(self) -> None:
+        """Close the current connection (DISC); never fails, idempotent."""
+        self._closed = True
+        await self.client.aclose()
