@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ProtocolError
 from .constants import DEFAULT_MAX_PAYLOAD, NO_TX_FLAGS, Opt, Rep, TxFlag
 
 
@@ -14,6 +15,10 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 """``next_event()`` answers this when it cannot go on without more bytes."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer closed the connection where the protocol expected more (a hard disconnect)."""
 
 
 @dataclass(frozen=True)

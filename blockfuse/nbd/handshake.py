@@ -67,7 +67,15 @@ from .constants import (
     Rep,
     TxFlag,
 )
-from .events import NEED_DATA, ExportInfo, ExportList, HandshakeEvent, Negotiated, OptionRefused
+from .events import (
+    NEED_DATA,
+    ExportInfo,
+    ExportList,
+    HandshakeEvent,
+    Negotiated,
+    OptionRefused,
+    PeerClosed,
+)
 
 
 class State(enum.Enum):
@@ -135,9 +143,14 @@ class ClientHandshake:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
         if not data and self.state is not State.FINISHED:
-            where = self.state.value
+            where = self.state
             self.state = State.BROKEN
-            raise ProtocolError(f"the server closed the connection (state: {where})")
+            if where is State.EXPORT_NAME_REPLY:
+                raise PeerClosed(
+                    f"the server closed the connection after NBD_OPT_EXPORT_NAME "
+                    f"{self._export!r}: most likely it has no such export"
+                )
+            raise PeerClosed(f"the server closed the connection ({where.value})")
         self._buf.feed(data)
 
     def data_to_send(self) -> bytes:

@@ -66,6 +66,7 @@ from .events import (
     Done,
     ExportInfo,
     Negotiated,
+    PeerClosed,
     ReadData,
     ReadHole,
     ReplyEvent,
@@ -232,7 +233,7 @@ class ClientTransmission:
         if event is NEED_DATA and self._eof and (self._pending or len(self._buf)):
             where = self._rx.value
             self._rx = Rx.BROKEN
-            raise ProtocolError(
+            raise PeerClosed(
                 f"the server closed the connection with {len(self._pending)} request(s) "
                 f"in flight (while reading a {where})"
             )

@@ -38,6 +38,7 @@ from ..nbd.events import (
     ExportList,
     Negotiated,
     OptionRefused,
+    PeerClosed,
     ReadData,
     ReadHole,
 )
@@ -111,6 +112,8 @@ class NBDClient:
                 self._feed(data)
                 if not data:
                     raise ConnectionLost(f"{self.server} closed the connection")
+        except PeerClosed as exc:
+            self._fail(ConnectionLost(f"{self.server}: {exc}"), exc)
         except ProtocolError as exc:
             self._fail(ProtocolError(f"{self.server}: {exc}"), exc)
         except ConnectionLost as exc:

@@ -9,7 +9,7 @@ import trio
 
 from ..errors import BlockError, ProtocolError
 from ..nbd.constants import Opt, Rep
-from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused
+from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused, PeerClosed
 from ..nbd.handshake import ClientHandshake
 
 RECEIVE_SIZE = 1 << 16
@@ -68,6 +68,8 @@ async def run_handshake(
         raise ConnectionLost(f"{server}: no answer to the NBD handshake") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise ConnectionLost(f"{server}: connection lost during the handshake: {exc}") from exc
+    except PeerClosed as exc:
+        raise ConnectionLost(f"{server}: {exc}") from exc
     except ProtocolError as exc:
         raise ProtocolError(f"{server}: {exc}") from exc
 

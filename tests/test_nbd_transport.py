@@ -1,0 +1,148 @@
+"""The trio NBD client against an in-process server: concurrency, errors, reconnects."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+
+from blockfuse.block import BlockDevice, Capability, Extent
+from blockfuse.devices.remote import RemoteDevice
+from blockfuse.errors import ProtocolError, RequestFailed
+from blockfuse.nbd.constants import TxFlag
+from blockfuse.nbd.uri import Address
+from blockfuse.testing import check_block_device
+from blockfuse.transport.client import wrap_nbd_stream
+from blockfuse.transport.reconnect import Reconnecting
+
+from .nbdpair import FULL_FLAGS, drain
+from .nbdserver import FakeServer
+
+
+async def remote(nursery: trio.Nursery, server: FakeServer, **kw: float) -> RemoteDevice:
+    first = await server.connect(nursery)
+    link = Reconnecting(nursery, server.connect, first, **kw)  # type: ignore[arg-type]
+    return RemoteDevice(link, Address("disk", socket="/fake"))
+
+
+@pytest.mark.parametrize("structured", [True, False])
+async def test_remote_device_conforms(nursery: trio.Nursery, structured: bool) -> None:
+    async def make() -> BlockDevice:
+        return await remote(nursery, FakeServer(structured=structured))
+
+    async def make_ro() -> BlockDevice:
+        flags = FULL_FLAGS | TxFlag.READ_ONLY
+        return await remote(nursery, FakeServer(flags=flags, structured=structured))
+
+    await check_block_device(make, make_read_only_device=make_ro)
+
+
+async def test_big_requests_are_split(nursery: trio.Nursery) -> None:
+    server = FakeServer(8 << 20)
+    client = await server.connect(nursery)
+    client._tx.max_payload = 64 << 10  # as if the server advertised a 64 KiB maximum
+    data = os.urandom(3 << 20)
+    with trio.fail_after(10):
+        await client.pwrite(memoryview(data), 4096)
+        buf = bytearray(3 << 20)
+        await client.pread(memoryview(buf), 4096)
+    assert buf == data
+    assert server.largest_request == 64 << 10
+    await client.aclose()
+
+
+async def test_many_concurrent_callers(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    client = await server.connect(nursery)
+    blobs = {i: os.urandom(4096) for i in range(64)}
+
+    async def one(i: int) -> None:
+        await client.pwrite(memoryview(blobs[i]), i * 4096)
+        buf = bytearray(4096)
+        await client.pread(memoryview(buf), i * 4096)
+        assert buf == blobs[i]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            for i in blobs:
+                inner.start_soon(one, i)
+    await client.aclose()
+
+
+async def test_server_error_fails_one_request(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server)
+    server.read_errno = errno.EIO
+    with trio.fail_after(5), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [bytearray(512)])
+    assert info.value.errno == errno.EIO and "injected" in str(info.value)
+    server.read_errno = 0
+    await dev.read(0, [bytearray(512)])
+    assert server.connections == 1
+    await dev.aclose()
+
+
+async def test_extents_from_block_status(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server)
+    assert Capability.EXTENTS in dev.capabilities
+    await dev.write(16, [os.urandom(4096)])
+    with trio.fail_after(5):
+        extents = await dev.extents(0, 64)
+    assert extents == [Extent(0, 16, False), Extent(16, 8, True), Extent(24, 40, False)]
+    await dev.aclose()
+
+
+async def test_dropped_connection_is_retried(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server, backoff=0.01)
+    server.drop_after = server.requests + 1
+    data = os.urandom(8192)
+    with trio.fail_after(10):
+        await dev.write(0, [data[:4096], data[4096:]])
+        buf = bytearray(8192)
+        await dev.read(0, [buf])
+    assert buf == data
+    assert server.connections == 2 and dev.status()["reconnects"] == "1"
+    await dev.aclose()
+
+
+async def test_retry_budget_then_eio_then_recovery(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server, retries=3, backoff=0.01)
+    server.drop_after = server.requests
+    server.up = False
+    with trio.fail_after(10), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [bytearray(512)])
+    assert info.value.errno == errno.EIO and "after 3 retries" in str(info.value)
+    server.up = True
+    with trio.fail_after(10):
+        await dev.read(0, [bytearray(512)])
+    await dev.aclose()
+
+
+async def test_protocol_violation_fails_in_flight_requests(nursery: trio.Nursery) -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    fake = FakeServer()
+
+    async def evil() -> None:
+        from blockfuse.nbd.server import ServerCore
+
+        core = ServerCore({"disk": fake.export})
+        await server_end.send_all(core.data_to_send())
+        while core.phase.name != "TRANSMISSION":
+            core.receive_data(await server_end.receive_some(1 << 16))
+            drain(core)
+            await server_end.send_all(core.data_to_send())
+        await server_end.receive_some(1 << 16)
+        await server_end.send_all(b"\x67\x44\x66\x98" + bytes(4) + b"\xde\xad" * 4)
+
+    nursery.start_soon(evil)
+    with trio.fail_after(5):
+        client = await wrap_nbd_stream(nursery, client_end, "disk", server="evil")
+    with trio.fail_after(5), pytest.raises(ProtocolError, match="evil: reply for unknown cookie"):
+        await client.pread(memoryview(bytearray(512)), 0)
+    assert client.broken is not None
+    await client.aclose()
