@@ -113,8 +113,16 @@ WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
 class ClientHandshake:
     """One handshake toward one goal; see the module text for the conversation."""
 
-    def __init__(self, export: str | None, *, structured: bool = True, details: bool = True):
+    def __init__(
+        self,
+        export: str | None,
+        *,
+        structured: bool = True,
+        details: bool = True,
+        export_name: bool = False,
+    ) -> None:
         self._export = export
+        self._force_export_name = export_name
         self._want_structured = structured
         self._details = details
         self._buf = ReceiveBuffer()
@@ -131,8 +139,11 @@ class ClientHandshake:
         self._result: HandshakeEvent | None = None
 
     @classmethod
-    def go(cls, export: str, *, structured: bool = True) -> ClientHandshake:
-        return cls(export, structured=structured)
+    def go(
+        cls, export: str, *, structured: bool = True, export_name: bool = False
+    ) -> ClientHandshake:
+        """Open ``export``; ``export_name`` uses NBD_OPT_EXPORT_NAME instead of GO."""
+        return cls(export, structured=structured, export_name=export_name)
 
     @classmethod
     def list(cls, *, details: bool = True) -> ClientHandshake:
@@ -222,6 +233,8 @@ class ClientHandshake:
 
     def _send_go(self) -> None:
         assert self._export is not None
+        if self._force_export_name:
+            return self._send_export_name()
         self._send(Opt.GO, encode_info_request(self._export, WANTED_INFO))
 
     def _send_export_name(self) -> None:

@@ -309,10 +309,16 @@ async def open_stream(address: Address) -> trio.abc.Stream:
 
 
 async def wrap_nbd_stream(
-    nursery: trio.Nursery, stream: trio.abc.Stream, export: str, *, server: str = "server"
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    export: str,
+    *,
+    server: str = "server",
+    export_name: bool = False,
 ) -> NBDClient:
     """Negotiate ``export`` over ``stream`` and start its reader task in ``nursery``."""
-    outcome = await run_handshake(stream, ClientHandshake.go(export), server)
+    hs = ClientHandshake.go(export, export_name=export_name)
+    outcome = await run_handshake(stream, hs, server)
     if isinstance(outcome, OptionRefused):
         raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
     assert isinstance(outcome, Negotiated)
@@ -322,10 +328,24 @@ async def wrap_nbd_stream(
 
 
 async def connect_nbd(nursery: trio.Nursery, address: Address) -> NBDClient:
-    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``."""
+    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``.
+
+    A server that answers GO with size 0 (nbd-server 3.24 in daemon mode can, as it opens
+    the export only later) is asked again with NBD_OPT_EXPORT_NAME, which reports the size.
+    """
+    client = await _connect(nursery, address, export_name=False)
+    if client.export.size == 0:
+        await client.aclose()
+        client = await _connect(nursery, address, export_name=True)
+    return client
+
+
+async def _connect(nursery: trio.Nursery, address: Address, *, export_name: bool) -> NBDClient:
     stream = await open_stream(address)
     try:
-        return await wrap_nbd_stream(nursery, stream, address.export, server=address.server)
+        return await wrap_nbd_stream(
+            nursery, stream, address.export, server=address.server, export_name=export_name
+        )
     except BaseException:
         await _quietly(stream.aclose())
         raise

@@ -1,0 +1,376 @@
+"""Our NBD client against real servers: nbdkit, qemu-nbd and nbd-server."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockfuse.block import BlockDevice, Capability
+from blockfuse.devices.remote import RemoteDevice, open_remote
+from blockfuse.errors import ReadOnly, RequestFailed
+from blockfuse.nbd.uri import parse_uri
+from blockfuse.testing import check_block_device
+from blockfuse.transport.client import list_exports
+from blockfuse.transport.handshake import HandshakeRefused
+
+from .conftest import require_tool
+from .nbdpeers import DaemonPeer, Peer
+
+pytestmark = pytest.mark.interop
+
+Start = Callable[..., Peer]
+
+
+@pytest.fixture
+def start(short_tmp: Path) -> Iterator[Start]:
+    """``start(argv, tcp=False)``: a server with ``{sock}`` in argv, stopped at the end."""
+    peers: list[Peer] = []
+
+    def run(argv: list[str], *, tcp: bool = False) -> Peer:
+        require_tool(argv[0], {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils"}[argv[0]])
+        if tcp:
+            argv = [a for a in argv if a not in ("-U", "{sock}")]
+        peer = Peer(argv, short_tmp, tcp=tcp)
+        peers.append(peer)
+        return peer
+
+    yield run
+    for peer in peers:
+        peer.stop()
+
+
+async def remote(nursery: trio.Nursery, uri: str, **kw: float) -> RemoteDevice:
+    with trio.fail_after(10):
+        return await open_remote(nursery, parse_uri(uri), **kw)  # type: ignore[arg-type]
+
+
+def sparse_image(path: Path, size: int, *data: tuple[int, bytes]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, blob in data:
+            f.seek(offset)
+            f.write(blob)
+    return path
+
+
+# --- nbdkit -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_nbdkit_memory_conforms(nursery: trio.Nursery, start: Start, tcp: bool) -> None:
+    rw = start(["nbdkit", "-f", "-U", "{sock}", "memory", "4M"], tcp=tcp)
+    dev = await remote(nursery, rw.uri())
+    assert dev.capabilities == {Capability.DISCARD, Capability.WRITE_ZEROES, Capability.EXTENTS}
+    await dev.aclose()
+
+    async def make() -> BlockDevice:
+        return await remote(nursery, rw.uri())
+
+    await check_block_device(make)
+
+
+async def test_nbdkit_read_only(nursery: trio.Nursery, start: Start) -> None:
+    peer = start(
+        ["nbdkit", "-f", "-r", "-U", "{sock}", "data", '"hello" @1048576 "world"', "size=2M"]
+    )
+    dev = await remote(nursery, peer.uri())
+    info = await dev.get_info()
+    assert not info.read_write and info.size_bytes == 2 << 20
+    with pytest.raises(ReadOnly):
+        await dev.write(0, [bytes(512)])
+    buf = bytearray(512)
+    with trio.fail_after(5):
+        await dev.read(2048, [buf])
+    assert buf[:5] == b"world"
+    await dev.aclose()
+
+
+async def test_nbdkit_lists_several_exports(short_tmp: Path, start: Start) -> None:
+    exports = short_tmp / "exports"
+    exports.mkdir()
+    for name, size in [("alpha", 1 << 20), ("beta", 2 << 20), ("gamma", 512 << 10)]:
+        sparse_image(exports / name, size, (0, name.encode()))
+    peer = start(["nbdkit", "-f", "-U", "{sock}", "file", f"dir={exports}"])
+    with trio.fail_after(10):
+        found = await list_exports(parse_uri(peer.uri()))
+    assert sorted((e.name, e.size) for e in found) == [
+        ("alpha", 1 << 20),
+        ("beta", 2 << 20),
+        ("gamma", 512 << 10),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "blockfuse.cli", "ls", peer.uri()],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["alpha\t1 MiB", "beta\t2 MiB", "gamma\t512 KiB"]
+
+
+async def test_nbdkit_exports_by_name(nursery: trio.Nursery, short_tmp: Path, start: Start) -> None:
+    exports = short_tmp / "exports"
+    exports.mkdir()
+    for name in ("one", "two"):
+        sparse_image(exports / name, 1 << 20, (0, name.encode() * 100))
+    peer = start(["nbdkit", "-f", "-U", "{sock}", "file", f"dir={exports}"])
+    for name in ("one", "two"):
+        dev = await remote(nursery, peer.uri(name))
+        buf = bytearray(512)
+        with trio.fail_after(5):
+            await dev.read(0, [buf])
+        assert buf.startswith(name.encode() * 10)
+        await dev.aclose()
+    with pytest.raises(HandshakeRefused, match="has no export named 'nope'") as info:
+        await remote(nursery, peer.uri("nope"))
+    assert info.value.errno == errno.ENOENT
+
+
+async def test_nbdkit_list_refused(start: Start) -> None:
+    peer = start(
+        [
+            "nbdkit",
+            "-f",
+            "-U",
+            "{sock}",
+            "--filter=exportname",
+            "memory",
+            "1M",
+            "exportname-list=error",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "blockfuse.cli", "ls", peer.uri()],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().endswith("does not support listing exports (NBD_REP_ERR_PLATFORM)")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+async def test_nbdkit_injected_errors_keep_the_connection(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    inject = short_tmp / "inject"
+    peer = start(
+        [
+            "nbdkit",
+            "-f",
+            "-U",
+            "{sock}",
+            "--filter=error",
+            "memory",
+            "4M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            f"error-pread-file={inject}",
+            "error-pwrite=ENOSPC",
+            "error-pwrite-rate=100%",
+            f"error-pwrite-file={inject}",
+        ]
+    )
+    dev = await remote(nursery, peer.uri())
+    with trio.fail_after(10):
+        await dev.write(0, [b"x" * 4096])
+        inject.touch()
+        with pytest.raises(RequestFailed) as info:
+            await dev.read(0, [bytearray(4096)])
+        assert info.value.errno == errno.EIO
+        with pytest.raises(RequestFailed) as info:
+            await dev.write(0, [bytes(4096)])
+        assert info.value.errno == errno.ENOSPC
+        inject.unlink()
+        buf = bytearray(4096)
+        await dev.read(0, [buf])
+    assert buf == b"x" * 4096
+    assert "reconnects" not in dev.status() and dev.status()["connection"] == "connected"
+    await dev.aclose()
+
+
+async def test_nbdkit_slow_replies_are_pipelined(nursery: trio.Nursery, start: Start) -> None:
+    peer = start(
+        ["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory", "4M", "delay-read=500ms"]
+    )
+    dev = await remote(nursery, peer.uri())
+    start_time = trio.current_time()
+    with trio.fail_after(8):
+        async with trio.open_nursery() as inner:
+            for i in range(32):
+                inner.start_soon(dev.read, i * 8, [bytearray(4096)])
+    # nbdkit serves 16 requests at a time: ~1 s pipelined, 16 s one by one
+    assert trio.current_time() - start_time < 4
+    await dev.aclose()
+
+
+async def test_nbdkit_small_max_block_size_splits(nursery: trio.Nursery, start: Start) -> None:
+    peer = start(
+        [
+            "nbdkit",
+            "-f",
+            "-U",
+            "{sock}",
+            "--filter=blocksize-policy",
+            "memory",
+            "16M",
+            "blocksize-minimum=512",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=64K",
+            "blocksize-error-policy=error",
+        ]
+    )
+    dev = await remote(nursery, peer.uri())
+    data = os.urandom(3 << 20)
+    buf = bytearray(len(data))
+    with trio.fail_after(20):
+        await dev.write(8, [data])
+        await dev.read(8, [buf])
+    assert buf == data
+    await dev.aclose()
+
+
+async def test_server_restart_is_survived(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    image = sparse_image(short_tmp / "disk.img", 4 << 20, (4096, b"kept" * 128))
+    argv = ["nbdkit", "-f", "-U", "{sock}", "file", str(image)]
+    peer = start(argv)
+    dev = await remote(nursery, peer.uri(), backoff=0.2)
+    peer.proc.kill()
+    peer.proc.wait()
+    os.unlink(peer.path or "")
+    buf = bytearray(512)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dev.read, 8, [buf])
+            await trio.sleep(0.5)
+            start(argv)
+    assert buf == b"kept" * 128
+    assert dev.status()["reconnects"] == "1"
+    await dev.aclose()
+
+
+# --- qemu-nbd -----------------------------------------------------------------------
+
+
+async def test_qemu_nbd_holes_and_extents(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    blob = os.urandom(64 << 10)
+    image = sparse_image(short_tmp / "s.raw", 8 << 20, (1 << 20, blob))
+    peer = start(
+        ["qemu-nbd", "-t", "-e", "0", "-k", "{sock}", "-x", "disk0", "-f", "raw", str(image)]
+    )
+    dev = await remote(nursery, peer.uri("disk0"))
+    buf = bytearray(8 << 20)
+    with trio.fail_after(10):
+        await dev.read(0, [buf])
+        extents = await dev.extents(0, (8 << 20) // 512)
+    assert buf == image.read_bytes()
+    data = [e for e in extents if e.is_data]
+    assert data and data[0].sector <= 2048 and data[-1].end >= 2048 + 128
+    assert sum(e.count for e in data) < 1024
+    await dev.aclose()
+
+
+async def test_qemu_nbd_read_only_named_export(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    image = sparse_image(short_tmp / "ro.raw", 1 << 20, (0, b"qemu"))
+    peer = start(
+        [
+            "qemu-nbd",
+            "-t",
+            "-e",
+            "0",
+            "-r",
+            "-k",
+            "{sock}",
+            "-x",
+            "ro-disk",
+            "-f",
+            "raw",
+            str(image),
+        ]
+    )
+    dev = await remote(nursery, peer.uri("ro-disk"))
+    assert not (await dev.get_info()).read_write
+    with pytest.raises(ReadOnly):
+        await dev.write(0, [bytes(512)])
+    with pytest.raises(HandshakeRefused, match="no export named 'other'"):
+        await remote(nursery, peer.uri("other"))
+    await dev.aclose()
+
+
+# --- nbd-server -----------------------------------------------------------------------
+
+
+NBD_SERVER_CONF = """
+[generic]
+    unixsock = {sock}
+    allowlist = {allowlist}
+[disk1]
+    exportname = {image}
+    flush = true
+    fua = true
+    trim = true
+"""
+
+
+@pytest.fixture
+def nbd_server(short_tmp: Path) -> Iterator[Callable[[bool], DaemonPeer]]:
+    peers: list[DaemonPeer] = []
+
+    def run(allowlist: bool) -> DaemonPeer:
+        require_tool("nbd-server", "nbd-server")
+        image = sparse_image(short_tmp / "disk1.img", 4 << 20, (0, b"reference"))
+        conf = NBD_SERVER_CONF.format(sock="{sock}", allowlist=str(allowlist).lower(), image=image)
+        peer = DaemonPeer(conf, short_tmp)
+        peers.append(peer)
+        return peer
+
+    yield run
+    for peer in peers:
+        peer.stop()
+
+
+async def test_nbd_server_simple_replies(
+    nursery: trio.Nursery, nbd_server: Callable[[bool], DaemonPeer]
+) -> None:
+    peer = nbd_server(False)
+    dev = await remote(nursery, peer.uri("disk1"))
+    assert not dev._link.client._tx.structured
+    assert Capability.EXTENTS not in dev.capabilities
+    assert (await dev.get_info()).size_bytes == 4 << 20
+    data = os.urandom(1 << 20)
+    buf = bytearray(len(data))
+    with trio.fail_after(10):
+        await dev.write(2048, [data])
+        await dev.flush()
+        await dev.read(2048, [buf])
+        await dev.discard(0, 8)
+    assert buf == data
+    await dev.aclose()
+    out = subprocess.run(
+        [sys.executable, "-m", "blockfuse.cli", "ls", peer.uri()],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 1
+    assert "refuses to list its exports (NBD_REP_ERR_POLICY" in out.stderr
+
+
+async def test_nbd_server_listing_allowed(nbd_server: Callable[[bool], DaemonPeer]) -> None:
+    peer = nbd_server(True)
+    with trio.fail_after(10):
+        found = await list_exports(parse_uri(peer.uri()))
+    assert [e.name for e in found] == ["disk1"]
