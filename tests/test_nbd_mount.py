@@ -1,0 +1,159 @@
+"""NBD remotes through a real mount: cmp against the server's backing file, writes land."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_tool
+from .mounting import blockfuse_command, mounted
+from .nbdpeers import DaemonPeer, Peer
+
+pytestmark = pytest.mark.e2e
+
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def image(short_tmp: Path) -> Path:
+    path = short_tmp / "backing.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(1 << 20)
+        f.write(os.urandom(256 << 10))
+    return path
+
+
+def start_server(kind: str, short_tmp: Path, image: Path) -> Peer:
+    if kind == "nbd-server":
+        require_tool("nbd-server", "nbd-server")
+        conf = f"[generic]\n    unixsock = {{sock}}\n[disk]\n    exportname = {image}\n"
+        conf += "    flush = true\n    fua = true\n    trim = true\n"
+        return DaemonPeer(conf, short_tmp)
+    if kind == "qemu-nbd":
+        require_tool("qemu-nbd", "qemu-utils")
+        return Peer(
+            ["qemu-nbd", "-t", "-e", "0", "-k", "{sock}", "-x", "disk", "-f", "raw", str(image)],
+            short_tmp,
+        )
+    require_tool("nbdkit", "nbdkit")
+    return Peer(["nbdkit", "-f", "-U", "{sock}", "file", str(image)], short_tmp)
+
+
+@pytest.fixture(params=["nbdkit", "qemu-nbd", "nbd-server"])
+def server(request: pytest.FixtureRequest, short_tmp: Path, image: Path) -> Iterator[Peer]:
+    peer = start_server(request.param, short_tmp, image)
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def cmp(a: Path, b: Path) -> None:
+    subprocess.run(["cmp", str(a), str(b)], check=True, timeout=60)
+
+
+def test_mounted_remote_matches_and_takes_writes(
+    short_tmp: Path, image: Path, server: Peer
+) -> None:
+    data = short_tmp / "data"
+    data.write_bytes(os.urandom(3 << 20))
+    with mounted(short_tmp / "mnt", [f"r={server.uri('disk')}"]) as m:
+        flat = m.path("r")
+        assert flat.stat().st_size == SIZE and flat.stat().st_mode & 0o777 == 0o644
+        cmp(flat, image)
+        subprocess.run(
+            [
+                "dd",
+                f"if={data}",
+                f"of={flat}",
+                "bs=1M",
+                "seek=4",
+                "conv=notrunc,fsync",
+                "status=none",
+            ],
+            check=True,
+            timeout=60,
+        )
+        with open(flat, "r+b") as f:
+            f.seek(100)
+            f.write(b"unaligned bytes")
+            f.flush()
+            os.fsync(f.fileno())
+        expected = bytearray(image.read_bytes())
+        assert expected[4 << 20 : 7 << 20] == data.read_bytes()
+        assert expected[100:115] == b"unaligned bytes"
+        cmp(flat, image)
+        kind = os.getxattr(flat, "user.blockfuse.kind")
+        assert kind == b"nbd" and os.getxattr(flat, "user.blockfuse.connection") == b"connected"
+
+
+def test_read_only_remote_is_0444(short_tmp: Path, image: Path) -> None:
+    require_tool("qemu-nbd", "qemu-utils")
+    peer = Peer(
+        ["qemu-nbd", "-t", "-e", "0", "-r", "-k", "{sock}", "-x", "ro", "-f", "raw", str(image)],
+        short_tmp,
+    )
+    try:
+        with mounted(short_tmp / "mnt", [f"ro=safe({peer.uri('ro')})"]) as m:
+            assert m.path("ro").stat().st_mode & 0o777 == 0o444
+            with pytest.raises(OSError) as info:
+                os.open(m.path("ro"), os.O_RDWR)
+            assert info.value.errno == errno.EROFS
+            cmp(m.path("ro"), image)
+    finally:
+        peer.stop()
+
+
+def test_server_errors_leave_the_mount_up(short_tmp: Path) -> None:
+    require_tool("nbdkit", "nbdkit")
+    inject = short_tmp / "inject"
+    peer = Peer(
+        [
+            "nbdkit",
+            "-f",
+            "-U",
+            "{sock}",
+            "--filter=error",
+            "memory",
+            "4M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            f"error-pread-file={inject}",
+        ],
+        short_tmp,
+    )
+    try:
+        with mounted(short_tmp / "mnt", [f"r={peer.uri()}"]) as m:
+            fd = os.open(m.path("r"), os.O_RDONLY)
+            try:
+                inject.touch()
+                with pytest.raises(OSError) as info:
+                    os.pread(fd, 4096, 0)
+                assert info.value.errno == errno.EIO
+                inject.unlink()
+                assert os.pread(fd, 4096, 0) == bytes(4096)
+            finally:
+                os.close(fd)
+    finally:
+        peer.stop()
+
+
+def test_unknown_export_fails_the_mount_clearly(short_tmp: Path, image: Path) -> None:
+    peer = start_server("qemu-nbd", short_tmp, image)
+    try:
+        out = subprocess.run(
+            blockfuse_command("mount", str(short_tmp / "mnt"), "-d", f"r={peer.uri('nope')}"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1
+        assert "has no export named 'nope'" in out.stderr
+    finally:
+        peer.stop()
