@@ -146,6 +146,15 @@ class ClientTransmission:
         self._disconnected = False
         self._eof = False
         self._ready: ReplyEvent | None = None
+        self._checked: set[tuple[Cmd, CmdFlag]] = set()
+        """(command, flags) pairs already found usable on this connection."""
+        self._steps = {
+            Rx.HEADER: self._header,
+            Rx.SIMPLE_DATA: self._stream_data,
+            Rx.CHUNK_DATA: self._stream_data,
+            Rx.DATA_OFFSET: self._data_offset,
+            Rx.CHUNK_PAYLOAD: self._chunk_payload,
+        }
 
     @property
     def in_flight(self) -> int:
@@ -177,15 +186,17 @@ class ClientTransmission:
     def _check(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
         if self._disconnected or self._rx is Rx.BROKEN:
             raise Unsafe("the connection is closed")
-        if cmd in WRITES and self.export.read_only:
-            raise ReadOnly(f"export {self.export.name!r} is read-only")
-        self._check_supported(cmd, flags)
+        if (cmd, flags) not in self._checked:
+            self._check_supported(cmd, flags)
+            self._checked.add((cmd, flags))
         if cmd not in NO_RANGE:
             self._check_range(cmd, offset, length)
         elif offset or length:
             raise Unsafe(f"{cmd.name} takes no offset or length")
 
     def _check_supported(self, cmd: Cmd, flags: CmdFlag) -> None:
+        if cmd in WRITES and self.export.read_only:
+            raise ReadOnly(f"export {self.export.name!r} is read-only")
         needed = NEEDS_FLAG.get(cmd)
         if needed is not None and not self.can(needed):
             raise Unimplemented(f"the server does not offer {cmd.name}")
@@ -239,19 +250,34 @@ class ClientTransmission:
             )
         return event
 
+    def payload_target(self) -> tuple[int, int, int] | None:
+        """``(cookie, offset, remaining)`` while a READ's data streams and nothing is buffered.
+
+        The layer above may then receive up to ``remaining`` bytes straight into the
+        request's buffer at ``offset`` and report them with ``payload_received`` instead
+        of ``receive_data``: no copy through this core.
+        """
+        s = self._stream
+        if self._rx not in (Rx.SIMPLE_DATA, Rx.CHUNK_DATA) or len(self._buf) or self._ready:
+            return None
+        assert s is not None
+        return (s.cookie, s.offset, s.remaining) if s.remaining else None
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes of the ``payload_target`` arrived (already in the caller's buffer)."""
+        s = self._stream
+        assert s is not None and self.payload_target() is not None and 0 < n <= s.remaining
+        s.offset += n
+        s.remaining -= n
+        if s.remaining == 0:
+            self._after_data(s)
+
     def _next(self) -> ReplyEvent | object:
-        steps = {
-            Rx.HEADER: self._header,
-            Rx.SIMPLE_DATA: self._stream_data,
-            Rx.CHUNK_DATA: self._stream_data,
-            Rx.DATA_OFFSET: self._data_offset,
-            Rx.CHUNK_PAYLOAD: self._chunk_payload,
-        }
         while True:
             if self._ready is not None:
                 event, self._ready = self._ready, None
                 return event
-            result = steps[self._rx]()
+            result = self._steps[self._rx]()
             if result is not None:
                 return result
 

@@ -5,8 +5,8 @@
 
 Invariants (pyfuse3 calls in from up to 99 tasks at once):
 
-- Requests are written whole under ``_send_lock`` with cancellation shielded, so a
-  cancelled caller never leaves half a request on the wire.
+- Requests are queued whole and written in order by one flusher at a time with
+  cancellation shielded, so a cancelled caller never leaves half a request on the wire.
 - Only the reader task feeds the core and only it completes calls; a caller waits on its
   call's event.  A call stays registered until its reply is done, even if its caller was
   cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
@@ -47,7 +47,9 @@ from ..nbd.transmission import ClientTransmission
 from ..nbd.uri import Address
 from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
 
-RECEIVE_SIZE = 1 << 18
+RECEIVE_SIZE = 1 << 17
+BURST = 16
+IOV_MAX = 512
 ZERO_SPLIT = 1 << 30
 """Payload-less requests (TRIM, WRITE_ZEROES, BLOCK_STATUS) are split at 1 GiB."""
 
@@ -74,11 +76,14 @@ class NBDClient:
         self._stream = stream
         self._tx = ClientTransmission(negotiated)
         self.server = server
-        self._send_lock = trio.Lock()
+        self._outq: list[bytes | memoryview] = []
+        self._flushing = False
         self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
         self._closed = False
         self._reader_done = trio.Event()
+        sock = getattr(stream, "socket", None)
+        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
 
     @property
     def export(self) -> ExportInfo:
@@ -107,11 +112,10 @@ class NBDClient:
         try:
             if trailing:
                 self._feed(trailing)
-            while True:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-                self._feed(data)
-                if not data:
-                    raise ConnectionLost(f"{self.server} closed the connection")
+            if self._fd is not None:
+                await self._receive_fd(self._fd)
+            else:
+                await self._receive_some()
         except PeerClosed as exc:
             self._fail(ConnectionLost(f"{self.server}: {exc}"), exc)
         except ProtocolError as exc:
@@ -124,8 +128,50 @@ class NBDClient:
             self._fail(Disconnected(f"connection to {self.server} is closed"), None)
             self._reader_done.set()
 
-    def _feed(self, data: bytes | bytearray) -> None:
-        self._tx.receive_data(data)
+    async def _receive_some(self) -> None:
+        while True:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            self._feed(data)
+            if not data:
+                raise ConnectionLost(f"{self.server} closed the connection")
+
+    async def _receive_fd(self, fd: int) -> None:
+        """Like ``_receive_some``, but reading the socket directly while data flows.
+
+        READ data goes straight into the caller's buffer (``payload_target``), and up to
+        ``BURST`` reads in a row happen without a trip through the scheduler; the task
+        waits for the socket (a checkpoint) only when it has nothing more to read.
+        """
+        view = memoryview(bytearray(RECEIVE_SIZE))
+        while True:
+            for _ in range(BURST):
+                try:
+                    n = self._read_once(fd, view)
+                except BlockingIOError:
+                    break
+                if not n:
+                    raise ConnectionLost(f"{self.server} closed the connection")
+            await trio.lowlevel.wait_readable(fd)
+
+    def _read_once(self, fd: int, view: memoryview) -> int:
+        target = self._tx.payload_target()
+        if target is None:
+            n = os.readv(fd, [view])
+            self._feed(view[:n].tobytes())
+            return n
+        cookie, offset, remaining = target
+        call = self._calls[cookie]
+        assert call.sink is not None
+        start = offset - call.offset
+        n = os.readv(fd, [call.sink[start : start + remaining]])
+        if n:
+            self._tx.payload_received(n)
+        self._feed(b"", eof=not n)
+        return n
+
+    def _feed(self, data: bytes | bytearray, *, eof: bool = True) -> None:
+        if data or eof:
+            self._tx.receive_data(data)
         while (event := self._tx.next_event()) is not NEED_DATA:
             self._deliver(event)
 
@@ -152,6 +198,7 @@ class NBDClient:
         if self._broken is None:
             error.__cause__ = cause
             self._broken = error
+        self._outq.clear()
         for call in self._calls.values():
             call.error = self._broken
             call.done.set()
@@ -169,24 +216,63 @@ class NBDClient:
         payload: memoryview | None = None,
         sink: memoryview | None = None,
     ) -> Call:
-        """Put one request on the wire; its reply completes the returned call."""
-        async with self._send_lock:
-            self._check_usable()
-            cookie, header = self._tx.request(cmd, offset, length, flags)
-            call = Call(cookie, offset, sink)
-            self._calls[cookie] = call
-            with trio.CancelScope(shield=True):
-                await self._send(header, payload)
+        """Queue one request for the wire; its reply completes the returned call.
+
+        Requests are queued in order and written by one flusher at a time (with
+        cancellation shielded, so no request is ever half sent).  When others are in
+        flight the flusher first lets the other ready tasks queue theirs, so a burst of
+        requests leaves in one ``writev``.
+        """
+        self._check_usable()
+        cookie, header = self._tx.request(cmd, offset, length, flags)
+        call = Call(cookie, offset, sink)
+        self._calls[cookie] = call
+        self._outq.append(header)
+        if payload is not None:
+            self._outq.append(payload)
+        if not self._flushing:
+            await self._flush(batch=len(self._calls) > 1)
         return call
 
-    async def _send(self, header: bytes, payload: memoryview | None) -> None:
+    async def _flush(self, *, batch: bool) -> None:
+        self._flushing = True
         try:
-            if payload is not None and len(payload) <= 1 << 16:
-                await self._stream.send_all(header + payload)
-                return
-            await self._stream.send_all(header)
-            if payload is not None:
-                await self._stream.send_all(payload)
+            if batch:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            with trio.CancelScope(shield=True):
+                while self._outq:
+                    parts, self._outq = self._outq, []
+                    if rest := self._send_now(parts):
+                        await self._send(rest)
+        finally:
+            self._flushing = False
+
+    def _send_now(self, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Write what the socket takes without blocking; what is left to send."""
+        if self._fd is None:
+            return parts
+        try:
+            sent = os.writev(self._fd, parts[:IOV_MAX])
+        except BlockingIOError:
+            return parts
+        except OSError as exc:
+            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
+            return []
+        out: list[bytes | memoryview] = []
+        for part in parts:
+            if out:
+                out.append(part)
+            elif sent >= len(part):
+                sent -= len(part)
+            else:
+                out.append(memoryview(part)[sent:])
+                sent = 0
+        return out
+
+    async def _send(self, parts: list[bytes | memoryview]) -> None:
+        try:
+            for part in parts:
+                await self._stream.send_all(part)
         except STREAM_ERRORS as exc:
             self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
 
@@ -271,9 +357,9 @@ class NBDClient:
         self._closed = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._wait_idle()
-            async with self._send_lock:
-                if self._broken is None:
-                    await _quietly(self._stream.send_all(self._tx.disconnect()))
+            if self._broken is None:
+                self._outq.append(self._tx.disconnect())
+                await self._flush(batch=False)
             await _quietly(self._stream.aclose())
             await self._reader_done.wait()
 
