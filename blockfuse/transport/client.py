@@ -49,6 +49,7 @@ from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_ha
 
 RECEIVE_SIZE = 1 << 17
 BURST = 16
+
 IOV_MAX = 512
 ZERO_SPLIT = 1 << 30
 """Payload-less requests (TRIM, WRITE_ZEROES, BLOCK_STATUS) are split at 1 GiB."""
@@ -166,7 +167,8 @@ class NBDClient:
         n = os.readv(fd, [call.sink[start : start + remaining]])
         if n:
             self._tx.payload_received(n)
-        self._feed(b"", eof=not n)
+        if n == remaining or not n:
+            self._feed(b"", eof=not n)
         return n
 
     def _feed(self, data: bytes | bytearray, *, eof: bool = True) -> None:
