@@ -28,7 +28,7 @@ from .fuse.scratch import ScratchDir, open_scratch_dir
 from .nbd.uri import BadURI, parse_uri
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
 from .swap import DEFAULT_UNIT
-from .transport.client import list_exports
+from .transport.connect import list_exports
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

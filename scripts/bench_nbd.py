@@ -36,7 +36,8 @@ import trio
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from blockfuse.nbd.uri import parse_uri
-from blockfuse.transport.client import NBDClient, open_nbd_client
+from blockfuse.transport.client import NBDClient
+from blockfuse.transport.connect import open_nbd_client
 
 MiB = 1 << 20
 

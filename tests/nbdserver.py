@@ -12,7 +12,8 @@ import trio.testing
 from blockfuse.nbd.constants import Cmd, TxFlag
 from blockfuse.nbd.events import ClientGone, ExportInfo, Request
 from blockfuse.nbd.server import ServerCore
-from blockfuse.transport.client import NBDClient, wrap_nbd_stream
+from blockfuse.transport.client import NBDClient
+from blockfuse.transport.connect import wrap_nbd_stream
 
 from .nbdpair import FULL_FLAGS, drain
 

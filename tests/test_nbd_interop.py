@@ -17,7 +17,7 @@ from blockfuse.devices.remote import RemoteDevice, open_remote
 from blockfuse.errors import ReadOnly, RequestFailed
 from blockfuse.nbd.uri import parse_uri
 from blockfuse.testing import check_block_device
-from blockfuse.transport.client import list_exports
+from blockfuse.transport.connect import list_exports
 from blockfuse.transport.handshake import HandshakeRefused
 
 from .conftest import require_tool

@@ -14,7 +14,7 @@ from blockfuse.errors import ProtocolError, RequestFailed
 from blockfuse.nbd.constants import TxFlag
 from blockfuse.nbd.uri import Address
 from blockfuse.testing import check_block_device
-from blockfuse.transport.client import wrap_nbd_stream
+from blockfuse.transport.connect import wrap_nbd_stream
 from blockfuse.transport.reconnect import Reconnecting
 
 from .nbdpair import FULL_FLAGS, drain

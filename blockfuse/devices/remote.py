@@ -19,7 +19,8 @@ from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info
 from ..errors import Disconnected, ReadOnly
 from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
-from ..transport.client import NBDClient, connect_nbd
+from ..transport.client import NBDClient
+from ..transport.connect import connect_nbd
 from ..transport.reconnect import Reconnecting
 
 

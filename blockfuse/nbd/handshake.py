@@ -47,14 +47,9 @@ from .constants import (
     EXPORT_NAME_REPLY,
     GREETING,
     IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_EXPORT,
     MAX_EXPORTS,
-    MAX_MIN_BLOCK,
     MAX_OPTION_REPLY,
-    MAX_STRING,
     NBDMAGIC,
-    OPTION,
     OPTION_REPLY,
     OPTION_REPLY_MAGIC,
     REP_ERROR_BIT,
@@ -76,6 +71,7 @@ from .events import (
     OptionRefused,
     PeerClosed,
 )
+from .options import apply_info, decode_string, encode_info_request, encode_name, encode_option
 
 
 class State(enum.Enum):
@@ -84,27 +80,6 @@ class State(enum.Enum):
     EXPORT_NAME_REPLY = "waiting for the EXPORT_NAME reply"
     FINISHED = "finished"
     BROKEN = "broken"
-
-
-def encode_option(option: Opt, data: bytes = b"") -> bytes:
-    return OPTION.pack(IHAVEOPT, option, len(data)) + data
-
-
-def encode_name(name: str) -> bytes:
-    raw = name.encode()
-    if len(raw) > MAX_STRING:
-        raise ValueError(f"export name longer than {MAX_STRING} bytes")
-    return U32.pack(len(raw)) + raw
-
-
-def encode_info_request(name: str, infos: tuple[InfoType, ...]) -> bytes:
-    return encode_name(name) + U16.pack(len(infos)) + b"".join(U16.pack(i) for i in infos)
-
-
-def decode_string(raw: bytes, what: str) -> str:
-    if len(raw) > MAX_STRING:
-        raise ProtocolError(f"{what} is {len(raw)} bytes (the limit is {MAX_STRING})")
-    return raw.decode("utf-8", errors="replace")
 
 
 WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
@@ -376,40 +351,3 @@ class ClientHandshake:
 
     def _on_info_ack(self, data: bytes) -> None:
         self._next_info()
-
-
-def apply_info(info: ExportInfo, itype: int, data: bytes) -> ExportInfo:
-    """``info`` updated with one ``NBD_REP_INFO`` payload (unknown types are ignored)."""
-    if itype == InfoType.EXPORT:
-        if len(data) != INFO_EXPORT.size:
-            raise ProtocolError(f"NBD_INFO_EXPORT of {len(data)} bytes (must be 12)")
-        _, size, flags = INFO_EXPORT.unpack(data)
-        return replace(info, size=size, flags=TxFlag(flags))
-    if itype == InfoType.NAME:
-        return replace(info, name=decode_string(data[2:], "export name"))
-    if itype == InfoType.DESCRIPTION:
-        return replace(info, description=decode_string(data[2:], "description"))
-    if itype == InfoType.BLOCK_SIZE:
-        return apply_block_size(info, data)
-    return info
-
-
-def apply_block_size(info: ExportInfo, data: bytes) -> ExportInfo:
-    if len(data) != INFO_BLOCK_SIZE.size:
-        raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes (must be 14)")
-    _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
-    if not is_power_of_two(minimum) or minimum > MAX_MIN_BLOCK:
-        raise ProtocolError(f"minimum block size {minimum} is not a power of two up to 64 KiB")
-    if not is_power_of_two(preferred) or maximum < minimum:
-        raise ProtocolError(f"block sizes {minimum}/{preferred}/{maximum} are inconsistent")
-    return replace(
-        info,
-        min_block=minimum,
-        preferred_block=preferred,
-        max_payload=maximum,
-        block_size_given=True,
-    )
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0

@@ -14,7 +14,7 @@ Invariants (pyfuse3 calls in from up to 99 tasks at once):
   fails every waiting call with that error and ends; later requests fail at once.  The
   reader never raises into its nursery: the error is delivered to every caller instead.
 
-Entry points in tiers: ``open_nbd_client`` (owns its nursery), ``connect_nbd(nursery,
+Entry points in tiers (in connect.py): ``open_nbd_client`` (owns its nursery), ``connect_nbd(nursery,
 address)`` and ``wrap_nbd_stream(nursery, stream, export)`` (tests over memory streams).
 """
 
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -35,17 +34,13 @@ from ..nbd.events import (
     BlockStatus,
     Done,
     ExportInfo,
-    ExportList,
     Negotiated,
-    OptionRefused,
     PeerClosed,
     ReadData,
     ReadHole,
 )
-from ..nbd.handshake import ClientHandshake
 from ..nbd.transmission import ClientTransmission
-from ..nbd.uri import Address
-from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
+from .handshake import ConnectionLost
 
 RECEIVE_SIZE = 1 << 17
 BURST = 16
@@ -362,7 +357,7 @@ class NBDClient:
             if self._broken is None:
                 self._outq.append(self._tx.disconnect())
                 await self._flush(batch=False)
-            await _quietly(self._stream.aclose())
+            await quietly(self._stream.aclose())
             await self._reader_done.wait()
 
     async def _wait_idle(self) -> None:
@@ -370,7 +365,7 @@ class NBDClient:
             await next(iter(self._calls.values())).done.wait()
 
 
-async def _quietly(aw: Awaitable[object]) -> None:
+async def quietly(aw: Awaitable[object]) -> None:
     with contextlib.suppress(*STREAM_ERRORS):
         await aw
 
@@ -380,87 +375,3 @@ def split(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
     return [
         (off, min(limit, offset + length - off)) for off in range(offset, offset + length, limit)
     ]
-
-
-# --- connecting -------------------------------------------------------------------------
-
-
-async def open_stream(address: Address) -> trio.abc.Stream:
-    """A connected stream to the server; raises ``ConnectionLost`` when it cannot connect."""
-    try:
-        if address.socket:
-            return await trio.open_unix_socket(address.socket)
-        assert address.host is not None
-        return await trio.open_tcp_stream(address.host, address.port)
-    except OSError as exc:
-        raise ConnectionLost(f"cannot connect to {address.server}: {exc.strerror or exc}") from exc
-
-
-async def wrap_nbd_stream(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    export: str,
-    *,
-    server: str = "server",
-    export_name: bool = False,
-) -> NBDClient:
-    """Negotiate ``export`` over ``stream`` and start its reader task in ``nursery``."""
-    hs = ClientHandshake.go(export, export_name=export_name)
-    outcome = await run_handshake(stream, hs, server)
-    if isinstance(outcome, OptionRefused):
-        raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
-    assert isinstance(outcome, Negotiated)
-    client = NBDClient(stream, outcome, server)
-    nursery.start_soon(client.run_reader)
-    return client
-
-
-async def connect_nbd(nursery: trio.Nursery, address: Address) -> NBDClient:
-    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``.
-
-    A server that answers GO with size 0 (nbd-server 3.24 in daemon mode can, as it opens
-    the export only later) is asked again with NBD_OPT_EXPORT_NAME, which reports the size.
-    """
-    client = await _connect(nursery, address, export_name=False)
-    if client.export.size == 0:
-        await client.aclose()
-        client = await _connect(nursery, address, export_name=True)
-    return client
-
-
-async def _connect(nursery: trio.Nursery, address: Address, *, export_name: bool) -> NBDClient:
-    stream = await open_stream(address)
-    try:
-        return await wrap_nbd_stream(
-            nursery, stream, address.export, server=address.server, export_name=export_name
-        )
-    except BaseException:
-        await _quietly(stream.aclose())
-        raise
-
-
-@asynccontextmanager
-async def open_nbd_client(address: Address) -> AsyncIterator[NBDClient]:
-    """A connection for the body of the block; closed (with DISC) when it ends."""
-    async with trio.open_nursery() as nursery:
-        client = await connect_nbd(nursery, address)
-        try:
-            yield client
-        finally:
-            await client.aclose()
-
-
-async def list_exports(address: Address, *, details: bool = True) -> list[ExportInfo]:
-    """The server's exports (with ``NBD_OPT_INFO`` details when ``details``)."""
-    stream = await open_stream(address)
-    try:
-        outcome = await run_handshake(stream, ClientHandshake.list(details=details), address.server)
-    finally:
-        await _quietly(stream.aclose())
-    if isinstance(outcome, OptionRefused):
-        raise HandshakeRefused(refusal_message(outcome, address.server, None), outcome)
-    assert isinstance(outcome, ExportList)
-    return list(outcome.exports)
-
-
-__all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient"]

@@ -1,0 +1,91 @@
+"""Structured reply chunks: which may belong to a request, and what their payloads say.
+
+Each check runs on the 20-byte header, before any payload is waited for, so a length
+that does not fit the request or the protocol's limit is refused without buffering it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ProtocolError
+from .constants import (
+    CHUNK_ERROR_BIT,
+    ERROR_HEADER,
+    EXTENT,
+    HOLE,
+    MAX_BLOCK_STATUS_CHUNK,
+    MAX_ERROR_CHUNK,
+    REPLY_FLAG_DONE,
+    U32,
+    Chunk,
+    Cmd,
+    Errno,
+)
+from .coverage import Coverage
+from .events import BlockStatus
+
+
+def wire_errno(value: int) -> int:
+    """An error value from the wire as an errno; values the spec does not allow are EINVAL."""
+    return value if value in Errno._value2member_map_ else Errno.EINVAL
+
+
+@dataclass
+class Pending:
+    cmd: Cmd
+    offset: int
+    length: int
+    error: int = 0
+    message: str = ""
+    coverage: Coverage = field(default_factory=Coverage)
+
+
+def check_chunk(pending: Pending, ctype: int, length: int, flags: int) -> None:
+    """Refuse a chunk header whose type or length cannot belong to ``pending``."""
+    what = f"chunk type {ctype} of {length} bytes for {pending.cmd.name}"
+    if ctype == Chunk.NONE:
+        ok = length == 0 and bool(flags & REPLY_FLAG_DONE)
+    elif ctype == Chunk.OFFSET_DATA:
+        ok = pending.cmd is Cmd.READ and 9 <= length <= pending.length + 8
+    elif ctype == Chunk.OFFSET_HOLE:
+        ok = pending.cmd is Cmd.READ and length == HOLE.size
+    elif ctype == Chunk.BLOCK_STATUS:
+        ok = pending.cmd is Cmd.BLOCK_STATUS and 12 <= length <= MAX_BLOCK_STATUS_CHUNK
+        ok = ok and (length - 4) % EXTENT.size == 0
+    elif ctype & CHUNK_ERROR_BIT:
+        ok = ERROR_HEADER.size <= length <= MAX_ERROR_CHUNK
+    else:
+        raise ProtocolError(f"unknown non-error {what}")
+    if not ok:
+        raise ProtocolError(f"invalid {what}")
+
+
+def claim(pending: Pending, offset: int, length: int, what: str) -> None:
+    end = pending.offset + pending.length
+    if length <= 0 or offset < pending.offset or offset + length > end:
+        raise ProtocolError(
+            f"{what} chunk [{offset}, {offset + length}) outside the request "
+            f"[{pending.offset}, {end})"
+        )
+    pending.coverage.add(offset, offset + length)
+
+
+def parse_block_status(cookie: int, raw: bytes) -> BlockStatus:
+    (context,) = U32.unpack(raw[:4])
+    extents = tuple(EXTENT.iter_unpack(raw[4:]))
+    if any(length == 0 for length, _ in extents):
+        raise ProtocolError("block status extent of length 0")
+    return BlockStatus(cookie, context, extents)
+
+
+def parse_error(ctype: int, raw: bytes) -> tuple[int, str]:
+    error, n = ERROR_HEADER.unpack(raw[: ERROR_HEADER.size])
+    if ctype in (Chunk.ERROR, Chunk.ERROR_OFFSET):
+        tail = 8 if ctype == Chunk.ERROR_OFFSET else 0
+        if ERROR_HEADER.size + n + tail != len(raw):
+            raise ProtocolError(f"error chunk message of {n} bytes in {len(raw)} bytes")
+        if error == 0:
+            raise ProtocolError("error chunk with error value 0")
+    message = raw[ERROR_HEADER.size : ERROR_HEADER.size + n].decode("utf-8", errors="replace")
+    return wire_errno(error) if error else Errno.EINVAL, message

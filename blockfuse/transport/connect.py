@@ -1,0 +1,101 @@
+"""Opening NBD connections: streams, handshakes, and the tiered entry points.
+
+async with open_nbd_client(address) as client: ...          # owns its nursery
+client = await connect_nbd(nursery, address)                # reader runs in nursery
+client = await wrap_nbd_stream(nursery, stream, "disk")     # any trio stream (tests)
+exports = await list_exports(address)                       # NBD_OPT_LIST (+ INFO)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..nbd.events import ExportInfo, ExportList, Negotiated, OptionRefused
+from ..nbd.handshake import ClientHandshake
+from ..nbd.uri import Address
+from .client import NBDClient, quietly
+from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
+
+
+async def open_stream(address: Address) -> trio.abc.Stream:
+    """A connected stream to the server; raises ``ConnectionLost`` when it cannot connect."""
+    try:
+        if address.socket:
+            return await trio.open_unix_socket(address.socket)
+        assert address.host is not None
+        return await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {address.server}: {exc.strerror or exc}") from exc
+
+
+async def wrap_nbd_stream(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    export: str,
+    *,
+    server: str = "server",
+    export_name: bool = False,
+) -> NBDClient:
+    """Negotiate ``export`` over ``stream`` and start its reader task in ``nursery``."""
+    hs = ClientHandshake.go(export, export_name=export_name)
+    outcome = await run_handshake(stream, hs, server)
+    if isinstance(outcome, OptionRefused):
+        raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
+    assert isinstance(outcome, Negotiated)
+    client = NBDClient(stream, outcome, server)
+    nursery.start_soon(client.run_reader)
+    return client
+
+
+async def connect_nbd(nursery: trio.Nursery, address: Address) -> NBDClient:
+    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``.
+
+    A server that answers GO with size 0 (nbd-server 3.24 in daemon mode can, as it opens
+    the export only later) is asked again with NBD_OPT_EXPORT_NAME, which reports the size.
+    """
+    client = await _connect(nursery, address, export_name=False)
+    if client.export.size == 0:
+        await client.aclose()
+        client = await _connect(nursery, address, export_name=True)
+    return client
+
+
+async def _connect(nursery: trio.Nursery, address: Address, *, export_name: bool) -> NBDClient:
+    stream = await open_stream(address)
+    try:
+        return await wrap_nbd_stream(
+            nursery, stream, address.export, server=address.server, export_name=export_name
+        )
+    except BaseException:
+        await quietly(stream.aclose())
+        raise
+
+
+@asynccontextmanager
+async def open_nbd_client(address: Address) -> AsyncIterator[NBDClient]:
+    """A connection for the body of the block; closed (with DISC) when it ends."""
+    async with trio.open_nursery() as nursery:
+        client = await connect_nbd(nursery, address)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+
+async def list_exports(address: Address, *, details: bool = True) -> list[ExportInfo]:
+    """The server's exports (with ``NBD_OPT_INFO`` details when ``details``)."""
+    stream = await open_stream(address)
+    try:
+        outcome = await run_handshake(stream, ClientHandshake.list(details=details), address.server)
+    finally:
+        await quietly(stream.aclose())
+    if isinstance(outcome, OptionRefused):
+        raise HandshakeRefused(refusal_message(outcome, address.server, None), outcome)
+    assert isinstance(outcome, ExportList)
+    return list(outcome.exports)
+
+
+__all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient"]
