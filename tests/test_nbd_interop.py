@@ -373,4 +373,5 @@ async def test_nbd_server_listing_allowed(nbd_server: Callable[[bool], DaemonPee
     peer = nbd_server(True)
     with trio.fail_after(10):
         found = await list_exports(parse_uri(peer.uri()))
-    assert [e.name for e in found] == ["disk1"]
+    # nbd-server's NBD_INFO_EXPORT says 0 bytes; the size comes from an EXPORT_NAME probe
+    assert [(e.name, e.size) for e in found] == [("disk1", 4 << 20)]

@@ -14,8 +14,8 @@ Invariants (pyfuse3 calls in from up to 99 tasks at once):
   fails every waiting call with that error and ends; later requests fail at once.  The
   reader never raises into its nursery: the error is delivered to every caller instead.
 
-Entry points in tiers (in connect.py): ``open_nbd_client`` (owns its nursery), ``connect_nbd(nursery,
-address)`` and ``wrap_nbd_stream(nursery, stream, export)`` (tests over memory streams).
+Entry points in tiers live in connect.py: ``open_nbd_client`` (owns its nursery),
+``connect_nbd(nursery, address)`` and ``wrap_nbd_stream(nursery, stream, export)``.
 """
 
 from __future__ import annotations

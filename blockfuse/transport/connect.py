@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import trio
 
+from ..errors import BlockError
 from ..nbd.events import ExportInfo, ExportList, Negotiated, OptionRefused
 from ..nbd.handshake import ClientHandshake
 from ..nbd.uri import Address
@@ -95,7 +97,20 @@ async def list_exports(address: Address, *, details: bool = True) -> list[Export
     if isinstance(outcome, OptionRefused):
         raise HandshakeRefused(refusal_message(outcome, address.server, None), outcome)
     assert isinstance(outcome, ExportList)
-    return list(outcome.exports)
+    return [await _with_true_size(address, e) for e in outcome.exports]
+
+
+async def _with_true_size(address: Address, export: ExportInfo) -> ExportInfo:
+    """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth."""
+    if export.size != 0:
+        return export
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await _connect(nursery, replace(address, export=export.name), export_name=True)
+            await client.aclose()
+    except BlockError:
+        return export
+    return replace(export, size=client.export.size)
 
 
 __all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient"]
