@@ -6,6 +6,8 @@ fail reads with an errno, and can drop the connection after a number of requests
 
 from __future__ import annotations
 
+import errno
+
 import trio
 import trio.testing
 
@@ -31,6 +33,8 @@ class FakeServer:
         self.connections = 0
         self.largest_request = 0
         self.up = True
+        self.disconnects = 0
+        self.disconnected = trio.Event()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
@@ -45,6 +49,8 @@ class FakeServer:
                         return
                 await stream.send_all(core.data_to_send())
                 if any(isinstance(e, ClientGone) for e in events):
+                    self.disconnects += 1
+                    self.disconnected.set()
                     return
 
     def answer(self, core: ServerCore, req: Request) -> bool:
@@ -55,6 +61,8 @@ class FakeServer:
             return False
         if req.cmd == Cmd.READ and self.read_errno:
             core.reply_error(req.cookie, self.read_errno, "injected")
+            if self.read_errno == errno.ESHUTDOWN:
+                self.read_errno = 0
         elif req.cmd == Cmd.READ:
             core.reply_read(req.cookie, req.offset, bytes(self.disk[req.offset : req.end]))
         elif req.cmd == Cmd.WRITE:

@@ -258,6 +258,27 @@ async def test_server_restart_is_survived(
     await dev.aclose()
 
 
+async def test_nbdkit_shutdown_gets_disc_then_reconnect(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    image = sparse_image(short_tmp / "disk.img", 4 << 20, (0, b"data" * 128))
+    slow = ["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "file", str(image), "rdelay=2"]
+    peer = start(slow)
+    dev = await remote(nursery, peer.uri(), backoff=0.2)
+    buf = bytearray(512)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dev.read, 0, [buf])
+            await trio.sleep(0.5)
+            peer.proc.terminate()  # nbdkit answers ESHUTDOWN, then waits for our DISC
+            await trio.to_thread.run_sync(peer.proc.wait, 10)
+            os.unlink(peer.path or "")
+            start(["nbdkit", "-f", "-U", "{sock}", "file", str(image)])
+    assert buf == b"data" * 128
+    assert dev.status()["reconnects"] == "1"
+    await dev.aclose()
+
+
 # --- qemu-nbd -----------------------------------------------------------------------
 
 

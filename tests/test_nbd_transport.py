@@ -84,6 +84,17 @@ async def test_server_error_fails_one_request(nursery: trio.Nursery) -> None:
     await dev.aclose()
 
 
+async def test_eshutdown_sends_disc_and_reconnects(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server, backoff=0.01)
+    server.read_errno = errno.ESHUTDOWN  # one read answered "shutting down"
+    with trio.fail_after(5):
+        await dev.read(0, [bytearray(512)])
+        await server.disconnected.wait()
+    assert server.connections == 2 and server.disconnects == 1
+    await dev.aclose()
+
+
 async def test_extents_from_block_status(nursery: trio.Nursery) -> None:
     server = FakeServer()
     dev = await remote(nursery, server)

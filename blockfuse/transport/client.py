@@ -21,6 +21,7 @@ Entry points in tiers live in connect.py: ``open_nbd_client`` (owns its nursery)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class NBDClient:
         self.server = server
         self._outq: list[bytes | memoryview] = []
         self._flushing = False
+        self._disc_due = False
         self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
         self._closed = False
@@ -128,6 +130,7 @@ class NBDClient:
         while True:
             data = await self._stream.receive_some(RECEIVE_SIZE)
             self._feed(data)
+            await self._flush_queued()
             if not data:
                 raise ConnectionLost(f"{self.server} closed the connection")
 
@@ -147,6 +150,7 @@ class NBDClient:
                     break
                 if not n:
                     raise ConnectionLost(f"{self.server} closed the connection")
+            await self._flush_queued()
             await trio.lowlevel.wait_readable(fd)
 
     def _read_once(self, fd: int, view: memoryview) -> int:
@@ -190,6 +194,25 @@ class NBDClient:
             call = self._calls.pop(event.cookie)
             call.result = event
             call.done.set()
+            if event.error == errno.ESHUTDOWN:
+                self._server_shutting_down()
+            if self._disc_due and not self._calls:
+                self._send_disc_now()
+
+    def _server_shutting_down(self) -> None:
+        """ESHUTDOWN: take no new requests, and send DISC once the others are answered."""
+        if self._broken is None:
+            self._broken = ConnectionLost(f"{self.server} is shutting down (ESHUTDOWN)")
+            self._disc_due = True
+
+    def _send_disc_now(self) -> None:
+        """Queue DISC; the reader flushes it right after the current batch of replies."""
+        self._disc_due = False
+        self._outq.append(self._tx.disconnect())
+
+    async def _flush_queued(self) -> None:
+        if self._outq and not self._flushing:
+            await self._flush(batch=False)
 
     def _fail(self, error: BlockError, cause: BaseException | None) -> None:
         if self._broken is None:
@@ -288,11 +311,13 @@ class NBDClient:
         if first is not None:
             raise first
 
-    def _request_error(self, call: Call) -> RequestFailed | None:
+    def _request_error(self, call: Call) -> BlockError | None:
         done = call.result
         if done is None or not done.error:
             return None
         text = done.message or os.strerror(done.error)
+        if done.error == errno.ESHUTDOWN:
+            return ConnectionLost(f"{self.server} is shutting down: {text}")
         return RequestFailed(done.error, f"{self.server}: {text}")
 
     # --- operations -----------------------------------------------------------------------
