@@ -341,8 +341,8 @@ def compile_remote(text: str) -> Recipe:
 
 @kind("nbd")
 def compile_nbd(call: Call) -> Recipe:
-    uri = word(bind(call, [Param("uri", lambda n: n)])["uri"], "an NBD URI")  # type: ignore[arg-type]
-    return compile_remote(uri)
+    uri = bind(call, [Param("uri", lambda node: word(node, "an NBD URI"))])["uri"]
+    return compile_remote(str(uri))
 
 
 def compile_word(node: Word) -> Recipe:

@@ -353,6 +353,17 @@ def test_fuzz_transmission(parts: list[tuple[bytes, bytes]], structured: bool) -
         run_to_end(tx, b"".join(h + d for h, d in parts))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_server_core(data: bytes) -> None:
+    server = ServerCore(exports())
+    server.receive_data(c.CLIENT_FLAGS.pack(3) + data)
+    with contextlib.suppress(ProtocolError):
+        for _ in range(10_000):
+            if server.next_event() is NEED_DATA:
+                break
+
+
 # --- URIs -----------------------------------------------------------------------------
 
 
@@ -376,3 +387,55 @@ def test_uris(uri: str, address: Address) -> None:
 def test_bad_uris(uri: str) -> None:
     with pytest.raises(BadURI):
         parse_uri(uri)
+
+
+def test_block_status_for_one_context_only_once() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    status = c.U32.pack(1) + c.EXTENT.pack(4096, 0)
+    tx.receive_data(chunk(cookie, c.Chunk.BLOCK_STATUS, status, 0) * 2)
+    assert isinstance(tx.next_event(), BlockStatus)
+    with pytest.raises(ProtocolError, match="not asked"):
+        tx.next_event()
+
+
+def test_block_status_for_an_unselected_context() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    tx.receive_data(chunk(cookie, c.Chunk.BLOCK_STATUS, c.U32.pack(9) + c.EXTENT.pack(4096, 0)))
+    with pytest.raises(ProtocolError, match="context 9"):
+        tx.next_event()
+
+
+# --- specs and the command line --------------------------------------------------------
+
+
+def test_specs_take_nbd_uris(short_tmp: Path) -> None:
+    import socket
+
+    from blockfuse.spec import SpecError, compile_spec
+
+    path = short_tmp / "s"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    try:
+        assert compile_spec(f"nbd+unix:///disk?socket={path}").kind == "nbd"
+        assert compile_spec(f"safe(nbd+unix:///?socket={path})").kind == "nbd"
+        assert compile_spec("nbd(nbd://127.0.0.1:10809/x)").kind == "nbd"
+        assert compile_spec("nbd://example.com/disk").text == "nbd://example.com/disk"
+    finally:
+        listener.close()
+    for bad, match in [
+        (f"nbd+unix:///?socket={short_tmp}/none", "no NBD server socket"),
+        ("nbd://h:99999/x", "bad port"),
+        ("nbds://h/x", "not supported"),
+    ]:
+        with pytest.raises(SpecError, match=match):
+            compile_spec(bad)
+
+
+def test_ls_rejects_a_bad_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    from blockfuse.cli import main
+
+    assert main(["ls", "http://example.com/"]) == 2
+    assert "is not an NBD URI" in capsys.readouterr().err

@@ -39,6 +39,8 @@ class Pending:
     error: int = 0
     message: str = ""
     coverage: Coverage = field(default_factory=Coverage)
+    contexts: set[int] = field(default_factory=set)
+    """Metadata contexts already answered (BLOCK_STATUS: one chunk per context)."""
 
 
 def check_chunk(pending: Pending, ctype: int, length: int, flags: int) -> None:
@@ -71,8 +73,12 @@ def claim(pending: Pending, offset: int, length: int, what: str) -> None:
     pending.coverage.add(offset, offset + length)
 
 
-def parse_block_status(cookie: int, raw: bytes) -> BlockStatus:
+def parse_block_status(pending: Pending, cookie: int, raw: bytes, known: set[int]) -> BlockStatus:
+    """One BLOCK_STATUS chunk: a context we selected, answered at most once per request."""
     (context,) = U32.unpack(raw[:4])
+    if context not in known or context in pending.contexts:
+        raise ProtocolError(f"block status for context {context} that was not asked (again)")
+    pending.contexts.add(context)
     extents = tuple(EXTENT.iter_unpack(raw[4:]))
     if any(length == 0 for length, _ in extents):
         raise ProtocolError("block status extent of length 0")

@@ -160,6 +160,8 @@ MAX_OPTION_REPLY = 4 + 2 * MAX_STRING
 """The longest option reply we accept (``NBD_REP_SERVER``: length, name, description)."""
 MAX_EXPORTS = 65536
 """The most ``NBD_REP_SERVER`` replies one LIST may bring."""
+MAX_LIST_BYTES = 1 << 24
+"""The most name and description bytes one LIST may bring (16 MiB)."""
 DEFAULT_MAX_PAYLOAD = 1 << 25
 """32 MiB: what every server must take when it advertises no maximum."""
 MAX_MIN_BLOCK = 1 << 16

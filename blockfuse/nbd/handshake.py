@@ -48,6 +48,7 @@ from .constants import (
     GREETING,
     IHAVEOPT,
     MAX_EXPORTS,
+    MAX_LIST_BYTES,
     MAX_OPTION_REPLY,
     NBDMAGIC,
     OPTION_REPLY,
@@ -110,6 +111,7 @@ class ClientHandshake:
         self._contexts: dict[str, int] = {}
         self._info = ExportInfo(export or "")
         self._exports: list[ExportInfo] = []
+        self._list_bytes = 0
         self._info_index = 0
         self._result: HandshakeEvent | None = None
 
@@ -328,8 +330,9 @@ class ClientHandshake:
         (n,) = U32.unpack(data[:4])
         if n > len(data) - 4:
             raise ProtocolError(f"SERVER reply names {n} bytes but carries {len(data) - 4}")
-        if len(self._exports) >= MAX_EXPORTS:
-            raise ProtocolError(f"more than {MAX_EXPORTS} exports in one LIST")
+        self._list_bytes += len(data)
+        if len(self._exports) >= MAX_EXPORTS or self._list_bytes > MAX_LIST_BYTES:
+            raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports or 16 MiB")
         name = decode_string(data[4 : 4 + n], "export name")
         desc = decode_string(data[4 + n :], "export description")
         self._exports.append(ExportInfo(name, description=desc))

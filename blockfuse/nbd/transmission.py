@@ -115,6 +115,7 @@ class ClientTransmission:
         self.export: ExportInfo = negotiated.export
         self.structured = negotiated.structured
         self.allocation_context = negotiated.contexts.get(BASE_ALLOCATION)
+        self._context_ids = set(negotiated.contexts.values())
         self.max_payload = min(self.export.max_payload, DEFAULT_MAX_PAYLOAD)
         self._pending: dict[int, Pending] = {}
         self._cookies = itertools.count(1)
@@ -358,7 +359,7 @@ class ClientTransmission:
             claim(s.pending, offset, size, "hole")
             return ReadHole(s.cookie, offset, size)
         if s.ctype == Chunk.BLOCK_STATUS:
-            return parse_block_status(s.cookie, raw)
+            return parse_block_status(s.pending, s.cookie, raw, self._context_ids)
         error, message = parse_error(s.ctype, raw)
         if not s.pending.error:
             s.pending.error, s.pending.message = error, message
