@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,23 @@ from .nbdpeers import DaemonPeer, Peer
 pytestmark = pytest.mark.e2e
 
 SIZE = 8 << 20
+TIME_LIMIT = 90
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    """Blocking I/O on the mount gets interrupted (TimeoutError) if it hangs."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test I/O took longer than {TIME_LIMIT} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TIME_LIMIT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

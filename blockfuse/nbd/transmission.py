@@ -116,7 +116,10 @@ class ClientTransmission:
         self.structured = negotiated.structured
         self.allocation_context = negotiated.contexts.get(BASE_ALLOCATION)
         self._context_ids = set(negotiated.contexts.values())
-        self.max_payload = min(self.export.max_payload, DEFAULT_MAX_PAYLOAD)
+        align = self.export.min_block
+        biggest = min(self.export.max_payload, DEFAULT_MAX_PAYLOAD)
+        self.max_payload = max(biggest - biggest % align, align)
+        """The largest READ/WRITE we send: the server's maximum (at most 32 MiB), aligned."""
         self._pending: dict[int, Pending] = {}
         self._cookies = itertools.count(1)
         self._buf = ReceiveBuffer()
