@@ -17,7 +17,7 @@ from blockfuse.devices.remote import RemoteDevice, open_remote
 from blockfuse.errors import ReadOnly, RequestFailed
 from blockfuse.nbd.uri import parse_uri
 from blockfuse.testing import check_block_device
-from blockfuse.transport.connect import list_exports
+from blockfuse.transport.connect import list_exports, open_nbd_client
 from blockfuse.transport.handshake import HandshakeRefused
 
 from .conftest import require_tool
@@ -74,6 +74,25 @@ async def test_nbdkit_memory_conforms(nursery: trio.Nursery, start: Start, tcp: 
         return await remote(nursery, rw.uri())
 
     await check_block_device(make)
+
+
+async def test_client_api_on_nbdkit(start: Start) -> None:
+    peer = start(["nbdkit", "-f", "-U", "{sock}", "memory", "8M"])
+    with trio.fail_after(10):
+        async with open_nbd_client(parse_uri(peer.uri())) as client:
+            data = os.urandom(1 << 20)
+            await client.pwrite(memoryview(data), 1 << 20, fua=True)
+            await client.flush()
+            assert await client.block_status(0, 8 << 20) == [
+                (1 << 20, 3),
+                (1 << 20, 0),
+                (6 << 20, 3),
+            ]
+            await client.zero(1 << 20, 4096)
+            await client.trim(2 << 20, 4096)
+            buf = bytearray(8192)
+            await client.pread(memoryview(buf), 1 << 20)
+            assert buf == bytes(4096) + data[4096:8192]
 
 
 async def test_nbdkit_read_only(nursery: trio.Nursery, start: Start) -> None:
