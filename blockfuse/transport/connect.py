@@ -21,14 +21,19 @@ from ..nbd.uri import Address
 from .client import NBDClient, quietly
 from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
 
+CONNECT_TIMEOUT = 10
+
 
 async def open_stream(address: Address) -> trio.abc.Stream:
     """A connected stream to the server; raises ``ConnectionLost`` when it cannot connect."""
     try:
-        if address.socket:
-            return await trio.open_unix_socket(address.socket)
-        assert address.host is not None
-        return await trio.open_tcp_stream(address.host, address.port)
+        with trio.fail_after(CONNECT_TIMEOUT):
+            if address.socket:
+                return await trio.open_unix_socket(address.socket)
+            assert address.host is not None
+            return await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise ConnectionLost(f"cannot connect to {address.server}: timed out") from None
     except OSError as exc:
         raise ConnectionLost(f"cannot connect to {address.server}: {exc.strerror or exc}") from exc
 
