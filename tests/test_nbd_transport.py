@@ -7,10 +7,11 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from blockfuse.block import BlockDevice, Capability, Extent
 from blockfuse.devices.remote import RemoteDevice
-from blockfuse.errors import ProtocolError, RequestFailed
+from blockfuse.errors import Disconnected, ProtocolError, RequestFailed
 from blockfuse.nbd.constants import TxFlag
 from blockfuse.nbd.uri import Address
 from blockfuse.testing import check_block_device
@@ -82,6 +83,20 @@ async def test_server_error_fails_one_request(nursery: trio.Nursery) -> None:
     await dev.read(0, [bytearray(512)])
     assert server.connections == 1
     await dev.aclose()
+
+
+async def test_close_waits_for_replies_then_sends_disc(nursery: trio.Nursery) -> None:
+    server = FakeServer()
+    dev = await remote(nursery, server)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dev.write, 0, [os.urandom(4096)])
+            await trio.testing.wait_all_tasks_blocked()
+            await dev.aclose()
+        await server.disconnected.wait()
+    assert server.requests == 1 and server.disconnects == 1  # write answered, then DISC
+    with pytest.raises(Disconnected):
+        await dev.read(0, [bytearray(512)])
 
 
 async def test_eshutdown_sends_disc_and_reconnects(nursery: trio.Nursery) -> None:
