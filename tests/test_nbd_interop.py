@@ -14,7 +14,7 @@ import trio
 
 from blockfuse.block import BlockDevice, Capability
 from blockfuse.devices.remote import RemoteDevice, open_remote
-from blockfuse.errors import ReadOnly, RequestFailed
+from blockfuse.errors import ProtocolError, ReadOnly, RequestFailed
 from blockfuse.nbd.uri import parse_uri
 from blockfuse.testing import check_block_device
 from blockfuse.transport.connect import list_exports, open_nbd_client
@@ -93,6 +93,32 @@ async def test_client_api_on_nbdkit(start: Start) -> None:
             buf = bytearray(8192)
             await client.pread(memoryview(buf), 1 << 20)
             assert buf == bytes(4096) + data[4096:8192]
+
+
+@pytest.mark.parametrize(
+    ("option", "structured"),
+    [("--no-sr", False), ("--mask-handshake=0", False), ("--mask-handshake=1", True)],
+)
+async def test_nbdkit_handshake_variants(
+    nursery: trio.Nursery, start: Start, option: str, structured: bool
+) -> None:
+    """Simple replies only; non-fixed newstyle (EXPORT_NAME); no NO_ZEROES (124 zeroes)."""
+    peer = start(["nbdkit", "-f", option, "-U", "{sock}", "memory", "4M"])
+    dev = await remote(nursery, peer.uri())
+    assert dev._link.client._tx.structured is structured
+    data = os.urandom(64 << 10)
+    buf = bytearray(len(data))
+    with trio.fail_after(10):
+        await dev.write(16, [data])
+        await dev.read(16, [buf])
+    assert buf == data
+    await dev.aclose()
+
+
+async def test_nbdkit_oldstyle_is_refused_clearly(nursery: trio.Nursery, start: Start) -> None:
+    peer = start(["nbdkit", "-f", "--oldstyle", "memory", "1M"], tcp=True)
+    with pytest.raises(ProtocolError, match="obsolete oldstyle handshake"):
+        await remote(nursery, peer.uri())
 
 
 async def test_nbdkit_read_only(nursery: trio.Nursery, start: Start) -> None:
@@ -301,14 +327,15 @@ async def test_nbdkit_shutdown_gets_disc_then_reconnect(
 # --- qemu-nbd -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("extra", [[], ["-A"]], ids=["plain", "allocation-depth"])
 async def test_qemu_nbd_holes_and_extents(
-    nursery: trio.Nursery, short_tmp: Path, start: Start
+    nursery: trio.Nursery, short_tmp: Path, start: Start, extra: list[str]
 ) -> None:
+    """qemu-nbd sends HOLE chunks; with -A it offers a second context we do not select."""
     blob = os.urandom(64 << 10)
     image = sparse_image(short_tmp / "s.raw", 8 << 20, (1 << 20, blob))
-    peer = start(
-        ["qemu-nbd", "-t", "-e", "0", "-k", "{sock}", "-x", "disk0", "-f", "raw", str(image)]
-    )
+    argv = ["qemu-nbd", "-t", "-e", "0", *extra, "-k", "{sock}", "-x", "disk0", "-f", "raw"]
+    peer = start([*argv, str(image)])
     dev = await remote(nursery, peer.uri("disk0"))
     buf = bytearray(8 << 20)
     with trio.fail_after(10):
