@@ -1,17 +1,15 @@
 """The client side of the NBD handshake as a sans-io state machine.
 
-The client is goal-driven: it is built to either open one export (``goal_go``) or list
-the server's exports (``goal_list``), and it decides by itself which options to send.
-The layer above only moves bytes::
+The client is goal-driven: it is built to either open one export (``ClientHandshake.go``)
+or list the server's exports (``ClientHandshake.list``), and it decides by itself which
+options to send.  The layer above only moves bytes::
 
     hs = ClientHandshake.go("disk0")
-    while True:
+    while (event := hs.next_event()) is NEED_DATA:
         send(hs.data_to_send())
-        event = hs.next_event()
-        if event is NEED_DATA:
-            hs.receive_data(recv())
-            continue
-        break           # Negotiated, ExportList or OptionRefused
+        hs.receive_data(recv())
+    send(hs.data_to_send())     # a final NBD_OPT_ABORT, if the goal needs one
+    # event: Negotiated, ExportList or OptionRefused
 
 The conversation for ``go`` (fixed newstyle; one option in flight at a time)::
 
@@ -34,6 +32,7 @@ violation raises ``ProtocolError`` naming what arrived, and the machine stays br
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -272,12 +271,14 @@ class ClientHandshake:
         assert self._option is not None
         if rtype & REP_ERROR_BIT:
             return self._on_error(self._option, rtype, decode_string(data, "error message"))
-        handler = self._handlers().get((self._option, rtype))
+        handler = self._handlers.get((self._option, rtype))
         if handler is None:
             raise ProtocolError(f"unexpected reply type {rtype} to {self._option!r}")
         handler(data)
 
+    @functools.cached_property
     def _handlers(self) -> dict[tuple[Opt, int], Callable[[bytes], None]]:
+        """The transition table: (option asked, reply type) -> what to do with the reply."""
         return {
             (Opt.STRUCTURED_REPLY, Rep.ACK): self._on_structured,
             (Opt.SET_META_CONTEXT, Rep.META_CONTEXT): self._on_meta_context,
