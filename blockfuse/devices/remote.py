@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info
-from ..errors import Disconnected, ReadOnly
+from ..errors import Disconnected, ReadOnly, Unsafe
 from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
 from ..transport.client import NBDClient
@@ -45,6 +45,8 @@ class RemoteDevice(BlockDevice):
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_open()
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        if any(v.readonly for v in views):
+            raise Unsafe("read() needs writable buffers")
         if views:
             await self._link.run(lambda c: c.preadv(views, sector * self._sector_size))
 
