@@ -160,10 +160,13 @@ class NBDClient:
             self._feed(view[:n].tobytes())
             return n
         cookie, offset, remaining = target
-        call = self._calls[cookie]
-        assert call.sink is not None
-        start = offset - call.offset
-        n = os.readv(fd, [call.sink[start : start + remaining]])
+        call = self._calls.get(cookie)
+        if call is None or call.sink is None:  # failed already: read and drop the bytes
+            dest = view[: min(remaining, len(view))]
+        else:
+            start = offset - call.offset
+            dest = call.sink[start : start + remaining]
+        n = os.readv(fd, [dest])
         if n:
             self._tx.payload_received(n)
         if n == remaining or not n:
@@ -177,21 +180,23 @@ class NBDClient:
             self._deliver(event)
 
     def _deliver(self, event: object) -> None:
+        """Hand one event to its call; calls already failed (broken connection) are skipped."""
+        call = self._calls.get(getattr(event, "cookie", -1))
+        if call is None:
+            return
         if isinstance(event, ReadData):
-            call = self._calls[event.cookie]
             assert call.sink is not None
             start = event.offset - call.offset
             call.sink[start : start + len(event.data)] = event.data
         elif isinstance(event, ReadHole):
-            call = self._calls[event.cookie]
             assert call.sink is not None
             start = event.offset - call.offset
             call.sink[start : start + event.length] = bytes(event.length)
         elif isinstance(event, BlockStatus):
             if event.context == self._tx.allocation_context:
-                self._calls[event.cookie].extents.extend(event.extents)
+                call.extents.extend(event.extents)
         elif isinstance(event, Done):
-            call = self._calls.pop(event.cookie)
+            del self._calls[event.cookie]
             call.result = event
             call.done.set()
             if event.error == errno.ESHUTDOWN:
