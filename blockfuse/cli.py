@@ -13,11 +13,15 @@ import trio
 
 from .background import background_tasks
 from .block import BlockDevice, format_size
+from .devices.readonly import ReadOnlyDevice
 from .devices.safe import SafeDevice
 from .errors import BlockError
 from .fuse.flatfile import FlatFile
 from .fuse.mount import (
+    FSNAME,
     MountError,
+    check_mountpoint,
+    close_all,
     is_stale,
     mount_type,
     prepare_mountpoint,
@@ -45,6 +49,14 @@ class CommandError(Exception):
     def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.status = status
+
+
+def size_option(text: str) -> int:
+    """argparse type for sizes: its error names the option's value and the units."""
+    try:
+        return parse_size(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     mount.add_argument(
         "--scratch-unit",
-        type=parse_size,
+        type=size_option,
         default=DEFAULT_UNIT,
         metavar="SIZE",
         help="scratch space is given out in units of SIZE (default 1M): a file takes whole units",
@@ -141,13 +153,17 @@ def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tupl
     return [(name, compile_spec(spec)) for name, spec in named]
 
 
-async def open_files(recipes: Sequence[tuple[str, Recipe]], *, unsafe: bool) -> list[FlatFile]:
+async def open_files(
+    recipes: Sequence[tuple[str, Recipe]], *, unsafe: bool, read_only: bool = False
+) -> list[FlatFile]:
     files: list[FlatFile] = []
     try:
         for name, recipe in recipes:
             device: BlockDevice = await open_recipe(name, recipe)
-            if not unsafe:
+            if not (unsafe or recipe.text.startswith("safe(")):
                 device = SafeDevice(device)
+            if read_only:
+                device = ReadOnlyDevice(device)
             files.append(FlatFile(name, device, kind=recipe.kind, spec=recipe.text))
     except BaseException:
         for f in files:
@@ -219,13 +235,18 @@ async def mount_files(
     recipes: list[tuple[str, Recipe]],
     scratch_recipes: Sequence[tuple[str, Recipe]],
 ) -> int:
-    files = await open_files(recipes, unsafe=args.unsafe)
+    files = await open_files(recipes, unsafe=args.unsafe, read_only=args.read_only)
     try:
         scratch = await open_scratch(scratch_recipes, unsafe=args.unsafe, unit=args.scratch_unit)
     except BaseException:
         for f in files:
             await f.device.aclose()
         raise
+    try:
+        prepare_mountpoint(args.mountpoint, args.prepare)
+    except MountError as exc:
+        await close_all(files, scratch)
+        raise CommandError(str(exc)) from exc
     banner = await describe(args.mountpoint, files, scratch)
     problems = await serve(
         args.mountpoint,
@@ -245,16 +266,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
     use_default = not args.device and not args.scratch
     recipes = compile_devices(args.device)
     scratch_recipes = compile_devices(args.scratch, "--scratch")
+    if args.scratch_unit <= 0 or args.scratch_unit % 512:
+        raise SpecError(f"--scratch-unit {args.scratch_unit} is not a positive multiple of 512")
     clash = {name for name, _ in recipes} & {name for name, _ in scratch_recipes}
     if clash:
         raise SpecError(f"{sorted(clash)[0]!r} names both a device and a scratch directory")
     try:
-        prepare_mountpoint(args.mountpoint)
+        args.prepare = check_mountpoint(args.mountpoint)
     except MountError as exc:
         raise CommandError(str(exc)) from exc
     if use_default:
         recipes = compile_devices([default_device()])
-    return trio.run(run_mount, args, recipes, scratch_recipes)
+    try:
+        return trio.run(run_mount, args, recipes, scratch_recipes)
+    except MountError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 # --- umount --------------------------------------------------------------------------
@@ -268,6 +294,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read the mount table: {exc}") from exc
     if fstype is None:
         raise CommandError(f"{path} is not mounted")
+    if fstype != "fuse." + FSNAME:
+        raise CommandError(f"{path} is a {fstype} mount, not blockfuse's; leaving it alone")
     cmd = unmount_command(path) if is_stale(path) else ["fusermount3", "-u", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -286,8 +286,17 @@ def compile_file(call: Call) -> Recipe:
 
 
 def check_file_access(path: str, read_only: bool) -> None:
-    if os.path.isdir(path):
+    """What opening ``path`` as a raw image would find wrong, found without opening it."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
         raise SpecError(f"{path} is a directory, not an image file or block device")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SpecError(f"{path} is not a regular file or block device")
+    if stat.S_ISREG(st.st_mode) and st.st_size % 512:
+        raise SpecError(
+            f"{path} is {st.st_size} bytes, not a whole number of 512-byte sectors "
+            f"(use sparse({path}, size=...) or `truncate -s` it to a multiple of 512)"
+        )
     if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
         mode = "reading" if read_only else "reading and writing"
         raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")

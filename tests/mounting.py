@@ -86,12 +86,18 @@ def mounted(
         wait_for(lambda: READY in m.output() and is_mounted(mountpoint), timeout, "the mount", m)
         yield m
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+        try:
+            stop_process(proc)
+        finally:  # unmount even if stopping was interrupted (e.g. by a test time limit)
+            if is_mounted(mountpoint):
+                subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -85,7 +85,6 @@ async def test_write_past_the_end_is_enospc() -> None:
 
 async def test_concurrent_writers_to_one_sector_lose_nothing() -> None:
     """Many tasks each write their own bytes of the same few sectors at once."""
-    f, mem = flat(4096)
 
     class Slow(MemoryDevice):
         async def read(self, sector, buffers):  # type: ignore[no-untyped-def]
@@ -103,10 +102,9 @@ async def test_concurrent_writers_to_one_sector_lose_nothing() -> None:
                 nursery.start_soon(f.write, offset, bytes([offset % 251 + 1]) * 2)
     for offset in offsets:
         assert slow.data[offset] == offset % 251 + 1, f"byte {offset} was lost"
-    del mem
 
 
-async def test_range_lock_serialises_overlaps_only() -> None:
+async def test_range_lock_serialises_overlaps_only(autojump_clock: object) -> None:
     lock = RangeLock()
     order: list[str] = []
 

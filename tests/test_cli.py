@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,50 @@ def test_mountpoint_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture
     target.write_text("x")
     status, err = run(capsys, "mount", str(target), "-d", "a=mem(1M)")
     assert status == 1 and "is not a directory" in err
+
+
+@pytest.mark.parametrize(
+    ("setup", "device", "message"),
+    [
+        ("odd", "disk=odd.img", "odd.img is 1000 bytes, not a whole number of 512-byte sectors"),
+        ("", "disk=/dev/null", "/dev/null is not a regular file or block device"),
+        ("", "disk=file(.)", ". is a directory"),
+    ],
+)
+def test_unusable_files_exit_2_before_the_mountpoint_exists(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    device: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if setup:
+        (tmp_path / "odd.img").write_bytes(b"x" * 1000)
+    status, err = run(capsys, "mount", "mnt", "--device", device)
+    assert status == 2 and message in err
+    assert not (tmp_path / "mnt").exists()
+
+
+def test_mountpoint_in_a_missing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, err = run(capsys, "mount", str(tmp_path / "no" / "mnt"), "-d", "a=mem(1M)")
+    assert status == 1
+    assert f"cannot create {tmp_path / 'no' / 'mnt'}" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_umount_leaves_other_filesystems_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True, timeout=10)
+    try:
+        status, err = run(capsys, "umount", str(target))
+        assert status == 1 and "is a tmpfs mount, not blockfuse's" in err
+        assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=False, timeout=10)

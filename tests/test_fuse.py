@@ -184,7 +184,12 @@ def blockfuse() -> list[str]:
 
 
 def test_concurrent_writers_to_one_sector_through_fuse(tmp_path: Path) -> None:
-    """Threads write interleaved single bytes of the same sectors; none is lost."""
+    """Threads write interleaved single bytes of the same sectors; none is lost.
+
+    The kernel serialises direct-I/O writes to one file (pyfuse3 cannot ask for
+    FOPEN_PARALLEL_DIRECT_WRITES), so the range lock itself is proven in process by
+    tests/test_bridge.py; this checks the whole path with a real mount.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     with mounted(tmp_path / "mnt", ["ram=mem(1M)"]) as m:

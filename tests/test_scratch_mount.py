@@ -258,7 +258,8 @@ def test_bad_scratch_options_are_refused_before_mounting(tmp_path: Path) -> None
     cases = [
         (["-d", "x=mem(1M)", "--scratch", "x=mem(4M)"], 2, "names both a device and a scratch"),
         (["--scratch", "tmp=mem(512K)"], 1, "smaller than one 1 MiB unit"),
-        (["--scratch", "tmp=mem(4M)", "--scratch-unit", "1000"], 1, "not a whole number"),
+        (["--scratch", "tmp=mem(4M)", "--scratch-unit", "1000"], 2, "not a positive multiple"),
+        (["--scratch", "tmp=mem(4M)", "--scratch-unit", "1X"], 2, "bad size '1X'"),
     ]
     for args, status, message in cases:
         out = subprocess.run(
@@ -268,3 +269,11 @@ def test_bad_scratch_options_are_refused_before_mounting(tmp_path: Path) -> None
             timeout=30,
         )
         assert (out.returncode, message in out.stderr) == (status, True), out.stderr
+        assert not (tmp_path / "mnt").exists(), "a refused mount created its mountpoint"
+
+
+def test_df_on_a_scratch_dir_shows_its_device(tmp_path: Path) -> None:
+    with mounted(tmp_path / "mnt", ["r=mem(1M)"], ["--scratch", "tmp=mem(4M)"]) as m:
+        st = os.statvfs(m.path("tmp"))
+        assert st.f_blocks * st.f_frsize == 4 * MiB
+        assert st.f_bfree * st.f_frsize == 4 * MiB

@@ -11,8 +11,10 @@ dirty-page writeback, can block for milliseconds, though.  So:
 - reads try ``preadv`` in the loop with ``RWF_NOWAIT`` (the kernel returns what the
   cache holds, or ``EAGAIN``, instead of waiting); only the rest goes to a thread;
 - writes try the same; where the filesystem refuses ``RWF_NOWAIT`` for buffered writes
-  (ext4 answers ``EOPNOTSUPP``), a write runs in the loop, and one that took longer
-  than ``SLOW_CALL`` sends the writes of the next ``SLOW_PERIOD`` to threads;
+  (ext4 answers ``EOPNOTSUPP``), a write of at most ``IN_LOOP_WRITE_MAX`` bytes runs in
+  the loop, and one that took longer than ``SLOW_CALL`` sends the writes of the next
+  ``SLOW_PERIOD`` to threads.  Larger writes always go to a thread: copying 1 MiB into
+  the page cache under writeback pressure once stalled the loop for 190 ms;
 - flushes always go to a thread.
 """
 
@@ -38,6 +40,8 @@ IoCall = Callable[[int, list[memoryview], int, int], int]
 
 _threads = trio.CapacityLimiter(16)
 
+IN_LOOP_WRITE_MAX = 64 << 10
+"""Writes up to this many bytes may run in the loop (where RWF_NOWAIT is refused)."""
 SLOW_CALL = 0.001
 """A write that blocked this long (seconds) sends the next ones to threads..."""
 SLOW_PERIOD = 1.0
@@ -86,7 +90,7 @@ class _NoWait:
         except BlockingIOError:
             return 0
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno != errno.EOPNOTSUPP:
                 raise
             self.supported = False
             return 0
@@ -101,7 +105,7 @@ class _BlockingGuard:
     def attempt(self, call: IoCall, fd: int, views: list[memoryview], offset: int) -> int:
         """Bytes done in the loop (0: the caller should use a thread)."""
         now = time.monotonic()
-        if now < self._threads_until:
+        if now < self._threads_until or total_length(views) > IN_LOOP_WRITE_MAX:
             return 0
         done = call(fd, views, offset, 0)
         if time.monotonic() - now > SLOW_CALL:

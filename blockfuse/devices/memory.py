@@ -1,11 +1,41 @@
-"""A device held in a bytearray: the reference oracle of the tests."""
+"""A device held in memory: the reference oracle of the tests, and ``mem(SIZE)``.
+
+The bytes live in an anonymous private mapping made with ``MAP_NORESERVE``: pages are
+allocated when first written, so ``mem(1T)`` costs nothing until used, and ``resize``
+is an ``mremap``.
+"""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info
 from ..errors import Disconnected, ReadOnly
+
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+"""Linux's value; Python 3.11's mmap module does not name it."""
+
+
+def _mapping(size: int) -> mmap.mmap:
+    """Zeroed memory of at least ``size`` bytes (a mapping cannot be empty)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+    return mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=flags)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _zero(data: mmap.mmap, start: int, end: int) -> None:
+    """Zero ``[start, end)``: whole pages are given back, the edges overwritten."""
+    first, last = _round_up(start), end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last - first < mmap.PAGESIZE:
+        data[start:end] = bytes(end - start)
+        return
+    data[start:first] = bytes(first - start)
+    data.madvise(mmap.MADV_DONTNEED, first, last - first)
+    data[last:end] = bytes(end - last)
 
 
 class MemoryDevice(BlockDevice):
@@ -17,23 +47,24 @@ class MemoryDevice(BlockDevice):
     ) -> None:
         if size_bytes < 0 or size_bytes % sector_size:
             raise ValueError(f"memory size {size_bytes} is not a whole number of sectors")
-        self._data: bytearray | None = bytearray(size_bytes)
+        self._map: mmap.mmap | None = _mapping(size_bytes)
+        self._size = size_bytes
         self._sector_size = sector_size
         self._read_only = read_only
 
     @property
-    def data(self) -> bytearray:
-        """The contents, for tests that compare against it."""
-        return self._open()
+    def data(self) -> bytes:
+        """A copy of the contents, for tests that compare against it."""
+        return self._open()[: self._size]
 
-    def _open(self) -> bytearray:
-        if self._data is None:
+    def _open(self) -> mmap.mmap:
+        if self._map is None:
             raise Disconnected("memory device is closed")
-        return self._data
+        return self._map
 
     async def get_info(self) -> Info:
-        data = self._open()
-        return Info(not self._read_only, self._sector_size, len(data) // self._sector_size)
+        self._open()
+        return Info(not self._read_only, self._sector_size, self._size // self._sector_size)
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         data = self._open()
@@ -52,28 +83,32 @@ class MemoryDevice(BlockDevice):
             offset += n
 
     async def write_zeroes(self, sector: int, count: int) -> None:
-        data = self._writable()
-        start, n = sector * self._sector_size, count * self._sector_size
-        data[start : start + n] = bytes(n)
+        start = sector * self._sector_size
+        _zero(self._writable(), start, start + count * self._sector_size)
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)
 
     async def resize(self, size_sectors: int) -> None:
         data = self._writable()
-        new_len = size_sectors * self._sector_size
-        if new_len < len(data):
-            del data[new_len:]
-        else:
-            data.extend(bytes(new_len - len(data)))
+        new_size = size_sectors * self._sector_size
+        if new_size < self._size:
+            # What is dropped must read back as zeroes if the device grows again; the
+            # shrunk mapping keeps the rest of its last page, so zero up to its end.
+            page_end = _round_up(max(new_size, mmap.PAGESIZE))
+            _zero(data, new_size, min(self._size, page_end))
+        data.resize(max(new_size, mmap.PAGESIZE))
+        self._size = new_size
 
     async def flush(self) -> None:
         self._open()
 
     async def aclose(self) -> None:
-        self._data = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
-    def _writable(self) -> bytearray:
+    def _writable(self) -> mmap.mmap:
         data = self._open()
         if self._read_only:
             raise ReadOnly("memory device is read-only")

@@ -7,6 +7,7 @@ closes it.  Nothing that happens in between may leave the mount behind.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -81,30 +82,65 @@ def is_stale(path: str) -> bool:
     return False
 
 
-def prepare_mountpoint(path: str) -> None:
-    """Make ``path`` ready to mount on: create it, clear a stale mount, refuse a live one."""
+class Prepare(enum.Enum):
+    """What a mountpoint needs before mounting, found by ``check_mountpoint``."""
+
+    NOTHING = "nothing"
+    CREATE = "create the directory"
+    CLEAR_STALE = "clear a stale blockfuse mount"
+
+
+def is_ours(path: str) -> bool:
+    return mount_type(path) == "fuse." + FSNAME
+
+
+def check_mountpoint(path: str) -> Prepare:
+    """What ``path`` needs to be mounted on; raises ``MountError`` and changes nothing."""
     try:
         os.stat(path)
     except FileNotFoundError:
-        os.mkdir(path)
-        return
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise MountError(f"cannot create {path}: {parent} is not a directory") from None
+        return Prepare.CREATE
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise MountError(f"cannot use {path} as a mountpoint: {exc.strerror}") from exc
-        clear_stale(path)
+        return stale_mount(path)
     if not os.path.isdir(path):
         raise MountError(f"{path} is not a directory")
-    fstype = mount_type(path)
-    if fstype == "fuse." + FSNAME and is_stale(path):
-        clear_stale(path)
-        fstype = mount_type(path)
-    if fstype == "fuse." + FSNAME:
+    if is_ours(path):
+        if is_stale(path):
+            return Prepare.CLEAR_STALE
         raise MountError(
             f"{path} is already mounted by a running blockfuse; stop that process, "
             f"or run: blockfuse umount {path}"
         )
+    fstype = mount_type(path)
     if fstype is not None:
         raise MountError(f"{path} is already a mount point ({fstype}); choose another directory")
+    return Prepare.NOTHING
+
+
+def stale_mount(path: str) -> Prepare:
+    """A mount at ``path`` lost its process: ours to clear, or someone else's to report."""
+    if is_ours(path):
+        return Prepare.CLEAR_STALE
+    raise MountError(
+        f"{path} holds a dead {mount_type(path) or 'FUSE'} mount that blockfuse did not make; "
+        f"clear it with: {' '.join(unmount_command(path))}"
+    )
+
+
+def prepare_mountpoint(path: str, need: Prepare) -> None:
+    """Do what ``check_mountpoint`` found necessary; raises ``MountError``."""
+    if need is Prepare.CREATE:
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            raise MountError(f"cannot create {path}: {exc.strerror}") from exc
+    elif need is Prepare.CLEAR_STALE:
+        clear_stale(path)
 
 
 def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
@@ -155,7 +191,12 @@ async def serve(
     directories are dropped unflushed: their files end with the mount.
     """
     ops = BlockFS(files, read_only=read_only, scratch=scratch)
-    pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))
+    try:
+        pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))
+    except (RuntimeError, OSError) as exc:
+        with trio.CancelScope(shield=True):
+            await close_all(files, scratch)
+        raise MountError(f"mounting on {mountpoint} failed: {exc} (is /dev/fuse there?)") from exc
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
@@ -166,7 +207,12 @@ async def serve(
     finally:
         pyfuse3.close(unmount=True)
         with trio.CancelScope(shield=True):
-            problems = await close_files(files)
-            for directory in scratch:
-                await directory.aclose()
+            problems = await close_all(files, scratch)
+    return problems
+
+
+async def close_all(files: Sequence[FlatFile], scratch: Sequence[ScratchDir]) -> list[str]:
+    problems = await close_files(files)
+    for directory in scratch:
+        await directory.aclose()
     return problems

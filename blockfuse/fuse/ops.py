@@ -166,13 +166,15 @@ class BlockFS(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         """One answer for the whole mount (pyfuse3 does not say which inode was asked).
 
-        Size: every device plus every scratch device; free: the scratch free space.
+        With scratch directories, their devices' capacity and free space (what ``df``
+        on a scratch directory should show; the flat files have no free space to
+        speak of); without, the flat files' total size, all used.
         """
-        total = 0
-        for f in self._by_inode.values():
-            total += (await f.info()).size_bytes
         free = sum(d.swap.free_bytes for d in self._scratch.values())
-        total += sum(d.swap.capacity_bytes for d in self._scratch.values())
+        total = sum(d.swap.capacity_bytes for d in self._scratch.values())
+        if not self._scratch:
+            for f in self._by_inode.values():
+                total += (await f.info()).size_bytes
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         data.f_blocks = total // 4096
