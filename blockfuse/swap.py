@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .block import BlockDevice, Buffer, total_length
+from .bridge import patch_sectors, span
 from .errors import HandleFreed, ReadOnly, Unsafe
 from .swapspace import FreeSpace, Run, map_range, merge_runs, round_up, split_buffers, split_runs
 
@@ -273,35 +274,13 @@ class Swap:
         if not data:
             return
         ss = self._sector_size
-        first, stop = offset - offset % ss, round_up(offset + len(data), ss)
-        buffers: list[Buffer] = [data]
-        if first != offset or stop != offset + len(data):
-            buffers = await self._with_edges(runs, size, offset, data, first, stop)
-        await self._device_io(self.device.write, runs, first, buffers)
 
-    async def _with_edges(
-        self, runs: list[Run], size: int, offset: int, data: memoryview, first: int, stop: int
-    ) -> list[Buffer]:
-        """``data`` padded to whole sectors with the bytes around it."""
-        ss = self._sector_size
-        if stop - first == ss:
-            sector = await self._old_sector(runs, size, first)
-            sector[offset - first : offset - first + len(data)] = data
-            return [sector]
-        head_len = (ss - (offset - first)) % ss
-        tail_len = (len(data) - head_len) % ss
-        buffers: list[Buffer] = []
-        if head_len:
-            head = await self._old_sector(runs, size, first)
-            head[ss - head_len :] = data[:head_len]
-            buffers.append(head)
-        if len(data) > head_len + tail_len:
-            buffers.append(data[head_len : len(data) - tail_len])
-        if tail_len:
-            tail = await self._old_sector(runs, size, stop - ss)
-            tail[:tail_len] = data[len(data) - tail_len :]
-            buffers.append(tail)
-        return buffers
+        async def old_sector(index: int) -> bytearray:
+            return await self._old_sector(runs, size, index * ss)
+
+        s = span(offset, len(data), ss)
+        buffers = await patch_sectors(s, data, ss, old_sector)
+        await self._device_io(self.device.write, runs, s.first * ss, buffers)
 
     async def _old_sector(self, runs: list[Run], size: int, at: int) -> bytearray:
         """The sector at byte ``at`` of the file; zeroes if it lies wholly past ``size``."""

@@ -11,9 +11,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blockfuse.bridge import clip, span
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import RequestFailed
-from blockfuse.fuse.bridge import clip, span
 from blockfuse.fuse.flatfile import FlatFile
 from blockfuse.fuse.rangelock import RangeLock
 

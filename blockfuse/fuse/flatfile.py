@@ -8,8 +8,8 @@ from __future__ import annotations
 import errno
 
 from ..block import BlockDevice, Capability, Info
+from ..bridge import clip, patch_sectors, span
 from ..errors import RequestFailed
-from .bridge import Span, clip, span
 from .rangelock import RangeLock
 
 
@@ -45,35 +45,12 @@ class FlatFile:
         view = memoryview(data)[:length]
         s = span(offset, length, info.sector_size)
         async with self._writes.hold(s.first, s.end):
-            if s.aligned:
-                await self.device.write(s.first, [view])
-            else:
-                await self._read_modify_write(s, view, info.sector_size)
+            buffers = await patch_sectors(s, view, info.sector_size, self._read_sector)
+            await self.device.write(s.first, buffers)
         return length
 
-    async def _read_modify_write(self, s: Span, data: memoryview, ss: int) -> None:
-        """Patch the partial end sectors and write them with the aligned middle at once."""
-        if s.count == 1:
-            sector = await self._read_sector(s.first, ss)
-            sector[s.head : s.head + len(data)] = data
-            return await self.device.write(s.first, [sector])
-        head_len = (ss - s.head) if s.head else 0
-        tail_len = (ss - s.tail) if s.tail else 0
-        buffers: list[bytearray | memoryview] = []
-        if head_len:
-            head = await self._read_sector(s.first, ss)
-            head[s.head :] = data[:head_len]
-            buffers.append(head)
-        if len(data) > head_len + tail_len:
-            buffers.append(data[head_len : len(data) - tail_len])
-        if tail_len:
-            tail = await self._read_sector(s.end - 1, ss)
-            tail[:tail_len] = data[len(data) - tail_len :]
-            buffers.append(tail)
-        await self.device.write(s.first, buffers)
-
-    async def _read_sector(self, sector: int, ss: int) -> bytearray:
-        buf = bytearray(ss)
+    async def _read_sector(self, sector: int) -> bytearray:
+        buf = bytearray((await self.device.get_info()).sector_size)
         await self.device.read(sector, [buf])
         return buf
 
