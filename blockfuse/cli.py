@@ -79,7 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         epilog=(
             "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
-            "(sizes like 512, 64K, 256M, 1G, 1T); safe(SPEC); an NBD URI "
+            "(sizes like 512, 64K, 256M, 1G, 1T); sparse(PATH, size=SIZE) (a sparse image, "
+            "created if missing, resizable with truncate -s); safe(SPEC); an NBD URI "
             "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH. Calls nest; "
             "quote paths holding commas or parentheses."
         ),
@@ -135,12 +136,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def default_device() -> str:
-    """The built-in default: a 1 GiB image in the current directory, created if missing."""
-    if not os.path.exists(DEFAULT_IMAGE):
-        with open(DEFAULT_IMAGE, "xb") as f:
-            f.truncate(DEFAULT_SIZE)
-        log.warning("created %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
-    return f"{DEFAULT_NAME}={DEFAULT_IMAGE}"
+    """The built-in default: a sparse 1 GiB image in the current directory, created (by
+    the sparse device, when it opens) if missing; an existing one keeps its length (it
+    may have been resized with ``truncate -s``)."""
+    if os.path.exists(DEFAULT_IMAGE):
+        return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE})"
+    log.warning("creating %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
+    return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
 
 
 def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:

@@ -12,6 +12,7 @@ A bare word is a path (a raw image file or block device) or an NBD URI
 
     ./disk.img    file(./disk.img, ro=true)    mem(256M)    safe(mem(1G))
     file("/images/odd,name(1).img")    nbd://10.0.0.5/disk0    safe(nbd+unix:///?socket=/s)
+    sparse(./big.img, size=1T)
 
 Opening is two steps so that bad input changes nothing: ``compile_spec`` parses and
 checks every argument (kinds, sizes, that files exist) and returns a ``Recipe``; only
@@ -23,7 +24,9 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from .background import background_nursery
@@ -32,6 +35,7 @@ from .devices.file import open_file
 from .devices.memory import MemoryDevice
 from .devices.remote import open_remote
 from .devices.safe import SafeDevice
+from .devices.sparse import check_backing, open_sparse
 from .nbd.uri import BadURI, parse_uri
 
 
@@ -178,16 +182,37 @@ def parse_bool(text: str) -> bool:
 # --- recipes -----------------------------------------------------------------------
 
 Opener = Callable[[], Awaitable[BlockDevice]]
+SizedOpener = Callable[[int], Awaitable[BlockDevice]]
 
 
 @dataclass
 class Recipe:
-    """A checked spec, ready to open.  ``kind`` is the outermost kind the user wrote."""
+    """A checked spec, ready to open.  ``kind`` is the outermost kind the user wrote.
+
+    ``open_sized(size_bytes)``, where a kind offers it (``sparse``), opens the device with
+    a size another device dictates: a mirror opens its primary, then its secondary with
+    the primary's size.  Compile such a secondary inside ``size_from_peer()`` so that a
+    missing file without ``size=`` is not an error.
+    """
 
     kind: str
     text: str
     open: Opener
     children: list[Recipe] = field(default_factory=list)
+    open_sized: SizedOpener | None = None
+
+
+_size_from_peer: ContextVar[bool] = ContextVar("size_from_peer", default=False)
+
+
+@contextmanager
+def size_from_peer() -> Iterator[None]:
+    """Compile specs whose size will come from another device (``Recipe.open_sized``)."""
+    token = _size_from_peer.set(True)
+    try:
+        yield
+    finally:
+        _size_from_peer.reset(token)
 
 
 @dataclass(frozen=True)
@@ -212,7 +237,10 @@ def existing_path(node: Node) -> str:
 
 
 def size_arg(node: Node) -> int:
-    return parse_size(word(node, "a size"))
+    text = word(node, "a size")
+    if text.strip().startswith("-"):
+        raise SpecError(f"size {text} is negative")
+    return parse_size(text)
 
 
 def bool_arg(node: Node) -> bool:
@@ -322,7 +350,46 @@ def compile_safe(call: Call) -> Recipe:
     async def open_() -> BlockDevice:
         return SafeDevice(await inner.open())
 
-    return Recipe(inner.kind, unparse(call), open_, [inner])
+    return Recipe(inner.kind, unparse(call), open_, [inner], wrap_sized(inner, SafeDevice))
+
+
+def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> SizedOpener | None:
+    """``open_sized`` for a wrapper: the inner device opened with the size, then wrapped."""
+    inner_sized = inner.open_sized
+    if inner_sized is None:
+        return None
+
+    async def open_sized(size_bytes: int) -> BlockDevice:
+        return wrap(await inner_sized(size_bytes))
+
+    return open_sized
+
+
+@kind("sparse")
+def compile_sparse(call: Call) -> Recipe:
+    """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
+    v = bind(call, [Param("path", path_arg), Param("size", size_arg, None, False)])
+    path = str(v["path"])
+    size = v["size"] if isinstance(v["size"], int) else None
+    size_later = _size_from_peer.get() and size is None and not os.path.exists(path)
+    try:
+        check_backing(path, 0 if size_later else size)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    if os.path.exists(path):
+        check_file_access(path, False)
+
+    async def open_() -> BlockDevice:
+        return open_sparse(path, size_bytes=size)
+
+    async def open_sized(size_bytes: int) -> BlockDevice:
+        return open_sparse(path, size_bytes=size if size is not None else size_bytes)
+
+    return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
+
+
+def path_arg(node: Node) -> str:
+    return word(node, "a path")
 
 
 _URI = re.compile(r"nbd[a-z+]*://")

@@ -16,6 +16,9 @@ dirty-page writeback, can block for milliseconds, though.  So:
   ``SLOW_PERIOD`` to threads.  Larger writes always go to a thread: copying 1 MiB into
   the page cache under writeback pressure once stalled the loop for 190 ms;
 - flushes always go to a thread.
+
+A regular file also offers ``discard``/``write_zeroes`` (punched holes) and ``extents``
+(``SEEK_DATA``/``SEEK_HOLE``), from ``holes.py``; a block device offers neither.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
-from ..block import SECTOR_SIZE, BlockDevice, Buffer, Info, total_length
-from ..errors import Disconnected, ReadOnly, RequestFailed, map_os_errors
+from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ..errors import Disconnected, ReadOnly, RequestFailed, Unimplemented, map_os_errors
+from .holes import file_extents, make_zeroes
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 
+T = TypeVar("T")
 IoCall = Callable[[int, list[memoryview], int, int], int]
 
 _threads = trio.CapacityLimiter(16)
@@ -47,6 +53,9 @@ SLOW_CALL = 0.001
 """A write that blocked this long (seconds) sends the next ones to threads..."""
 SLOW_PERIOD = 1.0
 """...for this long (seconds)."""
+
+HOLE_CAPABILITIES = frozenset({Capability.DISCARD, Capability.WRITE_ZEROES, Capability.EXTENTS})
+"""What a regular file offers on top of I/O: holes punched and found (``holes.py``)."""
 
 
 def advance(views: list[memoryview], n: int) -> list[memoryview]:
@@ -59,6 +68,17 @@ def advance(views: list[memoryview], n: int) -> list[memoryview]:
             out.append(v[n:])
             n = 0
     return out
+
+
+def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The first ``n`` bytes of ``views`` and the rest."""
+    head: list[memoryview] = []
+    for v in views:
+        if n <= 0:
+            break
+        head.append(v[:n])
+        n -= len(v)
+    return head, advance(views, total_length(head))
 
 
 def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
@@ -141,6 +161,8 @@ class FileDevice(BlockDevice):
         self._closed = False
         self._in_flight = 0
         self._idle = trio.Event()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            self.capabilities = HOLE_CAPABILITIES
 
     async def get_info(self) -> Info:
         self._check_open()
@@ -158,8 +180,37 @@ class FileDevice(BlockDevice):
         self._check_open()
         if self._read_only:
             return
-        with self._busy(), map_os_errors(f"flush {self.path}"):
-            await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=_threads)
+        await self._in_thread(f"flush {self.path}", self._sync, self._fd)
+
+    @staticmethod
+    def _sync(fd: int) -> None:
+        os.fdatasync(fd)
+
+    async def discard(self, sector: int, count: int) -> None:
+        await self.write_zeroes(sector, count)
+
+    async def write_zeroes(self, sector: int, count: int) -> None:
+        """Punch a hole (or, where the filesystem cannot, write zeroes)."""
+        self._check_can(Capability.WRITE_ZEROES)
+        self._check_writable()
+        offset, length = sector * self._sector_size, count * self._sector_size
+        await self._in_thread(
+            f"zero {self.path} at byte {offset}", make_zeroes, self._fd, offset, length
+        )
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        self._check_can(Capability.EXTENTS)
+        self._check_open()
+        ss = self._sector_size
+        return await self._in_thread(
+            f"find holes in {self.path}", file_extents, self._fd, sector, count, ss
+        )
+
+    async def _in_thread(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in a worker thread, counted as in flight."""
+        self._check_open()
+        with self._busy(), map_os_errors(what):
+            return await trio.to_thread.run_sync(fn, *args, limiter=_threads)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -173,9 +224,13 @@ class FileDevice(BlockDevice):
     async def _io(
         self, call: IoCall, nowait: _NoWait, sector: int, buffers: Sequence[Buffer], what: str
     ) -> None:
+        await self._io_at(call, nowait, sector * self._sector_size, byte_views(buffers), what)
+
+    async def _io_at(
+        self, call: IoCall, nowait: _NoWait, offset: int, views: list[memoryview], what: str
+    ) -> None:
+        """All of ``views`` at byte ``offset``: first without blocking, the rest in a thread."""
         self._check_open()
-        offset = sector * self._sector_size
-        views = byte_views(buffers)
         with self._busy(), map_os_errors(f"{what} {self.path} at byte {offset}"):
             done = nowait.attempt(call, self._fd, views, offset)
             if done < total_length(views):
@@ -198,6 +253,15 @@ class FileDevice(BlockDevice):
     def _check_open(self) -> None:
         if self._closed:
             raise Disconnected(f"{self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnly(f"{self.path} is open read-only")
+
+    def _check_can(self, capability: Capability) -> None:
+        if capability not in self.capabilities:
+            raise Unimplemented(f"{self.kind} device {self.path} cannot {capability.value}")
 
     def _busy(self) -> _InFlight:
         return _InFlight(self)

@@ -1,0 +1,358 @@
+"""Sparse: an image file with a virtual size, padded with zeroes (the seed's padded image).
+
+The device is ``size`` bytes long whatever the backing file's length; the file holds
+only what was written.  Three regions, by byte offset::
+
+    0                         length                          size
+    |--- backing file --------|--- virtual zeroes ------------|
+    | data and holes (reads   | reads: zeroes, no syscall     |
+    | as zeroes: SEEK_HOLE)   | writes: grow the file first   |
+
+- Reads take the file's bytes below ``length`` and zeroes above it.
+- A write is cut at the file's 4 KiB blocks; an all-zero piece is never written: below
+  ``length`` it is punched (``FALLOC_FL_PUNCH_HOLE``), above it skipped (it reads as zeroes
+  already).  The rest is written; if it ends past ``length``, the file first grows (a sparse
+  ``ftruncate``) to the end of the last non-zero piece and no further.
+- ``discard``/``write_zeroes`` punch holes; ``extents`` asks ``SEEK_DATA``/``SEEK_HOLE``
+  below ``length`` and reports everything above it as one hole.
+- ``resize`` truncates the file to the new size (growing is sparse, shrinking drops data),
+  so that the file's length records the size and reopening without ``size=`` finds it.
+- ``flush`` is ``fsync``: the data and the file's length are durable.
+
+A file created here is created at its full size (sparse), so it records its size too; an
+existing file shorter than ``size=`` is left as it is until a write needs more of it.
+
+**Invariant** (concurrency): ``length`` is the backing file's length and never exceeds the
+device's size.  Only an *exclusive* holder of ``_gate`` changes it (a write that must grow
+the file, ``resize``); reads, writes within ``length``, discards and extents hold it
+*shared* and may rely on ``length`` not moving under them.  So a read never meets an end of
+file it did not expect, and a shrink never races a write that would regrow the file.
+
+The syscalls run as in the ``file`` device (this class is one, with a virtual size): data
+I/O first in the loop with ``RWF_NOWAIT``, the rest and every metadata call in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from ..block import Buffer, Capability, Extent, Info, format_size, total_length
+from ..errors import Unsafe
+from .file import HOLE_CAPABILITIES, FileDevice, byte_views, device_geometry, split_views
+from .holes import append_extent, file_extents, make_zeroes
+
+BLOCK = 4096
+"""Zero detection works on the file's blocks of this size (ext4, xfs, btrfs: 4 KiB)."""
+
+_ZERO_BLOCK = bytes(BLOCK)
+_ZEROES = memoryview(bytes(1 << 20))
+
+
+class LengthGate:
+    """Many shared holders at once, or one exclusive holder; first come, first served."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._shared = 0
+        self._drained = trio.Event()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._lock:
+            self._shared += 1
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if self._shared == 0:
+                self._drained.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._lock:
+            while self._shared:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            yield
+
+
+# --- zero detection (pure) -------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A stretch of a write at byte ``offset``: all zeroes, or data to write."""
+
+    offset: int
+    zero: bool
+    views: list[memoryview] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return total_length(self.views)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def is_zero(view: memoryview) -> bool:
+    return not view[0] and view.tobytes() == _ZERO_BLOCK[: len(view)]
+
+
+def block_pieces(offset: int, view: memoryview) -> list[tuple[int, int, bool]]:
+    """``(start, stop, zero)`` of ``view`` (at file ``offset``) cut at block boundaries;
+    neighbours of one kind are merged."""
+    pieces: list[tuple[int, int, bool]] = []
+    start = 0
+    while start < len(view):
+        stop = min(len(view), start + BLOCK - (offset + start) % BLOCK)
+        zero = is_zero(view[start:stop])
+        if pieces and pieces[-1][2] == zero:
+            pieces[-1] = (pieces[-1][0], stop, zero)
+        else:
+            pieces.append((start, stop, zero))
+        start = stop
+    return pieces
+
+
+def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
+    """A write split into alternating zero and data runs, in order."""
+    runs: list[Run] = []
+    for view in views:
+        for start, stop, zero in block_pieces(offset, view):
+            if not runs or runs[-1].zero != zero:
+                runs.append(Run(offset + start, zero))
+            runs[-1].views.append(view[start:stop])
+        offset += len(view)
+    return runs
+
+
+def fill_zeroes(views: list[memoryview]) -> None:
+    for v in views:
+        for start in range(0, len(v), len(_ZEROES)):
+            n = min(len(_ZEROES), len(v) - start)
+            v[start : start + n] = _ZEROES[:n]
+
+
+# --- the device ----------------------------------------------------------------------
+
+
+class SparseDevice(FileDevice):
+    """A file (or block device) seen as ``size_bytes`` bytes; ``open_sparse`` builds one."""
+
+    kind = "sparse"
+
+    def __init__(self, fd: int, path: str, *, size_bytes: int, read_only: bool = False) -> None:
+        super().__init__(fd, path, read_only=read_only)
+        self._length, _ = device_geometry(fd)
+        self._size_sectors = size_bytes // self._sector_size
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self._gate = LengthGate()
+        if self._regular:
+            self.capabilities = HOLE_CAPABILITIES | {Capability.RESIZE}
+
+    @property
+    def backing_length(self) -> int:
+        """The backing file's length in bytes (at most the device's size)."""
+        return self._length
+
+    async def get_info(self) -> Info:
+        self._check_open()
+        return Info(not self._read_only, self._sector_size, self._size_sectors)
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
+        offset = sector * self._sector_size
+        views = byte_views(buffers)
+        async with self._gate.shared():
+            inside, past = split_views(views, max(0, self._length - offset))
+            fill_zeroes(past)
+            if inside:
+                await self._io_at(os.preadv, self._nowait_read, offset, inside, "read")
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_writable()
+        offset = sector * self._sector_size
+        views = byte_views(buffers)
+        runs = zero_runs(offset, views) if self._regular else [Run(offset, False, views)]
+        needed = max((r.end for r in runs if not r.zero), default=0)
+        while True:
+            await self._grow_to(needed)
+            async with self._gate.shared():
+                if needed <= self._length:
+                    for run in runs:
+                        await self._write_run(run)
+                    return
+
+    async def _write_run(self, run: Run) -> None:
+        if not run.zero:
+            await self._io_at(os.pwritev, self._nowait_write, run.offset, run.views, "write")
+        else:
+            await self._zero_inside(run.offset, run.length)
+
+    async def _zero_inside(self, offset: int, length: int) -> None:
+        """Make a range read as zeroes; past ``length`` it does already.  Holds the gate."""
+        length = min(length, self._length - offset)
+        if length > 0:
+            where = f"zero {self.path} at byte {offset}"
+            await self._in_thread(where, make_zeroes, self._fd, offset, length)
+
+    async def _grow_to(self, end: int) -> None:
+        """Make the backing file at least ``end`` bytes long (sparse)."""
+        if end <= self._length:
+            return
+        async with self._gate.exclusive():
+            size = self._size_sectors * self._sector_size
+            if end > size:
+                raise Unsafe(f"write up to byte {end} runs past the end ({format_size(size)})")
+            if end > self._length:
+                await self._in_thread(f"grow {self.path}", os.ftruncate, self._fd, end)
+                self._length = end
+
+    async def write_zeroes(self, sector: int, count: int) -> None:
+        self._check_can(Capability.WRITE_ZEROES)
+        self._check_writable()
+        async with self._gate.shared():
+            await self._zero_inside(sector * self._sector_size, count * self._sector_size)
+
+    async def resize(self, size_sectors: int) -> None:
+        self._check_can(Capability.RESIZE)
+        self._check_writable()
+        if size_sectors < 0:
+            raise Unsafe(f"cannot resize to a negative size ({size_sectors} sectors)")
+        new_length = size_sectors * self._sector_size
+        async with self._gate.exclusive():
+            await self._in_thread(f"resize {self.path}", os.ftruncate, self._fd, new_length)
+            self._length = new_length
+            self._size_sectors = size_sectors
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        self._check_can(Capability.EXTENTS)
+        self._check_open()
+        ss = self._sector_size
+        async with self._gate.shared():
+            backed = max(0, min(count, self._length // ss - sector))
+            out: list[Extent] = []
+            if backed:
+                where = f"find holes in {self.path}"
+                out = await self._in_thread(where, file_extents, self._fd, sector, backed, ss)
+            if not out or out[-1].end == sector + backed:
+                first = sector + backed
+                append_extent(out, Extent(first, sector + count - first, False))
+            return out
+
+    @staticmethod
+    def _sync(fd: int) -> None:
+        os.fsync(fd)
+
+    def status(self) -> dict[str, str]:
+        return {"backing_length": str(self._length)}
+
+
+# --- opening -------------------------------------------------------------------------
+
+
+def check_backing(path: str, size_bytes: int | None) -> None:
+    """Raise ``ValueError`` (one line) unless ``sparse(path, size=size_bytes)`` can open.
+
+    Changes nothing.  ``size_bytes`` of ``None`` means the file's own length.
+    """
+    if size_bytes is not None and (size_bytes < 0 or size_bytes % 512):
+        raise ValueError(f"size {size_bytes} is not a whole number of 512-byte sectors")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _check_creatable(path, size_bytes)
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ValueError(f"{path} is not a regular file or block device")
+    if stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            length, sector_size = device_geometry(fd)
+        finally:
+            os.close(fd)
+    else:
+        length, sector_size = st.st_size, 512
+    _check_length(path, length, sector_size, size_bytes, stat.S_ISBLK(st.st_mode))
+
+
+def _check_creatable(path: str, size_bytes: int | None) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot create {path}: the directory {parent} does not exist")
+    if size_bytes is None:
+        raise ValueError(
+            f"{path} does not exist; give its size to create it: sparse({path}, size=1G)"
+        )
+
+
+def _check_length(
+    path: str, length: int, sector_size: int, size_bytes: int | None, is_block: bool
+) -> None:
+    if length % sector_size:
+        raise ValueError(
+            f"{path} is {length} bytes, not a whole number of {sector_size}-byte sectors "
+            f"(`truncate -s` it to a multiple of {sector_size})"
+        )
+    if size_bytes is None:
+        return
+    if size_bytes % sector_size:
+        raise ValueError(f"size {size_bytes} is not a whole number of {sector_size}-byte sectors")
+    if size_bytes < length:
+        raise ValueError(
+            f"{path} is {length} bytes, more than size={size_bytes}; "
+            f"leave out size= to use the file's length, or `truncate -s` the file"
+        )
+    if is_block and size_bytes > length:
+        raise ValueError(
+            f"{path} is a block device of {length} bytes; it cannot hold size={size_bytes}"
+        )
+
+
+def open_sparse(path: str, *, size_bytes: int | None = None) -> SparseDevice:
+    """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing.
+
+    Raises ``ValueError`` (see ``check_backing``) or ``OSError``.
+    """
+    check_backing(path, size_bytes)
+    fd, created = _open_or_create(path, size_bytes)
+    try:
+        length = device_geometry(fd)[0]
+        return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(path)
+        raise
+
+
+def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if size_bytes is not None:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.ftruncate(fd, size_bytes)
+            except BaseException:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            return fd, True
+    fd = os.open(path, flags)
+    try:
+        check_backing(path, size_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, False
