@@ -1,0 +1,156 @@
+"""Sparse devices through a real mount: huge sizes, truncate, the default device, ext4.
+
+Slow end-to-end cases.  Every subprocess has a timeout; loop devices and mounts are
+undone in ``finally`` blocks, also when a check fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_tool
+from .mounting import mounted
+
+pytestmark = pytest.mark.e2e
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+def allocated(path: Path) -> int:
+    """Bytes the filesystem holds for ``path`` (what `du` shows)."""
+    return os.stat(path).st_blocks * 512
+
+
+def run(*cmd: str, timeout: float = 60) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def test_one_tebibyte_device(tmp_path: Path) -> None:
+    image = tmp_path / "huge.img"
+    blob = os.urandom(1 << 20)
+    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=1T)"]) as m:
+        disk = m.path("disk")
+        assert disk.stat().st_size == TiB
+        fd = os.open(disk, os.O_RDWR)
+        try:
+            assert os.pread(fd, 1 << 20, TiB - (1 << 20)) == bytes(1 << 20)
+            assert os.pread(fd, 100, TiB - 50) == bytes(50), "a read is cut at the end"
+            assert os.pwrite(fd, blob, 900 * GiB) == len(blob)
+            os.fsync(fd)
+            assert os.pread(fd, len(blob), 900 * GiB) == blob
+        finally:
+            os.close(fd)
+        assert int(run("du", "-k", str(image), timeout=10).split()[0]) <= 2048, "du: tiny"
+    assert image.stat().st_size == TiB
+    assert allocated(image) < 2 << 20
+    with open(image, "rb") as f:
+        f.seek(900 * GiB)
+        assert f.read(len(blob)) == blob
+
+
+def test_truncate_grows_and_shrinks_through_the_mount(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=64M)"]) as m:
+        disk = m.path("disk")
+        with open(disk, "r+b") as f:
+            f.seek((64 << 20) - 5)
+            f.write(b"tail!")
+        run("truncate", "-s", "1G", str(disk), timeout=20)
+        assert disk.stat().st_size == GiB
+        assert image.stat().st_size == GiB
+        with open(disk, "r+b") as f:
+            f.seek((64 << 20) - 5)
+            assert f.read(5) == b"tail!"
+            assert f.read(1 << 20) == bytes(1 << 20), "grown space reads as zeroes"
+            f.seek(GiB - 4)
+            f.write(b"end!")
+        run("truncate", "-s", "32M", str(disk), timeout=20)
+        assert disk.stat().st_size == 32 << 20
+        run("truncate", "-s", "64M", str(disk), timeout=20)
+        with open(disk, "rb") as f:
+            f.seek((64 << 20) - 5)
+            assert f.read(5) == bytes(5), "shrinking dropped the data past the end"
+        with pytest.raises(OSError) as info:
+            os.truncate(disk, (64 << 20) + 100)
+        assert info.value.errno == errno.EINVAL
+    assert image.stat().st_size == 64 << 20
+
+
+def test_bare_mount_serves_a_sparse_default_image(tmp_path: Path) -> None:
+    with mounted(tmp_path / "mnt", cwd=tmp_path) as m:
+        assert m.path("disk").stat().st_size == GiB
+        assert os.getxattr(m.path("disk"), "user.blockfuse.kind") == b"sparse"
+        run("truncate", "-s", "2G", str(m.path("disk")), timeout=20)
+    image = tmp_path / "blockfuse-disk.img"
+    assert image.stat().st_size == 2 * GiB and allocated(image) == 0
+    with mounted(tmp_path / "mnt", cwd=tmp_path) as m:
+        assert m.path("disk").stat().st_size == 2 * GiB, "the resized image keeps its size"
+
+
+@contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    dev = run(require_tool("losetup", "util-linux"), "-f", "--show", str(path), timeout=30).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
+
+
+@contextmanager
+def mounted_fs(dev: str, where: Path) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    run("mount", "-t", "ext4", dev, str(where), timeout=60)
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], check=False, timeout=60).returncode:
+            subprocess.run(["umount", "-l", str(where)], check=False, timeout=60)
+
+
+def write_files(root: Path) -> dict[str, str]:
+    digests = {}
+    for i in range(20):
+        data = os.urandom((i + 1) * 100_000)
+        (root / f"file{i}").write_bytes(data)
+        digests[f"file{i}"] = hashlib.sha256(data).hexdigest()
+    os.sync()
+    return digests
+
+
+def test_ext4_on_a_sixteen_gib_sparse_device(tmp_path: Path) -> None:
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
+    e2fsck = require_tool("e2fsck", "e2fsprogs")
+    image = tmp_path / "ext4.img"
+    with (
+        mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=16G)"]) as m,
+        loop_device(m.path("disk")) as dev,
+    ):
+        run(mkfs, "-q", "-F", dev, timeout=120)
+        with mounted_fs(dev, tmp_path / "fs") as fs:
+            digests = write_files(fs)
+        result = subprocess.run([e2fsck, "-fn", dev], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with mounted_fs(dev, tmp_path / "fs") as fs:
+            for name, digest in digests.items():
+                assert hashlib.sha256((fs / name).read_bytes()).hexdigest() == digest
+    assert image.stat().st_size == 16 * GiB
+    assert allocated(image) < 512 << 20, f"backing file holds {allocated(image)} bytes"
+    # The backing file itself, with no mount or cache in between, holds the filesystem.
+    result = subprocess.run(
+        [e2fsck, "-fn", str(image)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    out = subprocess.run(
+        [debugfs, "-R", "cat /file7", str(image)], capture_output=True, timeout=60, check=True
+    ).stdout
+    assert hashlib.sha256(out).hexdigest() == digests["file7"]
