@@ -237,9 +237,13 @@ def existing_path(node: Node) -> str:
 
 
 def size_arg(node: Node) -> int:
+    return parse_size(word(node, "a size"))
+
+
+def sparse_size_arg(node: Node) -> int:
     text = word(node, "a size")
     if text.strip().startswith("-"):
-        raise SpecError(f"size {text} is negative")
+        raise SpecError(f"bad size {text!r}: a size cannot be negative")
     return parse_size(text)
 
 
@@ -368,7 +372,7 @@ def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> Siz
 @kind("sparse")
 def compile_sparse(call: Call) -> Recipe:
     """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
-    v = bind(call, [Param("path", path_arg), Param("size", size_arg, None, False)])
+    v = bind(call, [Param("path", path_arg), Param("size", sparse_size_arg, None, False)])
     path = str(v["path"])
     size = v["size"] if isinstance(v["size"], int) else None
     size_later = _size_from_peer.get() and size is None and not os.path.exists(path)

@@ -291,7 +291,7 @@ def test_sparse_matches_a_bytearray(tmp_path: Path, ops: list, prefix: int) -> N
     ("args", "message"),
     [
         ("size=1000", "size 1000 is not a whole number of 512-byte sectors"),
-        ("size=-512", "size -512 is negative"),
+        ("size=-512", "bad size .-512.: a size cannot be negative"),
         ("size=lots", "bad size 'lots'"),
         ("", "does not exist; give its size to create it"),
     ],
