@@ -195,6 +195,33 @@ async def test_file_device_extents_and_holes(tmp_path: Path) -> None:
         await dev.aclose()
 
 
+async def test_concurrent_growth_reads_and_resizes(tmp_path: Path) -> None:
+    """Writes that grow the file race reads and a same-size resize; nothing is lost."""
+    path = fresh(tmp_path)
+    Path(path).write_bytes(b"")
+    dev = open_sparse(path, size_bytes=MiB)
+    blobs = {i: os.urandom(4096) for i in range(0, MiB // 4096, 3)}
+
+    async def write_then_read(i: int) -> None:
+        await dev.write(i * 8, [blobs[i]])
+        assert await read(dev, i * 8, 4096) == blobs[i]
+
+    async def reader() -> None:
+        for i in range(0, MiB // 4096):
+            await read(dev, i * 8, 8192 if i < MiB // 4096 - 1 else 4096)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in blobs:
+                nursery.start_soon(write_then_read, i)
+            nursery.start_soon(reader)
+            nursery.start_soon(dev.resize, MiB // SS)
+        for i, blob in blobs.items():
+            assert await read(dev, i * 8, 4096) == blob
+        await dev.aclose()
+    assert os.path.getsize(path) == MiB
+
+
 def test_zero_runs_cut_at_file_blocks() -> None:
     data = memoryview(bytearray(b"x" * 512 + bytes(8192) + b"y" * 512))
     runs = zero_runs(3584, [data[:1000], data[1000:]])

@@ -50,6 +50,7 @@ def test_one_tebibyte_device(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert int(run("du", "-k", str(image), timeout=10).split()[0]) <= 2048, "du: tiny"
+        assert int(os.getxattr(disk, "user.blockfuse.allocated")) < 2 << 20
     assert image.stat().st_size == TiB
     assert allocated(image) < 2 << 20
     with open(image, "rb") as f:

@@ -55,7 +55,12 @@ _ZEROES = memoryview(bytes(1 << 20))
 
 
 class LengthGate:
-    """Many shared holders at once, or one exclusive holder; first come, first served."""
+    """Many shared holders at once, or one exclusive holder; first come, first served.
+
+    An exclusive holder (or waiter) holds ``_lock``; a shared entrant queues on it only
+    then, so the common case -- no resize, no growth -- costs no trip through the
+    scheduler (two checkpoints, ~10 µs, per request otherwise).
+    """
 
     def __init__(self) -> None:
         self._lock = trio.Lock()
@@ -64,8 +69,10 @@ class LengthGate:
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._lock:
-            self._shared += 1
+        if self._lock.locked():
+            async with self._lock:  # wait behind the exclusive holder and waiters
+                pass
+        self._shared += 1
         try:
             yield
         finally:
@@ -253,7 +260,11 @@ class SparseDevice(FileDevice):
         os.fsync(fd)
 
     def status(self) -> dict[str, str]:
-        return {"backing_length": str(self._length)}
+        """The backing file's length and what it holds on disk (what `du` shows)."""
+        if self._closed:
+            return {}
+        allocated = os.fstat(self._fd).st_blocks * 512
+        return {"backing_length": str(self._length), "allocated": str(allocated)}
 
 
 # --- opening -------------------------------------------------------------------------

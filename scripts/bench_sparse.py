@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""fio through a sparse device vs a plain file device in the same mount, same run.
+
+One ``blockfuse mount`` serves ``sparse=sparse(IMG, size=1G)`` and ``file=IMG2`` (a 1 GiB
+file, also created empty).  fio (O_DIRECT, libaio, queue depth 4) runs sequential 1 MiB
+writes of random data, sequential 1 MiB reads, and sequential 1 MiB writes of zeroes
+against each, alternating devices, ``--rounds`` times; the median MiB/s of each is
+printed with the ratio sparse/file (target >= 0.9x).  Then the mount process's memory
+(VmRSS and VmHWM from /proc/PID/status) for a 1 GiB and a 1 TiB sparse device after the
+same I/O in the device's last GiB.  About a minute with the defaults.
+
+    sudo .venv/bin/python scripts/bench_sparse.py [--runtime 3] [--rounds 2] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+
+JOBS = [
+    ("seq write 1M qd4", "write", []),
+    ("seq read 1M qd4", "read", []),
+    ("seq write zeroes 1M qd4", "write", ["--zero_buffers"]),
+]
+
+
+def need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+@contextmanager
+def blockfuse_mount(mountpoint: Path, devices: Sequence[str]) -> Iterator[int]:
+    """``blockfuse mount`` with ``devices`` until the block ends; yields the process id."""
+    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mountpoint)]
+    for d in devices:
+        cmd += ["-d", d]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit("blockfuse mount did not come up")
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, timeout=30)
+
+
+def fio(path: Path, rw: str, extra: Sequence[str], runtime: float, offset: int = 0) -> float:
+    """MiB/s of one fio job on ``path`` (1 MiB blocks, O_DIRECT, libaio, depth 4)."""
+    cmd = [
+        "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
+        f"--rw={rw}", "--bs=1M", "--iodepth=4", f"--offset={offset}", f"--size={GiB}",
+        "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+        *extra,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
+    job = json.loads(out.stdout)["jobs"][0]
+    return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / (1 << 20)
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of process ``pid`` in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def allocated_mib(path: Path) -> float:
+    return os.stat(path).st_blocks * 512 / (1 << 20)
+
+
+def throughput(workdir: Path, runtime: float, rounds: int) -> None:
+    sparse_img, file_img = workdir / "sparse.img", workdir / "file.img"
+    with open(file_img, "wb") as f:
+        f.truncate(GiB)
+    mnt = workdir / "mnt"
+    devices = [f"sparse=sparse({sparse_img}, size=1G)", f"file={file_img}"]
+    print(f"fio O_DIRECT libaio, {runtime:g}s per job, median of {rounds} rounds, in {workdir}")
+    print(f"{'job':<26} {'sparse MiB/s':>13} {'file MiB/s':>11} {'ratio':>7}")
+    with blockfuse_mount(mnt, devices):
+        for label, rw, extra in JOBS:
+            results: dict[str, list[float]] = {"sparse": [], "file": []}
+            for i in range(rounds):
+                order = ("sparse", "file") if i % 2 == 0 else ("file", "sparse")
+                for name in order:
+                    results[name].append(fio(mnt / name, rw, extra, runtime))
+            a, b = statistics.median(results["sparse"]), statistics.median(results["file"])
+            print(f"{label:<26} {a:>13.0f} {b:>11.0f} {a / b:>6.2f}x", flush=True)
+    print(
+        f"allocated after the zero writes: sparse {allocated_mib(sparse_img):.0f} MiB, "
+        f"file {allocated_mib(file_img):.0f} MiB"
+    )
+
+
+def memory(workdir: Path, runtime: float) -> None:
+    rows = []
+    for label, size in (("1 GiB", GiB), ("1 TiB", 1 << 40)):
+        image, mnt = workdir / f"mem-{size}.img", workdir / "mnt"
+        with blockfuse_mount(mnt, [f"disk=sparse({image}, size={size})"]) as pid:
+            idle = memory_mib(pid)
+            for rw in ("write", "read"):
+                fio(mnt / "disk", rw, [], runtime, offset=size - GiB)
+            busy = memory_mib(pid)
+        rows.append((label, idle["VmRSS"], busy["VmRSS"], busy["VmHWM"]))
+        image.unlink()
+    print(f"{'sparse device':<14} {'RSS idle':>9} {'RSS after I/O':>14} {'peak (VmHWM)':>13}")
+    for label, idle_rss, rss, hwm in rows:
+        print(f"{label:<14} {idle_rss:>7.1f}Mi {rss:>12.1f}Mi {hwm:>11.1f}Mi")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runtime", type=float, default=3, help="seconds per fio job")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per job and device")
+    parser.add_argument("--dir", default="/var/tmp", help="where the images go (needs 2 GiB)")
+    args = parser.parse_args()
+    need("fio", "fio")
+    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-sparse-", dir=args.dir))
+    try:
+        throughput(workdir, args.runtime, args.rounds)
+        memory(workdir, min(args.runtime, 2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
