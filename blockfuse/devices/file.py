@@ -37,7 +37,7 @@ import trio
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info, total_length
 from ..errors import Disconnected, ReadOnly, RequestFailed, Unimplemented, map_os_errors
-from .holes import file_extents, make_zeroes
+from .holes import file_extents, is_hole, make_zeroes
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -193,10 +193,15 @@ class FileDevice(BlockDevice):
         """Punch a hole (or, where the filesystem cannot, write zeroes)."""
         self._check_can(Capability.WRITE_ZEROES)
         self._check_writable()
-        offset, length = sector * self._sector_size, count * self._sector_size
-        await self._in_thread(
-            f"zero {self.path} at byte {offset}", make_zeroes, self._fd, offset, length
-        )
+        await self._zero_range(sector * self._sector_size, count * self._sector_size)
+
+    async def _zero_range(self, offset: int, length: int) -> None:
+        """Punch ``[offset, offset+length)`` in a thread, unless it is a hole already."""
+        where = f"zero {self.path} at byte {offset}"
+        with map_os_errors(where):
+            if is_hole(self._fd, offset, length):
+                return
+        await self._in_thread(where, make_zeroes, self._fd, offset, length)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         self._check_can(Capability.EXTENTS)

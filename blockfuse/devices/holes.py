@@ -68,6 +68,12 @@ def _next_data(fd: int, pos: int) -> int | None:
         raise
 
 
+def is_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether ``[offset, offset+length)`` holds no data (one ``lseek``, ~1 µs)."""
+    data = _next_data(fd, offset)
+    return data is None or data >= offset + length
+
+
 def byte_runs(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
     """``(offset, length, is_data)`` runs covering ``[start, end)`` in order.
 

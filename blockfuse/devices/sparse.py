@@ -10,9 +10,10 @@ only what was written.  Three regions, by byte offset::
 
 - Reads take the file's bytes below ``length`` and zeroes above it.
 - A write is cut at the file's 4 KiB blocks; an all-zero piece is never written: below
-  ``length`` it is punched (``FALLOC_FL_PUNCH_HOLE``), above it skipped (it reads as zeroes
-  already).  The rest is written; if it ends past ``length``, the file first grows (a sparse
-  ``ftruncate``) to the end of the last non-zero piece and no further.
+  ``length`` it is punched (``FALLOC_FL_PUNCH_HOLE``) unless ``SEEK_DATA`` says it is a
+  hole already, above it skipped (it reads as zeroes already).  The rest is written; if
+  it ends past ``length``, the file first grows (a sparse ``ftruncate``) to the end of
+  the last non-zero piece and no further.
 - ``discard``/``write_zeroes`` punch holes; ``extents`` asks ``SEEK_DATA``/``SEEK_HOLE``
   below ``length`` and reports everything above it as one hole.
 - ``resize`` truncates the file to the new size (growing is sparse, shrinking drops data),
@@ -45,7 +46,7 @@ import trio
 from ..block import Buffer, Capability, Extent, Info, format_size, total_length
 from ..errors import Unsafe
 from .file import HOLE_CAPABILITIES, FileDevice, byte_views, device_geometry, split_views
-from .holes import append_extent, file_extents, make_zeroes
+from .holes import append_extent, file_extents
 
 BLOCK = 4096
 """Zero detection works on the file's blocks of this size (ext4, xfs, btrfs: 4 KiB)."""
@@ -208,8 +209,7 @@ class SparseDevice(FileDevice):
         """Make a range read as zeroes; past ``length`` it does already.  Holds the gate."""
         length = min(length, self._length - offset)
         if length > 0:
-            where = f"zero {self.path} at byte {offset}"
-            await self._in_thread(where, make_zeroes, self._fd, offset, length)
+            await self._zero_range(offset, length)
 
     async def _grow_to(self, end: int) -> None:
         """Make the backing file at least ``end`` bytes long (sparse)."""
