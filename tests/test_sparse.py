@@ -58,16 +58,6 @@ async def test_padded_sparse_conforms(tmp_path: Path) -> None:
     await check_block_device(make)
 
 
-async def test_file_with_holes_conforms(tmp_path: Path) -> None:
-    async def make() -> BlockDevice:
-        path = fresh(tmp_path)
-        with open(path, "wb") as f:
-            f.truncate(MiB)
-        return open_file(path)
-
-    await check_block_device(make)
-
-
 # --- behaviour --------------------------------------------------------------------------
 
 

@@ -15,6 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
+
+from blockfuse.block import BlockDevice, Capability
+from blockfuse.devices.sparse import open_sparse
+from blockfuse.spec import SpecError, compile_spec
+from blockfuse.testing import check_block_device
 
 from .conftest import require_tool
 from .mounting import mounted
@@ -155,3 +161,26 @@ def test_ext4_on_a_sixteen_gib_sparse_device(tmp_path: Path) -> None:
         [debugfs, "-R", "cat /file7", str(image)], capture_output=True, timeout=60, check=True
     ).stdout
     assert hashlib.sha256(out).hexdigest() == digests["file7"]
+
+
+async def test_sparse_over_a_block_device(tmp_path: Path) -> None:
+    """A block device cannot grow: its size is the limit, and it offers no resize."""
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    with loop_device(backing) as dev:
+        with pytest.raises(SpecError, match="cannot hold size="):
+            compile_spec(f"sparse({dev}, size=16M)")
+        prefix = await compile_spec(f"sparse({dev}, size=4M)").open()
+        assert (await prefix.get_info()).size_bytes == 4 << 20
+        await prefix.aclose()
+
+        async def make() -> BlockDevice:
+            return open_sparse(dev)
+
+        device = await make()
+        assert (await device.get_info()).size_bytes == 8 << 20
+        assert Capability.RESIZE not in device.capabilities
+        await device.aclose()
+        with trio.fail_after(60):
+            await check_block_device(make)

@@ -21,7 +21,9 @@ only what was written.  Three regions, by byte offset::
 - ``flush`` is ``fsync``: the data and the file's length are durable.
 
 A file created here is created at its full size (sparse), so it records its size too; an
-existing file shorter than ``size=`` is left as it is until a write needs more of it.
+existing file shorter than ``size=`` is left as it is until a write needs more of it.  A
+block device cannot grow: ``size=`` may be at most its size (a prefix), and it offers no
+resize, holes or extents (every write is written).
 
 **Invariant** (concurrency): ``length`` is the backing file's length and never exceeds the
 device's size.  Only an *exclusive* holder of ``_gate`` changes it (a write that must grow
@@ -159,7 +161,7 @@ class SparseDevice(FileDevice):
 
     def __init__(self, fd: int, path: str, *, size_bytes: int, read_only: bool = False) -> None:
         super().__init__(fd, path, read_only=read_only)
-        self._length, _ = device_geometry(fd)
+        self._length = min(device_geometry(fd)[0], size_bytes)  # a block device's prefix
         self._size_sectors = size_bytes // self._sector_size
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         self._gate = LengthGate()
@@ -317,7 +319,7 @@ def _check_length(
         return
     if size_bytes % sector_size:
         raise ValueError(f"size {size_bytes} is not a whole number of {sector_size}-byte sectors")
-    if size_bytes < length:
+    if size_bytes < length and not is_block:
         raise ValueError(
             f"{path} is {length} bytes, more than size={size_bytes}; "
             f"leave out size= to use the file's length, or `truncate -s` the file"
