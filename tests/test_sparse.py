@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockfuse.block import BlockDevice, Capability, Extent
+from blockfuse.devices import holes
 from blockfuse.devices.file import open_file
 from blockfuse.devices.holes import to_sector_extents
 from blockfuse.devices.sparse import SparseDevice, open_sparse, zero_runs
@@ -212,6 +213,24 @@ async def test_concurrent_growth_reads_and_resizes(tmp_path: Path) -> None:
     assert os.path.getsize(path) == MiB
 
 
+async def test_extents_may_stop_early_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(holes, "MAX_EXTENTS", 3)
+    dev = open_sparse(fresh(tmp_path), size_bytes=MiB)
+    with trio.fail_after(10):
+        for block in (1, 5, 9, 13):
+            await dev.write(block * 8, [b"q" * 4096])
+        found: list[Extent] = []
+        while not found or found[-1].end < MiB // SS:
+            start = found[-1].end if found else 0
+            part = await dev.extents(start, MiB // SS - start)
+            assert part and part[0].sector == start and len(part) <= 4
+            found += part
+        assert [e.sector for e in found if e.is_data] == [8, 40, 72, 104]
+        await dev.aclose()
+
+
 def test_zero_runs_cut_at_file_blocks() -> None:
     data = memoryview(bytearray(b"x" * 512 + bytes(8192) + b"y" * 512))
     runs = zero_runs(3584, [data[:1000], data[1000:]])
@@ -239,6 +258,7 @@ OPS = st.lists(
             st.sampled_from(["zero", "data", "mixed"]),
         ),
         st.tuples(st.just("discard"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
+        st.tuples(st.just("zeroes"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
         st.tuples(st.just("resize"), st.integers(0, 4 * SECTORS)),
         st.tuples(st.just("read"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
     ),
@@ -268,8 +288,8 @@ async def apply(dev: SparseDevice, model: bytearray, op: tuple, step: int) -> No
         blob = payload(op[3], count * SS, step)
         await dev.write(sector, [blob])
         model[sector * SS : (sector + count) * SS] = blob
-    elif op[0] == "discard":
-        await dev.discard(sector, count)
+    elif op[0] in ("discard", "zeroes"):
+        await (dev.discard if op[0] == "discard" else dev.write_zeroes)(sector, count)
         model[sector * SS : (sector + count) * SS] = bytes(count * SS)
     assert await read(dev, sector, count * SS) == model[sector * SS : (sector + count) * SS]
 
