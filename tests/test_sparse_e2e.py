@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import check_block_device
 
 from .conftest import require_tool
-from .mounting import mounted
+from .mounting import MountProcess, mounted
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +41,33 @@ def run(*cmd: str, timeout: float = 60) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
+@contextmanager
+def watchdog(m: MountProcess, seconds: float) -> Iterator[None]:
+    """Bound a block of plain os calls on the mount: past ``seconds`` the mount process is
+    killed, so hung I/O fails (ENOTCONN) instead of hanging the suite."""
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        m.proc.kill()
+
+    timer = threading.Timer(seconds, expire)
+    timer.start()
+    try:
+        yield
+    except Exception as exc:
+        if fired.is_set():
+            raise AssertionError(f"I/O on the mount took over {seconds}s") from exc
+        raise
+    finally:
+        timer.cancel()
+    assert not fired.is_set(), f"I/O on the mount took over {seconds}s"
+
+
 def test_one_tebibyte_device(tmp_path: Path) -> None:
     image = tmp_path / "huge.img"
     blob = os.urandom(1 << 20)
-    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=1T)"]) as m:
+    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=1T)"]) as m, watchdog(m, 60):
         disk = m.path("disk")
         assert disk.stat().st_size == TiB
         fd = os.open(disk, os.O_RDWR)
@@ -66,7 +90,7 @@ def test_one_tebibyte_device(tmp_path: Path) -> None:
 
 def test_truncate_grows_and_shrinks_through_the_mount(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
-    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=64M)"]) as m:
+    with mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=64M)"]) as m, watchdog(m, 60):
         disk = m.path("disk")
         with open(disk, "r+b") as f:
             f.seek((64 << 20) - 5)
@@ -93,13 +117,13 @@ def test_truncate_grows_and_shrinks_through_the_mount(tmp_path: Path) -> None:
 
 
 def test_bare_mount_serves_a_sparse_default_image(tmp_path: Path) -> None:
-    with mounted(tmp_path / "mnt", cwd=tmp_path) as m:
+    with mounted(tmp_path / "mnt", cwd=tmp_path) as m, watchdog(m, 60):
         assert m.path("disk").stat().st_size == GiB
         assert os.getxattr(m.path("disk"), "user.blockfuse.kind") == b"sparse"
         run("truncate", "-s", "2G", str(m.path("disk")), timeout=20)
     image = tmp_path / "blockfuse-disk.img"
     assert image.stat().st_size == 2 * GiB and allocated(image) == 0
-    with mounted(tmp_path / "mnt", cwd=tmp_path) as m:
+    with mounted(tmp_path / "mnt", cwd=tmp_path) as m, watchdog(m, 60):
         assert m.path("disk").stat().st_size == 2 * GiB, "the resized image keeps its size"
 
 
@@ -139,6 +163,7 @@ def test_ext4_on_a_sixteen_gib_sparse_device(tmp_path: Path) -> None:
     image = tmp_path / "ext4.img"
     with (
         mounted(tmp_path / "mnt", [f"disk=sparse({image}, size=16G)"]) as m,
+        watchdog(m, 300),
         loop_device(m.path("disk")) as dev,
     ):
         run(mkfs, "-q", "-F", dev, timeout=120)
