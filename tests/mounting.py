@@ -68,7 +68,7 @@ def mounted(
     timeout: float = 20,
     cwd: Path | None = None,
 ) -> Iterator[MountProcess]:
-    """``blockfuse mount MOUNTPOINT --device ...`` running (in ``cwd``) for the block."""
+    """``blockfuse mount MOUNTPOINT --device ...`` running for the body of the block."""
     log = mountpoint.parent / f"{mountpoint.name}.log"
     args = ["mount", str(mountpoint)]
     for d in devices:
