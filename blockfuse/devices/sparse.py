@@ -67,29 +67,41 @@ class LengthGate:
 
     def __init__(self) -> None:
         self._lock = trio.Lock()
-        self._shared = 0
+        self._holders = 0
         self._drained = trio.Event()
+        self.shared = _Shared(self)
 
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
+    async def enter_shared(self) -> None:
         if self._lock.locked():
             async with self._lock:  # wait behind the exclusive holder and waiters
                 pass
-        self._shared += 1
-        try:
-            yield
-        finally:
-            self._shared -= 1
-            if self._shared == 0:
-                self._drained.set()
+        self._holders += 1
+
+    def leave_shared(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._drained.set()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
         async with self._lock:
-            while self._shared:
+            while self._holders:
                 self._drained = trio.Event()
                 await self._drained.wait()
             yield
+
+
+class _Shared:
+    """``async with gate.shared:`` (a plain class: a generator-based one costs ~2 µs)."""
+
+    def __init__(self, gate: LengthGate) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        await self._gate.enter_shared()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate.leave_shared()
 
 
 # --- zero detection (pure) -------------------------------------------------------------
@@ -113,22 +125,30 @@ class Run:
 
 
 def is_zero(view: memoryview) -> bool:
-    return not view[0] and view.tobytes() == _ZERO_BLOCK[: len(view)]
+    return view.tobytes() == _ZERO_BLOCK[: len(view)]
 
 
-def block_pieces(offset: int, view: memoryview) -> list[tuple[int, int, bool]]:
-    """``(start, stop, zero)`` of ``view`` (at file ``offset``) cut at block boundaries;
-    neighbours of one kind are merged."""
-    pieces: list[tuple[int, int, bool]] = []
-    start = 0
-    while start < len(view):
-        stop = min(len(view), start + BLOCK - (offset + start) % BLOCK)
-        zero = is_zero(view[start:stop])
-        if pieces and pieces[-1][2] == zero:
-            pieces[-1] = (pieces[-1][0], stop, zero)
-        else:
-            pieces.append((start, stop, zero))
-        start = stop
+def zero_pieces(offset: int, view: memoryview) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the all-zero pieces of ``view`` (at file ``offset``), cut at the
+    file's block boundaries, neighbours merged.
+
+    Only a piece whose first byte is zero is compared in full, so data costs one index
+    per block (~40 ns) and a 128 KiB write of data is scanned in ~2 µs.
+    """
+    if not view:
+        return []
+    head = -offset % BLOCK
+    starts = ([0] if head else []) + [s for s in range(head, len(view), BLOCK) if not view[s]]
+    pieces: list[tuple[int, int]] = []
+    for start in starts:
+        if view[start]:
+            continue
+        stop = min(len(view), head if start < head else start + BLOCK)
+        if not is_zero(view[start:stop]):
+            continue
+        if pieces and pieces[-1][1] == start:
+            start = pieces.pop()[0]
+        pieces.append((start, stop))
     return pieces
 
 
@@ -136,12 +156,23 @@ def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
     """A write split into alternating zero and data runs, in order."""
     runs: list[Run] = []
     for view in views:
-        for start, stop, zero in block_pieces(offset, view):
-            if not runs or runs[-1].zero != zero:
-                runs.append(Run(offset + start, zero))
-            runs[-1].views.append(view[start:stop])
+        pos = 0
+        for start, stop in zero_pieces(offset, view):
+            if start > pos:
+                _add_piece(runs, offset + pos, False, view[pos:start])
+            _add_piece(runs, offset + start, True, view[start:stop])
+            pos = stop
+        if pos < len(view):
+            _add_piece(runs, offset + pos, False, view[pos:])
         offset += len(view)
     return runs
+
+
+def _add_piece(runs: list[Run], at: int, zero: bool, piece: memoryview) -> None:
+    if runs and runs[-1].zero == zero:
+        runs[-1].views.append(piece)
+    else:
+        runs.append(Run(at, zero, [piece]))
 
 
 def fill_zeroes(views: list[memoryview]) -> None:
@@ -181,11 +212,13 @@ class SparseDevice(FileDevice):
         self._check_open()
         offset = sector * self._sector_size
         views = byte_views(buffers)
-        async with self._gate.shared():
-            inside, past = split_views(views, max(0, self._length - offset))
-            fill_zeroes(past)
-            if inside:
-                await self._io_at(os.preadv, self._nowait_read, offset, inside, "read")
+        async with self._gate.shared:
+            inside = self._length - offset
+            if inside < total_length(views):  # some of it lies past the backing file
+                views, past = split_views(views, max(0, inside))
+                fill_zeroes(past)
+            if views:
+                await self._io_at(os.preadv, self._nowait_read, offset, views, "read")
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
@@ -195,7 +228,7 @@ class SparseDevice(FileDevice):
         needed = max((r.end for r in runs if not r.zero), default=0)
         while True:
             await self._grow_to(needed)
-            async with self._gate.shared():
+            async with self._gate.shared:
                 if needed <= self._length:
                     for run in runs:
                         await self._write_run(run)
@@ -228,7 +261,7 @@ class SparseDevice(FileDevice):
     async def write_zeroes(self, sector: int, count: int) -> None:
         self._check_can(Capability.WRITE_ZEROES)
         self._check_writable()
-        async with self._gate.shared():
+        async with self._gate.shared:
             await self._zero_inside(sector * self._sector_size, count * self._sector_size)
 
     async def resize(self, size_sectors: int) -> None:
@@ -246,7 +279,7 @@ class SparseDevice(FileDevice):
         self._check_can(Capability.EXTENTS)
         self._check_open()
         ss = self._sector_size
-        async with self._gate.shared():
+        async with self._gate.shared:
             backed = max(0, min(count, self._length // ss - sector))
             out: list[Extent] = []
             if backed:
