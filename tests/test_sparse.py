@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from blockfuse.block import BlockDevice, Capability, Extent
 from blockfuse.devices import holes
 from blockfuse.devices.file import open_file
 from blockfuse.devices.holes import to_sector_extents
-from blockfuse.devices.sparse import SparseDevice, open_sparse, zero_runs
+from blockfuse.devices.sparse import SparseDevice, open_sparse, zero_pieces, zero_runs
 from blockfuse.errors import Unimplemented, Unsafe
 from blockfuse.spec import SpecError, compile_spec, size_from_peer
 from blockfuse.testing import check_block_device
@@ -239,6 +241,29 @@ def test_zero_runs_cut_at_file_blocks() -> None:
         (4096, 8192, True),
         (12288, 512, False),
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(0, 64).map(lambda n: n * SS),
+    sectors=st.integers(0, 40),
+    zeroed=st.lists(st.tuples(st.integers(0, 40 * SS), st.integers(0, 12 * SS)), max_size=6),
+    seed=st.integers(0, 2**32),
+)
+def test_zero_pieces_match_brute_force(
+    offset: int, sectors: int, zeroed: list[tuple[int, int]], seed: int
+) -> None:
+    data = bytearray(random.Random(seed).randbytes(sectors * SS))
+    for start, length in zeroed:
+        data[start : start + length] = bytes(len(data[start : start + length]))
+    cuts = sorted({0, len(data), *range(-offset % 4096, len(data), 4096)})
+    expected: list[tuple[int, int]] = []
+    for a, b in itertools.pairwise(cuts):
+        if b > a and not any(data[a:b]):
+            if expected and expected[-1][1] == a:
+                a = expected.pop()[0]
+            expected.append((a, b))
+    assert zero_pieces(offset, memoryview(data)) == expected
 
 
 def test_sector_extents_round_data_outward() -> None:
