@@ -157,6 +157,24 @@ async def test_resize_grows_and_shrinks(tmp_path: Path) -> None:
         await again.aclose()
 
 
+async def test_flush_is_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync, not fdatasync: a grown or shrunk length is durable too."""
+    dev = open_sparse(fresh(tmp_path), size_bytes=MiB)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with trio.fail_after(5):
+        await dev.resize(2 * MiB // SS)
+        await dev.flush()
+        await dev.aclose()
+    assert len(synced) == 1
+
+
 async def test_write_past_the_size_is_refused(tmp_path: Path) -> None:
     path = fresh(tmp_path)
     Path(path).write_bytes(b"")

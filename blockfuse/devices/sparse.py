@@ -396,7 +396,7 @@ def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
             pass
         else:
             try:
-                os.ftruncate(fd, size_bytes)
+                _make_durable_new_file(fd, path, size_bytes)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)
@@ -409,3 +409,14 @@ def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
         os.close(fd)
         raise
     return fd, False
+
+
+def _make_durable_new_file(fd: int, path: str, size_bytes: int) -> None:
+    """Give a new file its length and make it and its name durable (fsync file and dir)."""
+    os.ftruncate(fd, size_bytes)
+    os.fsync(fd)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
