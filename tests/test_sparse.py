@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockfuse.block import BlockDevice, Capability, Extent
+from blockfuse.cli import main as cli_main
 from blockfuse.devices import holes
 from blockfuse.devices.file import open_file
 from blockfuse.devices.holes import to_sector_extents
@@ -426,3 +427,27 @@ async def test_mirror_secondary_takes_the_peer_size(tmp_path: Path) -> None:
         dev = await recipe.open_sized(64 * MiB)
         assert (await dev.get_info()).size_bytes == 64 * MiB
         await dev.aclose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sparse(new.img)", "new.img does not exist; give its size to create it"),
+        ("sparse(no/dir.img, size=1G)", "the directory"),
+        ("sparse(new.img, size=1000)", "not a whole number of 512-byte sectors"),
+        ("sparse(new.img, size=-1G)", "a size cannot be negative"),
+        ("sparse(new.img, size=big)", "bad size 'big'"),
+    ],
+)
+def test_cli_refuses_bad_sparse_specs_and_creates_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    spec: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["mount", "mnt", "-d", f"disk={spec}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
