@@ -17,7 +17,8 @@ from blockfuse.cli import main as cli_main
 from blockfuse.devices import holes
 from blockfuse.devices.file import open_file
 from blockfuse.devices.holes import to_sector_extents
-from blockfuse.devices.sparse import SparseDevice, open_sparse, zero_pieces, zero_runs
+from blockfuse.devices.sparse import SparseDevice, open_sparse
+from blockfuse.devices.zeroes import zero_pieces, zero_runs
 from blockfuse.errors import Unimplemented, Unsafe
 from blockfuse.spec import SpecError, compile_spec, size_from_peer
 from blockfuse.testing import check_block_device
