@@ -9,11 +9,11 @@ only what was written.  Three regions, by byte offset::
     | as zeroes: SEEK_HOLE)   | writes: grow the file first   |
 
 - Reads take the file's bytes below ``length`` and zeroes above it.
-- A write is cut at the file's 4 KiB blocks (``zeroes.py``); a zero piece is never written: below
-  ``length`` it is punched (``FALLOC_FL_PUNCH_HOLE``) unless ``SEEK_DATA`` says it is a
-  hole already, above it skipped (it reads as zeroes already).  The rest is written; if
-  it ends past ``length``, the file first grows (a sparse ``ftruncate``) to the end of
-  the last non-zero piece and no further.
+- A write is cut at the file's 4 KiB blocks (``zeroes.py``); a zero piece is never
+  written: below ``length`` it is punched (``FALLOC_FL_PUNCH_HOLE``) unless ``SEEK_DATA``
+  says it is a hole already, above it skipped (it reads as zeroes already).  The rest is
+  written; if it ends past ``length``, the file first grows (a sparse ``ftruncate``) to
+  the end of the last non-zero piece and no further.
 - ``discard``/``write_zeroes`` punch holes; ``extents`` asks ``SEEK_DATA``/``SEEK_HOLE``
   below ``length`` and reports everything above it as one hole.
 - ``resize`` truncates the file to the new size (growing is sparse, shrinking drops data),
