@@ -51,7 +51,7 @@ from ..block import Buffer, Capability, Extent, Info, format_size, total_length
 from ..errors import Unsafe
 from .file import HOLE_CAPABILITIES, FileDevice, byte_views, device_geometry, split_views
 from .holes import append_extent, file_extents
-from .zeroes import Run, fill_zeroes, zero_runs
+from .zeroes import Run, data_end, fill_zeroes, zero_runs
 
 
 class LengthGate:
@@ -143,8 +143,11 @@ class SparseDevice(FileDevice):
         self._check_writable()
         offset = sector * self._sector_size
         views = byte_views(buffers)
-        runs = zero_runs(offset, views) if self._regular else [Run(offset, False, views)]
-        needed = max((r.end for r in runs if not r.zero), default=0)
+        if self._regular:
+            runs = zero_runs(offset, views)
+        else:  # a block device: no holes to keep, every byte is written
+            runs = [Run(offset, False, views, total_length(views))]
+        needed = data_end(runs)
         while True:
             if needed > self._length:
                 await self._grow_to(needed)

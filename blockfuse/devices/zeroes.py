@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..block import total_length
-
 BLOCK = 4096
 """Zero detection works on the file's blocks of this size (ext4, xfs, btrfs: 4 KiB)."""
 
@@ -28,21 +26,22 @@ ZERO_BLOCK = bytes(BLOCK)
 ZEROES = memoryview(bytes(1 << 20))
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
     """A stretch of a write at byte ``offset``: all zeroes, or data to write."""
 
     offset: int
     zero: bool
     views: list[memoryview] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return total_length(self.views)
+    length: int = 0
 
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+    def add(self, piece: memoryview) -> None:
+        self.views.append(piece)
+        self.length += len(piece)
 
 
 def is_zero(view: memoryview) -> bool:
@@ -62,9 +61,11 @@ def zero_pieces(offset: int, view: memoryview) -> list[tuple[int, int]]:
     firsts = view[head::BLOCK].tobytes()
     if 0 not in firsts and (not head or view[0]):
         return []
-    starts = ([0] if head and not view[0] else []) + [
-        head + i * BLOCK for i, first in enumerate(firsts) if not first
-    ]
+    starts = [0] if head and not view[0] else []
+    i = firsts.find(0)
+    while i >= 0:
+        starts.append(head + i * BLOCK)
+        i = firsts.find(0, i + 1)
     pieces: list[tuple[int, int]] = []
     for start in starts:
         stop = min(len(view), head if start < head else start + BLOCK)
@@ -87,16 +88,23 @@ def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
             _add_piece(runs, offset + start, True, view[start:stop])
             pos = stop
         if pos < len(view):
-            _add_piece(runs, offset + pos, False, view[pos:])
+            _add_piece(runs, offset + pos, False, view[pos:] if pos else view)
         offset += len(view)
     return runs
 
 
 def _add_piece(runs: list[Run], at: int, zero: bool, piece: memoryview) -> None:
-    if runs and runs[-1].zero == zero:
-        runs[-1].views.append(piece)
-    else:
-        runs.append(Run(at, zero, [piece]))
+    if not runs or runs[-1].zero != zero:
+        runs.append(Run(at, zero))
+    runs[-1].add(piece)
+
+
+def data_end(runs: list[Run]) -> int:
+    """Where the last data run ends (0 if the write is all zeroes)."""
+    for run in reversed(runs):
+        if not run.zero:
+            return run.end
+    return 0
 
 
 def fill_zeroes(views: list[memoryview]) -> None:
