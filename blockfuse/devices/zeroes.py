@@ -11,8 +11,8 @@ A write is cut where the *file's* blocks start, and each piece is zero or data w
 A partial piece at an edge of the write that is all zeroes is a zero piece too
 (punching part of a block zeroes that part in place).
 
-Checking costs one byte per block for data (gathered by one strided slice), and a full
-compare only for blocks that start with a zero byte.
+Checking costs a few sampled bytes per block (gathered by strided slices), and a full
+compare only for blocks whose samples are all zero.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ BLOCK = 4096
 """Zero detection works on the file's blocks of this size (ext4, xfs, btrfs: 4 KiB)."""
 
 ZERO_BLOCK = bytes(BLOCK)
+SAMPLES = (0, BLOCK - 1, BLOCK // 2, 8, BLOCK // 4, 3 * BLOCK // 4, 64, BLOCK - 64, 1000)
+"""Byte positions in a block that must all be zero before the block is compared whole."""
 ZEROES = memoryview(bytes(1 << 20))
 
 
@@ -50,22 +52,12 @@ def is_zero(view: memoryview) -> bool:
 
 def zero_pieces(offset: int, view: memoryview) -> list[tuple[int, int]]:
     """``(start, stop)`` of the all-zero pieces of ``view`` (at file ``offset``), cut at the
-    file's block boundaries, neighbours merged.
-
-    Only a piece whose first byte is zero is compared in full, and the first bytes are
-    gathered by one strided slice, so 128 KiB of data is scanned in well under 1 µs.
-    """
+    file's block boundaries, neighbours merged."""
     if not view:
         return []
     head = -offset % BLOCK
-    firsts = view[head::BLOCK].tobytes()
-    if 0 not in firsts and (not head or view[0]):
-        return []
     starts = [0] if head and not view[0] else []
-    i = firsts.find(0)
-    while i >= 0:
-        starts.append(head + i * BLOCK)
-        i = firsts.find(0, i + 1)
+    starts += candidate_blocks(view, head)
     pieces: list[tuple[int, int]] = []
     for start in starts:
         stop = min(len(view), head if start < head else start + BLOCK)
@@ -75,6 +67,30 @@ def zero_pieces(offset: int, view: memoryview) -> list[tuple[int, int]]:
             start = pieces.pop()[0]
         pieces.append((start, stop))
     return pieces
+
+
+def candidate_blocks(view: memoryview, head: int) -> list[int]:
+    """Starts of the blocks from ``head`` on whose sampled bytes are all zero.
+
+    Only these can be all zero.  Each sample is one strided slice of the view (the byte
+    at that position in every block) folded into an int with OR, so a sample costs well
+    under 1 µs per MiB, and it stops once no block is left.  Data often starts a block
+    with zero bytes (headers, small little-endian numbers; fio's buffers do), hence
+    samples spread over the block and not only its first byte.
+    """
+    count = len(range(head, len(view), BLOCK))
+    seen = 0
+    for at in SAMPLES:
+        seen |= int.from_bytes(view[head + at :: BLOCK].tobytes(), "little")
+        flags = seen.to_bytes(count, "little")
+        if 0 not in flags:
+            return []
+    starts = []
+    i = flags.find(0)
+    while i >= 0:
+        starts.append(head + i * BLOCK)
+        i = flags.find(0, i + 1)
+    return starts
 
 
 def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
