@@ -266,8 +266,8 @@ def test_zero_runs_cut_at_file_blocks() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     offset=st.integers(0, 64).map(lambda n: n * SS),
-    sectors=st.integers(0, 40),
-    zeroed=st.lists(st.tuples(st.integers(0, 40 * SS), st.integers(0, 12 * SS)), max_size=6),
+    sectors=st.integers(0, 400),
+    zeroed=st.lists(st.tuples(st.integers(0, 400 * SS), st.integers(0, 300 * SS)), max_size=6),
     seed=st.integers(0, 2**32),
 )
 def test_zero_pieces_match_brute_force(
