@@ -31,8 +31,8 @@ the file, ``resize``); reads, writes within ``length``, discards and extents hol
 *shared* and may rely on ``length`` not moving under them.  So a read never meets an end of
 file it did not expect, and a shrink never races a write that would regrow the file.
 
-This class is a ``file`` device with a virtual size, and its data I/O runs as the file
-device's does (see its essay: in the loop unless that would block).  Punching, growing,
+This class is a ``file`` device with a virtual size, and its data I/O runs exactly as the
+file device's does (see its essay for when a call stays in the loop).  Punching, growing,
 resizing, finding extents and ``fsync`` go to a thread; only the ``SEEK_DATA`` that spares
 punching a hole twice (~1 µs) runs in the loop.  Per 128 KiB request the zero scan and
 the gate add ~1-3 µs to the file device's cost.
