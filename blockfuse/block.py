@@ -126,6 +126,13 @@ class BlockDevice(ABC):
         """Extra status for the front end (``user.blockfuse.*`` xattrs); empty by default."""
         return {}
 
+    async def control(self, key: str, value: bytes) -> bool:
+        """Act on a request written to the xattr ``user.blockfuse.KEY`` (e.g. a mirror's
+        ``pivot``).  ``False`` if the key is not this device's; raises a ``BlockError``
+        when the device refuses.  The front end asks every layer, outermost first.
+        """
+        return False
+
     @property
     def inner(self) -> BlockDevice | None:
         """The device a wrapper stands on, or ``None`` for a device that wraps nothing."""

@@ -128,6 +128,18 @@ class IntervalSet:
             out.append((pos, end))
         return out
 
+    def first_gap(self, start: int, end: int) -> Interval | None:
+        """The first part of ``[start, end)`` not in the set, or ``None``."""
+        pos = start
+        i = max(self._ends.bisect_right(start) - 1, 0)
+        while pos < end and i < len(self._ends):
+            key, value = self._ends.peekitem(i)
+            if key > pos:
+                return pos, min(key, end)
+            pos = max(pos, value)
+            i += 1
+        return (pos, end) if pos < end else None
+
     def to_list(self) -> list[Interval]:
         return list(self._ends.items())
 

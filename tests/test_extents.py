@@ -52,6 +52,7 @@ def test_matches_a_set_of_ints(
     assert s.overlaps(a, b) == any(i in model for i in range(a, b))
     assert s.intersection(a, b) == runs(model, a, b, True)
     assert s.gaps(a, b) == runs(model, a, b, False)
+    assert s.first_gap(a, b) == (runs(model, a, b, False) or [None])[0]
     assert all((i in s) == (i in model) for i in range(-1, N + 2))
     assert s.copy() == s
 

@@ -1,0 +1,192 @@
+"""The mirror's copy map: which sectors the secondary holds, kept on disk to resume a copy.
+
+Two interval sets of mirror sectors:
+
+- ``copied``: the secondary holds what the primary holds here (in memory, exact).
+- ``dirty``: a write here may have reached one side and not the other; whole chunks.
+
+The file (``state=PATH``) holds ``durable`` (a past ``copied`` whose data both sides
+have flushed) and ``dirty``; on resume the copy is ``durable - dirty``.  The rule that
+makes a crash at any instant safe:
+
+    every sector in (file.durable - file.dirty) is equal and durable on both sides.
+
+It holds because:
+
+1. ``mark_dirty`` runs before any write to a copied sector, and returns only when the
+   chunk is dirty *in the file* (one fsync'd save covers every writer waiting on it;
+   a chunk already dirty in the file costs nothing).
+2. ``checkpoint`` (one at a time) cleans a chunk only if no write to it was running
+   when it began and none touched it since, and it flushes both sides before it
+   saves; ``durable`` is the ``copied`` of the moment the checkpoint began, so
+   everything in it was flushed.
+3. Saves are atomic (write a temporary file, fsync, rename, fsync the directory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..extents import Interval, IntervalSet, align_out
+
+MAGIC = "blockfuse-mirror-map 1"
+
+
+class CopyMapError(ValueError):
+    """The state file cannot be used with this mirror; the message says why."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    size_sectors: int
+    sector_size: int
+    chunk_sectors: int
+
+    def header(self) -> str:
+        return f"size={self.size_sectors * self.sector_size} sector={self.sector_size}"
+
+
+class CopyMap:
+    def __init__(self, geometry: Geometry, path: str | None = None) -> None:
+        self.geometry = geometry
+        self.path = path
+        self.copied = IntervalSet()
+        self.dirty = IntervalSet()
+        self._durable = IntervalSet()
+        self._saved_dirty = IntervalSet()
+        self._active: list[Interval] = []
+        self._touched = IntervalSet()
+        self._generation = 0
+        self._saved_generation = 0
+        self._save_lock = trio.Lock()
+        self._checkpoint_lock = trio.Lock()
+
+    @property
+    def persistent(self) -> bool:
+        return self.path is not None
+
+    # --- loading and saving --------------------------------------------------------
+
+    @classmethod
+    def open(cls, geometry: Geometry, path: str | None) -> CopyMap:
+        """A fresh map, or the one saved at ``path``; raises ``CopyMapError`` on a mismatch."""
+        cmap = cls(geometry, path)
+        if path is not None and os.path.exists(path):
+            cmap._load(path)
+        return cmap
+
+    def _load(self, path: str) -> None:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        if len(lines) != 4 or lines[0] != MAGIC:
+            raise CopyMapError(f"{path} is not a blockfuse mirror map")
+        if lines[1] != self.geometry.header():
+            raise CopyMapError(
+                f"{path} belongs to another mirror ({lines[1]}, this one has "
+                f"{self.geometry.header()}); remove it to copy from the start"
+            )
+        durable, dirty = (_parse_intervals(path, line) for line in lines[2:])
+        for a, b in dirty:
+            durable.discard(a, b)
+        self.copied, self._durable = durable, durable.copy()
+        self.dirty, self._saved_dirty = dirty, dirty.copy()
+
+    def _render(self) -> str:
+        return "\n".join(
+            [
+                MAGIC,
+                self.geometry.header(),
+                "copied " + _format_intervals(self._durable),
+                "dirty " + _format_intervals(self.dirty),
+                "",
+            ]
+        )
+
+    async def _save(self, wanted: int) -> None:
+        """Make the file reflect at least change number ``wanted``."""
+        assert self.path is not None
+        async with self._save_lock:
+            if self._saved_generation >= wanted:
+                return
+            generation, dirty, text = self._generation, self.dirty.copy(), self._render()
+            await trio.to_thread.run_sync(_write_atomically, self.path, text)
+            self._saved_generation, self._saved_dirty = generation, dirty
+
+    # --- the write path ------------------------------------------------------------
+
+    def begin_write(self, start: int, end: int) -> Interval:
+        """Note a write in progress; hand the result to ``end_write``."""
+        span = align_out(start, end, self.geometry.chunk_sectors)
+        self._active.append(span)
+        self._touched.add(*span)
+        return span
+
+    def end_write(self, span: Interval) -> None:
+        self._active.remove(span)
+
+    async def mark_dirty(self, span: Interval) -> None:
+        """Return once ``span`` (from ``begin_write``) is dirty in the file."""
+        if self.path is None or self._saved_dirty.covers(*span):
+            return
+        self.dirty.add(*span)
+        self._generation += 1
+        await self._save(self._generation)
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    async def checkpoint(self, flush_both: Callable[[], Awaitable[None]]) -> None:
+        """Flush both sides, then save what is now known to be equal on both."""
+        if self.path is None:
+            await flush_both()
+            return
+        async with self._checkpoint_lock:
+            await self._checkpoint(flush_both)
+
+    async def _checkpoint(self, flush_both: Callable[[], Awaitable[None]]) -> None:
+        candidates = self.dirty.copy()
+        for a, b in self._active:
+            candidates.discard(a, b)
+        copied = self.copied.copy()
+        self._touched = IntervalSet()
+        await flush_both()
+        for a, b in list(self._touched) + self._active:
+            candidates.discard(a, b)
+        for a, b in candidates:
+            self.dirty.discard(a, b)
+        self._durable = copied
+        self._generation += 1
+        await self._save(self._generation)
+
+
+def _format_intervals(s: IntervalSet) -> str:
+    return " ".join(f"{a}-{b}" for a, b in s)
+
+
+def _parse_intervals(path: str, line: str) -> IntervalSet:
+    _, _, rest = line.partition(" ")
+    out = IntervalSet()
+    try:
+        for item in rest.split():
+            a, b = item.split("-")
+            out.add(int(a), int(b))
+    except ValueError:
+        raise CopyMapError(f"{path} is damaged ({line[:40]!r}...)") from None
+    return out
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

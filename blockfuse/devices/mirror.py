@@ -1,0 +1,755 @@
+"""mirror(PRIMARY, SECONDARY): use PRIMARY at once while a background copier fills SECONDARY.
+
+After MirageOS's ``Mirage_block_mirror``, made correct.  All I/O goes to the primary
+(reads) or to the primary and, where the copy has reached, the secondary (writes).  A
+copier copies the rest chunk by chunk, several chunks in flight, skipping the ranges
+the primary reports as holes.  Once every sector is copied the mirror is *synced*;
+``pivot`` then detaches the primary and the secondary serves alone.
+
+The invariant (sectors are mirror sectors, the larger of the two sector sizes)::
+
+    For every sector s that no range-lock holder covers:
+        s in copied  =>  secondary[s] == primary[s]
+
+Every change to either side happens under the range lock on the sectors it changes,
+and puts the invariant back before it lets go:
+
+- the copier, per item: lock [a, b); ask the primary's extents *under the lock*; read
+  the data, write it (zero the holes) on the secondary; add [a, b) to ``copied``.
+- a foreground write of [w, x): lock [w, x) -- the whole range, so a write that starts
+  before a chunk in flight and runs into it waits for that chunk too; write the
+  primary and, at once, the secondary for ``copied ∩ [w, x)``; unlock.  If the
+  secondary part fails, that part leaves ``copied`` and will be copied again.
+
+::
+
+      copier        [====chunk k (locked)====][====chunk k+1 (locked)====]
+      write             [~~~~~~~~~~~~ w ~~~~~~~~~~~~~~~]
+                        waits for both chunks, then goes to both sides
+
+Holders of overlapping ranges take turns in the order they asked (``RangeQueue``), so a
+stream of writes cannot starve the copier and the copier cannot starve a write.  A
+write either ends before a chunk reads the primary (the chunk copies the new data) or
+starts after the chunk is in ``copied`` (the write reaches the secondary): no
+interleaving leaves old data on the secondary.
+
+Errors are never swallowed: a failed item is retried with backoff a bounded number of
+times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synced``
+raises ``MirrorFailed``, and foreground I/O goes on against the primary.  Resuming
+after a crash is ``copymap``'s job (its own invariant is at its top).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..block import BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ..errors import BlockError, Disconnected, RequestFailed, Unimplemented
+from ..extents import IntervalSet
+from .copymap import CopyMap, Geometry
+
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_IN_FLIGHT = 4
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF = 0.2
+CHECKPOINT_SECONDS = 2.0
+STOP_GRACE_SECONDS = 10.0
+HOLE_ITEM_CHUNKS = 1024
+"""A run of holes is handed out in items of up to this many chunks."""
+EXTENTS_SPAN_BYTES = 1 << 30
+
+Progress = int | str
+"""What the progress callback gets: a whole percent (0 first), then ``"complete"`` once."""
+
+
+class MirrorState(enum.Enum):
+    COPYING = "copying"
+    SYNCED = "synced"
+    FAILED = "failed"
+    PIVOTED = "pivoted"
+
+
+class MirrorRefused(ValueError):
+    """The two devices cannot form a mirror; nothing was written.  One line, says why."""
+
+
+class MirrorFailed(BlockError):
+    """The copy failed after its retries; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class MirrorStatistics:
+    state: MirrorState
+    reason: str
+    """Why the copy failed (``""`` unless ``state`` is ``FAILED``)."""
+    copied_bytes: int
+    total_bytes: int
+    rate: float
+    """Bytes per second over the last few seconds of copying."""
+    eta: float | None
+    errors: int
+    """Copy errors met so far (each retried or fatal)."""
+    last_error: str
+    chunks_in_flight: int
+
+    @property
+    def percent(self) -> int:
+        return _percent(self.copied_bytes, self.total_bytes)
+
+    @property
+    def state_text(self) -> str:
+        if self.state is MirrorState.FAILED:
+            return f"failed: {self.reason}"
+        return str(self.state.value)
+
+
+def _percent(done: int, total: int) -> int:
+    return 100 if total == 0 else done * 100 // total
+
+
+class RangeQueue:
+    """A lock on ranges of sectors where overlapping holders take turns in arrival order.
+
+    Each holder waits only for the overlapping holders that asked before it, so the
+    waits form no cycle.  Holders are few (one per FUSE handler or chunk in flight).
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[int, int, trio.Event]] = []
+
+    @asynccontextmanager
+    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
+        ahead = [ev for s, e, ev in self._entries if s < end and start < e]
+        entry = (start, end, trio.Event())
+        self._entries.append(entry)
+        try:
+            for released in ahead:
+                await released.wait()
+            yield
+        finally:
+            self._entries.remove(entry)
+            entry[2].set()
+
+
+class _Throttle:
+    """At most ``rate`` bytes per second, with a burst of one request."""
+
+    def __init__(self, rate: int | None) -> None:
+        self._rate = rate
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if not self._rate:
+            return
+        start = max(self._next, trio.current_time())
+        self._next = start + n / self._rate
+        await trio.sleep_until(start)
+
+
+def _slice(buffers: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
+    """The bytes ``[start, end)`` of the concatenated ``buffers``, as views."""
+    out, pos = [], 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        a, b = max(start - pos, 0), min(end - pos, len(view))
+        if a < b:
+            out.append(view[a:b])
+        pos += len(view)
+    return out
+
+
+async def _outcome(call: Awaitable[None]) -> BlockError | None:
+    try:
+        await call
+    except BlockError as exc:
+        return exc
+    return None
+
+
+async def _both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
+    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
+    results: list[BlockError | None] = [None, None]
+
+    async def run(i: int, call: Awaitable[None]) -> None:
+        results[i] = await _outcome(call)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 0, a)
+        nursery.start_soon(run, 1, b)
+    return tuple(results)
+
+
+class _Side:
+    """One of the two devices, addressed in mirror sectors."""
+
+    def __init__(self, dev: BlockDevice, info: Info, sector_size: int) -> None:
+        self.dev = dev
+        self.ratio = sector_size // info.sector_size
+        self.use_extents = Capability.EXTENTS in dev.capabilities
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self.dev.read(sector * self.ratio, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self.dev.write(sector * self.ratio, buffers)
+
+    async def data_map(self, start: int, end: int) -> IntervalSet:
+        """The sectors of ``[start, end)`` that may hold data (all, without extents)."""
+        data = IntervalSet()
+        pos = start * self.ratio
+        while self.use_extents and pos < end * self.ratio:
+            try:
+                answer = await self.dev.extents(pos, end * self.ratio - pos)
+            except Unimplemented:
+                self.use_extents = False
+                break
+            if not answer:
+                break
+            for ext in answer:
+                if ext.is_data:
+                    data.add(ext.sector // self.ratio, -(-ext.end // self.ratio))
+            pos = answer[-1].end
+        if pos < end * self.ratio:
+            data.add(pos // self.ratio, end)
+        return IntervalSet(data.intersection(start, end))
+
+
+class MirrorDevice(BlockDevice):
+    """Built by ``start_mirror``/``open_mirror``; do not construct directly."""
+
+    kind = "mirror"
+
+    def __init__(
+        self,
+        primary: _Side,
+        secondary: _Side,
+        info: Info,
+        copy_map: CopyMap,
+        *,
+        chunk: int,
+        rate: int | None,
+        in_flight: int,
+        retries: int,
+        backoff: float,
+        progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self._primary, self._secondary = primary, secondary
+        self._info = info
+        self._map = copy_map
+        self._chunk = chunk // info.sector_size
+        self._throttle = _Throttle(rate)
+        self._in_flight_limit = in_flight
+        self._retries, self._backoff = retries, backoff
+        self._progress = progress
+        self._lock = RangeQueue()
+        self._state = MirrorState.COPYING
+        self._reason = ""
+        self._errors, self._last_error = 0, ""
+        self._in_flight = 0
+        self._reported = -1
+        self._complete_sent = False
+        self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._wake = trio.Event()
+        self._synced = trio.Event()
+        self._stopping = False
+        self._closed = False
+        self._copier_scope = trio.CancelScope()
+        self._copier_done = trio.Event()
+        self._copier_started = False
+        self._primary_users = 0
+        self._primary_idle = trio.Event()
+        self.capabilities = frozenset(primary.dev.capabilities & {Capability.EXTENTS})
+
+    # --- the block contract ------------------------------------------------------------
+
+    async def get_info(self) -> Info:
+        self._check_open()
+        return self._info
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
+        if self._state is MirrorState.PIVOTED:
+            return await self._secondary.read(sector, buffers)
+        self._primary_users += 1
+        try:
+            await self._primary.read(sector, buffers)
+        finally:
+            self._release_primary()
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
+        if self._state is MirrorState.PIVOTED:
+            return await self._secondary.write(sector, buffers)
+        end = sector + total_length(buffers) // self._info.sector_size
+        async with self._lock.hold(sector, end):
+            if self._pivoted():  # pivoted while we waited
+                return await self._secondary.write(sector, buffers)
+            await self._write_both(sector, end, buffers)
+
+    async def _write_both(self, sector: int, end: int, buffers: Sequence[Buffer]) -> None:
+        both = self._map.copied.intersection(sector, end)
+        span = self._map.begin_write(sector, end)
+        self._primary_users += 1
+        try:
+            if both:
+                await self._map.mark_dirty(span)
+            ss = self._info.sector_size
+            primary_err, secondary_err = await _both(
+                self._primary.write(sector, buffers),
+                self._write_parts(both, sector, buffers, ss),
+            )
+        finally:
+            self._map.end_write(span)
+            self._release_primary()
+        if primary_err is not None or secondary_err is not None:
+            self._uncopy(sector, end, secondary_err)
+        if primary_err is not None:
+            raise primary_err
+
+    async def _write_parts(
+        self, parts: list[tuple[int, int]], sector: int, buffers: Sequence[Buffer], ss: int
+    ) -> None:
+        for a, b in parts:
+            await self._secondary.write(a, _slice(buffers, (a - sector) * ss, (b - sector) * ss))
+
+    def _uncopy(self, start: int, end: int, err: BlockError | None) -> None:
+        """The two sides may differ on ``[start, end)``: copy it again."""
+        if err is not None:
+            self._note_error(f"writing the secondary: {err}")
+        self._map.copied.discard(start, end)
+        if self._state is MirrorState.SYNCED:
+            self._state = MirrorState.COPYING
+            self._synced = trio.Event()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        self._check_open()
+        if self._state is MirrorState.PIVOTED:
+            return await self._secondary.dev.flush()
+        await self._map.checkpoint(self._flush_both)
+
+    async def _flush_both(self) -> None:
+        primary_err, secondary_err = await _both(
+            self._primary.dev.flush(), self._secondary.dev.flush()
+        )
+        if secondary_err is not None:
+            self._fail(f"flushing the secondary: {secondary_err}")
+        if primary_err is not None:
+            raise primary_err
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        self._check_open()
+        side = self._secondary if self._state is MirrorState.PIVOTED else self._primary
+        data = await side.data_map(sector, sector + count)
+        pieces = [Extent(a, b - a, True) for a, b in data]
+        pieces += [Extent(a, b - a, False) for a, b in data.gaps(sector, sector + count)]
+        return sorted(pieces, key=lambda e: e.sector)
+
+    async def aclose(self) -> None:
+        """Stop the copier at a chunk edge, flush both sides, save the map, close both."""
+        if self._closed:
+            return
+        with trio.CancelScope(shield=True):
+            await self._stop_copier()
+            if self._state is not MirrorState.PIVOTED:
+                err = await _outcome(self._map.checkpoint(self._flush_both))
+                if err is not None:
+                    self._note_error(f"flushing at close: {err}")
+            self._closed = True
+            await self._primary.dev.aclose()
+            await self._secondary.dev.aclose()
+
+    def status(self) -> dict[str, str]:
+        st = self.statistics()
+        out = {
+            "state": st.state_text,
+            "progress": str(st.percent),
+            "copied": str(st.copied_bytes),
+            "total": str(st.total_bytes),
+            "rate": str(int(st.rate)),
+            "eta": "" if st.eta is None else str(math.ceil(st.eta)),
+            "errors": str(st.errors),
+        }
+        if st.last_error:
+            out["last_error"] = st.last_error
+        return out
+
+    async def control(self, key: str, value: bytes) -> bool:
+        if key != "pivot":
+            return False
+        await self.pivot()
+        return True
+
+    def _pivoted(self) -> bool:
+        return self._state is MirrorState.PIVOTED
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Disconnected("the mirror is closed")
+
+    def _release_primary(self) -> None:
+        self._primary_users -= 1
+        if self._primary_users == 0:
+            self._primary_idle.set()
+            self._primary_idle = trio.Event()
+
+    # --- what users of the mirror see ----------------------------------------------------
+
+    def statistics(self) -> MirrorStatistics:
+        copied = self._map.copied.total * self._info.sector_size
+        total = self._info.size_bytes
+        rate = self._rate() if self._state is MirrorState.COPYING else 0.0
+        eta = (total - copied) / rate if rate > 0 else None
+        if self._state in (MirrorState.SYNCED, MirrorState.PIVOTED):
+            eta = 0.0
+        return MirrorStatistics(
+            self._state, self._reason, copied, total, rate, eta,
+            self._errors, self._last_error, self._in_flight,
+        )  # fmt: skip
+
+    def _rate(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._samples if now - t < 10]
+        if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+
+    async def wait_synced(self) -> None:
+        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed."""
+        while True:
+            if self._state in (MirrorState.SYNCED, MirrorState.PIVOTED):
+                return
+            if self._state is MirrorState.FAILED:
+                raise MirrorFailed(self._reason)
+            if self._stopping:
+                raise Disconnected("the mirror was closed before it synced")
+            await self._synced.wait()
+
+    async def pivot(self) -> None:
+        """Detach the primary: from now on the secondary alone serves all I/O.
+
+        Refused (``RequestFailed(EBUSY)``) unless synced.  Waits for writes and reads in
+        flight, flushes both sides, saves the map, then closes the primary.
+        """
+        self._check_open()
+        if self._state is MirrorState.PIVOTED:
+            return
+        self._check_pivotable()
+        async with self._lock.hold(0, self._info.size_sectors):
+            self._check_pivotable()
+            await self._map.checkpoint(self._flush_both)
+            self._check_pivotable()
+            self._state = MirrorState.PIVOTED
+        self._wake.set()
+        self._synced.set()
+        while self._primary_users:
+            await self._primary_idle.wait()
+        await self._primary.dev.aclose()
+
+    def _check_pivotable(self) -> None:
+        if self._state is not MirrorState.SYNCED:
+            st = self.statistics()
+            raise RequestFailed(
+                errno.EBUSY,
+                f"cannot pivot: the mirror is {st.state_text} ({st.percent}% copied); "
+                "pivot once it is synced",
+            )
+
+    # --- the copier ----------------------------------------------------------------------
+
+    async def run_copier(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Copy until synced, keep the copy whole until pivot or ``aclose``.
+
+        Runs in a nursery its owner can see (``start_mirror``/``open_mirror``).  Copy
+        errors end in the ``failed`` state, not in an exception; a bug raises.
+        """
+        self._copier_started = True
+        try:
+            with self._copier_scope:
+                task_status.started()
+                self._report_progress()
+                async with trio.open_nursery() as nursery:
+                    if self._map.persistent:
+                        nursery.start_soon(self._checkpoint_loop)
+                    await self._copy_until_stopped()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._copier_done.set()
+
+    async def _copy_until_stopped(self) -> None:
+        while not self._stopping and self._state is not MirrorState.PIVOTED:
+            if self._state is MirrorState.FAILED:
+                return
+            if self._map.copied.covers(0, self._info.size_sectors):
+                await self._become_synced()
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            await self._copy_pass()
+
+    async def _become_synced(self) -> None:
+        if self._state is MirrorState.COPYING:
+            await self._map.checkpoint(self._flush_both)
+        if self._state is not MirrorState.COPYING or not self._map.copied.covers(
+            0, self._info.size_sectors
+        ):
+            return
+        self._state = MirrorState.SYNCED
+        self._synced.set()
+        self._report_progress()
+        if not self._complete_sent and self._progress is not None:
+            self._complete_sent = True
+            self._progress("complete")
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(CHECKPOINT_SECONDS)
+            if self._state is MirrorState.COPYING:
+                err = await _outcome(self._map.checkpoint(self._flush_both))
+                if err is not None:
+                    self._note_error(f"checkpoint: {err}")
+
+    async def _stop_copier(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._synced.set()
+        if not self._copier_started:
+            return
+        with trio.move_on_after(STOP_GRACE_SECONDS):
+            await self._copier_done.wait()
+        self._copier_scope.cancel()
+        await self._copier_done.wait()
+
+    async def _copy_pass(self) -> None:
+        """One sweep over the sectors not yet copied, several items at once."""
+        send, receive = trio.open_memory_channel[tuple[int, int]](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._plan, send)
+            for _ in range(self._in_flight_limit):
+                nursery.start_soon(self._work, receive.clone())
+            await receive.aclose()
+
+    def _should_go_on(self) -> bool:
+        return not self._stopping and self._state is MirrorState.COPYING
+
+    async def _plan(self, send: trio.MemorySendChannel[tuple[int, int]]) -> None:
+        """Hand out items: data in chunks, holes in long runs (both checked again later)."""
+        size = self._info.size_sectors
+        span = max(EXTENTS_SPAN_BYTES // self._info.sector_size, self._chunk)
+        async with send:
+            pos = 0
+            while self._should_go_on() and (gap := self._map.copied.first_gap(pos, size)):
+                start, end = gap[0], min(gap[1], gap[0] + span)
+                data = await self._hint(start, end)
+                for a, b, is_data in _runs(data, start, end):
+                    step = self._chunk if is_data else self._chunk * HOLE_ITEM_CHUNKS
+                    for item in _split(a, b, step):
+                        if not self._should_go_on():
+                            return
+                        try:
+                            await send.send(item)
+                        except trio.BrokenResourceError:
+                            return
+                pos = end
+
+    async def _hint(self, start: int, end: int) -> IntervalSet:
+        """Where the primary holds data, to plan with; each item asks again under its lock."""
+        try:
+            return await self._primary.data_map(start, end)
+        except BlockError as exc:
+            self._note_error(f"asking the primary for extents: {exc}")
+            return IntervalSet([(start, end)])
+
+    async def _work(self, receive: trio.MemoryReceiveChannel[tuple[int, int]]) -> None:
+        async with receive:
+            async for start, end in receive:
+                if not self._should_go_on():
+                    return
+                await self._copy_with_retries(start, end)
+
+    async def _copy_with_retries(self, start: int, end: int) -> None:
+        for attempt in range(self._retries + 1):
+            self._in_flight += 1
+            try:
+                err = await _outcome(self._copy_item(start, end))
+            finally:
+                self._in_flight -= 1
+            if err is None:
+                return self._report_progress()
+            where = f"copying sectors {start}-{end}: {err}"
+            self._note_error(where)
+            if attempt == self._retries:
+                return self._fail(f"{where} (gave up after {self._retries} retries)")
+            await trio.sleep(self._backoff * 2**attempt)
+            if not self._should_go_on():
+                return
+
+    async def _copy_item(self, start: int, end: int) -> None:
+        async with self._lock.hold(start, end):
+            for a, b in self._map.copied.gaps(start, end):
+                data = await self._primary.data_map(a, b)
+                for x, y, is_data in _runs(data, a, b):
+                    await (self._copy_data(x, y) if is_data else self._zero_secondary(x, y))
+                self._map.copied.add(a, b)
+
+    async def _copy_data(self, start: int, end: int) -> None:
+        ss = self._info.sector_size
+        for a, b in _split(start, end, self._chunk):
+            buf = bytearray((b - a) * ss)
+            await self._throttle.take(len(buf))
+            await self._primary.read(a, [buf])
+            await self._secondary.write(a, [buf])
+
+    async def _zero_secondary(self, start: int, end: int) -> None:
+        """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
+        for a, b in await self._secondary.data_map(start, end):
+            await self._write_zeroes(a, b)
+
+    async def _write_zeroes(self, start: int, end: int) -> None:
+        side, ss = self._secondary, self._info.sector_size
+        if Capability.WRITE_ZEROES in side.dev.capabilities:
+            await side.dev.write_zeroes(start * side.ratio, (end - start) * side.ratio)
+            return
+        for a, b in _split(start, end, self._chunk):
+            buf = bytearray((b - a) * ss)
+            await side.read(a, [buf])
+            if buf.count(0) != len(buf):
+                await side.write(a, [bytes(len(buf))])
+
+    # --- state and progress --------------------------------------------------------------
+
+    def _note_error(self, message: str) -> None:
+        self._errors += 1
+        self._last_error = message
+
+    def _fail(self, reason: str) -> None:
+        if self._state is MirrorState.PIVOTED:
+            return
+        self._state, self._reason = MirrorState.FAILED, reason
+        self._synced.set()
+        self._wake.set()
+
+    def _report_progress(self) -> None:
+        copied = self._map.copied.total * self._info.sector_size
+        self._samples.append((time.monotonic(), copied))
+        percent = _percent(copied, self._info.size_bytes)
+        while self._reported < percent:
+            self._reported += 1
+            if self._progress is not None:
+                self._progress(self._reported)
+
+
+def _runs(data: IntervalSet, start: int, end: int) -> list[tuple[int, int, bool]]:
+    pieces = [(a, b, True) for a, b in data.intersection(start, end)]
+    pieces += [(a, b, False) for a, b in data.gaps(start, end)]
+    return sorted(pieces)
+
+
+def _split(start: int, end: int, step: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at multiples of ``step``."""
+    out = []
+    while start < end:
+        edge = min((start // step + 1) * step, end)
+        out.append((start, edge))
+        start = edge
+    return out
+
+
+# --- opening -------------------------------------------------------------------------------
+
+
+def _identity(dev: BlockDevice) -> tuple[int, int] | None:
+    """The (device, inode) of the file under ``dev``, if it stands on one."""
+    layer: BlockDevice | None = dev
+    while layer is not None:
+        path = getattr(layer, "path", None)
+        if isinstance(path, str):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+        layer = layer.inner
+    return None
+
+
+async def check_pair(primary: BlockDevice, secondary: BlockDevice, chunk: int) -> Info:
+    """The mirror's geometry, or ``MirrorRefused`` saying why these two cannot mirror."""
+    p, s = await primary.get_info(), await secondary.get_info()
+    if primary is secondary or (_identity(primary) or 0) == (_identity(secondary) or 1):
+        raise MirrorRefused("the secondary is the primary itself; mirror onto another device")
+    if not s.read_write:
+        raise MirrorRefused("the secondary is read-only; the mirror must write to it")
+    big, small = max(p.sector_size, s.sector_size), min(p.sector_size, s.sector_size)
+    if big % small:
+        raise MirrorRefused(
+            f"sector sizes {p.sector_size} (primary) and {s.sector_size} (secondary) "
+            "are not multiples of each other"
+        )
+    if p.size_bytes != s.size_bytes:
+        raise MirrorRefused(
+            f"the primary is {p.size_bytes} bytes and the secondary {s.size_bytes}; "
+            "they must be the same size"
+        )
+    if chunk <= 0 or chunk % big:
+        raise MirrorRefused(f"chunk {chunk} is not a whole number of {big}-byte sectors")
+    return Info(p.read_write, big, p.size_bytes // big)
+
+
+async def start_mirror(
+    nursery: trio.Nursery,
+    primary: BlockDevice,
+    secondary: BlockDevice,
+    *,
+    state: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    rate: int | None = None,
+    in_flight: int = DEFAULT_IN_FLIGHT,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+    progress: Callable[[Progress], None] | None = None,
+) -> MirrorDevice:
+    """Check the pair, load the map at ``state``, start the copier in ``nursery``.
+
+    Raises ``MirrorRefused`` or ``CopyMapError`` (both ``ValueError``) before anything is
+    written.  The mirror then owns both devices: its ``aclose`` stops the copier and
+    closes them.
+    """
+    info = await check_pair(primary, secondary, chunk)
+    geometry = Geometry(info.size_sectors, info.sector_size, chunk // info.sector_size)
+    copy_map = CopyMap.open(geometry, state)
+    p_info, s_info = await primary.get_info(), await secondary.get_info()
+    mirror = MirrorDevice(
+        _Side(primary, p_info, info.sector_size),
+        _Side(secondary, s_info, info.sector_size),
+        info, copy_map, chunk=chunk, rate=rate, in_flight=in_flight,
+        retries=retries, backoff=backoff, progress=progress,
+    )  # fmt: skip
+    await nursery.start(mirror.run_copier)
+    return mirror
+
+
+@asynccontextmanager
+async def open_mirror(
+    primary: BlockDevice, secondary: BlockDevice, **options: Any
+) -> AsyncIterator[MirrorDevice]:
+    """``async with open_mirror(p, s) as m: ... await m.wait_synced()``; closes ``m`` at the end."""
+    async with trio.open_nursery() as nursery:
+        mirror = await start_mirror(nursery, primary, secondary, **options)
+        try:
+            yield mirror
+        finally:
+            await mirror.aclose()

@@ -1,0 +1,507 @@
+"""The mirror device: contract, the write/copy race, holes, errors, progress, resume, pivot."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from blockfuse.block import BlockDevice, Buffer, Capability, Extent
+from blockfuse.devices.copymap import CopyMapError
+from blockfuse.devices.file import FileDevice, open_file
+from blockfuse.devices.memory import MemoryDevice
+from blockfuse.devices.mirror import (
+    MirrorDevice,
+    MirrorFailed,
+    MirrorRefused,
+    MirrorState,
+    open_mirror,
+    start_mirror,
+)
+from blockfuse.errors import Disconnected, RequestFailed
+from blockfuse.testing import Fault, FaultyDevice, check_block_device
+
+SIZE = 1 << 20
+SS = 512
+
+
+async def test_mirror_of_memory_conforms() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def make() -> BlockDevice:
+            return await start_mirror(
+                nursery, MemoryDevice(SIZE), MemoryDevice(SIZE), chunk=64 << 10
+            )
+
+        await check_block_device(make)
+
+
+async def test_mirror_of_files_with_a_map_conforms(tmp_path: Path) -> None:
+    count = 0
+
+    async def make() -> BlockDevice:
+        nonlocal count
+        count += 1
+        p, s = image(tmp_path, f"p{count}"), image(tmp_path, f"s{count}")
+        state = str(tmp_path / f"map{count}")
+        return await start_mirror(nursery, open_file(p), open_file(s), state=state, chunk=8192)
+
+    async with trio.open_nursery() as nursery:
+        await check_block_device(make)
+
+
+def image(tmp_path: Path, name: str, size: int = SIZE, data: bytes = b"") -> str:
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    return str(path)
+
+
+# --- the race ---------------------------------------------------------------------------
+
+
+class Jittery(BlockDevice):
+    """Yields to the scheduler a random number of times before and after each call."""
+
+    def __init__(self, inner: MemoryDevice, rng: random.Random) -> None:
+        self._inner = inner
+        self._rng = rng
+        self.capabilities = inner.capabilities
+
+    async def _jitter(self) -> None:
+        for _ in range(self._rng.randrange(4)):
+            await trio.lowlevel.checkpoint()
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._jitter()
+        await self._inner.read(sector, buffers)
+        await self._jitter()
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._jitter()
+        await self._inner.write(sector, buffers)
+        await self._jitter()
+
+    async def flush(self) -> None:
+        await self._jitter()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def race_once(seed: int) -> None:
+    rng = random.Random(seed)
+    size = 256 << 10
+    chunk_sectors = rng.choice([1, 3, 8, 16])
+    start = rng.randbytes(size)
+    primary_mem, secondary_mem = MemoryDevice(size), MemoryDevice(size)
+    primary_mem.data[:] = start
+    secondary_mem.data[:] = rng.randbytes(size)  # old contents must not survive
+    model = bytearray(start)
+    sectors = size // SS
+    async with open_mirror(
+        Jittery(primary_mem, rng),
+        Jittery(secondary_mem, rng),
+        chunk=chunk_sectors * SS,
+        in_flight=rng.choice([1, 4, 8]),
+    ) as m:
+        for _ in range(30):
+            taken: list[tuple[int, int]] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(rng.randrange(1, 8)):
+                    first = rng.randrange(sectors)
+                    count = rng.randrange(1, min(3 * chunk_sectors + 2, sectors - first) + 1)
+                    if any(a < first + count and first < b for a, b in taken):
+                        continue
+                    taken.append((first, first + count))
+                    blob = rng.randbytes(count * SS)
+                    model[first * SS : (first + count) * SS] = blob
+                    nursery.start_soon(m.write, first, [blob])
+        await m.wait_synced()
+        await m.flush()
+        assert primary_mem.data == model, f"seed {seed}: primary differs from the model"
+        assert secondary_mem.data == model, f"seed {seed}: secondary differs from the model"
+
+
+async def test_writes_racing_the_copier_never_leave_stale_data() -> None:
+    with trio.fail_after(120):
+        for seed in range(60):
+            await race_once(seed)
+
+
+class Gated(BlockDevice):
+    """Blocks writes that touch ``gate_sector`` until ``release`` is set."""
+
+    def __init__(self, inner: MemoryDevice, gate_sector: int) -> None:
+        self._inner = inner
+        self.gate_sector = gate_sector
+        self.reached = trio.Event()
+        self.release = trio.Event()
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        n = sum(len(b) for b in buffers) // SS
+        if sector <= self.gate_sector < sector + n and not self.release.is_set():
+            self.reached.set()
+            await self.release.wait()
+        await self._inner.write(sector, buffers)
+
+    async def flush(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
+    """Mirage checked only a write's first sector against the chunk being copied."""
+    chunk = 16
+    primary = MemoryDevice(SIZE)
+    primary.data[:] = b"o" * SIZE
+    secondary = Gated(MemoryDevice(SIZE), gate_sector=2 * chunk)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=chunk * SS, in_flight=1) as m:
+            await secondary.reached.wait()  # chunk 2 has read "o" and waits to write it
+            new = b"n" * (2 * chunk * SS)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(m.write, chunk, [new])  # starts in chunk 1, runs into 2
+                for _ in range(20):
+                    await trio.lowlevel.checkpoint()
+                secondary.release.set()
+            await m.wait_synced()
+            assert secondary._inner.data == primary.data
+            assert primary.data[chunk * SS : 3 * chunk * SS] == new
+
+
+# --- holes, sizes, progress ---------------------------------------------------------------
+
+
+class SeekDataFile(FileDevice):
+    """A file device that reports holes with SEEK_DATA/SEEK_HOLE, and counts reads."""
+
+    capabilities = frozenset({Capability.EXTENTS})
+    bytes_read = 0
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self.bytes_read += sum(len(b) for b in buffers)
+        await super().read(sector, buffers)
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        fd, start, end = self._fd, sector * SS, (sector + count) * SS
+        try:
+            data = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError:
+            data = end
+        if data > start:
+            return [Extent(sector, (min(data, end) - start) // SS, False)]
+        hole = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        return [Extent(sector, -(-(hole - start) // SS), True)]
+
+
+def open_seekable(path: str) -> SeekDataFile:
+    return SeekDataFile(os.open(path, os.O_RDWR), path, read_only=False)
+
+
+async def test_holes_are_skipped_and_the_secondary_stays_sparse(tmp_path: Path) -> None:
+    size = 64 << 20
+    p = image(tmp_path, "p", size)
+    with open(p, "r+b") as f:
+        for offset in (0, 20 << 20, size - (1 << 20)):
+            f.seek(offset)
+            f.write(os.urandom(1 << 20))
+    s = image(tmp_path, "s", size)
+    primary = open_seekable(p)
+    with trio.fail_after(30):
+        async with open_mirror(primary, open_file(s), chunk=256 << 10) as m:
+            await m.wait_synced()
+            assert primary.bytes_read <= 4 << 20, "holes were read"
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+    assert os.stat(s).st_blocks * 512 <= 4 << 20, "the secondary lost its holes"
+
+
+async def test_holes_in_the_primary_are_zeroed_on_an_old_secondary(tmp_path: Path) -> None:
+    p = image(tmp_path, "p", SIZE, b"data" * 1000)
+    s = image(tmp_path, "s", SIZE, os.urandom(SIZE))
+    with trio.fail_after(10):
+        async with open_mirror(open_seekable(p), open_file(s), chunk=64 << 10) as m:
+            await m.wait_synced()
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+
+
+@pytest.mark.parametrize("size", [0, SS, 1000 * SS, SIZE])
+async def test_progress_is_every_percent_then_complete(size: int) -> None:
+    seen: list[int | str] = []
+    primary = MemoryDevice(size)
+    primary.data[:] = os.urandom(size)
+    secondary = MemoryDevice(size)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192, progress=seen.append) as m:
+            await m.wait_synced()
+            st = m.statistics()
+            assert st.state is MirrorState.SYNCED and st.percent == 100
+            assert st.copied_bytes == st.total_bytes == size
+            assert secondary.data == primary.data
+    assert seen == [*range(101), "complete"]
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+async def test_a_passing_copy_error_is_retried() -> None:
+    secondary = FaultyDevice(MemoryDevice(SIZE), [Fault("write", first=100, end=101, times=2)])
+    primary = MemoryDevice(SIZE)
+    primary.data[:] = os.urandom(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192, backoff=0.01) as m:
+            await m.wait_synced()
+            st = m.statistics()
+            assert st.errors == 2 and "injected write fault" in st.last_error
+            assert m.status()["errors"] == "2"
+            assert secondary.inner.data == primary.data  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -> None:
+    primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
+    faulty = FaultyDevice(primary if op == "read" else secondary, [Fault(op, first=200, end=201)])
+    pair = (faulty, secondary) if op == "read" else (primary, faulty)
+    with trio.fail_after(10):
+        async with open_mirror(*pair, chunk=8192, retries=3, backoff=0.01) as m:
+            with pytest.raises(MirrorFailed, match="gave up after 3 retries"):
+                await m.wait_synced()
+            assert m.status()["state"].startswith("failed: copying sectors 192-208")
+            assert m.statistics().errors == 4
+            await m.write(0, [b"x" * SS])  # foreground I/O goes on
+            buf = bytearray(SS)
+            await m.read(0, [buf])
+            assert buf == b"x" * SS
+            await m.flush()
+            with pytest.raises(RequestFailed) as info:
+                await m.pivot()
+            assert info.value.errno == errno.EBUSY
+
+
+async def test_a_failed_secondary_write_is_copied_again() -> None:
+    faulty = FaultyDevice(MemoryDevice(SIZE))
+    primary = MemoryDevice(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(primary, faulty, chunk=8192) as m:
+            await m.wait_synced()
+            faulty.faults.append(Fault("write", times=1))
+            await m.write(10, [b"y" * SS])  # the primary has it; the secondary part failed
+            assert m.statistics().errors == 1
+            await m.wait_synced()
+            assert faulty.inner.data == primary.data  # type: ignore[union-attr]
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("primary", "secondary", "message"),
+    [
+        (MemoryDevice(SIZE), MemoryDevice(SIZE, read_only=True), "secondary is read-only"),
+        (MemoryDevice(SIZE), MemoryDevice(SIZE // 2), "they must be the same size"),
+        (
+            MemoryDevice(3 << 12, sector_size=1024),
+            MemoryDevice(3 << 12, sector_size=1536),
+            "not multiples of each other",
+        ),
+    ],
+)
+async def test_refusals_are_one_line_and_write_nothing(
+    primary: MemoryDevice, secondary: MemoryDevice, message: str
+) -> None:
+    before = bytes(secondary.data)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(MirrorRefused, match=message) as info:
+            await start_mirror(nursery, primary, secondary)
+    assert "\n" not in str(info.value)
+    assert secondary.data == before
+
+
+async def test_the_same_file_twice_is_refused(tmp_path: Path) -> None:
+    p = image(tmp_path, "p")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(MirrorRefused, match="the primary itself"):
+            await start_mirror(nursery, open_file(p), open_file(p))
+
+
+async def test_sector_sizes_that_are_multiples_mirror() -> None:
+    primary = MemoryDevice(SIZE, sector_size=512)
+    primary.data[:] = os.urandom(SIZE)
+    secondary = MemoryDevice(SIZE, sector_size=4096)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=64 << 10) as m:
+            assert (await m.get_info()).sector_size == 4096
+            await m.write(3, [b"z" * 4096])
+            await m.wait_synced()
+            assert secondary.data == primary.data
+
+
+# --- the copy map and resume ---------------------------------------------------------------
+
+
+class Slow(BlockDevice):
+    """Reads take ``delay`` seconds each."""
+
+    def __init__(self, inner: BlockDevice, delay: float) -> None:
+        self._inner = inner
+        self.delay = delay
+
+    @property
+    def inner(self) -> BlockDevice:
+        return self._inner
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await trio.sleep(self.delay)
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._inner.write(sector, buffers)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_stopped_copy_resumes_from_its_map(tmp_path: Path) -> None:
+    p = image(tmp_path, "p", SIZE, os.urandom(SIZE))
+    s = image(tmp_path, "s")
+    state = str(tmp_path / "map")
+    at_30 = trio.Event()
+
+    def progress(p: int | str) -> None:
+        if p == 30:
+            at_30.set()
+
+    with trio.fail_after(20):
+        async with open_mirror(
+            Slow(open_file(p), 0.01),
+            open_file(s),
+            state=state,
+            chunk=8192,
+            in_flight=2,
+            progress=progress,
+        ) as m:
+            await at_30.wait()
+            await m.write(0, [b"w" * 4 * SS])  # into the copied part: both sides
+        copied_at_stop = m.statistics().copied_bytes
+        assert "copied 0-" in Path(state).read_text()
+        seen: list[int | str] = []
+        async with open_mirror(
+            open_file(p), open_file(s), state=state, chunk=8192, progress=seen.append
+        ) as again:
+            assert again.statistics().copied_bytes == copied_at_stop
+            await again.wait_synced()
+    assert seen[0] == 0 and seen[-1] == "complete"
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+    assert Path(p).read_bytes()[: 4 * SS] == b"w" * 4 * SS
+
+
+class WatchMap(BlockDevice):
+    """Checks, at each write, that the map file already lists the chunk as dirty."""
+
+    def __init__(self, inner: BlockDevice, state: str) -> None:
+        self._inner = inner
+        self.state = state
+        self.checked = 0
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        if os.path.exists(self.state):
+            dirty = Path(self.state).read_text().splitlines()[3].split()[1:]
+            ranges = [tuple(map(int, r.split("-"))) for r in dirty]
+            assert any(a <= sector < b for a, b in ranges), f"sector {sector} not dirty"
+            self.checked += 1
+        await self._inner.write(sector, buffers)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_write_to_a_copied_region_is_dirty_on_disk_first(tmp_path: Path) -> None:
+    state = str(tmp_path / "map")
+    primary = WatchMap(MemoryDevice(SIZE), state)
+    with trio.fail_after(10):
+        async with open_mirror(primary, MemoryDevice(SIZE), state=state, chunk=8192) as m:
+            await m.wait_synced()
+            await m.write(100, [os.urandom(SS)])
+            await m.write(1000, [os.urandom(3 * SS)])
+            assert primary.checked == 2
+            await m.flush()
+            assert Path(state).read_text().splitlines()[3] == "dirty "
+
+
+async def test_a_map_of_another_mirror_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "map"
+    async with open_mirror(MemoryDevice(SIZE), MemoryDevice(SIZE), state=str(state)) as m:
+        await m.wait_synced()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(CopyMapError, match="belongs to another mirror"):
+            await start_mirror(
+                nursery, MemoryDevice(2 * SIZE), MemoryDevice(2 * SIZE), state=str(state)
+            )
+
+
+# --- pivot -------------------------------------------------------------------------------
+
+
+async def test_pivot_is_refused_until_synced_then_serves_the_secondary() -> None:
+    primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
+    primary.data[:] = os.urandom(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(Slow(primary, 0.05), secondary, chunk=8192) as m:
+            with pytest.raises(RequestFailed, match=r"cannot pivot: the mirror is copying"):
+                await m.pivot()
+            for slow in [m._primary.dev]:
+                assert isinstance(slow, Slow)
+                slow.delay = 0
+            await m.wait_synced()
+            assert await m.control("pivot", b"") is True
+            assert m.status()["state"] == "pivoted"
+            with pytest.raises(Disconnected):
+                await primary.read(0, [bytearray(SS)])
+            await m.write(0, [b"p" * SS])
+            buf = bytearray(SS)
+            await m.read(0, [buf])
+            assert buf == b"p" * SS
+            assert secondary.data[:SS] == b"p" * SS
+            await m.pivot()  # twice is fine
+
+
+async def test_wait_synced_after_close_does_not_hang() -> None:
+    with trio.fail_after(10):
+        async with open_mirror(Slow(MemoryDevice(SIZE), 1), MemoryDevice(SIZE)) as m:
+            pass
+        assert isinstance(m, MirrorDevice)
+        with pytest.raises(Disconnected):
+            await m.wait_synced()
