@@ -22,14 +22,24 @@ _nursery: ContextVar[trio.Nursery | None] = ContextVar("blockfuse_background", d
 
 @asynccontextmanager
 async def background_tasks() -> AsyncIterator[trio.Nursery]:
-    """A nursery for the background tasks of devices opened inside this block."""
+    """A nursery for the background tasks of devices opened inside this block.
+
+    An ordinary exception from the body leaves the block as itself, not wrapped in an
+    exception group, so that callers still catch their own errors (``CommandError``);
+    a background task's exception ends the block as an exception group.
+    """
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         token = _nursery.set(nursery)
         try:
             yield nursery
+        except Exception as exc:
+            failure = exc
         finally:
             _nursery.reset(token)
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def background_nursery() -> trio.Nursery:

@@ -29,6 +29,7 @@ from .fuse.mount import (
     unmount_command,
 )
 from .fuse.scratch import ScratchDir, open_scratch_dir
+from .monitor import MonitorError, pivot, progress_bar, status_report
 from .nbd.uri import BadURI, parse_uri
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
 from .swap import DEFAULT_UNIT
@@ -81,7 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
             "(sizes like 512, 64K, 256M, 1G, 1T); sparse(PATH, size=SIZE) (a sparse image, "
             "created if missing, resizable with truncate -s); safe(SPEC); an NBD URI "
-            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH. Calls nest; "
+            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; "
+            "mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S) "
+            "(copies PRIMARY onto SECONDARY in the background). Calls nest; "
             "quote paths holding commas or parentheses."
         ),
     )
@@ -129,6 +132,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Print the server's exports, one per line: name, size, description.",
     )
     ls.add_argument("uri", help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH")
+
+    status = sub.add_parser("status", help="show every device's status (a mirror's copy)")
+    status.add_argument("mountpoint")
+
+    pivot_ = sub.add_parser(
+        "pivot",
+        help="detach a synced mirror's primary; the secondary serves alone from then on",
+    )
+    pivot_.add_argument("file", metavar="MOUNTPOINT/NAME")
     return parser.parse_args(argv)
 
 
@@ -250,14 +262,15 @@ async def mount_files(
         await close_all(files, scratch)
         raise CommandError(str(exc)) from exc
     banner = await describe(args.mountpoint, files, scratch)
-    problems = await serve(
-        args.mountpoint,
-        files,
-        read_only=args.read_only,
-        allow_other=args.allow_other,
-        on_ready=lambda: print(banner, file=sys.stderr, flush=True),
-        scratch=scratch,
-    )
+    async with progress_bar(files, sys.stderr):
+        problems = await serve(
+            args.mountpoint,
+            files,
+            read_only=args.read_only,
+            allow_other=args.allow_other,
+            on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+            scratch=scratch,
+        )
     for problem in problems:
         print(f"blockfuse: {problem}", file=sys.stderr)
     print(f"blockfuse: unmounted {args.mountpoint}", file=sys.stderr)
@@ -325,7 +338,35 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls}
+# --- status and pivot ------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if mount_type(args.mountpoint) != "fuse.blockfuse":
+        raise CommandError(f"{args.mountpoint} is not a blockfuse mount")
+    try:
+        print(status_report(args.mountpoint))
+    except OSError as exc:
+        raise CommandError(f"cannot read the status under {args.mountpoint}: {exc}") from exc
+    return EXIT_OK
+
+
+def cmd_pivot(args: argparse.Namespace) -> int:
+    try:
+        state = pivot(args.file)
+    except MonitorError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"blockfuse: {args.file} is {state}; the primary is detached", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "ls": cmd_ls,
+    "status": cmd_status,
+    "pivot": cmd_pivot,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

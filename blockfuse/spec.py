@@ -33,6 +33,7 @@ from .background import background_nursery
 from .block import BlockDevice
 from .devices.file import open_file
 from .devices.memory import MemoryDevice
+from .devices.mirror import DEFAULT_CHUNK, start_mirror
 from .devices.remote import open_remote
 from .devices.safe import SafeDevice
 from .devices.sparse import check_backing, open_sparse
@@ -394,6 +395,67 @@ def compile_sparse(call: Call) -> Recipe:
 
 def path_arg(node: Node) -> str:
     return word(node, "a path")
+
+
+def state_path(node: Node) -> str:
+    """A file to keep state in: it may not exist yet, but its directory must."""
+    path = word(node, "a state file")
+    if os.path.isdir(path):
+        raise SpecError(f"state file {path} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise SpecError(f"the directory of state file {path} does not exist")
+    return path
+
+
+@kind("mirror")
+def compile_mirror(call: Call) -> Recipe:
+    """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S)``: the
+    copier runs in ``background_nursery()``; closing the device stops it."""
+    v = bind(
+        call,
+        [
+            Param("primary", device_arg),
+            Param("secondary", secondary_arg),
+            Param("state", state_path, None, False),
+            Param("chunk", size_arg, DEFAULT_CHUNK, False),
+            Param("rate", size_arg, None, False),
+        ],
+    )
+    primary, secondary = v["primary"], v["secondary"]
+    assert isinstance(primary, Recipe) and isinstance(secondary, Recipe)
+    chunk, rate = v["chunk"], v["rate"]
+    assert isinstance(chunk, int) and (rate is None or isinstance(rate, int))
+    if chunk == 0 or chunk % 512:
+        raise SpecError(f"mirror chunk {chunk} is not a whole number of 512-byte sectors")
+    if rate == 0:
+        raise SpecError("mirror rate must be more than 0 bytes per second (or left out)")
+    if primary.text == secondary.text and primary.kind != "memory":
+        raise SpecError("the secondary is the primary itself; mirror onto another device")
+    options = {"state": v["state"], "chunk": chunk, "rate": rate}
+
+    async def open_() -> BlockDevice:
+        p = await primary.open()
+        try:
+            s = await open_secondary(secondary, p)
+        except BaseException:
+            await p.aclose()
+            raise
+        try:
+            return await start_mirror(background_nursery(), p, s, **options)
+        except BaseException:
+            await p.aclose()
+            await s.aclose()
+            raise
+
+    return Recipe("mirror", unparse(call), open_, [primary, secondary])
+
+
+def secondary_arg(node: Node) -> Recipe:
+    return compile_node(node)
+
+
+async def open_secondary(recipe: Recipe, primary: BlockDevice) -> BlockDevice:
+    return await recipe.open()
 
 
 _URI = re.compile(r"nbd[a-z+]*://")

@@ -709,8 +709,7 @@ async def check_pair(primary: BlockDevice, secondary: BlockDevice, chunk: int) -
     return Info(p.read_write, big, p.size_bytes // big)
 
 
-async def start_mirror(
-    nursery: trio.Nursery,
+async def prepare_mirror(
     primary: BlockDevice,
     secondary: BlockDevice,
     *,
@@ -722,22 +721,30 @@ async def start_mirror(
     backoff: float = DEFAULT_BACKOFF,
     progress: Callable[[Progress], None] | None = None,
 ) -> MirrorDevice:
-    """Check the pair, load the map at ``state``, start the copier in ``nursery``.
+    """Check the pair and load the map at ``state``; the copier is not running yet.
 
     Raises ``MirrorRefused`` or ``CopyMapError`` (both ``ValueError``) before anything is
-    written.  The mirror then owns both devices: its ``aclose`` stops the copier and
-    closes them.
+    written; the caller then still owns both devices.  Otherwise the mirror owns them
+    (its ``aclose`` closes them) and the caller runs ``mirror.run_copier`` in a nursery
+    (``start_mirror`` and ``open_mirror`` do).
     """
     info = await check_pair(primary, secondary, chunk)
     geometry = Geometry(info.size_sectors, info.sector_size, chunk // info.sector_size)
     copy_map = CopyMap.open(geometry, state)
     p_info, s_info = await primary.get_info(), await secondary.get_info()
-    mirror = MirrorDevice(
+    return MirrorDevice(
         _Side(primary, p_info, info.sector_size),
         _Side(secondary, s_info, info.sector_size),
         info, copy_map, chunk=chunk, rate=rate, in_flight=in_flight,
         retries=retries, backoff=backoff, progress=progress,
     )  # fmt: skip
+
+
+async def start_mirror(
+    nursery: trio.Nursery, primary: BlockDevice, secondary: BlockDevice, **options: Any
+) -> MirrorDevice:
+    """``prepare_mirror``, then start its copier in ``nursery``; options as there."""
+    mirror = await prepare_mirror(primary, secondary, **options)
     await nursery.start(mirror.run_copier)
     return mirror
 
@@ -746,10 +753,22 @@ async def start_mirror(
 async def open_mirror(
     primary: BlockDevice, secondary: BlockDevice, **options: Any
 ) -> AsyncIterator[MirrorDevice]:
-    """``async with open_mirror(p, s) as m: ... await m.wait_synced()``; closes ``m`` at the end."""
+    """``async with open_mirror(p, s) as m: ... await m.wait_synced()``; closes ``m`` at the end.
+
+    The copier runs in a nursery of its own for the body of the block.  An ordinary
+    exception from the body leaves the block as itself, not wrapped in an exception
+    group, so a caller that enters this through an ``AsyncExitStack`` can still catch
+    its own errors; a bug in the copier ends the block with an exception group.
+    """
+    mirror = await prepare_mirror(primary, secondary, **options)
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
-        mirror = await start_mirror(nursery, primary, secondary, **options)
+        await nursery.start(mirror.run_copier)
         try:
             yield mirror
+        except Exception as exc:
+            failure = exc
         finally:
             await mirror.aclose()
+    if failure is not None:
+        raise failure

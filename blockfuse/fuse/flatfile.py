@@ -69,6 +69,15 @@ class FlatFile:
             )
         await self.device.resize(size_bytes // info.sector_size)
 
+    async def control(self, key: str, value: bytes) -> None:
+        """Hand ``user.blockfuse.KEY`` to the first layer (outermost first) that takes it."""
+        dev: BlockDevice | None = self.device
+        while dev is not None:
+            if await dev.control(key, value):
+                return
+            dev = dev.inner
+        raise RequestFailed(errno.EPERM, f"{self.name} has no control named {key!r}")
+
     def status(self) -> dict[str, str]:
         """Every layer's status, outermost last so that it wins on a shared key."""
         layers = []

@@ -325,7 +325,11 @@ class BlockFS(pyfuse3.Operations):
     @routed
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        """Writing ``user.blockfuse.KEY`` asks the device to act (e.g. a mirror's ``pivot``)."""
+        key = name.decode(errors="replace")
+        if inode == pyfuse3.ROOT_INODE or not key.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self._file(inode).control(key[len(XATTR_PREFIX) :], value)
 
     @routed
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

@@ -1,0 +1,133 @@
+"""Watching devices from outside: ``blockfuse status``, ``blockfuse pivot``, the progress bar.
+
+``status`` and ``pivot`` work on a running mount through the flat files' extended
+attributes only (``user.blockfuse.*``), the same ones ``getfattr -d`` shows, so they
+need nothing but the path.  The progress bar runs inside ``blockfuse mount`` and reads
+the devices' ``status()`` directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TextIO
+
+import trio
+
+from .block import format_size
+from .fuse.flatfile import FlatFile
+
+PREFIX = "user.blockfuse."
+BAR_WIDTH = 30
+BAR_SECONDS = 0.5
+
+
+class MonitorError(Exception):
+    """A status or pivot request that failed; the message is one line for the user."""
+
+
+def read_status(path: str) -> dict[str, str]:
+    """Every ``user.blockfuse.*`` attribute of ``path``, without the prefix."""
+    out = {}
+    for name in os.listxattr(path):
+        if name.startswith(PREFIX):
+            out[name[len(PREFIX) :]] = os.getxattr(path, name).decode(errors="replace")
+    return out
+
+
+def format_seconds(seconds: int) -> str:
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}:{m:02}:{s:02}" if hours else f"{m}:{s:02}"
+
+
+def describe_copy(values: Mapping[str, str]) -> str:
+    """``copying 42% (420 MiB of 1 GiB) at 12.5 MiB/s, ETA 0:48, 0 errors``."""
+    total = int(values.get("total", "0"))
+    copied = int(values.get("copied", "0"))
+    text = (
+        f"{values['state']} {values['progress']}% ({format_size(copied)} of {format_size(total)})"
+    )
+    rate = int(values.get("rate", "0") or 0)
+    if rate:
+        text += f" at {format_size(rate)}/s"
+    if values.get("eta") and values["state"] == "copying":
+        text += f", ETA {format_seconds(int(values['eta']))}"
+    return text + f", {values.get('errors', '0')} errors"
+
+
+def status_report(mountpoint: str) -> str:
+    """A few lines per device under ``mountpoint``."""
+    lines = []
+    for name in sorted(os.listdir(mountpoint)):
+        values = read_status(os.path.join(mountpoint, name))
+        size = format_size(int(values.get("size", "0")))
+        lines.append(f"{name}: {values.get('kind', '?')}, {size}  {values.get('spec', '')}")
+        if "progress" in values:
+            lines.append(f"  {describe_copy(values)}")
+        if values.get("last_error"):
+            lines.append(f"  last error: {values['last_error']}")
+    return "\n".join(lines) if lines else f"{mountpoint}: no devices"
+
+
+def pivot(path: str) -> str:
+    """Ask the mirror at ``path`` to pivot; its new state, or ``MonitorError``."""
+    try:
+        os.setxattr(path, PREFIX + "pivot", b"1")
+    except OSError as exc:
+        raise MonitorError(_pivot_problem(path, exc)) from exc
+    return read_status(path).get("state", "?")
+
+
+def _pivot_problem(path: str, exc: OSError) -> str:
+    if exc.errno == errno.EBUSY:
+        values = read_status(path)
+        return (
+            f"cannot pivot {path}: the mirror is {values.get('state')} "
+            f"({values.get('progress')}% copied); pivot once it is synced"
+        )
+    if exc.errno in (errno.EPERM, errno.ENOTSUP):
+        return f"cannot pivot {path}: it is not a mirror"
+    return f"cannot pivot {path}: {exc.strerror}"
+
+
+# --- the progress bar ------------------------------------------------------------------
+
+
+def progress_line(files: Sequence[FlatFile]) -> str:
+    parts = []
+    for f in files:
+        values = f.status()
+        if "progress" not in values:
+            continue
+        percent = int(values["progress"])
+        filled = BAR_WIDTH * percent // 100
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        parts.append(f"{f.name} [{bar}] {describe_copy(values)}")
+    return "  ".join(parts)
+
+
+async def _draw(files: Sequence[FlatFile], out: TextIO) -> None:
+    while True:
+        line = progress_line(files)
+        if line:
+            out.write("\r" + line + "\x1b[K")
+            out.flush()
+        await trio.sleep(BAR_SECONDS)
+
+
+@asynccontextmanager
+async def progress_bar(files: Sequence[FlatFile], out: TextIO) -> AsyncIterator[None]:
+    """Redraw the copy progress of ``files`` on ``out`` (a terminal) during the body."""
+    if not out.isatty() or not any("progress" in f.status() for f in files):
+        yield
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_draw, files, out)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
+            out.write("\n")
