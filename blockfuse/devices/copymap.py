@@ -121,12 +121,14 @@ class CopyMap:
     def begin_write(self, start: int, end: int) -> Interval:
         """Note a write in progress; hand the result to ``end_write``."""
         span = align_out(start, end, self.geometry.chunk_sectors)
-        self._active.append(span)
-        self._touched.add(*span)
+        if self.path is not None:
+            self._active.append(span)
+            self._touched.add(*span)
         return span
 
     def end_write(self, span: Interval) -> None:
-        self._active.remove(span)
+        if self.path is not None:
+            self._active.remove(span)
 
     async def mark_dirty(self, span: Interval) -> None:
         """Return once ``span`` (from ``begin_write``) is dirty in the file."""
@@ -155,6 +157,8 @@ class CopyMap:
         await flush_both()
         for a, b in list(self._touched) + self._active:
             candidates.discard(a, b)
+        if not candidates.total and copied == self._durable:
+            return  # nothing to save: a flush of a quiet mirror costs no map write
         for a, b in candidates:
             self.dirty.discard(a, b)
         self._durable = copied

@@ -517,7 +517,7 @@ class MirrorDevice(BlockDevice):
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(CHECKPOINT_SECONDS)
-            if self._state is MirrorState.COPYING:
+            if not self._pivoted():
                 err = await _outcome(self._map.checkpoint(self._flush_both))
                 if err is not None:
                     self._note_error(f"checkpoint: {err}")
