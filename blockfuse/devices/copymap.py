@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..errors import map_os_errors
 from ..extents import Interval, IntervalSet, align_out
 
 MAGIC = "blockfuse-mirror-map 1"
@@ -113,7 +114,8 @@ class CopyMap:
             if self._saved_generation >= wanted:
                 return
             generation, dirty, text = self._generation, self.dirty.copy(), self._render()
-            await trio.to_thread.run_sync(_write_atomically, self.path, text)
+            with map_os_errors(f"saving the mirror map {self.path}"):
+                await trio.to_thread.run_sync(_write_atomically, self.path, text)
             self._saved_generation, self._saved_dirty = generation, dirty
 
     # --- the write path ------------------------------------------------------------
@@ -131,7 +133,10 @@ class CopyMap:
             self._active.remove(span)
 
     async def mark_dirty(self, span: Interval) -> None:
-        """Return once ``span`` (from ``begin_write``) is dirty in the file."""
+        """Return once ``span`` (from ``begin_write``) is dirty in the file.
+
+        Raises ``RequestFailed`` if the file cannot be saved: the write must not go on.
+        """
         if self.path is None or self._saved_dirty.covers(*span):
             return
         self.dirty.add(*span)

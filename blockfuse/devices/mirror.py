@@ -60,7 +60,7 @@ from ..extents import IntervalSet
 from .copymap import CopyMap, Geometry
 
 DEFAULT_CHUNK = 1 << 20
-DEFAULT_IN_FLIGHT = 4
+DEFAULT_IN_FLIGHT = 8
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 CHECKPOINT_SECONDS = 2.0
@@ -574,17 +574,18 @@ class MirrorDevice(BlockDevice):
             return IntervalSet([(start, end)])
 
     async def _work(self, receive: trio.MemoryReceiveChannel[tuple[int, int]]) -> None:
+        buf = bytearray(self._chunk * self._info.sector_size)  # one per worker, reused
         async with receive:
             async for start, end in receive:
                 if not self._should_go_on():
                     return
-                await self._copy_with_retries(start, end)
+                await self._copy_with_retries(start, end, buf)
 
-    async def _copy_with_retries(self, start: int, end: int) -> None:
+    async def _copy_with_retries(self, start: int, end: int, buf: bytearray) -> None:
         for attempt in range(self._retries + 1):
             self._in_flight += 1
             try:
-                err = await _outcome(self._copy_item(start, end))
+                err = await _outcome(self._copy_item(start, end, buf))
             finally:
                 self._in_flight -= 1
             if err is None:
@@ -597,21 +598,21 @@ class MirrorDevice(BlockDevice):
             if not self._should_go_on():
                 return
 
-    async def _copy_item(self, start: int, end: int) -> None:
+    async def _copy_item(self, start: int, end: int, buf: bytearray) -> None:
         async with self._lock.hold(start, end):
             for a, b in self._map.copied.gaps(start, end):
                 data = await self._primary.data_map(a, b)
                 for x, y, is_data in _runs(data, a, b):
-                    await (self._copy_data(x, y) if is_data else self._zero_secondary(x, y))
+                    await (self._copy_data(x, y, buf) if is_data else self._zero_secondary(x, y))
                 self._map.copied.add(a, b)
 
-    async def _copy_data(self, start: int, end: int) -> None:
+    async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         ss = self._info.sector_size
         for a, b in _split(start, end, self._chunk):
-            buf = bytearray((b - a) * ss)
-            await self._throttle.take(len(buf))
-            await self._primary.read(a, [buf])
-            await self._secondary.write(a, [buf])
+            view = memoryview(buf)[: (b - a) * ss]
+            await self._throttle.take(len(view))
+            await self._primary.read(a, [view])
+            await self._secondary.write(a, [view])
 
     async def _zero_secondary(self, start: int, end: int) -> None:
         """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
