@@ -110,12 +110,14 @@ def progress_line(files: Sequence[FlatFile]) -> str:
 
 
 async def _draw(files: Sequence[FlatFile], out: TextIO) -> None:
+    shown = ""
     while True:
+        await trio.sleep(BAR_SECONDS)  # first after the mount's banner
         line = progress_line(files)
-        if line:
+        if line and line != shown:
             out.write("\r" + line + "\x1b[K")
             out.flush()
-        await trio.sleep(BAR_SECONDS)
+            shown = line
 
 
 @asynccontextmanager

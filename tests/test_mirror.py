@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from blockfuse.devices.mirror import (
     start_mirror,
 )
 from blockfuse.errors import Disconnected, RequestFailed
+from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import Fault, FaultyDevice, check_block_device
 
 SIZE = 1 << 20
@@ -505,3 +508,32 @@ async def test_wait_synced_after_close_does_not_hang() -> None:
         assert isinstance(m, MirrorDevice)
         with pytest.raises(Disconnected):
             await m.wait_synced()
+
+
+# --- the spec ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mirror(mem(1M), mem(1M), chunk=1000)", "chunk 1000 is not a whole number of 512-byte"),
+        ("mirror(mem(1M), mem(1M), rate=0)", "rate must be more than 0"),
+        ("mirror(mem(1M), mem(1M), state=/no/such/dir/map)", "does not exist"),
+        ("mirror(mem(1M))", "needs 'secondary'"),
+        ("mirror(mem(1M), mem(1M), speed=1)", "has no argument 'speed'"),
+    ],
+)
+def test_bad_mirror_specs(spec: str, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        compile_spec(spec)
+
+
+async def test_a_mirror_spec_opens_and_copies() -> None:
+    recipe = compile_spec("mirror(mem(1M), mem(1M), chunk=64K, rate=100M)")
+    assert recipe.kind == "mirror" and len(recipe.children) == 2
+    with trio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            dev = await recipe.open_in(stack)
+            assert isinstance(dev, MirrorDevice)
+            await dev.wait_synced()
+            assert dev.status()["state"] == "synced"
