@@ -537,3 +537,25 @@ async def test_a_mirror_spec_opens_and_copies() -> None:
             assert isinstance(dev, MirrorDevice)
             await dev.wait_synced()
             assert dev.status()["state"] == "synced"
+
+
+@pytest.mark.parametrize("how", ["another file", "the same name, made anew"])
+async def test_a_map_kept_while_the_secondary_was_replaced_is_set_aside(
+    tmp_path: Path, how: str
+) -> None:
+    p = image(tmp_path, "p", SIZE, os.urandom(SIZE))
+    s = image(tmp_path, "s")
+    state = str(tmp_path / "map")
+    with trio.fail_after(20):
+        async with open_mirror(open_file(p), open_file(s), state=state, chunk=8192) as m:
+            await m.wait_synced()
+        if how == "another file":
+            s = image(tmp_path, "s2")
+        else:
+            os.unlink(s)
+            s = image(tmp_path, "s")
+        async with open_mirror(open_file(p), open_file(s), state=state, chunk=8192) as m:
+            assert m.statistics().copied_bytes == 0
+            assert "copying anew" in m.statistics().last_error
+            await m.wait_synced()
+    assert Path(p).read_bytes() == Path(s).read_bytes()

@@ -73,34 +73,55 @@ class CopyMap:
     # --- loading and saving --------------------------------------------------------
 
     @classmethod
-    def open(cls, geometry: Geometry, path: str | None) -> CopyMap:
-        """A fresh map, or the one saved at ``path``; raises ``CopyMapError`` on a mismatch."""
+    def open(cls, geometry: Geometry, path: str | None, secondary: str = "") -> CopyMap:
+        """A fresh map, or the one saved at ``path``; raises ``CopyMapError`` on a mismatch.
+
+        ``secondary`` names the secondary's file (``DEV:INO``) where it has one: a map
+        saved for another file (the image was deleted and made anew) is set aside, and
+        ``forgotten`` says why.
+        """
         cmap = cls(geometry, path)
+        cmap.secondary = secondary
         if path is not None and os.path.exists(path):
             cmap._load(path)
         return cmap
+
+    secondary = ""
+    forgotten = ""
+    """Why a saved map was not used (empty if it was, or if there was none)."""
+
+    def _header(self) -> str:
+        return f"{self.geometry.header()} secondary={self.secondary}"
 
     def _load(self, path: str) -> None:
         with open(path) as f:
             lines = f.read().splitlines()
         if len(lines) != 4 or lines[0] != MAGIC:
             raise CopyMapError(f"{path} is not a blockfuse mirror map")
-        if lines[1] != self.geometry.header():
+        geometry, _, secondary = lines[1].partition(" secondary=")
+        if geometry != self.geometry.header():
             raise CopyMapError(
-                f"{path} belongs to another mirror ({lines[1]}, this one has "
+                f"{path} belongs to another mirror ({geometry}, this one has "
                 f"{self.geometry.header()}); remove it to copy from the start"
             )
+        if secondary != self.secondary:
+            return self.forget(f"{path} was saved for another secondary file; copying anew")
         durable, dirty = (_parse_intervals(path, line) for line in lines[2:])
         for a, b in dirty:
             durable.discard(a, b)
         self.copied, self._durable = durable, durable.copy()
         self.dirty, self._saved_dirty = dirty, dirty.copy()
 
+    def forget(self, reason: str) -> None:
+        """Start over: nothing is copied (the next save overwrites the file)."""
+        self.forgotten = reason
+        self.copied, self._durable = IntervalSet(), IntervalSet()
+
     def _render(self) -> str:
         return "\n".join(
             [
                 MAGIC,
-                self.geometry.header(),
+                self._header(),
                 "copied " + _format_intervals(self._durable),
                 "dirty " + _format_intervals(self.dirty),
                 "",

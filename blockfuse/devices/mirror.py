@@ -466,6 +466,24 @@ class MirrorDevice(BlockDevice):
                 "pivot once it is synced",
             )
 
+    async def check_resumed_copy(self, samples: int = 4) -> None:
+        """Compare a few chunks a saved map says are copied; on a difference, start over.
+
+        Catches a map kept while its secondary was replaced by another file that the
+        file identity cannot tell apart (a new file may reuse the old inode number).
+        """
+        ss = self._info.sector_size
+        for a, b in _spread(self._map.copied, samples, self._chunk):
+            n = b - a
+            one, two = bytearray(n * ss), bytearray(n * ss)
+            await self._primary.read(a, [one])
+            await self._secondary.read(a, [two])
+            if one != two:
+                self._map.forget(f"sectors {a}-{a + n} differ from the saved map; copying anew")
+                break
+        if self._map.forgotten:
+            self._note_error(self._map.forgotten)
+
     # --- the copier ----------------------------------------------------------------------
 
     async def run_copier(
@@ -659,6 +677,18 @@ def _runs(data: IntervalSet, start: int, end: int) -> list[tuple[int, int, bool]
     return sorted(pieces)
 
 
+def _spread(s: IntervalSet, count: int, length: int) -> list[tuple[int, int]]:
+    """Up to ``count`` ranges of up to ``length`` inside ``s``, spread evenly over it."""
+    out, seen = [], 0
+    wanted = [k * s.total // count for k in range(count)] if s.total else []
+    for a, b in s:
+        while wanted and wanted[0] < seen + (b - a):
+            start = a + wanted.pop(0) - seen
+            out.append((start, min(b, start + length)))
+        seen += b - a
+    return out
+
+
 def _split(start: int, end: int, step: int) -> list[tuple[int, int]]:
     """``[start, end)`` cut at multiples of ``step``."""
     out = []
@@ -672,8 +702,8 @@ def _split(start: int, end: int, step: int) -> list[tuple[int, int]]:
 # --- opening -------------------------------------------------------------------------------
 
 
-def _identity(dev: BlockDevice) -> tuple[int, int] | None:
-    """The (device, inode) of the file under ``dev``, if it stands on one."""
+def _identity(dev: BlockDevice) -> str | None:
+    """``DEV:INO`` of the file under ``dev``, if it stands on one."""
     layer: BlockDevice | None = dev
     while layer is not None:
         path = getattr(layer, "path", None)
@@ -682,7 +712,7 @@ def _identity(dev: BlockDevice) -> tuple[int, int] | None:
                 st = os.stat(path)
             except OSError:
                 return None
-            return st.st_dev, st.st_ino
+            return f"{st.st_dev}:{st.st_ino}"
         layer = layer.inner
     return None
 
@@ -731,14 +761,16 @@ async def prepare_mirror(
     """
     info = await check_pair(primary, secondary, chunk)
     geometry = Geometry(info.size_sectors, info.sector_size, chunk // info.sector_size)
-    copy_map = CopyMap.open(geometry, state)
+    copy_map = CopyMap.open(geometry, state, _identity(secondary) or "")
     p_info, s_info = await primary.get_info(), await secondary.get_info()
-    return MirrorDevice(
+    mirror = MirrorDevice(
         _Side(primary, p_info, info.sector_size),
         _Side(secondary, s_info, info.sector_size),
         info, copy_map, chunk=chunk, rate=rate, in_flight=in_flight,
         retries=retries, backoff=backoff, progress=progress,
     )  # fmt: skip
+    await mirror.check_resumed_copy()
+    return mirror
 
 
 async def start_mirror(
