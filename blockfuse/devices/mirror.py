@@ -27,16 +27,17 @@ and puts the invariant back before it lets go:
       write             [~~~~~~~~~~~~ w ~~~~~~~~~~~~~~~]
                         waits for both chunks, then goes to both sides
 
-Holders of overlapping ranges take turns in the order they asked (``RangeQueue``), so a
-stream of writes cannot starve the copier and the copier cannot starve a write.  A
-write either ends before a chunk reads the primary (the chunk copies the new data) or
+Holders of overlapping ranges take turns in the order they asked (``RangeQueue`` in
+``mirrorparts``), so a stream of writes cannot starve the copier and the copier cannot
+starve a write.  A write either ends before a chunk reads the primary (the chunk copies the new data) or
 starts after the chunk is in ``copied`` (the write reaches the secondary): no
 interleaving leaves old data on the secondary.
 
 Errors are never swallowed: a failed item is retried with backoff a bounded number of
 times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synced``
-raises ``MirrorFailed``, and foreground I/O goes on against the primary.  Resuming
-after a crash is ``copymap``'s job (its own invariant is at its top).
+raises ``MirrorFailed``, and foreground I/O goes on against the primary.  The copier
+itself (planning, retries, holes) is ``copier.py``; resuming after a crash is
+``copymap.py``'s job (its own invariant is at its top).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,10 @@ from typing import Any
 import trio
 
 from ..block import BlockDevice, Buffer, Capability, Extent, Info, total_length
-from ..errors import BlockError, Disconnected, RequestFailed, Unimplemented
-from ..extents import IntervalSet
+from ..errors import BlockError, Disconnected, RequestFailed
+from .copier import Copier
 from .copymap import CopyMap, Geometry
+from .mirrorparts import RangeQueue, Side, outcome, run_both, slice_buffers, spread
 
 DEFAULT_CHUNK = 1 << 20
 DEFAULT_IN_FLIGHT = 8
@@ -65,9 +67,6 @@ DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 CHECKPOINT_SECONDS = 2.0
 STOP_GRACE_SECONDS = 10.0
-HOLE_ITEM_CHUNKS = 1024
-"""A run of holes is handed out in items of up to this many chunks."""
-EXTENTS_SPAN_BYTES = 1 << 30
 
 Progress = int | str
 """What the progress callback gets: a whole percent (0 first), then ``"complete"`` once."""
@@ -118,113 +117,6 @@ def _percent(done: int, total: int) -> int:
     return 100 if total == 0 else done * 100 // total
 
 
-class RangeQueue:
-    """A lock on ranges of sectors where overlapping holders take turns in arrival order.
-
-    Each holder waits only for the overlapping holders that asked before it, so the
-    waits form no cycle.  Holders are few (one per FUSE handler or chunk in flight).
-    """
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[int, int, trio.Event]] = []
-
-    @asynccontextmanager
-    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
-        ahead = [ev for s, e, ev in self._entries if s < end and start < e]
-        entry = (start, end, trio.Event())
-        self._entries.append(entry)
-        try:
-            for released in ahead:
-                await released.wait()
-            yield
-        finally:
-            self._entries.remove(entry)
-            entry[2].set()
-
-
-class _Throttle:
-    """At most ``rate`` bytes per second, with a burst of one request."""
-
-    def __init__(self, rate: int | None) -> None:
-        self._rate = rate
-        self._next = 0.0
-
-    async def take(self, n: int) -> None:
-        if not self._rate:
-            return
-        start = max(self._next, trio.current_time())
-        self._next = start + n / self._rate
-        await trio.sleep_until(start)
-
-
-def _slice(buffers: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
-    """The bytes ``[start, end)`` of the concatenated ``buffers``, as views."""
-    out, pos = [], 0
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        a, b = max(start - pos, 0), min(end - pos, len(view))
-        if a < b:
-            out.append(view[a:b])
-        pos += len(view)
-    return out
-
-
-async def _outcome(call: Awaitable[None]) -> BlockError | None:
-    try:
-        await call
-    except BlockError as exc:
-        return exc
-    return None
-
-
-async def _both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
-    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
-    results: list[BlockError | None] = [None, None]
-
-    async def run(i: int, call: Awaitable[None]) -> None:
-        results[i] = await _outcome(call)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, 0, a)
-        nursery.start_soon(run, 1, b)
-    return tuple(results)
-
-
-class _Side:
-    """One of the two devices, addressed in mirror sectors."""
-
-    def __init__(self, dev: BlockDevice, info: Info, sector_size: int) -> None:
-        self.dev = dev
-        self.ratio = sector_size // info.sector_size
-        self.use_extents = Capability.EXTENTS in dev.capabilities
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self.dev.read(sector * self.ratio, buffers)
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self.dev.write(sector * self.ratio, buffers)
-
-    async def data_map(self, start: int, end: int) -> IntervalSet:
-        """The sectors of ``[start, end)`` that may hold data (all, without extents)."""
-        data = IntervalSet()
-        pos = start * self.ratio
-        while self.use_extents and pos < end * self.ratio:
-            try:
-                answer = await self.dev.extents(pos, end * self.ratio - pos)
-            except Unimplemented:
-                self.use_extents = False
-                break
-            if not answer:
-                break
-            for ext in answer:
-                if ext.is_data:
-                    data.add(ext.sector // self.ratio, -(-ext.end // self.ratio))
-            pos = answer[-1].end
-        if pos < end * self.ratio:
-            data.add(pos // self.ratio, end)
-        return IntervalSet(data.intersection(start, end))
-
-
 class MirrorDevice(BlockDevice):
     """Built by ``start_mirror``/``open_mirror``; do not construct directly."""
 
@@ -232,8 +124,8 @@ class MirrorDevice(BlockDevice):
 
     def __init__(
         self,
-        primary: _Side,
-        secondary: _Side,
+        primary: Side,
+        secondary: Side,
         info: Info,
         copy_map: CopyMap,
         *,
@@ -248,15 +140,15 @@ class MirrorDevice(BlockDevice):
         self._info = info
         self._map = copy_map
         self._chunk = chunk // info.sector_size
-        self._throttle = _Throttle(rate)
-        self._in_flight_limit = in_flight
-        self._retries, self._backoff = retries, backoff
         self._progress = progress
         self._lock = RangeQueue()
+        self._copier = Copier(
+            primary, secondary, self._lock, copy_map, self,
+            chunk=self._chunk, rate=rate, in_flight=in_flight, retries=retries, backoff=backoff,
+        )  # fmt: skip
         self._state = MirrorState.COPYING
         self._reason = ""
         self._errors, self._last_error = 0, ""
-        self._in_flight = 0
         self._reported = -1
         self._complete_sent = False
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
@@ -305,7 +197,7 @@ class MirrorDevice(BlockDevice):
             if both:
                 await self._map.mark_dirty(span)
             ss = self._info.sector_size
-            primary_err, secondary_err = await _both(
+            primary_err, secondary_err = await run_both(
                 self._primary.write(sector, buffers),
                 self._write_parts(both, sector, buffers, ss),
             )
@@ -321,12 +213,14 @@ class MirrorDevice(BlockDevice):
         self, parts: list[tuple[int, int]], sector: int, buffers: Sequence[Buffer], ss: int
     ) -> None:
         for a, b in parts:
-            await self._secondary.write(a, _slice(buffers, (a - sector) * ss, (b - sector) * ss))
+            await self._secondary.write(
+                a, slice_buffers(buffers, (a - sector) * ss, (b - sector) * ss)
+            )
 
     def _uncopy(self, start: int, end: int, err: BlockError | None) -> None:
         """The two sides may differ on ``[start, end)``: copy it again."""
         if err is not None:
-            self._note_error(f"writing the secondary: {err}")
+            self.note_error(f"writing the secondary: {err}")
         self._map.copied.discard(start, end)
         if self._state is MirrorState.SYNCED:
             self._state = MirrorState.COPYING
@@ -340,11 +234,11 @@ class MirrorDevice(BlockDevice):
         await self._map.checkpoint(self._flush_both)
 
     async def _flush_both(self) -> None:
-        primary_err, secondary_err = await _both(
+        primary_err, secondary_err = await run_both(
             self._primary.dev.flush(), self._secondary.dev.flush()
         )
         if secondary_err is not None:
-            self._fail(f"flushing the secondary: {secondary_err}")
+            self.fail(f"flushing the secondary: {secondary_err}")
         if primary_err is not None:
             raise primary_err
 
@@ -363,9 +257,9 @@ class MirrorDevice(BlockDevice):
         with trio.CancelScope(shield=True):
             await self._stop_copier()
             if self._state is not MirrorState.PIVOTED:
-                err = await _outcome(self._map.checkpoint(self._flush_both))
+                err = await outcome(self._map.checkpoint(self._flush_both))
                 if err is not None:
-                    self._note_error(f"flushing at close: {err}")
+                    self.note_error(f"flushing at close: {err}")
             self._closed = True
             await self._primary.dev.aclose()
             await self._secondary.dev.aclose()
@@ -415,7 +309,7 @@ class MirrorDevice(BlockDevice):
             eta = 0.0
         return MirrorStatistics(
             self._state, self._reason, copied, total, rate, eta,
-            self._errors, self._last_error, self._in_flight,
+            self._errors, self._last_error, self._copier.in_flight,
         )  # fmt: skip
 
     def _rate(self) -> float:
@@ -473,7 +367,7 @@ class MirrorDevice(BlockDevice):
         file identity cannot tell apart (a new file may reuse the old inode number).
         """
         ss = self._info.sector_size
-        for a, b in _spread(self._map.copied, samples, self._chunk):
+        for a, b in spread(self._map.copied, samples, self._chunk):
             n = b - a
             one, two = bytearray(n * ss), bytearray(n * ss)
             await self._primary.read(a, [one])
@@ -482,7 +376,7 @@ class MirrorDevice(BlockDevice):
                 self._map.forget(f"sectors {a}-{a + n} differ from the saved map; copying anew")
                 break
         if self._map.forgotten:
-            self._note_error(self._map.forgotten)
+            self.note_error(self._map.forgotten)
 
     # --- the copier ----------------------------------------------------------------------
 
@@ -516,7 +410,7 @@ class MirrorDevice(BlockDevice):
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            await self._copy_pass()
+            await self._copier.sweep()
 
     async def _become_synced(self) -> None:
         if self._state is MirrorState.COPYING:
@@ -536,9 +430,9 @@ class MirrorDevice(BlockDevice):
         while True:
             await trio.sleep(CHECKPOINT_SECONDS)
             if not self._pivoted():
-                err = await _outcome(self._map.checkpoint(self._flush_both))
+                err = await outcome(self._map.checkpoint(self._flush_both))
                 if err is not None:
-                    self._note_error(f"checkpoint: {err}")
+                    self.note_error(f"checkpoint: {err}")
 
     async def _stop_copier(self) -> None:
         self._stopping = True
@@ -551,115 +445,24 @@ class MirrorDevice(BlockDevice):
         self._copier_scope.cancel()
         await self._copier_done.wait()
 
-    async def _copy_pass(self) -> None:
-        """One sweep over the sectors not yet copied, several items at once."""
-        send, receive = trio.open_memory_channel[tuple[int, int]](0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._plan, send)
-            for _ in range(self._in_flight_limit):
-                nursery.start_soon(self._work, receive.clone())
-            await receive.aclose()
+    # --- state and progress (``CopyEvents`` for the copier) -------------------------------
 
-    def _should_go_on(self) -> bool:
+    def going_on(self) -> bool:
         return not self._stopping and self._state is MirrorState.COPYING
 
-    async def _plan(self, send: trio.MemorySendChannel[tuple[int, int]]) -> None:
-        """Hand out items: data in chunks, holes in long runs (both checked again later)."""
-        size = self._info.size_sectors
-        span = max(EXTENTS_SPAN_BYTES // self._info.sector_size, self._chunk)
-        async with send:
-            pos = 0
-            while self._should_go_on() and (gap := self._map.copied.first_gap(pos, size)):
-                start, end = gap[0], min(gap[1], gap[0] + span)
-                data = await self._hint(start, end)
-                for a, b, is_data in _runs(data, start, end):
-                    step = self._chunk if is_data else self._chunk * HOLE_ITEM_CHUNKS
-                    for item in _split(a, b, step):
-                        if not self._should_go_on():
-                            return
-                        try:
-                            await send.send(item)
-                        except trio.BrokenResourceError:
-                            return
-                pos = end
-
-    async def _hint(self, start: int, end: int) -> IntervalSet:
-        """Where the primary holds data, to plan with; each item asks again under its lock."""
-        try:
-            return await self._primary.data_map(start, end)
-        except BlockError as exc:
-            self._note_error(f"asking the primary for extents: {exc}")
-            return IntervalSet([(start, end)])
-
-    async def _work(self, receive: trio.MemoryReceiveChannel[tuple[int, int]]) -> None:
-        buf = bytearray(self._chunk * self._info.sector_size)  # one per worker, reused
-        async with receive:
-            async for start, end in receive:
-                if not self._should_go_on():
-                    return
-                await self._copy_with_retries(start, end, buf)
-
-    async def _copy_with_retries(self, start: int, end: int, buf: bytearray) -> None:
-        for attempt in range(self._retries + 1):
-            self._in_flight += 1
-            try:
-                err = await _outcome(self._copy_item(start, end, buf))
-            finally:
-                self._in_flight -= 1
-            if err is None:
-                return self._report_progress()
-            where = f"copying sectors {start}-{end}: {err}"
-            self._note_error(where)
-            if attempt == self._retries:
-                return self._fail(f"{where} (gave up after {self._retries} retries)")
-            await trio.sleep(self._backoff * 2**attempt)
-            if not self._should_go_on():
-                return
-
-    async def _copy_item(self, start: int, end: int, buf: bytearray) -> None:
-        async with self._lock.hold(start, end):
-            for a, b in self._map.copied.gaps(start, end):
-                data = await self._primary.data_map(a, b)
-                for x, y, is_data in _runs(data, a, b):
-                    await (self._copy_data(x, y, buf) if is_data else self._zero_secondary(x, y))
-                self._map.copied.add(a, b)
-
-    async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
-        ss = self._info.sector_size
-        for a, b in _split(start, end, self._chunk):
-            view = memoryview(buf)[: (b - a) * ss]
-            await self._throttle.take(len(view))
-            await self._primary.read(a, [view])
-            await self._secondary.write(a, [view])
-
-    async def _zero_secondary(self, start: int, end: int) -> None:
-        """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
-        for a, b in await self._secondary.data_map(start, end):
-            await self._write_zeroes(a, b)
-
-    async def _write_zeroes(self, start: int, end: int) -> None:
-        side, ss = self._secondary, self._info.sector_size
-        if Capability.WRITE_ZEROES in side.dev.capabilities:
-            await side.dev.write_zeroes(start * side.ratio, (end - start) * side.ratio)
-            return
-        for a, b in _split(start, end, self._chunk):
-            buf = bytearray((b - a) * ss)
-            await side.read(a, [buf])
-            if buf.count(0) != len(buf):
-                await side.write(a, [bytes(len(buf))])
-
-    # --- state and progress --------------------------------------------------------------
-
-    def _note_error(self, message: str) -> None:
+    def note_error(self, message: str) -> None:
         self._errors += 1
         self._last_error = message
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
         if self._state is MirrorState.PIVOTED:
             return
         self._state, self._reason = MirrorState.FAILED, reason
         self._synced.set()
         self._wake.set()
+
+    def copied_more(self) -> None:
+        self._report_progress()
 
     def _report_progress(self) -> None:
         copied = self._map.copied.total * self._info.sector_size
@@ -669,34 +472,6 @@ class MirrorDevice(BlockDevice):
             self._reported += 1
             if self._progress is not None:
                 self._progress(self._reported)
-
-
-def _runs(data: IntervalSet, start: int, end: int) -> list[tuple[int, int, bool]]:
-    pieces = [(a, b, True) for a, b in data.intersection(start, end)]
-    pieces += [(a, b, False) for a, b in data.gaps(start, end)]
-    return sorted(pieces)
-
-
-def _spread(s: IntervalSet, count: int, length: int) -> list[tuple[int, int]]:
-    """Up to ``count`` ranges of up to ``length`` inside ``s``, spread evenly over it."""
-    out, seen = [], 0
-    wanted = [k * s.total // count for k in range(count)] if s.total else []
-    for a, b in s:
-        while wanted and wanted[0] < seen + (b - a):
-            start = a + wanted.pop(0) - seen
-            out.append((start, min(b, start + length)))
-        seen += b - a
-    return out
-
-
-def _split(start: int, end: int, step: int) -> list[tuple[int, int]]:
-    """``[start, end)`` cut at multiples of ``step``."""
-    out = []
-    while start < end:
-        edge = min((start // step + 1) * step, end)
-        out.append((start, edge))
-        start = edge
-    return out
 
 
 # --- opening -------------------------------------------------------------------------------
@@ -764,8 +539,8 @@ async def prepare_mirror(
     copy_map = CopyMap.open(geometry, state, _identity(secondary) or "")
     p_info, s_info = await primary.get_info(), await secondary.get_info()
     mirror = MirrorDevice(
-        _Side(primary, p_info, info.sector_size),
-        _Side(secondary, s_info, info.sector_size),
+        Side(primary, p_info, info.sector_size),
+        Side(secondary, s_info, info.sector_size),
         info, copy_map, chunk=chunk, rate=rate, in_flight=in_flight,
         retries=retries, backoff=backoff, progress=progress,
     )  # fmt: skip

@@ -1,0 +1,169 @@
+"""The mirror's background copier: one sweep over what is not yet copied, several items
+in flight.
+
+A planner walks the uncopied ranges in order, asks the primary where its data is, and
+hands out items: data in chunks, runs of holes in long items.  Workers copy items.  The
+plan is only a guess -- a write may land in a hole after the planner looked -- so each
+item asks the primary again *under the range lock*, and only that answer decides what
+is copied and what is zeroed.  That is the copier's half of the invariant at the top
+of ``mirror.py``: an item holds the lock on its range from before it reads the
+primary until its range is in ``copied``.
+
+A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
+then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from ..block import Capability
+from ..errors import BlockError
+from ..extents import IntervalSet
+from .copymap import CopyMap
+from .mirrorparts import RangeQueue, Side, Throttle, outcome, runs, split
+
+HOLE_ITEM_CHUNKS = 1024
+"""A run of holes is handed out in items of up to this many chunks."""
+PLAN_SPAN_BYTES = 1 << 30
+"""The planner asks the primary for extents this many bytes at a time."""
+
+Item = tuple[int, int]
+
+
+class CopyEvents(Protocol):
+    """What the copier tells its mirror, and asks it."""
+
+    def going_on(self) -> bool:
+        """Whether to go on handing out and copying items."""
+
+    def note_error(self, message: str) -> None:
+        """A copy error (to be retried, or the last one before ``fail``)."""
+
+    def fail(self, reason: str) -> None:
+        """The copy cannot go on."""
+
+    def copied_more(self) -> None:
+        """An item is now in ``copied``."""
+
+
+class Copier:
+    def __init__(
+        self,
+        primary: Side,
+        secondary: Side,
+        lock: RangeQueue,
+        copy_map: CopyMap,
+        events: CopyEvents,
+        *,
+        chunk: int,
+        rate: int | None,
+        in_flight: int,
+        retries: int,
+        backoff: float,
+    ) -> None:
+        self._primary, self._secondary = primary, secondary
+        self._lock = lock
+        self._map = copy_map
+        self._events = events
+        geometry = copy_map.geometry
+        self._size, self._sector_size = geometry.size_sectors, geometry.sector_size
+        self._chunk = chunk
+        self._throttle = Throttle(rate)
+        self._workers = in_flight
+        self._retries, self._backoff = retries, backoff
+        self.in_flight = 0
+        """Items being copied right now (for statistics)."""
+
+    async def sweep(self) -> None:
+        """One pass over the sectors not yet copied; returns when it is done or stopped."""
+        send, receive = trio.open_memory_channel[Item](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._plan, send)
+            for _ in range(self._workers):
+                nursery.start_soon(self._work, receive.clone())
+            await receive.aclose()
+
+    async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
+        span = max(PLAN_SPAN_BYTES // self._sector_size, self._chunk)
+        async with send:
+            pos = 0
+            while self._events.going_on() and (gap := self._map.copied.first_gap(pos, self._size)):
+                start, end = gap[0], min(gap[1], gap[0] + span)
+                data = await self._hint(start, end)
+                for a, b, is_data in runs(data, start, end):
+                    step = self._chunk if is_data else self._chunk * HOLE_ITEM_CHUNKS
+                    for item in split(a, b, step):
+                        if not self._events.going_on():
+                            return
+                        try:
+                            await send.send(item)
+                        except trio.BrokenResourceError:
+                            return
+                pos = end
+
+    async def _hint(self, start: int, end: int) -> IntervalSet:
+        """Where the primary holds data, to plan with; each item asks again under its lock."""
+        try:
+            return await self._primary.data_map(start, end)
+        except BlockError as exc:
+            self._events.note_error(f"asking the primary for extents: {exc}")
+            return IntervalSet([(start, end)])
+
+    async def _work(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
+        buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
+        async with receive:
+            async for start, end in receive:
+                if not self._events.going_on():
+                    return
+                await self._copy_with_retries(start, end, buf)
+
+    async def _copy_with_retries(self, start: int, end: int, buf: bytearray) -> None:
+        for attempt in range(self._retries + 1):
+            self.in_flight += 1
+            try:
+                err = await outcome(self._copy_item(start, end, buf))
+            finally:
+                self.in_flight -= 1
+            if err is None:
+                return self._events.copied_more()
+            where = f"copying sectors {start}-{end}: {err}"
+            self._events.note_error(where)
+            if attempt == self._retries:
+                return self._events.fail(f"{where} (gave up after {self._retries} retries)")
+            await trio.sleep(self._backoff * 2**attempt)
+            if not self._events.going_on():
+                return
+
+    async def _copy_item(self, start: int, end: int, buf: bytearray) -> None:
+        async with self._lock.hold(start, end):
+            for a, b in self._map.copied.gaps(start, end):
+                data = await self._primary.data_map(a, b)
+                for x, y, is_data in runs(data, a, b):
+                    await (self._copy_data(x, y, buf) if is_data else self._zero_secondary(x, y))
+                self._map.copied.add(a, b)
+
+    async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
+        for a, b in split(start, end, self._chunk):
+            view = memoryview(buf)[: (b - a) * self._sector_size]
+            await self._throttle.take(len(view))
+            await self._primary.read(a, [view])
+            await self._secondary.write(a, [view])
+
+    async def _zero_secondary(self, start: int, end: int) -> None:
+        """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
+        for a, b in await self._secondary.data_map(start, end):
+            await self._write_zeroes(a, b)
+
+    async def _write_zeroes(self, start: int, end: int) -> None:
+        side = self._secondary
+        if Capability.WRITE_ZEROES in side.dev.capabilities:
+            await side.dev.write_zeroes(start * side.ratio, (end - start) * side.ratio)
+            return
+        for a, b in split(start, end, self._chunk):
+            buf = bytearray((b - a) * self._sector_size)
+            await side.read(a, [buf])
+            if buf.count(0) != len(buf):
+                await side.write(a, [bytes(len(buf))])

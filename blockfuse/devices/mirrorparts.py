@@ -1,0 +1,152 @@
+"""The pieces a mirror is built from: a fair range lock, a throttle, a device seen in
+mirror sectors, and small helpers on buffers and ranges.  Each is independent of the
+mirror's state; ``mirror.py`` says how they keep its invariant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..block import BlockDevice, Buffer, Capability, Info
+from ..errors import BlockError, Unimplemented
+from ..extents import IntervalSet
+
+
+class RangeQueue:
+    """A lock on ranges of sectors where overlapping holders take turns in arrival order.
+
+    Each holder waits only for the overlapping holders that asked before it, so the
+    waits form no cycle.  Holders are few (one per FUSE handler or chunk in flight).
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[int, int, trio.Event]] = []
+
+    @asynccontextmanager
+    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
+        ahead = [ev for s, e, ev in self._entries if s < end and start < e]
+        entry = (start, end, trio.Event())
+        self._entries.append(entry)
+        try:
+            for released in ahead:
+                await released.wait()
+            yield
+        finally:
+            self._entries.remove(entry)
+            entry[2].set()
+
+
+class Throttle:
+    """At most ``rate`` bytes per second, with a burst of one request."""
+
+    def __init__(self, rate: int | None) -> None:
+        self._rate = rate
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if not self._rate:
+            return
+        start = max(self._next, trio.current_time())
+        self._next = start + n / self._rate
+        await trio.sleep_until(start)
+
+
+def slice_buffers(buffers: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
+    """The bytes ``[start, end)`` of the concatenated ``buffers``, as views."""
+    out, pos = [], 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        a, b = max(start - pos, 0), min(end - pos, len(view))
+        if a < b:
+            out.append(view[a:b])
+        pos += len(view)
+    return out
+
+
+async def outcome(call: Awaitable[None]) -> BlockError | None:
+    """The ``BlockError`` that ``call`` raised, or ``None``; anything else propagates."""
+    try:
+        await call
+    except BlockError as exc:
+        return exc
+    return None
+
+
+async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
+    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
+    results: list[BlockError | None] = [None, None]
+
+    async def run(i: int, call: Awaitable[None]) -> None:
+        results[i] = await outcome(call)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 0, a)
+        nursery.start_soon(run, 1, b)
+    return tuple(results)
+
+
+class Side:
+    """One of the two devices, addressed in mirror sectors."""
+
+    def __init__(self, dev: BlockDevice, info: Info, sector_size: int) -> None:
+        self.dev = dev
+        self.ratio = sector_size // info.sector_size
+        self.use_extents = Capability.EXTENTS in dev.capabilities
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self.dev.read(sector * self.ratio, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self.dev.write(sector * self.ratio, buffers)
+
+    async def data_map(self, start: int, end: int) -> IntervalSet:
+        """The sectors of ``[start, end)`` that may hold data (all, without extents)."""
+        data = IntervalSet()
+        pos = start * self.ratio
+        while self.use_extents and pos < end * self.ratio:
+            try:
+                answer = await self.dev.extents(pos, end * self.ratio - pos)
+            except Unimplemented:
+                self.use_extents = False
+                break
+            if not answer:
+                break
+            for ext in answer:
+                if ext.is_data:
+                    data.add(ext.sector // self.ratio, -(-ext.end // self.ratio))
+            pos = answer[-1].end
+        if pos < end * self.ratio:
+            data.add(pos // self.ratio, end)
+        return IntervalSet(data.intersection(start, end))
+
+
+def runs(data: IntervalSet, start: int, end: int) -> list[tuple[int, int, bool]]:
+    """``[start, end)`` as ``(a, b, is_data)`` pieces in order, data being ``data``."""
+    pieces = [(a, b, True) for a, b in data.intersection(start, end)]
+    pieces += [(a, b, False) for a, b in data.gaps(start, end)]
+    return sorted(pieces)
+
+
+def spread(s: IntervalSet, count: int, length: int) -> list[tuple[int, int]]:
+    """Up to ``count`` ranges of up to ``length`` inside ``s``, spread evenly over it."""
+    out, seen = [], 0
+    wanted = [k * s.total // count for k in range(count)] if s.total else []
+    for a, b in s:
+        while wanted and wanted[0] < seen + (b - a):
+            start = a + wanted.pop(0) - seen
+            out.append((start, min(b, start + length)))
+        seen += b - a
+    return out
+
+
+def split(start: int, end: int, step: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at multiples of ``step``."""
+    out = []
+    while start < end:
+        edge = min((start // step + 1) * step, end)
+        out.append((start, edge))
+        start = edge
+    return out
