@@ -29,9 +29,9 @@ and puts the invariant back before it lets go:
 
 Holders of overlapping ranges take turns in the order they asked (``RangeQueue`` in
 ``mirrorparts``), so a stream of writes cannot starve the copier and the copier cannot
-starve a write.  A write either ends before a chunk reads the primary (the chunk copies the new data) or
-starts after the chunk is in ``copied`` (the write reaches the secondary): no
-interleaving leaves old data on the secondary.
+starve a write.  A write either ends before a chunk reads the primary (the chunk
+copies the new data) or starts after the chunk is in ``copied`` (the write reaches
+the secondary): no interleaving leaves old data on the secondary.
 
 Errors are never swallowed: a failed item is retried with backoff a bounded number of
 times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synced``
