@@ -559,3 +559,17 @@ async def test_a_map_kept_while_the_secondary_was_replaced_is_set_aside(
             assert "copying anew" in m.statistics().last_error
             await m.wait_synced()
     assert Path(p).read_bytes() == Path(s).read_bytes()
+
+
+async def test_a_write_cancelled_half_way_is_copied_again() -> None:
+    primary = Gated(MemoryDevice(SIZE), gate_sector=10)
+    secondary = MemoryDevice(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192) as m:
+            await m.wait_synced()
+            with trio.move_on_after(0.2):
+                await m.write(8, [b"c" * 4 * SS])  # the secondary has it, the primary waits
+            assert secondary.data[8 * SS : 12 * SS] == b"c" * 4 * SS
+            primary.release.set()
+            await m.wait_synced()
+            assert secondary.data == primary._inner.data

@@ -201,6 +201,10 @@ class MirrorDevice(BlockDevice):
                 self._primary.write(sector, buffers),
                 self._write_parts(both, sector, buffers, ss),
             )
+        except BaseException:  # cancelled half way: the sides may differ
+            if both:
+                self._uncopy(sector, end, None)
+            raise
         finally:
             self._map.end_write(span)
             self._release_primary()
