@@ -640,42 +640,45 @@ def saved_clean(state: Path) -> list[tuple[int, int]]:
     return copied.to_list()
 
 
+async def crash_run(seed: int, state: Path) -> int:
+    rng = random.Random(seed)
+    size = 128 * SS
+    primary, secondary = VolatileMemory(size, rng), VolatileMemory(size, rng)
+    primary.data[:] = primary.durable[:] = rng.randbytes(size)
+    checks = 0
+
+    def check() -> None:
+        nonlocal checks
+        checks += 1
+        for a, b in saved_clean(state):
+            for side in (primary.data, primary.durable, secondary.data, secondary.durable):
+                assert side[a * SS : b * SS] == primary.durable[a * SS : b * SS], (
+                    f"seed {seed}: sectors {a}-{b} are called clean but differ"
+                )
+
+    primary.check = secondary.check = check
+    async with open_mirror(primary, secondary, state=str(state), chunk=4 * SS) as m:
+        for _ in range(60):
+            async with trio.open_nursery() as nursery:
+                for k in range(rng.randrange(1, 4)):
+                    if rng.random() < 0.4:
+                        nursery.start_soon(m.flush)
+                        continue
+                    first = rng.randrange(0, 120) // 3 * 3 + k
+                    blob = rng.randbytes(rng.randrange(1, 9) * SS)
+                    nursery.start_soon(m.write, first, [blob[: (128 - first) * SS]])
+            check()
+        await m.wait_synced()
+        await m.flush()
+        check()
+        assert saved_clean(state) == [(0, 128)]
+    return checks
+
+
 async def test_a_crash_at_any_moment_leaves_a_map_that_resumes_safely(tmp_path: Path) -> None:
     """At every device call: what the map file calls copied and clean is equal on both
-    sides and nothing unflushed is pending there, so a crash (even losing every unflushed
-    write) could resume from it."""
-    for seed in range(20):
-        rng = random.Random(seed)
-        size = 128 * SS
-        primary, secondary = VolatileMemory(size, rng), VolatileMemory(size, rng)
-        primary.data[:] = primary.durable[:] = rng.randbytes(size)
-        state = tmp_path / f"map{seed}"
-        checks = 0
-
-        def check(state: Path = state) -> None:
-            nonlocal checks
-            checks += 1
-            for a, b in saved_clean(state):
-                for side in (primary.data, primary.durable, secondary.data, secondary.durable):
-                    assert side[a * SS : b * SS] == primary.durable[a * SS : b * SS], (
-                        f"seed {seed}: sectors {a}-{b} are called clean but differ"
-                    )
-
-        primary.check = secondary.check = check
-        with trio.fail_after(30):
-            async with open_mirror(primary, secondary, state=str(state), chunk=4 * SS) as m:
-                for _ in range(40):
-                    async with trio.open_nursery() as nursery:
-                        for k in range(rng.randrange(1, 4)):
-                            first = rng.randrange(0, 120) // 3 * 3 + k  # disjoint per round
-                            if rng.random() < 0.2:
-                                nursery.start_soon(m.flush)
-                            else:
-                                blob = rng.randbytes(rng.randrange(1, 9) * SS)
-                                nursery.start_soon(m.write, first, [blob[: (128 - first) * SS]])
-                    check()
-                await m.wait_synced()
-                await m.flush()
-                check()
-                assert saved_clean(state) == [(0, 128)]
-        assert checks > 100
+    sides and nothing unflushed is pending there, so a crash (even one losing every
+    unflushed write) could resume from it."""
+    with trio.fail_after(60):
+        for seed in range(20):
+            assert await crash_run(seed, tmp_path / f"map{seed}") > 100

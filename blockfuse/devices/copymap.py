@@ -14,8 +14,10 @@ makes a crash at any instant safe:
 It holds because:
 
 1. ``mark_dirty`` runs before any write to a copied sector, and returns only when the
-   chunk is dirty *in the file* (one fsync'd save covers every writer waiting on it;
-   a chunk already dirty in the file costs nothing).
+   chunk is dirty *in the file* (one fsync'd save covers every writer waiting on it).
+   A chunk dirty both in the file and in memory costs nothing; dirty in the file but
+   no longer in memory means a checkpoint is about to save it clean, so the writer
+   marks it again and waits for that save.
 2. ``checkpoint`` (one at a time) cleans a chunk only if no write to it was running
    when it began and none touched it since, and it flushes both sides before it
    saves; ``durable`` is the ``copied`` of the moment the checkpoint began, so
@@ -158,8 +160,10 @@ class CopyMap:
 
         Raises ``RequestFailed`` if the file cannot be saved: the write must not go on.
         """
-        if self.path is None or self._saved_dirty.covers(*span):
+        if self.path is None:
             return
+        if self.dirty.covers(*span) and self._saved_dirty.covers(*span):
+            return  # dirty in the file, and no checkpoint can clean it while we write
         self.dirty.add(*span)
         self._generation += 1
         await self._save(self._generation)
