@@ -7,14 +7,14 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from blockfuse.block import BlockDevice, Buffer, Capability, Extent
+from blockfuse.background import background_tasks
+from blockfuse.block import BlockDevice, Buffer, Capability, Extent, Info
 from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.memory import MemoryDevice
@@ -108,8 +108,8 @@ async def race_once(seed: int) -> None:
     chunk_sectors = rng.choice([1, 3, 8, 16])
     start = rng.randbytes(size)
     primary_mem, secondary_mem = MemoryDevice(size), MemoryDevice(size)
-    primary_mem.data[:] = start
-    secondary_mem.data[:] = rng.randbytes(size)  # old contents must not survive
+    await primary_mem.write(0, [start])
+    await secondary_mem.write(0, [rng.randbytes(size)])  # old contents must not survive
     model = bytearray(start)
     sectors = size // SS
     async with open_mirror(
@@ -175,7 +175,7 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
     """Mirage checked only a write's first sector against the chunk being copied."""
     chunk = 16
     primary = MemoryDevice(SIZE)
-    primary.data[:] = b"o" * SIZE
+    await primary.write(0, [b"o" * SIZE])
     secondary = Gated(MemoryDevice(SIZE), gate_sector=2 * chunk)
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=chunk * SS, in_flight=1) as m:
@@ -250,7 +250,7 @@ async def test_holes_in_the_primary_are_zeroed_on_an_old_secondary(tmp_path: Pat
 async def test_progress_is_every_percent_then_complete(size: int) -> None:
     seen: list[int | str] = []
     primary = MemoryDevice(size)
-    primary.data[:] = os.urandom(size)
+    await primary.write(0, [os.urandom(size)])
     secondary = MemoryDevice(size)
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=8192, progress=seen.append) as m:
@@ -268,7 +268,7 @@ async def test_progress_is_every_percent_then_complete(size: int) -> None:
 async def test_a_passing_copy_error_is_retried() -> None:
     secondary = FaultyDevice(MemoryDevice(SIZE), [Fault("write", first=100, end=101, times=2)])
     primary = MemoryDevice(SIZE)
-    primary.data[:] = os.urandom(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=8192, backoff=0.01) as m:
             await m.wait_synced()
@@ -347,7 +347,7 @@ async def test_the_same_file_twice_is_refused(tmp_path: Path) -> None:
 
 async def test_sector_sizes_that_are_multiples_mirror() -> None:
     primary = MemoryDevice(SIZE, sector_size=512)
-    primary.data[:] = os.urandom(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
     secondary = MemoryDevice(SIZE, sector_size=4096)
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=64 << 10) as m:
@@ -480,7 +480,7 @@ async def test_a_map_of_another_mirror_is_refused(tmp_path: Path) -> None:
 
 async def test_pivot_is_refused_until_synced_then_serves_the_secondary() -> None:
     primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
-    primary.data[:] = os.urandom(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
     with trio.fail_after(10):
         async with open_mirror(Slow(primary, 0.05), secondary, chunk=8192) as m:
             with pytest.raises(RequestFailed, match=r"cannot pivot: the mirror is copying"):
@@ -532,11 +532,12 @@ async def test_a_mirror_spec_opens_and_copies() -> None:
     recipe = compile_spec("mirror(mem(1M), mem(1M), chunk=64K, rate=100M)")
     assert recipe.kind == "mirror" and len(recipe.children) == 2
     with trio.fail_after(10):
-        async with AsyncExitStack() as stack:
-            dev = await recipe.open_in(stack)
+        async with background_tasks():
+            dev = await recipe.open()
             assert isinstance(dev, MirrorDevice)
             await dev.wait_synced()
             assert dev.status()["state"] == "synced"
+            await dev.aclose()
 
 
 @pytest.mark.parametrize("how", ["another file", "the same name, made anew"])
@@ -594,8 +595,6 @@ class VolatileMemory(BlockDevice):
             await trio.lowlevel.checkpoint()
 
     async def get_info(self):  # type: ignore[no-untyped-def]
-        from blockfuse.block import Info
-
         return Info(True, SS, len(self.data) // SS)
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:

@@ -27,7 +27,7 @@ def test_describe_copy() -> None:
 async def test_progress_bar_draws_on_a_terminal_only() -> None:
     size = 1 << 20
     primary = MemoryDevice(size)
-    primary.data[:] = os.urandom(size)
+    await primary.write(0, [os.urandom(size)])
     with trio.fail_after(10):
         async with open_mirror(primary, MemoryDevice(size), chunk=4096, rate=4 << 20) as m:
             files = [FlatFile("disk", m, kind="mirror", spec="mirror(...)")]
