@@ -681,3 +681,43 @@ async def test_a_crash_at_any_moment_leaves_a_map_that_resumes_safely(tmp_path: 
     with trio.fail_after(60):
         for seed in range(20):
             assert await crash_run(seed, tmp_path / f"map{seed}") > 100
+
+
+class CountingReads(BlockDevice):
+    def __init__(self, inner: BlockDevice) -> None:
+        self._inner = inner
+        self.reads = 0
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self.reads += 1
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._inner.write(sector, buffers)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_reads_come_from_the_secondary_once_synced() -> None:
+    primary = CountingReads(MemoryDevice(SIZE))
+    secondary = FaultyDevice(MemoryDevice(SIZE))
+    data = os.urandom(SIZE)
+    await primary.write(0, [data])
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=64 << 10) as m:
+            await m.wait_synced()
+            before = primary.reads
+            buf = bytearray(8 * SS)
+            await m.read(100, [buf])
+            assert primary.reads == before and buf == data[100 * SS : 108 * SS]
+            secondary.faults.append(Fault("read", times=1))  # a failing secondary read
+            await m.read(100, [buf])  # falls back to the primary
+            assert primary.reads == before + 1 and m.statistics().errors == 1
+            assert buf == data[100 * SS : 108 * SS]

@@ -1,10 +1,11 @@
 """mirror(PRIMARY, SECONDARY): use PRIMARY at once while a background copier fills SECONDARY.
 
-After MirageOS's ``Mirage_block_mirror``, made correct.  All I/O goes to the primary
-(reads) or to the primary and, where the copy has reached, the secondary (writes).  A
-copier copies the rest chunk by chunk, several chunks in flight, skipping the ranges
-the primary reports as holes.  Once every sector is copied the mirror is *synced*;
-``pivot`` then detaches the primary and the secondary serves alone.
+After MirageOS's ``Mirage_block_mirror``, made correct.  Writes go to the primary and,
+where the copy has reached, to the secondary; reads come from the primary.  A copier
+copies the rest chunk by chunk, several chunks in flight, skipping the ranges the
+primary reports as holes.  Once every sector is copied the mirror is *synced*: reads
+then come from the secondary (equal by the invariant below, and usually local), writes
+still go to both, and ``pivot`` detaches the primary so the secondary serves alone.
 
 The invariant (sectors are mirror sectors, the larger of the two sector sizes)::
 
@@ -173,6 +174,12 @@ class MirrorDevice(BlockDevice):
         self._check_open()
         if self._state is MirrorState.PIVOTED:
             return await self._secondary.read(sector, buffers)
+        end = sector + total_length(buffers) // self._info.sector_size
+        if self._state is MirrorState.SYNCED and self._map.copied.covers(sector, end):
+            err = await outcome(self._secondary.read(sector, buffers))  # equal, and local
+            if err is None:
+                return
+            self.note_error(f"reading the secondary: {err}")
         self._primary_users += 1
         try:
             await self._primary.read(sector, buffers)
