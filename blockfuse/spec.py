@@ -451,11 +451,16 @@ def compile_mirror(call: Call) -> Recipe:
 
 
 def secondary_arg(node: Node) -> Recipe:
-    return compile_node(node)
+    """A mirror's secondary: a new ``sparse(PATH)`` may leave its size to the primary."""
+    with size_from_peer():
+        return compile_node(node)
 
 
 async def open_secondary(recipe: Recipe, primary: BlockDevice) -> BlockDevice:
-    return await recipe.open()
+    """The secondary, opened with the primary's size where its kind takes one."""
+    if recipe.open_sized is None:
+        return await recipe.open()
+    return await recipe.open_sized((await primary.get_info()).size_bytes)
 
 
 _URI = re.compile(r"nbd[a-z+]*://")

@@ -14,9 +14,9 @@ import trio
 import trio.lowlevel
 
 from blockfuse.background import background_tasks
-from blockfuse.block import BlockDevice, Buffer, Capability, Extent, Info
+from blockfuse.block import BlockDevice, Buffer, Extent, Info
 from blockfuse.devices.copymap import CopyMapError
-from blockfuse.devices.file import FileDevice, open_file
+from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
     MirrorDevice,
@@ -194,30 +194,32 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
 # --- holes, sizes, progress ---------------------------------------------------------------
 
 
-class SeekDataFile(FileDevice):
-    """A file device that reports holes with SEEK_DATA/SEEK_HOLE, and counts reads."""
+class ReadCounter(BlockDevice):
+    """Counts the bytes read through it; delegates the rest (extents too)."""
 
-    capabilities = frozenset({Capability.EXTENTS})
-    bytes_read = 0
+    def __init__(self, inner: BlockDevice) -> None:
+        self._inner = inner
+        self.capabilities = inner.capabilities
+        self.bytes_read = 0
+
+    async def get_info(self):  # type: ignore[no-untyped-def]
+        return await self._inner.get_info()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self.bytes_read += sum(len(b) for b in buffers)
-        await super().read(sector, buffers)
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await self._inner.write(sector, buffers)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
-        fd, start, end = self._fd, sector * SS, (sector + count) * SS
-        try:
-            data = os.lseek(fd, start, os.SEEK_DATA)
-        except OSError:
-            data = end
-        if data > start:
-            return [Extent(sector, (min(data, end) - start) // SS, False)]
-        hole = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-        return [Extent(sector, -(-(hole - start) // SS), True)]
+        return await self._inner.extents(sector, count)
 
+    async def flush(self) -> None:
+        await self._inner.flush()
 
-def open_seekable(path: str) -> SeekDataFile:
-    return SeekDataFile(os.open(path, os.O_RDWR), path, read_only=False)
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def test_holes_are_skipped_and_the_secondary_stays_sparse(tmp_path: Path) -> None:
@@ -228,7 +230,7 @@ async def test_holes_are_skipped_and_the_secondary_stays_sparse(tmp_path: Path) 
             f.seek(offset)
             f.write(os.urandom(1 << 20))
     s = image(tmp_path, "s", size)
-    primary = open_seekable(p)
+    primary = ReadCounter(open_file(p))
     with trio.fail_after(30):
         async with open_mirror(primary, open_file(s), chunk=256 << 10) as m:
             await m.wait_synced()
@@ -241,7 +243,7 @@ async def test_holes_in_the_primary_are_zeroed_on_an_old_secondary(tmp_path: Pat
     p = image(tmp_path, "p", SIZE, b"data" * 1000)
     s = image(tmp_path, "s", SIZE, os.urandom(SIZE))
     with trio.fail_after(10):
-        async with open_mirror(open_seekable(p), open_file(s), chunk=64 << 10) as m:
+        async with open_mirror(open_file(p), open_file(s), chunk=64 << 10) as m:
             await m.wait_synced()
     assert Path(p).read_bytes() == Path(s).read_bytes()
 
@@ -721,3 +723,19 @@ async def test_reads_come_from_the_secondary_once_synced() -> None:
             await m.read(100, [buf])  # falls back to the primary
             assert primary.reads == before + 1 and m.statistics().errors == 1
             assert buf == data[100 * SS : 108 * SS]
+
+
+async def test_a_new_sparse_secondary_takes_the_primarys_size(tmp_path: Path) -> None:
+    p = image(tmp_path, "p", 3 * SIZE, os.urandom(SIZE))
+    s = tmp_path / "new.img"
+    recipe = compile_spec(f"mirror({p}, sparse({s}), chunk=64K)")
+    assert not s.exists()
+    with trio.fail_after(10):
+        async with background_tasks():
+            dev = await recipe.open()
+            assert isinstance(dev, MirrorDevice)
+            await dev.wait_synced()
+            await dev.aclose()
+    assert s.stat().st_size == 3 * SIZE
+    assert s.read_bytes() == Path(p).read_bytes()
+    assert s.stat().st_blocks * 512 < 2 * SIZE, "the holes of the primary were written"
