@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""The mirror's copy rate against nbdcopy and qemu-img, its effect on foreground reads,
+and the memory of its copy map.  One run, same source for everyone.
+
+1. Copy rate.  nbdkit serves a 2 GiB sparse file (half data in runs of 64 KiB-8 MiB,
+   half holes) over a Unix socket.  Each copier writes it to a new sparse file, told that
+   the target is zero (``nbdcopy --destination-is-zero``, ``qemu-img convert -n
+   --target-is-zero``; the mirror sees the holes of its ``sparse(...)`` secondary), then
+   the target is fsync'd.  MiB/s is of the 2 GiB device; the ratio is mirror/nbdcopy.
+2. Foreground reads.  fio 4 KiB random reads (O_DIRECT, libaio, depth 16) through
+   ``blockfuse mount``: of the NBD export alone, of the mirror while its copier runs
+   (unthrottled, for 1 s as the copy is short; and at ``rate=128M``), and of the same
+   mirror once synced (when reads come from the local secondary).
+3. Copy map memory.  RSS growth of an ``IntervalSet`` for a 1 TiB device in 1 MiB
+   chunks: copied in order (the usual case) and every other chunk (the worst case).
+
+About a minute with the defaults on 2 cores.
+
+    sudo .venv/bin/python scripts/bench_mirror.py [--size 2G] [--runtime 5] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from blockfuse.background import background_tasks  # noqa: E402
+from blockfuse.devices.mirror import MirrorDevice  # noqa: E402
+from blockfuse.extents import IntervalSet  # noqa: E402
+from blockfuse.spec import compile_spec, parse_size  # noqa: E402
+
+MiB = 1 << 20
+
+
+def need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
+
+
+def make_source(path: Path, size: int, seed: int = 1) -> int:
+    """A sparse file: data runs and holes of 64 KiB-8 MiB, about half each; data bytes."""
+    rng = random.Random(seed)
+    data = 0
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        while pos < size:
+            run = min(rng.randrange(1, 129) * 64 * 1024, size - pos)
+            if rng.random() < 0.5:
+                f.seek(pos)
+                f.write(rng.randbytes(run))
+                data += run
+            pos += run
+    return data
+
+
+@contextmanager
+def nbdkit(image: Path, sock: Path) -> Iterator[str]:
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-U", str(sock), "file", str(image)], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit("nbdkit did not start")
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(run: Callable[[], None], target: Path) -> float:
+    target.unlink(missing_ok=True)
+    start = time.monotonic()
+    run()
+    fsync(target)
+    return time.monotonic() - start
+
+
+def nbdcopy(uri: str, target: Path, size: int) -> None:
+    with open(target, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["nbdcopy", "--destination-is-zero", uri, str(target)], check=True)
+
+
+def qemu_img(uri: str, target: Path, size: int) -> None:
+    with open(target, "wb") as f:
+        f.truncate(size)
+    subprocess.run(
+        ["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw",
+         uri, str(target)],
+        check=True,
+    )  # fmt: skip
+
+
+def mirror(uri: str, target: Path, chunk: str, in_flight: int) -> None:
+    async def main() -> None:
+        async with background_tasks():
+            recipe = compile_spec(f"mirror({uri}, sparse({target}), chunk={chunk})")
+            dev = await recipe.open()
+            assert isinstance(dev, MirrorDevice)
+            dev._in_flight_limit = in_flight
+            await dev.wait_synced()
+            await dev.aclose()
+
+    trio.run(main)
+
+
+def floor(uri: str, target: Path, chunk: int = MiB, in_flight: int = 8) -> None:
+    """The same reads and writes as the copier, with no mirror: what our stack can do."""
+
+    async def main() -> None:
+        async with background_tasks():
+            source = await compile_spec(uri).open()
+            info = await source.get_info()
+            sink = await compile_spec(f"sparse({target}, size={info.size_bytes})").open()
+            data = []
+            pos = 0
+            while pos < info.size_sectors:
+                for ext in await source.extents(pos, info.size_sectors - pos):
+                    if ext.is_data:
+                        data += [(s, min(s + chunk // 512, ext.end))
+                                 for s in range(ext.sector, ext.end, chunk // 512)]  # fmt: skip
+                    pos = ext.end
+
+            async def worker() -> None:
+                buf = bytearray(chunk)
+                while data:
+                    a, b = data.pop()
+                    view = memoryview(buf)[: (b - a) * 512]
+                    await source.read(a, [view])
+                    await sink.write(a, [view])
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(in_flight):
+                    nursery.start_soon(worker)
+            await sink.flush()
+            await source.aclose()
+            await sink.aclose()
+
+    trio.run(main)
+
+
+def same(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def copy_rates(args: argparse.Namespace, work: Path, source: Path, size: int) -> None:
+    target = work / "target.img"
+    with nbdkit(source, work / "nbd.sock") as uri:
+        rows = []
+        copiers: list[tuple[str, Callable[[], None]]] = [
+            ("nbdcopy", lambda: nbdcopy(uri, target, size)),
+            ("qemu-img convert -n", lambda: qemu_img(uri, target, size)),
+        ]
+        for setting in args.mirror:
+            chunk, in_flight = setting.split("x")
+            name = f"blockfuse mirror (chunk {chunk}, {in_flight} in flight)"
+            copiers.append((name, lambda c=chunk, n=int(in_flight): mirror(uri, target, c, n)))
+        copiers.append(
+            ("our floor: NBD read + sparse write, 1M x 8, no mirror", lambda: floor(uri, target))
+        )
+        for name, run in copiers:
+            seconds = min(timed(run, target) for _ in range(args.rounds))
+            assert same(source, target), f"{name} made a different copy"
+            rows.append((name, size / MiB / seconds))
+    base = rows[0][1]
+    print(f"\nCopy of a {size >> 30} GiB device (half data) from nbdkit over a Unix socket")
+    print(f"{'copier':52} {'MiB/s':>8} {'vs nbdcopy':>10}")
+    for name, rate in rows:
+        print(f"{name:52} {rate:8.0f} {rate / base:9.2f}x")
+
+
+def fio_iops(path: Path, runtime: int) -> float:
+    out = subprocess.run(
+        ["fio", "--name=r", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
+         "--ioengine=libaio", "--iodepth=16", f"--runtime={runtime}", "--time_based",
+         "--output-format=json"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return float(json.loads(out)["jobs"][0]["read"]["iops"])
+
+
+def xattr(path: Path, key: str) -> str:
+    return os.getxattr(path, f"user.blockfuse.{key}").decode()
+
+
+def foreground(args: argparse.Namespace, work: Path, source: Path) -> None:
+    print(f"\nfio 4 KiB random reads, depth 16, {args.runtime} s each, through the mount")
+    plain = plain_nbd_iops(args, work, source)
+    print(f"  the NBD export mounted alone (no mirror):         {plain:8.0f} IOPS")
+    for label, extra, runtime in (("unthrottled", "", 1), ("rate=128M", ", rate=128M", 3)):
+        during, after, note = fio_during_and_after(args, work, source, extra, runtime)
+        print(f"  mirror, copier {label:11} during the copy ({runtime} s): {during:8.0f} IOPS"
+              f"  {during / plain:4.2f}x  ({note})")  # fmt: skip
+        print(f"  the same mirror once synced (reads local):       {after:8.0f} IOPS")
+
+
+@contextmanager
+def mount(work: Path, spec: str) -> Iterator[Path]:
+    mnt = work / "mnt"
+    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mnt), "-d", spec]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    disk = mnt / "disk"
+    try:
+        deadline = time.monotonic() + 30
+        while not disk.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit("blockfuse mount did not come up")
+            time.sleep(0.05)
+        yield disk
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+def plain_nbd_iops(args: argparse.Namespace, work: Path, source: Path) -> float:
+    with nbdkit(source, work / "nbd.sock") as uri, mount(work, f"disk={uri}") as disk:
+        return fio_iops(disk, args.runtime)
+
+
+def fio_during_and_after(
+    args: argparse.Namespace, work: Path, source: Path, extra: str, runtime: int
+) -> tuple[float, float, str]:
+    target = work / "target.img"
+    target.unlink(missing_ok=True)
+    with nbdkit(source, work / "nbd.sock") as uri:
+        spec = f"disk=mirror({uri}, sparse({target}), chunk={args.chunk}{extra})"
+        with mount(work, spec) as disk:
+            during = fio_iops(disk, runtime)
+            progress = xattr(disk, "progress")
+            still = xattr(disk, "state") == "copying"
+            while xattr(disk, "state") != "synced":
+                time.sleep(0.1)
+            after = fio_iops(disk, args.runtime)
+    note = f"at {progress}% when fio ended"
+    if not still:
+        note = "the copy ended before fio did: understated"
+    return during, after, note
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def map_memory() -> None:
+    chunk = MiB // 512
+    chunks = (1 << 40) // MiB
+    print("\nCopy map (IntervalSet of 512-byte sectors) for a 1 TiB device in 1 MiB chunks")
+    for name, step in (("copied in order", 1), ("every other chunk (worst case)", 2)):
+        before = rss()
+        s = IntervalSet()
+        for i in range(0, chunks, step):
+            s.add(i * chunk, (i + 1) * chunk)
+        grown = rss() - before
+        print(f"  {name:34} {len(s):8} intervals  {grown / MiB:6.1f} MiB")
+        del s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="2G", help="device size (default 2G)")
+    parser.add_argument("--runtime", type=int, default=3, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=1, help="copies per copier (best kept)")
+    parser.add_argument("--chunk", default="1M", help="the mount's mirror chunk size")
+    parser.add_argument(
+        "--mirror",
+        nargs="+",
+        default=["1Mx8", "1Mx16"],
+        metavar="CHUNKxN",
+        help="mirror settings to time: chunk size x chunks in flight",
+    )
+    parser.add_argument("--dir", default=None, help="scratch directory (default: /var/tmp)")
+    args = parser.parse_args()
+    for tool, package in [("nbdkit", "nbdkit"), ("nbdcopy", "libnbd-bin"),
+                          ("qemu-img", "qemu-utils"), ("fio", "fio")]:  # fmt: skip
+        need(tool, package)
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="bf-bench-mirror-", dir=args.dir or "/var/tmp"))
+    try:
+        source = work / "source.img"
+        data = make_source(source, size)
+        print(f"source: {size >> 20} MiB, {data >> 20} MiB of data ({100 * data // size}%)")
+        copy_rates(args, work, source, size)
+        foreground(args, work, source)
+        map_memory()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
