@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import blockfuse_mount, is_mounted, need, peak_rss_mib, stop
+
 IMAGE_SIZE = 1 << 30
 
 JOBS = [
@@ -37,46 +37,10 @@ JOBS = [
 ]
 
 
-def need(tool: str, package: str) -> None:
-    if shutil.which(tool) is None:
-        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-def wait_until(condition, what: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"{what} did not come up")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if is_mounted(mountpoint):
-        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
-
-
 @contextmanager
-def blockfuse_mount(image: Path, mountpoint: Path) -> Iterator[tuple[Path, int]]:
-    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mountpoint), "-d", f"disk={image}"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: is_mounted(mountpoint), "blockfuse mount", proc)
-        yield mountpoint / "disk", proc.pid
-    finally:
-        stop(proc, mountpoint)
+def file_mount(image: Path, mountpoint: Path) -> Iterator[tuple[Path, int]]:
+    with blockfuse_mount(mountpoint, [f"disk={image}"]) as pid:
+        yield mountpoint / "disk", pid
 
 
 @contextmanager
@@ -89,7 +53,11 @@ def qsd_export(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: is_mounted(target), "qemu-storage-daemon", proc)
+        deadline = time.monotonic() + 30
+        while not is_mounted(target):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit("qemu-storage-daemon did not come up")
+            time.sleep(0.05)
         yield target, proc.pid
     finally:
         stop(proc, target)
@@ -108,13 +76,6 @@ def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> float:
     return float(job[side]["iops"])
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def make_image(path: Path) -> None:
     with open(path, "wb") as f:
         for _ in range(IMAGE_SIZE >> 24):
@@ -128,7 +89,7 @@ def run(workdir: Path, runtime: int) -> None:
     print(f"fio O_DIRECT libaio, {runtime}s per job, 1 GiB image copies in {workdir}")
     print(f"{'job':<20} {'blockfuse IOPS':>15} {'qsd IOPS':>12} {'ratio':>7}")
     with (
-        blockfuse_mount(ours_img, workdir / "mnt") as (ours, pid),
+        file_mount(ours_img, workdir / "mnt") as (ours, pid),
         qsd_export(ref_img, workdir / "qsd-export") as (ref, _),
     ):
         for label, rw, bs, depth in JOBS:
@@ -139,7 +100,7 @@ def run(workdir: Path, runtime: int) -> None:
     big = workdir / "big.img"
     with open(big, "wb") as f:
         f.truncate(1 << 40)
-    with blockfuse_mount(big, workdir / "mnt") as (ours, pid):
+    with file_mount(big, workdir / "mnt") as (ours, pid):
         fio(ours, "randread", "4k", 16, 2)
         rss_big = peak_rss_mib(pid)
     print(f"mount process peak RSS: {rss_small:.1f} MiB (1 GiB device, after all jobs), "

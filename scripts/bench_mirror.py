@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import trio
+from benchlib import blockfuse_mount, need
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,11 +46,6 @@ from blockfuse.extents import IntervalSet  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
 
 MiB = 1 << 20
-
-
-def need(tool: str, package: str) -> None:
-    if shutil.which(tool) is None:
-        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
 
 
 def make_source(path: Path, size: int, seed: int = 1) -> int:
@@ -225,20 +220,8 @@ def foreground(args: argparse.Namespace, work: Path, source: Path) -> None:
 
 @contextmanager
 def mount(work: Path, spec: str) -> Iterator[Path]:
-    mnt = work / "mnt"
-    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mnt), "-d", spec]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    disk = mnt / "disk"
-    try:
-        deadline = time.monotonic() + 30
-        while not disk.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit("blockfuse mount did not come up")
-            time.sleep(0.05)
-        yield disk
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+    with blockfuse_mount(work / "mnt", [spec]):
+        yield work / "mnt" / "disk"
 
 
 def plain_nbd_iops(args: argparse.Namespace, work: Path, source: Path) -> float:

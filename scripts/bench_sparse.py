@@ -20,60 +20,20 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import blockfuse_mount, need
+
 GiB = 1 << 30
 
 JOBS = [
     ("seq write 1M qd4", "write", []),
     ("seq read 1M qd4", "read", []),
 ]
-
-
-def need(tool: str, package: str) -> None:
-    if shutil.which(tool) is None:
-        sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-@contextmanager
-def blockfuse_mount(mountpoint: Path, devices: Sequence[str]) -> Iterator[int]:
-    """``blockfuse mount`` with ``devices`` until the block ends; yields the process id."""
-    cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mountpoint)]
-    for d in devices:
-        cmd += ["-d", d]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit("blockfuse mount did not come up")
-            time.sleep(0.05)
-        yield proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, timeout=30)
 
 
 def fio(path: Path, rw: str, extra: Sequence[str], runtime: float, offset: int = 0) -> float:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchlib import blockfuse_mount
+
 MiB = 1 << 20
-READY = "Stop with Ctrl-C"
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,27 +46,9 @@ def device_spec(kind: str, size_mib: int, workdir: Path, name: str) -> str:
 
 @contextmanager
 def mount(workdir: Path, flat: str, scratch: str) -> Iterator[Path]:
-    mnt, log = workdir / "mnt", workdir / "mount.log"
-    cmd = [sys.executable, "-m", "blockfuse.cli", "mount", str(mnt), "-d", f"flat={flat}"]
-    cmd += ["--scratch", f"tmp={scratch}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while READY not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"blockfuse mount failed:\n{log.read_text()}")
-            time.sleep(0.05)
+    mnt = workdir / "mnt"
+    with blockfuse_mount(mnt, [f"flat={flat}"], ["--scratch", f"tmp={scratch}"]):
         yield mnt
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
 
 
 def aligned(data: bytes) -> mmap.mmap:
