@@ -3,11 +3,15 @@ in flight.
 
 A planner walks the uncopied ranges in order, asks the primary where its data is, and
 hands out items: data in chunks, runs of holes in long items.  Workers copy items.  The
-plan is only a guess -- a write may land in a hole after the planner looked -- so each
-item asks the primary again *under the range lock*, and only that answer decides what
-is copied and what is zeroed.  That is the copier's half of the invariant at the top
-of ``mirror.py``: an item holds the lock on its range from before it reads the
-primary until its range is in ``copied``.
+plan is only a guess -- a write may land in a hole after the planner looked -- so a
+*hole* item asks the primary again *under the range lock*, and only that answer decides
+what is copied and what is zeroed.  A *data* item needs no second answer: it is read
+from the primary under the lock whatever it holds (a hole in it reads as zeroes, which
+the secondary then holds as zeroes), and asking again cost an extra round trip per
+chunk (an NBD block status: 8 chunks in flight copied at 0.28x nbdcopy instead of
+0.78x).  That is the copier's half of the invariant at the top of ``mirror.py``: an
+item holds the lock on its range from before it reads the primary until its range is
+in ``copied``.
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
@@ -30,7 +34,8 @@ HOLE_ITEM_CHUNKS = 1024
 PLAN_SPAN_BYTES = 1 << 30
 """The planner asks the primary for extents this many bytes at a time."""
 
-Item = tuple[int, int]
+Item = tuple[int, int, bool]
+"""Sectors ``[start, end)`` and whether the planner saw data there."""
 
 
 class CopyEvents(Protocol):
@@ -95,11 +100,11 @@ class Copier:
                 data = await self._hint(start, end)
                 for a, b, is_data in runs(data, start, end):
                     step = self._chunk if is_data else self._chunk * HOLE_ITEM_CHUNKS
-                    for item in split(a, b, step):
+                    for item_start, item_end in split(a, b, step):
                         if not self._events.going_on():
                             return
                         try:
-                            await send.send(item)
+                            await send.send((item_start, item_end, is_data))
                         except trio.BrokenResourceError:
                             return
                 pos = end
@@ -115,16 +120,16 @@ class Copier:
     async def _work(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
         buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
         async with receive:
-            async for start, end in receive:
+            async for start, end, is_data in receive:
                 if not self._events.going_on():
                     return
-                await self._copy_with_retries(start, end, buf)
+                await self._copy_with_retries(start, end, is_data, buf)
 
-    async def _copy_with_retries(self, start: int, end: int, buf: bytearray) -> None:
+    async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         for attempt in range(self._retries + 1):
             self.in_flight += 1
             try:
-                err = await outcome(self._copy_item(start, end, buf))
+                err = await outcome(self._copy_item(start, end, is_data, buf))
             finally:
                 self.in_flight -= 1
             if err is None:
@@ -137,12 +142,12 @@ class Copier:
             if not self._events.going_on():
                 return
 
-    async def _copy_item(self, start: int, end: int, buf: bytearray) -> None:
+    async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         async with self._lock.hold(start, end):
             for a, b in self._map.copied.gaps(start, end):
-                data = await self._primary.data_map(a, b)
-                for x, y, is_data in runs(data, a, b):
-                    await (self._copy_data(x, y, buf) if is_data else self._zero_secondary(x, y))
+                data = IntervalSet([(a, b)]) if is_data else await self._primary.data_map(a, b)
+                for x, y, holds_data in runs(data, a, b):
+                    await (self._copy_data(x, y, buf) if holds_data else self._zero_secondary(x, y))
                 self._map.copied.add(a, b)
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
