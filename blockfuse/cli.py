@@ -341,9 +341,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # --- status and pivot ------------------------------------------------------------------
 
 
+def check_live_mount(mountpoint: str) -> None:
+    """Raise ``CommandError`` unless ``mountpoint`` is a blockfuse mount that answers."""
+    if mount_type(mountpoint) != "fuse." + FSNAME:
+        raise CommandError(f"{mountpoint} is not a blockfuse mount")
+    if is_stale(mountpoint):
+        raise CommandError(
+            f"{mountpoint} is a stale mount (its blockfuse died); "
+            f"run: blockfuse umount {mountpoint}"
+        )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    if mount_type(args.mountpoint) != "fuse.blockfuse":
-        raise CommandError(f"{args.mountpoint} is not a blockfuse mount")
+    check_live_mount(args.mountpoint)
     try:
         print(status_report(args.mountpoint))
     except OSError as exc:
@@ -352,6 +362,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pivot(args: argparse.Namespace) -> int:
+    if mount_type(args.file) == "fuse." + FSNAME:
+        raise CommandError(f"{args.file} is a mountpoint; name the device: {args.file}/NAME")
+    mountpoint = os.path.dirname(os.path.abspath(args.file))
+    if mount_type(mountpoint) != "fuse." + FSNAME:
+        raise CommandError(f"{args.file} is not a device in a blockfuse mount")
+    check_live_mount(mountpoint)
     try:
         state = pivot(args.file)
     except MonitorError as exc:

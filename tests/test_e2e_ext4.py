@@ -60,3 +60,14 @@ def test_ext4_on_the_flat_file(tmp_path: Path) -> None:
     # the image itself, after the mount is gone, is a clean filesystem too
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_sigterm_with_a_loop_device_attached_warns(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    with mounted(tmp_path / "mnt", [f"disk={image}"]) as m, loop_device(m.path("disk")) as dev:
+        status = m.stop()
+        assert status == 1
+        assert f"{dev} still uses a file under" in m.output()
+        assert f"losetup -d {dev}" in m.output()

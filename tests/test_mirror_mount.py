@@ -162,3 +162,19 @@ def test_the_primary_as_its_own_secondary_is_a_spec_error(
     assert out.returncode == 2 and "the secondary is the primary itself" in out.stderr
     other = cli("mount", str(tmp_path / "mnt"), "-d", f"disk=mirror({p}, file({p}))")
     assert other.returncode == 1 and "the secondary is the primary itself" in other.stderr
+
+
+def test_pivot_and_status_refuse_what_is_not_a_live_device(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    p, s = pair
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"\0" * 512)
+    refused = cli("pivot", str(plain))
+    assert refused.returncode != 0 and "not a device in a blockfuse mount" in refused.stderr
+    assert os.listxattr(plain) == []
+    with mounted(tmp_path / "mnt", [f"disk=mirror({p}, {s}, state={tmp_path / 'map'})"]) as m:
+        refused = cli("pivot", str(m.mountpoint))
+        assert refused.returncode != 0 and f"name the device: {m.mountpoint}/NAME" in refused.stderr
+    refused = cli("status", str(tmp_path / "mnt"))
+    assert refused.returncode != 0 and "is not a blockfuse mount" in refused.stderr

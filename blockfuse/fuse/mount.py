@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -164,6 +165,33 @@ async def _terminate_on_signal(
             return
 
 
+def loop_devices_using(mount_root: str) -> list[str]:
+    """The loop devices whose backing file lies under ``mount_root`` (from sysfs).
+
+    ``mount_root`` must be an absolute, resolved path: resolving it here would stat the
+    mount, and from inside the serving process, once it has stopped answering, that hangs.
+    """
+    root = mount_root.rstrip("/") + "/"
+    found = []
+    for entry in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        try:
+            with open(entry) as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.startswith(root):
+            found.append("/dev/" + entry.split("/")[3])
+    return found
+
+
+def warn_about_loop_devices(mount_root: str) -> list[str]:
+    return [
+        f"{dev} still uses a file under {mount_root} and fails all I/O from now on; "
+        f"detach it first next time (losetup -d {dev})"
+        for dev in loop_devices_using(mount_root)
+    ]
+
+
 async def close_files(files: Sequence[FlatFile]) -> list[str]:
     """Flush and close every device; the problems found, one line each."""
     problems = []
@@ -191,6 +219,7 @@ async def serve(
     directories are dropped unflushed: their files end with the mount.
     """
     ops = BlockFS(files, read_only=read_only, scratch=scratch)
+    mount_root = str(await trio.Path(mountpoint).resolve())  # now: later it cannot answer
     try:
         pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))
     except (RuntimeError, OSError) as exc:
@@ -205,9 +234,10 @@ async def serve(
             await pyfuse3.main(min_tasks=MIN_WORKERS, max_tasks=MAX_WORKERS)
             nursery.cancel_scope.cancel()
     finally:
+        busy = warn_about_loop_devices(mount_root)
         pyfuse3.close(unmount=True)
         with trio.CancelScope(shield=True):
-            problems = await close_all(files, scratch)
+            problems = busy + await close_all(files, scratch)
     return problems
 
 

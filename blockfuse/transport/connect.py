@@ -8,6 +8,7 @@ exports = await list_exports(address)                       # NBD_OPT_LIST (+ IN
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -35,7 +36,21 @@ async def open_stream(address: Address) -> trio.abc.Stream:
     except trio.TooSlowError:
         raise ConnectionLost(f"cannot connect to {address.server}: timed out") from None
     except OSError as exc:
-        raise ConnectionLost(f"cannot connect to {address.server}: {exc.strerror or exc}") from exc
+        raise ConnectionLost(f"cannot connect to {address.server}: {why(exc)}") from exc
+
+
+def why(exc: OSError) -> str:
+    """The reason of a failed connect; trio's TCP connect keeps its attempts' in a group."""
+    if exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = {
+            os.strerror(e.errno) for e in cause.exceptions if isinstance(e, OSError) and e.errno
+        }
+        if reasons:
+            return ", ".join(sorted(reasons))
+    return str(exc)
 
 
 async def wrap_nbd_stream(
