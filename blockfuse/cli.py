@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import trio
 
+from . import __version__
 from .background import background_tasks
 from .block import BlockDevice, format_size
 from .devices.readonly import ReadOnlyDevice
@@ -66,6 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Compose block devices and show each as a flat file in a FUSE mount.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("--version", action="version", version=f"blockfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = sub.add_parser(
@@ -123,7 +125,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="do not wrap devices in safe(...) (skips the per-request contract checks)",
     )
 
-    umount = sub.add_parser("umount", help="unmount a blockfuse mount")
+    umount = sub.add_parser(
+        "umount",
+        help="unmount a blockfuse mount",
+        description=(
+            "Unmount a blockfuse mount (a live one's blockfuse flushes and exits; a stale "
+            "one, left by a killed blockfuse, is cleared). Other filesystems are refused."
+        ),
+    )
     umount.add_argument("mountpoint")
 
     ls = sub.add_parser(
@@ -133,12 +142,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ls.add_argument("uri", help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH")
 
-    status = sub.add_parser("status", help="show every device's status (a mirror's copy)")
+    status = sub.add_parser(
+        "status",
+        help="show every device's status (a mirror's copy)",
+        description=(
+            "Print each device of a live mount: kind, size, spec, and a mirror's copy "
+            "state, progress, rate, ETA and errors."
+        ),
+    )
     status.add_argument("mountpoint")
 
     pivot_ = sub.add_parser(
         "pivot",
         help="detach a synced mirror's primary; the secondary serves alone from then on",
+        description=(
+            "Once a mirror is synced: flush both sides, close the primary, and serve all "
+            "I/O from the secondary. Refused (nothing changes) while the copy runs."
+        ),
     )
     pivot_.add_argument("file", metavar="MOUNTPOINT/NAME")
     return parser.parse_args(argv)
@@ -215,10 +235,20 @@ async def open_scratch(
     return dirs
 
 
+def serving(devices: int, scratch_dirs: int) -> str:
+    """``'2 devices and 1 scratch directory'``; the parts that are zero are left out."""
+    counts = (
+        (devices, "device", "devices"),
+        (scratch_dirs, "scratch directory", "scratch directories"),
+    )
+    parts = [f"{n} {one if n == 1 else many}" for n, one, many in counts if n]
+    return " and ".join(parts)
+
+
 async def describe(
     mountpoint: str, files: Sequence[FlatFile], scratch: Sequence[ScratchDir] = ()
 ) -> str:
-    lines = [f"blockfuse: serving {len(files)} device(s) under {mountpoint}:"]
+    lines = [f"blockfuse: serving {serving(len(files), len(scratch))} under {mountpoint}:"]
     for f in files:
         info = await f.info()
         ro = "" if info.read_write else ", read-only"
@@ -333,8 +363,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for export in exports:
         size = format_size(export.size) if export.size is not None else "?"
         name = export.name or '""'
-        line = f"{name}\t{size}"
-        print(f"{line}\t{export.description}" if export.description else line)
+        print(f"{name}\t{size}\t{export.description or ''}")
     return EXIT_OK
 
 

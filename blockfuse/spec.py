@@ -338,6 +338,8 @@ def check_file_access(path: str, read_only: bool) -> None:
 @kind("mem", "memory")
 def compile_memory(call: Call) -> Recipe:
     size = int(bind(call, [Param("size", size_arg)])["size"])  # type: ignore[call-overload]
+    if size == 0:
+        raise SpecError("a memory device needs a size above 0 (e.g. mem(256M))")
     if size % 512:
         raise SpecError(f"memory size {size} is not a whole number of 512-byte sectors")
 

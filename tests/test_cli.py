@@ -100,7 +100,7 @@ def test_mountpoint_in_a_missing_directory(
 ) -> None:
     status, err = run(capsys, "mount", str(tmp_path / "no" / "mnt"), "-d", "a=mem(1M)")
     assert status == 1
-    assert f"cannot create {tmp_path / 'no' / 'mnt'}" in err
+    assert f"cannot create {tmp_path / 'no' / 'mnt'}: {tmp_path / 'no'} does not exist" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -157,7 +157,11 @@ async def test_nbdkit_lists_several_exports(short_tmp: Path, start: Start) -> No
         timeout=20,
     )
     assert out.returncode == 0, out.stderr
-    assert sorted(out.stdout.splitlines()) == ["alpha\t1 MiB", "beta\t2 MiB", "gamma\t512 KiB"]
+    assert sorted(out.stdout.splitlines()) == [
+        "alpha\t1 MiB\t",
+        "beta\t2 MiB\t",
+        "gamma\t512 KiB\t",
+    ]
 
 
 async def test_nbdkit_exports_by_name(nursery: trio.Nursery, short_tmp: Path, start: Start) -> None:

@@ -42,6 +42,7 @@ def test_sizes(text: str, size: int) -> None:
         ("mem(1X)", "bad size '1X'"),
         ("mem(-1)", "bad size '-1'"),
         ("mem(100)", "not a whole number of 512-byte sectors"),
+        ("mem(0)", "needs a size above 0"),
         ("foo(1)", "unknown device kind 'foo'"),
         ("mem(", "expected a device spec at character 5"),
         ("mem(1G", "expected ',' or ')' in mem(...)"),

@@ -101,6 +101,11 @@ def check_mountpoint(path: str) -> Prepare:
         os.stat(path)
     except FileNotFoundError:
         parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(parent):
+            raise MountError(
+                f"cannot create {path}: {parent} does not exist (only the last directory "
+                f"is created; run: mkdir -p {parent})"
+            ) from None
         if not os.path.isdir(parent):
             raise MountError(f"cannot create {path}: {parent} is not a directory") from None
         return Prepare.CREATE
