@@ -59,21 +59,22 @@ def test_ext4_used_during_the_copy_from_a_throttled_nbdkit(short_tmp: Path) -> N
     spec = f"disk=mirror({peer.uri()}, sparse({secondary}), state={state}, chunk=256K)"
     files = {f"file{i}": os.urandom(200_000 + i * 4097) for i in range(12)}
     try:
-        with mounted(short_tmp / "mnt", [spec]) as m, loop_device(m.path("disk")) as dev:
-            assert attr(m, "state") == "copying"
-            sh("mkfs.ext4", "-q", "-F", dev)
-            with fs_mounted(dev, short_tmp / "fs") as fs:
-                for name, data in files.items():
-                    (fs / name).write_bytes(data)
-            assert attr(m, "state") == "copying", "the copy ended before ext4 was used"
-            with fs_mounted(dev, short_tmp / "fs") as fs:
-                for name, data in files.items():
-                    assert (fs / name).read_bytes() == data
-            wait_attr(m, "state", lambda v: v == "synced")
-            fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
-            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        with mounted(short_tmp / "mnt", [spec]) as m:
+            with loop_device(m.path("disk")) as dev:
+                assert attr(m, "state") == "copying"
+                sh("mkfs.ext4", "-q", "-F", dev)
+                with fs_mounted(dev, short_tmp / "fs") as fs:
+                    for name, data in files.items():
+                        (fs / name).write_bytes(data)
+                assert attr(m, "state") == "copying", "the copy ended before ext4 was used"
+                with fs_mounted(dev, short_tmp / "fs") as fs:
+                    for name, data in files.items():
+                        assert (fs / name).read_bytes() == data
+                wait_attr(m, "state", lambda v: v == "synced")
+                fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+                assert fsck.returncode == 0, fsck.stdout + fsck.stderr
             cmp(m.path("disk"), secondary)
-            assert m.stop() == 0
+            assert m.stop() == 0, m.output()  # the loop device is detached first
         cmp(primary, secondary)
         fsck = subprocess.run(["e2fsck", "-fn", str(secondary)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
