@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from blockfuse.background import background_tasks  # noqa: E402
-from blockfuse.devices.mirror import MirrorDevice  # noqa: E402
+from blockfuse.devices.mirror import open_mirror  # noqa: E402
 from blockfuse.extents import IntervalSet  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
 
@@ -116,14 +116,17 @@ def qemu_img(uri: str, target: Path, size: int) -> None:
 
 
 def mirror(uri: str, target: Path, chunk: str, in_flight: int) -> None:
+    """``mirror(uri, sparse(target), chunk=chunk)`` with ``in_flight`` chunks in flight
+    (which the spec does not set), opened as the spec opens it, until synced."""
+
     async def main() -> None:
         async with background_tasks():
-            recipe = compile_spec(f"mirror({uri}, sparse({target}), chunk={chunk})")
-            dev = await recipe.open()
-            assert isinstance(dev, MirrorDevice)
-            dev._in_flight_limit = in_flight
-            await dev.wait_synced()
-            await dev.aclose()
+            primary = await compile_spec(uri).open()
+            size = (await primary.get_info()).size_bytes
+            secondary = await compile_spec(f"sparse({target}, size={size})").open()
+            options = {"chunk": parse_size(chunk), "in_flight": in_flight}
+            async with open_mirror(primary, secondary, **options) as dev:
+                await dev.wait_synced()
 
     trio.run(main)
 
