@@ -15,6 +15,7 @@ import trio.lowlevel
 
 from blockfuse.background import background_tasks
 from blockfuse.block import BlockDevice, Buffer, Extent, Info
+from blockfuse.devices import copier
 from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
@@ -299,6 +300,20 @@ async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -
             with pytest.raises(RequestFailed) as info:
                 await m.pivot()
             assert info.value.errno == errno.EBUSY
+
+
+async def test_the_secondary_is_flushed_during_the_copy_and_a_failed_flush_fails_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(copier, "FLUSH_BEHIND_BYTES", 64 << 10)
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+    secondary = FaultyDevice(MemoryDevice(SIZE), [Fault("flush")])
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192, in_flight=1) as m:
+            with pytest.raises(MirrorFailed, match="flushing the secondary"):
+                await m.wait_synced()
+            assert m.statistics().copied_bytes < SIZE  # it failed half way, not at the end
 
 
 async def test_a_failed_secondary_write_is_copied_again() -> None:
