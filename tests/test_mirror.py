@@ -405,6 +405,33 @@ class Slow(BlockDevice):
         await self._inner.aclose()
 
 
+async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used() -> None:
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+
+    async def use_the_disk(m: MirrorDevice) -> None:
+        buf = bytearray(SS)
+        for _ in range(25):  # 0.25 s, one read always in progress
+            await m.read(0, [buf])
+
+    async def most_in_flight(m: MirrorDevice, seconds: float) -> int:
+        seen = 0
+        with trio.move_on_after(seconds):
+            while True:
+                seen = max(seen, m.statistics().chunks_in_flight)
+                await trio.sleep(0.001)
+        return seen
+
+    with trio.fail_after(10):
+        async with open_mirror(Slow(primary, 0.01), MemoryDevice(SIZE), chunk=8192) as m:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(use_the_disk, m)
+                await trio.sleep(0.03)  # the chunks that started before it end
+                assert await most_in_flight(m, 0.15) <= copier.FOREGROUND_IN_FLIGHT
+            assert await most_in_flight(m, 0.05) > copier.FOREGROUND_IN_FLIGHT
+            await m.wait_synced()
+
+
 async def test_a_stopped_copy_resumes_from_its_map(tmp_path: Path) -> None:
     p = image(tmp_path, "p", SIZE, os.urandom(SIZE))
     s = image(tmp_path, "s")

@@ -16,6 +16,13 @@ in ``copied``.
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
 
+Foreground I/O comes first: while a foreground request is using the primary, only the
+first ``FOREGROUND_IN_FLIGHT`` workers take new items; the others wait until the
+primary is idle.  Requests share one connection to the primary, and 16 chunks queued
+ahead of a 4 KiB read cut fio's random reads during the copy to 0.08-0.15x of the NBD
+export alone; with two chunks they kept 0.60-0.66x, and the copy went on.  When nothing
+else uses the disk, every worker copies.
+
 Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
 and goes on copying without waiting (one flush at a time).  The kernel then writes the
 copy back while it is being made, as ``nbdcopy`` does with ``sync_file_range``, instead
@@ -41,6 +48,8 @@ HOLE_ITEM_CHUNKS = 1024
 """A run of holes is handed out in items of up to this many chunks."""
 PLAN_SPAN_BYTES = 1 << 30
 """The planner asks the primary for extents this many bytes at a time."""
+FOREGROUND_IN_FLIGHT = 2
+"""While foreground I/O uses the primary, only this many items are copied at once."""
 FLUSH_BEHIND_BYTES = 64 << 20
 """The copier starts a flush of the secondary after writing this many bytes to it."""
 
@@ -62,6 +71,9 @@ class CopyEvents(Protocol):
 
     def copied_more(self) -> None:
         """An item is now in ``copied``."""
+
+    async def wait_foreground_idle(self) -> None:
+        """Return once no foreground request is using the primary."""
 
 
 class Copier:
@@ -99,8 +111,8 @@ class Copier:
         send, receive = trio.open_memory_channel[Item](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._plan, send)
-            for _ in range(self._workers):
-                nursery.start_soon(self._work, receive.clone(), nursery)
+            for index in range(self._workers):
+                nursery.start_soon(self._work, receive.clone(), nursery, index)
             await receive.aclose()
 
     async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
@@ -129,10 +141,14 @@ class Copier:
             self._events.note_error(f"asking the primary for extents: {exc}")
             return IntervalSet([(start, end)])
 
-    async def _work(self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery) -> None:
+    async def _work(
+        self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
+    ) -> None:
         buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
+                if index >= FOREGROUND_IN_FLIGHT:
+                    await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
                 await self._copy_with_retries(start, end, is_data, buf)

@@ -475,6 +475,10 @@ class MirrorDevice(BlockDevice):
     def copied_more(self) -> None:
         self._report_progress()
 
+    async def wait_foreground_idle(self) -> None:
+        while self._primary_users:
+            await self._primary_idle.wait()
+
     def _report_progress(self) -> None:
         copied = self._map.copied.total * self._info.sector_size
         self._samples.append((time.monotonic(), copied))
