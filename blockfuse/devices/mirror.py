@@ -63,7 +63,7 @@ from .copymap import CopyMap, Geometry
 from .mirrorparts import RangeQueue, Side, outcome, run_both, slice_buffers, spread
 
 DEFAULT_CHUNK = 1 << 20
-DEFAULT_IN_FLIGHT = 8
+DEFAULT_IN_FLIGHT = 16
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 CHECKPOINT_SECONDS = 2.0
