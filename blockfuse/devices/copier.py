@@ -185,10 +185,17 @@ class Copier:
     async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         async with self._lock.hold(start, end):
             for a, b in self._map.copied.gaps(start, end):
-                data = IntervalSet([(a, b)]) if is_data else await self._primary.data_map(a, b)
-                for x, y, holds_data in runs(data, a, b):
-                    await (self._copy_data(x, y, buf) if holds_data else self._zero_secondary(x, y))
+                if is_data:
+                    await self._copy_data(a, b, buf)
+                else:
+                    await self._copy_by_extents(a, b, buf)
                 self._map.copied.add(a, b)
+
+    async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
+        """Copy the primary's data and zero its holes, asking its extents now."""
+        data = await self._primary.data_map(start, end)
+        for a, b, holds_data in runs(data, start, end):
+            await (self._copy_data(a, b, buf) if holds_data else self._zero_secondary(a, b))
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self._chunk):
