@@ -15,6 +15,7 @@ import trio.lowlevel
 
 from blockfuse.background import background_tasks
 from blockfuse.block import BlockDevice, Buffer, Extent, Info
+from blockfuse.devices import copier
 from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
@@ -301,6 +302,20 @@ async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -
             assert info.value.errno == errno.EBUSY
 
 
+async def test_the_secondary_is_flushed_during_the_copy_and_a_failed_flush_fails_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(copier, "FLUSH_BEHIND_BYTES", 64 << 10)
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+    secondary = FaultyDevice(MemoryDevice(SIZE), [Fault("flush")])
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192, in_flight=1) as m:
+            with pytest.raises(MirrorFailed, match="flushing the secondary"):
+                await m.wait_synced()
+            assert m.statistics().copied_bytes < SIZE  # it failed half way, not at the end
+
+
 async def test_a_failed_secondary_write_is_copied_again() -> None:
     faulty = FaultyDevice(MemoryDevice(SIZE))
     primary = MemoryDevice(SIZE)
@@ -388,6 +403,33 @@ class Slow(BlockDevice):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used() -> None:
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+
+    async def use_the_disk(m: MirrorDevice) -> None:
+        buf = bytearray(SS)
+        for _ in range(25):  # 0.25 s, one read always in progress
+            await m.read(0, [buf])
+
+    async def most_in_flight(m: MirrorDevice, seconds: float) -> int:
+        seen = 0
+        with trio.move_on_after(seconds):
+            while True:
+                seen = max(seen, m.statistics().chunks_in_flight)
+                await trio.sleep(0.001)
+        return seen
+
+    with trio.fail_after(10):
+        async with open_mirror(Slow(primary, 0.01), MemoryDevice(SIZE), chunk=8192) as m:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(use_the_disk, m)
+                await trio.sleep(0.03)  # the chunks that started before it end
+                assert await most_in_flight(m, 0.15) <= copier.FOREGROUND_IN_FLIGHT
+            assert await most_in_flight(m, 0.05) > copier.FOREGROUND_IN_FLIGHT
+            await m.wait_synced()
 
 
 async def test_a_stopped_copy_resumes_from_its_map(tmp_path: Path) -> None:

@@ -15,6 +15,21 @@ in ``copied``.
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
+
+Foreground I/O comes first: while a foreground request is using the primary, only the
+first ``FOREGROUND_IN_FLIGHT`` workers take new items; the others wait until the
+primary is idle.  Requests share one connection to the primary, and 16 chunks queued
+ahead of a 4 KiB read cut fio's random reads during the copy to 0.08-0.15x of the NBD
+export alone; with two chunks they kept 0.60-0.66x, and the copy went on.  When nothing
+else uses the disk, every worker copies.
+
+Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
+and goes on copying without waiting (one flush at a time).  The kernel then writes the
+copy back while it is being made, as ``nbdcopy`` does with ``sync_file_range``, instead
+of all at the flush that ends the copy: with a sparse secondary, 1 GiB of data copied
+in 1.0-1.2 s plus a 0.5-0.6 s final flush before, and in about the same copy time plus
+0.01-0.04 s after.  A failed flush is a failed copy: what it should have made durable
+may be lost, and a later flush would not say so.
 """
 
 from __future__ import annotations
@@ -33,6 +48,10 @@ HOLE_ITEM_CHUNKS = 1024
 """A run of holes is handed out in items of up to this many chunks."""
 PLAN_SPAN_BYTES = 1 << 30
 """The planner asks the primary for extents this many bytes at a time."""
+FOREGROUND_IN_FLIGHT = 2
+"""While foreground I/O uses the primary, only this many items are copied at once."""
+FLUSH_BEHIND_BYTES = 64 << 20
+"""The copier starts a flush of the secondary after writing this many bytes to it."""
 
 Item = tuple[int, int, bool]
 """Sectors ``[start, end)`` and whether the planner saw data there."""
@@ -52,6 +71,9 @@ class CopyEvents(Protocol):
 
     def copied_more(self) -> None:
         """An item is now in ``copied``."""
+
+    async def wait_foreground_idle(self) -> None:
+        """Return once no foreground request is using the primary."""
 
 
 class Copier:
@@ -81,14 +103,16 @@ class Copier:
         self._retries, self._backoff = retries, backoff
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
+        self._unflushed = 0
+        self._flushing = False
 
     async def sweep(self) -> None:
         """One pass over the sectors not yet copied; returns when it is done or stopped."""
         send, receive = trio.open_memory_channel[Item](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._plan, send)
-            for _ in range(self._workers):
-                nursery.start_soon(self._work, receive.clone())
+            for index in range(self._workers):
+                nursery.start_soon(self._work, receive.clone(), nursery, index)
             await receive.aclose()
 
     async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
@@ -117,13 +141,29 @@ class Copier:
             self._events.note_error(f"asking the primary for extents: {exc}")
             return IntervalSet([(start, end)])
 
-    async def _work(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
+    async def _work(
+        self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
+    ) -> None:
         buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
+                if index >= FOREGROUND_IN_FLIGHT:
+                    await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
                 await self._copy_with_retries(start, end, is_data, buf)
+                if self._unflushed >= FLUSH_BEHIND_BYTES and not self._flushing:
+                    nursery.start_soon(self._flush_behind)
+
+    async def _flush_behind(self) -> None:
+        """Flush the secondary while the copy goes on (see the module text)."""
+        self._flushing, self._unflushed = True, 0
+        try:
+            err = await outcome(self._secondary.dev.flush())
+        finally:
+            self._flushing = False
+        if err is not None:
+            self._events.fail(f"flushing the secondary: {err}")
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         for attempt in range(self._retries + 1):
@@ -145,10 +185,17 @@ class Copier:
     async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         async with self._lock.hold(start, end):
             for a, b in self._map.copied.gaps(start, end):
-                data = IntervalSet([(a, b)]) if is_data else await self._primary.data_map(a, b)
-                for x, y, holds_data in runs(data, a, b):
-                    await (self._copy_data(x, y, buf) if holds_data else self._zero_secondary(x, y))
+                if is_data:
+                    await self._copy_data(a, b, buf)
+                else:
+                    await self._copy_by_extents(a, b, buf)
                 self._map.copied.add(a, b)
+
+    async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
+        """Copy the primary's data and zero its holes, asking its extents now."""
+        data = await self._primary.data_map(start, end)
+        for a, b, holds_data in runs(data, start, end):
+            await (self._copy_data(a, b, buf) if holds_data else self._zero_secondary(a, b))
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self._chunk):
@@ -156,6 +203,7 @@ class Copier:
             await self._throttle.take(len(view))
             await self._primary.read(a, [view])
             await self._secondary.write(a, [view])
+            self._unflushed += len(view)
 
     async def _zero_secondary(self, start: int, end: int) -> None:
         """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""

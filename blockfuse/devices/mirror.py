@@ -63,7 +63,7 @@ from .copymap import CopyMap, Geometry
 from .mirrorparts import RangeQueue, Side, outcome, run_both, slice_buffers, spread
 
 DEFAULT_CHUNK = 1 << 20
-DEFAULT_IN_FLIGHT = 8
+DEFAULT_IN_FLIGHT = 16
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 CHECKPOINT_SECONDS = 2.0
@@ -474,6 +474,10 @@ class MirrorDevice(BlockDevice):
 
     def copied_more(self) -> None:
         self._report_progress()
+
+    async def wait_foreground_idle(self) -> None:
+        while self._primary_users:
+            await self._primary_idle.wait()
 
     def _report_progress(self) -> None:
         copied = self._map.copied.total * self._info.sector_size
