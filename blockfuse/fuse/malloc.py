@@ -2,14 +2,17 @@
 
 pyfuse3 copies each write's data into a new ``bytes`` (and a large read answer is a new
 ``bytearray``): at 1 MiB per request, one ``malloc`` and one ``free`` of 1 MiB each.
-glibc's dynamic thresholds then put such blocks at the top of the heap and trim the
-heap once more than about 2 MiB is free there, so with a few requests in flight the
-heap shrinks and grows all the time, and every regrowth faults its pages in again.
+With glibc's dynamic thresholds such blocks are either mapped and unmapped one by one,
+or taken from the top of a heap that is trimmed again once about 2 MiB lies free there;
+which of these happens depends on the heap's history.  Either way, each new block's
+pages are faulted in again.
 
-Measured (fio 1 MiB writes at depth 4 through the mount, 2-core VM): 47-70 minor page
-faults per request and 670-700 µs of mount CPU per request; with the thresholds below,
-no faults and 520-580 µs per request, 15-35% more IOPS.  What stays mapped is bounded
-by ``TRIM_THRESHOLD`` of free heap, well inside the mount's memory budget.
+Measured (fio 1 MiB writes at depth 4 through the mount, 2-core VM): in some mounts
+47-70 minor page faults per request and 670-700 µs of mount CPU per request; with the
+thresholds below, no faults and 520-580 µs per request, 15-35% more IOPS.  Other
+mounts took no faults even without them: the setting makes the good case the only one.
+What stays mapped is bounded by ``TRIM_THRESHOLD`` of free heap (peak RSS after the
+whole of scripts/bench_fuse.py: 41 MiB).
 """
 
 from __future__ import annotations
