@@ -141,7 +141,7 @@ class BlockDevice(ABC):
 
 def total_length(buffers: Sequence[Buffer]) -> int:
     """The number of bytes in ``buffers``."""
-    return sum(len(b) for b in buffers)
+    return sum(map(len, buffers))
 
 
 def format_size(n: int) -> str:

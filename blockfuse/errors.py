@@ -87,5 +87,13 @@ def map_os_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        err = exc.errno or errno.EIO
-        raise RequestFailed(err, f"{what}: {os.strerror(err)}") from exc
+        raise request_failed(exc, what) from exc
+
+
+def request_failed(exc: OSError, what: str) -> RequestFailed:
+    """``exc`` as the ``RequestFailed`` to raise (``from exc``), naming ``what``.
+
+    For hot paths that catch ``OSError`` themselves rather than pay for
+    ``map_os_errors``'s generator on every call."""
+    err = exc.errno or errno.EIO
+    return RequestFailed(err, f"{what}: {os.strerror(err)}")

@@ -36,7 +36,14 @@ from typing import Any, TypeVar
 import trio
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info, total_length
-from ..errors import Disconnected, ReadOnly, RequestFailed, Unimplemented, map_os_errors
+from ..errors import (
+    Disconnected,
+    ReadOnly,
+    RequestFailed,
+    Unimplemented,
+    map_os_errors,
+    request_failed,
+)
 from .holes import file_extents, is_hole, make_zeroes
 
 BLKGETSIZE64 = 0x80081272
@@ -169,12 +176,15 @@ class FileDevice(BlockDevice):
         return self._info
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._io(os.preadv, self._nowait_read, sector, buffers, "read")
+        views = byte_views(buffers)
+        await self._io_at(os.preadv, self._nowait_read, sector * self._sector_size, views, "read")
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         if self._read_only:
             raise ReadOnly(f"{self.path} is open read-only")
-        await self._io(os.pwritev, self._nowait_write, sector, buffers, "write")
+        views = byte_views(buffers)
+        offset = sector * self._sector_size
+        await self._io_at(os.pwritev, self._nowait_write, offset, views, "write")
 
     async def flush(self) -> None:
         self._check_open()
@@ -226,23 +236,26 @@ class FileDevice(BlockDevice):
                 await self._idle.wait()
         os.close(self._fd)
 
-    async def _io(
-        self, call: IoCall, nowait: _NoWait, sector: int, buffers: Sequence[Buffer], what: str
-    ) -> None:
-        await self._io_at(call, nowait, sector * self._sector_size, byte_views(buffers), what)
-
     async def _io_at(
         self, call: IoCall, nowait: _NoWait, offset: int, views: list[memoryview], what: str
     ) -> None:
-        """All of ``views`` at byte ``offset``: first without blocking, the rest in a thread."""
+        """All of ``views`` at byte ``offset``: first without blocking, the rest in a thread.
+
+        Every FUSE read and write comes here, so the bookkeeping is spelled out (no
+        context managers) and the error message is only formatted on an error."""
         self._check_open()
-        with self._busy(), map_os_errors(f"{what} {self.path} at byte {offset}"):
+        self._in_flight += 1
+        try:
             done = nowait.attempt(call, self._fd, views, offset)
             if done < total_length(views):
                 rest = advance(views, done)
                 await trio.to_thread.run_sync(
                     self._blocking_io, call, rest, offset + done, what, limiter=_threads
                 )
+        except OSError as exc:
+            raise request_failed(exc, f"{what} {self.path} at byte {offset}") from exc
+        finally:
+            self._leave()
 
     def _blocking_io(self, call: IoCall, views: list[memoryview], offset: int, what: str) -> None:
         """Loop until every byte is done; a zero-length answer means the file ended."""
@@ -271,6 +284,12 @@ class FileDevice(BlockDevice):
     def _busy(self) -> _InFlight:
         return _InFlight(self)
 
+    def _leave(self) -> None:
+        """A call counted as in flight is over; the last one lets a waiting ``aclose`` go."""
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._closed:
+            self._idle.set()
+
 
 class _InFlight:
     """Counts calls in progress so that ``aclose`` waits for them before closing the fd."""
@@ -282,9 +301,7 @@ class _InFlight:
         self._dev._in_flight += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._dev._in_flight -= 1
-        if self._dev._in_flight == 0 and self._dev._closed:
-            self._dev._idle.set()
+        self._dev._leave()
 
 
 def open_file(path: str, *, read_only: bool = False) -> FileDevice:

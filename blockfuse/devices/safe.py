@@ -41,6 +41,12 @@ def check_range(sector: int, count: int, info: Info) -> None:
         )
 
 
+def check_request(sector: int, buffers: Sequence[Buffer], info: Info) -> None:
+    """Raise ``Unsafe`` unless ``buffers`` are whole sectors that fit from ``sector``."""
+    check_buffers(buffers, info.sector_size)
+    check_range(sector, total_length(buffers) // info.sector_size, info)
+
+
 class SafeDevice(BlockDevice):
     kind = "safe"
 
@@ -55,18 +61,13 @@ class SafeDevice(BlockDevice):
     async def get_info(self) -> Info:
         return await self._inner.get_info()
 
-    async def _checked(self, sector: int, buffers: Sequence[Buffer]) -> Info:
-        info = await self._inner.get_info()
-        check_buffers(buffers, info.sector_size)
-        check_range(sector, total_length(buffers) // info.sector_size, info)
-        return info
-
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._checked(sector, buffers)
+        check_request(sector, buffers, await self._inner.get_info())
         await self._inner.read(sector, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        info = await self._checked(sector, buffers)
+        info = await self._inner.get_info()
+        check_request(sector, buffers, info)
         if not info.read_write:
             raise ReadOnly("the device is read-only")
         await self._inner.write(sector, buffers)

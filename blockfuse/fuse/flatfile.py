@@ -44,9 +44,15 @@ class FlatFile:
             raise RequestFailed(errno.ENOSPC, f"write at byte {offset} is past the end")
         view = memoryview(data)[:length]
         s = span(offset, length, info.sector_size)
-        async with self._writes.hold(s.first, s.end):
-            buffers = await patch_sectors(s, view, info.sector_size, self._read_sector)
-            await self.device.write(s.first, buffers)
+        hold = await self._writes.acquire(s.first, s.end)
+        try:
+            if s.aligned:
+                await self.device.write(s.first, [view])
+            else:
+                buffers = await patch_sectors(s, view, info.sector_size, self._read_sector)
+                await self.device.write(s.first, buffers)
+        finally:
+            self._writes.release(hold)
         return length
 
     async def _read_sector(self, sector: int) -> bytearray:

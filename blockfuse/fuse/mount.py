@@ -22,6 +22,7 @@ import trio
 
 from ..errors import BlockError
 from .flatfile import FlatFile
+from .malloc import keep_request_buffers
 from .ops import BlockFS
 from .scratch import ScratchDir
 
@@ -224,6 +225,7 @@ async def serve(
     directories are dropped unflushed: their files end with the mount.
     """
     ops = BlockFS(files, read_only=read_only, scratch=scratch)
+    keep_request_buffers()
     mount_root = str(await trio.Path(mountpoint).resolve())  # now: later it cannot answer
     try:
         pyfuse3.init(ops, mountpoint, mount_options(read_only=read_only, allow_other=allow_other))

@@ -85,11 +85,15 @@ class BlockFS(pyfuse3.Operations):
         self._by_inode = {pyfuse3.ROOT_INODE + 1 + i: f for i, f in enumerate(files)}
         self._by_name = {f.name.encode(): ino for ino, f in self._by_inode.items()}
         self._scratch = {d.name.encode(): d for d in scratch}
+        self._scratch_dirs = tuple(scratch)
         self._read_only = read_only
         self._started_ns = time.time_ns()
 
     def _subtree(self, number: int) -> ScratchDir | None:
-        return next((d for d in self._scratch.values() if d.owns(number)), None)
+        for directory in self._scratch_dirs:  # a loop, not next(genexpr): every request asks
+            if directory.owns(number):
+                return directory
+        return None
 
     def _file(self, inode: int) -> FlatFile:
         try:
