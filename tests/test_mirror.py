@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -314,6 +315,96 @@ async def test_the_secondary_is_flushed_during_the_copy_and_a_failed_flush_fails
             with pytest.raises(MirrorFailed, match="flushing the secondary"):
                 await m.wait_synced()
             assert m.statistics().copied_bytes < SIZE  # it failed half way, not at the end
+
+
+class LosesUnflushedWrites(MemoryDevice):
+    """A disk behind a page cache, as Linux behaves on a writeback error: the failing
+    flush loses every write since the last good flush, and the next flush succeeds."""
+
+    def __init__(self, size: int, fail_flush: int) -> None:
+        super().__init__(size)
+        self.on_disk = bytearray(size)
+        self._flushes, self._fail_flush = 0, fail_flush
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._flushes += 1
+        if self._flushes == self._fail_flush:
+            await self.write(0, [bytes(self.on_disk)])  # the page cache forgets them
+            raise RequestFailed(errno.EIO, "writeback failed")
+        await self.read(0, [self.on_disk])
+
+
+def clean_in_map(state: str) -> list[tuple[int, int]]:
+    lines = Path(state).read_text().splitlines()
+    copied, dirty = ([tuple(map(int, r.split("-"))) for r in ln.split()[1:]] for ln in lines[2:4])
+    return [(a, b) for a, b in copied if not any(x < b and a < y for x, y in dirty)]
+
+
+@pytest.mark.parametrize("fail_flush", [2, 3, 5])
+async def test_after_a_failed_secondary_flush_the_map_never_calls_lost_data_copied(
+    tmp_path: Path, fail_flush: int
+) -> None:
+    data = os.urandom(SIZE)
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [data])
+    secondary = LosesUnflushedWrites(SIZE, fail_flush)
+    state = str(tmp_path / "map")
+    slow = Slow(primary, 0.002)  # 128 chunks: about 0.3 s of copying
+    reached = {tenth: trio.Event() for tenth in range(1, 10)}
+
+    def progress(percent: int | str) -> None:
+        if isinstance(percent, int) and percent % 10 == 0 and 0 < percent < 100:
+            reached[percent // 10].set()
+
+    with trio.fail_after(10):
+        async with open_mirror(
+            slow, secondary, state=state, chunk=8192, in_flight=1, progress=progress
+        ) as m:
+            for tenth in range(1, 10):  # checkpoints (fsync) while the copy goes on
+                await reached[tenth].wait()
+                await m.write(tenth, [b"w" * SS])  # a foreground write into the copied part
+                await m.flush()
+                if not m.going_on():
+                    break  # that flush failed: what it should have kept is lost
+            with pytest.raises(MirrorFailed, match="flushing the secondary"):
+                await m.wait_synced()
+        expected = bytearray(data)
+        expected[SS : (tenth + 1) * SS] = b"w" * tenth * SS
+        for a, b in clean_in_map(state):
+            assert secondary.on_disk[a * SS : b * SS] == expected[a * SS : b * SS]
+        # after a restart the secondary holds only what reached its disk
+        primary, again = MemoryDevice(SIZE), MemoryDevice(SIZE)
+        await primary.write(0, [bytes(expected)])
+        await again.write(0, [bytes(secondary.on_disk)])
+        async with open_mirror(primary, again, state=state, chunk=8192) as m:
+            await m.wait_synced()
+            assert again.data == expected
+
+
+async def test_close_stops_the_copier_at_once_while_foreground_reads_keep_going() -> None:
+    """Copy workers that wait for the primary to be idle give up when the mirror stops."""
+    primary = MemoryDevice(SIZE)
+    with trio.fail_after(20):
+        await close_under_foreground_reads(primary)
+
+
+async def close_under_foreground_reads(primary: MemoryDevice) -> None:
+    async with trio.open_nursery() as nursery:
+        m = await start_mirror(nursery, Slow(primary, 0.002), MemoryDevice(SIZE), chunk=8192)
+
+        async def read_until_closed(sector: int) -> None:
+            buf = bytearray(SS)
+            with contextlib.suppress(Disconnected):
+                while True:
+                    await m.read(sector, [buf])
+
+        for sector in range(3):  # the primary is never idle
+            nursery.start_soon(read_until_closed, sector)
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        await m.aclose()  # shielded: it cannot be timed out, so time it
+        assert trio.current_time() - started < 2  # the copier's grace is 10 s
 
 
 async def test_a_failed_secondary_write_is_copied_again() -> None:

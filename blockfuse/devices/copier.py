@@ -29,7 +29,8 @@ copy back while it is being made, as ``nbdcopy`` does with ``sync_file_range``, 
 of all at the flush that ends the copy: with a sparse secondary, 1 GiB of data copied
 in 1.0-1.2 s plus a 0.5-0.6 s final flush before, and in about the same copy time plus
 0.01-0.04 s after.  A failed flush is a failed copy: what it should have made durable
-may be lost, and a later flush would not say so.
+may be lost, and a later flush would not say so, so the copy map stops counting what the
+secondary got since the last checkpoint (rule 4 in copymap.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class CopyEvents(Protocol):
 
     def copied_more(self) -> None:
         """An item is now in ``copied``."""
+
+    def secondary_flush_failed(self, err: BaseException) -> None:
+        """A flush of the secondary failed: the copy fails, and what the secondary got
+        since the last checkpoint is no longer counted as copied."""
 
     async def wait_foreground_idle(self) -> None:
         """Return once no foreground request is using the primary."""
@@ -153,17 +158,17 @@ class Copier:
                     return
                 await self._copy_with_retries(start, end, is_data, buf)
                 if self._unflushed >= FLUSH_BEHIND_BYTES and not self._flushing:
+                    self._flushing, self._unflushed = True, 0
                     nursery.start_soon(self._flush_behind)
 
     async def _flush_behind(self) -> None:
         """Flush the secondary while the copy goes on (see the module text)."""
-        self._flushing, self._unflushed = True, 0
         try:
             err = await outcome(self._secondary.dev.flush())
         finally:
             self._flushing = False
         if err is not None:
-            self._events.fail(f"flushing the secondary: {err}")
+            self._events.secondary_flush_failed(err)
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         for attempt in range(self._retries + 1):

@@ -23,6 +23,11 @@ It holds because:
    saves; ``durable`` is the ``copied`` of the moment the checkpoint began, so
    everything in it was flushed.
 3. Saves are atomic (write a temporary file, fsync, rename, fsync the directory).
+4. A failed flush of the secondary may have lost anything written to it since the last
+   checkpoint, and a later flush that succeeds proves nothing (Linux reports a
+   writeback error to one fsync, then forgets it).  So after one, ``copied`` falls back
+   to ``durable`` and no checkpoint of this session cleans or advances anything again
+   (``distrust_secondary``); marking dirty goes on.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class CopyMap:
         self._saved_generation = 0
         self._save_lock = trio.Lock()
         self._checkpoint_lock = trio.Lock()
+        self._secondary_failed = False
 
     @property
     def persistent(self) -> bool:
@@ -170,6 +176,13 @@ class CopyMap:
 
     # --- checkpoints ----------------------------------------------------------------
 
+    def distrust_secondary(self) -> None:
+        """The secondary failed a flush: keep as copied only what a checkpoint made durable
+        before, and make no further checkpoint of this session count (rule 4)."""
+        self._secondary_failed = True
+        for a, b in self._durable.gaps(0, self.geometry.size_sectors):
+            self.copied.discard(a, b)
+
     async def checkpoint(self, flush_both: Callable[[], Awaitable[None]]) -> None:
         """Flush both sides, then save what is now known to be equal on both."""
         if self.path is None:
@@ -185,6 +198,8 @@ class CopyMap:
         copied = self.copied.copy()
         self._touched = IntervalSet()
         await flush_both()
+        if self._secondary_failed:
+            return  # rule 4: this flush may have "succeeded" over lost writes
         for a, b in list(self._touched) + self._active:
             candidates.discard(a, b)
         if not candidates.total and copied == self._durable:

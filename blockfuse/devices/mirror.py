@@ -249,7 +249,7 @@ class MirrorDevice(BlockDevice):
             self._primary.dev.flush(), self._secondary.dev.flush()
         )
         if secondary_err is not None:
-            self.fail(f"flushing the secondary: {secondary_err}")
+            self.secondary_flush_failed(secondary_err)
         if primary_err is not None:
             raise primary_err
 
@@ -306,8 +306,12 @@ class MirrorDevice(BlockDevice):
     def _release_primary(self) -> None:
         self._primary_users -= 1
         if self._primary_users == 0:
-            self._primary_idle.set()
-            self._primary_idle = trio.Event()
+            self._wake_idle_waiters()
+
+    def _wake_idle_waiters(self) -> None:
+        """Wake whoever waits for the primary to be idle; each one checks again why."""
+        self._primary_idle.set()
+        self._primary_idle = trio.Event()
 
     # --- what users of the mirror see ----------------------------------------------------
 
@@ -449,6 +453,7 @@ class MirrorDevice(BlockDevice):
         self._stopping = True
         self._wake.set()
         self._synced.set()
+        self._wake_idle_waiters()
         if not self._copier_started:
             return
         with trio.move_on_after(STOP_GRACE_SECONDS):
@@ -471,12 +476,18 @@ class MirrorDevice(BlockDevice):
         self._state, self._reason = MirrorState.FAILED, reason
         self._synced.set()
         self._wake.set()
+        self._wake_idle_waiters()
+
+    def secondary_flush_failed(self, err: BaseException) -> None:
+        """What the secondary got since the last checkpoint may be lost: fail the copy."""
+        self._map.distrust_secondary()
+        self.fail(f"flushing the secondary: {err}")
 
     def copied_more(self) -> None:
         self._report_progress()
 
     async def wait_foreground_idle(self) -> None:
-        while self._primary_users:
+        while self._primary_users and self.going_on():
             await self._primary_idle.wait()
 
     def _report_progress(self) -> None:
