@@ -69,10 +69,11 @@ class MemoryDevice(BlockDevice):
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         data = self._open()
         offset = sector * self._sector_size
-        for buf in buffers:
-            n = len(buf)
-            memoryview(buf).cast("B")[:] = data[offset : offset + n]
-            offset += n
+        with memoryview(data) as whole:  # one copy, not two (an mmap slice is a new bytes)
+            for buf in buffers:
+                n = len(buf)
+                memoryview(buf).cast("B")[:] = whole[offset : offset + n]
+                offset += n
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         data = self._writable()
