@@ -81,6 +81,7 @@ def test_one_tebibyte_device(tmp_path: Path) -> None:
             os.close(fd)
         assert int(run("du", "-k", str(image), timeout=10).split()[0]) <= 2048, "du: tiny"
         assert int(os.getxattr(disk, "user.blockfuse.allocated")) < 2 << 20
+        assert disk.stat().st_blocks * 512 < 2 << 20, "du on the flat file: what the image holds"
     assert image.stat().st_size == TiB
     assert allocated(image) < 2 << 20
     with open(image, "rb") as f:

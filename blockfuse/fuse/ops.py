@@ -123,10 +123,15 @@ class BlockFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if inode == pyfuse3.ROOT_INODE:
             return self._base_attr(inode, stat.S_IFDIR | 0o755, 0)
-        info = await self._file(inode).info()
+        f = self._file(inode)
+        info = await f.info()
         writable = info.read_write and not self._read_only
         mode = stat.S_IFREG | (0o644 if writable else 0o444)
-        return self._base_attr(inode, mode, info.size_bytes)
+        attr = self._base_attr(inode, mode, info.size_bytes)
+        allocated = f.status().get("allocated")  # a sparse image: what it holds on disk
+        if allocated is not None:
+            attr.st_blocks = -(-int(allocated) // 512)
+        return attr
 
     @routed
     @fuse_errors
