@@ -27,6 +27,7 @@ from blockfuse.nbd.events import (
     ReadHole,
 )
 from blockfuse.nbd.handshake import ClientHandshake
+from blockfuse.nbd.options import encode_option
 from blockfuse.nbd.server import ServerCore
 from blockfuse.nbd.transmission import ClientTransmission
 from blockfuse.nbd.uri import Address, BadURI, parse_uri
@@ -110,6 +111,19 @@ def test_unknown_export_is_refused_and_aborted() -> None:
     assert outcome.option is c.Opt.GO and outcome.reply == c.Rep.ERR_UNKNOWN
     assert "nope" in outcome.message
     assert server.phase.name == "DONE"  # the client sent NBD_OPT_ABORT
+
+
+def test_a_server_shutting_down_during_the_handshake_gets_abort() -> None:
+    hs = ClientHandshake.go("x")
+    flags = c.HandshakeFlag.FIXED_NEWSTYLE | c.HandshakeFlag.NO_ZEROES
+    hs.receive_data(c.GREETING.pack(c.NBDMAGIC, c.IHAVEOPT, flags))
+    assert hs.next_event() is NEED_DATA
+    hs.data_to_send()  # client flags, then STRUCTURED_REPLY
+    rtype = c.Rep.ERR_SHUTDOWN
+    hs.receive_data(c.OPTION_REPLY.pack(c.OPTION_REPLY_MAGIC, c.Opt.STRUCTURED_REPLY, rtype, 0))
+    outcome = hs.next_event()
+    assert isinstance(outcome, OptionRefused) and outcome.reply == c.Rep.ERR_SHUTDOWN
+    assert hs.data_to_send() == encode_option(c.Opt.ABORT)  # a soft disconnect, no GO
 
 
 def test_unknown_export_with_export_name_names_it() -> None:
@@ -247,6 +261,14 @@ def data_chunk(cookie: int, offset: int, data: bytes, flags: int = 1) -> bytes:
     return chunk(cookie, c.Chunk.OFFSET_DATA, c.U64.pack(offset) + data, flags)
 
 
+def error_chunk(
+    ctype: int, error: int, message: bytes, tail: bytes = b"", length: int | None = None
+) -> bytes:
+    """An error chunk for cookie 1; ``length`` overrides the message length it claims."""
+    header = c.ERROR_HEADER.pack(error, len(message) if length is None else length)
+    return chunk(1, ctype, header + message + tail)
+
+
 @pytest.mark.parametrize(
     ("reply", "match"),
     [
@@ -259,6 +281,12 @@ def data_chunk(cookie: int, offset: int, data: bytes, flags: int = 1) -> bytes:
         (chunk(1, 77, b""), "unknown non-error chunk type"),
         (chunk(1, c.Chunk.BLOCK_STATUS, bytes(12)), "invalid chunk"),
         (chunk(1, c.Chunk.NONE, b"", 0), "invalid chunk"),
+        (error_chunk(c.Chunk.ERROR_OFFSET, 5, b"", c.U64.pack(1 << 20)), "outside the READ"),
+        (error_chunk(0x8055, 5, b"hi", length=4000), "message of 4000 bytes in 8 bytes"),
+        (
+            data_chunk(1, 0, bytes(512), 0) + c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, 1),
+            "simple reply for cookie 0x1 after structured chunks",
+        ),
     ],
 )
 def test_hostile_replies_break_the_connection(reply: bytes, match: str) -> None:
@@ -397,6 +425,42 @@ def test_block_status_for_one_context_only_once() -> None:
     assert isinstance(tx.next_event(), BlockStatus)
     with pytest.raises(ProtocolError, match="not asked"):
         tx.next_event()
+
+
+def test_block_status_extents_before_the_last_must_end_inside_the_request() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    status = c.U32.pack(1) + c.EXTENT.pack(4096, 0) + c.EXTENT.pack(4096, 3)
+    tx.receive_data(chunk(cookie, c.Chunk.BLOCK_STATUS, status))
+    with pytest.raises(ProtocolError, match="first 1 cover 4096 bytes of a 4096-byte"):
+        tx.next_event()
+
+
+def test_the_last_block_status_extent_may_run_past_the_request() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    status = c.U32.pack(1) + c.EXTENT.pack(512, 0) + c.EXTENT.pack(1 << 16, 3)
+    tx.receive_data(chunk(cookie, c.Chunk.BLOCK_STATUS, status))
+    assert drain(tx) == [BlockStatus(cookie, 1, ((512, 0), (1 << 16, 3))), Done(cookie)]
+
+
+def test_a_successful_block_status_needs_its_status_chunk() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    tx.receive_data(chunk(cookie, c.Chunk.NONE, b""))
+    with pytest.raises(ProtocolError, match="without a status chunk for context"):
+        tx.next_event()
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    tx.receive_data(chunk(cookie, c.Chunk.ERROR, c.ERROR_HEADER.pack(errno.EIO, 0)))
+    assert tx.next_event() == Done(cookie, errno.EIO, "")  # a failed one needs none
+
+
+def test_an_error_offset_inside_the_request_fails_only_that_request() -> None:
+    tx = ClientTransmission(negotiated())
+    cookie, _ = tx.request(c.Cmd.READ, 0, 1024)
+    tx.receive_data(error_chunk(c.Chunk.ERROR_OFFSET, errno.EIO, b"bad", c.U64.pack(512)))
+    assert tx.next_event() == Done(cookie, errno.EIO, "bad")
 
 
 def test_block_status_for_an_unselected_context() -> None:

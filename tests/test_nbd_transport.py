@@ -162,7 +162,7 @@ async def test_protocol_violation_fails_in_flight_requests(nursery: trio.Nursery
             core.receive_data(await server_end.receive_some(1 << 16))
             drain(core)
             await server_end.send_all(core.data_to_send())
-        await server_end.receive_some(1 << 16)
+        await server_end.receive_some(28)
         await server_end.send_all(b"\x67\x44\x66\x98" + bytes(4) + b"\xde\xad" * 4)
 
     nursery.start_soon(evil)
@@ -171,4 +171,90 @@ async def test_protocol_violation_fails_in_flight_requests(nursery: trio.Nursery
     with trio.fail_after(5), pytest.raises(ProtocolError, match="evil: reply for unknown cookie"):
         await client.pread(memoryview(bytearray(512)), 0)
     assert client.broken is not None
+    with trio.fail_after(5):  # a hard disconnect at once, not at the next request or close
+        assert await server_end.receive_some(1 << 16) == b""
     await client.aclose()
+
+
+async def handshake_on(stream: trio.testing.MemoryStapledStream, fake: FakeServer) -> None:
+    """The server's half of the handshake, by the server core; then raw bytes follow."""
+    from blockfuse.nbd.server import ServerCore
+
+    core = ServerCore({"disk": fake.export})
+    await stream.send_all(core.data_to_send())
+    while core.phase.name != "TRANSMISSION":
+        core.receive_data(await stream.receive_some(1 << 16))
+        drain(core)
+        await stream.send_all(core.data_to_send())
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = await stream.receive_some(n - len(data))
+        assert more, f"the stream ended after {len(data)} of {n} bytes"
+        data += more
+    return data
+
+
+async def test_eshutdown_waits_for_the_other_replies_then_sends_disc(
+    nursery: trio.Nursery,
+) -> None:
+    """The spec: on NBD_ESHUTDOWN the client MUST soft-disconnect (DISC, not a drop)."""
+    from blockfuse.nbd import constants as c
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    last_message: list[bytes] = []
+
+    async def shutting_down() -> None:
+        await handshake_on(server_end, FakeServer())
+        first, second = [c.REQUEST.unpack(await receive_exactly(server_end, 28)) for _ in "ab"]
+        await server_end.send_all(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 108, first[3]))
+        await trio.sleep(0.2)
+        reply = c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, second[3])
+        await server_end.send_all(reply + b"x" * second[5])
+        last_message.append(await receive_exactly(server_end, 28))
+
+    nursery.start_soon(shutting_down)
+    with trio.fail_after(5):
+        client = await wrap_nbd_stream(nursery, client_end, "disk", server="fake")
+    results: dict[str, object] = {}
+
+    async def read(name: str) -> None:
+        buf = bytearray(512)
+        try:
+            await client.pread(memoryview(buf), 0)
+            results[name] = bytes(buf)
+        except Exception as exc:
+            results[name] = exc
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(read, "a")
+            await trio.testing.wait_all_tasks_blocked()
+            inner.start_soon(read, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()  # what a reconnect does after the first read's ESHUTDOWN
+    assert "shutting down" in str(results["a"]) and results["b"] == b"x" * 512
+    assert c.REQUEST.unpack(last_message[0])[2] == c.Cmd.DISC
+
+
+async def test_a_flush_after_losing_acknowledged_writes_fails(nursery: trio.Nursery) -> None:
+    """Writes acknowledged on a lost connection may be lost with it: the next flush says so."""
+    server = FakeServer()
+    dev = await remote(nursery, server, backoff=0.01)
+    with trio.fail_after(10):
+        await dev.write(0, [os.urandom(4096)])
+        server.drop_after = server.requests  # the flush's connection drops
+        with pytest.raises(RequestFailed, match="no flush had covered") as info:
+            await dev.flush()
+        assert info.value.errno == errno.EIO and server.connections == 2
+        await dev.flush()  # said once, like fsync after a lost page
+
+        await dev.write(0, [os.urandom(4096)])
+        await dev.flush()
+        server.drop_after = server.requests  # now nothing acknowledged is unflushed
+        await dev.read(0, [bytearray(512)])
+        await dev.flush()
+    assert server.connections == 3
+    await dev.aclose()

@@ -5,8 +5,9 @@ size, but at least 512 bytes; a few trailing bytes that do not fill a sector are
 reach.  Capabilities follow what the server advertised: TRIM -> discard, WRITE_ZEROES ->
 write_zeroes, ``base:allocation`` block status -> extents.  A read-only export is a
 read-only device.  Each call goes through ``Reconnecting`` (see transport/reconnect.py):
-a dropped connection is re-established and the request retried; a server's error reply
-is that request's ``RequestFailed(errno)`` and the connection lives on.
+a dropped connection is re-established and the request retried (a flush then fails
+with EIO if acknowledged writes may have been lost with the old connection); a server's
+error reply is that request's ``RequestFailed(errno)`` and the connection lives on.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class RemoteDevice(BlockDevice):
     async def flush(self) -> None:
         self._check_open()
         if self._flushable and not self._read_only:
-            await self._link.run(lambda c: c.flush())
+            await self._link.flush()
 
     async def discard(self, sector: int, count: int) -> None:
         if Capability.DISCARD not in self.capabilities:

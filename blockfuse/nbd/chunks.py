@@ -18,6 +18,7 @@ from .constants import (
     MAX_ERROR_CHUNK,
     REPLY_FLAG_DONE,
     U32,
+    U64,
     Chunk,
     Cmd,
     Errno,
@@ -41,6 +42,8 @@ class Pending:
     coverage: Coverage = field(default_factory=Coverage)
     contexts: set[int] = field(default_factory=set)
     """Metadata contexts already answered (BLOCK_STATUS: one chunk per context)."""
+    chunked: bool = False
+    """A structured reply chunk arrived for it: no simple reply may end it then."""
 
 
 def check_chunk(pending: Pending, ctype: int, length: int, flags: int) -> None:
@@ -74,7 +77,8 @@ def claim(pending: Pending, offset: int, length: int, what: str) -> None:
 
 
 def parse_block_status(pending: Pending, cookie: int, raw: bytes, known: set[int]) -> BlockStatus:
-    """One BLOCK_STATUS chunk: a context we selected, answered at most once per request."""
+    """One BLOCK_STATUS chunk: a context we selected, answered at most once per request;
+    all extents but the last end inside the request (the last may run past it)."""
     (context,) = U32.unpack(raw[:4])
     if context not in known or context in pending.contexts:
         raise ProtocolError(f"block status for context {context} that was not asked (again)")
@@ -82,16 +86,44 @@ def parse_block_status(pending: Pending, cookie: int, raw: bytes, known: set[int
     extents = tuple(EXTENT.iter_unpack(raw[4:]))
     if any(length == 0 for length, _ in extents):
         raise ProtocolError("block status extent of length 0")
+    before_last = sum(length for length, _ in extents[:-1])
+    if before_last >= pending.length:
+        raise ProtocolError(
+            f"block status of {len(extents)} extents whose first {len(extents) - 1} cover "
+            f"{before_last} bytes of a {pending.length}-byte request"
+        )
     return BlockStatus(cookie, context, extents)
 
 
-def parse_error(ctype: int, raw: bytes) -> tuple[int, str]:
+def check_block_status_done(pending: Pending, known: set[int]) -> None:
+    """A successful BLOCK_STATUS reply has one status chunk per selected context."""
+    missing = known - pending.contexts
+    if pending.cmd is Cmd.BLOCK_STATUS and not pending.error and missing:
+        raise ProtocolError(
+            f"successful BLOCK_STATUS reply without a status chunk for context(s) {sorted(missing)}"
+        )
+
+
+def parse_error(pending: Pending, ctype: int, raw: bytes) -> tuple[int, str]:
+    """An error chunk's errno and message; an ERROR_OFFSET must point into the request."""
     error, n = ERROR_HEADER.unpack(raw[: ERROR_HEADER.size])
-    if ctype in (Chunk.ERROR, Chunk.ERROR_OFFSET):
-        tail = 8 if ctype == Chunk.ERROR_OFFSET else 0
-        if ERROR_HEADER.size + n + tail != len(raw):
-            raise ProtocolError(f"error chunk message of {n} bytes in {len(raw)} bytes")
-        if error == 0:
-            raise ProtocolError("error chunk with error value 0")
+    tail = 8 if ctype == Chunk.ERROR_OFFSET else 0
+    if ERROR_HEADER.size + n + tail > len(raw):
+        raise ProtocolError(f"error chunk message of {n} bytes in {len(raw)} bytes")
+    if ctype in (Chunk.ERROR, Chunk.ERROR_OFFSET) and error == 0:
+        raise ProtocolError("error chunk with error value 0")
+    if ctype == Chunk.ERROR_OFFSET:
+        at = ERROR_HEADER.size + n
+        (offset,) = U64.unpack(raw[at : at + 8])
+        check_error_offset(pending, offset)
     message = raw[ERROR_HEADER.size : ERROR_HEADER.size + n].decode("utf-8", errors="replace")
     return wire_errno(error) if error else Errno.EINVAL, message
+
+
+def check_error_offset(pending: Pending, offset: int) -> None:
+    end = pending.offset + pending.length
+    if pending.length == 0 or not pending.offset <= offset < end:
+        raise ProtocolError(
+            f"error at offset {offset}, outside the {pending.cmd.name} request "
+            f"[{pending.offset}, {end})"
+        )

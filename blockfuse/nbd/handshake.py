@@ -293,6 +293,8 @@ class ClientHandshake:
         }
 
     def _on_error(self, option: Opt, rtype: int, message: str) -> None:
+        if rtype == Rep.ERR_SHUTDOWN:  # the spec: the client MUST soft-disconnect (ABORT)
+            return self._refuse(option, rtype, message)
         if option is Opt.STRUCTURED_REPLY:
             return self._send_go()
         if option is Opt.SET_META_CONTEXT:

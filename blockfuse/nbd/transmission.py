@@ -34,7 +34,15 @@ from dataclasses import dataclass
 
 from ..errors import ProtocolError, ReadOnly, Unimplemented, Unsafe
 from .buffer import ReceiveBuffer
-from .chunks import Pending, check_chunk, claim, parse_block_status, parse_error, wire_errno
+from .chunks import (
+    Pending,
+    check_block_status_done,
+    check_chunk,
+    claim,
+    parse_block_status,
+    parse_error,
+    wire_errno,
+)
 from .constants import (
     BASE_ALLOCATION,
     CHUNK_HEADER,
@@ -288,6 +296,8 @@ class ClientTransmission:
 
     def _simple(self, error: int, cookie: int) -> None:
         pending = self._lookup(cookie)
+        if pending.chunked:
+            raise ProtocolError(f"simple reply for cookie {cookie:#x} after structured chunks")
         if error or pending.cmd is not Cmd.READ:
             self._finish(cookie, wire_errno(error) if error else 0)
             return
@@ -303,6 +313,7 @@ class ClientTransmission:
         if not self.structured:
             raise ProtocolError("structured reply chunk on a connection without them")
         pending = self._lookup(cookie)
+        pending.chunked = True
         self._stream = Stream(cookie, pending, flags=flags, ctype=ctype, length=length)
         check_chunk(pending, ctype, length, flags)
         if ctype == Chunk.OFFSET_DATA:
@@ -363,7 +374,7 @@ class ClientTransmission:
             return ReadHole(s.cookie, offset, size)
         if s.ctype == Chunk.BLOCK_STATUS:
             return parse_block_status(s.pending, s.cookie, raw, self._context_ids)
-        error, message = parse_error(s.ctype, raw)
+        error, message = parse_error(s.pending, s.ctype, raw)
         if not s.pending.error:
             s.pending.error, s.pending.message = error, message
         return None
@@ -380,4 +391,5 @@ class ClientTransmission:
                 f"READ reply (cookie {s.cookie:#x}) ended after {p.coverage.total} "
                 f"of {p.length} bytes"
             )
+        check_block_status_done(p, self._context_ids)
         self._finish(s.cookie, p.error, p.message)

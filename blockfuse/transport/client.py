@@ -11,8 +11,14 @@ Invariants (pyfuse3 calls in from up to 99 tasks at once):
   call's event.  A call stays registered until its reply is done, even if its caller was
   cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
 - When the connection breaks (EOF, reset, a protocol violation) the reader records why,
-  fails every waiting call with that error and ends; later requests fail at once.  The
+  fails every waiting call with that error, closes the socket (a hard disconnect, which
+  the spec asks for after a violation) and ends; later requests fail at once.  The
   reader never raises into its nursery: the error is delivered to every caller instead.
+- A server that answers ``NBD_ESHUTDOWN`` gets a soft disconnect: no new requests, the
+  others answered, then ``NBD_CMD_DISC``.
+- ``has_unflushed_writes`` tells whether the server acknowledged writes that no
+  successful FLUSH has covered since: if the connection is lost then, they may be lost
+  with it (a FLUSH on another connection need not cover them).
 
 Entry points in tiers live in connect.py: ``open_nbd_client`` (owns its nursery),
 ``connect_nbd(nursery, address)`` and ``wrap_nbd_stream(nursery, stream, export)``.
@@ -40,7 +46,7 @@ from ..nbd.events import (
     ReadData,
     ReadHole,
 )
-from ..nbd.transmission import ClientTransmission
+from ..nbd.transmission import WRITES, ClientTransmission
 from .handshake import ConnectionLost
 
 RECEIVE_SIZE = 1 << 17
@@ -58,6 +64,7 @@ class Call:
     """One request on the wire; ``sink`` receives a READ's data."""
 
     cookie: int
+    cmd: Cmd
     offset: int
     sink: memoryview | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -75,11 +82,17 @@ class NBDClient:
         self.server = server
         self._outq: list[bytes | memoryview] = []
         self._flushing = False
+        self._flush_waiter: trio.Event | None = None
         self._disc_due = False
         self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
         self._closed = False
+        self._shutting_down = False
         self._reader_done = trio.Event()
+        self._acked_writes = 0
+        """WRITE, TRIM and WRITE_ZEROES requests the server answered with success."""
+        self._flushed_writes = 0
+        """How many of those a successful FLUSH covers (acknowledged before it was sent)."""
         sock = getattr(stream, "socket", None)
         self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
 
@@ -103,6 +116,11 @@ class NBDClient:
     def can(self, flag: TxFlag) -> bool:
         return self._tx.can(flag)
 
+    @property
+    def has_unflushed_writes(self) -> bool:
+        """Whether writes were acknowledged that no successful FLUSH has covered yet."""
+        return self._acked_writes > self._flushed_writes
+
     # --- the reader task ------------------------------------------------------------------
 
     async def run_reader(self, trailing: bytes = b"") -> None:
@@ -124,6 +142,8 @@ class NBDClient:
             self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
         finally:
             self._fail(Disconnected(f"connection to {self.server} is closed"), None)
+            with trio.CancelScope(shield=True):
+                await quietly(self._stream.aclose())
             self._reader_done.set()
 
     async def _receive_some(self) -> None:
@@ -198,6 +218,8 @@ class NBDClient:
         elif isinstance(event, Done):
             del self._calls[event.cookie]
             call.result = event
+            if not event.error and call.cmd in WRITES:
+                self._acked_writes += 1
             call.done.set()
             if event.error == errno.ESHUTDOWN:
                 self._server_shutting_down()
@@ -208,7 +230,7 @@ class NBDClient:
         """ESHUTDOWN: take no new requests, and send DISC once the others are answered."""
         if self._broken is None:
             self._broken = ConnectionLost(f"{self.server} is shutting down (ESHUTDOWN)")
-            self._disc_due = True
+            self._shutting_down = self._disc_due = True
 
     def _send_disc_now(self) -> None:
         """Queue DISC; the reader flushes it right after the current batch of replies."""
@@ -250,7 +272,7 @@ class NBDClient:
         """
         self._check_usable()
         cookie, header = self._tx.request(cmd, offset, length, flags)
-        call = Call(cookie, offset, sink)
+        call = Call(cookie, cmd, offset, sink)
         self._calls[cookie] = call
         self._outq.append(header)
         if payload is not None:
@@ -271,6 +293,18 @@ class NBDClient:
                         await self._send(rest)
         finally:
             self._flushing = False
+            if self._flush_waiter is not None:
+                self._flush_waiter.set()
+                self._flush_waiter = None
+
+    async def _send_queued(self) -> None:
+        """Send everything queued, after the flush under way (if any) has ended."""
+        while self._flushing:
+            if self._flush_waiter is None:
+                self._flush_waiter = trio.Event()
+            await self._flush_waiter.wait()
+        if self._outq:
+            await self._flush(batch=False)
 
     def _send_now(self, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
         """Write what the socket takes without blocking; what is left to send."""
@@ -357,7 +391,9 @@ class NBDClient:
         await self.wait(calls)
 
     async def flush(self) -> None:
+        covered = self._acked_writes
         await self.wait([await self.submit(Cmd.FLUSH)])
+        self._flushed_writes = max(self._flushed_writes, covered)
 
     async def trim(self, offset: int, length: int) -> None:
         await self._ranged(Cmd.TRIM, offset, length, NO_CMD_FLAGS)
@@ -378,20 +414,23 @@ class NBDClient:
         return call.extents
 
     async def aclose(self) -> None:
-        """Send ``NBD_CMD_DISC`` once requests are answered, and close; never fails."""
+        """Send ``NBD_CMD_DISC`` once requests are answered, and close; never fails.
+
+        On a broken connection there is nothing to wait for, unless the server is only
+        shutting down (ESHUTDOWN): then its other answers are awaited and DISC is sent."""
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._wait_idle()
-            if self._broken is None:
-                self._outq.append(self._tx.disconnect())
-                await self._flush(batch=False)
+            if self._broken is None or self._disc_due:
+                self._send_disc_now()
+            await self._send_queued()
             await quietly(self._stream.aclose())
             await self._reader_done.wait()
 
     async def _wait_idle(self) -> None:
-        while self._calls and self._broken is None:
+        while self._calls and (self._broken is None or self._shutting_down):
             await next(iter(self._calls.values())).done.wait()
 
 

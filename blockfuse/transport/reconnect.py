@@ -8,6 +8,12 @@ does that: on ``ConnectionLost`` it reconnects with exponential backoff (bounded
 ``RequestFailed(EIO)`` and the next request starts a fresh budget, so a mount stays up
 while the server is away and recovers when it comes back.
 
+Writes the server acknowledged are another matter: until a FLUSH covers them they may
+live only in the server's memory, and a FLUSH on a new connection need not cover what
+was acknowledged on the old one (nbd-server with ``copyonwrite`` drops it outright).  So
+when a connection is lost holding such writes, the next ``flush`` fails with EIO (once,
+like fsync after a lost page), instead of promising durability it cannot know.
+
 A ``ProtocolError`` is not retried (a server that breaks the protocol would break it
 again); it fails that request, and the next request reconnects.  One lock serialises
 reconnecting, so a burst of failed requests makes one new connection, not many.
@@ -51,6 +57,8 @@ class Reconnecting:
         self._closed = False
         self.reconnects = 0
         self.last_failure: str = ""
+        self._lost_writes = ""
+        """Why the next flush must fail: writes acknowledged on a lost connection."""
 
     async def run(self, op: Callable[[NBDClient], Awaitable[T]]) -> T:
         """``op`` on a working connection, retried over reconnects; see the module text."""
@@ -73,6 +81,11 @@ class Reconnecting:
                 raise Disconnected(f"connection to {self.server} is closed")
             if self.client.broken is None:
                 return self.client
+            if self.client.has_unflushed_writes:
+                self._lost_writes = (
+                    f"{self.server}: the connection was lost after the server acknowledged "
+                    f"writes that no flush had covered; they may not be on stable storage"
+                )
             await self.client.aclose()
             try:
                 self.client = await self._connect(self._nursery)
@@ -80,6 +93,13 @@ class Reconnecting:
                 raise ConnectionLost(f"reconnecting to {self.server} failed: {exc}") from exc
             self.reconnects += 1
             return self.client
+
+    async def flush(self) -> None:
+        """FLUSH on a working connection; EIO (once) if writes may have been lost."""
+        await self.run(lambda c: c.flush())
+        if self._lost_writes:
+            message, self._lost_writes = self._lost_writes, ""
+            raise RequestFailed(errno.EIO, message)
 
     def state(self) -> str:
         if self._closed:
