@@ -46,7 +46,9 @@ from .copymap import CopyMap
 from .mirrorparts import RangeQueue, Side, Throttle, outcome, runs, split
 
 HOLE_ITEM_CHUNKS = 1024
-"""A run of holes is handed out in items of up to this many chunks."""
+"""A run of holes is handed out in items of up to this many chunks, when the secondary
+finds and punches holes cheaply (extents and write_zeroes); else chunk by chunk, as
+zeroing it means reading it, and a write into an item waits for the whole item."""
 PLAN_SPAN_BYTES = 1 << 30
 """The planner asks the primary for extents this many bytes at a time."""
 FOREGROUND_IN_FLIGHT = 2
@@ -73,9 +75,9 @@ class CopyEvents(Protocol):
     def copied_more(self) -> None:
         """An item is now in ``copied``."""
 
-    def secondary_flush_failed(self, err: BaseException) -> None:
-        """A flush of the secondary failed: the copy fails, and what the secondary got
-        since the last checkpoint is no longer counted as copied."""
+    async def flush_secondary(self) -> None:
+        """Flush the secondary; a failure fails the copy (what the secondary got since
+        the last checkpoint is no longer counted as copied) and is raised."""
 
     async def wait_foreground_idle(self) -> None:
         """Return once no foreground request is using the primary."""
@@ -103,6 +105,8 @@ class Copier:
         geometry = copy_map.geometry
         self._size, self._sector_size = geometry.size_sectors, geometry.sector_size
         self._chunk = chunk
+        cheap_holes = {Capability.EXTENTS, Capability.WRITE_ZEROES} <= secondary.dev.capabilities
+        self._hole_step = chunk * (HOLE_ITEM_CHUNKS if cheap_holes else 1)
         self._throttle = Throttle(rate)
         self._workers = in_flight
         self._retries, self._backoff = retries, backoff
@@ -128,7 +132,7 @@ class Copier:
                 start, end = gap[0], min(gap[1], gap[0] + span)
                 data = await self._hint(start, end)
                 for a, b, is_data in runs(data, start, end):
-                    step = self._chunk if is_data else self._chunk * HOLE_ITEM_CHUNKS
+                    step = self._chunk if is_data else self._hole_step
                     for item_start, item_end in split(a, b, step):
                         if not self._events.going_on():
                             return
@@ -164,13 +168,13 @@ class Copier:
     async def _flush_behind(self) -> None:
         """Flush the secondary while the copy goes on (see the module text)."""
         try:
-            err = await outcome(self._secondary.dev.flush())
+            await outcome(self._events.flush_secondary())  # a failure fails the copy
         finally:
             self._flushing = False
-        if err is not None:
-            self._events.secondary_flush_failed(err)
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
+        if is_data:  # before the range lock: a write there must not wait for the rate
+            await self._throttle.take((end - start) * self._sector_size)
         for attempt in range(self._retries + 1):
             self.in_flight += 1
             try:
@@ -205,7 +209,6 @@ class Copier:
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self._chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
-            await self._throttle.take(len(view))
             await self._primary.read(a, [view])
             await self._secondary.write(a, [view])
             self._unflushed += len(view)

@@ -23,11 +23,14 @@ It holds because:
    saves; ``durable`` is the ``copied`` of the moment the checkpoint began, so
    everything in it was flushed.
 3. Saves are atomic (write a temporary file, fsync, rename, fsync the directory).
-4. A failed flush of the secondary may have lost anything written to it since the last
+4. A failed flush of either side may have lost anything written to it since the last
    checkpoint, and a later flush that succeeds proves nothing (Linux reports a
    writeback error to one fsync, then forgets it).  So after one, ``copied`` falls back
    to ``durable`` and no checkpoint of this session cleans or advances anything again
-   (``distrust_secondary``); marking dirty goes on.
+   (``distrust_flushes``); marking dirty goes on.
+5. After a pivot the secondary alone is written: the file says ``pivoted`` before that
+   happens, and a map that says so is refused, so that a remount with the same spec
+   cannot copy the stale primary over what was written since.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ..errors import map_os_errors
 from ..extents import Interval, IntervalSet, align_out
 
 MAGIC = "blockfuse-mirror-map 1"
+PIVOTED = "pivoted"
 
 
 class CopyMapError(ValueError):
@@ -72,7 +76,8 @@ class CopyMap:
         self._saved_generation = 0
         self._save_lock = trio.Lock()
         self._checkpoint_lock = trio.Lock()
-        self._secondary_failed = False
+        self._flush_failed = False
+        self._pivoted = False
 
     @property
     def persistent(self) -> bool:
@@ -104,8 +109,14 @@ class CopyMap:
     def _load(self, path: str) -> None:
         with open(path) as f:
             lines = f.read().splitlines()
-        if len(lines) != 4 or lines[0] != MAGIC:
+        if len(lines) not in (4, 5) or lines[0] != MAGIC:
             raise CopyMapError(f"{path} is not a blockfuse mirror map")
+        if lines[4:] == [PIVOTED]:
+            raise CopyMapError(
+                f"{path} says this mirror was pivoted: the secondary holds the newer data "
+                f"and the primary is stale; use the secondary alone as the device, or "
+                f"remove {path} to copy the primary onto it anew"
+            )
         geometry, _, secondary = lines[1].partition(" secondary=")
         if geometry != self.geometry.header():
             raise CopyMapError(
@@ -120,6 +131,21 @@ class CopyMap:
         self.copied, self._durable = durable, durable.copy()
         self.dirty, self._saved_dirty = dirty, dirty.copy()
 
+    async def save_now(self) -> None:
+        """Write the file now (if there is one)."""
+        if self.path is not None:
+            self._generation += 1
+            await self._save(self._generation)
+
+    async def save_pivoted(self) -> None:
+        """Record, durably, that the mirror is pivoted (rule 5)."""
+        self._pivoted = True
+        try:
+            await self.save_now()
+        except BaseException:
+            self._pivoted = False
+            raise
+
     def forget(self, reason: str) -> None:
         """Start over: nothing is copied (the next save overwrites the file)."""
         self.forgotten = reason
@@ -132,6 +158,7 @@ class CopyMap:
                 self._header(),
                 "copied " + _format_intervals(self._durable),
                 "dirty " + _format_intervals(self.dirty),
+                *([PIVOTED] if self._pivoted else []),
                 "",
             ]
         )
@@ -176,10 +203,10 @@ class CopyMap:
 
     # --- checkpoints ----------------------------------------------------------------
 
-    def distrust_secondary(self) -> None:
-        """The secondary failed a flush: keep as copied only what a checkpoint made durable
+    def distrust_flushes(self) -> None:
+        """A side failed a flush: keep as copied only what a checkpoint made durable
         before, and make no further checkpoint of this session count (rule 4)."""
-        self._secondary_failed = True
+        self._flush_failed = True
         for a, b in self._durable.gaps(0, self.geometry.size_sectors):
             self.copied.discard(a, b)
 
@@ -198,17 +225,24 @@ class CopyMap:
         copied = self.copied.copy()
         self._touched = IntervalSet()
         await flush_both()
-        if self._secondary_failed:
+        if self._flush_failed:
             return  # rule 4: this flush may have "succeeded" over lost writes
         for a, b in list(self._touched) + self._active:
             candidates.discard(a, b)
         if not candidates.total and copied == self._durable:
             return  # nothing to save: a flush of a quiet mirror costs no map write
+        previous = self._durable
         for a, b in candidates:
             self.dirty.discard(a, b)
         self._durable = copied
         self._generation += 1
-        await self._save(self._generation)
+        try:
+            await self._save(self._generation)
+        except BaseException:  # the file still says what it said: so must memory
+            self._durable = previous
+            for a, b in candidates:
+                self.dirty.add(a, b)
+            raise
 
 
 def _format_intervals(s: IntervalSet) -> str:

@@ -49,10 +49,10 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -68,6 +68,8 @@ DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 CHECKPOINT_SECONDS = 2.0
 STOP_GRACE_SECONDS = 10.0
+
+T = TypeVar("T")
 
 Progress = int | str
 """What the progress callback gets: a whole percent (0 first), then ``"complete"`` once."""
@@ -142,6 +144,8 @@ class MirrorDevice(BlockDevice):
         self._map = copy_map
         self._chunk = chunk // info.sector_size
         self._progress = progress
+        self._retries, self._backoff = retries, backoff
+        self._secondary_flushes = trio.Lock()
         self._lock = RangeQueue()
         self._copier = Copier(
             primary, secondary, self._lock, copy_map, self,
@@ -180,6 +184,8 @@ class MirrorDevice(BlockDevice):
             if err is None:
                 return
             self.note_error(f"reading the secondary: {err}")
+            if self._pivoted():  # the primary was closed meanwhile
+                raise err
         self._primary_users += 1
         try:
             await self._primary.read(sector, buffers)
@@ -242,21 +248,42 @@ class MirrorDevice(BlockDevice):
         self._check_open()
         if self._state is MirrorState.PIVOTED:
             return await self._secondary.dev.flush()
-        await self._map.checkpoint(self._flush_both)
+        await self._using_primary(self._map.checkpoint(self._flush_both))
+
+    async def _using_primary(self, call: Awaitable[T]) -> T:
+        """``call``, counted as a user of the primary (a pivot waits for it to end).
+
+        The caller checks that the mirror is not pivoted just before, with no await
+        in between."""
+        self._primary_users += 1
+        try:
+            return await call
+        finally:
+            self._release_primary()
 
     async def _flush_both(self) -> None:
-        primary_err, secondary_err = await run_both(
-            self._primary.dev.flush(), self._secondary.dev.flush()
-        )
-        if secondary_err is not None:
-            self.secondary_flush_failed(secondary_err)
-        if primary_err is not None:
+        """Flush both sides; a failure of either means the map can no longer vouch for
+        what was written since the last checkpoint (copymap.py, rule 4): the copy fails."""
+        primary_err, _ = await run_both(self._primary.dev.flush(), self.flush_secondary())
+        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
+            self._flush_failed("primary", primary_err)
             raise primary_err
+
+    async def flush_secondary(self) -> None:
+        """Flush the secondary, one flush at a time, its failure reported before the next
+        starts (so a checkpoint after a failed flush-behind sees the failure)."""
+        async with self._secondary_flushes:
+            err = await outcome(self._secondary.dev.flush())
+            if err is not None:
+                self._flush_failed("secondary", err)
+                raise err
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         self._check_open()
-        side = self._secondary if self._state is MirrorState.PIVOTED else self._primary
-        data = await side.data_map(sector, sector + count)
+        if self._state is MirrorState.PIVOTED:
+            data = await self._secondary.data_map(sector, sector + count)
+        else:
+            data = await self._using_primary(self._primary.data_map(sector, sector + count))
         pieces = [Extent(a, b - a, True) for a, b in data]
         pieces += [Extent(a, b - a, False) for a, b in data.gaps(sector, sector + count)]
         return sorted(pieces, key=lambda e: e.sector)
@@ -267,10 +294,12 @@ class MirrorDevice(BlockDevice):
             return
         with trio.CancelScope(shield=True):
             await self._stop_copier()
-            if self._state is not MirrorState.PIVOTED:
+            if self._state is MirrorState.PIVOTED:
+                err = await outcome(self._secondary.dev.flush())
+            else:
                 err = await outcome(self._map.checkpoint(self._flush_both))
-                if err is not None:
-                    self.note_error(f"flushing at close: {err}")
+            if err is not None:
+                self.note_error(f"flushing at close: {err}")
             self._closed = True
             await self._primary.dev.aclose()
             await self._secondary.dev.aclose()
@@ -357,8 +386,9 @@ class MirrorDevice(BlockDevice):
         self._check_pivotable()
         async with self._lock.hold(0, self._info.size_sectors):
             self._check_pivotable()
-            await self._map.checkpoint(self._flush_both)
+            await self._using_primary(self._map.checkpoint(self._flush_both))
             self._check_pivotable()
+            await self._map.save_pivoted()  # a remount must not copy the old primary back
             self._state = MirrorState.PIVOTED
         self._wake.set()
         self._synced.set()
@@ -392,6 +422,7 @@ class MirrorDevice(BlockDevice):
                 break
         if self._map.forgotten:
             self.note_error(self._map.forgotten)
+            await self._map.save_now()  # a crash from now on must not trust the old map
 
     # --- the copier ----------------------------------------------------------------------
 
@@ -429,7 +460,7 @@ class MirrorDevice(BlockDevice):
 
     async def _become_synced(self) -> None:
         if self._state is MirrorState.COPYING:
-            await self._map.checkpoint(self._flush_both)
+            await self._checkpoint_with_retries()
         if self._state is not MirrorState.COPYING or not self._map.copied.covers(
             0, self._info.size_sectors
         ):
@@ -441,11 +472,24 @@ class MirrorDevice(BlockDevice):
             self._complete_sent = True
             self._progress("complete")
 
+    async def _checkpoint_with_retries(self) -> None:
+        """Flush both sides and save the map at the end of the copy, as a copy item is
+        retried: with backoff, ``retries`` times, then the copy fails."""
+        for attempt in range(self._retries + 1):
+            err = await outcome(self._map.checkpoint(self._flush_both))
+            if err is None or self._state is not MirrorState.COPYING:
+                return
+            where = f"making the copy durable: {err}"
+            self.note_error(where)
+            if attempt == self._retries:
+                return self.fail(f"{where} (gave up after {self._retries} retries)")
+            await trio.sleep(self._backoff * 2**attempt)
+
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(CHECKPOINT_SECONDS)
             if not self._pivoted():
-                err = await outcome(self._map.checkpoint(self._flush_both))
+                err = await outcome(self._using_primary(self._map.checkpoint(self._flush_both)))
                 if err is not None:
                     self.note_error(f"checkpoint: {err}")
 
@@ -478,10 +522,10 @@ class MirrorDevice(BlockDevice):
         self._wake.set()
         self._wake_idle_waiters()
 
-    def secondary_flush_failed(self, err: BaseException) -> None:
-        """What the secondary got since the last checkpoint may be lost: fail the copy."""
-        self._map.distrust_secondary()
-        self.fail(f"flushing the secondary: {err}")
+    def _flush_failed(self, side: str, err: BaseException) -> None:
+        """What ``side`` got since the last checkpoint may be lost: fail the copy."""
+        self._map.distrust_flushes()
+        self.fail(f"flushing the {side}: {err}")
 
     def copied_more(self) -> None:
         self._report_progress()
