@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .background import background_tasks
+from .background import all_or_nothing, background_tasks
 from .block import BlockDevice, format_size
 from .devices.readonly import ReadOnlyDevice
 from .devices.safe import SafeDevice
@@ -279,18 +279,21 @@ async def mount_files(
     recipes: list[tuple[str, Recipe]],
     scratch_recipes: Sequence[tuple[str, Recipe]],
 ) -> int:
-    files = await open_files(recipes, unsafe=args.unsafe, read_only=args.read_only)
-    try:
-        scratch = await open_scratch(scratch_recipes, unsafe=args.unsafe, unit=args.scratch_unit)
-    except BaseException:
-        for f in files:
-            await f.device.aclose()
-        raise
-    try:
-        prepare_mountpoint(args.mountpoint, args.prepare)
-    except MountError as exc:
-        await close_all(files, scratch)
-        raise CommandError(str(exc)) from exc
+    async with all_or_nothing():  # a failure leaves no file it created; copiers wait
+        files = await open_files(recipes, unsafe=args.unsafe, read_only=args.read_only)
+        try:
+            scratch = await open_scratch(
+                scratch_recipes, unsafe=args.unsafe, unit=args.scratch_unit
+            )
+        except BaseException:
+            for f in files:
+                await f.device.aclose()
+            raise
+        try:
+            prepare_mountpoint(args.mountpoint, args.prepare)
+        except MountError as exc:
+            await close_all(files, scratch)
+            raise CommandError(str(exc)) from exc
     banner = await describe(args.mountpoint, files, scratch)
     async with progress_bar(files, sys.stderr):
         problems = await serve(

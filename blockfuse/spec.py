@@ -29,11 +29,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from .background import background_nursery
+from .background import background_nursery, start_when_all_open
 from .block import BlockDevice
 from .devices.file import open_file
 from .devices.memory import MemoryDevice
-from .devices.mirror import DEFAULT_CHUNK, start_mirror
+from .devices.mirror import DEFAULT_CHUNK, prepare_mirror
 from .devices.remote import open_remote
 from .devices.safe import SafeDevice
 from .devices.sparse import check_backing, open_sparse
@@ -245,7 +245,10 @@ def sparse_size_arg(node: Node) -> int:
     text = word(node, "a size")
     if text.strip().startswith("-"):
         raise SpecError(f"bad size {text!r}: a size cannot be negative")
-    return parse_size(text)
+    size = parse_size(text)
+    if size == 0:
+        raise SpecError(f"bad size {text!r}: a sparse image needs a size above 0")
+    return size
 
 
 def bool_arg(node: Node) -> bool:
@@ -433,7 +436,8 @@ def compile_mirror(call: Call) -> Recipe:
         raise SpecError("mirror rate must be more than 0 bytes per second (or left out)")
     if primary.text == secondary.text and primary.kind != "memory":
         raise SpecError("the secondary is the primary itself; mirror onto another device")
-    options = {"state": v["state"], "chunk": chunk, "rate": rate}
+    state = v["state"]
+    assert state is None or isinstance(state, str)
 
     async def open_() -> BlockDevice:
         p = await primary.open()
@@ -443,11 +447,14 @@ def compile_mirror(call: Call) -> Recipe:
             await p.aclose()
             raise
         try:
-            return await start_mirror(background_nursery(), p, s, **options)
+            mirror = await prepare_mirror(p, s, state=state, chunk=chunk, rate=rate)
         except BaseException:
             await p.aclose()
             await s.aclose()
             raise
+        nursery = background_nursery()
+        await start_when_all_open(lambda: nursery.start(mirror.run_copier))
+        return mirror
 
     return Recipe("mirror", unparse(call), open_, [primary, secondary])
 

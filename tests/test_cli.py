@@ -116,3 +116,51 @@ def test_umount_leaves_other_filesystems_alone(
         assert os.path.ismount(target)
     finally:
         subprocess.run(["umount", str(target)], check=False, timeout=10)
+
+
+def sized_file(path: Path, size: int, data: bytes = b"") -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["-d", "a=sparse(new.img, size=1G)", "-d", "b=nbd://127.0.0.1:1/x"], "cannot connect"),
+        (
+            ["-d", "disk=mirror(p.img, sparse(new.img, size=32M), state=m.state)"],
+            "must be the same size",
+        ),
+        (
+            ["-d", "a=mirror(p.img, sparse(new.img), state=m.state)", "--scratch", "t=mem(9K)"],
+            "smaller than one 1 MiB unit",
+        ),
+    ],
+)
+def test_a_mount_that_fails_leaves_no_file_it_created(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sized_file(tmp_path / "p.img", 64 << 20, os.urandom(1 << 20))
+    status, err = run(capsys, "mount", "mnt", *options)
+    assert status == 1 and message in err
+    assert sorted(os.listdir(tmp_path)) == ["p.img"]
+
+
+def test_a_mount_that_fails_writes_nothing_to_an_existing_secondary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sized_file(tmp_path / "p.img", 8 << 20, os.urandom(8 << 20))
+    sized_file(tmp_path / "s.img", 8 << 20)
+    before = (tmp_path / "s.img").read_bytes()
+    options = ["-d", "a=mirror(p.img, s.img)", "-d", "b=nbd://127.0.0.1:1/x"]
+    status, err = run(capsys, "mount", "mnt", *options)
+    assert status == 1 and "cannot connect" in err
+    assert (tmp_path / "s.img").read_bytes() == before  # the copier never started

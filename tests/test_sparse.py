@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -438,6 +440,7 @@ async def test_mirror_secondary_takes_the_peer_size(tmp_path: Path) -> None:
         ("sparse(new.img, size=1000)", "not a whole number of 512-byte sectors"),
         ("sparse(new.img, size=-1G)", "a size cannot be negative"),
         ("sparse(new.img, size=big)", "bad size 'big'"),
+        ("sparse(new.img, size=0)", "a sparse image needs a size above 0"),
     ],
 )
 def test_cli_refuses_bad_sparse_specs_and_creates_nothing(
@@ -452,3 +455,17 @@ def test_cli_refuses_bad_sparse_specs_and_creates_nothing(
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_a_size_the_filesystem_cannot_hold_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with tempfile.TemporaryFile(dir=tmp_path) as probe, contextlib.suppress(OSError):
+        os.ftruncate(probe.fileno(), 100 << 50)
+        pytest.skip("this filesystem holds a 100 PiB file (ext4, where CI runs, does not)")
+    (tmp_path / "old.img").write_bytes(b"")  # exists, shorter than size=: padded with zeroes
+    assert cli_main(["mount", "mnt", "-d", "disk=sparse(old.img, size=100P)"]) == 2
+    err = capsys.readouterr().err
+    assert "more than the filesystem of old.img can hold in one file" in err
+    assert os.listdir(tmp_path) == ["old.img"] and (tmp_path / "old.img").stat().st_size == 0

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..background import note_created
 from ..errors import map_os_errors
 from ..extents import Interval, IntervalSet, align_out
 
@@ -97,6 +98,8 @@ class CopyMap:
         cmap.secondary = secondary
         if path is not None and os.path.exists(path):
             cmap._load(path)
+        elif path is not None:
+            note_created(path)  # by its first save; gone again if the mount fails
         return cmap
 
     secondary = ""

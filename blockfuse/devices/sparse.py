@@ -40,13 +40,16 @@ the gate add ~1-3 µs to the file device's cost.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
+from ..background import note_created
 from ..block import Buffer, Capability, Extent, Info, format_size, total_length
 from ..errors import Unsafe
 from .file import HOLE_CAPABILITIES, FileDevice, byte_views, device_geometry, split_views
@@ -284,6 +287,23 @@ def _check_length(
         raise ValueError(
             f"{path} is a block device of {length} bytes; it cannot hold size={size_bytes}"
         )
+    if not is_block and size_bytes > length:
+        _check_filesystem_holds(path, size_bytes)
+
+
+def _check_filesystem_holds(path: str, size_bytes: int) -> None:
+    """Refuse a size the file's filesystem cannot reach (ext4: 16 TiB), found with a
+    sparse scratch file beside it, so that writes near the end do not fail later."""
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))) as probe:
+            os.ftruncate(probe.fileno(), size_bytes)
+    except OSError as exc:
+        if exc.errno != errno.EFBIG:
+            return  # cannot probe here (a read-only directory): writes will tell
+        raise ValueError(
+            f"size={format_size(size_bytes)} is more than the filesystem of {path} can hold "
+            f"in one file ({exc.strerror})"
+        ) from None
 
 
 def open_sparse(path: str, *, size_bytes: int | None = None) -> SparseDevice:
@@ -293,6 +313,8 @@ def open_sparse(path: str, *, size_bytes: int | None = None) -> SparseDevice:
     """
     check_backing(path, size_bytes)
     fd, created = _open_or_create(path, size_bytes)
+    if created:
+        note_created(path)
     try:
         length = device_geometry(fd)[0]
         return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)
