@@ -164,3 +164,13 @@ def test_a_mount_that_fails_writes_nothing_to_an_existing_secondary(
     status, err = run(capsys, "mount", "mnt", *options)
     assert status == 1 and "cannot connect" in err
     assert (tmp_path / "s.img").read_bytes() == before  # the copier never started
+
+
+def test_one_image_cannot_be_written_by_two_devices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sized_file(tmp_path / "x.img", 1 << 20)
+    status, err = run(capsys, "mount", "mnt", "-d", "a=sparse(x.img)", "-d", "b=x.img")
+    assert status == 1 and "x.img is already open for writing by another blockfuse" in err
+    assert sorted(os.listdir(tmp_path)) == ["x.img"]

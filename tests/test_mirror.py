@@ -450,7 +450,9 @@ async def test_the_same_file_twice_is_refused(tmp_path: Path) -> None:
     p = image(tmp_path, "p")
     async with trio.open_nursery() as nursery:
         with pytest.raises(MirrorRefused, match="the primary itself"):
-            await start_mirror(nursery, open_file(p), open_file(p))
+            await start_mirror(nursery, open_file(p, read_only=True), open_file(p))
+    with pytest.raises(ValueError, match="already open for writing by another"):
+        open_file(p), open_file(p)  # two writers of one image: the second cannot lock it
 
 
 async def test_sector_sizes_that_are_multiples_mirror() -> None:

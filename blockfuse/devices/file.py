@@ -308,15 +308,36 @@ class _InFlight:
 
 
 def open_file(path: str, *, read_only: bool = False) -> FileDevice:
-    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size)."""
+    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size,
+    or in use by another device: see ``lock_image``)."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
         check_openable(fd, path)
+        lock_image(fd, path, read_only=read_only)
         return FileDevice(fd, path, read_only=read_only)
     except BaseException:
         os.close(fd)
         raise
+
+
+def lock_image(fd: int, path: str, *, read_only: bool) -> None:
+    """Take an exclusive ``flock`` on an image opened to be written.
+
+    Two devices writing one image (two mounts, or ``a=sparse(x.img) b=x.img`` in one)
+    would corrupt whatever filesystem it holds; a read-only device takes no lock (a
+    read-only view of a disk in use is the user's own choice).  The lock ends with the
+    descriptor, so a killed blockfuse leaves none behind.  Raises ``ValueError``.
+    """
+    if read_only:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(
+            f"{path} is already open for writing by another blockfuse device (in this "
+            f"mount or another); use it once, or open this one read-only: file({path}, ro=true)"
+        ) from None
 
 
 def check_openable(fd: int, path: str) -> None:

@@ -52,7 +52,14 @@ import trio
 from ..background import note_created
 from ..block import Buffer, Capability, Extent, Info, format_size, total_length
 from ..errors import Unsafe
-from .file import HOLE_CAPABILITIES, FileDevice, byte_views, device_geometry, split_views
+from .file import (
+    HOLE_CAPABILITIES,
+    FileDevice,
+    byte_views,
+    device_geometry,
+    lock_image,
+    split_views,
+)
 from .holes import append_extent, file_extents
 from .zeroes import Run, data_end, fill_zeroes, zero_runs
 
@@ -316,6 +323,7 @@ def open_sparse(path: str, *, size_bytes: int | None = None) -> SparseDevice:
     if created:
         note_created(path)
     try:
+        lock_image(fd, path, read_only=False)
         length = device_geometry(fd)[0]
         return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)
     except BaseException:
