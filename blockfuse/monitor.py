@@ -55,14 +55,19 @@ def describe_copy(values: Mapping[str, str]) -> str:
         text += f" at {format_size(rate)}/s"
     if values.get("eta") and values["state"] == "copying":
         text += f", ETA {format_seconds(int(values['eta']))}"
-    return text + f", {values.get('errors', '0')} errors"
+    errors = int(values.get("errors", "0") or 0)
+    return text + f", {errors} error{'' if errors == 1 else 's'}"
 
 
 def status_report(mountpoint: str) -> str:
     """A few lines per device under ``mountpoint``."""
     lines = []
     for name in sorted(os.listdir(mountpoint)):
-        values = read_status(os.path.join(mountpoint, name))
+        path = os.path.join(mountpoint, name)
+        if os.path.isdir(path):
+            lines.append(describe_scratch(name, path))
+            continue
+        values = read_status(path)
         size = format_size(int(values.get("size", "0")))
         lines.append(f"{name}: {values.get('kind', '?')}, {size}  {values.get('spec', '')}")
         if "progress" in values:
@@ -70,6 +75,13 @@ def status_report(mountpoint: str) -> str:
         if values.get("last_error"):
             lines.append(f"  last error: {values['last_error']}")
     return "\n".join(lines) if lines else f"{mountpoint}: no devices"
+
+
+def describe_scratch(name: str, path: str) -> str:
+    """``tmp/: scratch directory, 3 files, 12 MiB``."""
+    sizes = [os.stat(os.path.join(path, entry)).st_size for entry in os.listdir(path)]
+    count = f"{len(sizes)} file{'' if len(sizes) == 1 else 's'}"
+    return f"{name}/: scratch directory, {count}, {format_size(sum(sizes))}"
 
 
 def pivot(path: str) -> str:

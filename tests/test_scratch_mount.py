@@ -223,6 +223,10 @@ def test_statfs_shows_the_scratch_capacity_and_free_space(tmp_path: Path) -> Non
             ["df", "-B1", str(m.path("tmp"))], capture_output=True, text=True, timeout=30
         ).stdout
         assert str(4 * MiB) in out
+        for i in range(3):
+            (m.path("tmp") / f"g{i}").write_bytes(b"x")
+        st = os.statvfs(m.path("tmp"))  # df -i: root, tmp/ and 4 files used; 64 - 5 units free
+        assert (st.f_files - st.f_ffree, st.f_ffree) == (6, 59)
 
 
 def test_everything_is_gone_after_unmount(tmp_path: Path) -> None:
@@ -277,3 +281,11 @@ def test_df_on_a_scratch_dir_shows_its_device(tmp_path: Path) -> None:
         st = os.statvfs(m.path("tmp"))
         assert st.f_blocks * st.f_frsize == 4 * MiB
         assert st.f_bfree * st.f_frsize == 4 * MiB
+
+
+def test_status_describes_a_scratch_directory(tmp_path: Path) -> None:
+    from blockfuse.monitor import status_report
+
+    with scratch(tmp_path, "mem(8M)") as m:
+        (m.path("tmp") / "a").write_bytes(b"x" * 3000)
+        assert status_report(str(m.mountpoint)) == "tmp/: scratch directory, 1 file, 2.9 KiB"

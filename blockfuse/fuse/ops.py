@@ -189,7 +189,8 @@ class BlockFS(pyfuse3.Operations):
         data.f_blocks = total // 4096
         data.f_bfree = data.f_bavail = free // 4096
         new_files = sum(d.swap.free_bytes // d.swap.unit_size for d in self._scratch.values())
-        data.f_files = len(self._by_inode) + 1 + new_files
+        used = 1 + len(self._by_inode) + sum(1 + d.file_count for d in self._scratch_dirs)
+        data.f_files = used + new_files
         data.f_ffree = data.f_favail = new_files
         data.f_namemax = 255
         return data

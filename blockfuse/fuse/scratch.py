@@ -93,6 +93,11 @@ class ScratchDir:
     def owns(self, number: int) -> bool:
         return self.inode <= number < self.inode + INODE_SPAN
 
+    @property
+    def file_count(self) -> int:
+        """Files that hold space: named ones, and unlinked ones still open."""
+        return sum(not node.freed for node in self._nodes.values())
+
     async def aclose(self) -> None:
         await self.swap.device.aclose()
 
