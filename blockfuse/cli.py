@@ -358,7 +358,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     try:
         address = parse_uri(args.uri)
     except BadURI as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from exc
+        raise CommandError(f"{args.uri!r}: {exc}", EXIT_USAGE) from exc
     try:
         exports = trio.run(list_exports, address)
     except BlockError as exc:

@@ -262,7 +262,8 @@ def device_arg(node: Node) -> Recipe:
 def bind(call: Call, params: list[Param]) -> dict[str, object]:
     """Match a call's arguments to ``params`` and convert each; raises ``SpecError``."""
     if len(call.args) > len(params):
-        raise SpecError(f"{call.kind}(...) takes at most {len(params)} arguments")
+        most = f"{len(params)} argument{'' if len(params) == 1 else 's'}"
+        raise SpecError(f"{call.kind}(...) takes at most {most}")
     given: dict[str, Node] = {p.name: a for p, a in zip(params, call.args, strict=False)}
     names = {p.name for p in params}
     for key, node in call.kwargs:
@@ -430,7 +431,9 @@ def compile_mirror(call: Call) -> Recipe:
     assert isinstance(primary, Recipe) and isinstance(secondary, Recipe)
     chunk, rate = v["chunk"], v["rate"]
     assert isinstance(chunk, int) and (rate is None or isinstance(rate, int))
-    if chunk == 0 or chunk % 512:
+    if chunk == 0:
+        raise SpecError("a mirror chunk must be more than 0 bytes (or left out: 1M)")
+    if chunk % 512:
         raise SpecError(f"mirror chunk {chunk} is not a whole number of 512-byte sectors")
     if rate == 0:
         raise SpecError("mirror rate must be more than 0 bytes per second (or left out)")

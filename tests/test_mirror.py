@@ -289,7 +289,7 @@ async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -
     pair = (faulty, secondary) if op == "read" else (primary, faulty)
     with trio.fail_after(10):
         async with open_mirror(*pair, chunk=8192, retries=3, backoff=0.01) as m:
-            with pytest.raises(MirrorFailed, match="gave up after 3 retries"):
+            with pytest.raises(MirrorFailed, match="the copy gave up after 3 retries of its own"):
                 await m.wait_synced()
             assert m.status()["state"].startswith("failed: copying sectors 192-208")
             assert m.statistics().errors == 4

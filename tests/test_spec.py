@@ -48,7 +48,7 @@ def test_sizes(text: str, size: int) -> None:
         ("mem(1G", "expected ',' or ')' in mem(...)"),
         ("mem(1G) x", "unexpected 'x'"),
         ("safe(mem(1G), x=1)", "safe(...) has no argument 'x' (it takes: device)"),
-        ("safe(mem(1G), mem(1G))", "safe(...) takes at most 1 arguments"),
+        ("safe(mem(1G), mem(1G))", "safe(...) takes at most 1 argument"),
         ("safe(mem(1G), device=mem(1G))", "got 'device' twice"),
         ("mem()", "mem(...) needs 'size'"),
         ("file(ro=true)", "file(...) needs 'path'"),

@@ -186,7 +186,9 @@ class Copier:
             where = f"copying sectors {start}-{end}: {err}"
             self._events.note_error(where)
             if attempt == self._retries:
-                return self._events.fail(f"{where} (gave up after {self._retries} retries)")
+                return self._events.fail(
+                    f"{where} (the copy gave up after {self._retries} retries of its own)"
+                )
             await trio.sleep(self._backoff * 2**attempt)
             if not self._events.going_on():
                 return

@@ -482,7 +482,9 @@ class MirrorDevice(BlockDevice):
             where = f"making the copy durable: {err}"
             self.note_error(where)
             if attempt == self._retries:
-                return self.fail(f"{where} (gave up after {self._retries} retries)")
+                return self.fail(
+                    f"{where} (the copy gave up after {self._retries} retries of its own)"
+                )
             await trio.sleep(self._backoff * 2**attempt)
 
     async def _checkpoint_loop(self) -> None:

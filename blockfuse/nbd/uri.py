@@ -41,12 +41,13 @@ def looks_like_uri(text: str) -> bool:
 
 
 def parse_uri(text: str) -> Address:
-    """Parse an NBD URI; raises ``BadURI``.  TLS schemes (``nbds``) are refused."""
+    """Parse an NBD URI; raises ``BadURI`` (its message does not repeat the URI).  TLS
+    schemes (``nbds``) are refused."""
     parts = urllib.parse.urlsplit(text)
     if parts.scheme in ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock"):
         raise BadURI(f"{parts.scheme}:// is not supported (use nbd:// or nbd+unix://)")
     if parts.scheme not in SCHEMES:
-        raise BadURI(f"{text!r} is not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix)")
+        raise BadURI("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     query = urllib.parse.parse_qs(parts.query)
     if parts.scheme == "nbd+unix":
@@ -56,20 +57,20 @@ def parse_uri(text: str) -> Address:
 
 def _unix(text: str, parts: urllib.parse.SplitResult, export: str, query: dict) -> Address:  # type: ignore[type-arg]
     if parts.netloc:
-        raise BadURI(f"{text!r}: nbd+unix:// takes no host (write nbd+unix:///EXPORT?socket=PATH)")
+        raise BadURI("nbd+unix:// takes no host (write nbd+unix:///EXPORT?socket=PATH)")
     sockets = query.get("socket", [])
     if len(sockets) != 1 or not sockets[0]:
-        raise BadURI(f"{text!r}: nbd+unix:// needs exactly one ?socket=PATH")
+        raise BadURI("nbd+unix:// needs exactly one ?socket=PATH")
     return Address(export, socket=sockets[0])
 
 
 def _tcp(text: str, parts: urllib.parse.SplitResult, export: str, query: dict) -> Address:  # type: ignore[type-arg]
     if query:
-        raise BadURI(f"{text!r}: nbd:// takes no query parameters")
+        raise BadURI("nbd:// takes no query parameters")
     if not parts.hostname:
-        raise BadURI(f"{text!r}: nbd:// needs a host")
+        raise BadURI("nbd:// needs a host")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError as exc:
-        raise BadURI(f"{text!r}: bad port ({exc})") from None
+        raise BadURI(f"bad port ({exc})") from None
     return Address(export, host=parts.hostname, port=port)
