@@ -24,6 +24,7 @@ from .fuse.mount import (
     check_mountpoint,
     close_all,
     is_stale,
+    loop_devices_using,
     mount_type,
     prepare_mountpoint,
     serve,
@@ -347,8 +348,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
     cmd = unmount_command(path) if is_stale(path) else ["fusermount3", "-u", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}")
+        raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}{why_busy(path)}")
     return EXIT_OK
+
+
+def why_busy(path: str) -> str:
+    """The loop devices that keep ``path`` busy, with how to detach them ("" if none)."""
+    devices = loop_devices_using(os.path.realpath(path))
+    if not devices:
+        return ""
+    return f" ({', '.join(devices)} still use it; detach first: losetup -d {' '.join(devices)})"
 
 
 # --- ls ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .conftest import require_tool
-from .mounting import mounted
+from .mounting import blockfuse_command, mounted
 
 TIMEOUT = 120
 
@@ -67,6 +67,11 @@ def test_sigterm_with_a_loop_device_attached_warns(tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(16 << 20)
     with mounted(tmp_path / "mnt", [f"disk={image}"]) as m, loop_device(m.path("disk")) as dev:
+        refused = subprocess.run(
+            [*blockfuse_command("umount"), str(m.mountpoint)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert refused.returncode == 1 and f"detach first: losetup -d {dev}" in refused.stderr
         status = m.stop()
         assert status == 1
         assert f"{dev} still uses a file under" in m.output()
