@@ -258,3 +258,18 @@ async def test_a_flush_after_losing_acknowledged_writes_fails(nursery: trio.Nurs
         await dev.flush()
     assert server.connections == 3
     await dev.aclose()
+
+
+async def test_a_reconnect_to_a_changed_export_is_refused(nursery: trio.Nursery) -> None:
+    from dataclasses import replace
+
+    server = FakeServer()
+    dev = await remote(nursery, server, backoff=0.01, retries=2)
+    server.export = replace(server.export, size=2 << 20)  # restarted with another image
+    server.drop_after = server.requests
+    with trio.fail_after(10), pytest.raises(RequestFailed, match="size changed from 1048576"):
+        await dev.read(0, [bytearray(512)])
+    server.export = replace(server.export, size=1 << 20)  # the right image is back
+    with trio.fail_after(10):
+        await dev.read(0, [bytearray(512)])
+    await dev.aclose()

@@ -14,6 +14,11 @@ was acknowledged on the old one (nbd-server with ``copyonwrite`` drops it outrig
 when a connection is lost holding such writes, the next ``flush`` fails with EIO (once,
 like fsync after a lost page), instead of promising durability it cannot know.
 
+A new connection must find the export the device was opened on: the same size, sector
+size and read-only flag.  One that does not (the server was restarted with another
+image) is closed at once and counts as a failed try, so I/O fails with EIO rather than
+reaching the wrong disk.
+
 A ``ProtocolError`` is not retried (a server that breaks the protocol would break it
 again); it fails that request, and the next request reconnects.  One lock serialises
 reconnecting, so a burst of failed requests makes one new connection, not many.
@@ -88,9 +93,13 @@ class Reconnecting:
                 )
             await self.client.aclose()
             try:
-                self.client = await self._connect(self._nursery)
+                client = await self._connect(self._nursery)
             except BlockError as exc:
                 raise ConnectionLost(f"reconnecting to {self.server} failed: {exc}") from exc
+            if (changed := export_change(self.client, client)) is not None:
+                await client.aclose()
+                raise ConnectionLost(f"reconnected to {self.server}, but {changed}")
+            self.client = client
             self.reconnects += 1
             return self.client
 
@@ -112,3 +121,16 @@ class Reconnecting:
         """Close the current connection (DISC); never fails, idempotent."""
         self._closed = True
         await self.client.aclose()
+
+
+def export_change(old: NBDClient, new: NBDClient) -> str | None:
+    """How the export behind ``new`` differs from the one behind ``old``, if it does."""
+    a, b = old.export, new.export
+    for what, before, now in [
+        ("size", a.size, b.size),
+        ("minimum block size", a.min_block, b.min_block),
+        ("read-only flag", a.read_only, b.read_only),
+    ]:
+        if before != now:
+            return f"the export's {what} changed from {before} to {now}; not using it"
+    return None
