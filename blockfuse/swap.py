@@ -18,13 +18,15 @@ handle's I/O to finish).  Units move between places only in synchronous code, wi
 **Invariant 2: free never lets a read see another file's data.**  Every read and write
 counts itself as a *user* of its handle while its device I/O runs, and works on the runs
 it saw when it started.  ``free`` and a shrinking ``truncate`` never hand units straight
-back to the free map: they move them to ``retired``, and the last user to leave returns
-them.  A unit goes back into circulation only when no I/O of its old owner can touch it.
-``free`` marks the handle dead at once (later calls raise ``HandleFreed``), then waits
-for the users to leave; if that wait is cancelled, the units still come back when the
-last user leaves.  (So a handle read without a pause keeps its retired units until the
-reads stop; the space is late, never wrong.)  Writes to one handle take turns on its
-lock, so a partial-sector read-modify-write never interleaves with another write.
+back to the free map: they move them to ``retired``, tagged with the handle's *epoch*,
+which then moves on; a user is tagged with the epoch it started in.  Retired units go
+back into circulation once no user of an epoch up to theirs is left, as only those
+could touch them: a read that starts after a truncate never holds back the units the
+truncate cut off, so overlapping reads cannot keep the space away for ever.  ``free``
+marks the handle dead at once (later calls raise ``HandleFreed``), then waits for the
+users to leave; if that wait is cancelled, the units still come back when the last one
+leaves.  Writes to one handle take turns on its lock, so a partial-sector
+read-modify-write never interleaves with another write.
 
 Allocation is first-fit over the address-ordered free map, preferring contiguity: a write
 first grows the handle's last run in place, then takes the first free run big enough for
@@ -69,8 +71,11 @@ class _State:
 
     runs: list[Run] = field(default_factory=list)
     size: int = 0
-    users: int = 0
-    retired: list[Run] = field(default_factory=list)
+    epoch: int = 0
+    users: dict[int, int] = field(default_factory=dict)
+    """Users in flight, by the epoch they started in."""
+    retired: list[tuple[int, list[Run]]] = field(default_factory=list)
+    """Runs given up, with the epoch they were given up in."""
     freed: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     drained: trio.Event = field(default_factory=trio.Event)
@@ -188,9 +193,9 @@ class Swap:
         state = handle._state
         if not state.freed:
             state.freed = True
-            state.retired += state.runs
+            self._retire(state, state.runs)
             state.runs, state.size = [], 0
-            self._release_if_idle(state)
+            self._release_retired(state)
         await state.drained.wait()
 
     # --- handle state ----------------------------------------------------------------------
@@ -202,19 +207,28 @@ class Swap:
 
     @contextmanager
     def _using(self, state: _State) -> Iterator[None]:
-        state.users += 1
+        epoch = state.epoch
+        state.users[epoch] = state.users.get(epoch, 0) + 1
         try:
             yield
         finally:
-            state.users -= 1
-            self._release_if_idle(state)
+            state.users[epoch] -= 1
+            if not state.users[epoch]:
+                del state.users[epoch]
+            self._release_retired(state)
 
-    def _release_if_idle(self, state: _State) -> None:
-        if state.users:
-            return
-        retired, state.retired = state.retired, []
-        self._space.give(retired)
-        if state.freed:
+    @staticmethod
+    def _retire(state: _State, runs: list[Run]) -> None:
+        if runs:
+            state.retired.append((state.epoch, runs))
+            state.epoch += 1
+
+    def _release_retired(self, state: _State) -> None:
+        """Give back the retired runs that no user in flight can touch (invariant 2)."""
+        oldest = min(state.users, default=state.epoch + 1)
+        while state.retired and state.retired[0][0] < oldest:
+            self._space.give(state.retired.pop(0)[1])
+        if state.freed and not state.retired:
             state.drained.set()
 
     def _reclaim_orphans(self) -> None:
@@ -222,7 +236,7 @@ class Swap:
             state = self._orphans.pop()
             if not state.freed:
                 state.freed = True
-                self._space.give(state.runs + state.retired)
+                self._space.give(state.runs + [r for _, runs in state.retired for r in runs])
 
     def _reserve(self, state: _State, size: int) -> list[Run]:
         """Own enough units for ``size`` bytes; ``NoSpace`` takes nothing."""
@@ -236,7 +250,7 @@ class Swap:
     def _retire_beyond(self, state: _State, size: int) -> None:
         """Give up the units past those that ``size`` bytes need."""
         state.runs, rest = split_runs(state.runs, -(-size // self.unit_size))
-        state.retired += rest
+        self._retire(state, rest)
 
     # --- writes ----------------------------------------------------------------------------
 

@@ -62,13 +62,18 @@ async def test_rename_replaces_exchanges_and_refuses_to_replace() -> None:
     await expect_errno(
         errno.ENOENT, d.rename(d.inode, b"a", d.inode, b"c", pyfuse3.RENAME_EXCHANGE, CTX)
     )
-    await d.rename(d.inode, b"a", d.inode, b"b", 0, CTX)
+    await d.rename(d.inode, b"a", d.inode, b"b", 0, CTX)  # replaces the file created as a
     assert await content(d, b"b") == b"BB"
     await expect_errno(errno.ENOENT, d.lookup(d.inode, b"a", CTX))
-    assert d.swap.free_bytes == 7 * UNIT  # the replaced file was closed: freed at once
+    await d.open(a, os.O_RDONLY, CTX)  # by a path the kernel looked up before the rename
+    assert bytes(await d.read(a, 0, 3)) == b"AAA"  # the old contents, as on ext4
+    await d.release(a)
+    assert d.swap.free_bytes == 6 * UNIT
+    await d.forget([(a, 2)])  # its create and one lookup: now nothing can reach it
+    assert d.swap.free_bytes == 7 * UNIT
 
 
-async def test_an_unlinked_open_file_is_freed_on_its_last_release() -> None:
+async def test_an_unlinked_file_is_freed_once_closed_and_forgotten() -> None:
     d = await make_dir()
     inode = await create(d, b"f", b"x" * UNIT * 2)
     await d.open(inode, os.O_RDONLY, CTX)
@@ -78,8 +83,9 @@ async def test_an_unlinked_open_file_is_freed_on_its_last_release() -> None:
     await d.release(inode)
     assert d.swap.free_bytes == 6 * UNIT
     await d.release(inode)
-    assert d.swap.free_bytes == 8 * UNIT
+    assert d.swap.free_bytes == 6 * UNIT  # the kernel may still open it
     await d.forget([(inode, 1)])
+    assert d.swap.free_bytes == 8 * UNIT
     await expect_errno(errno.ENOENT, d.getattr(inode))
 
 
@@ -101,3 +107,19 @@ async def test_open_with_o_trunc_empties_the_file() -> None:
     await d.open(inode, os.O_WRONLY | os.O_TRUNC, CTX)
     assert (await d.getattr(inode)).st_size == 0
     assert d.swap.free_bytes == 8 * UNIT
+
+
+async def test_the_directory_keeps_its_mode_and_times_and_makes_no_whiteouts() -> None:
+    d = await make_dir()
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode, attr.st_mtime_ns = 0o700, 10**18
+    fields = SimpleNamespace(
+        update_mode=True, update_mtime=True, update_uid=False, update_gid=False,
+        update_size=False,
+    )  # fmt: skip
+    await d.setattr(d.inode, attr, fields, None, CTX)
+    now = await d.getattr(d.inode)
+    assert (now.st_mode, now.st_mtime_ns) == (0o40700, 10**18)
+    await create(d, b"a")
+    rename_whiteout = 1 << 2
+    await expect_errno(errno.EINVAL, d.rename(d.inode, b"a", d.inode, b"b", rename_whiteout, CTX))

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def errno_of(call, *args) -> int:  # type: ignore[no-untyped-def]
 def statvfs_free(m: MountProcess) -> int:
     st = os.statvfs(m.path("tmp"))
     return st.f_bfree * st.f_frsize
+
+
+def wait_for_free(m: MountProcess, expected: int) -> None:
+    """The space of a removed file returns when the kernel forgets it, just after rm."""
+    deadline = time.monotonic() + 5
+    while statvfs_free(m) != expected:
+        assert time.monotonic() < deadline, f"free {statvfs_free(m)}, expected {expected}"
+        time.sleep(0.01)
 
 
 def test_cp_in_and_cmp_back(tmp_path: Path) -> None:
@@ -73,7 +82,7 @@ def test_rm_frees_and_the_space_is_reused(tmp_path: Path) -> None:
             assert statvfs_free(m) == MiB
             run("cmp", blob, m.path("tmp") / name)
             run("rm", m.path("tmp") / name)
-            assert statvfs_free(m) == 4 * MiB
+            wait_for_free(m, 4 * MiB)
         assert os.listdir(m.path("tmp")) == []
 
 

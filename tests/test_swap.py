@@ -256,6 +256,38 @@ async def test_free_waits_for_a_read_in_flight_and_never_leaks_other_data() -> N
     assert swap.free_bytes == UNIT
 
 
+class SlowReads(MemoryDevice):
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await trio.sleep(0.002)
+        await super().read(sector, buffers)
+
+
+async def test_overlapping_reads_do_not_keep_truncated_space_away() -> None:
+    """Space a truncate cut off waits only for reads that began before it: with reads
+    always in flight, it used to wait for ever (a 16-unit device ran out at round 17)."""
+    swap = await open_swap(SlowReads(UNITS * UNIT), unit_size=UNIT)
+    h = await swap.empty()
+    await swap.append(h, b"a" * UNIT)
+    done = trio.Event()
+
+    async def reader(delay: float) -> None:
+        await trio.sleep(delay)
+        while not done.is_set():
+            await swap.get_partial(h, 0, UNIT)
+            await trio.lowlevel.checkpoint()  # an empty file reads without waiting
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 0)
+            nursery.start_soon(reader, 0.001)  # two readers: one is always in flight
+            for _ in range(3 * UNITS):
+                await swap.truncate(h, 0)
+                await swap.append(h, b"b" * UNIT)
+                await trio.sleep(0.003)
+            done.set()
+    assert swap.free_bytes >= (UNITS - 3) * UNIT
+
+
 async def test_cancelled_free_still_returns_space_when_the_read_ends() -> None:
     dev = CountingDevice(MemoryDevice(UNIT))
     swap = await make_swap(units=1, device=dev)

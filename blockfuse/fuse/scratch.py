@@ -30,9 +30,10 @@ import pyfuse3
 from ..block import BlockDevice, format_size
 from ..errors import Unsafe
 from ..swap import Handle, Swap, open_swap
-from .ops import ATTR_TIMEOUT, fuse_errors
+from .ops import ATTR_TIMEOUT, IO_SIZE_HINT, fuse_errors
 
 INODE_SPAN = 1 << 32
+
 NAME_MAX = 255
 
 
@@ -46,6 +47,26 @@ def check_name(name: bytes) -> None:
         raise fail(errno.ENAMETOOLONG)
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
         raise fail(errno.EINVAL)
+
+
+@dataclass
+class Attributes:
+    mode: int
+    uid: int
+    gid: int
+    time_ns: int
+
+
+def set_attributes(target: Attributes | Node, attr: pyfuse3.EntryAttributes, fields: Any) -> None:
+    """What a setattr changes besides the size; the file type stays."""
+    if fields.update_mode:
+        target.mode = stat.S_IFMT(target.mode) | (attr.st_mode & 0o7777)
+    if fields.update_uid:
+        target.uid = attr.st_uid
+    if fields.update_gid:
+        target.gid = attr.st_gid
+    if fields.update_mtime:
+        target.time_ns = attr.st_mtime_ns
 
 
 @dataclass(eq=False)
@@ -88,7 +109,8 @@ class ScratchDir:
         self._names: dict[bytes, Node] = {}
         self._nodes: dict[int, Node] = {}
         self._next_inode = base + 1
-        self._started_ns = time.time_ns()
+        self._dir = Attributes(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), time.time_ns())
+        """The directory's own attributes, which chmod, chown and touch change."""
 
     def owns(self, number: int) -> bool:
         return self.inode <= number < self.inode + INODE_SPAN
@@ -151,8 +173,10 @@ class ScratchDir:
         node.name = None
 
     async def _free_if_gone(self, node: Node) -> None:
-        """Free the space of a file that has no name and no open file left."""
-        if node.name is None and node.opens == 0 and not node.freed:
+        """Free the space of a file that has no name, no open file, and that the kernel
+        has forgotten: until then it may still open it (a path looked up before an
+        unlink or a rename over it), and must find the old contents, as on ext4."""
+        if node.name is None and node.opens == 0 and node.lookups <= 0 and not node.freed:
             node.freed = True
             await self.swap.free(node.handle)
         self._forget_if_unused(node)
@@ -170,7 +194,7 @@ class ScratchDir:
         attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
         attr.st_nlink = 2 if stat.S_ISDIR(mode) else 1
         attr.st_size = size
-        attr.st_blksize = 4096
+        attr.st_blksize = IO_SIZE_HINT
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = time_ns
         attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
         return attr
@@ -188,7 +212,10 @@ class ScratchDir:
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         if inode == self.inode:
-            return self._attr(inode, stat.S_IFDIR | 0o755, 0, self._started_ns)
+            d = self._dir
+            attr = self._attr(inode, d.mode, 0, d.time_ns)
+            attr.st_uid, attr.st_gid = d.uid, d.gid
+            return attr
         return await self._node_attr(self._node(inode))
 
     @fuse_errors
@@ -196,19 +223,15 @@ class ScratchDir:
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: Any, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         if inode == self.inode:
+            if fields.update_size:
+                raise fail(errno.EISDIR)
+            set_attributes(self._dir, attr, fields)
             return await self.getattr(inode)
         node = self._node(inode)
         if fields.update_size:
             await self.swap.truncate(node.handle, attr.st_size)
-        if fields.update_mode:
-            node.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
-        if fields.update_uid:
-            node.uid = attr.st_uid
-        if fields.update_gid:
-            node.gid = attr.st_gid
-        if fields.update_mtime:
-            node.time_ns = attr.st_mtime_ns
-        elif fields.update_size:
+        set_attributes(node, attr, fields)
+        if not fields.update_mtime and fields.update_size:
             node.time_ns = time.time_ns()
         return await self._node_attr(node)
 
@@ -224,7 +247,7 @@ class ScratchDir:
             node = self._nodes.get(inode)
             if node is not None:
                 node.lookups -= count
-                self._forget_if_unused(node)
+                await self._free_if_gone(node)
 
     # --- the directory -------------------------------------------------------------------
 
@@ -306,6 +329,8 @@ class ScratchDir:
             raise fail(errno.EXDEV)
         check_name(new)
         target = self._names.get(new)
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise fail(errno.EINVAL)  # RENAME_WHITEOUT: no whiteouts here
         if flags & pyfuse3.RENAME_EXCHANGE:
             return self._exchange(node, target)
         if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
