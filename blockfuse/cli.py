@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,14 +22,14 @@ from .fuse.flatfile import FlatFile
 from .fuse.mount import (
     FSNAME,
     MountError,
+    answers,
     check_mountpoint,
     close_all,
-    is_stale,
     loop_devices_using,
     mount_type,
     prepare_mountpoint,
+    resolved,
     serve,
-    unmount_command,
 )
 from .fuse.scratch import ScratchDir, open_scratch_dir
 from .monitor import MonitorError, pivot, progress_bar, status_report
@@ -345,7 +346,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise CommandError(f"{path} is not mounted")
     if fstype != "fuse." + FSNAME:
         raise CommandError(f"{path} is a {fstype} mount, not blockfuse's; leaving it alone")
-    cmd = unmount_command(path) if is_stale(path) else ["fusermount3", "-u", path]
+    # Never touch the mountpoint itself: a stopped blockfuse would not answer.  Unmounting
+    # a live mount ends its blockfuse (it flushes and exits); a stale one is just cleared.
+    cmd = ["fusermount3", "-u", path] if shutil.which("fusermount3") else ["umount", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}{why_busy(path)}")
@@ -354,7 +357,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def why_busy(path: str) -> str:
     """The loop devices that keep ``path`` busy, with how to detach them ("" if none)."""
-    devices = loop_devices_using(os.path.realpath(path))
+    devices = loop_devices_using(resolved(path))
     if not devices:
         return ""
     return f" ({', '.join(devices)} still use it; detach first: losetup -d {' '.join(devices)})"
@@ -386,10 +389,16 @@ def check_live_mount(mountpoint: str) -> None:
     """Raise ``CommandError`` unless ``mountpoint`` is a blockfuse mount that answers."""
     if mount_type(mountpoint) != "fuse." + FSNAME:
         raise CommandError(f"{mountpoint} is not a blockfuse mount")
-    if is_stale(mountpoint):
+    state = answers(mountpoint)
+    if state is False:
         raise CommandError(
             f"{mountpoint} is a stale mount (its blockfuse died); "
             f"run: blockfuse umount {mountpoint}"
+        )
+    if state is None:
+        raise CommandError(
+            f"{mountpoint} does not answer (its blockfuse is stopped or stuck); "
+            f"unmount it with: blockfuse umount {mountpoint}"
         )
 
 

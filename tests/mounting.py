@@ -8,7 +8,6 @@ is cleared with ``fusermount3 -uz``.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from blockfuse.fuse.mount import mount_type
 
 READY = "Stop with Ctrl-C"
 """The last line of the banner ``blockfuse mount`` prints once the mount is up."""
@@ -41,9 +42,7 @@ class MountProcess:
 
 
 def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return mount_type(str(path)) is not None
 
 
 def blockfuse_command(*args: str) -> list[str]:

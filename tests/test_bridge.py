@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Sequence
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blockfuse.block import Buffer
 from blockfuse.bridge import clip, span
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import RequestFailed
@@ -136,3 +139,40 @@ async def test_large_aligned_write_is_one_device_call() -> None:
         await f.write(0, os.urandom(1 << 20))
         await f.write(100, os.urandom(1 << 20))
     assert calls == [1 << 20, (1 << 20) + 512]
+
+
+class HeldReads(MemoryDevice):
+    """A memory device whose reads wait for ``hold`` while it is set."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.hold: trio.Event | None = None
+        self.entered = trio.Event()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        await super().read(sector, buffers)
+        if self.hold is not None:
+            self.entered.set()
+            await self.hold.wait()
+
+
+async def test_a_shrink_and_grow_never_bring_back_a_partial_writes_old_bytes() -> None:
+    dev = HeldReads(1 << 20)
+    f = FlatFile("disk", dev, kind="memory", spec="")
+    last = (1 << 20) - 512
+    await f.write(last, b"OLD!" * 128)
+    release = dev.hold = trio.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(f.write, last + 10, b"new")  # reads the old sector, held
+            await dev.entered.wait()
+            dev.hold = None
+
+            async def shrink_and_grow() -> None:
+                await f.resize(1 << 19)
+                await f.resize(1 << 20)
+
+            nursery.start_soon(shrink_and_grow)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    assert bytes(await f.read(last, 512)) == bytes(512)  # the write came first, then the cut

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +17,7 @@ from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.readonly import ReadOnlyDevice
 from blockfuse.devices.safe import SafeDevice
+from blockfuse.devices.sparse import open_sparse
 from blockfuse.errors import Disconnected, ReadOnly, RequestFailed, Unsafe
 from blockfuse.testing import Fault, FaultyDevice, check_block_device
 
@@ -111,6 +113,19 @@ async def test_file_large_concurrent_io(tmp_path: Path) -> None:
             await dev.read(i * chunk // 512, [buf])
             assert buf == blob
         await dev.aclose()
+
+
+@pytest.mark.parametrize("opener", [open_file, open_sparse])
+async def test_more_buffers_than_one_syscall_takes(tmp_path: Path, opener: Any) -> None:
+    """The contract allows any number of buffers; preadv/pwritev take 1024 at most."""
+    dev = opener(image(tmp_path, 2 << 20))
+    data = [os.urandom(512) for _ in range(1500)]
+    with trio.fail_after(10):
+        await dev.write(0, data)
+        back = [bytearray(512) for _ in range(1500)]
+        await dev.read(0, back)
+    assert back == data
+    await dev.aclose()
 
 
 async def test_file_rejects_odd_size(tmp_path: Path) -> None:

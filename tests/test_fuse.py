@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,35 @@ def test_bare_mount_shows_the_default_device(tmp_path: Path) -> None:
         backing = tmp_path / "blockfuse-disk.img"
         assert backing.stat().st_size == 1 << 30
         assert backing.stat().st_blocks == 0, "the default image is created sparse"
+
+
+def test_a_mountpoint_with_a_space_and_non_ascii_letters(tmp_path: Path, image: Path) -> None:
+    mnt = tmp_path / "mnt ü"
+    with mounted(mnt, [f"disk={image}"]) as m:
+        status = subprocess.run(
+            [*blockfuse(), "status", str(mnt)], capture_output=True, text=True, timeout=20
+        )
+        assert status.returncode == 0 and status.stdout.startswith("disk: file")
+        m.stop(signal.SIGKILL)
+        with mounted(mnt, [f"disk={image}"]) as again:
+            assert "stale mount" in again.output()
+
+
+def test_a_stopped_blockfuse_hangs_no_command(tmp_path: Path, image: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(mnt, [f"disk={image}"]) as m:
+        time.sleep(1.5)  # past the attribute timeout: a stat now asks the process
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        try:
+            for args in (["status", str(mnt)], ["mount", str(mnt), "-d", f"disk={image}"]):
+                out = subprocess.run(
+                    [*blockfuse(), *args], capture_output=True, text=True, timeout=20
+                )
+                assert out.returncode == 1 and "does not answer" in out.stderr, out.stderr
+            out = subprocess.run(
+                [*blockfuse(), "umount", str(mnt)], capture_output=True, text=True, timeout=20
+            )
+            assert out.returncode == 0, out.stderr
+        finally:
+            os.kill(m.proc.pid, signal.SIGCONT)
+        assert m.proc.wait(timeout=20) == 0

@@ -207,6 +207,7 @@ async def test_sparse_over_a_block_device(tmp_path: Path) -> None:
         device = await make()
         assert (await device.get_info()).size_bytes == 8 << 20
         assert Capability.RESIZE not in device.capabilities
+        assert "allocated" not in device.status()  # a block device holds all of itself
         await device.aclose()
         with trio.fail_after(60):
             await check_block_device(make)

@@ -56,6 +56,9 @@ IoCall = Callable[[int, list[memoryview], int, int], int]
 
 _threads = trio.CapacityLimiter(16)
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+"""The most buffers one ``preadv``/``pwritev`` takes (1024 on Linux)."""
+
 IN_LOOP_WRITE_MAX = 1 << 20
 """Writes up to this many bytes (every FUSE write) may run in the loop (where RWF_NOWAIT
 is refused); larger ones, from a mirror's copier with big chunks, go to a thread."""
@@ -211,6 +214,7 @@ class FileDevice(BlockDevice):
     async def _zero_range(self, offset: int, length: int) -> None:
         """Punch ``[offset, offset+length)`` in a thread, unless it is a hole already."""
         where = f"zero {self.path} at byte {offset}"
+        self._check_open()  # closed while it waited: the descriptor may be another file's
         with map_os_errors(where):
             if is_hole(self._fd, offset, length):
                 return
@@ -246,6 +250,12 @@ class FileDevice(BlockDevice):
 
         Every FUSE read and write comes here, so the bookkeeping is spelled out (no
         context managers) and the error message is only formatted on an error."""
+        if len(views) > IOV_MAX:  # one call takes at most IOV_MAX buffers
+            for at in range(0, len(views), IOV_MAX):
+                group = views[at : at + IOV_MAX]
+                await self._io_at(call, nowait, offset, group, what)
+                offset += total_length(group)
+            return
         self._check_open()
         self._in_flight += 1
         try:

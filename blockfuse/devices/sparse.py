@@ -231,6 +231,8 @@ class SparseDevice(FileDevice):
         """The backing file's length and what it holds on disk (what `du` shows)."""
         if self._closed:
             return {}
+        if not self._regular:  # a block device holds all of itself
+            return {"backing_length": str(self._length)}
         allocated = os.fstat(self._fd).st_blocks * 512
         return {"backing_length": str(self._length), "allocated": str(allocated)}
 

@@ -73,7 +73,14 @@ class FlatFile:
             raise RequestFailed(
                 errno.EINVAL, f"size {size_bytes} is not a multiple of {info.sector_size}"
             )
-        await self.device.resize(size_bytes // info.sector_size)
+        new = size_bytes // info.sector_size
+        # A read-modify-write of a sector being cut off must not put its old bytes back
+        # after a shrink and a grow: the sectors between the two sizes take turns.
+        hold = await self._writes.acquire(min(new, info.size_sectors), max(new, info.size_sectors))
+        try:
+            await self.device.resize(new)
+        finally:
+            self._writes.release(hold)
 
     async def control(self, key: str, value: bytes) -> None:
         """Hand ``user.blockfuse.KEY`` to the first layer (outermost first) that takes it."""

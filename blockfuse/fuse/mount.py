@@ -12,9 +12,11 @@ import errno
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 
 import pyfuse3
@@ -44,16 +46,30 @@ class MountError(Exception):
     """The mountpoint cannot be used; the message says what to do."""
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def unescape_mountinfo(field: str) -> str:
+    r"""A mountinfo path: ``\040`` is a space (and so on); other bytes are as they are."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def resolved(path: str) -> str:
+    """``path`` made absolute with its directories resolved, without touching ``path``
+    itself: a mountpoint whose FUSE process is stopped would never answer."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def mount_type(path: str) -> str | None:
     """The filesystem type mounted exactly at ``path``, from /proc/self/mountinfo."""
-    real = os.path.realpath(path)
+    real = resolved(path)
     found = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == real:
+            if unescape_mountinfo(fields[4]) == real:
                 found = fields[sep + 1]  # the last mount on a path is the visible one
     return found
 
@@ -75,13 +91,28 @@ def clear_stale(path: str) -> None:
     log.warning("cleared a stale mount at %s left by a blockfuse that died", path)
 
 
-def is_stale(path: str) -> bool:
-    """Whether the FUSE mount at ``path`` has lost its process (cached stats still work)."""
-    try:
-        os.listdir(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+PROBE_SECONDS = 2.0
+"""How long a mount may take to list its root before it counts as not answering."""
+
+
+def answers(path: str, timeout: float = PROBE_SECONDS) -> bool | None:
+    """Whether the FUSE mount at ``path`` answers: True; False if its process died
+    (ENOTCONN); None if nothing came back within ``timeout`` (the process is stopped or
+    stuck), found in a thread so that the caller does not hang with it."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            outcome.append(exc.errno != errno.ENOTCONN)
+        else:
+            outcome.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else None
 
 
 class Prepare(enum.Enum):
@@ -97,7 +128,12 @@ def is_ours(path: str) -> bool:
 
 
 def check_mountpoint(path: str) -> Prepare:
-    """What ``path`` needs to be mounted on; raises ``MountError`` and changes nothing."""
+    """What ``path`` needs to be mounted on; raises ``MountError`` and changes nothing.
+
+    The mount table is read before ``path`` is touched: a blockfuse there that is
+    stopped would never answer a ``stat``."""
+    if is_ours(path):
+        return ours_already(path)
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -116,17 +152,26 @@ def check_mountpoint(path: str) -> Prepare:
         return stale_mount(path)
     if not os.path.isdir(path):
         raise MountError(f"{path} is not a directory")
-    if is_ours(path):
-        if is_stale(path):
-            return Prepare.CLEAR_STALE
-        raise MountError(
-            f"{path} is already mounted by a running blockfuse; stop that process, "
-            f"or run: blockfuse umount {path}"
-        )
     fstype = mount_type(path)
     if fstype is not None:
         raise MountError(f"{path} is already a mount point ({fstype}); choose another directory")
     return Prepare.NOTHING
+
+
+def ours_already(path: str) -> Prepare:
+    """A blockfuse mount is at ``path``: stale (to clear), or live (refused)."""
+    state = answers(path)
+    if state is False:
+        return Prepare.CLEAR_STALE
+    if state is None:
+        raise MountError(
+            f"{path} is mounted by a blockfuse that does not answer (stopped, or stuck); "
+            f"unmount it with: fusermount3 -u {path}"
+        )
+    raise MountError(
+        f"{path} is already mounted by a running blockfuse; stop that process, "
+        f"or run: blockfuse umount {path}"
+    )
 
 
 def stale_mount(path: str) -> Prepare:
