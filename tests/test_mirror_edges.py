@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
 from blockfuse.background import background_tasks
-from blockfuse.block import BlockDevice, Buffer, Capability, Extent
+from blockfuse.block import Capability, Extent
 from blockfuse.devices import copier, copymap
 from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
@@ -29,35 +28,23 @@ SIZE = 1 << 20
 SS = 512
 
 
-class SlowFlush(BlockDevice):
-    """Flushes and extents take ``delay`` seconds; extents fail once closed."""
+class SlowFlush(Slow):
+    """Reads, flushes and extents take ``delay`` seconds (0 at first); extents fail once
+    closed."""
 
     capabilities = frozenset({Capability.EXTENTS})
 
     def __init__(self, inner: MemoryDevice) -> None:
-        self._inner = inner
-        self.delay = 0.0
-
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.read(sector, buffers)
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.write(sector, buffers)
+        super().__init__(inner, 0.0)
 
     async def flush(self) -> None:
         await trio.sleep(self.delay)
-        await self._inner.flush()
+        await super().flush()
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         await trio.sleep(self.delay)
-        await self._inner.get_info()  # Disconnected once closed
+        await self.get_info()  # Disconnected once closed
         return [Extent(sector, count, True)]
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 # --- the end of the copy ------------------------------------------------------------------

@@ -154,14 +154,7 @@ async def test_protocol_violation_fails_in_flight_requests(nursery: trio.Nursery
     fake = FakeServer()
 
     async def evil() -> None:
-        from blockfuse.nbd.server import ServerCore
-
-        core = ServerCore({"disk": fake.export})
-        await server_end.send_all(core.data_to_send())
-        while core.phase.name != "TRANSMISSION":
-            core.receive_data(await server_end.receive_some(1 << 16))
-            drain(core)
-            await server_end.send_all(core.data_to_send())
+        await handshake_on(server_end, fake)
         await server_end.receive_some(28)
         await server_end.send_all(b"\x67\x44\x66\x98" + bytes(4) + b"\xde\xad" * 4)
 
