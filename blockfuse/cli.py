@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -263,7 +264,7 @@ async def describe(
             f"  {os.path.join(mountpoint, d.name)}/  scratch, {format_size(d.swap.capacity_bytes)}"
             f"  {d.kind} {d.spec}  (everything in it is gone after unmount)"
         )
-    lines.append(f"Stop with Ctrl-C or: blockfuse umount {mountpoint}")
+    lines.append(f"Stop with Ctrl-C or: blockfuse umount {shlex.quote(mountpoint)}")
     return "\n".join(lines)
 
 
@@ -360,7 +361,8 @@ def why_busy(path: str) -> str:
     devices = loop_devices_using(resolved(path))
     if not devices:
         return ""
-    return f" ({', '.join(devices)} still use it; detach first: losetup -d {' '.join(devices)})"
+    verb = "uses" if len(devices) == 1 else "use"
+    return f" ({', '.join(devices)} still {verb} it; detach first: losetup -d {' '.join(devices)})"
 
 
 # --- ls ------------------------------------------------------------------------------
@@ -412,10 +414,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pivot(args: argparse.Namespace) -> int:
-    if mount_type(args.file) == "fuse." + FSNAME:
-        raise CommandError(f"{args.file} is a mountpoint; name the device: {args.file}/NAME")
+    # The mount table first, then a bounded probe: a stopped blockfuse never answers.
     mountpoint = os.path.dirname(os.path.abspath(args.file))
     if mount_type(mountpoint) != "fuse." + FSNAME:
+        if mount_type(args.file) == "fuse." + FSNAME:
+            raise CommandError(f"{args.file} is a mountpoint; name the device: {args.file}/NAME")
         raise CommandError(f"{args.file} is not a device in a blockfuse mount")
     check_live_mount(mountpoint)
     try:

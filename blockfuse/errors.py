@@ -69,6 +69,14 @@ class RequestFailed(BlockError):
         super().__init__(message or os.strerror(err))
 
 
+class Unreachable(RequestFailed):
+    """The request could not reach the device (its connection stayed down through every
+    retry): it failed with EIO, but nothing says that anything done before was lost."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 class NoSpace(BlockError):
     """swapfs cannot find the space a write needs; the handle is unchanged."""
 

@@ -44,19 +44,21 @@ def format_seconds(seconds: int) -> str:
 
 
 def describe_copy(values: Mapping[str, str]) -> str:
-    """``copying 42% (420 MiB of 1 GiB) at 12.5 MiB/s, ETA 0:48, 0 errors``."""
+    """``copying 42% (420 MiB of 1 GiB) at 12.5 MiB/s, ETA 0:48, 0 errors``; a failed
+    copy ends with its reason: ``failed at 8% (...), 17 errors: REASON``."""
     total = int(values.get("total", "0"))
     copied = int(values.get("copied", "0"))
-    text = (
-        f"{values['state']} {values['progress']}% ({format_size(copied)} of {format_size(total)})"
-    )
+    state, _, reason = values["state"].partition(": ")
+    at = "at " if reason else ""
+    text = f"{state} {at}{values['progress']}% ({format_size(copied)} of {format_size(total)})"
     rate = int(values.get("rate", "0") or 0)
     if rate:
         text += f" at {format_size(rate)}/s"
     if values.get("eta") and values["state"] == "copying":
         text += f", ETA {format_seconds(int(values['eta']))}"
     errors = int(values.get("errors", "0") or 0)
-    return text + f", {errors} error{'' if errors == 1 else 's'}"
+    text += f", {errors} error{'' if errors == 1 else 's'}"
+    return f"{text}: {reason}" if reason else text
 
 
 def status_report(mountpoint: str) -> str:
@@ -69,11 +71,15 @@ def status_report(mountpoint: str) -> str:
             continue
         values = read_status(path)
         size = format_size(int(values.get("size", "0")))
-        lines.append(f"{name}: {values.get('kind', '?')}, {size}  {values.get('spec', '')}")
+        ro = ", read-only" if values.get("read_only") == "yes" else ""
+        lines.append(f"{name}: {values.get('kind', '?')}, {size}{ro}  {values.get('spec', '')}")
+        if "connection" in values:
+            lines.append(f"  {values['connection']} ({values.get('remote', '')})")
         if "progress" in values:
             lines.append(f"  {describe_copy(values)}")
-        if values.get("last_error"):
-            lines.append(f"  last error: {values['last_error']}")
+        for key, label in (("notice", "note"), ("last_error", "last error")):
+            if values.get(key):
+                lines.append(f"  {label}: {values[key]}")
     return "\n".join(lines) if lines else f"{mountpoint}: no devices"
 
 

@@ -542,6 +542,6 @@ def split_named(text: str, option: str = "--device") -> tuple[str, str]:
     if not _NAME.fullmatch(name):
         raise SpecError(
             f"bad {option} {text!r}: the name {name!r} must be a file name "
-            "(letters, digits, '.', '_', '-'; no '/')"
+            "(ASCII letters and digits, then also '.', '_', '-'; at most 255)"
         )
     return name, spec.strip()

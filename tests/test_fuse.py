@@ -137,9 +137,10 @@ def test_sigterm_unmounts_cleanly(tmp_path: Path, image: Path) -> None:
     assert image.read_bytes()[:5] == b"hello"
 
 
-def test_sigint_unmounts_cleanly(tmp_path: Path, image: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])  # Ctrl-C; a closed terminal
+def test_sigint_and_sighup_unmount_cleanly(tmp_path: Path, image: Path, sig: int) -> None:
     with mounted(tmp_path / "mnt", [f"disk={image}"]) as m:
-        assert m.stop(signal.SIGINT) == 0
+        assert m.stop(sig) == 0
         assert not is_mounted(m.mountpoint)
 
 

@@ -694,7 +694,7 @@ async def test_a_map_kept_while_the_secondary_was_replaced_is_set_aside(
             s = image(tmp_path, "s")
         async with open_mirror(open_file(p), open_file(s), state=state, chunk=8192) as m:
             assert m.statistics().copied_bytes == 0
-            assert "copying anew" in m.statistics().last_error
+            assert "copying anew" in m.statistics().notice
             await m.wait_synced()
     assert Path(p).read_bytes() == Path(s).read_bytes()
 

@@ -18,11 +18,13 @@ from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import MirrorDevice, MirrorFailed, MirrorState, open_mirror
-from blockfuse.errors import RequestFailed
+from blockfuse.errors import RequestFailed, Unreachable
 from blockfuse.spec import compile_spec
 from blockfuse.testing import Fault, FaultyDevice
 
+from .nbdserver import FakeServer
 from .test_mirror import LosesUnflushedWrites, Slow, clean_in_map, image
+from .test_nbd_transport import remote
 
 SIZE = 1 << 20
 SS = 512
@@ -185,7 +187,7 @@ async def test_a_map_found_wrong_is_rewritten_before_the_copy_starts(tmp_path: P
     slow = Slow(primary, 0.02)  # 128 chunks one at a time: the copy takes 2.5 s
     with trio.fail_after(10):
         async with open_mirror(slow, secondary, state=str(state), chunk=8192, in_flight=1) as m:
-            assert "copying anew" in m.statistics().last_error
+            assert "copying anew" in m.statistics().notice
             assert clean_in_map(str(state)) == []  # a crash now must not trust the old map
 
 
@@ -280,3 +282,22 @@ async def test_a_failed_primary_flush_stops_the_map_from_cleaning(tmp_path: Path
             await m.flush()  # succeeds (as a second fsync does), and proves nothing
             assert m.statistics().state is MirrorState.FAILED
     assert not any(a <= 10 < b for a, b in clean_in_map(state))
+
+
+async def test_an_nbd_primary_away_for_a_while_fails_a_flush_but_not_the_copy(
+    nursery: trio.Nursery,
+) -> None:
+    """A flush that cannot reach the server lost nothing by itself: the copy goes on once
+    the server is back (it used to fail as 'flushing the primary' after ~3 s away)."""
+    server = FakeServer(SIZE)
+    server.disk[:] = os.urandom(SIZE)
+    primary = await remote(nursery, server, backoff=0.01, retries=2)
+    with trio.fail_after(20):
+        async with open_mirror(primary, MemoryDevice(SIZE), chunk=8192, rate=1 << 20) as m:
+            server.up = False  # no new connections...
+            server.drop_after = server.requests  # ...and the current one drops
+            with pytest.raises(Unreachable):
+                await m.flush()
+            assert m.statistics().state is MirrorState.COPYING
+            server.up = True
+            await m.wait_synced()

@@ -22,6 +22,11 @@ def test_describe_copy() -> None:
     values = {"state": "copying", "progress": "42", "copied": str(42 << 20)}
     values |= {"total": str(100 << 20), "rate": str(3 << 20), "eta": "75", "errors": "1"}
     assert describe_copy(values) == "copying 42% (42 MiB of 100 MiB) at 3 MiB/s, ETA 1:15, 1 error"
+    values |= {"state": "failed: flushing the primary: EIO", "rate": "0", "errors": "17"}
+    assert (
+        describe_copy(values)
+        == "failed at 42% (42 MiB of 100 MiB), 17 errors: flushing the primary: EIO"
+    )
 
 
 async def test_progress_bar_draws_on_a_terminal_only() -> None:

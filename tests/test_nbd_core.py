@@ -492,6 +492,8 @@ def test_specs_take_nbd_uris(short_tmp: Path) -> None:
     for bad, match in [
         (f"nbd+unix:///?socket={short_tmp}/none", "no NBD server socket"),
         ("nbd://h:99999/x", "bad port"),
+        ("nbd://h:0/x", "bad port 0"),
+        ("nbd://[::1/x", "not an NBD URI: Invalid IPv6 URL"),
         ("nbds://h/x", "not supported"),
     ]:
         with pytest.raises(SpecError, match=match):

@@ -346,7 +346,8 @@ def lock_image(fd: int, path: str, *, read_only: bool) -> None:
     except BlockingIOError:
         raise ValueError(
             f"{path} is already open for writing by another blockfuse device (in this "
-            f"mount or another); use it once, or open this one read-only: file({path}, ro=true)"
+            f"mount or another); use it in one device only (a device that only reads it "
+            f"can be file({path}, ro=true))"
         ) from None
 
 

@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..block import BlockDevice, Buffer, Capability, Extent, Info, total_length
-from ..errors import BlockError, Disconnected, RequestFailed
+from ..errors import BlockError, Disconnected, RequestFailed, Unreachable
 from .copier import Copier
 from .copymap import CopyMap, Geometry
 from .mirrorparts import RangeQueue, Side, outcome, run_both, slice_buffers, spread
@@ -104,6 +104,8 @@ class MirrorStatistics:
     """Copy errors met so far (each retried or fatal)."""
     last_error: str
     chunks_in_flight: int
+    notice: str = ""
+    """Something the user should know that is not an error (a saved map not used)."""
 
     @property
     def percent(self) -> int:
@@ -154,6 +156,7 @@ class MirrorDevice(BlockDevice):
         self._state = MirrorState.COPYING
         self._reason = ""
         self._errors, self._last_error = 0, ""
+        self._notice = ""
         self._reported = -1
         self._complete_sent = False
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
@@ -263,10 +266,13 @@ class MirrorDevice(BlockDevice):
 
     async def _flush_both(self) -> None:
         """Flush both sides; a failure of either means the map can no longer vouch for
-        what was written since the last checkpoint (copymap.py, rule 4): the copy fails."""
+        what was written since the last checkpoint (copymap.py, rule 4): the copy fails.
+        A flush that could not reach its device (``Unreachable``) lost nothing by itself:
+        it only fails the checkpoint (a reconnect that finds writes lost says so)."""
         primary_err, _ = await run_both(self._primary.dev.flush(), self.flush_secondary())
         if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
-            self._flush_failed("primary", primary_err)
+            if not isinstance(primary_err, Unreachable):
+                self._flush_failed("primary", primary_err)
             raise primary_err
 
     async def flush_secondary(self) -> None:
@@ -275,7 +281,10 @@ class MirrorDevice(BlockDevice):
         async with self._secondary_flushes:
             err = await outcome(self._secondary.dev.flush())
             if err is not None:
-                self._flush_failed("secondary", err)
+                if isinstance(err, Unreachable):
+                    self.note_error(f"flushing the secondary: {err}")
+                else:
+                    self._flush_failed("secondary", err)
                 raise err
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
@@ -317,6 +326,8 @@ class MirrorDevice(BlockDevice):
         }
         if st.last_error:
             out["last_error"] = st.last_error
+        if st.notice:
+            out["notice"] = st.notice
         return out
 
     async def control(self, key: str, value: bytes) -> bool:
@@ -353,7 +364,7 @@ class MirrorDevice(BlockDevice):
             eta = 0.0
         return MirrorStatistics(
             self._state, self._reason, copied, total, rate, eta,
-            self._errors, self._last_error, self._copier.in_flight,
+            self._errors, self._last_error, self._copier.in_flight, self._notice,
         )  # fmt: skip
 
     def _rate(self) -> float:
@@ -421,7 +432,7 @@ class MirrorDevice(BlockDevice):
                 self._map.forget(f"sectors {a}-{a + n} differ from the saved map; copying anew")
                 break
         if self._map.forgotten:
-            self.note_error(self._map.forgotten)
+            self._notice = self._map.forgotten
             await self._map.save_now()  # a crash from now on must not trust the old map
 
     # --- the copier ----------------------------------------------------------------------

@@ -273,6 +273,8 @@ def _check_creatable(path: str, size_bytes: int | None) -> None:
         raise ValueError(
             f"{path} does not exist; give its size to create it: sparse({path}, size=1G)"
         )
+    if size_bytes:
+        _check_filesystem_holds(path, size_bytes)
 
 
 def _check_length(

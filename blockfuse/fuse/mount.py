@@ -166,7 +166,7 @@ def ours_already(path: str) -> Prepare:
     if state is None:
         raise MountError(
             f"{path} is mounted by a blockfuse that does not answer (stopped, or stuck); "
-            f"unmount it with: fusermount3 -u {path}"
+            f"unmount it with: blockfuse umount {path}"
         )
     raise MountError(
         f"{path} is already mounted by a running blockfuse; stop that process, "
@@ -208,7 +208,8 @@ def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
 async def _terminate_on_signal(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a closed terminal or a dropped ssh session must not leave a stale mount.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)

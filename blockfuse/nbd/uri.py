@@ -43,7 +43,10 @@ def looks_like_uri(text: str) -> bool:
 def parse_uri(text: str) -> Address:
     """Parse an NBD URI; raises ``BadURI`` (its message does not repeat the URI).  TLS
     schemes (``nbds``) are refused."""
-    parts = urllib.parse.urlsplit(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise BadURI(f"not an NBD URI: {exc}") from None
     if parts.scheme in ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock"):
         raise BadURI(f"{parts.scheme}:// is not supported (use nbd:// or nbd+unix://)")
     if parts.scheme not in SCHEMES:
@@ -70,7 +73,9 @@ def _tcp(text: str, parts: urllib.parse.SplitResult, export: str, query: dict) -
     if not parts.hostname:
         raise BadURI("nbd:// needs a host")
     try:
-        port = parts.port or DEFAULT_PORT
+        port = DEFAULT_PORT if parts.port is None else parts.port
     except ValueError as exc:
         raise BadURI(f"bad port ({exc})") from None
+    if port == 0:
+        raise BadURI("bad port 0 (leave the port out for 10809)")
     return Address(export, host=parts.hostname, port=port)

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import trio
 
-from ..errors import BlockError, Disconnected, RequestFailed
+from ..errors import BlockError, Disconnected, RequestFailed, Unreachable
 from .client import NBDClient
 from .handshake import ConnectionLost
 
@@ -76,8 +76,8 @@ class Reconnecting:
             except ConnectionLost as exc:
                 failure = exc
                 self.last_failure = str(exc)
-        raise RequestFailed(
-            errno.EIO, f"{self.server}: still unreachable after {self.retries} retries: {failure}"
+        raise Unreachable(
+            f"{self.server}: still unreachable after {self.retries} retries: {failure}"
         ) from failure
 
     async def _usable(self) -> NBDClient:
