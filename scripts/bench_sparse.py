@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """fio through a sparse device vs a plain file device in the same mount, same run.
 
-One ``blockfuse mount`` serves one 1 GiB image twice: as ``sparse=sparse(IMG)`` and as
-``file=IMG``, so both devices meet the same file layout and writeback.  fio (O_DIRECT,
+One ``blockfuse mount`` serves two new 1 GiB images, made the same way (an empty sparse
+file), one as ``sparse=sparse(IMG1)`` and one as ``file=IMG2`` (an image written by two
+devices at once is refused by its lock).  fio (O_DIRECT,
 libaio, queue depth 4) runs sequential 1 MiB writes of random data and sequential 1 MiB
 reads against each, alternating devices, ``--rounds`` times; the median MiB/s of each is
 printed with the ratio sparse/file (target >= 0.9x) and the spread.  The machine's other
@@ -64,11 +65,12 @@ def allocated_mib(path: Path) -> float:
 
 
 def throughput(workdir: Path, runtime: float, rounds: int) -> None:
-    image = workdir / "image.img"
-    with open(image, "wb") as f:
-        f.truncate(GiB)
+    images = {name: workdir / f"{name}.img" for name in ("sparse", "file")}
+    for image in images.values():
+        with open(image, "wb") as f:
+            f.truncate(GiB)
     mnt = workdir / "mnt"
-    devices = [f"sparse=sparse({image})", f"file={image}"]  # one image: same layout for both
+    devices = [f"sparse=sparse({images['sparse']})", f"file={images['file']}"]
     print(f"fio O_DIRECT libaio, {runtime:g}s per job, median of {rounds} rounds, in {workdir}")
     print(f"{'job':<24} {'sparse MiB/s':>13} {'file MiB/s':>11} {'ratio':>6}  spread (min-max)")
     with blockfuse_mount(mnt, devices):
@@ -82,13 +84,13 @@ def throughput(workdir: Path, runtime: float, rounds: int) -> None:
             a, b = statistics.median(results["sparse"]), statistics.median(results["file"])
             spread = "  ".join(f"{min(v):.0f}-{max(v):.0f}" for v in results.values())
             print(f"{label:<24} {a:>13.0f} {b:>11.0f} {a / b:>5.2f}x  {spread}", flush=True)
-        zeroes(mnt, image, runtime)
+        zeroes(mnt, images, runtime)
 
 
-def zeroes(mnt: Path, image: Path, runtime: float) -> None:
-    """The same zero writes through each device, and what the image holds after each."""
+def zeroes(mnt: Path, images: dict[str, Path], runtime: float) -> None:
+    """The same zero writes through each device, and what its image holds after."""
     row = []
-    for name in ("sparse", "file"):
+    for name, image in images.items():
         os.sync()
         row.append(f"{name} {fio(mnt / name, 'write', ['--zero_buffers'], runtime):.0f} MiB/s, "
                    f"image then holds {allocated_mib(image):.0f} MiB")  # fmt: skip
