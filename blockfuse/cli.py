@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from .fuse.mount import (
     prepare_mountpoint,
     resolved,
     serve,
+    unmount_command,
 )
 from .fuse.scratch import ScratchDir, open_scratch_dir
 from .monitor import MonitorError, pivot, progress_bar, status_report
@@ -349,8 +349,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise CommandError(f"{path} is a {fstype} mount, not blockfuse's; leaving it alone")
     # Never touch the mountpoint itself: a stopped blockfuse would not answer.  Unmounting
     # a live mount ends its blockfuse (it flushes and exits); a stale one is just cleared.
-    cmd = ["fusermount3", "-u", path] if shutil.which("fusermount3") else ["umount", path]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(unmount_command(path, lazy=False), capture_output=True, text=True)
     if result.returncode != 0:
         raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}{why_busy(path)}")
     return EXIT_OK

@@ -201,8 +201,7 @@ class CopyMap:
         if self.dirty.covers(*span) and self._saved_dirty.covers(*span):
             return  # dirty in the file, and no checkpoint can clean it while we write
         self.dirty.add(*span)
-        self._generation += 1
-        await self._save(self._generation)
+        await self.save_now()
 
     # --- checkpoints ----------------------------------------------------------------
 

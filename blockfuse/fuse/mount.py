@@ -74,10 +74,11 @@ def mount_type(path: str) -> str | None:
     return found
 
 
-def unmount_command(path: str) -> list[str]:
+def unmount_command(path: str, *, lazy: bool = True) -> list[str]:
+    """The command that unmounts ``path`` (lazily: even while something still uses it)."""
     if shutil.which("fusermount3"):
-        return ["fusermount3", "-u", "-z", path]
-    return ["umount", "-l", path]
+        return ["fusermount3", "-u", *(["-z"] if lazy else []), path]
+    return ["umount", *(["-l"] if lazy else []), path]
 
 
 def clear_stale(path: str) -> None:

@@ -33,7 +33,6 @@ from ..swap import Handle, Swap, open_swap
 from .ops import ATTR_TIMEOUT, IO_SIZE_HINT, fuse_errors
 
 INODE_SPAN = 1 << 32
-
 NAME_MAX = 255
 
 
@@ -49,15 +48,17 @@ def check_name(name: bytes) -> None:
         raise fail(errno.EINVAL)
 
 
-@dataclass
+@dataclass(eq=False)
 class Attributes:
+    """What chmod, chown and touch change: of a file, or of the directory itself."""
+
     mode: int
     uid: int
     gid: int
     time_ns: int
 
 
-def set_attributes(target: Attributes | Node, attr: pyfuse3.EntryAttributes, fields: Any) -> None:
+def set_attributes(target: Attributes, attr: pyfuse3.EntryAttributes, fields: Any) -> None:
     """What a setattr changes besides the size; the file type stays."""
     if fields.update_mode:
         target.mode = stat.S_IFMT(target.mode) | (attr.st_mode & 0o7777)
@@ -69,16 +70,12 @@ def set_attributes(target: Attributes | Node, attr: pyfuse3.EntryAttributes, fie
         target.time_ns = attr.st_mtime_ns
 
 
-@dataclass(eq=False)
-class Node:
-    """One file: its handle, its metadata, and who still holds it."""
+@dataclass(eq=False, kw_only=True)
+class Node(Attributes):
+    """One file: its handle, its attributes, and who still holds it."""
 
     inode: int
     handle: Handle
-    mode: int
-    uid: int
-    gid: int
-    time_ns: int
     name: bytes | None
     opens: int = 0
     lookups: int = 0
@@ -154,13 +151,13 @@ class ScratchDir:
         if name in self._names:  # created by another request meanwhile
             raise fail(errno.EEXIST)
         node = Node(
-            self._next_inode,
-            handle,
-            stat.S_IFREG | (mode & 0o7777),
-            ctx.uid,
-            ctx.gid,
-            time.time_ns(),
-            name,
+            inode=self._next_inode,
+            handle=handle,
+            mode=stat.S_IFREG | (mode & 0o7777),
+            uid=ctx.uid,
+            gid=ctx.gid,
+            time_ns=time.time_ns(),
+            name=name,
             lookups=1,
         )
         self._next_inode += 1
