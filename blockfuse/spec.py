@@ -432,7 +432,7 @@ def compile_mirror(call: Call) -> Recipe:
     chunk, rate = v["chunk"], v["rate"]
     assert isinstance(chunk, int) and (rate is None or isinstance(rate, int))
     if chunk == 0:
-        raise SpecError("a mirror chunk must be more than 0 bytes (or left out: 1M)")
+        raise SpecError("a mirror chunk must be more than 0 bytes (or left out: 4M)")
     if chunk % 512:
         raise SpecError(f"mirror chunk {chunk} is not a whole number of 512-byte sectors")
     if rate == 0:

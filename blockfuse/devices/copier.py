@@ -17,11 +17,12 @@ A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` tim
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
 
 Foreground I/O comes first: while a foreground request is using the primary, only the
-first ``FOREGROUND_IN_FLIGHT`` workers take new items; the others wait until the
-primary is idle.  Requests share one connection to the primary, and 16 chunks queued
-ahead of a 4 KiB read cut fio's random reads during the copy to 0.08-0.15x of the NBD
-export alone; with two chunks they kept 0.60-0.66x, and the copy went on.  When nothing
-else uses the disk, every worker copies.
+first workers, with ``FOREGROUND_BYTES`` of chunks between them (one or two workers),
+take new items; the others wait until the primary is idle.  Requests share one
+connection to the primary, and 16 MiB of chunks queued ahead of a 4 KiB read cut fio's
+random reads during the copy to 0.08-0.15x of the NBD export alone; with 2 MiB they
+kept 0.60-0.66x, and the copy went on.  When nothing else uses the disk, every worker
+copies.
 
 Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
 and goes on copying without waiting (one flush at a time).  The kernel then writes the
@@ -51,8 +52,9 @@ finds and punches holes cheaply (extents and write_zeroes); else chunk by chunk,
 zeroing it means reading it, and a write into an item waits for the whole item."""
 PLAN_SPAN_BYTES = 1 << 30
 """The planner asks the primary for extents this many bytes at a time."""
-FOREGROUND_IN_FLIGHT = 2
-"""While foreground I/O uses the primary, only this many items are copied at once."""
+FOREGROUND_BYTES = 2 << 20
+"""While foreground I/O uses the primary, only this many bytes of chunks are copied at
+once (but always one chunk, and at most two)."""
 FLUSH_BEHIND_BYTES = 64 << 20
 """The copier starts a flush of the secondary after writing this many bytes to it."""
 
@@ -109,6 +111,9 @@ class Copier:
         self._hole_step = chunk * (HOLE_ITEM_CHUNKS if cheap_holes else 1)
         self._throttle = Throttle(rate)
         self._workers = in_flight
+        chunk_bytes = chunk * self._sector_size
+        self.foreground_workers = max(1, min(2, FOREGROUND_BYTES // chunk_bytes))
+        """Workers that go on copying while foreground I/O uses the primary."""
         self._retries, self._backoff = retries, backoff
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
@@ -156,7 +161,7 @@ class Copier:
         buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
-                if index >= FOREGROUND_IN_FLIGHT:
+                if index >= self.foreground_workers:
                     await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
