@@ -28,6 +28,7 @@ from blockfuse.devices.mirror import (
     open_mirror,
     start_mirror,
 )
+from blockfuse.devices.sparse import open_sparse
 from blockfuse.errors import Disconnected, RequestFailed
 from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import Fault, FaultyDevice, check_block_device
@@ -196,13 +197,14 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
 # --- holes, sizes, progress ---------------------------------------------------------------
 
 
-class ReadCounter(BlockDevice):
-    """Counts the bytes read through it; delegates the rest (extents too)."""
+class CountingDevice(BlockDevice):
+    """Counts the bytes read and the extents calls through it; delegates the rest."""
 
     def __init__(self, inner: BlockDevice) -> None:
         self._inner = inner
         self.capabilities = inner.capabilities
         self.bytes_read = 0
+        self.extents_calls = 0
 
     async def get_info(self):  # type: ignore[no-untyped-def]
         return await self._inner.get_info()
@@ -214,7 +216,11 @@ class ReadCounter(BlockDevice):
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._inner.write(sector, buffers)
 
+    async def write_zeroes(self, sector: int, count: int) -> None:
+        await self._inner.write_zeroes(sector, count)
+
     async def extents(self, sector: int, count: int) -> list[Extent]:
+        self.extents_calls += 1
         return await self._inner.extents(sector, count)
 
     async def flush(self) -> None:
@@ -232,7 +238,7 @@ async def test_holes_are_skipped_and_the_secondary_stays_sparse(tmp_path: Path) 
             f.seek(offset)
             f.write(os.urandom(1 << 20))
     s = image(tmp_path, "s", size)
-    primary = ReadCounter(open_file(p))
+    primary = CountingDevice(open_file(p))
     with trio.fail_after(30):
         async with open_mirror(primary, open_file(s), chunk=256 << 10) as m:
             await m.wait_synced()
@@ -246,6 +252,35 @@ async def test_holes_in_the_primary_are_zeroed_on_an_old_secondary(tmp_path: Pat
     s = image(tmp_path, "s", SIZE, os.urandom(SIZE))
     with trio.fail_after(10):
         async with open_mirror(open_file(p), open_file(s), chunk=64 << 10) as m:
+            await m.wait_synced()
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+
+
+async def test_a_fresh_secondary_is_not_asked_for_holes_per_item(tmp_path: Path) -> None:
+    p = image(tmp_path, "p", SIZE, b"data" * (16 << 10))  # one chunk of data, 15 of holes
+    s = image(tmp_path, "s")
+    secondary = CountingDevice(open_file(s))
+    with trio.fail_after(10):
+        async with open_mirror(open_file(p), secondary, chunk=64 << 10) as m:
+            await m.wait_synced()
+    assert secondary.extents_calls == 1, "asked once, before the copy"
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+
+
+async def test_what_the_mirror_wrote_where_the_primary_became_a_hole_is_zeroed(
+    tmp_path: Path,
+) -> None:
+    chunk = 64 << 10
+    p = image(tmp_path, "p", SIZE, os.urandom(2 * chunk))
+    s = image(tmp_path, "s")
+    faulty = FaultyDevice(open_file(s))
+    with trio.fail_after(10):
+        async with open_mirror(open_sparse(p), faulty, chunk=chunk) as m:
+            await m.wait_synced()  # the secondary holds data in the first two chunks
+            faulty.faults.append(Fault("write", times=1))
+            # The sparse primary punches these zeroes; the secondary misses them, so
+            # the range is copied again, now as a hole of the primary.
+            await m.write(0, [bytes(chunk)])
             await m.wait_synced()
     assert Path(p).read_bytes() == Path(s).read_bytes()
 

@@ -11,7 +11,9 @@ the secondary then holds as zeroes), and asking again cost an extra round trip p
 chunk (an NBD block status: 8 chunks in flight copied at 0.28x nbdcopy instead of
 0.78x).  That is the copier's half of the invariant at the top of ``mirror.py``: an
 item holds the lock on its range from before it reads the primary until its range is
-in ``copied``.
+in ``copied``.  A hole item zeroes the secondary only where it may hold data
+(``Side.may_hold_data``: what it held when the copy started, plus what was written to
+it since), so on a fresh secondary it asks nothing and writes nothing.
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
@@ -122,12 +124,20 @@ class Copier:
 
     async def sweep(self) -> None:
         """One pass over the sectors not yet copied; returns when it is done or stopped."""
+        await self._find_secondary_data()
         send, receive = trio.open_memory_channel[Item](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._plan, send)
             for index in range(self._workers):
                 nursery.start_soon(self._work, receive.clone(), nursery, index)
             await receive.aclose()
+
+    async def _find_secondary_data(self) -> None:
+        """Where the secondary holds data, asked once: a fresh one has no holes to punch."""
+        try:
+            await self._secondary.find_data(self._size)
+        except BlockError as exc:
+            self._events.note_error(f"asking the secondary for extents: {exc}")
 
     async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
         span = max(PLAN_SPAN_BYTES // self._sector_size, self._chunk)
@@ -222,8 +232,9 @@ class Copier:
 
     async def _zero_secondary(self, start: int, end: int) -> None:
         """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
-        for a, b in await self._secondary.data_map(start, end):
-            await self._write_zeroes(a, b)
+        for piece_start, piece_end in self._secondary.may_hold_data(start, end):
+            for a, b in await self._secondary.data_map(piece_start, piece_end):
+                await self._write_zeroes(a, b)
 
     async def _write_zeroes(self, start: int, end: int) -> None:
         side = self._secondary

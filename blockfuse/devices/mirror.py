@@ -628,7 +628,7 @@ async def prepare_mirror(
     p_info, s_info = await primary.get_info(), await secondary.get_info()
     mirror = MirrorDevice(
         Side(primary, p_info, info.sector_size),
-        Side(secondary, s_info, info.sector_size),
+        Side(secondary, s_info, info.sector_size, chunk // info.sector_size),
         info, copy_map, chunk=chunk, rate=rate, in_flight=in_flight or default_in_flight(chunk),
         retries=retries, backoff=backoff, progress=progress,
     )  # fmt: skip

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..block import BlockDevice, Buffer, Capability, Info
+from ..block import BlockDevice, Buffer, Capability, Info, total_length
 from ..errors import BlockError, Unimplemented
-from ..extents import IntervalSet
+from ..extents import IntervalSet, align_out
 
 
 class RangeQueue:
@@ -89,18 +89,45 @@ async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError |
 
 
 class Side:
-    """One of the two devices, addressed in mirror sectors."""
+    """One of the two devices, addressed in mirror sectors.
 
-    def __init__(self, dev: BlockDevice, info: Info, sector_size: int) -> None:
+    A side also keeps where it may hold data, so that the copier need not ask the device
+    again for each run of holes it copies (a ``SEEK_DATA`` in a thread per item cost a
+    tenth of the copy rate).  Every write is recorded, in whole ``grain`` units, from the
+    start; ``find_data`` adds what the device held before, once.  Until it has, or if
+    the device cannot tell, the side may hold data anywhere.
+    """
+
+    def __init__(self, dev: BlockDevice, info: Info, sector_size: int, grain: int = 1) -> None:
         self.dev = dev
         self.ratio = sector_size // info.sector_size
         self.use_extents = Capability.EXTENTS in dev.capabilities
+        self._sector_size = sector_size
+        self._grain = grain
+        self._written = IntervalSet()
+        self._found: IntervalSet | None = None
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self.dev.read(sector * self.ratio, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        end = sector + total_length(buffers) // self._sector_size
+        self._written.add(*align_out(sector, end, self._grain))  # before: it may half land
         await self.dev.write(sector * self.ratio, buffers)
+
+    async def find_data(self, size: int) -> None:
+        """Learn where the device holds data now (if it can tell: extents)."""
+        if self._found is None and self.use_extents:
+            self._found = await self.data_map(0, size)
+
+    def may_hold_data(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The pieces of ``[start, end)`` where this side may hold data."""
+        if self._found is None:
+            return [(start, end)]
+        pieces = IntervalSet(self._found.intersection(start, end))
+        for a, b in self._written.intersection(start, end):
+            pieces.add(a, b)
+        return list(pieces)
 
     async def data_map(self, start: int, end: int) -> IntervalSet:
         """The sectors of ``[start, end)`` that may hold data (all, without extents)."""
