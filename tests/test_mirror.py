@@ -15,7 +15,7 @@ import trio
 import trio.lowlevel
 
 from blockfuse.background import background_tasks
-from blockfuse.block import BlockDevice, Buffer, Extent, Info
+from blockfuse.block import BlockDevice, Buffer, Capability, Extent, Info
 from blockfuse.devices import copier
 from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
@@ -98,11 +98,83 @@ class Jittery(BlockDevice):
         await self._inner.write(sector, buffers)
         await self._jitter()
 
+    async def write_zeroes(self, sector: int, count: int) -> None:
+        await self._jitter()
+        await self._inner.write_zeroes(sector, count)
+        await self._jitter()
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        await self._jitter()
+        answer = await self._inner.extents(sector, count)
+        await self._jitter()
+        return answer
+
     async def flush(self) -> None:
         await self._jitter()
 
     async def aclose(self) -> None:
         pass
+
+
+class HoleyMemory(MemoryDevice):
+    """Memory whose all-zero sectors are holes, as its ``extents`` tell."""
+
+    capabilities = MemoryDevice.capabilities | {Capability.EXTENTS}
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        data = self.data
+        kinds = [any(data[(sector + i) * SS : (sector + i + 1) * SS]) for i in range(count)]
+        out: list[Extent] = []
+        for i, is_data in enumerate(kinds):
+            if out and out[-1].is_data == is_data:
+                out[-1] = Extent(out[-1].sector, out[-1].count + 1, is_data)
+            else:
+                out.append(Extent(sector + i, 1, is_data))
+        return out
+
+
+def holey_bytes(rng: random.Random, n: int) -> bytes:
+    """Random sectors, about half of them zero (holes)."""
+    return b"".join(bytes(SS) if rng.random() < 0.5 else rng.randbytes(SS) for _ in range(n // SS))
+
+
+async def race_with_holes_once(seed: int) -> None:
+    """Writes of data into the primary's holes, and of zeroes over its data, race the
+    copier, whose plan of the holes they make old."""
+    rng = random.Random(seed)
+    size = 64 << 10
+    chunk_sectors = rng.choice([1, 3, 8])
+    start = holey_bytes(rng, size)
+    primary, secondary = HoleyMemory(size), HoleyMemory(size)
+    await primary.write(0, [start])
+    await secondary.write(0, [holey_bytes(rng, size)])  # old contents must not survive
+    model = bytearray(start)
+    sectors = size // SS
+    async with open_mirror(
+        Jittery(primary, rng), Jittery(secondary, rng), chunk=chunk_sectors * SS,
+        in_flight=rng.choice([1, 4]),
+    ) as m:  # fmt: skip
+        for _ in range(20):
+            taken: list[tuple[int, int]] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(rng.randrange(1, 6)):
+                    first = rng.randrange(sectors)
+                    count = rng.randrange(1, min(2 * chunk_sectors + 2, sectors - first) + 1)
+                    if any(a < first + count and first < b for a, b in taken):
+                        continue
+                    taken.append((first, first + count))
+                    blob = holey_bytes(rng, count * SS)
+                    model[first * SS : (first + count) * SS] = blob
+                    nursery.start_soon(m.write, first, [blob])
+        await m.wait_synced()
+        assert primary.data == model, f"seed {seed}: primary differs from the model"
+        assert secondary.data == model, f"seed {seed}: secondary differs from the model"
+
+
+async def test_writes_racing_the_copier_over_holes_never_leave_stale_data() -> None:
+    with trio.fail_after(120):
+        for seed in range(60):
+            await race_with_holes_once(seed)
 
 
 async def race_once(seed: int) -> None:

@@ -15,8 +15,10 @@ The invariant (sectors are mirror sectors, the larger of the two sector sizes)::
 Every change to either side happens under the range lock on the sectors it changes,
 and puts the invariant back before it lets go:
 
-- the copier, per item: lock [a, b); ask the primary's extents *under the lock*; read
-  the data, write it (zero the holes) on the secondary; add [a, b) to ``copied``.
+- the copier, per item: lock [a, b); read the data and write it on the secondary, or,
+  for a run the planner saw as holes, zero it there -- after asking the primary's
+  extents again *under the lock* if a foreground write touched it since the planner
+  asked; add [a, b) to ``copied``.
 - a foreground write of [w, x): lock [w, x) -- the whole range, so a write that starts
   before a chunk in flight and runs into it waits for that chunk too; write the
   primary and, at once, the secondary for ``copied ∩ [w, x)``; unlock.  If the
@@ -227,6 +229,7 @@ class MirrorDevice(BlockDevice):
                 self._uncopy(sector, end, None)
             raise
         finally:
+            self._copier.primary_written(sector, end)  # still under the lock
             self._map.end_write(span)
             self._release_primary()
         if primary_err is not None or secondary_err is not None:

@@ -39,6 +39,25 @@ class RangeQueue:
             entry[2].set()
 
 
+class BufferPool:
+    """``count`` buffers of ``size`` bytes, each made when first needed, lent one at a
+    time (a borrower waits for a free one)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._slots = trio.Semaphore(count)
+        self._free: list[bytearray] = []
+        self._size = size
+
+    @asynccontextmanager
+    async def lend(self) -> AsyncIterator[bytearray]:
+        async with self._slots:
+            buf = self._free.pop() if self._free else bytearray(self._size)
+            try:
+                yield buf
+            finally:
+                self._free.append(buf)
+
+
 class Throttle:
     """At most ``rate`` bytes per second, with a burst of one request."""
 
