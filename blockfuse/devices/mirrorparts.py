@@ -110,14 +110,17 @@ async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError |
 class Side:
     """One of the two devices, addressed in mirror sectors.
 
-    A side also keeps where it may hold data, so that the copier need not ask the device
-    again for each run of holes it copies (a ``SEEK_DATA`` in a thread per item cost a
-    tenth of the copy rate).  Every write is recorded, in whole ``grain`` units, from the
-    start; ``find_data`` adds what the device held before, once.  Until it has, or if
-    the device cannot tell, the side may hold data anywhere.
+    Given a ``grain`` (the secondary is), a side also keeps where it may hold data, so
+    that the copier need not ask the device again for each run of holes it copies (a
+    ``SEEK_DATA`` in a thread per item cost a tenth of the copy rate).  Every write is
+    recorded, in whole ``grain`` units, from the start; ``find_data`` adds what the
+    device held before, once.  Until it has, or if the device cannot tell, the side may
+    hold data anywhere.
     """
 
-    def __init__(self, dev: BlockDevice, info: Info, sector_size: int, grain: int = 1) -> None:
+    def __init__(
+        self, dev: BlockDevice, info: Info, sector_size: int, grain: int | None = None
+    ) -> None:
         self.dev = dev
         self.ratio = sector_size // info.sector_size
         self.use_extents = Capability.EXTENTS in dev.capabilities
@@ -130,13 +133,14 @@ class Side:
         await self.dev.read(sector * self.ratio, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        end = sector + total_length(buffers) // self._sector_size
-        self._written.add(*align_out(sector, end, self._grain))  # before: it may half land
+        if self._grain:  # before the write: it may half land
+            end = sector + total_length(buffers) // self._sector_size
+            self._written.add(*align_out(sector, end, self._grain))
         await self.dev.write(sector * self.ratio, buffers)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
-        if self._found is None and self.use_extents:
+        if self._found is None and self.use_extents and self._grain:
             self._found = await self.data_map(0, size)
 
     def may_hold_data(self, start: int, end: int) -> list[tuple[int, int]]:
