@@ -339,6 +339,24 @@ async def test_a_fresh_secondary_is_not_asked_for_holes_per_item(tmp_path: Path)
     assert Path(p).read_bytes() == Path(s).read_bytes()
 
 
+async def test_a_fresh_secondary_is_asked_once_when_data_ends_mid_chunk(
+    tmp_path: Path,
+) -> None:
+    size = 16 << 20
+    p = image(tmp_path, "p", size)
+    with open(p, "r+b") as f:  # 4 KiB of data every 256 KiB
+        for offset in range(0, size, 256 << 10):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+    s = image(tmp_path, "s", size)
+    secondary = CountingDevice(open_file(s))
+    with trio.fail_after(10):
+        async with open_mirror(open_file(p), secondary, chunk=1 << 20) as m:
+            await m.wait_synced()
+    assert secondary.extents_calls == 1
+    assert Path(p).read_bytes() == Path(s).read_bytes()
+
+
 async def test_what_the_mirror_wrote_where_the_primary_became_a_hole_is_zeroed(
     tmp_path: Path,
 ) -> None:

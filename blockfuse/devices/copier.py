@@ -2,11 +2,8 @@
 in flight.
 
 A planner walks the uncopied ranges in order, asks the primary where its data is, and
-hands out items: data in chunks, runs of holes in long items.  Workers copy items;
-``in_flight`` chunk buffers are lent among ``HOLE_WORKERS`` more workers than that, so
-a run of holes, which may wait for a round trip to either side, takes neither a buffer
-nor a data item's turn.  A data item takes its buffer before its range lock; a run of
-holes that turns out to hold data makes a buffer of its own.
+hands out items: data in chunks, runs of holes in long items.  Workers copy items,
+each with a chunk buffer of its own.
 
 The plan is only a guess -- a write may land in a hole after the planner looked -- so a
 *hole* item whose range a foreground write touched since the planner asked asks the
@@ -25,7 +22,8 @@ trusts the plan) until its range is in ``copied``.
 
 A hole item zeroes the secondary only where it may hold data (``Side.may_hold_data``:
 what it held when the copy started, plus what was written to it since), so on a fresh
-secondary it asks nothing and writes nothing.
+secondary it asks nothing and writes nothing, unless a foreground write reached the
+secondary in the same chunk.
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
@@ -58,7 +56,7 @@ from ..block import Capability
 from ..errors import BlockError
 from ..extents import IntervalSet, align_out
 from .copymap import CopyMap
-from .mirrorparts import BufferPool, RangeQueue, Side, Throttle, outcome, runs, split
+from .mirrorparts import RangeQueue, Side, Throttle, outcome, runs, split
 
 HOLE_ITEM_CHUNKS = 1024
 """A run of holes is handed out in items of up to this many chunks, when the secondary
@@ -69,8 +67,6 @@ PLAN_SPAN_BYTES = 1 << 30
 FOREGROUND_BYTES = 2 << 20
 """While foreground I/O uses the primary, only this many bytes of chunks are copied at
 once (but always one chunk, and at most two)."""
-HOLE_WORKERS = 2
-"""Workers beyond the ``in_flight`` that have a buffer: runs of holes need none."""
 FLUSH_BEHIND_BYTES = 64 << 20
 """The copier starts a flush of the secondary after writing this many bytes to it."""
 
@@ -126,8 +122,7 @@ class Copier:
         cheap_holes = {Capability.EXTENTS, Capability.WRITE_ZEROES} <= secondary.dev.capabilities
         self._hole_step = chunk * (HOLE_ITEM_CHUNKS if cheap_holes else 1)
         self._throttle = Throttle(rate)
-        self._workers = in_flight + HOLE_WORKERS
-        self._buffers = BufferPool(in_flight, chunk * self._sector_size)
+        self._workers = in_flight
         chunk_bytes = chunk * self._sector_size
         self.foreground_workers = max(1, min(2, FOREGROUND_BYTES // chunk_bytes))
         """Workers that go on copying while foreground I/O uses the primary."""
@@ -188,7 +183,8 @@ class Copier:
                 pos = end
 
     async def _hint(self, start: int, end: int) -> IntervalSet:
-        """Where the primary holds data, to plan with; each item asks again under its lock."""
+        """Where the primary holds data, to plan with (see the module text for when a
+        hole item asks again)."""
         try:
             return await self._primary.data_map(start, end)
         except BlockError as exc:
@@ -198,13 +194,14 @@ class Copier:
     async def _work(
         self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
     ) -> None:
+        buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
                 if index >= self.foreground_workers:
                     await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
-                await self._copy_with_retries(start, end, is_data)
+                await self._copy_with_retries(start, end, is_data, buf)
                 if self._unflushed >= FLUSH_BEHIND_BYTES and not self._flushing:
                     self._flushing, self._unflushed = True, 0
                     nursery.start_soon(self._flush_behind)
@@ -216,13 +213,13 @@ class Copier:
         finally:
             self._flushing = False
 
-    async def _copy_with_retries(self, start: int, end: int, is_data: bool) -> None:
+    async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         if is_data:  # before the range lock: a write there must not wait for the rate
             await self._throttle.take((end - start) * self._sector_size)
         for attempt in range(self._retries + 1):
             self.in_flight += 1
             try:
-                err = await outcome(self._copy_item(start, end, is_data))
+                err = await outcome(self._copy_item(start, end, is_data, buf))
             finally:
                 self.in_flight -= 1
             if err is None:
@@ -237,37 +234,28 @@ class Copier:
             if not self._events.going_on():
                 return
 
-    async def _copy_item(self, start: int, end: int, is_data: bool) -> None:
-        if not is_data:
-            async with self._lock.hold(start, end):
-                for a, b in self._map.copied.gaps(start, end):
-                    if self._touched.intersection(a, b):  # the planner's answer may be old
-                        await self._copy_by_extents(a, b)
-                    else:
-                        await self._zero_secondary(a, b)
-                    self._map.copied.add(a, b)
-            return
-        async with self._buffers.lend() as buf, self._lock.hold(start, end):
+    async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
+        async with self._lock.hold(start, end):
             for a, b in self._map.copied.gaps(start, end):
-                await self._copy_data(a, b, buf)
+                if is_data:
+                    await self._copy_data(a, b, buf)
+                elif self._touched.intersection(a, b):  # the planner's answer may be old
+                    await self._copy_by_extents(a, b, buf)
+                else:
+                    await self._zero_secondary(a, b)
                 self._map.copied.add(a, b)
 
-    async def _copy_by_extents(self, start: int, end: int) -> None:
+    async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
         """Copy the primary's data and zero its holes, asking its extents now."""
         data = await self._primary.data_map(start, end)
         for a, b, holds_data in runs(data, start, end):
-            if not holds_data:
-                await self._zero_secondary(a, b)
-                continue
-            # Not from the pool: under the lock, waiting for a buffer held by a data item
-            # that waits for a write that waits for this item would never end.
-            await self._copy_data(a, b, bytearray(self._chunk * self._sector_size))
+            await (self._copy_data(a, b, buf) if holds_data else self._zero_secondary(a, b))
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self._chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
             await self._primary.read(a, [view])
-            await self._secondary.write(a, [view])
+            await self._secondary.write(a, [view], exact=True)
             self._unflushed += len(view)
 
     async def _zero_secondary(self, start: int, end: int) -> None:

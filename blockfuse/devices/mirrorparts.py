@@ -39,25 +39,6 @@ class RangeQueue:
             entry[2].set()
 
 
-class BufferPool:
-    """``count`` buffers of ``size`` bytes, each made when first needed, lent one at a
-    time (a borrower waits for a free one)."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._slots = trio.Semaphore(count)
-        self._free: list[bytearray] = []
-        self._size = size
-
-    @asynccontextmanager
-    async def lend(self) -> AsyncIterator[bytearray]:
-        async with self._slots:
-            buf = self._free.pop() if self._free else bytearray(self._size)
-            try:
-                yield buf
-            finally:
-                self._free.append(buf)
-
-
 class Throttle:
     """At most ``rate`` bytes per second, with a burst of one request."""
 
@@ -113,9 +94,11 @@ class Side:
     Given a ``grain`` (the secondary is), a side also keeps where it may hold data, so
     that the copier need not ask the device again for each run of holes it copies (a
     ``SEEK_DATA`` in a thread per item cost a tenth of the copy rate).  Every write is
-    recorded, in whole ``grain`` units, from the start; ``find_data`` adds what the
-    device held before, once.  Until it has, or if the device cannot tell, the side may
-    hold data anywhere.
+    recorded from the start: the copier's exactly (they run in order and merge; data
+    often ends in the middle of a chunk, and the holes after it must not look written),
+    others in whole ``grain`` units, so that scattered small writes cost at most one
+    interval per two grains.  ``find_data`` adds what the device held before, once.
+    Until it has, or if the device cannot tell, the side may hold data anywhere.
     """
 
     def __init__(
@@ -132,10 +115,11 @@ class Side:
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self.dev.read(sector * self.ratio, buffers)
 
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+    async def write(self, sector: int, buffers: Sequence[Buffer], *, exact: bool = False) -> None:
+        """Write; ``exact``: record just these sectors as written, not whole grains."""
         if self._grain:  # before the write: it may half land
             end = sector + total_length(buffers) // self._sector_size
-            self._written.add(*align_out(sector, end, self._grain))
+            self._written.add(*((sector, end) if exact else align_out(sector, end, self._grain)))
         await self.dev.write(sector * self.ratio, buffers)
 
     async def find_data(self, size: int) -> None:
