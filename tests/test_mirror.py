@@ -117,13 +117,19 @@ class Jittery(BlockDevice):
 
 
 class HoleyMemory(MemoryDevice):
-    """Memory whose all-zero sectors are holes, as its ``extents`` tell."""
+    """Memory whose all-zero sectors are holes, as its ``extents`` tell; it can also be
+    made to lack some capabilities."""
 
-    capabilities = MemoryDevice.capabilities | {Capability.EXTENTS}
+    def __init__(
+        self, size: int, sector_size: int = SS, lacks: frozenset[Capability] = frozenset()
+    ) -> None:
+        super().__init__(size, sector_size=sector_size)
+        self.capabilities = (MemoryDevice.capabilities | {Capability.EXTENTS}) - lacks
+        self._ss = sector_size
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
-        data = self.data
-        kinds = [any(data[(sector + i) * SS : (sector + i + 1) * SS]) for i in range(count)]
+        data, ss = self.data, self._ss
+        kinds = [any(data[(sector + i) * ss : (sector + i + 1) * ss]) for i in range(count)]
         out: list[Extent] = []
         for i, is_data in enumerate(kinds):
             if out and out[-1].is_data == is_data:
@@ -140,18 +146,23 @@ def holey_bytes(rng: random.Random, n: int) -> bytes:
 
 async def race_with_holes_once(seed: int) -> None:
     """Writes of data into the primary's holes, and of zeroes over its data, race the
-    copier, whose plan of the holes they make old."""
+    copier, whose plan of the holes they make old; sector sizes differ or not, and the
+    secondary may lack extents or write_zeroes."""
     rng = random.Random(seed)
     size = 64 << 10
+    p_ss, s_ss = rng.choice([(SS, SS), (SS, 4096), (4096, SS)])
+    ss = max(p_ss, s_ss)  # the mirror's sector
+    lacks = rng.choice([set(), {Capability.EXTENTS}, {Capability.WRITE_ZEROES}])
     chunk_sectors = rng.choice([1, 3, 8])
     start = holey_bytes(rng, size)
-    primary, secondary = HoleyMemory(size), HoleyMemory(size)
+    primary = HoleyMemory(size, p_ss)
+    secondary = HoleyMemory(size, s_ss, frozenset(lacks))
     await primary.write(0, [start])
     await secondary.write(0, [holey_bytes(rng, size)])  # old contents must not survive
     model = bytearray(start)
-    sectors = size // SS
+    sectors = size // ss
     async with open_mirror(
-        Jittery(primary, rng), Jittery(secondary, rng), chunk=chunk_sectors * SS,
+        Jittery(primary, rng), Jittery(secondary, rng), chunk=chunk_sectors * ss,
         in_flight=rng.choice([1, 4]),
     ) as m:  # fmt: skip
         for _ in range(20):
@@ -163,8 +174,8 @@ async def race_with_holes_once(seed: int) -> None:
                     if any(a < first + count and first < b for a, b in taken):
                         continue
                     taken.append((first, first + count))
-                    blob = holey_bytes(rng, count * SS)
-                    model[first * SS : (first + count) * SS] = blob
+                    blob = holey_bytes(rng, count * ss)
+                    model[first * ss : (first + count) * ss] = blob
                     nursery.start_soon(m.write, first, [blob])
         await m.wait_synced()
         assert primary.data == model, f"seed {seed}: primary differs from the model"
