@@ -8,11 +8,11 @@ each with a chunk buffer of its own.
 The plan is only a guess -- a write may land in a hole after the planner looked -- so a
 *hole* item whose range a foreground write touched since the planner asked asks the
 primary again *under the range lock*, and only that answer decides what is copied and
-what is zeroed.  A write tells (``primary_written``) as it ends, still holding its lock:
-the item holds the lock when it looks, so any write into its range has either not
-started or told, and a write that ran across the planner's question counts too.  An untouched
-hole item trusts the plan: asking anyway, a block status per run of holes queued behind
-the chunks in flight, cost 5-10% of the copy rate.  A *data* item needs no second
+what is zeroed.  A write tells (``primary_written``) as it ends, still holding its
+lock: the item holds the lock when it looks, so any write into its range has either
+not started or told, and a write that ran across the planner's question counts too.
+An untouched hole item trusts the plan: asking anyway, a block status per run of holes
+queued behind the chunks in flight, cost 5-10% of the copy rate.  A *data* item needs no second
 answer: it is read from the primary under the lock whatever it holds (a hole in it
 reads as zeroes, which the secondary then holds as zeroes), and asking again cost an
 extra round trip per chunk (an NBD block status: 8 chunks in flight copied at 0.28x

@@ -66,10 +66,11 @@ from .mirrorparts import RangeQueue, Side, outcome, run_both, slice_buffers, spr
 
 DEFAULT_CHUNK = 4 << 20
 """Copying 2 GiB from nbdkit (bench_mirror.py, 2 cores), 4 MiB chunks with 4 in flight
-ran at 0.75x-0.84x nbdcopy (medians of 5-7 copies) where 1 MiB chunks with 16 in flight
-ran at 0.31x-0.54x; 2 MiB x 8 and 8 MiB x 2 or 4 fell between.  A foreground write
-that overlaps an item being copied waits for it: a chunk of data, or a run of holes
-(quick, unless writes put data there since the planner looked)."""
+had the higher median in 7 of 8 runs against 1 MiB chunks with 16 in flight (the old
+default): 0.58x-0.91x nbdcopy against 0.31x-0.71x; 2 MiB x 8 and 8 MiB x 2 or 4 fell
+between.  A foreground write that overlaps an item being copied waits for it: a chunk
+of data, or a run of holes (quick, unless writes put data there since the planner
+looked)."""
 IN_FLIGHT_BYTES = 16 << 20
 """The copier keeps this many bytes of chunks in flight, in 2 to 16 chunks.  (More
 small chunks queue more ahead of foreground requests on a slow link: 64 chunks of
