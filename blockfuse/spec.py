@@ -33,7 +33,7 @@ from .background import background_nursery, start_when_all_open
 from .block import BlockDevice
 from .devices.file import open_file
 from .devices.memory import MemoryDevice
-from .devices.mirror import DEFAULT_CHUNK, prepare_mirror
+from .devices.mirror import DEFAULT_CHUNK, MAX_CHUNK, prepare_mirror, too_big_chunk
 from .devices.remote import open_remote
 from .devices.safe import SafeDevice
 from .devices.sparse import check_backing, open_sparse
@@ -435,6 +435,8 @@ def compile_mirror(call: Call) -> Recipe:
         raise SpecError("a mirror chunk must be more than 0 bytes (or left out: 4M)")
     if chunk % 512:
         raise SpecError(f"mirror chunk {chunk} is not a whole number of 512-byte sectors")
+    if chunk > MAX_CHUNK:
+        raise SpecError(too_big_chunk(chunk))
     if rate == 0:
         raise SpecError("mirror rate must be more than 0 bytes per second (or left out)")
     if primary.text == secondary.text and primary.kind != "memory":

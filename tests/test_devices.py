@@ -116,6 +116,22 @@ async def test_file_large_concurrent_io(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("opener", [open_file, open_sparse])
+async def test_a_write_too_big_for_the_loop_goes_whole_in_pieces(
+    tmp_path: Path, opener: Any
+) -> None:
+    """Over 1 MiB goes to a thread, which writes 256 KiB at a time: buffers of odd sizes
+    across the piece edges, at an odd sector, all land in order."""
+    dev = opener(image(tmp_path, 8 << 20))
+    data = [os.urandom(n) for n in (512, 300 * 512, 2 << 20, 1536, 1 << 20)]
+    with trio.fail_after(10):
+        await dev.write(3, data)
+        back = [bytearray(len(d)) for d in data]
+        await dev.read(3, back)
+    assert back == data
+    await dev.aclose()
+
+
+@pytest.mark.parametrize("opener", [open_file, open_sparse])
 async def test_more_buffers_than_one_syscall_takes(tmp_path: Path, opener: Any) -> None:
     """The contract allows any number of buffers; preadv/pwritev take 1024 at most."""
     dev = opener(image(tmp_path, 2 << 20))

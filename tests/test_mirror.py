@@ -790,6 +790,7 @@ async def test_wait_synced_after_close_does_not_hang() -> None:
     ("spec", "message"),
     [
         ("mirror(mem(1M), mem(1M), chunk=1000)", "chunk 1000 is not a whole number of 512-byte"),
+        ("mirror(mem(1M), mem(1M), chunk=1T)", "more than 64 MiB: each chunk in flight"),
         ("mirror(mem(1M), mem(1M), rate=0)", "rate must be more than 0"),
         ("mirror(mem(1M), mem(1M), state=/no/such/dir/map)", "does not exist"),
         ("mirror(mem(1M))", "needs 'secondary'"),
