@@ -394,7 +394,11 @@ def compile_sparse(call: Call) -> Recipe:
         return open_sparse(path, size_bytes=size)
 
     async def open_sized(size_bytes: int) -> BlockDevice:
-        return open_sparse(path, size_bytes=size if size is not None else size_bytes)
+        return open_sparse(path, size_bytes=size if size is not None else new_only(size_bytes))
+
+    def new_only(size_bytes: int) -> int | None:
+        """The peer's size is for a new file: an existing one keeps its own length."""
+        return None if os.path.exists(path) else size_bytes
 
     return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
 

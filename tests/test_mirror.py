@@ -1011,3 +1011,19 @@ async def test_a_new_sparse_secondary_takes_the_primarys_size(tmp_path: Path) ->
     assert s.stat().st_size == 3 * SIZE
     assert s.read_bytes() == Path(p).read_bytes()
     assert s.stat().st_blocks * 512 < 2 * SIZE, "the holes of the primary were written"
+
+
+@pytest.mark.parametrize("length", [SIZE, 4 * SIZE])
+async def test_an_existing_sparse_secondary_of_another_size_is_refused(
+    tmp_path: Path, length: int
+) -> None:
+    """Only a new ``sparse(PATH)`` takes the primary's size; an existing file keeps its
+    own (taking the primary's left a short file that later mounted 43 MiB long)."""
+    p = image(tmp_path, "p", 2 * SIZE, os.urandom(SIZE))
+    s = image(tmp_path, "s", length, b"old")
+    recipe = compile_spec(f"mirror({p}, sparse({s}), chunk=64K)")
+    with trio.fail_after(10), pytest.raises(MirrorRefused, match="must be the same size"):
+        async with background_tasks():
+            await recipe.open()
+    assert os.path.getsize(s) == length
+    assert Path(s).read_bytes()[:3] == b"old"
