@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 import trio
@@ -26,6 +27,7 @@ from .fuse.mount import (
     check_mountpoint,
     close_all,
     loop_devices_using,
+    mount_pid,
     mount_type,
     prepare_mountpoint,
     resolved,
@@ -336,6 +338,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 # --- umount --------------------------------------------------------------------------
 
+UMOUNT_WAIT_SECONDS = 120.0
+"""How long ``umount`` waits for the blockfuse it unmounted to close its devices (a
+mirror stops its copier within 10 s, then flushes both sides)."""
+
 
 def cmd_umount(args: argparse.Namespace) -> int:
     path = args.mountpoint
@@ -349,10 +355,53 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise CommandError(f"{path} is a {fstype} mount, not blockfuse's; leaving it alone")
     # Never touch the mountpoint itself: a stopped blockfuse would not answer.  Unmounting
     # a live mount ends its blockfuse (it flushes and exits); a stale one is just cleared.
+    pid = mount_pid(path)
     result = subprocess.run(unmount_command(path, lazy=False), capture_output=True, text=True)
     if result.returncode != 0:
         raise CommandError(f"unmounting {path} failed: {result.stderr.strip()}{why_busy(path)}")
+    if pid is not None:
+        wait_for_exit(pid, path)
     return EXIT_OK
+
+
+def wait_for_exit(pid: int, path: str, limit: float = UMOUNT_WAIT_SECONDS) -> None:
+    """Wait until blockfuse ``pid`` has closed its devices (flushed, maps saved) and
+    exited, so that a new mount can open them at once."""
+    deadline = time.monotonic() + limit
+    told = False
+    while is_blockfuse(pid):
+        if process_state(pid) in ("T", "t"):
+            print(f"blockfuse: pid {pid} is stopped; it closes its devices once continued "
+                  f"(kill -CONT {pid})", file=sys.stderr)  # fmt: skip
+            return
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"{path} is unmounted, but blockfuse (pid {pid}) is still closing its "
+                f"devices after {limit:.0f} s; wait for it before mounting them again"
+            )
+        if not told and time.monotonic() > deadline - limit + 1:
+            print(f"blockfuse: waiting for pid {pid} to flush and close its devices",
+                  file=sys.stderr)  # fmt: skip
+            told = True
+        time.sleep(0.05)
+
+
+def is_blockfuse(pid: int) -> bool:
+    """Whether ``pid`` runs and is a blockfuse (not a later process given the number)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"blockfuse" in f.read() and process_state(pid) not in ("Z", "X", "")
+    except OSError:
+        return False
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of ``pid`` from /proc (R, S, D, T, Z...; "" if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def why_busy(path: str) -> str:

@@ -74,6 +74,21 @@ def mount_type(path: str) -> str | None:
     return found
 
 
+def mount_pid(path: str) -> int | None:
+    """The PID of the blockfuse serving the mount at ``path`` (its fsname), if it says."""
+    real = resolved(path)
+    pid = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if unescape_mountinfo(fields[4]) == real:
+                source = fields[sep + 2]
+                tail = source.removeprefix(f"{FSNAME}:")
+                pid = int(tail) if source != tail and tail.isdigit() else None
+    return pid
+
+
 def unmount_command(path: str, *, lazy: bool = True) -> list[str]:
     """The command that unmounts ``path`` (lazily: even while something still uses it)."""
     if shutil.which("fusermount3"):
@@ -197,8 +212,12 @@ def prepare_mountpoint(path: str, need: Prepare) -> None:
 
 
 def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
-    # An fsname that names a directory in the cwd would be shown as that path.
-    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}:", f"subtype={FSNAME}"}
+    # An fsname that names a directory in the cwd would be shown as that path.  The PID
+    # tells ``blockfuse umount`` which process to wait for.
+    options = set(pyfuse3.default_options) | {
+        f"fsname={FSNAME}:{os.getpid()}",
+        f"subtype={FSNAME}",
+    }
     if read_only:
         options.add("ro")
     if allow_other:
