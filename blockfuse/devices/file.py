@@ -64,11 +64,11 @@ IN_LOOP_WRITE_MAX = 1 << 20
 """Writes up to this many bytes (every FUSE write) may run in the loop (where RWF_NOWAIT
 is refused); larger ones, from a mirror's copier with big chunks, go to a thread."""
 THREAD_WRITE_PIECE = 256 << 10
-"""A write in a thread is issued in pieces of at most this many bytes.  A large aligned
-``pwritev`` makes the page cache allocate large folios (2 MiB), which on the dev VM was
-often slow: 1 GiB in aligned 4 MiB writes took 0.32-1.27 s in 5 of 8 runs and 0.20 s in
-the others; in 256 KiB pieces, 0.20-0.24 s in 8 of 8 (nbdcopy writes 256 KiB requests).
-The mirror's copier writes whole chunks (4 MiB by default) here."""
+"""A write in a thread is issued in pieces of at most this many bytes.  Large aligned
+``pwritev`` calls were often slow on the dev VM (likely the page cache allocating large
+folios; not verified): 1 GiB in aligned 4 MiB writes took 0.32-1.27 s in 5 of 8 runs and
+0.20 s in the others; in 256 KiB pieces, 0.20-0.24 s in 8 of 8 (nbdcopy writes 256 KiB
+requests).  The mirror's copier writes whole chunks (4 MiB by default) here."""
 SLOW_CALL = 0.001
 """A write that blocked this long (seconds) sends the next ones to threads..."""
 SLOW_PERIOD = 1.0
