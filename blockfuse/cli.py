@@ -367,19 +367,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def wait_for_exit(pid: int, path: str, limit: float = UMOUNT_WAIT_SECONDS) -> None:
     """Wait until blockfuse ``pid`` has closed its devices (flushed, maps saved) and
     exited, so that a new mount can open them at once."""
-    deadline = time.monotonic() + limit
+    started = time.monotonic()
     told = False
     while is_blockfuse(pid):
         if process_state(pid) in ("T", "t"):
             print(f"blockfuse: pid {pid} is stopped; it closes its devices once continued "
                   f"(kill -CONT {pid})", file=sys.stderr)  # fmt: skip
             return
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if waited > limit:
             raise CommandError(
                 f"{path} is unmounted, but blockfuse (pid {pid}) is still closing its "
                 f"devices after {limit:.0f} s; wait for it before mounting them again"
             )
-        if not told and time.monotonic() > deadline - limit + 1:
+        if waited > 1 and not told:
             print(f"blockfuse: waiting for pid {pid} to flush and close its devices",
                   file=sys.stderr)  # fmt: skip
             told = True

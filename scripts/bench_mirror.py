@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from blockfuse.background import background_tasks  # noqa: E402
-from blockfuse.devices.mirror import DEFAULT_CHUNK, open_mirror  # noqa: E402
+from blockfuse.devices.mirror import DEFAULT_CHUNK, default_in_flight, open_mirror  # noqa: E402
 from blockfuse.extents import IntervalSet  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
 
@@ -132,10 +132,11 @@ def mirror(uri: str, target: Path, chunk: str, in_flight: int) -> None:
     trio.run(main)
 
 
-def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 4) -> None:
+def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0) -> None:
     """The same reads, writes and flushes as the copier, with no mirror: what our stack
     can do.  Like the copier, it starts a flush of the target every 64 MiB written (one
-    at a time)."""
+    at a time).  ``in_flight`` 0: the copier's default."""
+    in_flight = in_flight or default_in_flight(chunk)
 
     async def main() -> None:
         async with background_tasks():
@@ -197,7 +198,9 @@ def copy_rates(args: argparse.Namespace, work: Path, source: Path, size: int) ->
         for setting in args.mirror:
             chunk, in_flight = setting.split("x")
             name = f"blockfuse mirror, chunk {chunk}, {in_flight} in flight"
-            if parse_size(chunk) == DEFAULT_CHUNK and int(in_flight) == 4:
+            if parse_size(chunk) == DEFAULT_CHUNK and int(in_flight) == default_in_flight(
+                DEFAULT_CHUNK
+            ):
                 name += " (default)"
             copiers.append((name, lambda c=chunk, n=int(in_flight): mirror(uri, target, c, n)))
         copiers.append(("floor (no mirror): NBD read + sparse write, 4M x 4",
@@ -211,7 +214,7 @@ def copy_rates(args: argparse.Namespace, work: Path, source: Path, size: int) ->
                 if round_ == 0:  # once is enough; each cmp reads 4 GiB, churning memory
                     assert same(source, target), f"{name} made a different copy"
     best0, median0 = max(rates["nbdcopy"]), statistics.median(rates["nbdcopy"])
-    print(f"\nCopy of a {size >> 30} GiB device (half data) from nbdkit over a Unix socket,"
+    print(f"\nCopy of a {size >> 20} MiB device (half data) from nbdkit over a Unix socket,"
           f" {args.rounds} rounds")  # fmt: skip
     print(f"{'copier':54} {'best MiB/s':>10} {'ratio':>6} {'median':>7} {'ratio':>6}")
     for name, got in rates.items():

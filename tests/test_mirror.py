@@ -7,7 +7,8 @@ import errno
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,33 @@ def holey_bytes(rng: random.Random, n: int) -> bytes:
     return b"".join(bytes(SS) if rng.random() < 0.5 else rng.randbytes(SS) for _ in range(n // SS))
 
 
+async def racing_writes(
+    m: MirrorDevice,
+    rng: random.Random,
+    model: bytearray,
+    ss: int,
+    rounds: int,
+    most: int,
+    longest: int,
+    blob: Callable[[int], bytes],
+) -> None:
+    """``rounds`` times, up to ``most`` writes at once of up to ``longest`` sectors (none
+    overlapping another of its round), each also applied to ``model``."""
+    sectors = len(model) // ss
+    for _ in range(rounds):
+        taken: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(rng.randrange(1, most + 1)):
+                first = rng.randrange(sectors)
+                count = rng.randrange(1, min(longest, sectors - first) + 1)
+                if any(a < first + count and first < b for a, b in taken):
+                    continue
+                taken.append((first, first + count))
+                data = blob(count * ss)
+                model[first * ss : (first + count) * ss] = data
+                nursery.start_soon(m.write, first, [data])
+
+
 async def race_with_holes_once(seed: int) -> None:
     """Writes of data into the primary's holes, and of zeroes over its data, race the
     copier, whose plan of the holes they make old; sector sizes differ or not, and the
@@ -160,23 +188,12 @@ async def race_with_holes_once(seed: int) -> None:
     await primary.write(0, [start])
     await secondary.write(0, [holey_bytes(rng, size)])  # old contents must not survive
     model = bytearray(start)
-    sectors = size // ss
     async with open_mirror(
         Jittery(primary, rng), Jittery(secondary, rng), chunk=chunk_sectors * ss,
         in_flight=rng.choice([1, 4]),
     ) as m:  # fmt: skip
-        for _ in range(20):
-            taken: list[tuple[int, int]] = []
-            async with trio.open_nursery() as nursery:
-                for _ in range(rng.randrange(1, 6)):
-                    first = rng.randrange(sectors)
-                    count = rng.randrange(1, min(2 * chunk_sectors + 2, sectors - first) + 1)
-                    if any(a < first + count and first < b for a, b in taken):
-                        continue
-                    taken.append((first, first + count))
-                    blob = holey_bytes(rng, count * ss)
-                    model[first * ss : (first + count) * ss] = blob
-                    nursery.start_soon(m.write, first, [blob])
+        blob = partial(holey_bytes, rng)
+        await racing_writes(m, rng, model, ss, 20, 5, 2 * chunk_sectors + 2, blob)
         await m.wait_synced()
         assert primary.data == model, f"seed {seed}: primary differs from the model"
         assert secondary.data == model, f"seed {seed}: secondary differs from the model"
@@ -197,25 +214,13 @@ async def race_once(seed: int) -> None:
     await primary_mem.write(0, [start])
     await secondary_mem.write(0, [rng.randbytes(size)])  # old contents must not survive
     model = bytearray(start)
-    sectors = size // SS
     async with open_mirror(
         Jittery(primary_mem, rng),
         Jittery(secondary_mem, rng),
         chunk=chunk_sectors * SS,
         in_flight=rng.choice([1, 4, 8]),
     ) as m:
-        for _ in range(30):
-            taken: list[tuple[int, int]] = []
-            async with trio.open_nursery() as nursery:
-                for _ in range(rng.randrange(1, 8)):
-                    first = rng.randrange(sectors)
-                    count = rng.randrange(1, min(3 * chunk_sectors + 2, sectors - first) + 1)
-                    if any(a < first + count and first < b for a, b in taken):
-                        continue
-                    taken.append((first, first + count))
-                    blob = rng.randbytes(count * SS)
-                    model[first * SS : (first + count) * SS] = blob
-                    nursery.start_soon(m.write, first, [blob])
+        await racing_writes(m, rng, model, SS, 30, 7, 3 * chunk_sectors + 2, rng.randbytes)
         await m.wait_synced()
         await m.flush()
         assert primary_mem.data == model, f"seed {seed}: primary differs from the model"

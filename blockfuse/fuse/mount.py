@@ -61,8 +61,8 @@ def resolved(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name)
 
 
-def mount_type(path: str) -> str | None:
-    """The filesystem type mounted exactly at ``path``, from /proc/self/mountinfo."""
+def mount_entry(path: str) -> tuple[str, str] | None:
+    """``(type, source)`` of the mount exactly at ``path``, from /proc/self/mountinfo."""
     real = resolved(path)
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -70,23 +70,23 @@ def mount_type(path: str) -> str | None:
             fields = line.split()
             sep = fields.index("-")
             if unescape_mountinfo(fields[4]) == real:
-                found = fields[sep + 1]  # the last mount on a path is the visible one
+                found = fields[sep + 1], fields[sep + 2]  # the last mount is the visible one
     return found
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted exactly at ``path``."""
+    entry = mount_entry(path)
+    return entry[0] if entry else None
 
 
 def mount_pid(path: str) -> int | None:
     """The PID of the blockfuse serving the mount at ``path`` (its fsname), if it says."""
-    real = resolved(path)
-    pid = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if unescape_mountinfo(fields[4]) == real:
-                source = fields[sep + 2]
-                tail = source.removeprefix(f"{FSNAME}:")
-                pid = int(tail) if source != tail and tail.isdigit() else None
-    return pid
+    entry = mount_entry(path)
+    if entry is None or not entry[1].startswith(f"{FSNAME}:"):
+        return None
+    tail = entry[1].removeprefix(f"{FSNAME}:")
+    return int(tail) if tail.isdigit() else None
 
 
 def unmount_command(path: str, *, lazy: bool = True) -> list[str]:
