@@ -142,12 +142,3 @@ class BlockDevice(ABC):
 def total_length(buffers: Sequence[Buffer]) -> int:
     """The number of bytes in ``buffers``."""
     return sum(map(len, buffers))
-
-
-def format_size(n: int) -> str:
-    """``1073741824`` -> ``'1 GiB'``; exact where it can be, else one decimal."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} B"

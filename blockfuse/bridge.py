@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .block import Buffer
+from .units import ceil_div
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Span:
 def span(offset: int, length: int, sector_size: int) -> Span:
     """The sector span of a non-empty byte range."""
     first = offset // sector_size
-    end = -(-(offset + length) // sector_size)
+    end = ceil_div(offset + length, sector_size)
     head = offset - first * sector_size
     tail = end * sector_size - (offset + length)
     return Span(first, end - first, head, tail)

@@ -15,7 +15,7 @@ import trio
 
 from . import __version__
 from .background import all_or_nothing, background_tasks
-from .block import BlockDevice, format_size
+from .block import BlockDevice
 from .devices.readonly import ReadOnlyDevice
 from .devices.safe import SafeDevice
 from .errors import BlockError
@@ -40,6 +40,7 @@ from .nbd.uri import BadURI, parse_uri
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
 from .swap import DEFAULT_UNIT
 from .transport.connect import list_exports
+from .units import format_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
+from .units import round_down, round_up
+
 Interval = tuple[int, int]
 
 
@@ -146,4 +148,4 @@ class IntervalSet:
 
 def align_out(start: int, end: int, unit: int) -> Interval:
     """``[start, end)`` grown to whole multiples of ``unit``."""
-    return start - start % unit, -(-end // unit) * unit
+    return round_down(start, unit), round_up(end, unit)

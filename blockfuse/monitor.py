@@ -16,8 +16,8 @@ from typing import TextIO
 
 import trio
 
-from .block import format_size
 from .fuse.flatfile import FlatFile
+from .units import format_size
 
 PREFIX = "user.blockfuse."
 BAR_WIDTH = 30

@@ -53,7 +53,8 @@ import trio
 from .block import BlockDevice, Buffer, total_length
 from .bridge import patch_sectors, span
 from .errors import HandleFreed, ReadOnly, Unsafe
-from .swapspace import FreeSpace, Run, map_range, merge_runs, round_up, split_buffers, split_runs
+from .swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
+from .units import ceil_div, round_up
 
 DEFAULT_UNIT = 1 << 20
 ZERO_CHUNK = 1 << 20
@@ -240,7 +241,7 @@ class Swap:
 
     def _reserve(self, state: _State, size: int) -> list[Run]:
         """Own enough units for ``size`` bytes; ``NoSpace`` takes nothing."""
-        need = -(-size // self.unit_size) - state.units
+        need = ceil_div(size, self.unit_size) - state.units
         if need > 0:
             self._reclaim_orphans()
             after = state.runs[-1].end if state.runs else None
@@ -249,7 +250,7 @@ class Swap:
 
     def _retire_beyond(self, state: _State, size: int) -> None:
         """Give up the units past those that ``size`` bytes need."""
-        state.runs, rest = split_runs(state.runs, -(-size // self.unit_size))
+        state.runs, rest = split_runs(state.runs, ceil_div(size, self.unit_size))
         self._retire(state, rest)
 
     # --- writes ----------------------------------------------------------------------------

@@ -169,7 +169,3 @@ def split_buffers(buffers: Sequence[Buffer], lengths: Sequence[int]) -> list[lis
             n -= len(view)
         groups.append(group)
     return groups
-
-
-def round_up(n: int, step: int) -> int:
-    return -(-n // step) * step

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 
 from ..block import Extent
+from ..units import ceil_div
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -100,9 +101,9 @@ def to_sector_extents(runs: Iterable[tuple[int, int, bool]], sector_size: int) -
     for offset, length, is_data in runs:
         end = offset + length
         if is_data:
-            first, stop = offset // sector_size, -(-end // sector_size)
+            first, stop = offset // sector_size, ceil_div(end, sector_size)
         else:
-            first, stop = -(-offset // sector_size), end // sector_size
+            first, stop = ceil_div(offset, sector_size), end // sector_size
         if out:
             first = out[-1].end
         if stop > first:

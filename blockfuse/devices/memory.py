@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info
 from ..errors import Disconnected, ReadOnly
+from ..units import round_up
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 """Linux's value; Python 3.11's mmap module does not name it."""
@@ -24,7 +25,7 @@ def _mapping(size: int) -> mmap.mmap:
 
 
 def _round_up(n: int) -> int:
-    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+    return round_up(n, mmap.PAGESIZE)
 
 
 def _zero(data: mmap.mmap, start: int, end: int) -> None:

@@ -13,6 +13,7 @@ import trio
 from ..block import BlockDevice, Buffer, Capability, Info, total_length
 from ..errors import BlockError, Unimplemented
 from ..extents import IntervalSet, align_out
+from ..units import ceil_div
 
 
 class RangeQueue:
@@ -150,7 +151,7 @@ class Side:
                 break
             for ext in answer:
                 if ext.is_data:
-                    data.add(ext.sector // self.ratio, -(-ext.end // self.ratio))
+                    data.add(ext.sector // self.ratio, ceil_div(ext.end, self.ratio))
             pos = answer[-1].end
         if pos < end * self.ratio:
             data.add(pos // self.ratio, end)

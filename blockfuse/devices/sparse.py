@@ -50,8 +50,9 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..background import note_created
-from ..block import Buffer, Capability, Extent, Info, format_size, total_length
+from ..block import Buffer, Capability, Extent, Info, total_length
 from ..errors import Unsafe
+from ..units import format_size
 from .file import (
     HOLE_CAPABILITIES,
     FileDevice,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 
 from ..errors import BlockError
+from ..units import ceil_div
 from .flatfile import FlatFile
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class BlockFS(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
         attr.st_size = size
         attr.st_blksize = IO_SIZE_HINT
-        attr.st_blocks = -(-size // 512)
+        attr.st_blocks = ceil_div(size, 512)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._started_ns
         attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
         return attr
@@ -133,7 +134,7 @@ class BlockFS(pyfuse3.Operations):
         attr = self._base_attr(inode, mode, info.size_bytes)
         allocated = f.status().get("allocated")  # a sparse image: what it holds on disk
         if allocated is not None:
-            attr.st_blocks = -(-int(allocated) // 512)
+            attr.st_blocks = ceil_div(int(allocated), 512)
         return attr
 
     @routed

@@ -27,9 +27,10 @@ from typing import Any
 
 import pyfuse3
 
-from ..block import BlockDevice, format_size
+from ..block import BlockDevice
 from ..errors import Unsafe
 from ..swap import Handle, Swap, open_swap
+from ..units import format_size
 from .ops import ATTR_TIMEOUT, IO_SIZE_HINT, fuse_errors
 
 INODE_SPAN = 1 << 32

@@ -1,0 +1,42 @@
+"""Small arithmetic and text helpers shared by every layer: sizes, rounding, safe text.
+
+Nothing here knows about devices; everything is a pure function, tested on its own.
+"""
+
+from __future__ import annotations
+
+
+def ceil_div(n: int, d: int) -> int:
+    """``n / d`` rounded up (for ``d > 0``)."""
+    return -(-n // d)
+
+
+def round_up(n: int, step: int) -> int:
+    """The smallest multiple of ``step`` that is at least ``n``."""
+    return ceil_div(n, step) * step
+
+
+def round_down(n: int, step: int) -> int:
+    """The largest multiple of ``step`` that is at most ``n``."""
+    return n - n % step
+
+
+def format_size(n: int) -> str:
+    """``1073741824`` -> ``'1 GiB'``; exact where it can be, else one decimal."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\t``, ``\\x1b``, ...), as ``ls``
+    escapes file names: for text that comes from outside (a server's export names)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    return repr(ch)[1:-1] if ch != "'" else ch
