@@ -5,26 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ..block import BlockDevice, Buffer, Extent, Info
+from ..block import Buffer, Info
 from ..errors import ReadOnly
+from .wrapper import PassThrough
 
 
-class ReadOnlyDevice(BlockDevice):
+class ReadOnlyDevice(PassThrough):
     kind = "read-only"
-
-    def __init__(self, inner: BlockDevice) -> None:
-        self._inner = inner
-        self.capabilities = inner.capabilities
-
-    @property
-    def inner(self) -> BlockDevice:
-        return self._inner
 
     async def get_info(self) -> Info:
         return replace(await self._inner.get_info(), read_write=False)
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.read(sector, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         raise ReadOnly("the device is mounted read-only")
@@ -37,12 +27,3 @@ class ReadOnlyDevice(BlockDevice):
 
     async def resize(self, size_sectors: int) -> None:
         raise ReadOnly("the device is mounted read-only")
-
-    async def extents(self, sector: int, count: int) -> list[Extent]:
-        return await self._inner.extents(sector, count)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

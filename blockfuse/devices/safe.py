@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..block import BlockDevice, Buffer, Extent, Info, total_length
+from ..block import Buffer, Extent, Info, total_length
 from ..errors import ReadOnly, Unsafe
+from .wrapper import PassThrough
 
 
 def check_buffers(buffers: Sequence[Buffer], sector_size: int) -> None:
@@ -47,19 +48,8 @@ def check_request(sector: int, buffers: Sequence[Buffer], info: Info) -> None:
     check_range(sector, total_length(buffers) // info.sector_size, info)
 
 
-class SafeDevice(BlockDevice):
+class SafeDevice(PassThrough):
     kind = "safe"
-
-    def __init__(self, inner: BlockDevice) -> None:
-        self._inner = inner
-        self.capabilities = inner.capabilities
-
-    @property
-    def inner(self) -> BlockDevice:
-        return self._inner
-
-    async def get_info(self) -> Info:
-        return await self._inner.get_info()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         check_request(sector, buffers, await self._inner.get_info())
@@ -101,9 +91,3 @@ class SafeDevice(BlockDevice):
     async def extents(self, sector: int, count: int) -> list[Extent]:
         check_range(sector, count, await self._inner.get_info())
         return await self._inner.extents(sector, count)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

@@ -11,7 +11,8 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..block import BlockDevice, Buffer, Extent, Info, total_length
+from ..block import BlockDevice, Buffer, Extent, total_length
+from ..devices.wrapper import PassThrough
 from ..errors import RequestFailed
 
 
@@ -34,17 +35,12 @@ class Fault:
         return sector < end and self.first < sector + max(count, 1)
 
 
-class FaultyDevice(BlockDevice):
+class FaultyDevice(PassThrough):
     kind = "faulty"
 
     def __init__(self, inner: BlockDevice, faults: Sequence[Fault] = ()) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.faults = list(faults)
-        self.capabilities = inner.capabilities
-
-    @property
-    def inner(self) -> BlockDevice:
-        return self._inner
 
     async def _maybe_fail(self, op: str, sector: int = 0, count: int = 0) -> None:
         for fault in self.faults:
@@ -54,9 +50,6 @@ class FaultyDevice(BlockDevice):
 
     async def _count(self, buffers: Sequence[Buffer]) -> int:
         return total_length(buffers) // (await self._inner.get_info()).sector_size
-
-    async def get_info(self) -> Info:
-        return await self._inner.get_info()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._maybe_fail("read", sector, await self._count(buffers))
@@ -78,12 +71,6 @@ class FaultyDevice(BlockDevice):
         await self._maybe_fail("write_zeroes", sector, count)
         await self._inner.write_zeroes(sector, count)
 
-    async def resize(self, size_sectors: int) -> None:
-        await self._inner.resize(size_sectors)
-
     async def extents(self, sector: int, count: int) -> list[Extent]:
         await self._maybe_fail("extents", sector, count)
         return await self._inner.extents(sector, count)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
