@@ -15,11 +15,12 @@ not declare one raises ``Unimplemented`` from it and does nothing.
 from __future__ import annotations
 
 import enum
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import Unimplemented
+from .errors import RequestFailed, Unimplemented
 
 Buffer = bytearray | memoryview | bytes
 """A run of bytes handed to ``read`` (must be writable) or ``write``."""
@@ -142,3 +143,30 @@ class BlockDevice(ABC):
 def total_length(buffers: Sequence[Buffer]) -> int:
     """The number of bytes in ``buffers``."""
     return sum(map(len, buffers))
+
+
+def layers(dev: BlockDevice) -> list[BlockDevice]:
+    """``dev`` and every device under it through ``inner``, outermost first."""
+    out = []
+    layer: BlockDevice | None = dev
+    while layer is not None:
+        out.append(layer)
+        layer = layer.inner
+    return out
+
+
+def merged_status(dev: BlockDevice) -> dict[str, str]:
+    """Every layer's ``status()``, the outermost winning on a shared key."""
+    out: dict[str, str] = {}
+    for layer in reversed(layers(dev)):
+        out.update(layer.status())
+    return out
+
+
+async def send_control(dev: BlockDevice, key: str, value: bytes, name: str) -> None:
+    """Hand a control request to the first layer, outermost first, that takes it;
+    ``RequestFailed(EPERM)`` if none does (``name`` names the device in the message)."""
+    for layer in layers(dev):
+        if await layer.control(key, value):
+            return
+    raise RequestFailed(errno.EPERM, f"{name} has no control named {key!r}")

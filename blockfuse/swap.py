@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 import trio
 
 from .block import BlockDevice, Buffer, total_length
-from .bridge import patch_sectors, span
 from .errors import HandleFreed, ReadOnly, Unsafe
+from .sectors import patch_sectors, span
 from .swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
 from .units import ceil_div, round_up
 

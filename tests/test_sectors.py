@@ -1,4 +1,4 @@
-"""The byte/sector bridge and the flat file, without FUSE."""
+"""Bytes over sectors (the shared byte bridge), the range lock and the flat file, without FUSE."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockfuse.block import Buffer
-from blockfuse.bridge import clip, span
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import RequestFailed
 from blockfuse.fuse.flatfile import FlatFile
-from blockfuse.fuse.rangelock import RangeLock
+from blockfuse.rangelock import RangeLock
+from blockfuse.sectors import clip, span
 
 
 @pytest.mark.parametrize(
@@ -176,3 +176,37 @@ async def test_a_shrink_and_grow_never_bring_back_a_partial_writes_old_bytes() -
             await trio.testing.wait_all_tasks_blocked()
             release.set()
     assert bytes(await f.read(last, 512)) == bytes(512)  # the write came first, then the cut
+
+
+async def test_range_lock_takes_turns_in_arrival_order(autojump_clock: object) -> None:
+    """A waiter waits for the overlapping entries before it, waiting ones included: a
+    later request for an overlapping range cannot overtake an earlier waiter."""
+    lock = RangeLock()
+    order: list[str] = []
+
+    async def holder(name: str, start: int, end: int) -> None:
+        async with lock.hold(start, end):
+            order.append(name)
+            await trio.sleep(0.01)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, "a", 0, 10)
+            await trio.sleep(0.001)
+            nursery.start_soon(holder, "b", 0, 20)  # waits for a
+            await trio.sleep(0.001)
+            nursery.start_soon(holder, "c", 15, 20)  # overlaps only b, which waits: after b
+    assert order == ["a", "b", "c"]
+
+
+async def test_a_cancelled_waiter_lets_the_next_one_go(autojump_clock: object) -> None:
+    lock = RangeLock()
+    with trio.fail_after(5):
+        first = await lock.acquire(0, 10)
+        with trio.move_on_after(0.1):
+            await lock.acquire(0, 10)
+        assert len(lock) == 1
+        lock.release(first)
+        async with lock.hold(0, 10):
+            pass
+    assert len(lock) == 0

@@ -1,0 +1,175 @@
+"""Bytes over sectors: byte-granular I/O on a device that takes whole sectors.
+
+A front end's request (a FUSE read or write, an NBD request) names any byte range; a
+device takes whole sectors.  The sectors a byte
+range touches::
+
+      sector:   |  first  |         |         |  last   |
+      bytes:         [head|=========|=========|==]tail
+                     ^ offset                    ^ offset + length
+
+Reads fetch the covering sectors and slice.  Writes whose two ends fall on sector
+edges go straight through; otherwise ``patch_sectors`` reads the partial first and last
+sectors, patches them, and hands them back with the aligned middle, for one device
+call.  That read-modify-write must not interleave with another write to the same
+sectors, or one writer's bytes are lost: the caller holds the sectors
+(``DeviceBytes`` with a ``RangeLock``, swapfs with its per-handle state).
+
+``DeviceBytes`` is a device seen as a run of bytes: what every front end shares (the
+FUSE flat file, the NBD server).  Everything else here is pure arithmetic on ints,
+tested without a device.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .block import BlockDevice, Buffer, Capability, Info
+from .errors import RequestFailed
+from .rangelock import RangeLock
+from .units import ceil_div
+
+
+@dataclass(frozen=True)
+class Span:
+    """The sectors that the bytes ``[offset, offset+length)`` touch."""
+
+    first: int
+    count: int
+    head: int
+    """Bytes of the first sector before ``offset``."""
+    tail: int
+    """Bytes of the last sector after ``offset + length``."""
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+    @property
+    def aligned(self) -> bool:
+        return self.head == 0 and self.tail == 0
+
+
+def span(offset: int, length: int, sector_size: int) -> Span:
+    """The sector span of a non-empty byte range."""
+    first = offset // sector_size
+    end = ceil_div(offset + length, sector_size)
+    head = offset - first * sector_size
+    tail = end * sector_size - (offset + length)
+    return Span(first, end - first, head, tail)
+
+
+def clip(offset: int, length: int, size: int) -> int:
+    """How many of ``length`` bytes from ``offset`` lie within a file of ``size`` bytes."""
+    return max(0, min(length, size - offset))
+
+
+ReadSector = Callable[[int], Awaitable[bytearray]]
+"""Reads the sector with the given index (in the span's numbering) into a new buffer."""
+
+
+async def patch_sectors(
+    s: Span, data: memoryview, sector_size: int, read_sector: ReadSector
+) -> list[Buffer]:
+    """``data`` as whole sectors from ``s.first``: the partial end sectors are read and
+    patched with ``data``'s ends, the aligned middle is passed as it is (no copy)."""
+    if s.aligned:
+        return [data]
+    ss = sector_size
+    if s.count == 1:
+        sector = await read_sector(s.first)
+        sector[s.head : s.head + len(data)] = data
+        return [sector]
+    head_len = (ss - s.head) if s.head else 0
+    tail_len = (ss - s.tail) if s.tail else 0
+    buffers: list[Buffer] = []
+    if head_len:
+        head = await read_sector(s.first)
+        head[s.head :] = data[:head_len]
+        buffers.append(head)
+    if len(data) > head_len + tail_len:
+        buffers.append(data[head_len : len(data) - tail_len])
+    if tail_len:
+        tail = await read_sector(s.end - 1)
+        tail[:tail_len] = data[len(data) - tail_len :]
+        buffers.append(tail)
+    return buffers
+
+
+class DeviceBytes:
+    """``device`` as bytes: reads and writes of any offset and length, ``resize`` in bytes.
+
+    Invariant: two writes that touch one sector never run at once (the range lock on
+    the sectors they touch), so a read-modify-write of a partial sector never loses
+    another writer's bytes.
+    """
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self._writes = RangeLock()
+
+    async def info(self) -> Info:
+        return await self.device.get_info()
+
+    async def read(self, offset: int, length: int) -> memoryview:
+        """Up to ``length`` bytes from ``offset``; fewer past the end, none beyond it."""
+        info = await self.device.get_info()
+        length = clip(offset, length, info.size_bytes)
+        if length == 0:
+            return memoryview(b"")
+        s = span(offset, length, info.sector_size)
+        buf = bytearray(s.count * info.sector_size)
+        await self.device.read(s.first, [buf])
+        return memoryview(buf)[s.head : s.head + length]
+
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``; a write running past the end is cut short there,
+        one that starts at or past the end fails with ENOSPC (as on a block device)."""
+        info = await self.device.get_info()
+        length = clip(offset, len(data), info.size_bytes)
+        if length == 0:
+            if not data:
+                return 0
+            raise RequestFailed(errno.ENOSPC, f"write at byte {offset} is past the end")
+        view = memoryview(data)[:length]
+        s = span(offset, length, info.sector_size)
+        hold = await self._writes.acquire(s.first, s.end)
+        try:
+            if s.aligned:
+                await self.device.write(s.first, [view])
+            else:
+                buffers = await patch_sectors(s, view, info.sector_size, self._read_sector)
+                await self.device.write(s.first, buffers)
+        finally:
+            self._writes.release(hold)
+        return length
+
+    async def _read_sector(self, sector: int) -> bytearray:
+        buf = bytearray((await self.device.get_info()).sector_size)
+        await self.device.read(sector, [buf])
+        return buf
+
+    async def flush(self) -> None:
+        await self.device.flush()
+
+    async def resize(self, size_bytes: int) -> None:
+        """Change the size (EPERM where the device cannot; EINVAL for a partial sector)."""
+        info = await self.device.get_info()
+        if size_bytes == info.size_bytes:
+            return
+        if Capability.RESIZE not in self.device.capabilities:
+            raise RequestFailed(errno.EPERM, f"{self.device.kind} devices cannot change size")
+        if size_bytes % info.sector_size:
+            raise RequestFailed(
+                errno.EINVAL, f"size {size_bytes} is not a multiple of {info.sector_size}"
+            )
+        new = size_bytes // info.sector_size
+        # A read-modify-write of a sector being cut off must not put its old bytes back
+        # after a shrink and a grow: the sectors between the two sizes take turns.
+        hold = await self._writes.acquire(min(new, info.size_sectors), max(new, info.size_sectors))
+        try:
+            await self.device.resize(new)
+        finally:
+            self._writes.release(hold)
