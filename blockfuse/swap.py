@@ -51,9 +51,10 @@ from dataclasses import dataclass, field
 import trio
 
 from .block import BlockDevice, Buffer, total_length
+from .buffers import split_buffers
 from .errors import HandleFreed, ReadOnly, Unsafe
 from .sectors import patch_sectors, span
-from .swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
+from .swapspace import FreeSpace, Run, map_range, merge_runs, split_runs
 from .units import ceil_div, round_up
 
 DEFAULT_UNIT = 1 << 20

@@ -8,13 +8,11 @@ byte ranges, tested without a device.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from .block import Buffer
 from .errors import NoSpace
 
 
@@ -152,20 +150,3 @@ def map_range(runs: Sequence[Run], unit: int, offset: int, length: int) -> list[
     if sum(n for _, n in out) != length:
         raise AssertionError(f"bytes {offset}..{stop} run past the handle's units")
     return out
-
-
-def split_buffers(buffers: Sequence[Buffer], lengths: Sequence[int]) -> list[list[memoryview]]:
-    """Cut ``buffers`` (without copying) into consecutive groups of ``lengths`` bytes."""
-    views = deque(memoryview(b).cast("B") for b in buffers)
-    groups: list[list[memoryview]] = []
-    for n in lengths:
-        group: list[memoryview] = []
-        while n:
-            view = views.popleft()
-            if len(view) > n:
-                views.appendleft(view[n:])
-                view = view[:n]
-            group.append(view)
-            n -= len(view)
-        groups.append(group)
-    return groups

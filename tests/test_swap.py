@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockfuse.block import BlockDevice, Buffer, Info
+from blockfuse.buffers import split_buffers
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import HandleFreed, NoSpace, ReadOnly, RequestFailed
 from blockfuse.swap import Handle, Swap, open_swap
-from blockfuse.swapspace import FreeSpace, Run, map_range, merge_runs, split_buffers, split_runs
+from blockfuse.swapspace import FreeSpace, Run, map_range, merge_runs, split_runs
 from blockfuse.testing import Fault, FaultyDevice
 
 from . import timing

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ..buffers import advance, byte_views, slice_views
 from ..errors import (
     Disconnected,
     ReadOnly,
@@ -76,33 +77,6 @@ SLOW_PERIOD = 1.0
 
 HOLE_CAPABILITIES = frozenset({Capability.DISCARD, Capability.WRITE_ZEROES, Capability.EXTENTS})
 """What a regular file offers on top of I/O: holes punched and found (``holes.py``)."""
-
-
-def advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """The views left after skipping the first ``n`` bytes."""
-    out: list[memoryview] = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-        else:
-            out.append(v[n:])
-            n = 0
-    return out
-
-
-def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
-    """The first ``n`` bytes of ``views`` and the rest."""
-    head: list[memoryview] = []
-    for v in views:
-        if n <= 0:
-            break
-        head.append(v[:n])
-        n -= len(v)
-    return head, advance(views, total_length(head))
-
-
-def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
-    return [memoryview(b).cast("B") for b in buffers]
 
 
 def device_geometry(fd: int) -> tuple[int, int]:
@@ -281,7 +255,7 @@ class FileDevice(BlockDevice):
         """Loop until every byte is done; a zero-length answer means the file ended.
         Writes go in pieces of at most ``THREAD_WRITE_PIECE`` bytes."""
         while views:
-            part = split_views(views, THREAD_WRITE_PIECE)[0] if call is os.pwritev else views
+            part = slice_views(views, 0, THREAD_WRITE_PIECE) if call is os.pwritev else views
             n = call(self._fd, part, offset, 0)
             if n == 0:
                 raise RequestFailed(

@@ -51,15 +51,14 @@ import trio
 
 from ..background import note_created
 from ..block import Buffer, Capability, Extent, Info, total_length
+from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..units import format_size
 from .file import (
     HOLE_CAPABILITIES,
     FileDevice,
-    byte_views,
     device_geometry,
     lock_image,
-    split_views,
 )
 from .holes import append_extent, file_extents
 from .zeroes import Run, data_end, fill_zeroes, zero_runs
