@@ -41,9 +41,9 @@ from benchlib import blockfuse_mount, need
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from blockfuse.background import background_tasks  # noqa: E402
 from blockfuse.devices.mirror import DEFAULT_CHUNK, default_in_flight, open_mirror  # noqa: E402
 from blockfuse.extents import IntervalSet  # noqa: E402
+from blockfuse.opening import OpenContext, background_tasks  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
 
 MiB = 1 << 20
@@ -121,10 +121,11 @@ def mirror(uri: str, target: Path, chunk: str, in_flight: int) -> None:
     (which the spec does not set), opened as the spec opens it, until synced."""
 
     async def main() -> None:
-        async with background_tasks():
-            primary = await compile_spec(uri).open()
+        async with background_tasks() as nursery:
+            ctx = OpenContext(nursery)
+            primary = await compile_spec(uri).open(ctx)
             size = (await primary.get_info()).size_bytes
-            secondary = await compile_spec(f"sparse({target}, size={size})").open()
+            secondary = await compile_spec(f"sparse({target}, size={size})").open(ctx)
             options = {"chunk": parse_size(chunk), "in_flight": in_flight}
             async with open_mirror(primary, secondary, **options) as dev:
                 await dev.wait_synced()
@@ -139,10 +140,11 @@ def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0
     in_flight = in_flight or default_in_flight(chunk)
 
     async def main() -> None:
-        async with background_tasks():
-            source = await compile_spec(uri).open()
+        async with background_tasks() as nursery:
+            ctx = OpenContext(nursery)
+            source = await compile_spec(uri).open(ctx)
             info = await source.get_info()
-            sink = await compile_spec(f"sparse({target}, size={info.size_bytes})").open()
+            sink = await compile_spec(f"sparse({target}, size={info.size_bytes})").open(ctx)
             data: list[tuple[int, int]] = []
             pos = 0
             while pos < info.size_sectors:

@@ -15,22 +15,22 @@ import pytest
 import trio
 import trio.lowlevel
 
-from blockfuse.background import background_tasks
 from blockfuse.block import BlockDevice, Buffer, Capability, Extent, Info
-from blockfuse.devices import copier
-from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
+    CopyMapError,
     MirrorDevice,
     MirrorFailed,
     MirrorRefused,
     MirrorState,
+    copier,
     open_mirror,
     start_mirror,
 )
 from blockfuse.devices.sparse import open_sparse
 from blockfuse.errors import Disconnected, RequestFailed
+from blockfuse.opening import background_tasks
 from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import Fault, FaultyDevice, check_block_device
 
@@ -811,8 +811,8 @@ async def test_a_mirror_spec_opens_and_copies() -> None:
     recipe = compile_spec("mirror(mem(1M), mem(1M), chunk=64K, rate=100M)")
     assert recipe.kind == "mirror" and len(recipe.children) == 2
     with trio.fail_after(10):
-        async with background_tasks():
-            dev = await recipe.open()
+        async with background_tasks() as nursery:
+            dev = await recipe.open_alone(nursery)
             assert isinstance(dev, MirrorDevice)
             await dev.wait_synced()
             assert dev.status()["state"] == "synced"
@@ -1008,8 +1008,8 @@ async def test_a_new_sparse_secondary_takes_the_primarys_size(tmp_path: Path) ->
     recipe = compile_spec(f"mirror({p}, sparse({s}), chunk=64K)")
     assert not s.exists()
     with trio.fail_after(10):
-        async with background_tasks():
-            dev = await recipe.open()
+        async with background_tasks() as nursery:
+            dev = await recipe.open_alone(nursery)
             assert isinstance(dev, MirrorDevice)
             await dev.wait_synced()
             await dev.aclose()
@@ -1028,7 +1028,7 @@ async def test_an_existing_sparse_secondary_of_another_size_is_refused(
     s = image(tmp_path, "s", length, b"old")
     recipe = compile_spec(f"mirror({p}, sparse({s}), chunk=64K)")
     with trio.fail_after(10), pytest.raises(MirrorRefused, match="must be the same size"):
-        async with background_tasks():
-            await recipe.open()
+        async with background_tasks() as nursery:
+            await recipe.open_alone(nursery)
     assert os.path.getsize(s) == length
     assert Path(s).read_bytes()[:3] == b"old"

@@ -11,14 +11,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockfuse.background import background_tasks
 from blockfuse.block import Capability, Extent
-from blockfuse.devices import copier, copymap
-from blockfuse.devices.copymap import CopyMapError
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
-from blockfuse.devices.mirror import MirrorDevice, MirrorFailed, MirrorState, open_mirror
+from blockfuse.devices.mirror import (
+    CopyMapError,
+    MirrorDevice,
+    MirrorFailed,
+    MirrorState,
+    copier,
+    copymap,
+    open_mirror,
+)
 from blockfuse.errors import RequestFailed, Unreachable
+from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
 from blockfuse.testing import Fault, FaultyDevice
 
@@ -93,8 +99,8 @@ async def test_a_copy_that_fails_at_the_end_leaves_the_mount_up(
     monkeypatch.setattr(copymap, "_write_atomically", no_space)
     recipe = compile_spec(f"mirror(mem(1M), mem(1M), chunk=64K, state={tmp_path}/map)")
     with trio.fail_after(20):
-        async with background_tasks():
-            dev = await recipe.open()
+        async with background_tasks() as nursery:
+            dev = await recipe.open_alone(nursery)
             assert isinstance(dev, MirrorDevice)
             with pytest.raises(MirrorFailed):
                 await dev.wait_synced()

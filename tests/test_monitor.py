@@ -7,10 +7,10 @@ import os
 
 import trio
 
+from blockfuse.cli.monitor import describe_copy, progress_bar, progress_line
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
 from blockfuse.fuse.flatfile import FlatFile
-from blockfuse.monitor import describe_copy, progress_bar, progress_line
 
 
 class Terminal(io.StringIO):

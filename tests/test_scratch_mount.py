@@ -293,7 +293,7 @@ def test_df_on_a_scratch_dir_shows_its_device(tmp_path: Path) -> None:
 
 
 def test_status_describes_a_scratch_directory(tmp_path: Path) -> None:
-    from blockfuse.monitor import status_report
+    from blockfuse.cli.monitor import status_report
 
     with scratch(tmp_path, "mem(8M)") as m:
         (m.path("tmp") / "a").write_bytes(b"x" * 3000)

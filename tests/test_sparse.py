@@ -22,7 +22,8 @@ from blockfuse.devices.holes import to_sector_extents
 from blockfuse.devices.sparse import SparseDevice, open_sparse
 from blockfuse.devices.zeroes import zero_pieces, zero_runs
 from blockfuse.errors import Unimplemented, Unsafe
-from blockfuse.spec import SpecError, compile_spec, size_from_peer
+from blockfuse.opening import OpenContext
+from blockfuse.spec import Options, SpecError, compile_spec
 from blockfuse.testing import check_block_device
 
 MiB = 1 << 20
@@ -407,27 +408,28 @@ def test_sparse_spec_checks_the_path(tmp_path: Path) -> None:
     assert not (tmp_path / "no").exists()
 
 
-async def test_sparse_spec_opens_and_creates(tmp_path: Path) -> None:
+async def test_sparse_spec_opens_and_creates(tmp_path: Path, nursery: trio.Nursery) -> None:
     path = tmp_path / "new.img"
     recipe = compile_spec(f"sparse({path}, size=1G)")
     assert not path.exists(), "compiling creates nothing"
     with trio.fail_after(5):
-        dev = await recipe.open()
+        ctx = OpenContext(nursery)
+        dev = await recipe.open(ctx)
+        assert ctx.created == [str(path)], "the new file is noted, to be removed on failure"
         assert (await dev.get_info()).size_bytes == 1 << 30
         await dev.aclose()
-        dev = await compile_spec(f"sparse({path})").open()
+        dev = await compile_spec(f"sparse({path})").open(OpenContext(nursery))
         assert (await dev.get_info()).size_bytes == 1 << 30, "a file keeps its own length"
         await dev.aclose()
     assert path.stat().st_size == 1 << 30 and allocated(path) == 0
 
 
-async def test_mirror_secondary_takes_the_peer_size(tmp_path: Path) -> None:
+async def test_mirror_secondary_takes_the_peer_size(tmp_path: Path, nursery: trio.Nursery) -> None:
     path = tmp_path / "secondary.img"
-    with size_from_peer():
-        recipe = compile_spec(f"safe(sparse({path}))")
+    recipe = compile_spec(f"safe(sparse({path}))", Options(size_from_peer=True))
     assert not path.exists() and recipe.open_sized is not None
     with trio.fail_after(5):
-        dev = await recipe.open_sized(64 * MiB)
+        dev = await recipe.open_sized(OpenContext(nursery), 64 * MiB)
         assert (await dev.get_info()).size_bytes == 64 * MiB
         await dev.aclose()
 

@@ -20,6 +20,7 @@ import trio
 
 from blockfuse.block import BlockDevice, Capability
 from blockfuse.devices.sparse import open_sparse
+from blockfuse.opening import OpenContext
 from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import check_block_device
 
@@ -189,7 +190,7 @@ def test_ext4_on_a_sixteen_gib_sparse_device(tmp_path: Path) -> None:
     assert hashlib.sha256(out).hexdigest() == digests["file7"]
 
 
-async def test_sparse_over_a_block_device(tmp_path: Path) -> None:
+async def test_sparse_over_a_block_device(tmp_path: Path, nursery: trio.Nursery) -> None:
     """A block device cannot grow: its size is the limit, and it offers no resize."""
     backing = tmp_path / "loop.img"
     with open(backing, "wb") as f:
@@ -197,7 +198,7 @@ async def test_sparse_over_a_block_device(tmp_path: Path) -> None:
     with loop_device(backing) as dev:
         with pytest.raises(SpecError, match="cannot hold size="):
             compile_spec(f"sparse({dev}, size=16M)")
-        prefix = await compile_spec(f"sparse({dev}, size=4M)").open()
+        prefix = await compile_spec(f"sparse({dev}, size=4M)").open(OpenContext(nursery))
         assert (await prefix.get_info()).size_bytes == 4 << 20
         await prefix.aclose()
 

@@ -49,10 +49,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..background import note_created
 from ..block import Buffer, Capability, Extent, Info, total_length
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
+from ..opening import OpenContext
 from ..units import format_size
 from .file import (
     HOLE_CAPABILITIES,
@@ -317,15 +317,18 @@ def _check_filesystem_holds(path: str, size_bytes: int) -> None:
         ) from None
 
 
-def open_sparse(path: str, *, size_bytes: int | None = None) -> SparseDevice:
-    """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing.
+def open_sparse(
+    path: str, *, size_bytes: int | None = None, ctx: OpenContext | None = None
+) -> SparseDevice:
+    """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing
+    (and noting so in ``ctx``, which removes it again if the opening fails).
 
     Raises ``ValueError`` (see ``check_backing``) or ``OSError``.
     """
     check_backing(path, size_bytes)
     fd, created = _open_or_create(path, size_bytes)
-    if created:
-        note_created(path)
+    if created and ctx is not None:
+        ctx.note_created(path)
     try:
         lock_image(fd, path, read_only=False)
         length = device_geometry(fd)[0]

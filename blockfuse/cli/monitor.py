@@ -1,4 +1,4 @@
-"""Watching devices from outside: ``blockfuse status``, ``blockfuse pivot``, the progress bar.
+"""Watching devices: ``blockfuse status``, ``blockfuse pivot``, the progress bar.
 
 ``status`` and ``pivot`` work on a running mount through the flat files' extended
 attributes only (``user.blockfuse.*``), the same ones ``getfattr -d`` shows, so they
@@ -8,16 +8,20 @@ the devices' ``status()`` directly.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TextIO
 
 import trio
 
-from .fuse.flatfile import FlatFile
-from .units import format_size
+from ..fuse.flatfile import FlatFile
+from ..fuse.mount import is_ours
+from ..units import format_size
+from .common import EXIT_OK, CommandError, check_live_mount
 
 PREFIX = "user.blockfuse."
 BAR_WIDTH = 30
@@ -151,3 +155,52 @@ async def progress_bar(files: Sequence[FlatFile], out: TextIO) -> AsyncIterator[
         finally:
             nursery.cancel_scope.cancel()
             out.write("\n")
+
+
+# --- the subcommands ---------------------------------------------------------------------
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    status = sub.add_parser(
+        "status",
+        help="show every device's status (a mirror's copy)",
+        description=(
+            "Print each device of a live mount: kind, size, spec, and a mirror's copy "
+            "state, progress, rate, ETA and errors."
+        ),
+    )
+    status.add_argument("mountpoint")
+    pivot_ = sub.add_parser(
+        "pivot",
+        help="detach a synced mirror's primary; the secondary serves alone from then on",
+        description=(
+            "Once a mirror is synced: flush both sides, close the primary, and serve all "
+            "I/O from the secondary. Refused (nothing changes) while the copy runs."
+        ),
+    )
+    pivot_.add_argument("file", metavar="MOUNTPOINT/NAME")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    check_live_mount(args.mountpoint)
+    try:
+        print(status_report(args.mountpoint))
+    except OSError as exc:
+        raise CommandError(f"cannot read the status under {args.mountpoint}: {exc}") from exc
+    return EXIT_OK
+
+
+def cmd_pivot(args: argparse.Namespace) -> int:
+    # The mount table first, then a bounded probe: a stopped blockfuse never answers.
+    mountpoint = os.path.dirname(os.path.abspath(args.file))
+    if not is_ours(mountpoint):
+        if is_ours(args.file):
+            raise CommandError(f"{args.file} is a mountpoint; name the device: {args.file}/NAME")
+        raise CommandError(f"{args.file} is not a device in a blockfuse mount")
+    check_live_mount(mountpoint)
+    try:
+        state = pivot(args.file)
+    except MonitorError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"blockfuse: {args.file} is {state}; the primary is detached", file=sys.stderr)
+    return EXIT_OK

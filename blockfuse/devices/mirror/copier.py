@@ -17,7 +17,7 @@ answer: it is read from the primary under the lock whatever it holds (a hole in 
 reads as zeroes, which the secondary then holds as zeroes), and asking again cost an
 extra round trip per chunk (an NBD block status: 8 chunks in flight copied at 0.28x
 nbdcopy instead of 0.78x).  That is the copier's half of the invariant at the top of
-``mirror.py``: an item holds the lock on its range from before it reads the primary (or
+``device.py``: an item holds the lock on its range from before it reads the primary (or
 trusts the plan) until its range is in ``copied``.
 
 A hole item zeroes the secondary only where it may hold data (``Side.may_hold_data``:
@@ -52,11 +52,12 @@ from typing import Protocol
 
 import trio
 
-from ..block import Capability
-from ..errors import BlockError
-from ..extents import IntervalSet, align_out
+from ...block import Capability
+from ...errors import BlockError
+from ...extents import IntervalSet, align_out
+from ...rangelock import RangeLock
 from .copymap import CopyMap
-from .mirrorparts import RangeQueue, Side, Throttle, outcome, runs, split
+from .parts import Side, Throttle, error_of, runs, split
 
 HOLE_ITEM_CHUNKS = 1024
 """A run of holes is handed out in items of up to this many chunks, when the secondary
@@ -102,7 +103,7 @@ class Copier:
         self,
         primary: Side,
         secondary: Side,
-        lock: RangeQueue,
+        ranges: RangeLock,
         copy_map: CopyMap,
         events: CopyEvents,
         *,
@@ -113,7 +114,7 @@ class Copier:
         backoff: float,
     ) -> None:
         self._primary, self._secondary = primary, secondary
-        self._lock = lock
+        self._ranges = ranges
         self._map = copy_map
         self._events = events
         geometry = copy_map.geometry
@@ -132,7 +133,7 @@ class Copier:
         self._unflushed = 0
         self._flushing = False
         self._sweeping = False
-        self._touched = IntervalSet()
+        self._written_since_plan = IntervalSet()
         """Where foreground writes reached the primary since the planner asked there."""
 
     async def sweep(self) -> None:
@@ -148,13 +149,13 @@ class Copier:
                 await receive.aclose()
         finally:
             self._sweeping = False
-            self._touched = IntervalSet()
+            self._written_since_plan = IntervalSet()
 
     def primary_written(self, start: int, end: int) -> None:
         """A foreground write to ``[start, end)`` of the primary has ended (called under
         its range lock)."""
         if self._sweeping:
-            self._touched.add(*align_out(start, end, self._chunk))
+            self._written_since_plan.add(*align_out(start, end, self._chunk))
 
     async def _find_secondary_data(self) -> None:
         """Where the secondary holds data, asked once: a fresh one has no holes to punch."""
@@ -167,9 +168,9 @@ class Copier:
         span = max(PLAN_SPAN_BYTES // self._sector_size, self._chunk)
         async with send:
             pos = 0
-            while self._events.going_on() and (gap := self._map.copied.first_gap(pos, self._size)):
+            while self._events.going_on() and (gap := self._map.first_uncopied(pos, self._size)):
                 start, end = gap[0], min(gap[1], gap[0] + span)
-                self._touched.discard(start, end)
+                self._written_since_plan.discard(start, end)
                 data = await self._hint(start, end)
                 for a, b, is_data in runs(data, start, end):
                     step = self._chunk if is_data else self._hole_step
@@ -209,7 +210,7 @@ class Copier:
     async def _flush_behind(self) -> None:
         """Flush the secondary while the copy goes on (see the module text)."""
         try:
-            await outcome(self._events.flush_secondary())  # a failure fails the copy
+            await error_of(self._events.flush_secondary())  # a failure fails the copy
         finally:
             self._flushing = False
 
@@ -219,7 +220,7 @@ class Copier:
         for attempt in range(self._retries + 1):
             self.in_flight += 1
             try:
-                err = await outcome(self._copy_item(start, end, is_data, buf))
+                err = await error_of(self._copy_item(start, end, is_data, buf))
             finally:
                 self.in_flight -= 1
             if err is None:
@@ -235,15 +236,15 @@ class Copier:
                 return
 
     async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
-        async with self._lock.hold(start, end):
-            for a, b in self._map.copied.gaps(start, end):
+        async with self._ranges.hold(start, end):
+            for a, b in self._map.uncopied_parts(start, end):
                 if is_data:
                     await self._copy_data(a, b, buf)
-                elif self._touched.intersection(a, b):  # the planner's answer may be old
+                elif self._written_since_plan.intersection(a, b):  # the planner's answer may be old
                     await self._copy_by_extents(a, b, buf)
                 else:
                     await self._zero_secondary(a, b)
-                self._map.copied.add(a, b)
+                self._map.mark_copied(a, b)
 
     async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
         """Copy the primary's data and zero its holes, asking its extents now."""

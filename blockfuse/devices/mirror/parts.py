@@ -1,43 +1,18 @@
-"""The pieces a mirror is built from: a fair range lock, a throttle, a device seen in
-mirror sectors, and small helpers on buffers and ranges.  Each is independent of the
-mirror's state; ``mirror.py`` says how they keep its invariant.
+"""The pieces a mirror is built from: a throttle, a device seen in mirror sectors, a
+count of foreground users, and small helpers on calls and ranges.  Each is independent
+of the mirror's state; ``device.py`` says how they keep its invariant.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Sequence
 
 import trio
 
-from ..block import BlockDevice, Buffer, Capability, Info, total_length
-from ..errors import BlockError, Unimplemented
-from ..extents import IntervalSet, align_out
-from ..units import ceil_div
-
-
-class RangeQueue:
-    """A lock on ranges of sectors where overlapping holders take turns in arrival order.
-
-    Each holder waits only for the overlapping holders that asked before it, so the
-    waits form no cycle.  Holders are few (one per FUSE handler or chunk in flight).
-    """
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[int, int, trio.Event]] = []
-
-    @asynccontextmanager
-    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
-        ahead = [ev for s, e, ev in self._entries if s < end and start < e]
-        entry = (start, end, trio.Event())
-        self._entries.append(entry)
-        try:
-            for released in ahead:
-                await released.wait()
-            yield
-        finally:
-            self._entries.remove(entry)
-            entry[2].set()
+from ...block import BlockDevice, Buffer, Capability, Info, total_length
+from ...errors import BlockError, Unimplemented
+from ...extents import IntervalSet, align_out
+from ...units import ceil_div
 
 
 class Throttle:
@@ -55,20 +30,9 @@ class Throttle:
         await trio.sleep_until(start)
 
 
-def slice_buffers(buffers: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
-    """The bytes ``[start, end)`` of the concatenated ``buffers``, as views."""
-    out, pos = [], 0
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        a, b = max(start - pos, 0), min(end - pos, len(view))
-        if a < b:
-            out.append(view[a:b])
-        pos += len(view)
-    return out
-
-
-async def outcome(call: Awaitable[None]) -> BlockError | None:
-    """The ``BlockError`` that ``call`` raised, or ``None``; anything else propagates."""
+async def error_of(call: Awaitable[None]) -> BlockError | None:
+    """Run ``call``; the ``BlockError`` it raised (caught), or ``None``.  Anything else
+    propagates."""
     try:
         await call
     except BlockError as exc:
@@ -81,7 +45,7 @@ async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError |
     results: list[BlockError | None] = [None, None]
 
     async def run(i: int, call: Awaitable[None]) -> None:
-        results[i] = await outcome(call)
+        results[i] = await error_of(call)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, 0, a)
@@ -165,11 +129,12 @@ def runs(data: IntervalSet, start: int, end: int) -> list[tuple[int, int, bool]]
     return sorted(pieces)
 
 
-def spread(s: IntervalSet, count: int, length: int) -> list[tuple[int, int]]:
-    """Up to ``count`` ranges of up to ``length`` inside ``s``, spread evenly over it."""
+def spread(intervals: Sequence[tuple[int, int]], count: int, length: int) -> list[tuple[int, int]]:
+    """Up to ``count`` ranges of up to ``length`` inside ``intervals``, spread evenly."""
+    total = sum(b - a for a, b in intervals)
     out, seen = [], 0
-    wanted = [k * s.total // count for k in range(count)] if s.total else []
-    for a, b in s:
+    wanted = [k * total // count for k in range(count)] if total else []
+    for a, b in intervals:
         while wanted and wanted[0] < seen + (b - a):
             start = a + wanted.pop(0) - seen
             out.append((start, min(b, start + length)))
@@ -185,3 +150,28 @@ def split(start: int, end: int, step: int) -> list[tuple[int, int]]:
         out.append((start, edge))
         start = edge
     return out
+
+
+class Users:
+    """How many foreground requests use a device right now; waiters for it to go idle."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake whoever waits in ``wait``; each one checks again why it waits."""
+        self._idle.set()
+        self._idle = trio.Event()
+
+    async def wait(self) -> None:
+        """Until the count drops to 0 or ``wake`` is called."""
+        await self._idle.wait()

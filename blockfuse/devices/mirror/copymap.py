@@ -2,7 +2,10 @@
 
 Two interval sets of mirror sectors:
 
-- ``copied``: the secondary holds what the primary holds here (in memory, exact).
+- ``copied``: the secondary holds what the primary holds here (in memory, exact).  It is
+  private to this class: the copier adds to it with ``mark_copied`` (only while it
+  holds the range lock on those sectors, see ``device.py``), and whoever finds that the
+  two sides may differ takes sectors out with ``uncopy``.
 - ``dirty``: a write here may have reached one side and not the other; whole chunks.
 
 The file (``state=PATH``) holds ``durable`` (a past ``copied`` whose data both sides
@@ -41,9 +44,9 @@ from dataclasses import dataclass
 
 import trio
 
-from ..background import note_created
-from ..errors import map_os_errors
-from ..extents import Interval, IntervalSet, align_out
+from ...errors import map_os_errors
+from ...extents import Interval, IntervalSet, align_out
+from ...opening import OpenContext
 
 MAGIC = "blockfuse-mirror-map 1"
 PIVOTED = "pivoted"
@@ -67,12 +70,12 @@ class CopyMap:
     def __init__(self, geometry: Geometry, path: str | None = None) -> None:
         self.geometry = geometry
         self.path = path
-        self.copied = IntervalSet()
+        self._copied = IntervalSet()
         self.dirty = IntervalSet()
         self._durable = IntervalSet()
         self._saved_dirty = IntervalSet()
         self._active: list[Interval] = []
-        self._touched = IntervalSet()
+        self._written_since_checkpoint = IntervalSet()
         self._generation = 0
         self._saved_generation = 0
         self._save_lock = trio.Lock()
@@ -84,22 +87,65 @@ class CopyMap:
     def persistent(self) -> bool:
         return self.path is not None
 
+    # --- what is copied ------------------------------------------------------------
+
+    def mark_copied(self, start: int, end: int) -> None:
+        """``[start, end)`` is now equal on both sides.  Only the copier calls this, and
+        only while it holds the range lock on those sectors."""
+        self._copied.add(start, end)
+
+    def uncopy(self, start: int, end: int) -> None:
+        """The two sides may differ on ``[start, end)``: it must be copied again."""
+        self._copied.discard(start, end)
+
+    def is_copied(self, start: int, end: int) -> bool:
+        return self._copied.covers(start, end)
+
+    @property
+    def all_copied(self) -> bool:
+        return self._copied.covers(0, self.geometry.size_sectors)
+
+    @property
+    def copied_sectors(self) -> int:
+        return self._copied.total
+
+    def copied_parts(self, start: int, end: int) -> list[Interval]:
+        """The parts of ``[start, end)`` that are copied, in order."""
+        return self._copied.intersection(start, end)
+
+    def uncopied_parts(self, start: int, end: int) -> list[Interval]:
+        """The parts of ``[start, end)`` that are not copied, in order."""
+        return self._copied.gaps(start, end)
+
+    def first_uncopied(self, start: int, end: int) -> Interval | None:
+        return self._copied.first_gap(start, end)
+
+    def copied_runs(self) -> list[Interval]:
+        return self._copied.to_list()
+
     # --- loading and saving --------------------------------------------------------
 
     @classmethod
-    def open(cls, geometry: Geometry, path: str | None, secondary: str = "") -> CopyMap:
+    def open(
+        cls,
+        geometry: Geometry,
+        path: str | None,
+        secondary: str = "",
+        ctx: OpenContext | None = None,
+    ) -> CopyMap:
         """A fresh map, or the one saved at ``path``; raises ``CopyMapError`` on a mismatch.
 
         ``secondary`` names the secondary's file (``DEV:INO``) where it has one: a map
         saved for another file (the image was deleted and made anew) is set aside, and
-        ``forgotten`` says why.
+        ``forgotten`` says why.  A new file is noted in ``ctx`` (removed again if the
+        opening fails).
         """
         cmap = cls(geometry, path)
         cmap.secondary = secondary
         if path is not None and os.path.exists(path):
             cmap._load(path)
-        elif path is not None:
-            note_created(path)  # by its first save; gone again if the mount fails
+        elif path is not None and ctx is not None:
+            ctx.note_created(path)  # by its first save; gone again if the opening fails
         return cmap
 
     secondary = ""
@@ -131,7 +177,7 @@ class CopyMap:
         durable, dirty = (_parse_intervals(path, line) for line in lines[2:])
         for a, b in dirty:
             durable.discard(a, b)
-        self.copied, self._durable = durable, durable.copy()
+        self._copied, self._durable = durable, durable.copy()
         self.dirty, self._saved_dirty = dirty, dirty.copy()
 
     async def save_now(self) -> None:
@@ -152,7 +198,7 @@ class CopyMap:
     def forget(self, reason: str) -> None:
         """Start over: nothing is copied (the next save overwrites the file)."""
         self.forgotten = reason
-        self.copied, self._durable = IntervalSet(), IntervalSet()
+        self._copied, self._durable = IntervalSet(), IntervalSet()
 
     def _render(self) -> str:
         return "\n".join(
@@ -184,7 +230,7 @@ class CopyMap:
         span = align_out(start, end, self.geometry.chunk_sectors)
         if self.path is not None:
             self._active.append(span)
-            self._touched.add(*span)
+            self._written_since_checkpoint.add(*span)
         return span
 
     def end_write(self, span: Interval) -> None:
@@ -210,7 +256,7 @@ class CopyMap:
         before, and make no further checkpoint of this session count (rule 4)."""
         self._flush_failed = True
         for a, b in self._durable.gaps(0, self.geometry.size_sectors):
-            self.copied.discard(a, b)
+            self._copied.discard(a, b)
 
     async def checkpoint(self, flush_both: Callable[[], Awaitable[None]]) -> None:
         """Flush both sides, then save what is now known to be equal on both."""
@@ -224,12 +270,12 @@ class CopyMap:
         candidates = self.dirty.copy()
         for a, b in self._active:
             candidates.discard(a, b)
-        copied = self.copied.copy()
-        self._touched = IntervalSet()
+        copied = self._copied.copy()
+        self._written_since_checkpoint = IntervalSet()
         await flush_both()
         if self._flush_failed:
             return  # rule 4: this flush may have "succeeded" over lost writes
-        for a, b in list(self._touched) + self._active:
+        for a, b in list(self._written_since_checkpoint) + self._active:
             candidates.discard(a, b)
         if not candidates.total and copied == self._durable:
             return  # nothing to save: a flush of a quiet mirror costs no map write

@@ -1,0 +1,38 @@
+"""``blockfuse ls URI``: the exports of an NBD server, one per line."""
+
+from __future__ import annotations
+
+import argparse
+
+import trio
+
+from ..errors import BlockError
+from ..nbd.uri import BadURI, parse_uri
+from ..transport.connect import list_exports
+from ..units import format_size
+from .common import EXIT_OK, EXIT_USAGE, CommandError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ls = sub.add_parser(
+        "ls",
+        help="list the exports of an NBD server",
+        description="Print the server's exports, one per line: name, size, description.",
+    )
+    ls.add_argument("uri", help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    try:
+        address = parse_uri(args.uri)
+    except BadURI as exc:
+        raise CommandError(f"{args.uri!r}: {exc}", EXIT_USAGE) from exc
+    try:
+        exports = trio.run(list_exports, address)
+    except BlockError as exc:
+        raise CommandError(str(exc)) from exc
+    for export in exports:
+        size = format_size(export.size) if export.size is not None else "?"
+        name = export.name or '""'
+        print(f"{name}\t{size}\t{export.description or ''}")
+    return EXIT_OK

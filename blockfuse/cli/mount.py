@@ -1,0 +1,253 @@
+"""``blockfuse mount``: compile the specs, open the devices all or nothing, serve the mount."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+
+import trio
+
+from ..block import BlockDevice
+from ..devices.readonly import ReadOnlyDevice
+from ..devices.safe import SafeDevice
+from ..errors import BlockError
+from ..fuse.flatfile import FlatFile
+from ..fuse.mount import MountError, check_mountpoint, prepare_mountpoint, serve
+from ..fuse.scratch import ScratchDir, open_scratch_dir
+from ..opening import OpenContext, background_tasks, open_all
+from ..spec import Recipe, SpecError, compile_spec, split_named
+from ..swap import DEFAULT_UNIT
+from ..units import format_size
+from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
+from .monitor import progress_bar
+
+DEFAULT_NAME = "disk"
+DEFAULT_IMAGE = "blockfuse-disk.img"
+DEFAULT_SIZE = 1 << 30
+
+log = logging.getLogger("blockfuse")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    mount = sub.add_parser(
+        "mount",
+        help="mount devices as flat files (runs in the foreground)",
+        description=(
+            "Show each device as the file MOUNTPOINT/NAME until Ctrl-C, SIGTERM or "
+            "`blockfuse umount MOUNTPOINT`; every device is flushed before exit. "
+            f"With no --device and no --scratch, shows {DEFAULT_NAME}={DEFAULT_IMAGE} (1 GiB, "
+            "created sparse in the current directory if missing). "
+            "A --scratch directory is temporary: everything in it is gone after unmount."
+        ),
+        epilog=(
+            "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
+            "(sizes like 512, 64K, 256M, 1G, 1T); sparse(PATH, size=SIZE) (a sparse image, "
+            "created if missing, resizable with truncate -s); safe(SPEC); an NBD URI "
+            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; "
+            "mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S) "
+            "(copies PRIMARY onto SECONDARY in the background). Calls nest; "
+            "quote paths holding commas or parentheses."
+        ),
+    )
+    mount.add_argument("mountpoint")
+    mount.add_argument(
+        "--device",
+        "-d",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a device to show as MOUNTPOINT/NAME (repeatable)",
+    )
+    mount.add_argument(
+        "--scratch",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help=(
+            "a scratch directory MOUNTPOINT/NAME/ whose files live on the device SPEC "
+            "(repeatable); EVERYTHING IN IT IS GONE AFTER UNMOUNT, and the device's old "
+            "contents are overwritten as files grow"
+        ),
+    )
+    mount.add_argument(
+        "--scratch-unit",
+        type=size_option,
+        default=DEFAULT_UNIT,
+        metavar="SIZE",
+        help="scratch space is given out in units of SIZE (default 1M): a file takes whole units",
+    )
+    mount.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
+    mount.add_argument("--allow-other", action="store_true", help="let other users open the files")
+    mount.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="do not wrap devices in safe(...) (skips the per-request contract checks)",
+    )
+
+
+def default_device() -> str:
+    """The built-in default: a sparse 1 GiB image in the current directory, created (by
+    the sparse device, when it opens) if missing; an existing one keeps its length (it
+    may have been resized with ``truncate -s``)."""
+    if os.path.exists(DEFAULT_IMAGE):
+        return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE})"
+    log.warning("creating %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
+    return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
+
+
+def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:
+    """Check every NAME=SPEC of ``option`` before anything is opened or created."""
+    named = [split_named(text, option) for text in specs]
+    names = [name for name, _ in named]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"two devices are named {name!r}; each name must be unique")
+    return [(name, compile_spec(spec)) for name, spec in named]
+
+
+async def open_recipe(name: str, recipe: Recipe, ctx: OpenContext) -> BlockDevice:
+    try:
+        return await recipe.open(ctx)
+    except (OSError, ValueError, BlockError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
+
+
+async def open_files(
+    recipes: Sequence[tuple[str, Recipe]],
+    ctx: OpenContext,
+    undo: AsyncExitStack,
+    *,
+    unsafe: bool,
+    read_only: bool = False,
+) -> list[FlatFile]:
+    """Open every device as a flat file; each is closed by ``undo`` if a later step fails."""
+    files: list[FlatFile] = []
+    for name, recipe in recipes:
+        device: BlockDevice = await open_recipe(name, recipe, ctx)
+        undo.push_async_callback(device.aclose)
+        if not (unsafe or recipe.text.startswith("safe(")):
+            device = SafeDevice(device)
+        if read_only:
+            device = ReadOnlyDevice(device)
+        files.append(FlatFile(name, device, kind=recipe.kind, spec=recipe.text))
+    return files
+
+
+async def open_scratch(
+    recipes: Sequence[tuple[str, Recipe]],
+    ctx: OpenContext,
+    undo: AsyncExitStack,
+    *,
+    unsafe: bool,
+    unit: int,
+) -> list[ScratchDir]:
+    dirs: list[ScratchDir] = []
+    for index, (name, recipe) in enumerate(recipes):
+        device: BlockDevice = await open_recipe(name, recipe, ctx)
+        undo.push_async_callback(device.aclose)
+        device = device if unsafe else SafeDevice(device)
+        try:
+            d = await open_scratch_dir(name, device, unit, index, recipe.kind, recipe.text)
+        except BlockError as exc:
+            raise CommandError(f"cannot use scratch {name}={recipe.text}: {exc}") from exc
+        dirs.append(d)
+    return dirs
+
+
+def serving(devices: int, scratch_dirs: int) -> str:
+    """``'2 devices and 1 scratch directory'``; the parts that are zero are left out."""
+    counts = (
+        (devices, "device", "devices"),
+        (scratch_dirs, "scratch directory", "scratch directories"),
+    )
+    parts = [f"{n} {one if n == 1 else many}" for n, one, many in counts if n]
+    return " and ".join(parts)
+
+
+async def describe(
+    mountpoint: str, files: Sequence[FlatFile], scratch: Sequence[ScratchDir] = ()
+) -> str:
+    lines = [f"blockfuse: serving {serving(len(files), len(scratch))} under {mountpoint}:"]
+    for f in files:
+        info = await f.info()
+        ro = "" if info.read_write else ", read-only"
+        lines.append(
+            f"  {os.path.join(mountpoint, f.name)}  {format_size(info.size_bytes)}"
+            f"  {f.kind} {f.spec}{ro}"
+        )
+    for d in scratch:
+        lines.append(
+            f"  {os.path.join(mountpoint, d.name)}/  scratch, {format_size(d.swap.capacity_bytes)}"
+            f"  {d.kind} {d.spec}  (everything in it is gone after unmount)"
+        )
+    lines.append(f"Stop with Ctrl-C or: blockfuse umount {shlex.quote(mountpoint)}")
+    return "\n".join(lines)
+
+
+async def run_mount(
+    args: argparse.Namespace,
+    recipes: list[tuple[str, Recipe]],
+    scratch_recipes: Sequence[tuple[str, Recipe]] = (),
+) -> int:
+    async with background_tasks() as nursery:  # devices' own tasks (NBD readers) live here
+        async with open_all(nursery) as ctx, AsyncExitStack() as undo:
+            # A failure closes what opened and removes what was created; copiers wait.
+            files = await open_files(
+                recipes, ctx, undo, unsafe=args.unsafe, read_only=args.read_only
+            )
+            scratch = await open_scratch(
+                scratch_recipes, ctx, undo, unsafe=args.unsafe, unit=args.scratch_unit
+            )
+            try:
+                prepare_mountpoint(args.mountpoint, args.prepare)
+            except MountError as exc:
+                raise CommandError(str(exc)) from exc
+            undo.pop_all()
+        return await mount_files(args, files, scratch)
+
+
+async def mount_files(
+    args: argparse.Namespace, files: list[FlatFile], scratch: Sequence[ScratchDir]
+) -> int:
+    banner = await describe(args.mountpoint, files, scratch)
+    async with progress_bar(files, sys.stderr):
+        problems = await serve(
+            args.mountpoint,
+            files,
+            read_only=args.read_only,
+            allow_other=args.allow_other,
+            on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+            scratch=scratch,
+        )
+    for problem in problems:
+        print(f"blockfuse: {problem}", file=sys.stderr)
+    print(f"blockfuse: unmounted {args.mountpoint}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    use_default = not args.device and not args.scratch
+    recipes = compile_devices(args.device)
+    scratch_recipes = compile_devices(args.scratch, "--scratch")
+    if args.scratch_unit <= 0 or args.scratch_unit % 512:
+        raise SpecError(f"--scratch-unit {args.scratch_unit} is not a positive multiple of 512")
+    clash = {name for name, _ in recipes} & {name for name, _ in scratch_recipes}
+    if clash:
+        raise SpecError(f"{sorted(clash)[0]!r} names both a device and a scratch directory")
+    try:
+        args.prepare = check_mountpoint(args.mountpoint)
+    except MountError as exc:
+        raise CommandError(str(exc)) from exc
+    if use_default:
+        recipes = compile_devices([default_device()])
+    try:
+        return trio.run(run_mount, args, recipes, scratch_recipes)
+    except MountError as exc:
+        raise CommandError(str(exc)) from exc

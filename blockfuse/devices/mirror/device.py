@@ -1,0 +1,430 @@
+"""mirror(PRIMARY, SECONDARY): use PRIMARY at once while a background copier fills SECONDARY.
+
+After MirageOS's ``Mirage_block_mirror``, made correct.  Writes go to the primary and,
+where the copy has reached, to the secondary; reads come from the primary.  A copier
+copies the rest chunk by chunk, several chunks in flight, skipping the ranges the
+primary reports as holes.  Once every sector is copied the mirror is *synced*: reads
+then come from the secondary (equal by the invariant below, and usually local), writes
+still go to both, and ``pivot`` detaches the primary so the secondary serves alone.
+
+The invariant (sectors are mirror sectors, the larger of the two sector sizes)::
+
+    For every sector s that no range-lock holder covers:
+        s in copied  =>  secondary[s] == primary[s]
+
+Every change to either side happens under the range lock on the sectors it changes,
+and puts the invariant back before it lets go:
+
+- the copier, per item: lock [a, b); read the data and write it on the secondary, or,
+  for a run the planner saw as holes, zero it there -- after asking the primary's
+  extents again *under the lock* if a foreground write touched it since the planner
+  asked; ``mark_copied(a, b)``.
+- a foreground write of [w, x): lock [w, x) -- the whole range, so a write that starts
+  before a chunk in flight and runs into it waits for that chunk too; write the
+  primary and, at once, the secondary for ``copied ∩ [w, x)``; unlock.  If the
+  secondary part fails, that part is ``uncopy``-ed and will be copied again.
+
+::
+
+      copier        [====chunk k (locked)====][====chunk k+1 (locked)====]
+      write             [~~~~~~~~~~~~ w ~~~~~~~~~~~~~~~]
+                        waits for both chunks, then goes to both sides
+
+Holders of overlapping ranges take turns in the order they asked (``RangeLock``), so a
+stream of writes cannot starve the copier and the copier cannot starve a write.  A
+write either ends before a chunk reads the primary (the chunk copies the new data) or
+starts after the chunk is in ``copied`` (the write reaches the secondary): no
+interleaving leaves old data on the secondary.
+
+Only two parties change ``copied`` (it is private to the copy map): the copier adds
+what it copied, under the lock, and whoever finds the two sides may differ (a write
+whose secondary part failed, a failed flush) takes it out.
+
+Reads take no range lock.  Before the mirror is synced they go to the primary, which
+always holds the newest data; once synced, to the secondary for ranges that are copied
+(equal by the invariant), with the primary as the fallback when the secondary fails.
+A read racing a write may see either version, as on any disk.
+
+Errors are never swallowed: a failed item is retried with backoff a bounded number of
+times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synced``
+raises ``MirrorFailed``, and foreground I/O goes on against the primary.  The state
+machine and the progress are ``state.py``; the copier (planning, retries, holes) is
+``copier.py``; resuming after a crash is ``copymap.py``'s job (its own invariant is at
+its top); opening and checking a pair is ``opening.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import trio
+
+from ...block import BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ...buffers import slice_views
+from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
+from ...rangelock import RangeLock
+from .copier import Copier
+from .copymap import CopyMap
+from .parts import Side, Users, error_of, run_both
+from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
+
+CHECKPOINT_SECONDS = 2.0
+STOP_GRACE_SECONDS = 10.0
+
+T = TypeVar("T")
+
+
+class MirrorFailed(BlockError):
+    """The copy failed after its retries; the message is the reason."""
+
+
+class MirrorDevice(BlockDevice):
+    """Built by ``prepare_mirror``/``start_mirror``/``open_mirror``; do not construct directly."""
+
+    kind = "mirror"
+
+    def __init__(
+        self,
+        primary: Side,
+        secondary: Side,
+        info: Info,
+        copy_map: CopyMap,
+        *,
+        chunk: int,
+        rate: int | None,
+        in_flight: int,
+        retries: int,
+        backoff: float,
+        progress: Callable[[Progress], None] | None,
+        notice: str = "",
+    ) -> None:
+        self._primary, self._secondary = primary, secondary
+        self._info = info
+        self._map = copy_map
+        self._retries, self._backoff = retries, backoff
+        self._ranges = RangeLock()
+        self._copy = CopyState(info.size_bytes, progress)
+        self._copy.notice = notice
+        self._copier = Copier(
+            primary, secondary, self._ranges, copy_map, self,
+            chunk=chunk // info.sector_size, rate=rate, in_flight=in_flight,
+            retries=retries, backoff=backoff,
+        )  # fmt: skip
+        self._copier_scope = trio.CancelScope()
+        self._copier_done: trio.Event | None = None
+        """Set once the copier task ends; ``None`` until it starts."""
+        self._secondary_flushes = trio.Lock()
+        self._primary_users = Users()
+        self.capabilities = frozenset(primary.dev.capabilities & {Capability.EXTENTS})
+
+    # --- the block contract ------------------------------------------------------------
+
+    async def get_info(self) -> Info:
+        self._check_open()
+        return self._info
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
+        if self._copy.pivoted:
+            return await self._secondary.read(sector, buffers)
+        end = sector + total_length(buffers) // self._info.sector_size
+        if self._copy.state is MirrorState.SYNCED and self._map.is_copied(sector, end):
+            err = await error_of(self._secondary.read(sector, buffers))  # equal, and local
+            if err is None:
+                return
+            self.note_error(f"reading the secondary: {err}")
+            if self._copy.pivoted:  # the primary was closed meanwhile
+                raise err
+        await self._using_primary(self._primary.read(sector, buffers))
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
+        if self._copy.pivoted:
+            return await self._secondary.write(sector, buffers)
+        end = sector + total_length(buffers) // self._info.sector_size
+        async with self._ranges.hold(sector, end):
+            if self._copy.pivoted:  # pivoted while we waited
+                return await self._secondary.write(sector, buffers)
+            await self._write_both(sector, end, buffers)
+
+    async def _write_both(self, sector: int, end: int, buffers: Sequence[Buffer]) -> None:
+        both = self._map.copied_parts(sector, end)
+        span = self._map.begin_write(sector, end)
+        self._primary_users.enter()
+        try:
+            if both:
+                await self._map.mark_dirty(span)
+            ss = self._info.sector_size
+            primary_err, secondary_err = await run_both(
+                self._primary.write(sector, buffers),
+                self._write_parts(both, sector, buffers, ss),
+            )
+        except BaseException:  # cancelled half way: the sides may differ
+            if both:
+                self._uncopy(sector, end, None)
+            raise
+        finally:
+            self._copier.primary_written(sector, end)  # still under the lock
+            self._map.end_write(span)
+            self._primary_users.leave()
+        if primary_err is not None or secondary_err is not None:
+            self._uncopy(sector, end, secondary_err)
+        if primary_err is not None:
+            raise primary_err
+
+    async def _write_parts(
+        self, parts: list[tuple[int, int]], sector: int, buffers: Sequence[Buffer], ss: int
+    ) -> None:
+        for a, b in parts:
+            await self._secondary.write(
+                a, slice_views(buffers, (a - sector) * ss, (b - sector) * ss)
+            )
+
+    def _uncopy(self, start: int, end: int, err: BlockError | None) -> None:
+        """The two sides may differ on ``[start, end)``: copy it again."""
+        if err is not None:
+            self.note_error(f"writing the secondary: {err}")
+        self._map.uncopy(start, end)
+        self._copy.apply(Event.UNSYNC)
+
+    async def flush(self) -> None:
+        self._check_open()
+        if self._copy.pivoted:
+            return await self._secondary.dev.flush()
+        await self._using_primary(self._map.checkpoint(self._flush_both))
+
+    async def _using_primary(self, call: Awaitable[T]) -> T:
+        """``call``, counted as a user of the primary (a pivot waits for it to end).
+
+        The caller checks that the mirror is not pivoted just before, with no await
+        in between."""
+        self._primary_users.enter()
+        try:
+            return await call
+        finally:
+            self._primary_users.leave()
+
+    async def _flush_both(self) -> None:
+        """Flush both sides; a failure of either means the map can no longer vouch for
+        what was written since the last checkpoint (copymap.py, rule 4): the copy fails.
+        A flush that could not reach its device (``Unreachable``) lost nothing by itself:
+        it only fails the checkpoint (a reconnect that finds writes lost says so)."""
+        primary_err, _ = await run_both(self._primary.dev.flush(), self.flush_secondary())
+        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
+            if not isinstance(primary_err, Unreachable):
+                self._flush_failed("primary", primary_err)
+            raise primary_err
+
+    async def flush_secondary(self) -> None:
+        """Flush the secondary, one flush at a time, its failure reported before the next
+        starts (so a checkpoint after a failed flush-behind sees the failure)."""
+        async with self._secondary_flushes:
+            err = await error_of(self._secondary.dev.flush())
+            if err is not None:
+                if isinstance(err, Unreachable):
+                    self.note_error(f"flushing the secondary: {err}")
+                else:
+                    self._flush_failed("secondary", err)
+                raise err
+
+    def _flush_failed(self, side: str, err: BaseException) -> None:
+        """What ``side`` got since the last checkpoint may be lost: fail the copy."""
+        self._map.distrust_flushes()
+        self.fail(f"flushing the {side}: {err}")
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        self._check_open()
+        if self._copy.pivoted:
+            data = await self._secondary.data_map(sector, sector + count)
+        else:
+            data = await self._using_primary(self._primary.data_map(sector, sector + count))
+        pieces = [Extent(a, b - a, True) for a, b in data]
+        pieces += [Extent(a, b - a, False) for a, b in data.gaps(sector, sector + count)]
+        return sorted(pieces, key=lambda e: e.sector)
+
+    async def aclose(self) -> None:
+        """Stop the copier at a chunk edge, flush both sides, save the map, close both."""
+        if not self._copy.open:
+            return
+        with trio.CancelScope(shield=True):
+            await self._stop_copier()
+            if self._copy.pivoted:
+                err = await error_of(self._secondary.dev.flush())
+            else:
+                err = await error_of(self._map.checkpoint(self._flush_both))
+            if err is not None:
+                self.note_error(f"flushing at close: {err}")
+            self._copy.apply(Event.CLOSE)
+            await self._primary.dev.aclose()
+            await self._secondary.dev.aclose()
+
+    def status(self) -> dict[str, str]:
+        st = self.statistics()
+        out = {
+            "state": st.state_text,
+            "progress": str(st.percent),
+            "copied": str(st.copied_bytes),
+            "total": str(st.total_bytes),
+            "rate": str(int(st.rate)),
+            "eta": "" if st.eta is None else str(math.ceil(st.eta)),
+            "errors": str(st.errors),
+        }
+        if st.last_error:
+            out["last_error"] = st.last_error
+        if st.notice:
+            out["notice"] = st.notice
+        return out
+
+    async def control(self, key: str, value: bytes) -> bool:
+        if key != "pivot":
+            return False
+        await self.pivot()
+        return True
+
+    def _check_open(self) -> None:
+        if self._copy.closed:
+            raise Disconnected("the mirror is closed")
+
+    # --- what users of the mirror see ----------------------------------------------------
+
+    def statistics(self) -> MirrorStatistics:
+        return self._copy.statistics(self._copied_bytes(), self._copier.in_flight)
+
+    def _copied_bytes(self) -> int:
+        return self._map.copied_sectors * self._info.sector_size
+
+    async def wait_synced(self) -> None:
+        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed."""
+        while True:
+            if self._copy.state in (MirrorState.SYNCED, MirrorState.PIVOTED):
+                return
+            if self._copy.state is MirrorState.FAILED:
+                raise MirrorFailed(self._copy.reason)
+            if not self._copy.open:
+                raise Disconnected("the mirror was closed before it synced")
+            await self._copy.wait_change()
+
+    async def pivot(self) -> None:
+        """Detach the primary: from now on the secondary alone serves all I/O.
+
+        Refused (``RequestFailed(EBUSY)``) unless synced.  Waits for writes and reads in
+        flight, flushes both sides, saves the map, then closes the primary.
+        """
+        self._check_open()
+        if self._copy.pivoted:
+            return
+        self._check_pivotable()
+        async with self._ranges.hold(0, self._info.size_sectors):
+            self._check_pivotable()
+            await self._using_primary(self._map.checkpoint(self._flush_both))
+            self._check_pivotable()
+            await self._map.save_pivoted()  # a remount must not copy the old primary back
+            self._copy.apply(Event.PIVOT)
+        while self._primary_users.count:
+            await self._primary_users.wait()
+        await self._primary.dev.aclose()
+
+    def _check_pivotable(self) -> None:
+        if self._copy.state is not MirrorState.SYNCED:
+            st = self.statistics()
+            raise RequestFailed(
+                errno.EBUSY,
+                f"cannot pivot: the mirror is {st.state_text} ({st.percent}% copied); "
+                "pivot once it is synced",
+            )
+
+    # --- the copier ----------------------------------------------------------------------
+
+    async def run_copier(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Copy until synced, keep the copy whole until pivot or ``aclose``.
+
+        Runs in a nursery its owner can see (``start_mirror``/``open_mirror``).  Copy
+        errors end in the ``failed`` state, not in an exception; a bug raises.
+        """
+        self._copier_done = done = trio.Event()
+        try:
+            with self._copier_scope:
+                task_status.started()
+                self.copied_more()
+                async with trio.open_nursery() as nursery:
+                    if self._map.persistent:
+                        nursery.start_soon(self._checkpoint_loop)
+                    await self._copy_until_stopped()
+                    nursery.cancel_scope.cancel()
+        finally:
+            done.set()
+
+    async def _copy_until_stopped(self) -> None:
+        while self._copy.open and self._copy.state in (MirrorState.COPYING, MirrorState.SYNCED):
+            if self._map.all_copied:
+                await self._become_synced()
+                if self._copy.state is MirrorState.SYNCED:
+                    await self._copy.wait_change()
+            else:
+                await self._copier.sweep()
+
+    async def _become_synced(self) -> None:
+        if self._copy.state is MirrorState.COPYING:
+            await self._checkpoint_with_retries()
+        if self._copy.state is not MirrorState.COPYING or not self._map.all_copied:
+            return
+        self._copy.apply(Event.SYNC)
+        self.copied_more()
+        self._copy.report_complete()
+
+    async def _checkpoint_with_retries(self) -> None:
+        """Flush both sides and save the map at the end of the copy, as a copy item is
+        retried: with backoff, ``retries`` times, then the copy fails."""
+        for attempt in range(self._retries + 1):
+            err = await error_of(self._map.checkpoint(self._flush_both))
+            if err is None or self._copy.state is not MirrorState.COPYING:
+                return
+            where = f"making the copy durable: {err}"
+            self.note_error(where)
+            if attempt == self._retries:
+                return self.fail(
+                    f"{where} (the copy gave up after {self._retries} retries of its own)"
+                )
+            await trio.sleep(self._backoff * 2**attempt)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(CHECKPOINT_SECONDS)
+            if not self._copy.pivoted:
+                err = await error_of(self._using_primary(self._map.checkpoint(self._flush_both)))
+                if err is not None:
+                    self.note_error(f"checkpoint: {err}")
+
+    async def _stop_copier(self) -> None:
+        self._copy.apply(Event.STOP)
+        self._primary_users.wake()
+        if self._copier_done is None:
+            return
+        with trio.move_on_after(STOP_GRACE_SECONDS):
+            await self._copier_done.wait()
+        self._copier_scope.cancel()
+        await self._copier_done.wait()
+
+    # --- ``CopyEvents`` for the copier ---------------------------------------------------
+
+    def going_on(self) -> bool:
+        return self._copy.going_on
+
+    def note_error(self, message: str) -> None:
+        self._copy.note_error(message)
+
+    def fail(self, reason: str) -> None:
+        self._copy.fail(reason)
+        self._primary_users.wake()
+
+    def copied_more(self) -> None:
+        self._copy.report(self._copied_bytes())
+
+    async def wait_foreground_idle(self) -> None:
+        while self._primary_users.count and self.going_on():
+            await self._primary_users.wait()

@@ -1,0 +1,389 @@
+"""Device kinds: a spec's syntax tree turned into a ``Recipe``, checked, ready to open.
+
+A bare word is a path (a raw image file or block device) or an NBD URI
+(``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``).  Examples::
+
+    ./disk.img    file(./disk.img, ro=true)    mem(256M)    safe(mem(1G))
+    file("/images/odd,name(1).img")    nbd://10.0.0.5/disk0    safe(nbd+unix:///?socket=/s)
+    sparse(./big.img, size=1T)    mirror(nbd://h/vm, sparse(./vm.img), state=./vm.map)
+
+Opening is two steps so that bad input changes nothing: ``compile_spec`` parses and
+checks every argument (kinds, sizes, that files exist) and returns a ``Recipe``; only
+then does ``recipe.open(ctx)`` create or open anything, with the ``OpenContext`` the
+caller passes down (``blockfuse.opening``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import trio
+
+from ..block import BlockDevice
+from ..devices.file import open_file
+from ..devices.memory import MemoryDevice
+from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
+from ..devices.remote import open_remote
+from ..devices.safe import SafeDevice
+from ..devices.sparse import check_backing, open_sparse
+from ..nbd.uri import BadURI, parse_uri
+from ..opening import OpenContext, open_all
+from .binding import arg, bind
+from .grammar import Call, Node, SpecError, Word, parse, parse_bool, parse_size, unparse
+
+Opener = Callable[[OpenContext], Awaitable[BlockDevice]]
+SizedOpener = Callable[[OpenContext, int], Awaitable[BlockDevice]]
+
+
+@dataclass
+class Recipe:
+    """A checked spec, ready to open.  ``kind`` is the outermost kind the user wrote.
+
+    ``open_sized(ctx, size_bytes)``, where a kind offers it (``sparse``), opens the device
+    with a size another device dictates: a mirror opens its primary, then its secondary
+    with the primary's size.  Compile such a secondary with ``Options(size_from_peer=True)``
+    so that a missing file without ``size=`` is not an error.
+    """
+
+    kind: str
+    text: str
+    open: Opener
+    children: list[Recipe] = field(default_factory=list)
+    open_sized: SizedOpener | None = None
+
+    async def open_alone(self, nursery: trio.Nursery) -> BlockDevice:
+        """Open this one device as a mount opens its set (``open_all``): background
+        tasks in ``nursery``, created files removed on failure, copier started after."""
+        async with open_all(nursery) as ctx:
+            device = await self.open(ctx)
+        return device
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a spec is compiled: ``size_from_peer`` for a mirror's secondary."""
+
+    size_from_peer: bool = False
+
+
+# --- argument values ---------------------------------------------------------------------
+
+
+def word(node: Node, what: str) -> str:
+    if not isinstance(node, Word):
+        raise SpecError(f"{what} must be a plain value, not {node.kind}(...)")
+    return node.text
+
+
+def existing_path(node: Node, options: Options) -> str:
+    path = word(node, "a path")
+    if not os.path.exists(path):
+        raise SpecError(f"no such file: {path}")
+    return path
+
+
+def path_arg(node: Node, options: Options) -> str:
+    return word(node, "a path")
+
+
+def size_arg(node: Node, options: Options) -> int:
+    return parse_size(word(node, "a size"))
+
+
+def optional_size(node: Node, options: Options) -> int | None:
+    return size_arg(node, options)
+
+
+def sparse_size_arg(node: Node, options: Options) -> int | None:
+    text = word(node, "a size")
+    if text.strip().startswith("-"):
+        raise SpecError(f"bad size {text!r}: a size cannot be negative")
+    size = parse_size(text)
+    if size == 0:
+        raise SpecError(f"bad size {text!r}: a sparse image needs a size above 0")
+    return size
+
+
+def bool_arg(node: Node, options: Options) -> bool:
+    return parse_bool(word(node, "a boolean"))
+
+
+def device_arg(node: Node, options: Options) -> Recipe:
+    return compile_node(node, options)
+
+
+def secondary_arg(node: Node, options: Options) -> Recipe:
+    """A mirror's secondary: a new ``sparse(PATH)`` may leave its size to the primary."""
+    return compile_node(node, Options(size_from_peer=True))
+
+
+def state_path(node: Node, options: Options) -> str | None:
+    """A file to keep state in: it may not exist yet, but its directory must."""
+    path = word(node, "a state file")
+    if os.path.isdir(path):
+        raise SpecError(f"state file {path} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise SpecError(f"the directory of state file {path} does not exist")
+    return path
+
+
+def uri_arg(node: Node, options: Options) -> str:
+    return word(node, "an NBD URI")
+
+
+# --- kinds -------------------------------------------------------------------------------
+
+KindCompiler = Callable[[Call, Options], Recipe]
+KINDS: dict[str, KindCompiler] = {}
+
+
+def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
+    def register(fn: KindCompiler) -> KindCompiler:
+        for name in names:
+            KINDS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class FileArgs:
+    path: str = arg(existing_path)
+    ro: bool = arg(bool_arg, False)
+
+
+@kind("file")
+def compile_file(call: Call, options: Options) -> Recipe:
+    args = bind(call, FileArgs, options)
+    check_file_access(args.path, args.ro)
+    return file_recipe(args.path, args.ro, unparse(call))
+
+
+def file_recipe(path: str, read_only: bool, text: str) -> Recipe:
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        return open_file(path, read_only=read_only)
+
+    return Recipe("file", text, open_)
+
+
+def check_file_access(path: str, read_only: bool) -> None:
+    """What opening ``path`` as a raw image would find wrong, found without opening it."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"{path} is a directory, not an image file or block device")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SpecError(f"{path} is not a regular file or block device")
+    if stat.S_ISREG(st.st_mode) and st.st_size % 512:
+        raise SpecError(
+            f"{path} is {st.st_size} bytes, not a whole number of 512-byte sectors "
+            f"(use sparse({path}, size=...) or `truncate -s` it to a multiple of 512)"
+        )
+    if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
+        mode = "reading" if read_only else "reading and writing"
+        raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")
+
+
+@dataclass(frozen=True)
+class MemoryArgs:
+    size: int = arg(size_arg)
+
+
+@kind("mem", "memory")
+def compile_memory(call: Call, options: Options) -> Recipe:
+    size = bind(call, MemoryArgs, options).size
+    if size == 0:
+        raise SpecError("a memory device needs a size above 0 (e.g. mem(256M))")
+    if size % 512:
+        raise SpecError(f"memory size {size} is not a whole number of 512-byte sectors")
+
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        return MemoryDevice(size)
+
+    return Recipe("memory", unparse(call), open_)
+
+
+@dataclass(frozen=True)
+class WrapperArgs:
+    device: Recipe = arg(device_arg)
+
+
+@kind("safe")
+def compile_safe(call: Call, options: Options) -> Recipe:
+    inner = bind(call, WrapperArgs, options).device
+
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        return SafeDevice(await inner.open(ctx))
+
+    return Recipe(inner.kind, unparse(call), open_, [inner], wrap_sized(inner, SafeDevice))
+
+
+def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> SizedOpener | None:
+    """``open_sized`` for a wrapper: the inner device opened with the size, then wrapped."""
+    inner_sized = inner.open_sized
+    if inner_sized is None:
+        return None
+
+    async def open_sized(ctx: OpenContext, size_bytes: int) -> BlockDevice:
+        return wrap(await inner_sized(ctx, size_bytes))
+
+    return open_sized
+
+
+@dataclass(frozen=True)
+class SparseArgs:
+    path: str = arg(path_arg)
+    size: int | None = arg(sparse_size_arg, None)
+
+
+@kind("sparse")
+def compile_sparse(call: Call, options: Options) -> Recipe:
+    """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
+    args = bind(call, SparseArgs, options)
+    path, size = args.path, args.size
+    size_later = options.size_from_peer and size is None and not os.path.exists(path)
+    try:
+        check_backing(path, 0 if size_later else size)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    if os.path.exists(path):
+        check_file_access(path, False)
+
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        return open_sparse(path, size_bytes=size, ctx=ctx)
+
+    async def open_sized(ctx: OpenContext, size_bytes: int) -> BlockDevice:
+        return open_sparse(
+            path, size_bytes=size if size is not None else new_only(size_bytes), ctx=ctx
+        )
+
+    def new_only(size_bytes: int) -> int | None:
+        """The peer's size is for a new file: an existing one keeps its own length."""
+        return None if os.path.exists(path) else size_bytes
+
+    return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
+
+
+@dataclass(frozen=True)
+class MirrorArgs:
+    primary: Recipe = arg(device_arg)
+    secondary: Recipe = arg(secondary_arg)
+    state: str | None = arg(state_path, None)
+    chunk: int = arg(size_arg, DEFAULT_CHUNK)
+    rate: int | None = arg(optional_size, None)
+
+
+@kind("mirror")
+def compile_mirror(call: Call, options: Options) -> Recipe:
+    """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S)``: the
+    copier starts in the context's nursery once every device is open; closing the
+    device stops it."""
+    args = bind(call, MirrorArgs, options)
+    try:
+        check_options(args.chunk, args.rate)
+    except MirrorRefused as exc:
+        raise SpecError(str(exc)) from None
+    if args.primary.text == args.secondary.text and args.primary.kind != "memory":
+        raise SpecError("the secondary is the primary itself; mirror onto another device")
+
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        async with AsyncExitStack() as undo:  # closes what opened if a later step fails
+            primary = await args.primary.open(ctx)
+            undo.push_async_callback(primary.aclose)
+            secondary = await open_secondary(args.secondary, primary, ctx)
+            undo.push_async_callback(secondary.aclose)
+            mirror = await prepare_mirror(
+                primary, secondary, state=args.state, chunk=args.chunk, rate=args.rate, ctx=ctx
+            )
+            undo.pop_all()
+        ctx.start_when_all_open(lambda: ctx.nursery.start(mirror.run_copier))
+        return mirror
+
+    return Recipe("mirror", unparse(call), open_, [args.primary, args.secondary])
+
+
+async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext) -> BlockDevice:
+    """The secondary, opened with the primary's size where its kind takes one."""
+    if recipe.open_sized is None:
+        return await recipe.open(ctx)
+    return await recipe.open_sized(ctx, (await primary.get_info()).size_bytes)
+
+
+_URI = re.compile(r"nbd[a-z+]*://")
+
+
+def compile_remote(text: str) -> Recipe:
+    """An NBD URI: checked now (syntax, that a Unix socket exists), connected on open."""
+    try:
+        address = parse_uri(text)
+    except BadURI as exc:
+        raise SpecError(str(exc)) from None
+    if address.socket is not None:
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(address.socket).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise SpecError(f"no NBD server socket at {address.socket}")
+
+    async def open_(ctx: OpenContext) -> BlockDevice:
+        return await open_remote(ctx.nursery, address)
+
+    return Recipe("nbd", text, open_)
+
+
+@dataclass(frozen=True)
+class NBDArgs:
+    uri: str = arg(uri_arg)
+
+
+@kind("nbd")
+def compile_nbd(call: Call, options: Options) -> Recipe:
+    return compile_remote(bind(call, NBDArgs, options).uri)
+
+
+def compile_word(node: Word) -> Recipe:
+    """A bare word: an NBD URI, or a path to a raw image or block device."""
+    if _URI.match(node.text):
+        return compile_remote(node.text)
+    path = existing_path(node, Options())
+    check_file_access(path, False)
+    return file_recipe(path, False, unparse(node))
+
+
+def compile_node(node: Node, options: Options) -> Recipe:
+    if isinstance(node, Word):
+        return compile_word(node)
+    compiler = KINDS.get(node.kind)
+    if compiler is None:
+        known = ", ".join(sorted(KINDS))
+        raise SpecError(f"unknown device kind '{node.kind}' (known kinds: {known})")
+    return compiler(node, options)
+
+
+def compile_spec(text: str, options: Options | None = None) -> Recipe:
+    """Parse and check ``text``; raises ``SpecError`` with the spec named in the message."""
+    try:
+        return compile_node(parse(text), options or Options())
+    except SpecError as exc:
+        raise SpecError(f"bad device spec {text!r}: {exc}") from None
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def split_named(text: str, option: str = "--device") -> tuple[str, str]:
+    """``'disk=./a.img'`` -> ``('disk', './a.img')``; the name becomes a file name."""
+    name, sep, spec = text.partition("=")
+    if not sep or not spec.strip():
+        raise SpecError(f"bad {option} {text!r}: expected NAME=SPEC, e.g. disk=./disk.img")
+    if not _NAME.fullmatch(name):
+        raise SpecError(
+            f"bad {option} {text!r}: the name {name!r} must be a file name "
+            "(ASCII letters and digits, then also '.', '_', '-'; at most 255)"
+        )
+    return name, spec.strip()
