@@ -19,7 +19,7 @@ from blockfuse.buffers import split_buffers
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.errors import HandleFreed, NoSpace, ReadOnly, RequestFailed
 from blockfuse.swap import Handle, Swap, open_swap
-from blockfuse.swapspace import FreeSpace, Run, map_range, merge_runs, split_runs
+from blockfuse.swap.space import FreeSpace, UnitRun, map_range, merge_runs, split_runs
 from blockfuse.testing import Fault, FaultyDevice
 
 from . import timing
@@ -73,25 +73,25 @@ class CountingDevice(BlockDevice):
 def test_free_space_coalesces_and_prefers_contiguous_runs() -> None:
     space = FreeSpace(10)
     a, b, c = space.take(3), space.take(3), space.take(4)
-    assert (a, b, c) == ([Run(0, 3)], [Run(3, 3)], [Run(6, 4)])
+    assert (a, b, c) == ([UnitRun(0, 3)], [UnitRun(3, 3)], [UnitRun(6, 4)])
     space.give(a)
     space.give(c)
-    assert space.runs() == [Run(0, 3), Run(6, 4)]
-    assert space.take(4) == [Run(6, 4)]  # first fit that is big enough, not the first run
-    space.give([Run(6, 4)])
-    assert space.take(5) == [Run(0, 3), Run(6, 2)]  # no run fits: gather from the lowest
-    space.give([Run(0, 3), Run(6, 2)])
+    assert space.runs() == [UnitRun(0, 3), UnitRun(6, 4)]
+    assert space.take(4) == [UnitRun(6, 4)]  # first fit that is big enough, not the first run
+    space.give([UnitRun(6, 4)])
+    assert space.take(5) == [UnitRun(0, 3), UnitRun(6, 2)]  # no run fits: gather from the lowest
+    space.give([UnitRun(0, 3), UnitRun(6, 2)])
     space.give(b)
-    assert space.runs() == [Run(0, 10)]
+    assert space.runs() == [UnitRun(0, 10)]
 
 
 def test_free_space_grows_in_place_first() -> None:
     space = FreeSpace(10)
     space.take(2)
-    assert space.take(3, after=2) == [Run(2, 3)]
-    space.give([Run(0, 2)])
-    assert space.take(4, after=5) == [Run(5, 4)]
-    assert space.take(2, after=9) == [Run(9, 1), Run(0, 1)]  # the rest by first fit
+    assert space.take(3, after=2) == [UnitRun(2, 3)]
+    space.give([UnitRun(0, 2)])
+    assert space.take(4, after=5) == [UnitRun(5, 4)]
+    assert space.take(2, after=9) == [UnitRun(9, 1), UnitRun(0, 1)]  # the rest by first fit
 
 
 def test_free_space_refuses_what_it_cannot_give_and_takes_nothing() -> None:
@@ -99,7 +99,7 @@ def test_free_space_refuses_what_it_cannot_give_and_takes_nothing() -> None:
     space.take(3)
     with pytest.raises(NoSpace):
         space.take(2)
-    assert space.runs() == [Run(3, 1)]
+    assert space.runs() == [UnitRun(3, 1)]
 
 
 def test_free_space_catches_a_double_free() -> None:
@@ -109,13 +109,19 @@ def test_free_space_catches_a_double_free() -> None:
     with pytest.raises(AssertionError):
         space.give(run)
     with pytest.raises(AssertionError):
-        space.give([Run(6, 4)])
+        space.give([UnitRun(6, 4)])
 
 
 def test_layout_helpers() -> None:
-    assert merge_runs([Run(0, 2)], [Run(2, 3), Run(7, 1)]) == [Run(0, 5), Run(7, 1)]
-    assert split_runs([Run(0, 2), Run(5, 3)], 3) == ([Run(0, 2), Run(5, 1)], [Run(6, 2)])
-    assert map_range([Run(2, 1), Run(0, 1)], 100, 50, 100) == [(250, 50), (0, 50)]
+    assert merge_runs([UnitRun(0, 2)], [UnitRun(2, 3), UnitRun(7, 1)]) == [
+        UnitRun(0, 5),
+        UnitRun(7, 1),
+    ]
+    assert split_runs([UnitRun(0, 2), UnitRun(5, 3)], 3) == (
+        [UnitRun(0, 2), UnitRun(5, 1)],
+        [UnitRun(6, 2)],
+    )
+    assert map_range([UnitRun(2, 1), UnitRun(0, 1)], 100, 50, 100) == [(250, 50), (0, 50)]
     groups = split_buffers([b"abcd", b"efgh"], [3, 2, 3])
     assert [b"".join(g) for g in groups] == [b"abc", b"de", b"fgh"]
 
@@ -142,7 +148,7 @@ async def test_a_large_append_is_one_device_call() -> None:
     h = await swap.empty()
     await swap.append(h, bytes(10 * UNIT))
     assert dev.writes == 1
-    assert swap.runs_of(h) == [Run(0, 10)]
+    assert swap.runs_of(h) == [UnitRun(0, 10)]
     await swap.get_partial(h, 0, 10 * UNIT)
     assert dev.reads == 1
 
@@ -330,7 +336,7 @@ async def run_model(sequence: list[Op]) -> None:
         assert bytes(await swap.get_partial(h, 0, len(data) + 1)) == data
     for h in handles:
         await swap.free(h)
-    assert swap.free_runs() == [Run(0, UNITS)]
+    assert swap.free_runs() == [UnitRun(0, UNITS)]
 
 
 async def apply(swap: Swap, handles: list, model: list[bytearray], op: str, i: int, n: int) -> None:  # type: ignore[type-arg]
@@ -449,6 +455,6 @@ def test_concurrent_files_never_see_each_others_data(seed: int) -> None:
             async with trio.open_nursery() as nursery:
                 for me in range(1, 6):
                     nursery.start_soon(worker, swap, me, random.Random(rng.random()))
-        assert swap.free_runs() == [Run(0, UNITS)]
+        assert swap.free_runs() == [UnitRun(0, UNITS)]
 
     trio.run(main)

@@ -18,14 +18,13 @@ from collections.abc import Iterable
 
 from ..block import Extent
 from ..units import ceil_div
+from .zeroes import ZEROES
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 MAX_EXTENTS = 1024
 """How many extents one ``file_extents`` answer holds at most (the caller asks again)."""
-
-_ZERO_CHUNK = bytes(1 << 20)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
@@ -45,7 +44,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def write_zero_bytes(fd: int, offset: int, length: int) -> None:
     """Write real zeroes over ``[offset, offset+length)`` (allocates; the fallback)."""
     while length > 0:
-        n = os.pwrite(fd, memoryview(_ZERO_CHUNK)[: min(length, len(_ZERO_CHUNK))], offset)
+        n = os.pwrite(fd, ZEROES[: min(length, len(ZEROES))], offset)
         offset, length = offset + n, length - n
 
 

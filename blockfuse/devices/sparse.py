@@ -61,7 +61,7 @@ from .file import (
     lock_image,
 )
 from .holes import append_extent, file_extents
-from .zeroes import Run, data_end, fill_zeroes, zero_runs
+from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
 class LengthGate:
@@ -156,7 +156,7 @@ class SparseDevice(FileDevice):
         if self._regular:
             runs = zero_runs(offset, views)
         else:  # a block device: no holes to keep, every byte is written
-            runs = [Run(offset, False, views, total_length(views))]
+            runs = [Stretch(offset, False, views, total_length(views))]
         needed = data_end(runs)
         while True:
             if needed > self._length:
@@ -167,7 +167,7 @@ class SparseDevice(FileDevice):
                         await self._write_run(run)
                     return
 
-    async def _write_run(self, run: Run) -> None:
+    async def _write_run(self, run: Stretch) -> None:
         if run.zero:
             await self._zero_inside(run.offset, run.length)
         else:

@@ -26,8 +26,8 @@ BLOCK = 4096
 
 CHUNK = 16 * BLOCK
 """How much of a run of candidate blocks one compare checks."""
-ZERO_CHUNK = bytes(CHUNK)
-ZERO_BLOCK = bytes(BLOCK)
+CHUNK_OF_ZEROES = bytes(CHUNK)
+BLOCK_OF_ZEROES = bytes(BLOCK)
 _ZERO_FLAGS = re.compile(b"\\0+")
 SAMPLES = (0, BLOCK - 1, BLOCK // 2, 8, BLOCK // 4, 3 * BLOCK // 4, 64, BLOCK - 64, 1000)
 """Byte positions in a block that must all be zero before the block is compared whole."""
@@ -35,7 +35,7 @@ ZEROES = memoryview(bytes(1 << 20))
 
 
 @dataclass(slots=True)
-class Run:
+class Stretch:
     """A stretch of a write at byte ``offset``: all zeroes, or data to write."""
 
     offset: int
@@ -55,7 +55,7 @@ class Run:
 def is_zero(view: memoryview) -> bool:
     """Whether ``view`` (at most ``CHUNK`` bytes) is all zeroes: one copy, one memcmp."""
     n = len(view)
-    zero = ZERO_CHUNK if n == CHUNK else ZERO_BLOCK if n == BLOCK else ZERO_CHUNK[:n]
+    zero = CHUNK_OF_ZEROES if n == CHUNK else BLOCK_OF_ZEROES if n == BLOCK else CHUNK_OF_ZEROES[:n]
     return view.tobytes() == zero
 
 
@@ -127,9 +127,9 @@ def piece_end(start: int, head: int) -> int:
     return head if start < head else start + BLOCK
 
 
-def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
+def zero_runs(offset: int, views: list[memoryview]) -> list[Stretch]:
     """A write split into alternating zero and data runs, in order."""
-    runs: list[Run] = []
+    runs: list[Stretch] = []
     for view in views:
         pos = 0
         for start, stop in zero_pieces(offset, view):
@@ -143,13 +143,13 @@ def zero_runs(offset: int, views: list[memoryview]) -> list[Run]:
     return runs
 
 
-def _add_piece(runs: list[Run], at: int, zero: bool, piece: memoryview) -> None:
+def _add_piece(runs: list[Stretch], at: int, zero: bool, piece: memoryview) -> None:
     if not runs or runs[-1].zero != zero:
-        runs.append(Run(at, zero))
+        runs.append(Stretch(at, zero))
     runs[-1].add(piece)
 
 
-def data_end(runs: list[Run]) -> int:
+def data_end(runs: list[Stretch]) -> int:
     """Where the last data run ends (0 if the write is all zeroes)."""
     for run in reversed(runs):
         if not run.zero:

@@ -1,6 +1,6 @@
 """The free-space map and layout arithmetic of swapfs (see ``blockfuse.swap``).
 
-Units are numbered from 0; a ``Run`` is a stretch of consecutive units.  ``FreeSpace``
+Units are numbered from 0; a ``UnitRun`` is a stretch of consecutive units.  ``FreeSpace``
 keeps the free ones as coalesced runs on a ``SortedDict`` and hands them out first-fit,
 contiguous where it can.  The rest are pure functions from a handle's runs to device
 byte ranges, tested without a device.
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from .errors import NoSpace
+from ..errors import NoSpace
 
 
 @dataclass(frozen=True)
-class Run:
+class UnitRun:
     """``count`` units from unit ``start``."""
 
     start: int
@@ -38,19 +38,19 @@ class FreeSpace:
         self.total_units = total_units
         self.free_units = 0
         self._runs: SortedDict = SortedDict()  # start -> count
-        self.give([Run(0, total_units)])
+        self.give([UnitRun(0, total_units)])
 
-    def runs(self) -> list[Run]:
-        return [Run(start, count) for start, count in self._runs.items()]
+    def runs(self) -> list[UnitRun]:
+        return [UnitRun(start, count) for start, count in self._runs.items()]
 
-    def take(self, count: int, after: int | None = None) -> list[Run]:
+    def take(self, count: int, after: int | None = None) -> list[UnitRun]:
         """``count`` units, as few runs as first-fit allows; ``NoSpace`` takes nothing.
 
         ``after`` is the unit just past the caller's last run: growing there comes first.
         """
         if count > self.free_units:
             raise NoSpace(f"{count} units needed, {self.free_units} free")
-        taken: list[Run] = []
+        taken: list[UnitRun] = []
         if count and after is not None and after in self._runs:
             taken.append(self._cut(after, count))
             count -= taken[-1].count
@@ -62,7 +62,7 @@ class FreeSpace:
             count -= taken[-1].count
         return taken
 
-    def give(self, runs: Iterable[Run]) -> None:
+    def give(self, runs: Iterable[UnitRun]) -> None:
         """Return ``runs`` to the map, merging each with the free runs it touches."""
         for run in runs:
             if run.count:
@@ -75,16 +75,16 @@ class FreeSpace:
                 return int(start)
         return None
 
-    def _cut(self, start: int, want: int) -> Run:
+    def _cut(self, start: int, want: int) -> UnitRun:
         """Up to ``want`` units from the front of the free run at ``start``."""
         n = self._runs.pop(start)
         got = min(n, want)
         if got < n:
             self._runs[start + got] = n - got
         self.free_units -= got
-        return Run(start, got)
+        return UnitRun(start, got)
 
-    def _insert(self, run: Run) -> None:
+    def _insert(self, run: UnitRun) -> None:
         start, count = run.start, run.count
         i = self._runs.bisect_left(start)
         if i:
@@ -97,7 +97,7 @@ class FreeSpace:
         self._runs[start] = count
         self.free_units += run.count
 
-    def _check_owned(self, run: Run) -> None:
+    def _check_owned(self, run: UnitRun) -> None:
         """A run given back must lie on the device and overlap no free run."""
         if run.start < 0 or run.end > self.total_units:
             raise AssertionError(f"{run} lies outside {self.total_units} units")
@@ -111,32 +111,34 @@ class FreeSpace:
 # --- pure layout arithmetic ----------------------------------------------------------
 
 
-def merge_runs(runs: Sequence[Run], more: Iterable[Run]) -> list[Run]:
+def merge_runs(runs: Sequence[UnitRun], more: Iterable[UnitRun]) -> list[UnitRun]:
     """``runs + more``, joining neighbours that continue one another on the device."""
     out = list(runs)
     for run in more:
         if out and out[-1].end == run.start:
-            out[-1] = Run(out[-1].start, out[-1].count + run.count)
+            out[-1] = UnitRun(out[-1].start, out[-1].count + run.count)
         else:
             out.append(run)
     return out
 
 
-def split_runs(runs: Sequence[Run], keep: int) -> tuple[list[Run], list[Run]]:
+def split_runs(runs: Sequence[UnitRun], keep: int) -> tuple[list[UnitRun], list[UnitRun]]:
     """The first ``keep`` units of ``runs``, and the rest."""
-    head: list[Run] = []
-    tail: list[Run] = []
+    head: list[UnitRun] = []
+    tail: list[UnitRun] = []
     for run in runs:
         n = max(0, min(run.count, keep))
         keep -= n
         if n:
-            head.append(Run(run.start, n))
+            head.append(UnitRun(run.start, n))
         if n < run.count:
-            tail.append(Run(run.start + n, run.count - n))
+            tail.append(UnitRun(run.start + n, run.count - n))
     return head, tail
 
 
-def map_range(runs: Sequence[Run], unit: int, offset: int, length: int) -> list[tuple[int, int]]:
+def map_range(
+    runs: Sequence[UnitRun], unit: int, offset: int, length: int
+) -> list[tuple[int, int]]:
     """The device byte ranges ``(offset, length)`` that hold a handle's bytes, in order."""
     out: list[tuple[int, int]] = []
     stop, pos = offset + length, 0

@@ -6,8 +6,8 @@ handle owns a list of runs of units and a size in bytes.  The layout lives only 
 memory, so nothing survives the process: the device is scratch space.
 
     device units:  | a a a | . . | b b | a a | . . . . |
-    handle a:      runs [Run(0, 3), Run(7, 2)], size 4.5 units
-    handle b:      runs [Run(5, 2)]
+    handle a:      runs [UnitRun(0, 3), UnitRun(7, 2)], size 4.5 units
+    handle b:      runs [UnitRun(5, 2)]
     free space:    {3: 2, 9: 4}        (start -> count, coalesced)
 
 **Invariant 1: no unit is owned twice.**  Every unit is in exactly one place: the free
@@ -50,15 +50,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .block import BlockDevice, Buffer, total_length
-from .buffers import split_buffers
-from .errors import HandleFreed, ReadOnly, Unsafe
-from .sectors import patch_sectors, span
-from .swapspace import FreeSpace, Run, map_range, merge_runs, split_runs
-from .units import ceil_div, round_up
+from ..block import BlockDevice, Buffer, total_length
+from ..buffers import split_buffers
+from ..errors import HandleFreed, ReadOnly, Unsafe
+from ..sectors import patch_sectors, span
+from ..units import ceil_div, round_up
+from .space import FreeSpace, UnitRun, map_range, merge_runs, split_runs
 
 DEFAULT_UNIT = 1 << 20
-ZERO_CHUNK = 1 << 20
+ZERO_FILL_BYTES = 1 << 20
 """Gaps (a write past the end, a growing truncate) are filled this many bytes at a time."""
 
 DeviceCall = Callable[[int, Sequence[Buffer]], Awaitable[None]]
@@ -71,12 +71,12 @@ DeviceCall = Callable[[int, Sequence[Buffer]], Awaitable[None]]
 class _State:
     """What a handle owns; kept apart from ``Handle`` so that the handle can be collected."""
 
-    runs: list[Run] = field(default_factory=list)
+    runs: list[UnitRun] = field(default_factory=list)
     size: int = 0
     epoch: int = 0
     users: dict[int, int] = field(default_factory=dict)
     """Users in flight, by the epoch they started in."""
-    retired: list[tuple[int, list[Run]]] = field(default_factory=list)
+    retired: list[tuple[int, list[UnitRun]]] = field(default_factory=list)
     """Runs given up, with the epoch they were given up in."""
     freed: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -129,11 +129,11 @@ class Swap:
         self._reclaim_orphans()
         return self._space.free_units * self.unit_size
 
-    def free_runs(self) -> list[Run]:
+    def free_runs(self) -> list[UnitRun]:
         self._reclaim_orphans()
         return self._space.runs()
 
-    def runs_of(self, handle: Handle) -> list[Run]:
+    def runs_of(self, handle: Handle) -> list[UnitRun]:
         """The units ``handle`` owns, in file order (empty once freed)."""
         return list(handle._state.runs)
 
@@ -220,7 +220,7 @@ class Swap:
             self._release_retired(state)
 
     @staticmethod
-    def _retire(state: _State, runs: list[Run]) -> None:
+    def _retire(state: _State, runs: list[UnitRun]) -> None:
         if runs:
             state.retired.append((state.epoch, runs))
             state.epoch += 1
@@ -240,7 +240,7 @@ class Swap:
                 state.freed = True
                 self._space.give(state.runs + [r for _, runs in state.retired for r in runs])
 
-    def _reserve(self, state: _State, size: int) -> list[Run]:
+    def _reserve(self, state: _State, size: int) -> list[UnitRun]:
         """Own enough units for ``size`` bytes; ``NoSpace`` takes nothing."""
         need = ceil_div(size, self.unit_size) - state.units
         if need > 0:
@@ -277,15 +277,17 @@ class Swap:
             raise
         state.size = max(state.size, end)
 
-    async def _fill_zeroes(self, runs: list[Run], start: int, stop: int) -> None:
-        zeroes = memoryview(bytes(min(ZERO_CHUNK, stop - start)))
+    async def _fill_zeroes(self, runs: list[UnitRun], start: int, stop: int) -> None:
+        zeroes = memoryview(bytes(min(ZERO_FILL_BYTES, stop - start)))
         offset = start
         while offset < stop:
-            n = min(stop, round_up(offset + 1, ZERO_CHUNK)) - offset
+            n = min(stop, round_up(offset + 1, ZERO_FILL_BYTES)) - offset
             await self._write_span(runs, start, offset, zeroes[:n])
             offset += n
 
-    async def _write_span(self, runs: list[Run], size: int, offset: int, data: memoryview) -> None:
+    async def _write_span(
+        self, runs: list[UnitRun], size: int, offset: int, data: memoryview
+    ) -> None:
         """Write ``data`` at ``offset`` of a file whose valid bytes end at ``size``."""
         if not data:
             return
@@ -298,7 +300,7 @@ class Swap:
         buffers = await patch_sectors(s, data, ss, old_sector)
         await self._device_io(self.device.write, runs, s.first * ss, buffers)
 
-    async def _old_sector(self, runs: list[Run], size: int, at: int) -> bytearray:
+    async def _old_sector(self, runs: list[UnitRun], size: int, at: int) -> bytearray:
         """The sector at byte ``at`` of the file; zeroes if it lies wholly past ``size``."""
         sector = bytearray(self._sector_size)
         if at < size:
@@ -307,7 +309,7 @@ class Swap:
 
     # --- reads and device calls ------------------------------------------------------------
 
-    async def _read_span(self, runs: list[Run], offset: int, length: int) -> memoryview:
+    async def _read_span(self, runs: list[UnitRun], offset: int, length: int) -> memoryview:
         ss = self._sector_size
         first = offset - offset % ss
         buf = bytearray(round_up(offset + length, ss) - first)
@@ -315,7 +317,7 @@ class Swap:
         return memoryview(buf)[offset - first : offset - first + length].toreadonly()
 
     async def _device_io(
-        self, call: DeviceCall, runs: list[Run], offset: int, buffers: Sequence[Buffer]
+        self, call: DeviceCall, runs: list[UnitRun], offset: int, buffers: Sequence[Buffer]
     ) -> None:
         """One device call per contiguous piece of ``[offset, offset+len(buffers))``."""
         pieces = map_range(runs, self.unit_size, offset, total_length(buffers))
