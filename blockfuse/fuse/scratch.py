@@ -31,7 +31,7 @@ from ..block import BlockDevice
 from ..errors import Unsafe
 from ..swap import Handle, Swap, open_swap
 from ..units import format_size
-from .ops import ATTR_TIMEOUT, IO_SIZE_HINT, fuse_errors
+from .attrs import entry_attributes
 
 INODE_SPAN = 1 << 32
 NAME_MAX = 255
@@ -185,38 +185,24 @@ class ScratchDir:
 
     # --- attributes ----------------------------------------------------------------------
 
-    def _attr(self, inode: int, mode: int, size: int, time_ns: int) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = inode
-        attr.st_mode = mode
-        attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
-        attr.st_nlink = 2 if stat.S_ISDIR(mode) else 1
-        attr.st_size = size
-        attr.st_blksize = IO_SIZE_HINT
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = time_ns
-        attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
-        return attr
-
     async def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         size = 0 if node.freed else await self.swap.size(node.handle)
-        attr = self._attr(node.inode, node.mode, size, node.time_ns)
+        attr = entry_attributes(node.inode, node.mode, size, node.time_ns)
         attr.st_uid, attr.st_gid = node.uid, node.gid
         attr.st_nlink = 0 if node.name is None else 1
         attr.st_blocks = 0 if node.freed else self.swap.allocated_bytes(node.handle) // 512
         return attr
 
-    @fuse_errors
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         if inode == self.inode:
             d = self._dir
-            attr = self._attr(inode, d.mode, 0, d.time_ns)
+            attr = entry_attributes(inode, d.mode, 0, d.time_ns)
             attr.st_uid, attr.st_gid = d.uid, d.gid
             return attr
         return await self._node_attr(self._node(inode))
 
-    @fuse_errors
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: Any, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -233,13 +219,11 @@ class ScratchDir:
             node.time_ns = time.time_ns()
         return await self._node_attr(node)
 
-    @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         node = self._named(parent_inode, name)
         node.lookups += 1
         return await self._node_attr(node)
 
-    @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             node = self._nodes.get(inode)
@@ -249,12 +233,10 @@ class ScratchDir:
 
     # --- the directory -------------------------------------------------------------------
 
-    @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         self._check_parent(inode)
         return inode
 
-    @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Entries in inode order; ``next_id`` is the inode after, so changes skip nothing."""
         for node in sorted(self._names.values(), key=lambda n: n.inode):
@@ -269,7 +251,6 @@ class ScratchDir:
     async def releasedir(self, fh: int) -> None:
         pass
 
-    @fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -278,7 +259,6 @@ class ScratchDir:
         node.opens += 1
         return pyfuse3.FileInfo(fh=node.inode, direct_io=True), await self._node_attr(node)
 
-    @fuse_errors
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -287,38 +267,32 @@ class ScratchDir:
             raise fail(errno.EPERM)
         return await self._node_attr(await self._new_node(name, mode, ctx))
 
-    @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
         raise fail(errno.EPERM)
 
-    @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
         raise fail(errno.EPERM)
 
-    @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         raise fail(errno.EPERM)
 
-    @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         node = self._named(parent_inode, name)
         self._unname(node)
         await self._free_if_gone(node)
 
-    @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._named(parent_inode, name)
         raise fail(errno.ENOTDIR)
 
-    @fuse_errors
     async def rename(
         self, parent_old: int, old: bytes, parent_new: int, new: bytes, flags: int, ctx: Any
     ) -> None:
@@ -353,7 +327,6 @@ class ScratchDir:
 
     # --- file I/O --------------------------------------------------------------------------
 
-    @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode == self.inode:
             raise fail(errno.EISDIR)
@@ -364,11 +337,9 @@ class ScratchDir:
         node.opens += 1
         return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
-    @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.swap.get_partial(self._node(fh).handle, off, size)  # type: ignore[return-value]
 
-    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._node(fh)
         await self.swap.write(node.handle, off, buf)
@@ -381,7 +352,6 @@ class ScratchDir:
     async def flush(self, fh: int) -> None:
         pass
 
-    @fuse_errors
     async def release(self, fh: int) -> None:
         node = self._node(fh)
         node.opens -= 1
