@@ -156,29 +156,25 @@ class CopyMap:
         return f"{self.geometry.header()} secondary={self.secondary}"
 
     def _load(self, path: str) -> None:
-        with open(path) as f:
-            lines = f.read().splitlines()
-        if len(lines) not in (4, 5) or lines[0] != MAGIC:
-            raise CopyMapError(f"{path} is not a blockfuse mirror map")
-        if lines[4:] == [PIVOTED]:
+        saved = read_saved_map(path)
+        if saved.pivoted:
             raise CopyMapError(
                 f"{path} says this mirror was pivoted: the secondary holds the newer data "
                 f"and the primary is stale; use the secondary alone as the device, or "
                 f"remove {path} to copy the primary onto it anew"
             )
-        geometry, _, secondary = lines[1].partition(" secondary=")
-        if geometry != self.geometry.header():
+        if saved.geometry != self.geometry.header():
             raise CopyMapError(
-                f"{path} belongs to another mirror ({geometry}, this one has "
+                f"{path} belongs to another mirror ({saved.geometry}, this one has "
                 f"{self.geometry.header()}); remove it to copy from the start"
             )
-        if secondary != self.secondary:
+        if saved.secondary != self.secondary:
             return self.forget(f"{path} was saved for another secondary file; copying anew")
-        durable, dirty = (_parse_intervals(path, line) for line in lines[2:])
-        for a, b in dirty:
+        durable = saved.copied.copy()
+        for a, b in saved.dirty:
             durable.discard(a, b)
         self._copied, self._durable = durable, durable.copy()
-        self.dirty, self._saved_dirty = dirty, dirty.copy()
+        self.dirty, self._saved_dirty = saved.dirty.copy(), saved.dirty.copy()
 
     async def save_now(self) -> None:
         """Write the file now (if there is one)."""
@@ -291,6 +287,39 @@ class CopyMap:
             for a, b in candidates:
                 self.dirty.add(a, b)
             raise
+
+
+@dataclass(frozen=True)
+class SavedMap:
+    """What a map file says, as saved (``read_saved_map``)."""
+
+    geometry: str
+    """``size=BYTES sector=BYTES``."""
+    secondary: str
+    """What identifies the secondary's file (``DEV:INO``), or ``""``."""
+    copied: IntervalSet
+    """``durable``: copied, and flushed on both sides, when it was saved."""
+    dirty: IntervalSet
+    """Chunks where the two sides may differ (whatever ``copied`` says)."""
+    pivoted: bool
+
+    def vouched(self) -> IntervalSet:
+        """The sectors the file says are equal on both sides: ``copied - dirty``."""
+        out = self.copied.copy()
+        for a, b in self.dirty:
+            out.discard(a, b)
+        return out
+
+
+def read_saved_map(path: str) -> SavedMap:
+    """The map file at ``path``; raises ``CopyMapError`` if it is not one or is damaged."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if len(lines) not in (4, 5) or lines[0] != MAGIC or lines[4:] not in ([], [PIVOTED]):
+        raise CopyMapError(f"{path} is not a blockfuse mirror map")
+    geometry, _, secondary = lines[1].partition(" secondary=")
+    copied, dirty = (_parse_intervals(path, line) for line in lines[2:4])
+    return SavedMap(geometry, secondary, copied, dirty, lines[4:] == [PIVOTED])
 
 
 def _format_intervals(s: IntervalSet) -> str:
