@@ -73,6 +73,10 @@ class BlockDevice(ABC):
 
     capabilities: frozenset[Capability] = frozenset()
 
+    durable: bool = True
+    """Whether what is written stays when the device is closed and opened again (a ``mem``
+    device forgets it).  ``is_durable`` asks every layer."""
+
     @abstractmethod
     async def get_info(self) -> Info:
         """The device's current geometry; raises ``Disconnected`` after ``aclose``."""
@@ -153,6 +157,11 @@ def layers(dev: BlockDevice) -> list[BlockDevice]:
         out.append(layer)
         layer = layer.inner
     return out
+
+
+def is_durable(dev: BlockDevice) -> bool:
+    """Whether every layer of ``dev`` keeps what is written across a close."""
+    return all(layer.durable for layer in layers(dev))
 
 
 def merged_status(dev: BlockDevice) -> dict[str, str]:

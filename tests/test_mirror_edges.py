@@ -23,6 +23,8 @@ from blockfuse.devices.mirror import (
     copymap,
     open_mirror,
 )
+from blockfuse.devices.mirror import device as mirror_device
+from blockfuse.devices.mirror.copymap import read_saved_map
 from blockfuse.errors import RequestFailed, Unreachable
 from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
@@ -70,46 +72,71 @@ async def test_a_failed_primary_flush_at_the_end_fails_the_copy_not_the_disk() -
             assert buf == b"w" * SS
 
 
-async def test_a_map_that_cannot_be_saved_at_the_end_is_retried_then_fails(
+def saves_fail_after(monkeypatch: pytest.MonkeyPatch, good: int, err: int = errno.ENOSPC) -> None:
+    """The first ``good`` map saves succeed, then every one fails with ``err``."""
+    real = copymap._write_atomically
+    calls = [0]
+
+    def write(path: str, text: str) -> None:
+        calls[0] += 1
+        if calls[0] > good:
+            raise OSError(err, os.strerror(err))
+        real(path, text)
+
+    monkeypatch.setattr(copymap, "_write_atomically", write)
+
+
+async def test_a_map_that_cannot_be_saved_fails_the_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_space(path: str, text: str) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(copymap, "_write_atomically", no_space)
+    saves_fail_after(monkeypatch, 1)  # the session's first save (open) goes through
     state = str(tmp_path / "map")
     with trio.fail_after(10):
         async with open_mirror(
             MemoryDevice(SIZE), MemoryDevice(SIZE), chunk=64 << 10, state=state, backoff=0.01
         ) as m:
-            with pytest.raises(MirrorFailed, match=r"making the copy durable.*gave up after 5"):
+            with pytest.raises(MirrorFailed, match=r"cannot save the copy map .*: No space"):
                 await m.wait_synced()
-            assert m.statistics().errors == 6
 
 
-async def test_a_copy_that_fails_at_the_end_leaves_the_mount_up(
+async def test_a_map_that_cannot_be_saved_at_the_start_refuses_the_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saves_fail_after(monkeypatch, 0, errno.EROFS)
+    primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
+    with trio.fail_after(10), pytest.raises(CopyMapError, match="Read-only file system"):
+        async with open_mirror(primary, secondary, chunk=64 << 10, state=str(tmp_path / "m")):
+            pass
+
+
+async def test_a_copy_that_fails_for_its_map_leaves_the_disk_writable_and_the_map_silent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In ``blockfuse mount`` every device lives in ``background_tasks()``: a copier that
-    raised there would cancel the whole mount."""
-
-    def no_space(path: str, text: str) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(copymap, "_write_atomically", no_space)
-    recipe = compile_spec(f"mirror(mem(1M), mem(1M), chunk=64K, state={tmp_path}/map)")
+    raised there would cancel the whole mount.  A write to a copied sector must be
+    marked dirty in the map first; when the map cannot be saved, the map is made to
+    vouch for nothing instead, and the write goes on."""
+    saves_fail_after(monkeypatch, 2)  # open, and the first checkpoint's, part way
+    monkeypatch.setattr(mirror_device, "CHECKPOINT_SECONDS", 0.05)
+    state = tmp_path / "map"
+    recipe = compile_spec(
+        f"mirror(mem(1M), file({image(tmp_path, 's', SIZE)}), chunk=64K, rate=2M, state={state})"
+    )
     with trio.fail_after(20):
         async with background_tasks() as nursery:
             dev = await recipe.open_alone(nursery)
             assert isinstance(dev, MirrorDevice)
             with pytest.raises(MirrorFailed):
                 await dev.wait_synced()
-            assert dev.status()["state"].startswith("failed: making the copy durable")
-            await dev.read(0, [bytearray(SS)])
-            with pytest.raises(RequestFailed) as info:  # a copied sector: it must be marked
-                await dev.write(0, [b"w" * SS])  # dirty in the map first, which cannot be
-            assert info.value.errno == errno.ENOSPC
+            assert dev.status()["state"].startswith("failed: cannot save the copy map")
+            assert read_saved_map(str(state)).vouched().total > 0  # what it said is still true
+            await dev.write(0, [b"w" * SS])
+            await dev.flush()
+            buf = bytearray(SS)
+            await dev.read(0, [buf])
+            assert buf == b"w" * SS
             await dev.aclose()
+    assert read_saved_map(str(state)).invalidated
 
 
 # --- pivot ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def _zero(data: mmap.mmap, start: int, end: int) -> None:
 
 class MemoryDevice(BlockDevice):
     kind = "memory"
+    durable = False
     capabilities = frozenset({Capability.DISCARD, Capability.WRITE_ZEROES, Capability.RESIZE})
 
     def __init__(

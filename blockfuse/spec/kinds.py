@@ -268,6 +268,13 @@ def compile_sparse(call: Call, options: Options) -> Recipe:
     return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
 
 
+def verify_arg(node: Node, options: Options) -> str:
+    value = word(node, "verify").strip().lower()
+    if value not in ("sample", "full"):
+        raise SpecError(f"bad verify={value!r} (use sample, the default, or full)")
+    return value
+
+
 @dataclass(frozen=True)
 class MirrorArgs:
     primary: Recipe = arg(device_arg)
@@ -275,11 +282,12 @@ class MirrorArgs:
     state: str | None = arg(state_path, None)
     chunk: int = arg(size_arg, DEFAULT_CHUNK)
     rate: int | None = arg(optional_size, None)
+    verify: str = arg(verify_arg, "sample")
 
 
 @kind("mirror")
 def compile_mirror(call: Call, options: Options) -> Recipe:
-    """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S)``: the
+    """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S, verify=full)``: the
     copier starts in the context's nursery once every device is open; closing the
     device stops it."""
     args = bind(call, MirrorArgs, options)
@@ -289,6 +297,11 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
         raise SpecError(str(exc)) from None
     if args.primary.text == args.secondary.text and args.primary.kind != "memory":
         raise SpecError("the secondary is the primary itself; mirror onto another device")
+    if args.state is not None and args.secondary.kind == "memory":
+        raise SpecError(
+            "a mem() secondary forgets its data at unmount, so state= could never resume "
+            "it: leave out state=, or mirror onto a file"
+        )
 
     async def open_(ctx: OpenContext) -> BlockDevice:
         async with AsyncExitStack() as undo:  # closes what opened if a later step fails
@@ -297,8 +310,9 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
             secondary = await open_secondary(args.secondary, primary, ctx)
             undo.push_async_callback(secondary.aclose)
             mirror = await prepare_mirror(
-                primary, secondary, state=args.state, chunk=args.chunk, rate=args.rate, ctx=ctx
-            )
+                primary, secondary, state=args.state, chunk=args.chunk, rate=args.rate,
+                verify=args.verify, ctx=ctx,
+            )  # fmt: skip
             undo.pop_all()
         ctx.start_when_all_open(lambda: ctx.nursery.start(mirror.run_copier))
         return mirror

@@ -68,7 +68,7 @@ from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
 from .copier import Copier
 from .copymap import CopyMap
-from .parts import Side, Users, error_of, run_both
+from .parts import Side, Users, error_of, run_both, signature, split
 from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
 
 CHECKPOINT_SECONDS = 2.0
@@ -100,6 +100,7 @@ class MirrorDevice(BlockDevice):
         backoff: float,
         progress: Callable[[Progress], None] | None,
         notice: str = "",
+        verify_first: bool = False,
     ) -> None:
         self._primary, self._secondary = primary, secondary
         self._info = info
@@ -108,6 +109,8 @@ class MirrorDevice(BlockDevice):
         self._ranges = RangeLock()
         self._copy = CopyState(info.size_bytes, progress)
         self._copy.notice = notice
+        self._verify_first = verify_first
+        copy_map.on_store_failure = self.fail
         self._copier = Copier(
             primary, secondary, self._ranges, copy_map, self,
             chunk=chunk // info.sector_size, rate=rate, in_flight=in_flight,
@@ -152,6 +155,7 @@ class MirrorDevice(BlockDevice):
 
     async def _write_both(self, sector: int, end: int, buffers: Sequence[Buffer]) -> None:
         both = self._map.copied_parts(sector, end)
+        self._map.refuse_if_frozen((sector, end))
         span = self._map.begin_write(sector, end)
         self._primary_users.enter()
         try:
@@ -255,11 +259,17 @@ class MirrorDevice(BlockDevice):
                 err = await error_of(self._secondary.dev.flush())
             else:
                 err = await error_of(self._map.checkpoint(self._flush_both))
+                if err is None:
+                    err = await error_of(self._end_session())
             if err is not None:
                 self.note_error(f"flushing at close: {err}")
             self._copy.apply(Event.CLOSE)
             await self._primary.dev.aclose()
             await self._secondary.dev.aclose()
+
+    async def _end_session(self) -> None:
+        """Record a clean close with what identifies both files now (after the flush)."""
+        await self._map.end_session(signature(self._primary.dev), signature(self._secondary.dev))
 
     def status(self) -> dict[str, str]:
         st = self.statistics()
@@ -354,10 +364,33 @@ class MirrorDevice(BlockDevice):
                 async with trio.open_nursery() as nursery:
                     if self._map.persistent:
                         nursery.start_soon(self._checkpoint_loop)
+                    if self._verify_first:
+                        await self._verify_copied()
                     await self._copy_until_stopped()
                     nursery.cancel_scope.cancel()
         finally:
             done.set()
+
+    async def _verify_copied(self) -> None:
+        """Compare every copied range of both sides, chunk by chunk under the range lock,
+        and copy again what differs (``verify=full``); the mirror cannot be synced
+        before this ends."""
+        chunk = self._map.geometry.chunk_sectors
+        ss = self._info.sector_size
+        for start, end in self._map.copied_runs():
+            for a, b in split(start, end, chunk):
+                if not self._copy.going_on:
+                    return
+                async with self._ranges.hold(a, b):
+                    if self._map.is_copied(a, b) and not await self._sides_equal(a, b, ss):
+                        self._map.uncopy(a, b)
+                        self.note_error(f"verify: sectors {a}-{b} differ; copying them again")
+
+    async def _sides_equal(self, a: int, b: int, ss: int) -> bool:
+        one, two = bytearray((b - a) * ss), bytearray((b - a) * ss)
+        err = await error_of(self._using_primary(self._primary.read(a, [one])))
+        err = err or await error_of(self._secondary.read(a, [two]))
+        return err is None and one == two
 
     async def _copy_until_stopped(self) -> None:
         while self._copy.open and self._copy.state in (MirrorState.COPYING, MirrorState.SYNCED):

@@ -7,18 +7,19 @@ body of ``async with open_mirror(p, s) as m:``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from ...block import BlockDevice, Info
+from ...block import BlockDevice, Info, is_durable
 from ...opening import OpenContext
-from .copymap import CopyMap, Geometry
+from .copymap import STALE_MARK, CopyMap, Geometry, MapStore
 from .device import MirrorDevice
-from .parts import Side, spread
+from .parts import Side, backing_path, identity, signature, spread
 from .state import Progress
 
 DEFAULT_CHUNK = 4 << 20
@@ -34,9 +35,15 @@ IN_FLIGHT_BYTES = 16 << 20
 """The copier keeps this many bytes of chunks in flight, in 2 to 16 chunks.  (More
 small chunks queue more ahead of foreground requests on a slow link: 64 chunks of
 256 KiB behind nbdkit's rate filter at 160 MB/s let the copy end before mkfs did.)"""
-RESUME_SAMPLE_BYTES = 64 << 10
-"""A resumed copy compares this much of each side, four times, before the disk appears
-(whole 4 MiB chunks kept a mount 21 s from appearing behind a 1 MB/s source)."""
+RESUME_SAMPLE_BYTES = 16 << 10
+"""A resumed copy compares samples of this size before the disk appears (whole 4 MiB
+chunks kept a mount 21 s from appearing behind a 1 MB/s source)."""
+RESUME_CANDIDATES = 32
+"""How many places of the copied set a resumed copy reads the primary at, at most."""
+RESUME_INFORMATIVE = 8
+"""How many samples that hold data (on the primary) it compares with the secondary: a
+sample of zeroes on both sides says nothing about a secondary that lost its data."""
+VERIFY = ("sample", "full")
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 0.2
 
@@ -58,21 +65,6 @@ def check_options(chunk: int, rate: int | None) -> None:
         )
     if rate is not None and rate <= 0:
         raise MirrorRefused("mirror rate must be more than 0 bytes per second (or left out)")
-
-
-def identity(dev: BlockDevice) -> str | None:
-    """``DEV:INO`` of the file under ``dev``, if it stands on one."""
-    layer: BlockDevice | None = dev
-    while layer is not None:
-        path = getattr(layer, "path", None)
-        if isinstance(path, str):
-            try:
-                st = os.stat(path)
-            except OSError:
-                return None
-            return f"{st.st_dev}:{st.st_ino}"
-        layer = layer.inner
-    return None
 
 
 async def check_pair(primary: BlockDevice, secondary: BlockDevice, chunk: int) -> Info:
@@ -103,12 +95,13 @@ async def prepare_mirror(
     primary: BlockDevice,
     secondary: BlockDevice,
     *,
-    state: str | None = None,
+    state: str | MapStore | None = None,
     chunk: int = DEFAULT_CHUNK,
     rate: int | None = None,
     in_flight: int | None = None,
     retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF,
+    verify: str = "sample",
     progress: Callable[[Progress], None] | None = None,
     ctx: OpenContext | None = None,
 ) -> MirrorDevice:
@@ -118,41 +111,130 @@ async def prepare_mirror(
     written; the caller then still owns both devices.  Otherwise the mirror owns them
     (its ``aclose`` closes them) and the caller runs ``mirror.run_copier`` in a nursery
     (``start_mirror`` and ``open_mirror`` do).  A new map file is noted in ``ctx``.
+
+    A saved map is checked before it is trusted (``check_resumed_copy``), and set aside
+    for a secondary that keeps nothing across a close (``mem``: the spec refuses
+    ``state=`` with one); with
+    ``verify="full"`` the copier also compares every copied range before the mirror
+    can be synced.
     """
     info = await check_pair(primary, secondary, chunk)
+    if verify not in VERIFY:
+        raise MirrorRefused(f"verify={verify} is not one of {', '.join(VERIFY)}")
     chunk_sectors = chunk // info.sector_size
     geometry = Geometry(info.size_sectors, info.sector_size, chunk_sectors)
     copy_map = CopyMap.open(geometry, state, identity(secondary) or "", ctx)
+    if copy_map.copied_sectors and not is_durable(secondary):
+        copy_map.forget("the secondary keeps nothing when it is closed (mem); copying anew")
+    copy_map.mark_stale = stale_marker(secondary)
     p_side = Side(primary, await primary.get_info(), info.sector_size)
     s_side = Side(secondary, await secondary.get_info(), info.sector_size, chunk_sectors)
     await check_resumed_copy(p_side, s_side, copy_map, min(chunk, RESUME_SAMPLE_BYTES))
+    await copy_map.begin_session()
+    clear_stale_mark(secondary)
     return MirrorDevice(
         p_side, s_side, info, copy_map, chunk=chunk, rate=rate,
         in_flight=in_flight or default_in_flight(chunk), retries=retries, backoff=backoff,
-        progress=progress, notice=copy_map.forgotten,
+        progress=progress, notice=copy_map.forgotten, verify_first=verify == "full",
     )  # fmt: skip
 
 
 async def check_resumed_copy(
-    primary: Side, secondary: Side, copy_map: CopyMap, sample_bytes: int, samples: int = 4
+    primary: Side, secondary: Side, copy_map: CopyMap, sample_bytes: int
 ) -> None:
-    """Compare a few samples of what a saved map says is copied; on a difference,
-    start over.  Samples are small: this runs before the disk appears.
+    """Decide whether a saved map can be trusted; if not, start over (``forget``).
 
-    Catches a map kept while its secondary was replaced by another file that the
-    file identity cannot tell apart (a new file may reuse the old inode number).
+    - A map closed cleanly recorded what identified both files then: a file written
+      since (by anybody: a secondary emptied in place, a primary written while the
+      mirror was not mounted) no longer matches, and nothing the map says holds.
+    - A mark on the secondary's file names a map session that could not record its
+      writes (copymap rule 6).
+    - Then samples: places spread over the copied set are read on the primary, and
+      those holding data compared with the secondary (a secondary that lost its data
+      reads zeroes there).  This runs before the disk appears, so it reads little.
     """
+    saved = copy_map.saved
+    if saved is None or copy_map.forgotten or not copy_map.copied_sectors:
+        return
+    if saved.closed is not None:
+        changed = changed_side(saved.closed, (signature(primary.dev), signature(secondary.dev)))
+        if changed:
+            return copy_map.forget(
+                f"the {changed} was changed while the mirror was not mounted; copying anew"
+            )
+    if stale_mark(secondary.dev) == f"{copy_map.name} {saved.session}":
+        return copy_map.forget(
+            f"{copy_map.name} could not record writes last time (it was marked stale on "
+            "the secondary); copying anew"
+        )
+    await compare_samples(primary, secondary, copy_map, sample_bytes)
+
+
+def changed_side(then: tuple[str, str], now: tuple[str, str]) -> str:
+    """Which side's signature differs (``""`` if neither; ``-`` matches nothing known)."""
+    for side, a, b in zip(("primary", "secondary"), then, now, strict=True):
+        if a != "-" and a != b:
+            return side
+    return ""
+
+
+async def compare_samples(
+    primary: Side, secondary: Side, copy_map: CopyMap, sample_bytes: int
+) -> None:
     ss = copy_map.geometry.sector_size
-    for a, b in spread(copy_map.copied_runs(), samples, sample_bytes // ss):
-        n = b - a
-        one, two = bytearray(n * ss), bytearray(n * ss)
+    informative = 0
+    for a, b in spread(copy_map.copied_runs(), RESUME_CANDIDATES, sample_bytes // ss):
+        one = bytearray((b - a) * ss)
         await primary.read(a, [one])
+        if one.count(0) == len(one):
+            continue  # zeroes on both sides would prove nothing
+        two = bytearray(len(one))
         await secondary.read(a, [two])
         if one != two:
-            copy_map.forget(f"sectors {a}-{a + n} differ from the saved map; copying anew")
-            break
-    if copy_map.forgotten:
-        await copy_map.save_now()  # a crash from now on must not trust the old map
+            return copy_map.forget(f"sectors {a}-{b} differ from the saved map; copying anew")
+        informative += 1
+        if informative == RESUME_INFORMATIVE:
+            return
+
+
+def stale_marker(secondary: BlockDevice) -> Callable[[str], Awaitable[None]] | None:
+    """How to mark the secondary's file with a map session not to trust (copymap rule 6)."""
+    path = backing_path(secondary)
+    if path is None:
+        return None
+
+    async def mark(value: str) -> None:
+        await trio.to_thread.run_sync(_set_mark, path, value)
+
+    return mark
+
+
+def _set_mark(path: str, value: str) -> None:
+    os.setxattr(path, STALE_MARK, value.encode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stale_mark(dev: BlockDevice) -> str:
+    path = backing_path(dev)
+    if path is None:
+        return ""
+    try:
+        return os.getxattr(path, STALE_MARK).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def clear_stale_mark(dev: BlockDevice) -> None:
+    """Remove a stale mark once a new session's map is saved (it no longer matches)."""
+    path = backing_path(dev)
+    if path is None:
+        return
+    with contextlib.suppress(OSError):  # none there (ENODATA), or no xattrs: nothing to do
+        os.removexattr(path, STALE_MARK)
 
 
 def default_in_flight(chunk: int) -> int:

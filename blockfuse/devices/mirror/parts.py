@@ -1,15 +1,18 @@
 """The pieces a mirror is built from: a throttle, a device seen in mirror sectors, a
-count of foreground users, and small helpers on calls and ranges.  Each is independent
+count of foreground users, what identifies a side's file, and small helpers on calls
+and ranges.  Each is independent
 of the mirror's state; ``device.py`` says how they keep its invariant.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Awaitable, Sequence
 
 import trio
 
-from ...block import BlockDevice, Buffer, Capability, Info, total_length
+from ...block import BlockDevice, Buffer, Capability, Info, layers, total_length
 from ...errors import BlockError, Unimplemented
 from ...extents import IntervalSet, align_out
 from ...units import ceil_div
@@ -175,3 +178,39 @@ class Users:
     async def wait(self) -> None:
         """Until the count drops to 0 or ``wake`` is called."""
         await self._idle.wait()
+
+
+def backing_path(dev: BlockDevice) -> str | None:
+    """The path of the file under ``dev``, if it stands on one."""
+    for layer in layers(dev):
+        path = getattr(layer, "path", None)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def identity(dev: BlockDevice) -> str | None:
+    """``DEV:INO`` of the file under ``dev``, if it stands on one."""
+    path = backing_path(dev)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def signature(dev: BlockDevice) -> str:
+    """What changes when anybody writes the regular file under ``dev``: its size, mtime
+    and ctime (``-`` for a block device, a remote, or memory: nothing to go by)."""
+    path = backing_path(dev)
+    if path is None:
+        return "-"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    if not stat.S_ISREG(st.st_mode):
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
