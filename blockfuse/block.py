@@ -10,6 +10,17 @@ once.  Errors are the ``blockfuse.errors`` vocabulary and nothing else.
 Optional capabilities are declared in ``capabilities``, never guessed: a caller checks
 ``Capability.RESIZE in dev.capabilities`` before calling ``resize``; a device that does
 not declare one raises ``Unimplemented`` from it and does nothing.
+
+Errors that mean acknowledged writes may be lost (a flush that failed, a connection
+lost holding writes the server had acknowledged) reach *every* caller that could rely
+on those writes, not just the first one to flush (Linux's ``errseq_t`` rule, after
+PostgreSQL's 2018 "fsyncgate"): the device raises it from the flush in progress and
+records it in ``write_errors``; each flush caller (an open file, an NBD connection, a
+mirror's checkpoint) flushes through its own ``FlushCursor``, which also raises every
+error recorded since that caller's last flush.
+
+Ranges: device calls take ``(sector, count)`` or ``(sector, buffers)``; inside
+blockfuse every range of sectors is half-open, ``[start, end)``.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import RequestFailed, Unimplemented
+from .errors import BlockError, RequestFailed, Unimplemented
 
 Buffer = bytearray | memoryview | bytes
 """A run of bytes handed to ``read`` (must be writable) or ``write``."""
@@ -59,6 +70,25 @@ class Capability(enum.Enum):
     WRITE_ZEROES = "write_zeroes"
     RESIZE = "resize"
     EXTENTS = "extents"
+
+
+class WriteErrors:
+    """The errors a device recorded that mean acknowledged writes may be lost, in order.
+
+    Only the count and the latest error are kept: a cursor that missed several sees the
+    latest one, once (as ``errseq_t`` does)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latest: BlockError | None = None
+
+    def record(self, err: BlockError) -> None:
+        self.count += 1
+        self.latest = err
+
+    def since(self, seen: int) -> BlockError | None:
+        """The latest error if any was recorded after ``seen`` (a past ``count``)."""
+        return self.latest if self.count > seen else None
 
 
 class BlockDevice(ABC):
@@ -127,6 +157,14 @@ class BlockDevice(ABC):
         """
         raise Unimplemented(f"{self.kind} devices cannot report extents")
 
+    @property
+    def write_errors(self) -> WriteErrors:
+        """Where this device records errors that mean acknowledged writes may be lost."""
+        errors: WriteErrors | None = self.__dict__.get("_write_errors")
+        if errors is None:
+            errors = self.__dict__["_write_errors"] = WriteErrors()
+        return errors
+
     def status(self) -> dict[str, str]:
         """Extra status for the front end (``user.blockfuse.*`` xattrs); empty by default."""
         return {}
@@ -142,6 +180,28 @@ class BlockDevice(ABC):
     def inner(self) -> BlockDevice | None:
         """The device a wrapper stands on, or ``None`` for a device that wraps nothing."""
         return None
+
+
+class FlushCursor:
+    """One flush caller of ``dev``: ``flush`` raises the device's own error, and every
+    error recorded in ``dev.write_errors`` since this caller's previous flush (or since
+    it was made), each once."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self._dev = dev
+        self._seen = dev.write_errors.count
+
+    async def flush(self) -> None:
+        errors = self._dev.write_errors
+        try:
+            await self._dev.flush()
+        except BlockError:
+            self._seen = errors.count
+            raise
+        missed = errors.since(self._seen)
+        self._seen = errors.count
+        if missed is not None:
+            raise missed
 
 
 def total_length(buffers: Sequence[Buffer]) -> int:

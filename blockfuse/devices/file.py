@@ -174,10 +174,16 @@ class FileDevice(BlockDevice):
         await self._io_at(os.pwritev, self._nowait_write, offset, views, "write")
 
     async def flush(self) -> None:
+        """``fdatasync`` (``fsync`` for a sparse image); a failure is recorded in
+        ``write_errors`` for every caller (Linux itself reports it to one fsync)."""
         self._check_open()
         if self._read_only:
             return
-        await self._in_thread(f"flush {self.path}", self._sync, self._fd)
+        try:
+            await self._in_thread(f"flush {self.path}", self._sync, self._fd)
+        except RequestFailed as exc:
+            self.write_errors.record(exc)
+            raise
 
     @staticmethod
     def _sync(fd: int) -> None:

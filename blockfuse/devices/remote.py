@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info
-from ..errors import Disconnected, ReadOnly, Unsafe
+from ..errors import Disconnected, ProtocolError, ReadOnly, RequestFailed, Unreachable, Unsafe
 from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
 from ..transport.client import NBDClient
@@ -58,9 +58,18 @@ class RemoteDevice(BlockDevice):
             await self._link.run(lambda c: c.pwritev(views, sector * self._sector_size))
 
     async def flush(self) -> None:
+        """NBD_CMD_FLUSH.  A failure that means acknowledged writes may be lost (the
+        server's error, or writes acknowledged on a lost connection) is recorded in
+        ``write_errors`` for every caller; one that could not reach the server is not."""
         self._check_open()
         if self._flushable and not self._read_only:
-            await self._link.flush()
+            try:
+                await self._link.flush()
+            except Unreachable:
+                raise
+            except (RequestFailed, ProtocolError) as exc:
+                self.write_errors.record(exc)
+                raise
 
     async def discard(self, sector: int, count: int) -> None:
         if Capability.DISCARD not in self.capabilities:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..block import BlockDevice, Buffer, Extent, Info
+from ..block import BlockDevice, Buffer, Extent, Info, WriteErrors
 
 
 class PassThrough(BlockDevice):
@@ -29,6 +29,10 @@ class PassThrough(BlockDevice):
     @property
     def inner(self) -> BlockDevice:
         return self._inner
+
+    @property
+    def write_errors(self) -> WriteErrors:
+        return self._inner.write_errors
 
     async def get_info(self) -> Info:
         return await self._inner.get_info()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
+from ..block import FlushCursor
 from ..errors import BlockError
 from .flatfile import FlatFile
 from .malloc import keep_request_buffers
@@ -264,12 +265,14 @@ def warn_about_loop_devices(mount_root: str) -> list[str]:
     ]
 
 
-async def close_files(files: Sequence[FlatFile]) -> list[str]:
-    """Flush and close every device; the problems found, one line each."""
+async def close_files(files: Sequence[FlatFile], cursors: Sequence[FlushCursor]) -> list[str]:
+    """Flush every device through the mount's own cursor (so that an error any open file
+    was told of during the mount is reported here too), then close it; the problems
+    found, one line each."""
     problems = []
-    for f in files:
+    for f, cursor in zip(files, cursors, strict=True):
         try:
-            await f.flush()
+            await cursor.flush()
         except BlockError as exc:
             problems.append(f"flushing {f.name} failed: {exc}")
         await f.device.aclose()
@@ -291,6 +294,7 @@ async def serve(
     directories are dropped unflushed: their files end with the mount.
     """
     ops = BlockFS(files, read_only=read_only, scratch=scratch)
+    cursors = [FlushCursor(f.device) for f in files]
     keep_request_buffers()
     mount_root = str(await trio.Path(mountpoint).resolve())  # now: later it cannot answer
     try:
@@ -310,12 +314,16 @@ async def serve(
         busy = warn_about_loop_devices(mount_root)
         pyfuse3.close(unmount=True)
         with trio.CancelScope(shield=True):
-            problems = busy + await close_all(files, scratch)
+            problems = busy + await close_all(files, scratch, cursors)
     return problems
 
 
-async def close_all(files: Sequence[FlatFile], scratch: Sequence[ScratchDir]) -> list[str]:
-    problems = await close_files(files)
+async def close_all(
+    files: Sequence[FlatFile],
+    scratch: Sequence[ScratchDir],
+    cursors: Sequence[FlushCursor] | None = None,
+) -> list[str]:
+    problems = await close_files(files, cursors or [FlushCursor(f.device) for f in files])
     for directory in scratch:
         await directory.aclose()
     return problems

@@ -15,24 +15,35 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
+from ..block import FlushCursor
 from ..errors import BlockError
 from ..units import ceil_div
 from .attrs import XATTR_PREFIX, entry_attributes
 from .flatfile import FlatFile
-from .scratch import ScratchDir
+from .scratch import INODE_SPAN, ScratchDir
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class OpenFile:
+    """One open(2) of a flat file: the file, and this open's flush cursor."""
+
+    file: FlatFile
+    cursor: FlushCursor
 
 
 class BlockFS(pyfuse3.Operations):
@@ -50,6 +61,8 @@ class BlockFS(pyfuse3.Operations):
         self._scratch_dirs = tuple(scratch)
         self._read_only = read_only
         self._started_ns = time.time_ns()
+        self._opened: dict[int, OpenFile] = {}
+        self._handles = itertools.count(1)
 
     def _subtree(self, number: int) -> ScratchDir | None:
         for directory in self._scratch_dirs:  # a loop, not next(genexpr): every request asks
@@ -148,23 +161,40 @@ class BlockFS(pyfuse3.Operations):
             info = await f.info()
             if self._read_only or not info.read_write:
                 raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        fh = self._new_handle()
+        self._opened[fh] = OpenFile(f, FlushCursor(f.device))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _new_handle(self) -> int:
+        """A file handle no open file holds, below the scratch directories' numbers."""
+        while (fh := next(self._handles)) in self._opened or fh >= INODE_SPAN:
+            if fh >= INODE_SPAN:
+                self._handles = itertools.count(1)
+        return fh
+
+    def _open_file(self, fh: int) -> OpenFile:
+        try:
+            return self._opened[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # pyfuse3 takes any contiguous buffer; a memoryview saves a copy of the data.
-        return await self._file(fh).read(off, size)  # type: ignore[return-value]
+        return await self._open_file(fh).file.read(off, size)  # type: ignore[return-value]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._file(fh).write(off, buf)
+        return await self._open_file(fh).file.write(off, buf)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._file(fh).flush()
+        """Flush the device through this open file's own cursor: an error that means
+        written data may be lost reaches every open file, each once (``FlushCursor``)."""
+        await self._open_file(fh).cursor.flush()
 
     async def flush(self, fh: int) -> None:
         """close(2): data already reached the device; durability is ``fsync``'s job."""
 
     async def release(self, fh: int) -> None:
-        pass
+        self._opened.pop(fh, None)
 
     # --- names: only scratch directories hold files that come and go ---------------------
 

@@ -60,7 +60,12 @@ class FaultyDevice(PassThrough):
         await self._inner.write(sector, buffers)
 
     async def flush(self) -> None:
-        await self._maybe_fail("flush")
+        """An injected flush failure is a lost write: it is recorded for every caller."""
+        try:
+            await self._maybe_fail("flush")
+        except RequestFailed as exc:
+            self.write_errors.record(exc)
+            raise
         await self._inner.flush()
 
     async def discard(self, sector: int, count: int) -> None:

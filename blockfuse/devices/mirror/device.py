@@ -62,7 +62,7 @@ from typing import TypeVar
 
 import trio
 
-from ...block import BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ...block import BlockDevice, Buffer, Capability, Extent, FlushCursor, Info, total_length
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
@@ -119,7 +119,9 @@ class MirrorDevice(BlockDevice):
         self._copier_scope = trio.CancelScope()
         self._copier_done: trio.Event | None = None
         """Set once the copier task ends; ``None`` until it starts."""
-        self._secondary_flushes = trio.Lock()
+        self._primary_flushes = FlushCursor(primary.dev)
+        self._secondary_flushes = FlushCursor(secondary.dev)
+        self._secondary_flush_lock = trio.Lock()
         self._primary_users = Users()
         self.capabilities = frozenset(primary.dev.capabilities & {Capability.EXTENTS})
 
@@ -197,7 +199,7 @@ class MirrorDevice(BlockDevice):
     async def flush(self) -> None:
         self._check_open()
         if self._copy.pivoted:
-            return await self._secondary.dev.flush()
+            return await self.flush_secondary()
         await self._using_primary(self._map.checkpoint(self._flush_both))
 
     async def _using_primary(self, call: Awaitable[T]) -> T:
@@ -215,22 +217,32 @@ class MirrorDevice(BlockDevice):
         """Flush both sides; a failure of either means the map can no longer vouch for
         what was written since the last checkpoint (copymap.py, rule 4): the copy fails.
         A flush that could not reach its device (``Unreachable``) lost nothing by itself:
-        it only fails the checkpoint (a reconnect that finds writes lost says so)."""
-        primary_err, _ = await run_both(self._primary.dev.flush(), self.flush_secondary())
+        it only fails the checkpoint (a reconnect that finds writes lost says so).
+
+        Each side is flushed through the mirror's own cursor (``FlushCursor``), so that
+        an error the side recorded since the last checkpoint is seen here even if some
+        other caller's flush met it first; and a primary's error is recorded in the
+        mirror's own ``write_errors``, so that every flush caller of the mirror sees it
+        too, not only whichever flush ran into it (the user's fsync included)."""
+        primary_err, _ = await run_both(self._primary_flushes.flush(), self.flush_secondary())
         if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
             if not isinstance(primary_err, Unreachable):
+                self.write_errors.record(primary_err)
                 self._flush_failed("primary", primary_err)
             raise primary_err
 
     async def flush_secondary(self) -> None:
         """Flush the secondary, one flush at a time, its failure reported before the next
-        starts (so a checkpoint after a failed flush-behind sees the failure)."""
-        async with self._secondary_flushes:
-            err = await error_of(self._secondary.dev.flush())
+        starts (so a checkpoint after a failed flush-behind sees the failure).  Once
+        pivoted the secondary holds the data: its errors are recorded for every caller."""
+        async with self._secondary_flush_lock:
+            err = await error_of(self._secondary_flushes.flush())
             if err is not None:
                 if isinstance(err, Unreachable):
                     self.note_error(f"flushing the secondary: {err}")
                 else:
+                    if self._copy.pivoted:
+                        self.write_errors.record(err)
                     self._flush_failed("secondary", err)
                 raise err
 
@@ -256,7 +268,7 @@ class MirrorDevice(BlockDevice):
         with trio.CancelScope(shield=True):
             await self._stop_copier()
             if self._copy.pivoted:
-                err = await error_of(self._secondary.dev.flush())
+                err = await error_of(self.flush_secondary())
             else:
                 err = await error_of(self._map.checkpoint(self._flush_both))
                 if err is None:
