@@ -157,6 +157,10 @@ class BlockDevice(ABC):
         """
         raise Unimplemented(f"{self.kind} devices cannot report extents")
 
+    def hurry_close(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """A close under way should end sooner (a second Ctrl-C): skip the waits that
+        only make it gentler, never a flush or a save.  Nothing by default."""
+
     @property
     def write_errors(self) -> WriteErrors:
         """Where this device records errors that mean acknowledged writes may be lost."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from blockfuse.fuse.mount import mount_type
+from blockfuse.fuse.mountpoint import mount_type
 
 READY = "Stop with Ctrl-C"
 """The last line of the banner ``blockfuse mount`` prints once the mount is up."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..fuse.mount import answers, is_ours
+from ..fuse.mountpoint import answers, is_ours
 from ..spec import SpecError, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

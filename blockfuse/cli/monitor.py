@@ -19,7 +19,7 @@ from typing import TextIO
 import trio
 
 from ..fuse.flatfile import FlatFile
-from ..fuse.mount import is_ours
+from ..fuse.mountpoint import is_ours
 from ..units import format_size
 from .common import EXIT_OK, CommandError, check_live_mount
 

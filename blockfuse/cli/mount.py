@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -17,9 +18,10 @@ from ..devices.readonly import ReadOnlyDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
 from ..fuse.flatfile import FlatFile
-from ..fuse.mount import MountError, check_mountpoint, prepare_mountpoint, serve
+from ..fuse.mount import serve
+from ..fuse.mountpoint import MountError, Prepare, check_mountpoint, prepare_mountpoint
 from ..fuse.scratch import ScratchDir, open_scratch_dir
-from ..opening import OpenContext, background_tasks, open_all
+from ..opening import OpenContext, background_tasks, open_all, remove_created
 from ..spec import Recipe, SpecError, compile_spec, split_named
 from ..swap import DEFAULT_UNIT
 from ..units import format_size
@@ -210,7 +212,14 @@ async def run_mount(
             except MountError as exc:
                 raise CommandError(str(exc)) from exc
             undo.pop_all()
-        return await mount_files(args, files, scratch)
+        try:
+            return await mount_files(args, files, scratch)
+        except MountError as exc:  # the devices are closed: undo what opening them made
+            remove_created(ctx.created)
+            if args.prepare is Prepare.CREATE:
+                with contextlib.suppress(OSError):
+                    os.rmdir(args.mountpoint)
+            raise CommandError(str(exc)) from exc
 
 
 async def mount_files(
@@ -247,7 +256,4 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     if use_default:
         recipes = compile_devices([default_device()])
-    try:
-        return trio.run(run_mount, args, recipes, scratch_recipes)
-    except MountError as exc:
-        raise CommandError(str(exc)) from exc
+    return trio.run(run_mount, args, recipes, scratch_recipes)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from ..fuse.mount import (
+from ..fuse.mountpoint import (
     FSNAME,
     is_ours,
     loop_devices_using,

@@ -34,6 +34,9 @@ class PassThrough(BlockDevice):
     def write_errors(self) -> WriteErrors:
         return self._inner.write_errors
 
+    def hurry_close(self) -> None:
+        self._inner.hurry_close()
+
     async def get_info(self) -> Info:
         return await self._inner.get_info()
 
