@@ -25,6 +25,10 @@ what it held when the copy started, plus what was written to it since), so on a 
 secondary it asks nothing and writes nothing, unless a foreground write reached the
 secondary in the same chunk.
 
+A data item is copied in *pieces*, each holding the range lock on its own sectors only,
+and the bytes in flight are paced by how quickly the primary answers (``pace.py``): on
+a slow link a foreground write waits for at most one piece and the queue ahead of it.
+
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
 
@@ -48,6 +52,7 @@ secondary got since the last checkpoint (rule 4 in copymap.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -57,6 +62,7 @@ from ...errors import BlockError
 from ...extents import IntervalSet, align_out
 from ...rangelock import RangeLock
 from .copymap import CopyMap
+from .pace import Pace
 from .parts import Side, Throttle, error_of, runs, split
 
 HOLE_ITEM_CHUNKS = 1024
@@ -98,6 +104,19 @@ class CopyEvents(Protocol):
         """Return once no foreground request is using the primary."""
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How the copier copies, fixed when the mirror opens (sectors are mirror sectors)."""
+
+    chunk: int
+    """Sectors per data item, and per item of holes where zeroing them reads them."""
+    rate: int | None
+    in_flight: int
+    """Workers: items copied at once, at most."""
+    retries: int
+    backoff: float
+
+
 class Copier:
     def __init__(
         self,
@@ -106,32 +125,25 @@ class Copier:
         ranges: RangeLock,
         copy_map: CopyMap,
         events: CopyEvents,
-        *,
-        chunk: int,
-        rate: int | None,
-        in_flight: int,
-        retries: int,
-        backoff: float,
+        settings: Settings,
     ) -> None:
         self._primary, self._secondary = primary, secondary
         self._ranges = ranges
         self._map = copy_map
         self._events = events
+        self._settings = settings
         geometry = copy_map.geometry
         self._size, self._sector_size = geometry.size_sectors, geometry.sector_size
-        self._chunk = chunk
         cheap_holes = {Capability.EXTENTS, Capability.WRITE_ZEROES} <= secondary.dev.capabilities
-        self._hole_step = chunk * (HOLE_ITEM_CHUNKS if cheap_holes else 1)
-        self._throttle = Throttle(rate)
-        self._workers = in_flight
-        chunk_bytes = chunk * self._sector_size
+        self._hole_step = settings.chunk * (HOLE_ITEM_CHUNKS if cheap_holes else 1)
+        self._throttle = Throttle(settings.rate)
+        chunk_bytes = settings.chunk * self._sector_size
+        self._pace = Pace(settings.in_flight * chunk_bytes, chunk_bytes, self._sector_size)
         self.foreground_workers = max(1, min(2, FOREGROUND_BYTES // chunk_bytes))
         """Workers that go on copying while foreground I/O uses the primary."""
-        self._retries, self._backoff = retries, backoff
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
-        self._unflushed = 0
-        self._flushing = False
+        self._flush_behind = FlushBehind(events)
         self._sweeping = False
         self._written_since_plan = IntervalSet()
         """Where foreground writes reached the primary since the planner asked there."""
@@ -144,7 +156,7 @@ class Copier:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._plan, send)
-                for index in range(self._workers):
+                for index in range(self._settings.in_flight):
                     nursery.start_soon(self._work, receive.clone(), nursery, index)
                 await receive.aclose()
         finally:
@@ -155,7 +167,7 @@ class Copier:
         """A foreground write to ``[start, end)`` of the primary has ended (called under
         its range lock)."""
         if self._sweeping:
-            self._written_since_plan.add(*align_out(start, end, self._chunk))
+            self._written_since_plan.add(*align_out(start, end, self._settings.chunk))
 
     async def _find_secondary_data(self) -> None:
         """Where the secondary holds data, asked once: a fresh one has no holes to punch."""
@@ -165,7 +177,7 @@ class Copier:
             self._events.note_error(f"asking the secondary for extents: {exc}")
 
     async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
-        span = max(PLAN_SPAN_BYTES // self._sector_size, self._chunk)
+        span = max(PLAN_SPAN_BYTES // self._sector_size, self._settings.chunk)
         async with send:
             pos = 0
             while self._events.going_on() and (gap := self._map.first_uncopied(pos, self._size)):
@@ -173,7 +185,7 @@ class Copier:
                 self._written_since_plan.discard(start, end)
                 data = await self._hint(start, end)
                 for a, b, is_data in runs(data, start, end):
-                    step = self._chunk if is_data else self._hole_step
+                    step = self._settings.chunk if is_data else self._hole_step
                     for item_start, item_end in split(a, b, step):
                         if not self._events.going_on():
                             return
@@ -195,7 +207,7 @@ class Copier:
     async def _work(
         self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
     ) -> None:
-        buf = bytearray(self._chunk * self._sector_size)  # one per worker, reused
+        buf = bytearray(self._settings.chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
                 if index >= self.foreground_workers:
@@ -203,21 +215,11 @@ class Copier:
                 if not self._events.going_on():
                     return
                 await self._copy_with_retries(start, end, is_data, buf)
-                if self._unflushed >= FLUSH_BEHIND_BYTES and not self._flushing:
-                    self._flushing, self._unflushed = True, 0
-                    nursery.start_soon(self._flush_behind)
-
-    async def _flush_behind(self) -> None:
-        """Flush the secondary while the copy goes on (see the module text)."""
-        try:
-            await error_of(self._events.flush_secondary())  # a failure fails the copy
-        finally:
-            self._flushing = False
+                self._flush_behind.maybe_start(nursery)
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
-        if is_data:  # before the range lock: a write there must not wait for the rate
-            await self._throttle.take((end - start) * self._sector_size)
-        for attempt in range(self._retries + 1):
+        retries, backoff = self._settings.retries, self._settings.backoff
+        for attempt in range(retries + 1):
             self.in_flight += 1
             try:
                 err = await error_of(self._copy_item(start, end, is_data, buf))
@@ -227,24 +229,45 @@ class Copier:
                 return self._events.copied_more()
             where = f"copying sectors {start}-{end}: {err}"
             self._events.note_error(where)
-            if attempt == self._retries:
+            if attempt == retries:
                 return self._events.fail(
-                    f"{where} (the copy gave up after {self._retries} retries of its own)"
+                    f"{where} (the copy gave up after {retries} retries of its own)"
                 )
-            await trio.sleep(self._backoff * 2**attempt)
+            await trio.sleep(backoff * 2**attempt)
             if not self._events.going_on():
                 return
 
     async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
+        if is_data:
+            pos = start
+            while pos < end:  # the piece size follows the pace as the item goes on
+                stop = min(end, pos + self._pace.piece_bytes // self._sector_size)
+                await self._copy_piece(pos, stop, buf)
+                pos = stop
+            return
         async with self._ranges.hold(start, end):
             for a, b in self._map.uncopied_parts(start, end):
-                if is_data:
-                    await self._copy_data(a, b, buf)
-                elif self._written_since_plan.intersection(a, b):  # the planner's answer may be old
+                if self._written_since_plan.intersection(a, b):  # the plan may be old
                     await self._copy_by_extents(a, b, buf)
                 else:
                     await self._zero_secondary(a, b)
                 self._map.mark_copied(a, b)
+
+    async def _copy_piece(self, start: int, end: int, buf: bytearray) -> None:
+        """Copy ``[start, end)`` of data under its range lock, paced (``pace.py``)."""
+        nbytes = (end - start) * self._sector_size
+        await self._throttle.take(nbytes)  # before the lock: a write must not wait for it
+        began = await self._pace.enter(nbytes)
+        held = 0.0
+        try:
+            async with self._ranges.hold(start, end):
+                locked = trio.current_time()
+                for a, b in self._map.uncopied_parts(start, end):
+                    await self._copy_data(a, b, buf)
+                    self._map.mark_copied(a, b)
+                held = trio.current_time() - locked
+        finally:
+            self._pace.leave(nbytes, began, held)
 
     async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
         """Copy the primary's data and zero its holes, asking its extents now."""
@@ -253,11 +276,11 @@ class Copier:
             await (self._copy_data(a, b, buf) if holds_data else self._zero_secondary(a, b))
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
-        for a, b in split(start, end, self._chunk):
+        for a, b in split(start, end, self._settings.chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
             await self._primary.read(a, [view])
             await self._secondary.write(a, [view], exact=True)
-            self._unflushed += len(view)
+            self._flush_behind.wrote(len(view))
 
     async def _zero_secondary(self, start: int, end: int) -> None:
         """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""
@@ -270,8 +293,32 @@ class Copier:
         if Capability.WRITE_ZEROES in side.dev.capabilities:
             await side.dev.write_zeroes(start * side.ratio, (end - start) * side.ratio)
             return
-        for a, b in split(start, end, self._chunk):
+        for a, b in split(start, end, self._settings.chunk):
             buf = bytearray((b - a) * self._sector_size)
             await side.read(a, [buf])
             if buf.count(0) != len(buf):
                 await side.write(a, [bytes(len(buf))])
+
+
+class FlushBehind:
+    """Every ``FLUSH_BEHIND_BYTES`` written to the secondary, a flush of it starts, one at
+    a time, while the copy goes on (see the module text)."""
+
+    def __init__(self, events: CopyEvents) -> None:
+        self._events = events
+        self._unflushed = 0
+        self._flushing = False
+
+    def wrote(self, nbytes: int) -> None:
+        self._unflushed += nbytes
+
+    def maybe_start(self, nursery: trio.Nursery) -> None:
+        if self._unflushed >= FLUSH_BEHIND_BYTES and not self._flushing:
+            self._flushing, self._unflushed = True, 0
+            nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            await error_of(self._events.flush_secondary())  # a failure fails the copy
+        finally:
+            self._flushing = False

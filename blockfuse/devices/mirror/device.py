@@ -66,7 +66,7 @@ from ...block import BlockDevice, Buffer, Capability, Extent, FlushCursor, Info,
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
-from .copier import Copier
+from .copier import Copier, Settings
 from .copymap import CopyMap
 from .parts import Side, Users, error_of, run_both, signature, split
 from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
@@ -111,11 +111,8 @@ class MirrorDevice(BlockDevice):
         self._copy.notice = notice
         self._verify_first = verify_first
         copy_map.on_store_failure = self.fail
-        self._copier = Copier(
-            primary, secondary, self._ranges, copy_map, self,
-            chunk=chunk // info.sector_size, rate=rate, in_flight=in_flight,
-            retries=retries, backoff=backoff,
-        )  # fmt: skip
+        settings = Settings(chunk // info.sector_size, rate, in_flight, retries, backoff)
+        self._copier = Copier(primary, secondary, self._ranges, copy_map, self, settings)
         self._copier_scope = trio.CancelScope()
         self._copier_done: trio.Event | None = None
         """Set once the copier task ends; ``None`` until it starts."""
