@@ -8,11 +8,12 @@ is cleared with ``fusermount3 -uz``.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +44,21 @@ class MountProcess:
 
 def is_mounted(path: Path) -> bool:
     return mount_type(str(path)) is not None
+
+
+def attr(m: MountProcess, key: str, name: str = "disk") -> str:
+    """The status attribute ``user.blockfuse.KEY`` of the mount's file ``name``."""
+    return os.getxattr(m.path(name), f"user.blockfuse.{key}").decode()
+
+
+def wait_attr(m: MountProcess, key: str, ok: Callable[[str], bool], timeout: float = 30) -> str:
+    """Poll ``attr(m, key)`` until ``ok`` says yes; its value then."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := attr(m, key)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
+        time.sleep(0.05)
+    return value
 
 
 def blockfuse_command(*args: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .mounting import MountProcess, blockfuse_command, is_mounted, mounted
+from .mounting import attr, blockfuse_command, is_mounted, mounted, wait_attr
 
 SIZE = 32 << 20
 
@@ -23,21 +23,6 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     with open(secondary, "wb") as f:
         f.truncate(SIZE)
     return primary, secondary
-
-
-def attr(m: MountProcess, key: str, name: str = "disk") -> str:
-    return os.getxattr(m.path(name), f"user.blockfuse.{key}").decode()
-
-
-def wait_attr(m: MountProcess, key: str, ok, timeout: float = 30) -> str:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = attr(m, key)
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
-        time.sleep(0.05)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
