@@ -32,7 +32,7 @@ from blockfuse.devices.sparse import open_sparse
 from blockfuse.errors import Disconnected, RequestFailed
 from blockfuse.opening import background_tasks
 from blockfuse.spec import SpecError, compile_spec
-from blockfuse.testing import Fault, FaultyDevice, check_block_device
+from blockfuse.testing import Fault, FaultyDevice, PassThrough, check_block_device
 
 SIZE = 1 << 20
 SS = 512
@@ -74,47 +74,41 @@ def image(tmp_path: Path, name: str, size: int = SIZE, data: bytes = b"") -> str
 # --- the race ---------------------------------------------------------------------------
 
 
-class Jittery(BlockDevice):
+class Jittery(PassThrough):
     """Yields to the scheduler a random number of times before and after each call."""
 
     def __init__(self, inner: MemoryDevice, rng: random.Random) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._rng = rng
-        self.capabilities = inner.capabilities
 
     async def _jitter(self) -> None:
         for _ in range(self._rng.randrange(4)):
             await trio.lowlevel.checkpoint()
 
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._jitter()
-        await self._inner.read(sector, buffers)
+        await super().read(sector, buffers)
         await self._jitter()
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._jitter()
-        await self._inner.write(sector, buffers)
+        await super().write(sector, buffers)
         await self._jitter()
 
     async def write_zeroes(self, sector: int, count: int) -> None:
         await self._jitter()
-        await self._inner.write_zeroes(sector, count)
+        await super().write_zeroes(sector, count)
         await self._jitter()
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         await self._jitter()
-        answer = await self._inner.extents(sector, count)
+        answer = await super().extents(sector, count)
         await self._jitter()
         return answer
 
     async def flush(self) -> None:
         await self._jitter()
-
-    async def aclose(self) -> None:
-        pass
+        await super().flush()
 
 
 class HoleyMemory(MemoryDevice):
@@ -233,33 +227,21 @@ async def test_writes_racing_the_copier_never_leave_stale_data() -> None:
             await race_once(seed)
 
 
-class Gated(BlockDevice):
+class Gated(PassThrough):
     """Blocks writes that touch ``gate_sector`` until ``release`` is set."""
 
-    def __init__(self, inner: MemoryDevice, gate_sector: int) -> None:
-        self._inner = inner
+    def __init__(self, inner: BlockDevice, gate_sector: int) -> None:
+        super().__init__(inner)
         self.gate_sector = gate_sector
         self.reached = trio.Event()
         self.release = trio.Event()
-
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.read(sector, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         n = sum(len(b) for b in buffers) // SS
         if sector <= self.gate_sector < sector + n and not self.release.is_set():
             self.reached.set()
             await self.release.wait()
-        await self._inner.write(sector, buffers)
-
-    async def flush(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
+        await super().write(sector, buffers)
 
 
 async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
@@ -267,7 +249,8 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
     chunk = 16
     primary = MemoryDevice(SIZE)
     await primary.write(0, [b"o" * SIZE])
-    secondary = Gated(MemoryDevice(SIZE), gate_sector=2 * chunk)
+    secondary_memory = MemoryDevice(SIZE)
+    secondary = Gated(secondary_memory, gate_sector=2 * chunk)
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=chunk * SS, in_flight=1) as m:
             await secondary.reached.wait()  # chunk 2 has read "o" and waits to write it
@@ -278,44 +261,30 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
                     await trio.lowlevel.checkpoint()
                 secondary.release.set()
             await m.wait_synced()
-            assert secondary._inner.data == primary.data
+            assert secondary_memory.data == primary.data
             assert primary.data[chunk * SS : 3 * chunk * SS] == new
 
 
 # --- holes, sizes, progress ---------------------------------------------------------------
 
 
-class CountingDevice(BlockDevice):
-    """Counts the bytes read and the extents calls through it; delegates the rest."""
+class CountingDevice(PassThrough):
+    """Counts the reads, the bytes read and the extents calls through it."""
 
     def __init__(self, inner: BlockDevice) -> None:
-        self._inner = inner
-        self.capabilities = inner.capabilities
+        super().__init__(inner)
+        self.reads = 0
         self.bytes_read = 0
         self.extents_calls = 0
 
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self.reads += 1
         self.bytes_read += sum(len(b) for b in buffers)
-        await self._inner.read(sector, buffers)
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.write(sector, buffers)
-
-    async def write_zeroes(self, sector: int, count: int) -> None:
-        await self._inner.write_zeroes(sector, count)
+        await super().read(sector, buffers)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         self.extents_calls += 1
-        return await self._inner.extents(sector, count)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        return await super().extents(sector, count)
 
 
 async def test_holes_are_skipped_and_the_secondary_stays_sparse(tmp_path: Path) -> None:
@@ -611,32 +580,16 @@ async def test_sector_sizes_that_are_multiples_mirror() -> None:
 # --- the copy map and resume ---------------------------------------------------------------
 
 
-class Slow(BlockDevice):
+class Slow(PassThrough):
     """Reads take ``delay`` seconds each."""
 
     def __init__(self, inner: BlockDevice, delay: float) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.delay = delay
-
-    @property
-    def inner(self) -> BlockDevice:
-        return self._inner
-
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await trio.sleep(self.delay)
-        await self._inner.read(sector, buffers)
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.write(sector, buffers)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        await super().read(sector, buffers)
 
 
 async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used() -> None:
@@ -700,19 +653,13 @@ async def test_a_stopped_copy_resumes_from_its_map(tmp_path: Path) -> None:
     assert Path(p).read_bytes()[: 4 * SS] == b"w" * 4 * SS
 
 
-class WatchMap(BlockDevice):
+class WatchMap(PassThrough):
     """Checks, at each write, that the map file already lists the chunk as dirty."""
 
     def __init__(self, inner: BlockDevice, state: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.state = state
         self.checked = 0
-
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.read(sector, buffers)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         if os.path.exists(self.state):
@@ -720,13 +667,7 @@ class WatchMap(BlockDevice):
             ranges = [tuple(map(int, r.split("-"))) for r in dirty]
             assert any(a <= sector < b for a, b in ranges), f"sector {sector} not dirty"
             self.checked += 1
-        await self._inner.write(sector, buffers)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        await super().write(sector, buffers)
 
 
 async def test_a_write_to_a_copied_region_is_dirty_on_disk_first(tmp_path: Path) -> None:
@@ -842,7 +783,8 @@ async def test_a_map_kept_while_the_secondary_was_replaced_is_set_aside(
 
 
 async def test_a_write_cancelled_half_way_is_copied_again() -> None:
-    primary = Gated(MemoryDevice(SIZE), gate_sector=10)
+    primary_memory = MemoryDevice(SIZE)
+    primary = Gated(primary_memory, gate_sector=10)
     secondary = MemoryDevice(SIZE)
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=8192) as m:
@@ -852,7 +794,7 @@ async def test_a_write_cancelled_half_way_is_copied_again() -> None:
             assert secondary.data[8 * SS : 12 * SS] == b"c" * 4 * SS
             primary.release.set()
             await m.wait_synced()
-            assert secondary.data == primary._inner.data
+            assert secondary.data == primary_memory.data
 
 
 # --- crash safety of the copy map ------------------------------------------------------------
@@ -962,30 +904,8 @@ async def test_a_crash_at_any_moment_leaves_a_map_that_resumes_safely(tmp_path: 
             assert await crash_run(seed, tmp_path / f"map{seed}") > 100
 
 
-class CountingReads(BlockDevice):
-    def __init__(self, inner: BlockDevice) -> None:
-        self._inner = inner
-        self.reads = 0
-
-    async def get_info(self):  # type: ignore[no-untyped-def]
-        return await self._inner.get_info()
-
-    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        self.reads += 1
-        await self._inner.read(sector, buffers)
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        await self._inner.write(sector, buffers)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 async def test_reads_come_from_the_secondary_once_synced() -> None:
-    primary = CountingReads(MemoryDevice(SIZE))
+    primary = CountingDevice(MemoryDevice(SIZE))
     secondary = FaultyDevice(MemoryDevice(SIZE))
     data = os.urandom(SIZE)
     await primary.write(0, [data])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockfuse.block import Capability, Extent
+from blockfuse.block import BlockDevice, Capability, Extent
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
@@ -40,10 +40,9 @@ class SlowFlush(Slow):
     """Reads, flushes and extents take ``delay`` seconds (0 at first); extents fail once
     closed."""
 
-    capabilities = frozenset({Capability.EXTENTS})
-
     def __init__(self, inner: MemoryDevice) -> None:
         super().__init__(inner, 0.0)
+        self.capabilities = frozenset({Capability.EXTENTS})
 
     async def flush(self) -> None:
         await trio.sleep(self.delay)
@@ -217,7 +216,9 @@ async def test_the_rate_limit_does_not_hold_back_foreground_writes() -> None:
 class PlainSlow(Slow):
     """No extents, no write_zeroes: zeroing it means reading it (2 ms a read)."""
 
-    capabilities = frozenset()
+    def __init__(self, inner: BlockDevice, delay: float) -> None:
+        super().__init__(inner, delay)
+        self.capabilities = frozenset()
 
 
 async def test_a_run_of_holes_is_not_locked_whole_on_a_secondary_without_holes(
