@@ -28,8 +28,10 @@ from blockfuse.devices.mirror import (
     open_mirror,
     start_mirror,
 )
+from blockfuse.devices.mirror.copymap import read_saved_map
 from blockfuse.devices.sparse import open_sparse
 from blockfuse.errors import Disconnected, RequestFailed
+from blockfuse.extents import IntervalSet
 from blockfuse.opening import background_tasks
 from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import Fault, FaultyDevice, PassThrough, check_block_device
@@ -445,12 +447,6 @@ class LosesUnflushedWrites(MemoryDevice):
         await self.read(0, [self.on_disk])
 
 
-def clean_in_map(state: str) -> list[tuple[int, int]]:
-    lines = Path(state).read_text().splitlines()
-    copied, dirty = ([tuple(map(int, r.split("-"))) for r in ln.split()[1:]] for ln in lines[2:4])
-    return [(a, b) for a, b in copied if not any(x < b and a < y for x, y in dirty)]
-
-
 @pytest.mark.parametrize("fail_flush", [2, 3, 5])
 async def test_after_a_failed_secondary_flush_the_map_never_calls_lost_data_copied(
     tmp_path: Path, fail_flush: int
@@ -481,7 +477,7 @@ async def test_after_a_failed_secondary_flush_the_map_never_calls_lost_data_copi
                 await m.wait_synced()
         expected = bytearray(data)
         expected[SS : (tenth + 1) * SS] = b"w" * tenth * SS
-        for a, b in clean_in_map(state):
+        for a, b in read_saved_map(state).vouched():
             assert secondary.on_disk[a * SS : b * SS] == expected[a * SS : b * SS]
         # after a restart the secondary holds only what reached its disk
         primary, again = MemoryDevice(SIZE), MemoryDevice(SIZE)
@@ -641,7 +637,7 @@ async def test_a_stopped_copy_resumes_from_its_map(tmp_path: Path) -> None:
             await at_30.wait()
             await m.write(0, [b"w" * 4 * SS])  # into the copied part: both sides
         copied_at_stop = m.statistics().copied_bytes
-        assert "copied 0-" in Path(state).read_text()
+        assert 0 in read_saved_map(state).copied
         seen: list[int | str] = []
         async with open_mirror(
             open_file(p), open_file(s), state=state, chunk=8192, progress=seen.append
@@ -663,9 +659,7 @@ class WatchMap(PassThrough):
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         if os.path.exists(self.state):
-            dirty = Path(self.state).read_text().splitlines()[3].split()[1:]
-            ranges = [tuple(map(int, r.split("-"))) for r in dirty]
-            assert any(a <= sector < b for a, b in ranges), f"sector {sector} not dirty"
+            assert sector in read_saved_map(self.state).dirty, f"sector {sector} not dirty"
             self.checked += 1
         await super().write(sector, buffers)
 
@@ -680,7 +674,7 @@ async def test_a_write_to_a_copied_region_is_dirty_on_disk_first(tmp_path: Path)
             await m.write(1000, [os.urandom(3 * SS)])
             assert primary.checked == 2
             await m.flush()
-            assert Path(state).read_text().splitlines()[3] == "dirty "
+            assert read_saved_map(state).dirty == IntervalSet()
 
 
 async def test_a_map_of_another_mirror_is_refused(tmp_path: Path) -> None:
@@ -846,18 +840,7 @@ class VolatileMemory(BlockDevice):
 
 def saved_clean(state: Path) -> list[tuple[int, int]]:
     """What a resume from the map file would take as copied: copied minus dirty."""
-    from blockfuse.extents import IntervalSet
-
-    if not state.exists():
-        return []
-    lines = state.read_text().splitlines()
-    copied, dirty = (
-        IntervalSet(tuple(map(int, r.split("-"))) for r in line.split()[1:])  # type: ignore[misc]
-        for line in lines[2:4]
-    )
-    for a, b in dirty:
-        copied.discard(a, b)
-    return copied.to_list()
+    return read_saved_map(str(state)).vouched().to_list() if state.exists() else []
 
 
 async def crash_run(seed: int, state: Path) -> int:

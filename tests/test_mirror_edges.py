@@ -23,13 +23,15 @@ from blockfuse.devices.mirror import (
     copymap,
     open_mirror,
 )
+from blockfuse.devices.mirror.copymap import read_saved_map
 from blockfuse.errors import RequestFailed, Unreachable
+from blockfuse.extents import IntervalSet
 from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
 from blockfuse.testing import Fault, FaultyDevice
 
 from .nbdserver import FakeServer
-from .test_mirror import LosesUnflushedWrites, Slow, clean_in_map, image
+from .test_mirror import LosesUnflushedWrites, Slow, image
 from .test_nbd_transport import remote
 
 SIZE = 1 << 20
@@ -193,7 +195,8 @@ async def test_a_map_found_wrong_is_rewritten_before_the_copy_starts(tmp_path: P
     with trio.fail_after(10):
         async with open_mirror(slow, secondary, state=str(state), chunk=8192, in_flight=1) as m:
             assert "copying anew" in m.statistics().notice
-            assert clean_in_map(str(state)) == []  # a crash now must not trust the old map
+            # a crash from now on must not trust the old map
+            assert read_saved_map(str(state)).vouched() == IntervalSet()
 
 
 # --- foreground writes wait for nothing they do not overlap -----------------------------
@@ -271,7 +274,7 @@ async def test_a_checkpoint_overlapping_a_failing_flush_behind_saves_nothing_los
             await m.flush()  # a user's fsync: it waits for the flush-behind, sees it fail
             assert m.statistics().state is MirrorState.FAILED
     if Path(state).exists():
-        for a, b in clean_in_map(state):
+        for a, b in read_saved_map(state).vouched():
             assert secondary.on_disk[a * SS : b * SS] == data[a * SS : b * SS]
 
 
@@ -288,7 +291,7 @@ async def test_a_failed_primary_flush_stops_the_map_from_cleaning(tmp_path: Path
                 await m.flush()
             await m.flush()  # succeeds (as a second fsync does), and proves nothing
             assert m.statistics().state is MirrorState.FAILED
-    assert not any(a <= 10 < b for a, b in clean_in_map(state))
+    assert 10 not in read_saved_map(state).vouched()
 
 
 async def test_an_nbd_primary_away_for_a_while_fails_a_flush_but_not_the_copy(
