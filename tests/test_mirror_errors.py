@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
@@ -89,8 +90,11 @@ async def test_a_write_cancelled_half_way_is_copied_again() -> None:
     with trio.fail_after(10):
         async with open_mirror(primary, secondary, chunk=8192) as m:
             await m.wait_synced()
-            with trio.move_on_after(0.2):
-                await m.write(8, [b"c" * 4 * SS])  # the secondary has it, the primary waits
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(m.write, 8, [b"c" * 4 * SS])
+                await primary.reached.wait()  # the primary waits at its gate...
+                await trio.testing.wait_all_tasks_blocked()  # ...and the secondary has it
+                nursery.cancel_scope.cancel()  # the write is cancelled half way
             assert secondary.data[8 * SS : 12 * SS] == b"c" * 4 * SS
             primary.release.set()
             await m.wait_synced()

@@ -43,18 +43,27 @@ async def test_pivot_is_refused_until_synced_then_serves_the_secondary() -> None
 
 
 class SlowFlush(Slow):
-    """Reads, flushes and extents take ``delay`` seconds (0 at first); extents fail once
-    closed."""
+    """Reads, flushes and extents take ``delay`` seconds (0 until ``slow_down``); extents
+    fail once closed.  ``flushing`` and ``asked`` are set as a flush or an extents call
+    begins."""
 
     def __init__(self, inner: MemoryDevice) -> None:
         super().__init__(inner, 0.0)
         self.capabilities = frozenset({Capability.EXTENTS})
+        self.flushing, self.asked = trio.Event(), trio.Event()
+
+    def slow_down(self, delay: float) -> None:
+        """Calls take ``delay`` from now on; ``flushing`` and ``asked`` start unset."""
+        self.delay = delay
+        self.flushing, self.asked = trio.Event(), trio.Event()
 
     async def flush(self) -> None:
+        self.flushing.set()
         await trio.sleep(self.delay)
         await super().flush()
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
+        self.asked.set()
         await trio.sleep(self.delay)
         await self.get_info()  # Disconnected once closed
         return [Extent(sector, count, True)]
@@ -67,10 +76,10 @@ async def test_a_flush_racing_a_pivot_succeeds(tmp_path: Path, with_map: bool) -
     with trio.fail_after(10):
         async with open_mirror(primary, MemoryDevice(SIZE), chunk=64 << 10, **options) as m:
             await m.wait_synced()
-            primary.delay = 0.05
+            primary.slow_down(0.05)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(m.pivot)
-                await trio.sleep(0.01)  # the pivot is flushing both sides
+                await primary.flushing.wait()  # the pivot is flushing both sides
                 nursery.start_soon(m.flush)
             assert m.statistics().state is MirrorState.PIVOTED
 
@@ -81,14 +90,14 @@ async def test_extents_racing_a_pivot_are_answered() -> None:
     with trio.fail_after(10):
         async with open_mirror(primary, MemoryDevice(SIZE), chunk=64 << 10) as m:
             await m.wait_synced()
-            primary.delay = 0.05
+            primary.slow_down(0.05)
 
             async def ask() -> None:
                 answers.append(await m.extents(0, 8))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask)
-                await trio.sleep(0.01)
+                await primary.asked.wait()  # the primary is answering
                 nursery.start_soon(m.pivot)
     assert answers == [[Extent(0, 8, True)]]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 import trio.lowlevel
+import trio.testing
 
 from blockfuse.block import BlockDevice, Buffer, Capability, Extent
 from blockfuse.devices.file import open_file
@@ -193,8 +194,7 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
             new = b"n" * (2 * chunk * SS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(m.write, chunk, [new])  # starts in chunk 1, runs into 2
-                for _ in range(20):
-                    await trio.lowlevel.checkpoint()
+                await trio.testing.wait_all_tasks_blocked()  # the write waits for chunk 2
                 secondary.release.set()
             await m.wait_synced()
             assert secondary_memory.data == primary.data
@@ -204,7 +204,11 @@ async def test_a_write_running_into_a_chunk_in_flight_waits_for_it() -> None:
 # --- foreground writes wait for nothing they do not overlap ---------------------------
 
 
-async def test_the_rate_limit_does_not_hold_back_foreground_writes() -> None:
+async def test_the_rate_limit_does_not_hold_back_foreground_writes(
+    autojump_clock: object,
+) -> None:
+    """On the autojump clock, time passes only while every task waits: the write takes
+    none unless it waits for a worker's turn at the rate."""
     primary = MemoryDevice(4 << 20)
     await primary.write(0, [b"d" * (4 << 20)])
     chunk = 64 << 10
@@ -212,37 +216,52 @@ async def test_the_rate_limit_does_not_hold_back_foreground_writes() -> None:
         async with open_mirror(
             primary, MemoryDevice(4 << 20), chunk=chunk, rate=640 << 10, in_flight=16
         ) as m:
-            await trio.sleep(0.05)  # every worker has taken an item and waits for the rate
+            await (
+                trio.testing.wait_all_tasks_blocked()
+            )  # each worker has an item, waits for the rate
             start = trio.current_time()
             await m.write(15 * chunk // SS, [b"w" * SS])
             assert trio.current_time() - start < 0.2  # was 1.45 s: it waited for the rate
 
 
-class PlainSlow(Slow):
-    """No extents, no write_zeroes: zeroing it means reading it (2 ms a read)."""
+class HeldZeroing(PassThrough):
+    """No extents, no write_zeroes: zeroing it means reading it.  Every read waits for
+    ``release``; ``reading`` is set once one does."""
 
-    def __init__(self, inner: BlockDevice, delay: float) -> None:
-        super().__init__(inner, delay)
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
         self.capabilities = frozenset()
+        self.reading, self.release = trio.Event(), trio.Event()
+
+    async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self.reading.set()
+        await self.release.wait()
+        await super().read(sector, buffers)
 
 
 async def test_a_run_of_holes_is_not_locked_whole_on_a_secondary_without_holes(
     tmp_path: Path,
 ) -> None:
+    """Such a secondary is zeroed chunk by chunk: as one item of the whole run, a write
+    into the run's last chunk waited for all of it (2.2 s at 2 ms a read)."""
     size, chunk = 64 << 20, 64 << 10
     p, s = image(tmp_path, "p", size), image(tmp_path, "s", size)  # all holes
+    secondary = HeldZeroing(open_file(s))
     with trio.fail_after(60):
-        async with open_mirror(open_file(p), PlainSlow(open_file(s), 0.002), chunk=chunk) as m:
-            await trio.sleep(0.05)
-            start = trio.current_time()
-            await m.write((size - chunk) // SS, [b"w" * SS])  # the run's last chunk
-            assert trio.current_time() - start < 0.5  # was 2.2 s: the whole run's zeroing
+        async with open_mirror(open_file(p), secondary, chunk=chunk) as m:
+            await secondary.reading.wait()  # the copier is zeroing the run's first chunks
+            with trio.fail_after(10):  # a write waiting for the held zeroing never ends
+                await m.write((size - chunk) // SS, [b"w" * SS])  # the run's last chunk
+            secondary.release.set()
 
 
 # --- the copier makes way -------------------------------------------------------------
 
 
-async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used() -> None:
+async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used(
+    autojump_clock: object,
+) -> None:
+    """On the autojump clock: the seconds below pass only while every task waits."""
     primary = MemoryDevice(SIZE)
     await primary.write(0, [os.urandom(SIZE)])
 
@@ -269,8 +288,11 @@ async def test_the_copier_keeps_two_chunks_in_flight_while_the_disk_is_used() ->
             await m.wait_synced()
 
 
-async def test_close_stops_the_copier_at_once_while_foreground_reads_keep_going() -> None:
-    """Copy workers that wait for the primary to be idle give up when the mirror stops."""
+async def test_close_stops_the_copier_at_once_while_foreground_reads_keep_going(
+    autojump_clock: object,
+) -> None:
+    """Copy workers that wait for the primary to be idle give up when the mirror stops
+    (on the autojump clock: time passes only while every task waits)."""
     primary = MemoryDevice(SIZE)
     with trio.fail_after(20):
         await close_under_foreground_reads(primary)

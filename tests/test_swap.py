@@ -258,9 +258,13 @@ class SlowReads(MemoryDevice):
         await super().read(sector, buffers)
 
 
-async def test_overlapping_reads_do_not_keep_truncated_space_away() -> None:
+async def test_overlapping_reads_do_not_keep_truncated_space_away(
+    autojump_clock: object,
+) -> None:
     """Space a truncate cut off waits only for reads that began before it: with reads
-    always in flight, it used to wait for ever (a 16-unit device ran out at round 17)."""
+    always in flight, it used to wait for ever (a 16-unit device ran out at round 17).
+    On the autojump clock, so that the reads overlap as planned however slow the
+    machine."""
     swap = await open_swap(SlowReads(UNITS * UNIT), unit_size=UNIT)
     h = await swap.empty()
     await swap.append(h, b"a" * UNIT)
