@@ -6,14 +6,13 @@ import errno
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from blockfuse.devices.mirror.copymap import read_saved_map
 
-from .mounting import attr, blockfuse_command, is_mounted, mounted, wait_attr
+from .mounting import attr, blockfuse_command, is_mounted, mounted, wait_attr, wait_for
 
 SIZE = 32 << 20
 
@@ -25,6 +24,11 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     with open(secondary, "wb") as f:
         f.truncate(SIZE)
     return primary, secondary
+
+
+def copied_in_map(state: Path) -> int:
+    """How many sectors the map file at ``state`` calls copied."""
+    return read_saved_map(str(state)).copied.total
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -99,7 +103,8 @@ def test_kill_9_then_a_remount_resumes_and_ends_identical(
             os.pwrite(fd, blob, 1 << 20)  # into the copied part: both sides, dirty first
             os.pwrite(fd, blob, SIZE - (3 << 20))  # not copied yet: the primary only
             os.fsync(fd)
-            time.sleep(2.5)  # a checkpoint or two
+            saved = copied_in_map(state)  # as the fsync's checkpoint saved it
+            wait_for(lambda: copied_in_map(state) > saved, 30, "a checkpoint after it", m)
             os.pwrite(fd, blob[::-1], 1 << 20)  # marked dirty, then killed before cleaned
         finally:
             os.close(fd)
