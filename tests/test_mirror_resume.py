@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -151,13 +151,13 @@ class VolatileMemory(BlockDevice):
     def __init__(self, size: int, rng: random.Random) -> None:
         self.data, self.durable = bytearray(size), bytearray(size)
         self.rng = rng
-        self.check = lambda: None
+        self.check: Callable[[], None] = lambda: None
 
     async def _jitter(self) -> None:
         for _ in range(self.rng.randrange(3)):
             await trio.lowlevel.checkpoint()
 
-    async def get_info(self):  # type: ignore[no-untyped-def]
+    async def get_info(self) -> Info:
         return Info(True, SS, len(self.data) // SS)
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
