@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import require_tool
-from .mounting import attr, mounted, wait_attr
+from .mounting import attr, fs_mounted, loop_device, mounted, run, wait_attr
 from .nbdpeers import Peer
-from .test_e2e_ext4 import fs_mounted, loop_device, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +46,7 @@ def test_ext4_used_during_the_copy_from_a_throttled_nbdkit(short_tmp: Path) -> N
         with mounted(short_tmp / "mnt", [spec]) as m:
             with loop_device(m.path("disk")) as dev:
                 assert attr(m, "state") == "copying"
-                sh("mkfs.ext4", "-q", "-F", dev)
+                run("mkfs.ext4", "-q", "-F", dev)
                 with fs_mounted(dev, short_tmp / "fs") as fs:
                     for name, data in files.items():
                         (fs / name).write_bytes(data)
