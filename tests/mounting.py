@@ -3,20 +3,24 @@
 pyfuse3 allows one mount per process, and a real mount is what users run, so FUSE tests
 start the CLI in a child process, wait until its files appear, and stop it by PID in
 the fixture's finalizer (also when the test fails).  A mount that outlives its process
-is cleared with ``fusermount3 -uz``.
+is cleared with ``fusermount3 -uz``.  ``loop_device`` and ``fs_mounted`` put a
+filesystem on a mounted flat file, as a user does, and undo it also when a check fails.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from blockfuse.fuse.mountpoint import mount_type
+
+from .conftest import require_tool
 
 READY = "Stop with Ctrl-C"
 """The last line of the banner ``blockfuse mount`` prints once the mount is up."""
@@ -43,6 +47,21 @@ class MountProcess:
 
 def is_mounted(path: Path) -> bool:
     return mount_type(str(path)) is not None
+
+
+def attr(m: MountProcess, key: str, name: str = "disk") -> str:
+    """The status attribute ``user.blockfuse.KEY`` of the mount's file ``name``."""
+    return os.getxattr(m.path(name), f"user.blockfuse.{key}").decode()
+
+
+def wait_attr(m: MountProcess, key: str, ok: Callable[[str], bool], timeout: float = 30) -> str:
+    """Poll ``attr(m, key)`` until ``ok`` says yes; its value then."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := attr(m, key)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
+        time.sleep(0.05)
+    return value
 
 
 def blockfuse_command(*args: str) -> list[str]:
@@ -100,3 +119,31 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run(*cmd: str, timeout: float = 120) -> str:
+    """Run ``cmd`` to its end; its output.  A failure or a hang raises."""
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+@contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    """``path`` attached to a free loop device for the body of the block."""
+    dev = run(require_tool("losetup", "util-linux"), "-f", "--show", str(path)).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=120)
+
+
+@contextmanager
+def fs_mounted(dev: str, where: Path) -> Iterator[Path]:
+    """The ext4 filesystem on ``dev`` mounted at ``where`` for the body of the block
+    (unmounted lazily if it is still busy)."""
+    where.mkdir(exist_ok=True)
+    run("mount", "-t", "ext4", dev, str(where))
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], check=False, timeout=120).returncode:
+            subprocess.run(["umount", "-l", str(where)], check=False, timeout=120)

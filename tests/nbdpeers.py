@@ -3,7 +3,9 @@
 Every server listens on a Unix socket in a short private directory, or on a 127.0.0.1
 socket that the test binds itself and hands over by socket activation (no port races).
 ``stop`` sends SIGTERM, waits, then SIGKILLs, always by PID; servers also get
-``PR_SET_PDEATHSIG`` so a crashed test run cannot leave them behind.
+``PR_SET_PDEATHSIG`` so a crashed test run cannot leave them behind.  A peer is a
+context manager, ``with Peer(argv, tmp) as p:``, that stops it when the block ends
+(also when a check fails).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -43,7 +47,8 @@ def wait_connectable(path: str | None, port: int | None, proc: subprocess.Popen[
 
 
 class Peer:
-    """One server process; ``uri(export)`` is how to reach it."""
+    """One server process; ``uri(export)`` is how to reach it.  ``with Peer(...) as p:``
+    stops it (``stop``) when the block ends."""
 
     def __init__(self, argv: list[str], directory: Path, *, tcp: bool = False) -> None:
         self.dir = directory
@@ -81,6 +86,14 @@ class Peer:
             )
         finally:
             listener.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
     def uri(self, export: str = "") -> str:
         if self.path:

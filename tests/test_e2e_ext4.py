@@ -4,37 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from .conftest import require_tool
-from .mounting import blockfuse_command, mounted
+from .mounting import blockfuse_command, fs_mounted, loop_device, mounted, run
 
 TIMEOUT = 120
-
-
-def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=TIMEOUT).stdout
-
-
-@contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    dev = sh(require_tool("losetup", "util-linux"), "-f", "--show", str(path)).strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False, timeout=TIMEOUT)
-
-
-@contextmanager
-def fs_mounted(dev: str, where: Path) -> Iterator[Path]:
-    where.mkdir(exist_ok=True)
-    sh("mount", dev, str(where))
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False, timeout=TIMEOUT)
 
 
 def test_ext4_on_the_flat_file(tmp_path: Path) -> None:
@@ -44,7 +19,7 @@ def test_ext4_on_the_flat_file(tmp_path: Path) -> None:
         f.truncate(256 << 20)
     files = {f"file{i}": os.urandom(300_000 + i * 4097) for i in range(20)}
     with mounted(tmp_path / "mnt", [f"disk={image}"]) as m, loop_device(m.path("disk")) as dev:
-        sh("mkfs.ext4", "-q", "-F", dev)
+        run("mkfs.ext4", "-q", "-F", dev)
         with fs_mounted(dev, tmp_path / "fs") as fs:
             for name, data in files.items():
                 (fs / name).write_bytes(data)

@@ -10,32 +10,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import require_tool
-from .mounting import MountProcess, mounted
+from .mounting import attr, fs_mounted, loop_device, mounted, run, wait_attr
 from .nbdpeers import Peer
-from .test_e2e_ext4 import fs_mounted, loop_device, sh
 
 pytestmark = pytest.mark.e2e
 
 SIZE = 128 << 20
-
-
-def attr(m: MountProcess, key: str) -> str:
-    return os.getxattr(m.path("disk"), f"user.blockfuse.{key}").decode()
-
-
-def wait_attr(m: MountProcess, key: str, ok, timeout: float = 90) -> str:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not ok(value := attr(m, key)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
-        time.sleep(0.05)
-    return value
 
 
 def cmp(*paths: Path) -> None:
@@ -55,14 +40,13 @@ def test_ext4_used_during_the_copy_from_a_throttled_nbdkit(short_tmp: Path) -> N
     require_tool("e2fsck", "e2fsprogs")
     primary, secondary, state = short_tmp / "p.img", short_tmp / "s.img", short_tmp / "map"
     primary.write_bytes(os.urandom(SIZE))  # all data, so the copy takes a while
-    peer = nbdkit(short_tmp, primary, "--filter=rate", "rate=160M")
-    spec = f"disk=mirror({peer.uri()}, sparse({secondary}), state={state}, chunk=256K)"
-    files = {f"file{i}": os.urandom(200_000 + i * 4097) for i in range(12)}
-    try:
+    with nbdkit(short_tmp, primary, "--filter=rate", "rate=160M") as peer:
+        spec = f"disk=mirror({peer.uri()}, sparse({secondary}), state={state}, chunk=256K)"
+        files = {f"file{i}": os.urandom(200_000 + i * 4097) for i in range(12)}
         with mounted(short_tmp / "mnt", [spec]) as m:
             with loop_device(m.path("disk")) as dev:
                 assert attr(m, "state") == "copying"
-                sh("mkfs.ext4", "-q", "-F", dev)
+                run("mkfs.ext4", "-q", "-F", dev)
                 with fs_mounted(dev, short_tmp / "fs") as fs:
                     for name, data in files.items():
                         (fs / name).write_bytes(data)
@@ -70,7 +54,7 @@ def test_ext4_used_during_the_copy_from_a_throttled_nbdkit(short_tmp: Path) -> N
                 with fs_mounted(dev, short_tmp / "fs") as fs:
                     for name, data in files.items():
                         assert (fs / name).read_bytes() == data
-                wait_attr(m, "state", lambda v: v == "synced")
+                wait_attr(m, "state", lambda v: v == "synced", timeout=90)
                 fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
                 assert fsck.returncode == 0, fsck.stdout + fsck.stderr
             cmp(m.path("disk"), secondary)
@@ -78,24 +62,21 @@ def test_ext4_used_during_the_copy_from_a_throttled_nbdkit(short_tmp: Path) -> N
         cmp(primary, secondary)
         fsck = subprocess.run(["e2fsck", "-fn", str(secondary)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    finally:
-        peer.stop()
 
 
 def test_nbdkit_read_errors_are_retried_then_fail_the_copy(short_tmp: Path) -> None:
     primary, secondary = short_tmp / "p.img", short_tmp / "s.img"
     primary.write_bytes(os.urandom(8 << 20))
     trigger = short_tmp / "errors-on"
-    peer = nbdkit(
+    with nbdkit(
         short_tmp,
         primary,
         "--filter=error",
         "error-pread=EIO",
         "error-pread-rate=100%",
         f"error-pread-file={trigger}",
-    )
-    spec = f"disk=mirror({peer.uri()}, sparse({secondary}), chunk=1M)"
-    try:
+    ) as peer:
+        spec = f"disk=mirror({peer.uri()}, sparse({secondary}), chunk=1M)"
         trigger.touch()
         with mounted(short_tmp / "mnt", [spec]) as m:
             wait_attr(m, "errors", lambda v: int(v) >= 2, timeout=30)
@@ -118,5 +99,3 @@ def test_nbdkit_read_errors_are_retried_then_fail_the_copy(short_tmp: Path) -> N
             assert attr(m, "state").startswith("failed")
             assert m.stop() == 0
         assert primary.read_bytes()[:10] == b"still here"
-    finally:
-        peer.stop()

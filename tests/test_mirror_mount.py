@@ -6,12 +6,13 @@ import errno
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .mounting import MountProcess, blockfuse_command, is_mounted, mounted
+from blockfuse.devices.mirror.copymap import read_saved_map
+
+from .mounting import attr, blockfuse_command, is_mounted, mounted, wait_attr, wait_for
 
 SIZE = 32 << 20
 
@@ -25,19 +26,9 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     return primary, secondary
 
 
-def attr(m: MountProcess, key: str, name: str = "disk") -> str:
-    return os.getxattr(m.path(name), f"user.blockfuse.{key}").decode()
-
-
-def wait_attr(m: MountProcess, key: str, ok, timeout: float = 30) -> str:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = attr(m, key)
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
-        time.sleep(0.05)
+def copied_in_map(state: Path) -> int:
+    """How many sectors the map file at ``state`` calls copied."""
+    return read_saved_map(str(state)).copied.total
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -88,9 +79,8 @@ def test_sigterm_saves_the_map_and_a_remount_resumes(
         wait_attr(m, "progress", lambda v: int(v) >= 25)
         assert m.stop(signal.SIGTERM) == 0
         assert "unmounted" in m.output()
-    saved = state.read_text().splitlines()[2]
-    assert saved.startswith("copied 0-")
-    copied_sectors = int(saved.split()[1].split("-")[1])
+    (start, copied_sectors), *_ = read_saved_map(str(state)).copied
+    assert start == 0
     assert copied_sectors * 512 >= SIZE // 4
     with mounted(tmp_path / "mnt", [spec]) as m:
         assert int(attr(m, "copied")) >= copied_sectors * 512
@@ -113,14 +103,14 @@ def test_kill_9_then_a_remount_resumes_and_ends_identical(
             os.pwrite(fd, blob, 1 << 20)  # into the copied part: both sides, dirty first
             os.pwrite(fd, blob, SIZE - (3 << 20))  # not copied yet: the primary only
             os.fsync(fd)
-            time.sleep(2.5)  # a checkpoint or two
+            saved = copied_in_map(state)  # as the fsync's checkpoint saved it
+            wait_for(lambda: copied_in_map(state) > saved, 30, "a checkpoint after it", m)
             os.pwrite(fd, blob[::-1], 1 << 20)  # marked dirty, then killed before cleaned
         finally:
             os.close(fd)
         m.stop(signal.SIGKILL)
         assert is_mounted(mnt)
-    before = state.read_text()
-    assert "copied 0-" in before
+    assert 0 in read_saved_map(str(state)).copied
     with mounted(mnt, [spec]) as m:
         assert int(attr(m, "copied")) > 0, "the copy started again from zero"
         wait_attr(m, "state", lambda v: v == "synced")

@@ -7,7 +7,7 @@ import os
 
 import trio
 
-from blockfuse.cli.monitor import describe_copy, progress_bar, progress_line
+from blockfuse.cli.monitor import BAR_SECONDS, describe_copy, progress_bar, progress_line
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
 from blockfuse.fuse.flatfile import FlatFile
@@ -29,7 +29,8 @@ def test_describe_copy() -> None:
     )
 
 
-async def test_progress_bar_draws_on_a_terminal_only() -> None:
+async def test_progress_bar_draws_on_a_terminal_only(autojump_clock: object) -> None:
+    """On the autojump clock: the rate limit and the redraws take no real time."""
     size = 1 << 20
     primary = MemoryDevice(size)
     await primary.write(0, [os.urandom(size)])
@@ -40,7 +41,7 @@ async def test_progress_bar_draws_on_a_terminal_only() -> None:
             term, pipe = Terminal(), io.StringIO()
             async with progress_bar(files, term), progress_bar(files, pipe):
                 await m.wait_synced()
-                await trio.sleep(0.6)
+                await trio.sleep(BAR_SECONDS + 0.1)  # one more redraw
     assert pipe.getvalue() == ""
     drawn = term.getvalue()
     assert drawn.startswith("\r") and drawn.endswith("\n")

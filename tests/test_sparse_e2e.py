@@ -25,7 +25,7 @@ from blockfuse.spec import SpecError, compile_spec
 from blockfuse.testing import check_block_device
 
 from .conftest import require_tool
-from .mounting import MountProcess, mounted
+from .mounting import MountProcess, fs_mounted, loop_device, mounted, run
 
 pytestmark = pytest.mark.e2e
 
@@ -36,10 +36,6 @@ TiB = 1 << 40
 def allocated(path: Path) -> int:
     """Bytes the filesystem holds for ``path`` (what `du` shows)."""
     return os.stat(path).st_blocks * 512
-
-
-def run(*cmd: str, timeout: float = 60) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
 @contextmanager
@@ -129,26 +125,6 @@ def test_bare_mount_serves_a_sparse_default_image(tmp_path: Path) -> None:
         assert m.path("disk").stat().st_size == 2 * GiB, "the resized image keeps its size"
 
 
-@contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    dev = run(require_tool("losetup", "util-linux"), "-f", "--show", str(path), timeout=30).strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
-
-
-@contextmanager
-def mounted_fs(dev: str, where: Path) -> Iterator[Path]:
-    where.mkdir(exist_ok=True)
-    run("mount", "-t", "ext4", dev, str(where), timeout=60)
-    try:
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], check=False, timeout=60).returncode:
-            subprocess.run(["umount", "-l", str(where)], check=False, timeout=60)
-
-
 def write_files(root: Path) -> dict[str, str]:
     digests = {}
     for i in range(20):
@@ -169,11 +145,11 @@ def test_ext4_on_a_sixteen_gib_sparse_device(tmp_path: Path) -> None:
         loop_device(m.path("disk")) as dev,
     ):
         run(mkfs, "-q", "-F", dev, timeout=120)
-        with mounted_fs(dev, tmp_path / "fs") as fs:
+        with fs_mounted(dev, tmp_path / "fs") as fs:
             digests = write_files(fs)
         result = subprocess.run([e2fsck, "-fn", dev], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
-        with mounted_fs(dev, tmp_path / "fs") as fs:
+        with fs_mounted(dev, tmp_path / "fs") as fs:
             for name, digest in digests.items():
                 assert hashlib.sha256((fs / name).read_bytes()).hexdigest() == digest
     assert image.stat().st_size == 16 * GiB

@@ -1,6 +1,7 @@
-"""The mirror at its edges: the end of the copy, pivot against I/O in flight, remounts
-after a pivot, the rate limit and hole items against foreground writes, flushes that
-fail on either side.  Each case was a bug found in review."""
+"""When something fails: a copy error is retried, then fails the mirror but not the
+disk; a write whose secondary part failed or was cancelled is copied again; the flush
+and the map save that end the copy can fail; and a failed flush on either side never
+lets the map call lost data copied."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
-from blockfuse.block import Capability, Extent
-from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
     CopyMapError,
@@ -30,34 +31,81 @@ from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
 from blockfuse.testing import Fault, FaultyDevice
 
+from .mirrorkit import SIZE, SS, Gated, Slow, image
 from .nbdserver import FakeServer
-from .test_mirror import LosesUnflushedWrites, Slow, clean_in_map, image
 from .test_nbd_transport import remote
 
-SIZE = 1 << 20
-SS = 512
+# --- copy errors ----------------------------------------------------------------------
 
 
-class SlowFlush(Slow):
-    """Reads, flushes and extents take ``delay`` seconds (0 at first); extents fail once
-    closed."""
-
-    capabilities = frozenset({Capability.EXTENTS})
-
-    def __init__(self, inner: MemoryDevice) -> None:
-        super().__init__(inner, 0.0)
-
-    async def flush(self) -> None:
-        await trio.sleep(self.delay)
-        await super().flush()
-
-    async def extents(self, sector: int, count: int) -> list[Extent]:
-        await trio.sleep(self.delay)
-        await self.get_info()  # Disconnected once closed
-        return [Extent(sector, count, True)]
+async def test_a_passing_copy_error_is_retried() -> None:
+    secondary_memory = MemoryDevice(SIZE)
+    secondary = FaultyDevice(secondary_memory, [Fault("write", first=100, end=101, times=2)])
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192, backoff=0.01) as m:
+            await m.wait_synced()
+            st = m.statistics()
+            assert st.errors == 2 and "injected write fault" in st.last_error
+            assert m.status()["errors"] == "2"
+            assert secondary_memory.data == primary.data
 
 
-# --- the end of the copy ------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["read", "write"])
+async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -> None:
+    primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
+    faulty = FaultyDevice(primary if op == "read" else secondary, [Fault(op, first=200, end=201)])
+    pair = (faulty, secondary) if op == "read" else (primary, faulty)
+    with trio.fail_after(10):
+        async with open_mirror(*pair, chunk=8192, retries=3, backoff=0.01) as m:
+            with pytest.raises(MirrorFailed, match="the copy gave up after 3 retries of its own"):
+                await m.wait_synced()
+            assert m.status()["state"].startswith("failed: copying sectors 192-208")
+            assert m.statistics().errors == 4
+            await m.write(0, [b"x" * SS])  # foreground I/O goes on
+            buf = bytearray(SS)
+            await m.read(0, [buf])
+            assert buf == b"x" * SS
+            await m.flush()
+            with pytest.raises(RequestFailed) as info:
+                await m.pivot()
+            assert info.value.errno == errno.EBUSY
+
+
+async def test_a_failed_secondary_write_is_copied_again() -> None:
+    secondary = MemoryDevice(SIZE)
+    faulty = FaultyDevice(secondary)
+    primary = MemoryDevice(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(primary, faulty, chunk=8192) as m:
+            await m.wait_synced()
+            faulty.faults.append(Fault("write", times=1))
+            await m.write(10, [b"y" * SS])  # the primary has it; the secondary part failed
+            assert m.statistics().errors == 1
+            await m.wait_synced()
+            assert secondary.data == primary.data
+
+
+async def test_a_write_cancelled_half_way_is_copied_again() -> None:
+    primary_memory = MemoryDevice(SIZE)
+    primary = Gated(primary_memory, gate_sector=10)
+    secondary = MemoryDevice(SIZE)
+    with trio.fail_after(10):
+        async with open_mirror(primary, secondary, chunk=8192) as m:
+            await m.wait_synced()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(m.write, 8, [b"c" * 4 * SS])
+                await primary.reached.wait()  # the primary waits at its gate...
+                await trio.testing.wait_all_tasks_blocked()  # ...and the secondary has it
+                nursery.cancel_scope.cancel()  # the write is cancelled half way
+            assert secondary.data[8 * SS : 12 * SS] == b"c" * 4 * SS
+            primary.release.set()
+            await m.wait_synced()
+            assert secondary.data == primary_memory.data
+
+
+# --- the end of the copy --------------------------------------------------------------
 
 
 async def test_a_failed_primary_flush_at_the_end_fails_the_copy_not_the_disk() -> None:
@@ -139,128 +187,80 @@ async def test_a_copy_that_fails_for_its_map_leaves_the_disk_writable_and_the_ma
     assert read_saved_map(str(state)).invalidated
 
 
-# --- pivot ------------------------------------------------------------------------------
+# --- failed flushes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_map", [False, True])
-async def test_a_flush_racing_a_pivot_succeeds(tmp_path: Path, with_map: bool) -> None:
-    primary = SlowFlush(MemoryDevice(SIZE))
-    options = {"state": str(tmp_path / "map")} if with_map else {}
+async def test_the_secondary_is_flushed_during_the_copy_and_a_failed_flush_fails_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(copier, "FLUSH_BEHIND_BYTES", 64 << 10)
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [os.urandom(SIZE)])
+    secondary = FaultyDevice(MemoryDevice(SIZE), [Fault("flush")])
     with trio.fail_after(10):
-        async with open_mirror(primary, MemoryDevice(SIZE), chunk=64 << 10, **options) as m:
-            await m.wait_synced()
-            primary.delay = 0.05
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(m.pivot)
-                await trio.sleep(0.01)  # the pivot is flushing both sides
-                nursery.start_soon(m.flush)
-            assert m.statistics().state is MirrorState.PIVOTED
+        async with open_mirror(primary, secondary, chunk=8192, in_flight=1) as m:
+            with pytest.raises(MirrorFailed, match="flushing the secondary"):
+                await m.wait_synced()
+            assert m.statistics().copied_bytes < SIZE  # it failed half way, not at the end
 
 
-async def test_extents_racing_a_pivot_are_answered() -> None:
-    primary = SlowFlush(MemoryDevice(SIZE))
-    answers: list[list[Extent]] = []
-    with trio.fail_after(10):
-        async with open_mirror(primary, MemoryDevice(SIZE), chunk=64 << 10) as m:
-            await m.wait_synced()
-            primary.delay = 0.05
+class LosesUnflushedWrites(MemoryDevice):
+    """A disk behind a page cache, as Linux behaves on a writeback error: the failing
+    flush loses every write since the last good flush, and the next flush succeeds."""
 
-            async def ask() -> None:
-                answers.append(await m.extents(0, 8))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ask)
-                await trio.sleep(0.01)
-                nursery.start_soon(m.pivot)
-    assert answers == [[Extent(0, 8, True)]]
-
-
-async def test_a_pivoted_mirror_is_not_copied_again_on_remount(tmp_path: Path) -> None:
-    p = image(tmp_path, "p", SIZE, os.urandom(SIZE))
-    s = image(tmp_path, "s")
-    state = str(tmp_path / "map")
-    with trio.fail_after(20):
-        async with open_mirror(open_file(p), open_file(s), state=state, chunk=8192) as m:
-            await m.wait_synced()
-            await m.pivot()
-            await m.write(0, [b"N" * SS])  # lives on the secondary alone
-        with pytest.raises(CopyMapError, match="was pivoted: the secondary holds the newer"):
-            async with open_mirror(open_file(p), open_file(s), state=state, chunk=8192):
-                pass
-    assert Path(s).read_bytes()[:SS] == b"N" * SS
-
-
-class CountsFlushes(MemoryDevice):
-    flushes = 0
+    def __init__(self, size: int, fail_flush: int) -> None:
+        super().__init__(size)
+        self.on_disk = bytearray(size)
+        self._flushes, self._fail_flush = 0, fail_flush
 
     async def flush(self) -> None:
-        self.flushes += 1
-        await super().flush()
+        await trio.lowlevel.checkpoint()
+        self._flushes += 1
+        if self._flushes == self._fail_flush:
+            await self.write(0, [bytes(self.on_disk)])  # the page cache forgets them
+            raise RequestFailed(errno.EIO, "writeback failed")
+        await self.read(0, [self.on_disk])
 
 
-async def test_closing_a_pivoted_mirror_flushes_the_secondary() -> None:
-    secondary = CountsFlushes(SIZE)
-    async with open_mirror(MemoryDevice(SIZE), secondary, chunk=64 << 10) as m:
-        await m.wait_synced()
-        await m.pivot()
-        await m.write(0, [b"x" * SS])
-        before = secondary.flushes
-    assert secondary.flushes > before
-
-
-# --- resume -----------------------------------------------------------------------------
-
-
-async def test_a_map_found_wrong_is_rewritten_before_the_copy_starts(tmp_path: Path) -> None:
-    state = tmp_path / "map"
-    async with open_mirror(MemoryDevice(SIZE), MemoryDevice(SIZE), state=str(state)) as m:
-        await m.wait_synced()  # a map that says "all copied"
-    primary, secondary = MemoryDevice(SIZE), MemoryDevice(SIZE)
-    await primary.write(0, [os.urandom(SIZE)])
-    slow = Slow(primary, 0.02)  # 128 chunks one at a time: the copy takes 2.5 s
-    with trio.fail_after(10):
-        async with open_mirror(slow, secondary, state=str(state), chunk=8192, in_flight=1) as m:
-            assert "copying anew" in m.statistics().notice
-            assert clean_in_map(str(state)) == []  # a crash now must not trust the old map
-
-
-# --- foreground writes wait for nothing they do not overlap -----------------------------
-
-
-async def test_the_rate_limit_does_not_hold_back_foreground_writes() -> None:
-    primary = MemoryDevice(4 << 20)
-    await primary.write(0, [b"d" * (4 << 20)])
-    chunk = 64 << 10
-    with trio.fail_after(30):
-        async with open_mirror(
-            primary, MemoryDevice(4 << 20), chunk=chunk, rate=640 << 10, in_flight=16
-        ) as m:
-            await trio.sleep(0.05)  # every worker has taken an item and waits for the rate
-            start = trio.current_time()
-            await m.write(15 * chunk // SS, [b"w" * SS])
-            assert trio.current_time() - start < 0.2  # was 1.45 s: it waited for the rate
-
-
-class PlainSlow(Slow):
-    """No extents, no write_zeroes: zeroing it means reading it (2 ms a read)."""
-
-    capabilities = frozenset()
-
-
-async def test_a_run_of_holes_is_not_locked_whole_on_a_secondary_without_holes(
-    tmp_path: Path,
+@pytest.mark.parametrize("fail_flush", [2, 3, 5])
+async def test_after_a_failed_secondary_flush_the_map_never_calls_lost_data_copied(
+    tmp_path: Path, fail_flush: int
 ) -> None:
-    size, chunk = 64 << 20, 64 << 10
-    p, s = image(tmp_path, "p", size), image(tmp_path, "s", size)  # all holes
-    with trio.fail_after(60):
-        async with open_mirror(open_file(p), PlainSlow(open_file(s), 0.002), chunk=chunk) as m:
-            await trio.sleep(0.05)
-            start = trio.current_time()
-            await m.write((size - chunk) // SS, [b"w" * SS])  # the run's last chunk
-            assert trio.current_time() - start < 0.5  # was 2.2 s: the whole run's zeroing
+    data = os.urandom(SIZE)
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [data])
+    secondary = LosesUnflushedWrites(SIZE, fail_flush)
+    state = str(tmp_path / "map")
+    slow = Slow(primary, 0.002)  # 128 chunks: about 0.3 s of copying
+    reached = {tenth: trio.Event() for tenth in range(1, 10)}
 
+    def progress(percent: int | str) -> None:
+        if isinstance(percent, int) and percent % 10 == 0 and 0 < percent < 100:
+            reached[percent // 10].set()
 
-# --- failed flushes ---------------------------------------------------------------------
+    with trio.fail_after(10):
+        async with open_mirror(
+            slow, secondary, state=state, chunk=8192, in_flight=1, progress=progress
+        ) as m:
+            for tenth in range(1, 10):  # checkpoints (fsync) while the copy goes on
+                await reached[tenth].wait()
+                await m.write(tenth, [b"w" * SS])  # a foreground write into the copied part
+                await m.flush()
+                if not m.going_on():
+                    break  # that flush failed: what it should have kept is lost
+            with pytest.raises(MirrorFailed, match="flushing the secondary"):
+                await m.wait_synced()
+        expected = bytearray(data)
+        expected[SS : (tenth + 1) * SS] = b"w" * tenth * SS
+        for a, b in read_saved_map(state).vouched():
+            assert secondary.on_disk[a * SS : b * SS] == expected[a * SS : b * SS]
+        # after a restart the secondary holds only what reached its disk
+        primary, again = MemoryDevice(SIZE), MemoryDevice(SIZE)
+        await primary.write(0, [bytes(expected)])
+        await again.write(0, [bytes(secondary.on_disk)])
+        async with open_mirror(primary, again, state=state, chunk=8192) as m:
+            await m.wait_synced()
+            assert again.data == expected
 
 
 class FailsOneFlushSlowly(LosesUnflushedWrites):
@@ -297,7 +297,7 @@ async def test_a_checkpoint_overlapping_a_failing_flush_behind_saves_nothing_los
             await m.flush()  # a user's fsync: it waits for the flush-behind, sees it fail
             assert m.statistics().state is MirrorState.FAILED
     if Path(state).exists():
-        for a, b in clean_in_map(state):
+        for a, b in read_saved_map(state).vouched():
             assert secondary.on_disk[a * SS : b * SS] == data[a * SS : b * SS]
 
 
@@ -314,7 +314,7 @@ async def test_a_failed_primary_flush_stops_the_map_from_cleaning(tmp_path: Path
                 await m.flush()
             await m.flush()  # succeeds (as a second fsync does), and proves nothing
             assert m.statistics().state is MirrorState.FAILED
-    assert not any(a <= 10 < b for a, b in clean_in_map(state))
+    assert 10 not in read_saved_map(state).vouched()
 
 
 async def test_an_nbd_primary_away_for_a_while_fails_a_flush_but_not_the_copy(
