@@ -334,3 +334,52 @@ async def test_an_nbd_primary_away_for_a_while_fails_a_flush_but_not_the_copy(
             assert m.statistics().state is MirrorState.COPYING
             server.up = True
             await m.wait_synced()
+
+
+class FailingStore:
+    """A map store whose first ``good`` saves succeed; then saves and invalidations fail."""
+
+    name = "failing map"
+
+    def __init__(self, good: int) -> None:
+        self.text: str | None = None
+        self.good = good
+
+    def load(self) -> str | None:
+        return self.text
+
+    async def save(self, text: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.good <= 0:
+            raise OSError(errno.EIO, "Input/output error")
+        self.good -= 1
+        self.text = text
+
+    async def invalidate(self) -> None:
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+async def test_writers_waiting_on_a_map_that_freezes_are_refused_too() -> None:
+    """Two writes to copied chunks at once; the map cannot be saved nor invalidated.
+    The second one waited on the first one's failing save, and must not go on as if its
+    chunk were dirty in the file (the crash harness found it going on)."""
+    store = FailingStore(good=2)  # open, and the checkpoint at the end of the copy
+    with trio.fail_after(10):
+        async with open_mirror(
+            MemoryDevice(SIZE), MemoryDevice(SIZE), chunk=64 << 10, state=store
+        ) as m:
+            await m.wait_synced()
+            results: dict[int, BaseException | None] = {}
+
+            async def write(sector: int) -> None:
+                try:
+                    await m.write(sector, [b"w" * SS])
+                    results[sector] = None
+                except RequestFailed as exc:
+                    results[sector] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write, 0)
+                nursery.start_soon(write, 512)  # another chunk
+    assert all(isinstance(r, RequestFailed) for r in results.values()), results

@@ -54,6 +54,7 @@ a file changed while the mirror was not mounted makes the map useless.  An open 
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import secrets
@@ -164,6 +165,15 @@ def _sync_directory(path: str) -> None:
         os.close(fd)
 
 
+class Vouching(enum.Enum):
+    """Where the map file stands once a save may have failed (rule 6)."""
+
+    SAVING = "saved as the copy goes"
+    STOPPING = "a save failed: the file is being made to vouch for nothing"
+    OFF = "the file vouches for nothing; nothing more is saved this session"
+    FROZEN = "the file vouches for what it said and cannot be changed: writes there refused"
+
+
 MarkStale = Callable[[str], Awaitable[None]]
 """Puts a mark on the secondary's file naming a map session that must not be trusted."""
 
@@ -270,14 +280,17 @@ class CopyMap:
         """Why a saved map was not used (empty if it was, or if there was none)."""
         self.store_failure = ""
         """Why the map could not be saved, once it could not."""
-        self._frozen: IntervalSet | None = None
-        """What the file vouches for and can no longer be changed (rule 6, last resort)."""
+        self._vouching = Vouching.SAVING
+        self._vouching_settled = trio.Event()
+        self._frozen = IntervalSet()
+        """What the file vouches for and can no longer be changed (``FROZEN``)."""
         self.mark_stale: MarkStale | None = None
         self.on_store_failure: Callable[[str], None] = lambda reason: None
 
     @property
     def persistent(self) -> bool:
-        return self._store is not None
+        """Whether the map is saved as the copy goes (not once it failed, rule 6)."""
+        return self._store is not None and self._vouching is Vouching.SAVING
 
     @property
     def name(self) -> str:
@@ -394,7 +407,7 @@ class CopyMap:
 
         Only a trusted map closes: after a failed flush, or with the map off, the file
         stays open, so that the next mount checks the copy."""
-        if self._store is None or self._flush_failed or self._frozen is not None:
+        if not self.persistent or self._flush_failed:
             return
         ending = f"closed session={self.session} primary={primary} secondary={secondary}"
         if self._ending.startswith("open"):
@@ -402,7 +415,8 @@ class CopyMap:
             await self.save_now()
 
     async def save_now(self) -> None:
-        """Write the file now (if there is one); ``RequestFailed`` if it cannot be saved."""
+        """Write the file now (if there is one); ``RequestFailed`` if it cannot be saved
+        (also once an earlier save failed: nothing is saved then, rule 6)."""
         if self._store is not None:
             self._generation += 1
             await self._save(self._generation)
@@ -431,8 +445,10 @@ class CopyMap:
     async def _save(self, wanted: int) -> None:
         """Make the file reflect at least change number ``wanted``."""
         async with self._save_lock:
-            if self._saved_generation >= wanted or self._store is None:
+            if self._store is None or self._saved_generation >= wanted:
                 return
+            if self._vouching is not Vouching.SAVING:
+                raise RequestFailed(errno.EIO, self.store_failure)
             generation, dirty, text = self._generation, self.dirty.copy(), self._render()
             try:
                 await self._store.save(text)
@@ -453,58 +469,68 @@ class CopyMap:
     def begin_write(self, start: int, end: int) -> Interval:
         """Note a write in progress; hand the result to ``end_write``."""
         span = align_out(start, end, self.geometry.chunk_sectors)
-        if self._store is not None:
-            self._active.append(span)
-            self._written_since_checkpoint.add(*span)
+        self._active.append(span)
+        self._written_since_checkpoint.add(*span)
         return span
 
     def end_write(self, span: Interval) -> None:
-        if self._store is not None:
-            self._active.remove(span)
+        self._active.remove(span)
 
     async def mark_dirty(self, span: Interval) -> None:
         """Return once ``span`` (from ``begin_write``) is dirty in the file, or once the
         file vouches for nothing (rule 6).
 
         Raises ``RequestFailed(EIO)`` only when neither can be done and the file vouches
-        for part of ``span``: the write must not go on.
+        for part of ``span``: the write must not go on.  Every writer waits while another
+        one is making the file vouch for nothing, and looks again at what came of it.
         """
-        if self._frozen is not None:
-            return self.refuse_if_frozen(span)
-        if self._store is None:
-            return
-        if self.dirty.covers(*span) and self._saved_dirty.covers(*span):
-            return  # dirty in the file, and no checkpoint can clean it while we write
-        self.dirty.add(*span)
-        try:
-            await self.save_now()
-        except RequestFailed:
-            await self._stop_vouching()
-            if self._frozen is not None:
-                self.refuse_if_frozen(span)
+        while True:
+            if self._vouching is Vouching.STOPPING:
+                await self._vouching_settled.wait()
+            elif self._vouching is Vouching.FROZEN:
+                return self.refuse_if_frozen(span)
+            elif self._store is None or self._vouching is Vouching.OFF:
+                return
+            elif self.dirty.covers(*span) and self._saved_dirty.covers(*span):
+                return  # dirty in the file, and no checkpoint can clean it while we write
+            else:
+                self.dirty.add(*span)
+                try:
+                    return await self.save_now()
+                except RequestFailed:
+                    await self._stop_vouching()
 
     async def _stop_vouching(self) -> None:
-        """The map cannot be saved: make the file vouch for nothing, then stop saving."""
-        store, self._store = self._store, None
-        if store is None:
+        """A save failed: make the file vouch for nothing, then stop saving; failing that,
+        freeze what it vouches for."""
+        if self._vouching is not Vouching.SAVING or self._store is None:
             return
+        self._vouching = Vouching.STOPPING
+        if await self._invalidated(self._store):
+            self._vouching = Vouching.OFF
+        else:
+            self._frozen = self._durable.copy()
+            for a, b in self._saved_dirty:
+                self._frozen.discard(a, b)
+            self._vouching = Vouching.FROZEN
+        self._vouching_settled.set()
+
+    async def _invalidated(self, store: MapStore) -> bool:
         try:
             await store.invalidate()
-            return
+            return True
         except OSError:
             pass
         if self.mark_stale is not None:
             try:
                 await self.mark_stale(f"{store.name} {self.session}")
-                return
+                return True
             except OSError:
                 pass
-        self._frozen = self._durable.copy()
-        for a, b in self._saved_dirty:
-            self._frozen.discard(a, b)
+        return False
 
     def refuse_if_frozen(self, span: Interval) -> None:
-        if self._frozen is not None and self._frozen.overlaps(*span):
+        if self._vouching is Vouching.FROZEN and self._frozen.overlaps(*span):
             raise RequestFailed(
                 errno.EIO,
                 f"{self.store_failure}, and it cannot be marked stale either; writes to "
@@ -526,7 +552,7 @@ class CopyMap:
 
         A flush's error is raised; a save that fails is reported to
         ``on_store_failure`` and not raised (the flush itself succeeded)."""
-        if self._store is None:
+        if not self.persistent:
             await flush_both()
             return
         async with self._checkpoint_lock:

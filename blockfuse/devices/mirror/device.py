@@ -157,16 +157,18 @@ class MirrorDevice(BlockDevice):
         self._map.refuse_if_frozen((sector, end))
         span = self._map.begin_write(sector, end)
         self._primary_users.enter()
+        touching = False
         try:
-            if both:
+            if both:  # refused, or cancelled, here: neither side was touched
                 await self._map.mark_dirty(span)
+            touching = True
             ss = self._info.sector_size
             primary_err, secondary_err = await run_both(
                 self._primary.write(sector, buffers),
                 self._write_parts(both, sector, buffers, ss),
             )
         except BaseException:  # cancelled half way: the sides may differ
-            if both:
+            if both and touching:
                 self._uncopy(sector, end, None)
             raise
         finally:
