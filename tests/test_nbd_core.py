@@ -110,7 +110,7 @@ def test_unknown_export_is_refused_and_aborted() -> None:
     assert isinstance(outcome, OptionRefused)
     assert outcome.option is c.Opt.GO and outcome.reply == c.Rep.ERR_UNKNOWN
     assert "nope" in outcome.message
-    assert server.phase.name == "DONE"  # the client sent NBD_OPT_ABORT
+    assert server.state.name == "DONE"  # the client sent NBD_OPT_ABORT
 
 
 def test_a_server_shutting_down_during_the_handshake_gets_abort() -> None:

@@ -175,7 +175,7 @@ async def handshake_on(stream: trio.testing.MemoryStapledStream, fake: FakeServe
 
     core = ServerCore({"disk": fake.export})
     await stream.send_all(core.data_to_send())
-    while core.phase.name != "TRANSMISSION":
+    while core.state.name != "TRANSMISSION":
         core.receive_data(await stream.receive_some(1 << 16))
         drain(core)
         await stream.send_all(core.data_to_send())

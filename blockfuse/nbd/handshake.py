@@ -67,6 +67,7 @@ from .events import (
     ExportInfo,
     ExportList,
     HandshakeEvent,
+    NeedData,
     Negotiated,
     OptionRefused,
     PeerClosed,
@@ -74,7 +75,9 @@ from .events import (
 from .options import apply_info, decode_string, encode_info_request, encode_name, encode_option
 
 
-class State(enum.Enum):
+class HandshakeState(enum.Enum):
+    """Where the handshake is (``next_event`` dispatches on it)."""
+
     GREETING = "greeting"
     OPTION_REPLY = "waiting for an option reply"
     EXPORT_NAME_REPLY = "waiting for the EXPORT_NAME reply"
@@ -102,7 +105,7 @@ class ClientHandshake:
         self._details = details
         self._buf = ReceiveBuffer()
         self._out = bytearray()
-        self.state = State.GREETING
+        self.state = HandshakeState.GREETING
         self._option: Opt | None = None
         self._reply: tuple[int, int] | None = None  # (reply type, length) being read
         self._no_zeroes = False
@@ -113,6 +116,13 @@ class ClientHandshake:
         self._list_bytes = 0
         self._info_index = 0
         self._result: HandshakeEvent | None = None
+        self._steps: dict[HandshakeState, Callable[[], HandshakeEvent | NeedData | None]] = {
+            HandshakeState.GREETING: self._greeting,
+            HandshakeState.OPTION_REPLY: self._option_reply,
+            HandshakeState.EXPORT_NAME_REPLY: self._export_name_reply,
+            HandshakeState.FINISHED: self._finished,
+        }
+        """The dispatch table: what ``next_event`` does in each state."""
 
     @classmethod
     def go(
@@ -129,10 +139,10 @@ class ClientHandshake:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
-        if not data and self.state is not State.FINISHED:
+        if not data and self.state is not HandshakeState.FINISHED:
             where = self.state
-            self.state = State.BROKEN
-            if where is State.EXPORT_NAME_REPLY:
+            self.state = HandshakeState.BROKEN
+            if where is HandshakeState.EXPORT_NAME_REPLY:
                 raise PeerClosed(
                     f"the server closed the connection after NBD_OPT_EXPORT_NAME "
                     f"{self._export!r}: most likely it has no such export"
@@ -144,38 +154,38 @@ class ClientHandshake:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> HandshakeEvent | object:
+    def next_event(self) -> HandshakeEvent | NeedData:
         """The outcome once known, else ``NEED_DATA``; raises ``ProtocolError``."""
-        if self.state is State.BROKEN:
+        if self.state is HandshakeState.BROKEN:
             raise ProtocolError("the handshake already failed")
         try:
-            while self._result is None:
-                if not self._step():
-                    return NEED_DATA
+            while (result := self._steps[self.state]()) is None:
+                pass
         except ProtocolError:
-            self.state = State.BROKEN
+            self.state = HandshakeState.BROKEN
             raise
-        self.state = State.FINISHED
-        return self._result
+        return result
 
-    @property
     def trailing_data(self) -> bytes:
-        """Bytes the server sent after the handshake (normally none)."""
+        """What the server sent after the handshake's last reply, taken out of the buffer
+        (normally nothing; the transmission core must parse whatever it is)."""
         return self._buf.take(len(self._buf)) or b""
 
-    # --- steps ------------------------------------------------------------------------------
+    # --- steps: each returns the outcome, NEED_DATA, or None when it made progress ------
 
-    def _step(self) -> bool:
-        if self.state is State.GREETING:
-            return self._greeting()
-        if self.state is State.EXPORT_NAME_REPLY:
-            return self._export_name_reply()
-        return self._option_reply()
+    def _finished(self) -> HandshakeEvent:
+        assert self._result is not None
+        return self._result
 
-    def _greeting(self) -> bool:
+    def _made_progress(self) -> None:
+        """After a reply was handled: the handshake is over once the goal has an outcome."""
+        if self._result is not None:
+            self.state = HandshakeState.FINISHED
+
+    def _greeting(self) -> NeedData | None:
         raw = self._buf.take(GREETING.size)
         if raw is None:
-            return False
+            return NEED_DATA
         magic, second, flags = GREETING.unpack(raw)
         if magic != NBDMAGIC:
             raise ProtocolError(f"not an NBD server: greeting starts with {raw[:8]!r}")
@@ -187,7 +197,8 @@ class ClientHandshake:
         self._no_zeroes = HandshakeFlag.NO_ZEROES in offered
         self._out += CLIENT_FLAGS.pack(ClientFlag(int(offered)))
         self._start(fixed=HandshakeFlag.FIXED_NEWSTYLE in offered)
-        return True
+        self._made_progress()
+        return None
 
     def _start(self, *, fixed: bool) -> None:
         if self._export is None:
@@ -205,7 +216,7 @@ class ClientHandshake:
     def _send(self, option: Opt, data: bytes = b"") -> None:
         self._out += encode_option(option, data)
         self._option = option
-        self.state = State.OPTION_REPLY
+        self.state = HandshakeState.OPTION_REPLY
 
     def _send_go(self) -> None:
         assert self._export is not None
@@ -217,7 +228,7 @@ class ClientHandshake:
         assert self._export is not None
         self._out += encode_option(Opt.EXPORT_NAME, self._export.encode())
         self._option = Opt.EXPORT_NAME
-        self.state = State.EXPORT_NAME_REPLY
+        self.state = HandshakeState.EXPORT_NAME_REPLY
 
     def _send_set_meta_context(self) -> None:
         assert self._export is not None
@@ -228,31 +239,33 @@ class ClientHandshake:
         self._result = OptionRefused(option, reply, message)
         self._out += encode_option(Opt.ABORT)
 
-    def _export_name_reply(self) -> bool:
+    def _export_name_reply(self) -> NeedData | None:
         need = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_PADDING)
         raw = self._buf.take(need)
         if raw is None:
-            return False
+            return NEED_DATA
         size, flags = EXPORT_NAME_REPLY.unpack(raw[: EXPORT_NAME_REPLY.size])
         info = replace(self._info, size=size, flags=TxFlag(flags))
         self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
-        return True
+        self._made_progress()
+        return None
 
     # --- option replies ---------------------------------------------------------------
 
-    def _option_reply(self) -> bool:
+    def _option_reply(self) -> NeedData | None:
         if self._reply is None:
             raw = self._buf.take(OPTION_REPLY.size)
             if raw is None:
-                return False
+                return NEED_DATA
             self._reply = self._reply_header(raw)
         rtype, length = self._reply
         data = self._buf.take(length)
         if data is None:
-            return False
+            return NEED_DATA
         self._reply = None
         self._dispatch(rtype, data)
-        return True
+        self._made_progress()
+        return None
 
     def _reply_header(self, raw: bytes) -> tuple[int, int]:
         magic, option, rtype, length = OPTION_REPLY.unpack(raw)

@@ -5,8 +5,8 @@
 
 Invariants (pyfuse3 calls in from up to 99 tasks at once):
 
-- Requests are queued whole and written in order by one flusher at a time with
-  cancellation shielded, so a cancelled caller never leaves half a request on the wire.
+- Requests are queued whole on the out-queue and written in order by one sender at a
+  time with cancellation shielded, so a cancelled caller never leaves half a request on the wire.
 - Only the reader task feeds the core and only it completes calls; a caller waits on its
   call's event.  A call stays registered until its reply is done, even if its caller was
   cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
@@ -45,6 +45,7 @@ from ..nbd.events import (
     PeerClosed,
     ReadData,
     ReadHole,
+    ReplyEvent,
 )
 from ..nbd.transmission import WRITES, ClientTransmission
 from .handshake import ConnectionLost
@@ -80,9 +81,9 @@ class NBDClient:
         self._stream = stream
         self._tx = ClientTransmission(negotiated)
         self.server = server
-        self._outq: list[bytes | memoryview] = []
-        self._flushing = False
-        self._flush_waiter: trio.Event | None = None
+        self._out_queue: list[bytes | memoryview] = []
+        self._sending = False
+        self._sending_done: trio.Event | None = None
         self._disc_due = False
         self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
@@ -150,7 +151,7 @@ class NBDClient:
         while True:
             data = await self._stream.receive_some(RECEIVE_SIZE)
             self._feed(data)
-            await self._flush_queued()
+            await self._send_out_queue_if_idle()
             if not data:
                 raise ConnectionLost(f"{self.server} closed the connection")
 
@@ -170,7 +171,7 @@ class NBDClient:
                     break
                 if not n:
                     raise ConnectionLost(f"{self.server} closed the connection")
-            await self._flush_queued()
+            await self._send_out_queue_if_idle()
             await trio.lowlevel.wait_readable(fd)
 
     def _read_once(self, fd: int, view: memoryview) -> int:
@@ -199,9 +200,9 @@ class NBDClient:
         while (event := self._tx.next_event()) is not NEED_DATA:
             self._deliver(event)
 
-    def _deliver(self, event: object) -> None:
+    def _deliver(self, event: ReplyEvent) -> None:
         """Hand one event to its call; calls already failed (broken connection) are skipped."""
-        call = self._calls.get(getattr(event, "cookie", -1))
+        call = self._calls.get(event.cookie)
         if call is None:
             return
         if isinstance(event, ReadData):
@@ -233,19 +234,19 @@ class NBDClient:
             self._shutting_down = self._disc_due = True
 
     def _send_disc_now(self) -> None:
-        """Queue DISC; the reader flushes it right after the current batch of replies."""
+        """Queue DISC; the reader sends it right after the current batch of replies."""
         self._disc_due = False
-        self._outq.append(self._tx.disconnect())
+        self._out_queue.append(self._tx.disconnect())
 
-    async def _flush_queued(self) -> None:
-        if self._outq and not self._flushing:
-            await self._flush(batch=False)
+    async def _send_out_queue_if_idle(self) -> None:
+        if self._out_queue and not self._sending:
+            await self._send_out_queue(batch=False)
 
     def _fail(self, error: BlockError, cause: BaseException | None) -> None:
         if self._broken is None:
             error.__cause__ = cause
             self._broken = error
-        self._outq.clear()
+        self._out_queue.clear()
         for call in self._calls.values():
             call.error = self._broken
             call.done.set()
@@ -265,46 +266,46 @@ class NBDClient:
     ) -> Call:
         """Queue one request for the wire; its reply completes the returned call.
 
-        Requests are queued in order and written by one flusher at a time (with
+        Requests are queued in order and written by one sender at a time (with
         cancellation shielded, so no request is ever half sent).  When others are in
-        flight the flusher first lets the other ready tasks queue theirs, so a burst of
+        flight the sender first lets the other ready tasks queue theirs, so a burst of
         requests leaves in one ``writev``.
         """
         self._check_usable()
         cookie, header = self._tx.request(cmd, offset, length, flags)
         call = Call(cookie, cmd, offset, sink)
         self._calls[cookie] = call
-        self._outq.append(header)
+        self._out_queue.append(header)
         if payload is not None:
-            self._outq.append(payload)
-        if not self._flushing:
-            await self._flush(batch=len(self._calls) > 1)
+            self._out_queue.append(payload)
+        if not self._sending:
+            await self._send_out_queue(batch=len(self._calls) > 1)
         return call
 
-    async def _flush(self, *, batch: bool) -> None:
-        self._flushing = True
+    async def _send_out_queue(self, *, batch: bool) -> None:
+        self._sending = True
         try:
             if batch:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             with trio.CancelScope(shield=True):
-                while self._outq:
-                    parts, self._outq = self._outq, []
+                while self._out_queue:
+                    parts, self._out_queue = self._out_queue, []
                     if rest := self._send_now(parts):
                         await self._send(rest)
         finally:
-            self._flushing = False
-            if self._flush_waiter is not None:
-                self._flush_waiter.set()
-                self._flush_waiter = None
+            self._sending = False
+            if self._sending_done is not None:
+                self._sending_done.set()
+                self._sending_done = None
 
-    async def _send_queued(self) -> None:
-        """Send everything queued, after the flush under way (if any) has ended."""
-        while self._flushing:
-            if self._flush_waiter is None:
-                self._flush_waiter = trio.Event()
-            await self._flush_waiter.wait()
-        if self._outq:
-            await self._flush(batch=False)
+    async def _send_out_queue_after_current(self) -> None:
+        """Send everything queued, after the send under way (if any) has ended."""
+        while self._sending:
+            if self._sending_done is None:
+                self._sending_done = trio.Event()
+            await self._sending_done.wait()
+        if self._out_queue:
+            await self._send_out_queue(batch=False)
 
     def _send_now(self, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
         """Write what the socket takes without blocking; what is left to send."""
@@ -425,7 +426,7 @@ class NBDClient:
             await self._wait_idle()
             if self._broken is None or self._disc_due:
                 self._send_disc_now()
-            await self._send_queued()
+            await self._send_out_queue_after_current()
             await quietly(self._stream.aclose())
             await self._reader_done.wait()
 

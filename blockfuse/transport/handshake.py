@@ -79,7 +79,7 @@ async def _exchange(stream: trio.abc.Stream, hs: ClientHandshake) -> HandshakeEv
         event = hs.next_event()
         if event is not NEED_DATA:
             await _send_goodbye(stream, hs.data_to_send())
-            return event  # type: ignore[return-value]
+            return event
         if out := hs.data_to_send():
             await stream.send_all(out)
         hs.receive_data(await stream.receive_some(RECEIVE_SIZE))
