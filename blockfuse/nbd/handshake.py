@@ -25,8 +25,12 @@ A server without FIXED_NEWSTYLE only understands EXPORT_NAME.  ``list`` sends LI
 INFO for each export (when details are wanted), then ABORT.
 
 Every length the server sends is checked against the protocol's limit before anything is
-waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes; any
-violation raises ``ProtocolError`` naming what arrived, and the machine stays broken.
+waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes, and
+every count of replies has a bound of ours: one META_CONTEXT reply per context asked for
+(it names one of them, once), ``MAX_INFO_REPLIES`` INFO replies per INFO or GO, and for a
+list ``MAX_EXPORTS`` exports and ``MAX_LIST_BYTES`` bytes of SERVER and INFO replies
+together.  Any violation raises ``ProtocolError`` naming what arrived, and the machine
+stays broken.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import ProtocolError
+from ..units import printable
 from .buffer import ReceiveBuffer
 from .constants import (
     BASE_ALLOCATION,
@@ -47,6 +52,7 @@ from .constants import (
     GREETING,
     IHAVEOPT,
     MAX_EXPORTS,
+    MAX_INFO_REPLIES,
     MAX_LIST_BYTES,
     MAX_OPTION_REPLY,
     NBDMAGIC,
@@ -86,6 +92,8 @@ class HandshakeState(enum.Enum):
 
 
 WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
+WANTED_CONTEXTS = (BASE_ALLOCATION,)
+"""What SET_META_CONTEXT asks for; a server may select each of them at most once."""
 
 
 class ClientHandshake:
@@ -114,6 +122,7 @@ class ClientHandshake:
         self._info = ExportInfo(export or "")
         self._exports: list[ExportInfo] = []
         self._list_bytes = 0
+        self._info_replies = 0
         self._info_index = 0
         self._result: HandshakeEvent | None = None
         self._steps: dict[HandshakeState, Callable[[], HandshakeEvent | NeedData | None]] = {
@@ -232,7 +241,8 @@ class ClientHandshake:
 
     def _send_set_meta_context(self) -> None:
         assert self._export is not None
-        query = encode_name(self._export) + U32.pack(1) + encode_name(BASE_ALLOCATION)
+        queries = b"".join(encode_name(name) for name in WANTED_CONTEXTS)
+        query = encode_name(self._export) + U32.pack(len(WANTED_CONTEXTS)) + queries
         self._send(Opt.SET_META_CONTEXT, query)
 
     def _refuse(self, option: Opt, reply: int, message: str) -> None:
@@ -327,13 +337,31 @@ class ClientHandshake:
         if len(data) < 4:
             raise ProtocolError(f"META_CONTEXT reply of {len(data)} bytes")
         (context_id,) = U32.unpack(data[:4])
-        self._contexts[decode_string(data[4:], "context name")] = context_id
+        name = decode_string(data[4:], "context name")
+        if name not in WANTED_CONTEXTS or name in self._contexts:
+            raise ProtocolError(
+                f"META_CONTEXT reply for {printable(name[:64])!r}, which was not asked for "
+                f"(or came again)"
+            )
+        self._contexts[name] = context_id
 
     def _on_info(self, data: bytes) -> None:
         if len(data) < 2:
             raise ProtocolError(f"INFO reply of {len(data)} bytes")
+        self._info_replies += 1
+        if self._info_replies > MAX_INFO_REPLIES:
+            raise ProtocolError(f"more than {MAX_INFO_REPLIES} INFO replies to {self._option!r}")
+        if self._export is None:
+            self._count_list_bytes(len(data))
         (itype,) = U16.unpack(data[:2])
         self._info = apply_info(self._info, itype, data)
+
+    def _count_list_bytes(self, n: int) -> None:
+        self._list_bytes += n
+        if self._list_bytes > MAX_LIST_BYTES:
+            raise ProtocolError(
+                f"LIST and its INFO replies brought more than {MAX_LIST_BYTES} bytes"
+            )
 
     def _on_go_ack(self, data: bytes) -> None:
         if self._info.size is None:
@@ -346,9 +374,9 @@ class ClientHandshake:
         (n,) = U32.unpack(data[:4])
         if n > len(data) - 4:
             raise ProtocolError(f"SERVER reply names {n} bytes but carries {len(data) - 4}")
-        self._list_bytes += len(data)
-        if len(self._exports) >= MAX_EXPORTS or self._list_bytes > MAX_LIST_BYTES:
-            raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports or 16 MiB")
+        if len(self._exports) >= MAX_EXPORTS:
+            raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports")
+        self._count_list_bytes(len(data))
         name = decode_string(data[4 : 4 + n], "export name")
         desc = decode_string(data[4 + n :], "export description")
         self._exports.append(ExportInfo(name, description=desc))
@@ -366,6 +394,7 @@ class ClientHandshake:
             self._out += encode_option(Opt.ABORT)
             return
         self._info = self._exports[self._info_index]
+        self._info_replies = 0
         self._send(Opt.INFO, encode_info_request(self._info.name, WANTED_INFO))
 
     def _on_info_ack(self, data: bytes) -> None:

@@ -1,0 +1,160 @@
+"""The NBD client against a hostile server: every limit is ours, every wait has a deadline.
+
+The peer is ``tests/hostile_nbd.py``, in-process over memory streams.  Tests that wait
+on the client's own deadlines run on trio's autojump clock, so a 30-second timeout
+passes in no real time and is measured exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from blockfuse.errors import ProtocolError
+from blockfuse.nbd import constants as c
+from blockfuse.nbd.coverage import Coverage
+from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated
+from blockfuse.nbd.handshake import ClientHandshake
+from blockfuse.nbd.transmission import ClientTransmission
+from blockfuse.transport.client import NBDClient
+from blockfuse.transport.connect import wrap_nbd_stream
+
+from .hostile_nbd import Hostile, Script, one_byte_chunks, reply
+from .nbdpair import FULL_FLAGS
+
+pytestmark = pytest.mark.usefixtures("autojump_clock")
+
+
+async def connect(nursery: trio.Nursery, hostile: Hostile, **kw: object) -> NBDClient:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(hostile.handle, server_end)
+    with trio.fail_after(60):
+        return await wrap_nbd_stream(nursery, client_end, "disk", server="hostile", **kw)  # type: ignore[arg-type]
+
+
+def greeting() -> bytes:
+    return c.GREETING.pack(c.NBDMAGIC, c.IHAVEOPT, 3)
+
+
+def go_until_meta_context(hs: ClientHandshake) -> None:
+    """Bring ``hs`` (``go``) to the point where SET_META_CONTEXT was sent."""
+    hs.receive_data(greeting() + reply(c.Opt.STRUCTURED_REPLY, c.Rep.ACK))
+    assert hs.next_event() is NEED_DATA
+
+
+# --- defect 9: bounded memory and CPU ---------------------------------------------------
+
+
+async def test_a_meta_context_flood_is_refused(nursery: trio.Nursery) -> None:
+    """400,000 META_CONTEXT replies once took a mount to 1.6 GiB; one reply per context
+    asked for is all the spec allows, so the second one ends the handshake."""
+    hostile = Hostile(Script(meta_contexts=2000, meta_name_len=4000))
+    with pytest.raises(ProtocolError, match="META_CONTEXT reply for 'x-hostile:1"):
+        await connect(nursery, hostile)
+
+
+def test_a_meta_context_flood_is_refused_at_the_first_extra_reply() -> None:
+    hs = ClientHandshake.go("disk")
+    go_until_meta_context(hs)
+    meta = c.Opt.SET_META_CONTEXT
+    hs.receive_data(reply(meta, c.Rep.META_CONTEXT, c.U32.pack(1) + c.BASE_ALLOCATION.encode()))
+    assert hs.next_event() is NEED_DATA
+    hs.receive_data(reply(meta, c.Rep.META_CONTEXT, c.U32.pack(2) + c.BASE_ALLOCATION.encode()))
+    with pytest.raises(ProtocolError, match="again"):
+        hs.next_event()
+
+
+def negotiate_block_size(sizes: tuple[int, int, int]) -> object:
+    hs = ClientHandshake.go("disk", structured=False)
+    info = c.INFO_EXPORT.pack(c.InfoType.EXPORT, 1 << 20, FULL_FLAGS)
+    hs.receive_data(
+        greeting()
+        + reply(c.Opt.GO, c.Rep.INFO, info)
+        + reply(c.Opt.GO, c.Rep.INFO, c.INFO_BLOCK_SIZE.pack(c.InfoType.BLOCK_SIZE, *sizes))
+        + reply(c.Opt.GO, c.Rep.ACK)
+    )
+    return hs.next_event()
+
+
+@pytest.mark.parametrize(
+    "sizes", [(1, 1, 1), (1, 256, 1 << 20), (4096, 1024, 1 << 20), (512, 4096, 2048)]
+)
+def test_block_sizes_the_spec_forbids_are_refused(sizes: tuple[int, int, int]) -> None:
+    """1/1/1 turned a 512 KiB read into 524,288 requests; preferred must be a power of two
+    of at least max(minimum, 512), and the maximum at least the preferred size."""
+    with pytest.raises(ProtocolError, match="block sizes"):
+        negotiate_block_size(sizes)
+
+
+@pytest.mark.parametrize("sizes", [(1, 512, 512), (1, 4096, 1 << 25), (512, 4096, 0xFFFFFFFF)])
+def test_block_sizes_the_spec_allows_are_taken(sizes: tuple[int, int, int]) -> None:
+    outcome = negotiate_block_size(sizes)
+    assert isinstance(outcome, Negotiated)
+    assert (outcome.export.min_block, outcome.export.max_payload) == (sizes[0], sizes[2])
+
+
+def test_a_read_scattered_into_one_byte_chunks_is_refused_in_linear_time() -> None:
+    """Out-of-order 1-byte chunks made the received-bytes tracking quadratic (21 CPU-s
+    for 512 KiB): the pieces a reply may leave apart are bounded, each step is cheap."""
+    export = ExportInfo("disk", 1 << 20, FULL_FLAGS)
+    tx = ClientTransmission(Negotiated(export, True, {c.BASE_ALLOCATION: 1}))
+    cookie, _ = tx.request(c.Cmd.READ, 0, 512 << 10)
+    tx.receive_data(one_byte_chunks(cookie, 0, bytes(512 << 10)))
+    started = time.process_time()
+    with pytest.raises(ProtocolError, match="pieces"):
+        while tx.next_event() is not NEED_DATA:
+            pass
+    assert time.process_time() - started < 2  # about 0.01 s; the quadratic tracking: 21 s
+
+
+def test_coverage_keeps_in_order_and_reverse_chunks_as_one_piece() -> None:
+    forward, backward = Coverage(), Coverage()
+    for i in range(100_000):
+        forward.add(i, i + 1)
+        backward.add(99_999 - i, 100_000 - i)
+    assert forward.total == backward.total == 100_000
+    with pytest.raises(ProtocolError, match="overlaps"):
+        forward.add(5, 6)
+
+
+async def test_one_byte_chunks_through_the_client_fail_only_that_connection(
+    nursery: trio.Nursery,
+) -> None:
+    hostile = Hostile(Script(one_byte_chunks=True))
+    client = await connect(nursery, hostile)
+    started = time.process_time()
+    with trio.fail_after(60), pytest.raises(ProtocolError, match="pieces"):
+        await client.pread(memoryview(bytearray(512 << 10)), 0)
+    assert time.process_time() - started < 2
+    await client.aclose()
+
+
+def test_the_list_cap_counts_info_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIST's byte cap once ignored the INFO replies after it (``ls`` peaked at 569 MiB):
+    names and descriptions from INFO count against the same cap."""
+    monkeypatch.setattr("blockfuse.nbd.handshake.MAX_LIST_BYTES", 64 << 10)
+    names = [f"e{i}" for i in range(32)]
+    data = greeting() + b"".join(
+        reply(c.Opt.LIST, c.Rep.SERVER, c.U32.pack(len(n)) + n.encode()) for n in names
+    )
+    data += reply(c.Opt.LIST, c.Rep.ACK)
+    description = c.U16.pack(c.InfoType.DESCRIPTION) + b"d" * c.MAX_STRING
+    export = c.INFO_EXPORT.pack(c.InfoType.EXPORT, 1 << 20, FULL_FLAGS)
+    for _ in names:
+        data += reply(c.Opt.INFO, c.Rep.INFO, export) + reply(c.Opt.INFO, c.Rep.INFO, description)
+        data += reply(c.Opt.INFO, c.Rep.ACK)
+    hs = ClientHandshake.list()
+    with pytest.raises(ProtocolError, match="LIST"):
+        for i in range(0, len(data), 1 << 16):  # as it arrives; the core answers each INFO
+            hs.receive_data(data[i : i + (1 << 16)])
+            outcome = hs.next_event()
+            assert not isinstance(outcome, ExportList), "the whole list was taken"
+
+
+async def test_an_info_flood_is_refused(nursery: trio.Nursery) -> None:
+    """A server may add INFO items nobody asked for, but not without end."""
+    with pytest.raises(ProtocolError, match="INFO replies"):
+        await connect(nursery, Hostile(Script(info_flood=1000)))
