@@ -100,6 +100,8 @@ class Hostile:
         self.connections = 0
         self.requests = 0
         self.disconnects = 0
+        self.disconnected = trio.Event()
+        """Set at the first NBD_CMD_DISC."""
         self.stalled = trio.Event()
         """Set when a stall begins (the test then knows the client is waiting)."""
         self.release = trio.Event()
@@ -240,6 +242,7 @@ class _Connection:
             payload = await self.receive(length) if cmd == c.Cmd.WRITE else b""
             if cmd == c.Cmd.DISC:
                 self.server.disconnects += 1
+                self.server.disconnected.set()
                 return
             self.requests += 1
             self.server.requests += 1

@@ -22,6 +22,7 @@ from blockfuse.nbd.events import (
     Done,
     ExportInfo,
     ExportList,
+    ExportRefused,
     Negotiated,
     OptionRefused,
     ReadData,
@@ -345,6 +346,7 @@ def test_memory_stays_bounded_by_what_was_asked() -> None:
 # --- fuzz -----------------------------------------------------------------------------
 
 
+HANDSHAKE_OUTCOMES = (Negotiated, ExportList, OptionRefused, ExportRefused)
 FUZZ_STEPS = 10_000
 """More events than any fuzz input can yield: a core still going after them is looping."""
 
@@ -354,7 +356,7 @@ def run_to_end(core: object, data: bytes) -> None:
     core.receive_data(data)  # type: ignore[attr-defined]
     for _ in range(FUZZ_STEPS):
         event = core.next_event()  # type: ignore[attr-defined]
-        if event is NEED_DATA or isinstance(event, (Negotiated, ExportList, OptionRefused)):
+        if event is NEED_DATA or isinstance(event, HANDSHAKE_OUTCOMES):
             return
         assert isinstance(event, (ReadData, ReadHole, BlockStatus, Done)), event
     raise AssertionError(f"still yielding events after {FUZZ_STEPS} of them")

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from blockfuse.errors import ProtocolError
+from blockfuse.errors import BlockError, ProtocolError
 from blockfuse.nbd import constants as c
 from blockfuse.nbd.coverage import Coverage
 from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated
@@ -158,3 +158,26 @@ async def test_an_info_flood_is_refused(nursery: trio.Nursery) -> None:
     """A server may add INFO items nobody asked for, but not without end."""
     with pytest.raises(ProtocolError, match="INFO replies"):
         await connect(nursery, Hostile(Script(info_flood=1000)))
+
+
+# --- defect 10: exports too big for a file ---------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1 << 63, (1 << 64) - 1])
+@pytest.mark.parametrize("export_name", [False, True], ids=["go", "export_name"])
+async def test_an_export_of_2_63_bytes_or_more_is_refused_at_the_handshake(
+    nursery: trio.Nursery, size: int, export_name: bool
+) -> None:
+    """Such an export once mounted, then every stat failed with OverflowError (and a
+    healthy second device vanished from the listing); file sizes are signed 64-bit."""
+    hostile = Hostile(Script(size=size))
+    with pytest.raises(BlockError, match=f"is {size} bytes; blockfuse can use exports of up to"):
+        await connect(nursery, hostile, export_name=export_name)
+    with trio.fail_after(60):
+        await hostile.disconnected.wait()  # a soft disconnect: NBD_CMD_DISC, not a drop
+
+
+async def test_the_largest_usable_export_is_taken(nursery: trio.Nursery) -> None:
+    client = await connect(nursery, Hostile(Script(size=(1 << 63) - 512)))
+    assert client.export.size == (1 << 63) - 512
+    await client.aclose()

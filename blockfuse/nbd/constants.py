@@ -168,6 +168,9 @@ MAX_INFO_REPLIES = 64
 a server may add unknown ones, which are ignored, but not without end)."""
 MIN_PREFERRED_BLOCK = 512
 """A preferred block size below this (or below the minimum) breaks the spec."""
+MAX_EXPORT_SIZE = (1 << 63) - 1
+"""The largest export blockfuse opens: file sizes and offsets are signed 64-bit (st_size,
+off_t, FUSE), though the protocol's size field is unsigned."""
 DEFAULT_MAX_PAYLOAD = 1 << 25
 """32 MiB: what every server must take when it advertises no maximum."""
 MAX_MIN_BLOCK = 1 << 16

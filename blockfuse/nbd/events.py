@@ -85,7 +85,16 @@ class OptionRefused:
             return f"error {self.reply:#x}"
 
 
-HandshakeEvent = Negotiated | ExportList | OptionRefused
+@dataclass(frozen=True)
+class ExportRefused:
+    """We refuse the export the server opened (``reason`` says why); transmission had
+    begun, so the handshake's last bytes to send are ``NBD_CMD_DISC``."""
+
+    export: ExportInfo
+    reason: str
+
+
+HandshakeEvent = Negotiated | ExportList | OptionRefused | ExportRefused
 
 # --- transmission (client side) -------------------------------------------------------
 

@@ -21,6 +21,9 @@ The conversation for ``go`` (fixed newstyle; one option in flight at a time)::
                                             ERR_UNSUP -> C: EXPORT_NAME, S: size flags [zeroes]
                                             other error -> OptionRefused, C: ABORT
 
+An export we cannot use (larger than ``MAX_EXPORT_SIZE``) ends a ``go`` as
+``ExportRefused``, with NBD_CMD_DISC to send: the server is in transmission by then.
+
 A server without FIXED_NEWSTYLE only understands EXPORT_NAME.  ``list`` sends LIST, then
 INFO for each export (when details are wanted), then ABORT.
 
@@ -51,6 +54,7 @@ from .constants import (
     EXPORT_NAME_REPLY,
     GREETING,
     IHAVEOPT,
+    MAX_EXPORT_SIZE,
     MAX_EXPORTS,
     MAX_INFO_REPLIES,
     MAX_LIST_BYTES,
@@ -59,9 +63,12 @@ from .constants import (
     OPTION_REPLY,
     OPTION_REPLY_MAGIC,
     REP_ERROR_BIT,
+    REQUEST,
+    REQUEST_MAGIC,
     U16,
     U32,
     ClientFlag,
+    Cmd,
     HandshakeFlag,
     InfoType,
     Opt,
@@ -72,6 +79,7 @@ from .events import (
     NEED_DATA,
     ExportInfo,
     ExportList,
+    ExportRefused,
     HandshakeEvent,
     NeedData,
     Negotiated,
@@ -255,8 +263,7 @@ class ClientHandshake:
         if raw is None:
             return NEED_DATA
         size, flags = EXPORT_NAME_REPLY.unpack(raw[: EXPORT_NAME_REPLY.size])
-        info = replace(self._info, size=size, flags=TxFlag(flags))
-        self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
+        self._opened(replace(self._info, size=size, flags=TxFlag(flags)))
         self._made_progress()
         return None
 
@@ -366,7 +373,20 @@ class ClientHandshake:
     def _on_go_ack(self, data: bytes) -> None:
         if self._info.size is None:
             raise ProtocolError("GO succeeded without NBD_INFO_EXPORT")
-        self._result = Negotiated(self._info, structured=self._structured, contexts=self._contexts)
+        self._opened(self._info)
+
+    def _opened(self, info: ExportInfo) -> None:
+        """Transmission has begun on ``info``: negotiated, or refused with a DISC."""
+        assert info.size is not None
+        if info.size > MAX_EXPORT_SIZE:
+            reason = (
+                f"export {info.name!r} is {info.size} bytes; blockfuse can use exports of up "
+                f"to {MAX_EXPORT_SIZE} bytes (2^63 - 1: file sizes are signed 64-bit)"
+            )
+            self._result = ExportRefused(info, reason)
+            self._out += REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+            return
+        self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
 
     def _on_server(self, data: bytes) -> None:
         if len(data) < 4:

@@ -16,11 +16,17 @@ from dataclasses import replace
 import trio
 
 from ..errors import BlockError
-from ..nbd.events import ExportInfo, ExportList, Negotiated, OptionRefused
+from ..nbd.events import ExportInfo, ExportList, ExportRefused, Negotiated, OptionRefused
 from ..nbd.handshake import ClientHandshake
 from ..nbd.uri import Address
 from .client import NBDClient, quietly
-from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
+from .handshake import (
+    ConnectionLost,
+    ExportUnusable,
+    HandshakeRefused,
+    refusal_message,
+    run_handshake,
+)
 
 CONNECT_TIMEOUT = 10
 
@@ -66,6 +72,8 @@ async def wrap_nbd_stream(
     outcome = await run_handshake(stream, hs, server)
     if isinstance(outcome, OptionRefused):
         raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
+    if isinstance(outcome, ExportRefused):
+        raise ExportUnusable(f"{server}: {outcome.reason}")
     assert isinstance(outcome, Negotiated)
     client = NBDClient(stream, outcome, server)
     nursery.start_soon(client.run_reader)

@@ -31,6 +31,12 @@ class HandshakeRefused(BlockError):
         self.errno = REFUSAL_ERRNO.get(refusal.reply, errno.EIO)
 
 
+class ExportUnusable(BlockError):
+    """The server offered an export blockfuse cannot use (too big for a file)."""
+
+    errno = errno.EFBIG
+
+
 REFUSAL_ERRNO: dict[int, int] = {
     Rep.ERR_UNKNOWN: errno.ENOENT,
     Rep.ERR_POLICY: errno.EACCES,
