@@ -40,7 +40,7 @@ from .nbd.uri import BadURI, parse_uri
 from .spec import Recipe, SpecError, compile_spec, parse_size, split_named
 from .swap import DEFAULT_UNIT
 from .transport.connect import list_exports
-from .units import format_size
+from .units import format_size, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -429,8 +429,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     for export in exports:
         size = format_size(export.size) if export.size is not None else "?"
-        name = export.name or '""'
-        print(f"{name}\t{size}\t{export.description or ''}")
+        name = printable(export.name) or '""'
+        print(f"{name}\t{size}\t{printable(export.description)}")
     return EXIT_OK
 
 

@@ -21,8 +21,12 @@ from __future__ import annotations
 import enum
 import json
 import os
+import select
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import trio
 
@@ -311,13 +315,18 @@ def one_byte_chunks(cookie: int, offset: int, data: bytes) -> bytes:
 # --- as a process ---------------------------------------------------------------------
 
 
+READY = "hostile NBD server ready"
+
+
 async def serve_unix(path: str, script: Script, max_connections: int | None) -> None:
     """Serve on a Unix socket; after ``max_connections`` the socket is closed and removed
-    (later connections are refused, as a one-session ``nbd-server -d`` refuses them)."""
+    (later connections are refused, as a one-session ``nbd-server -d`` refuses them).
+    Prints ``READY`` once it listens."""
     hostile = Hostile(script)
     listener = trio.socket.socket(trio.socket.AF_UNIX)
     await listener.bind(path)
     listener.listen(16)
+    print(READY, flush=True)
     served = 0
     async with trio.open_nursery() as nursery:
         while max_connections is None or served < max_connections:
@@ -326,6 +335,43 @@ async def serve_unix(path: str, script: Script, max_connections: int | None) -> 
             nursery.start_soon(hostile.handle, trio.SocketStream(sock))
         listener.close()
         os.unlink(path)
+
+
+class HostileProcess:
+    """``python -m tests.hostile_nbd`` on ``directory/hostile.sock``, for tests whose client
+    runs in another process (a mount, ``blockfuse ls``); ``stop()`` ends it by PID."""
+
+    def __init__(
+        self, directory: Path, script: dict[str, object], max_connections: int | None = None
+    ) -> None:
+        self.path = str(directory / "hostile.sock")
+        argv = [sys.executable, "-m", "tests.hostile_nbd", self.path, json.dumps(script)]
+        if max_connections is not None:
+            argv.append(str(max_connections))
+        self.log = directory / "hostile.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log, start_new_session=True
+            )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if READY not in line:
+            self.stop()
+            raise AssertionError(f"the hostile server did not start: {self.log.read_text()}")
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd+unix:///{export}?socket={self.path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str]) -> None:

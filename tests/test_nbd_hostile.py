@@ -7,22 +7,29 @@ passes in no real time and is measured exactly.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from blockfuse.devices.remote import RemoteDevice
 from blockfuse.errors import BlockError, ProtocolError
 from blockfuse.nbd import constants as c
 from blockfuse.nbd.coverage import Coverage
-from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated
+from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated, OptionRefused
 from blockfuse.nbd.handshake import ClientHandshake
 from blockfuse.nbd.transmission import ClientTransmission
+from blockfuse.nbd.uri import Address
 from blockfuse.transport.client import NBDClient
 from blockfuse.transport.connect import wrap_nbd_stream
+from blockfuse.transport.handshake import refusal_message
+from blockfuse.transport.reconnect import Reconnecting
 
-from .hostile_nbd import Hostile, Script, one_byte_chunks, reply
+from .hostile_nbd import Hostile, HostileProcess, Script, one_byte_chunks, reply
 from .nbdpair import FULL_FLAGS
 
 pytestmark = pytest.mark.usefixtures("autojump_clock")
@@ -181,3 +188,80 @@ async def test_the_largest_usable_export_is_taken(nursery: trio.Nursery) -> None
     client = await connect(nursery, Hostile(Script(size=(1 << 63) - 512)))
     assert client.export.size == (1 << 63) - 512
     await client.aclose()
+
+
+# --- defect 11: what a user sees ----------------------------------------------------------
+
+
+def blockfuse_ls(uri: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blockfuse.cli", "ls", uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_ls_when_the_size_lookup_is_refused_prints_one_line(short_tmp: Path) -> None:
+    """An export of size 0 gets a second connection to learn its size; a server that
+    takes one session only (nbd-server -d) refuses it, which ended in a 57-line
+    ExceptionGroup traceback."""
+    server = HostileProcess(short_tmp, {"size": 0}, max_connections=1)
+    try:
+        out = blockfuse_ls(server.uri())
+    finally:
+        server.stop()
+    assert (out.returncode, out.stdout, out.stderr) == (0, "disk\t?\t\n", "")
+
+
+def test_ls_escapes_control_characters_in_names_and_descriptions(short_tmp: Path) -> None:
+    name, desc = "a\nb\tc\x1b[31m\x00d", "line\r\nbell\x07"
+    server = HostileProcess(short_tmp, {"exports": [[name, desc]]})
+    try:
+        out = blockfuse_ls(server.uri())
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "a\\nb\\tc\\x1b[31m\\x00d\t1 MiB\tline\\r\\nbell\\x07\n"
+
+
+async def test_bytes_after_the_last_handshake_reply_are_parsed(nursery: trio.Nursery) -> None:
+    """Garbage sent together with GO's ACK was dropped (``trailing_data`` was never used);
+    it is the start of transmission, so it breaks the protocol and the connection."""
+    hostile = Hostile(Script(trailing=b"\xde\xad\xbe\xef" * 8))
+    client = await connect(nursery, hostile)
+    with trio.fail_after(60), pytest.raises(ProtocolError, match="unknown magic 0xdeadbeef"):
+        await client.pread(memoryview(bytearray(512)), 0)
+    await client.aclose()
+
+
+def test_server_text_in_a_refusal_is_escaped() -> None:
+    refusal = OptionRefused(c.Opt.GO, c.Rep.ERR_UNKNOWN, "no\x1b[2J such\nexport")
+    message = refusal_message(refusal, "unix:/s", "disk")
+    assert message == "unix:/s has no export named 'disk' (no\\x1b[2J such\\nexport)"
+
+
+async def remote_on(nursery: trio.Nursery, hostile: Hostile, **kw: float) -> RemoteDevice:
+    async def reconnect(n: trio.Nursery) -> NBDClient:
+        return await connect(n, hostile)
+
+    link = Reconnecting(nursery, reconnect, await reconnect(nursery), **kw)  # type: ignore[arg-type]
+    return RemoteDevice(link, Address("disk", socket="/hostile"))
+
+
+async def test_the_connection_status_keeps_the_last_failure_and_the_reconnects(
+    nursery: trio.Nursery,
+) -> None:
+    """It said a generic 'closed the connection' and went back to plain 'connected'."""
+    hostile = Hostile(Script(close_every=2))
+    dev = await remote_on(nursery, hostile)
+    with trio.fail_after(60):
+        for _ in range(3):  # the 1st is answered, the 2nd and 3rd dropped once each
+            await dev.read(8, [bytearray(4096)])
+    state = dev.status()["connection"]
+    assert state == (
+        "connected; reconnected 2 times, last: read of 4096 bytes at 4096: hostile: the "
+        "server closed the connection with 1 request(s) in flight (while reading a reply header)"
+    )
+    assert len(state) <= 300
+    await dev.aclose()

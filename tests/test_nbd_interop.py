@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -446,3 +447,40 @@ async def test_nbd_server_listing_allowed(nbd_server: Callable[[bool], DaemonPee
         found = await list_exports(parse_uri(peer.uri()))
     # nbd-server's NBD_INFO_EXPORT says 0 bytes; the size comes from an EXPORT_NAME probe
     assert [(e.name, e.size) for e in found] == [("disk1", 4 << 20)]
+
+
+def test_ls_on_a_one_session_nbd_server(short_tmp: Path) -> None:
+    """``nbd-server -d`` serves one session: ``ls`` learns the first export's size with a
+    second connection, which ends the server, so the third connection (for the second
+    export's size) is refused.  That printed a 50-line ExceptionGroup traceback; now the
+    size it could not learn is shown as ``?``."""
+    require_tool("nbd-server", "nbd-server")
+    sock = short_tmp / "nbd.sock"
+    conf = short_tmp / "nbd-server.conf"
+    sections = [f"[generic]\n    unixsock = {sock}\n    allowlist = true\n"]
+    for name in ("a", "b"):
+        sparse_image(short_tmp / name, 2 << 20)
+        sections.append(f"[{name}]\n    exportname = {short_tmp / name}\n")
+    conf.write_text("".join(sections))
+    log = open(short_tmp / "nbd-server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["nbd-server", "-C", str(conf), "-d"], stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "nbd-server did not start"
+            time.sleep(0.02)
+        out = subprocess.run(
+            [sys.executable, "-m", "blockfuse.cli", "ls", f"nbd+unix:///?socket={sock}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == "a\t2 MiB\t\nb\t?\t\n"

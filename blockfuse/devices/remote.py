@@ -49,13 +49,17 @@ class RemoteDevice(BlockDevice):
         if any(v.readonly for v in views):
             raise Unsafe("read() needs writable buffers")
         if views:
-            await self._link.run(lambda c: c.preadv(views, sector * self._sector_size))
+            offset = sector * self._sector_size
+            what = f"read of {sum(map(len, views))} bytes at {offset}"
+            await self._link.run(lambda c: c.preadv(views, offset), what)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         if views:
-            await self._link.run(lambda c: c.pwritev(views, sector * self._sector_size))
+            offset = sector * self._sector_size
+            what = f"write of {sum(map(len, views))} bytes at {offset}"
+            await self._link.run(lambda c: c.pwritev(views, offset), what)
 
     async def flush(self) -> None:
         self._check_open()
@@ -67,21 +71,24 @@ class RemoteDevice(BlockDevice):
             await super().discard(sector, count)
         self._check_writable()
         ss = self._sector_size
-        await self._link.run(lambda c: c.trim(sector * ss, count * ss))
+        what = f"trim of {count * ss} bytes at {sector * ss}"
+        await self._link.run(lambda c: c.trim(sector * ss, count * ss), what)
 
     async def write_zeroes(self, sector: int, count: int) -> None:
         if Capability.WRITE_ZEROES not in self.capabilities:
             await super().write_zeroes(sector, count)
         self._check_writable()
         ss = self._sector_size
-        await self._link.run(lambda c: c.zero(sector * ss, count * ss))
+        what = f"write-zeroes of {count * ss} bytes at {sector * ss}"
+        await self._link.run(lambda c: c.zero(sector * ss, count * ss), what)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         if Capability.EXTENTS not in self.capabilities:
             return await super().extents(sector, count)
         self._check_open()
         ss = self._sector_size
-        found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss))
+        what = f"block status of {count * ss} bytes at {sector * ss}"
+        found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss), what)
         return to_extents(found, sector, count, ss)
 
     async def aclose(self) -> None:

@@ -48,6 +48,7 @@ from ..nbd.events import (
     ReplyEvent,
 )
 from ..nbd.transmission import WRITES, ClientTransmission
+from ..units import printable
 from .handshake import ConnectionLost
 
 RECEIVE_SIZE = 1 << 17
@@ -355,7 +356,7 @@ class NBDClient:
         done = call.result
         if done is None or not done.error:
             return None
-        text = done.message or os.strerror(done.error)
+        text = printable(done.message) or os.strerror(done.error)
         if done.error == errno.ESHUTDOWN:
             return ConnectionLost(f"{self.server} is shutting down: {text}")
         return RequestFailed(done.error, f"{self.server}: {text}")

@@ -76,7 +76,7 @@ async def wrap_nbd_stream(
         raise ExportUnusable(f"{server}: {outcome.reason}")
     assert isinstance(outcome, Negotiated)
     client = NBDClient(stream, outcome, server)
-    nursery.start_soon(client.run_reader)
+    nursery.start_soon(client.run_reader, hs.trailing_data())
     return client
 
 
@@ -129,15 +129,19 @@ async def list_exports(address: Address, *, details: bool = True) -> list[Export
 
 
 async def _with_true_size(address: Address, export: ExportInfo) -> ExportInfo:
-    """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth."""
+    """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth.
+
+    A server that refuses that second connection (``nbd-server -d`` serves one session)
+    leaves the size unknown (``None``).  The failure is caught inside the nursery, so it
+    leaves as itself, never wrapped in an exception group."""
     if export.size != 0:
         return export
-    try:
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        try:
             client = await _connect(nursery, replace(address, export=export.name), export_name=True)
-            await client.aclose()
-    except BlockError:
-        return export
+        except BlockError:
+            return replace(export, size=None)
+        await client.aclose()
     return replace(export, size=client.export.size)
 
 

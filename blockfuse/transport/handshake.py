@@ -11,6 +11,7 @@ from ..errors import BlockError, ProtocolError
 from ..nbd.constants import Opt, Rep
 from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused, PeerClosed
 from ..nbd.handshake import ClientHandshake
+from ..units import printable
 
 RECEIVE_SIZE = 1 << 16
 HANDSHAKE_TIMEOUT = 30
@@ -47,11 +48,13 @@ REFUSAL_ERRNO: dict[int, int] = {
 
 
 def refusal_message(refusal: OptionRefused, server: str, export: str | None) -> str:
-    said = f" ({refusal.message})" if refusal.message else ""
+    """One line for a user; the server's own text in it is escaped (``printable``)."""
+    text = printable(refusal.message)
+    said = f" ({text})" if text else ""
     code = f"NBD_REP_{refusal.reply_name}"
     if refusal.option is Opt.LIST:
         if refusal.reply == Rep.ERR_POLICY:
-            detail = f": {refusal.message}" if refusal.message else ""
+            detail = f": {text}" if text else ""
             return f"{server} refuses to list its exports ({code}{detail})"
         if refusal.reply in (Rep.ERR_UNSUP, Rep.ERR_PLATFORM):
             return f"{server} does not support listing exports ({code}){said}"

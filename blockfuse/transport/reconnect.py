@@ -33,6 +33,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import BlockError, Disconnected, RequestFailed, Unreachable
+from ..units import printable
 from .client import NBDClient
 from .handshake import ConnectionLost
 
@@ -65,8 +66,9 @@ class Reconnecting:
         self._lost_writes = ""
         """Why the next flush must fail: writes acknowledged on a lost connection."""
 
-    async def run(self, op: Callable[[NBDClient], Awaitable[T]]) -> T:
-        """``op`` on a working connection, retried over reconnects; see the module text."""
+    async def run(self, op: Callable[[NBDClient], Awaitable[T]], what: str = "a request") -> T:
+        """``op`` (``what``, for the status) on a working connection, retried over
+        reconnects; see the module text."""
         failure: BlockError | None = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -75,7 +77,7 @@ class Reconnecting:
                 return await op(await self._usable())
             except ConnectionLost as exc:
                 failure = exc
-                self.last_failure = str(exc)
+                self.last_failure = f"{what}: {exc}"
         raise Unreachable(
             f"{self.server}: still unreachable after {self.retries} retries: {failure}"
         ) from failure
@@ -105,22 +107,44 @@ class Reconnecting:
 
     async def flush(self) -> None:
         """FLUSH on a working connection; EIO (once) if writes may have been lost."""
-        await self.run(lambda c: c.flush())
+        await self.run(lambda c: c.flush(), "flush")
         if self._lost_writes:
             message, self._lost_writes = self._lost_writes, ""
             raise RequestFailed(errno.EIO, message)
 
     def state(self) -> str:
+        """One line: ``connected``, ``disconnected[: why]``, ``closed``; then how many
+        reconnects and the last failure (what failed, and why), clipped and escaped."""
         if self._closed:
             return "closed"
-        if self.client.broken is None:
-            return "connected"
-        return f"disconnected: {self.client.broken}"
+        broken = self.client.broken
+        head = "connected" if broken is None else "disconnected"
+        if broken is not None and not self.last_failure:
+            head += f": {clipped(str(broken))}"
+        notes = []
+        if self.reconnects:
+            notes.append(f"reconnected {plural(self.reconnects, 'time')}")
+        if self.last_failure:
+            notes.append(f"last: {clipped(self.last_failure)}")
+        return "; ".join([head, ", ".join(notes)]) if notes else head
 
     async def aclose(self) -> None:
         """Close the current connection (DISC); never fails, idempotent."""
         self._closed = True
         await self.client.aclose()
+
+
+MAX_REASON = 200
+"""The most characters of a failure's text in the one-line status."""
+
+
+def clipped(text: str) -> str:
+    text = printable(text)
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def export_change(old: NBDClient, new: NBDClient) -> str | None:
