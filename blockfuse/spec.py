@@ -34,7 +34,7 @@ from .block import BlockDevice
 from .devices.file import open_file
 from .devices.memory import MemoryDevice
 from .devices.mirror import DEFAULT_CHUNK, MAX_CHUNK, prepare_mirror, too_big_chunk
-from .devices.remote import open_remote
+from .devices.remote import DEFAULT_TIMEOUT, MAX_TIMEOUT, open_remote
 from .devices.safe import SafeDevice
 from .devices.sparse import check_backing, open_sparse
 from .nbd.uri import BadURI, parse_uri
@@ -484,7 +484,7 @@ async def open_secondary(recipe: Recipe, primary: BlockDevice) -> BlockDevice:
 _URI = re.compile(r"nbd[a-z+]*://")
 
 
-def compile_remote(text: str) -> Recipe:
+def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
     """An NBD URI: checked now (syntax, that a Unix socket exists), connected on open."""
     try:
         address = parse_uri(text)
@@ -499,15 +499,38 @@ def compile_remote(text: str) -> Recipe:
             raise SpecError(f"no NBD server socket at {address.socket}")
 
     async def open_() -> BlockDevice:
-        return await open_remote(background_nursery(), address)
+        return await open_remote(background_nursery(), address, request_timeout=timeout)
 
     return Recipe("nbd", text, open_)
 
 
 @kind("nbd")
 def compile_nbd(call: Call) -> Recipe:
-    uri = bind(call, [Param("uri", lambda node: word(node, "an NBD URI"))])["uri"]
-    return compile_remote(str(uri))
+    """``nbd(URI, timeout=SECONDS)``: ``timeout`` bounds every request (default 30)."""
+    v = bind(
+        call,
+        [
+            Param("uri", lambda node: word(node, "an NBD URI")),
+            Param("timeout", timeout_arg, DEFAULT_TIMEOUT, False),
+        ],
+    )
+    timeout = v["timeout"]
+    assert isinstance(timeout, float)
+    recipe = compile_remote(str(v["uri"]), timeout)
+    if timeout != DEFAULT_TIMEOUT:
+        recipe.text = unparse(call)
+    return recipe
+
+
+def timeout_arg(node: Node) -> float:
+    text = word(node, "a number of seconds")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise SpecError(f"bad timeout {text!r} (use seconds, e.g. timeout=10)") from None
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise SpecError(f"bad timeout {text!r}: use more than 0 and at most {MAX_TIMEOUT:g} s")
+    return seconds
 
 
 def compile_word(node: Word) -> Recipe:

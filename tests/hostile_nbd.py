@@ -98,8 +98,9 @@ class Closed(Exception):
 class Hostile:
     """The server: ``handle(stream)`` serves one connection by the script."""
 
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, *, log_stalls: bool = False) -> None:
         self.script = script or Script()
+        self._log_stalls = log_stalls
         self.disk: dict[int, bytearray] = {}
         self.connections = 0
         self.requests = 0
@@ -128,6 +129,8 @@ class Hostile:
 
     async def _stall(self) -> None:
         self.stalled.set()
+        if self._log_stalls:
+            print(STALLED, file=sys.stderr, flush=True)
         await self.release.wait()
 
     # --- the disk ---------------------------------------------------------------------
@@ -316,13 +319,14 @@ def one_byte_chunks(cookie: int, offset: int, data: bytes) -> bytes:
 
 
 READY = "hostile NBD server ready"
+STALLED = "hostile NBD server stalls"
 
 
 async def serve_unix(path: str, script: Script, max_connections: int | None) -> None:
     """Serve on a Unix socket; after ``max_connections`` the socket is closed and removed
     (later connections are refused, as a one-session ``nbd-server -d`` refuses them).
     Prints ``READY`` once it listens."""
-    hostile = Hostile(script)
+    hostile = Hostile(script, log_stalls=True)
     listener = trio.socket.socket(trio.socket.AF_UNIX)
     await listener.bind(path)
     listener.listen(16)
@@ -362,6 +366,10 @@ class HostileProcess:
 
     def uri(self, export: str = "") -> str:
         return f"nbd+unix:///{export}?socket={self.path}"
+
+    def stalls(self) -> int:
+        """How many stalls have begun so far."""
+        return self.log.read_text(errors="replace").count(STALLED)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

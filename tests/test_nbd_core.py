@@ -515,6 +515,16 @@ def test_specs_take_nbd_uris(short_tmp: Path) -> None:
             compile_spec(bad)
 
 
+def test_nbd_specs_take_a_timeout() -> None:
+    from blockfuse.spec import SpecError, compile_spec
+
+    assert compile_spec("nbd(nbd://h/x, timeout=2.5)").text == "nbd(nbd://h/x, timeout=2.5)"
+    assert compile_spec("nbd(nbd://h/x, timeout=30)").text == "nbd://h/x"  # the default
+    for bad in ("0", "-1", "soon", "nan", "inf", "1e9"):
+        with pytest.raises(SpecError, match=f"bad timeout '{bad}'"):
+            compile_spec(f"nbd(nbd://h/x, timeout={bad})")
+
+
 def test_ls_rejects_a_bad_uri(capsys: pytest.CaptureFixture[str]) -> None:
     from blockfuse.cli import main
 

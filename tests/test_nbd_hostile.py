@@ -7,9 +7,11 @@ passes in no real time and is measured exactly.
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import trio
 import trio.testing
 
 from blockfuse.devices.remote import RemoteDevice
-from blockfuse.errors import BlockError, ProtocolError
+from blockfuse.errors import BlockError, ProtocolError, RequestFailed
 from blockfuse.nbd import constants as c
 from blockfuse.nbd.coverage import Coverage
 from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated, OptionRefused
@@ -29,14 +31,17 @@ from blockfuse.transport.connect import wrap_nbd_stream
 from blockfuse.transport.handshake import refusal_message
 from blockfuse.transport.reconnect import Reconnecting
 
-from .hostile_nbd import Hostile, HostileProcess, Script, one_byte_chunks, reply
+from .hostile_nbd import Hostile, HostileProcess, Script, Stall, one_byte_chunks, reply
 from .nbdpair import FULL_FLAGS
 
-pytestmark = pytest.mark.usefixtures("autojump_clock")
 
-
-async def connect(nursery: trio.Nursery, hostile: Hostile, **kw: object) -> NBDClient:
-    client_end, server_end = trio.testing.memory_stream_pair()
+async def connect(
+    nursery: trio.Nursery, hostile: Hostile, *, lockstep: bool = False, **kw: object
+) -> NBDClient:
+    """A client of ``hostile``; ``lockstep`` streams hold no buffer, so a server that
+    stops reading blocks the client's sends at once."""
+    pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+    client_end, server_end = pair()
     nursery.start_soon(hostile.handle, server_end)
     with trio.fail_after(60):
         return await wrap_nbd_stream(nursery, client_end, "disk", server="hostile", **kw)  # type: ignore[arg-type]
@@ -55,7 +60,9 @@ def go_until_meta_context(hs: ClientHandshake) -> None:
 # --- defect 9: bounded memory and CPU ---------------------------------------------------
 
 
-async def test_a_meta_context_flood_is_refused(nursery: trio.Nursery) -> None:
+async def test_a_meta_context_flood_is_refused(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     """400,000 META_CONTEXT replies once took a mount to 1.6 GiB; one reply per context
     asked for is all the spec allows, so the second one ends the handshake."""
     hostile = Hostile(Script(meta_contexts=2000, meta_name_len=4000))
@@ -128,6 +135,7 @@ def test_coverage_keeps_in_order_and_reverse_chunks_as_one_piece() -> None:
 
 
 async def test_one_byte_chunks_through_the_client_fail_only_that_connection(
+    autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
 ) -> None:
     hostile = Hostile(Script(one_byte_chunks=True))
@@ -161,7 +169,9 @@ def test_the_list_cap_counts_info_replies(monkeypatch: pytest.MonkeyPatch) -> No
             assert not isinstance(outcome, ExportList), "the whole list was taken"
 
 
-async def test_an_info_flood_is_refused(nursery: trio.Nursery) -> None:
+async def test_an_info_flood_is_refused(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     """A server may add INFO items nobody asked for, but not without end."""
     with pytest.raises(ProtocolError, match="INFO replies"):
         await connect(nursery, Hostile(Script(info_flood=1000)))
@@ -173,7 +183,7 @@ async def test_an_info_flood_is_refused(nursery: trio.Nursery) -> None:
 @pytest.mark.parametrize("size", [1 << 63, (1 << 64) - 1])
 @pytest.mark.parametrize("export_name", [False, True], ids=["go", "export_name"])
 async def test_an_export_of_2_63_bytes_or_more_is_refused_at_the_handshake(
-    nursery: trio.Nursery, size: int, export_name: bool
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, size: int, export_name: bool
 ) -> None:
     """Such an export once mounted, then every stat failed with OverflowError (and a
     healthy second device vanished from the listing); file sizes are signed 64-bit."""
@@ -184,7 +194,9 @@ async def test_an_export_of_2_63_bytes_or_more_is_refused_at_the_handshake(
         await hostile.disconnected.wait()  # a soft disconnect: NBD_CMD_DISC, not a drop
 
 
-async def test_the_largest_usable_export_is_taken(nursery: trio.Nursery) -> None:
+async def test_the_largest_usable_export_is_taken(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     client = await connect(nursery, Hostile(Script(size=(1 << 63) - 512)))
     assert client.export.size == (1 << 63) - 512
     await client.aclose()
@@ -225,7 +237,9 @@ def test_ls_escapes_control_characters_in_names_and_descriptions(short_tmp: Path
     assert out.stdout == "a\\nb\\tc\\x1b[31m\\x00d\t1 MiB\tline\\r\\nbell\\x07\n"
 
 
-async def test_bytes_after_the_last_handshake_reply_are_parsed(nursery: trio.Nursery) -> None:
+async def test_bytes_after_the_last_handshake_reply_are_parsed(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     """Garbage sent together with GO's ACK was dropped (``trailing_data`` was never used);
     it is the start of transmission, so it breaks the protocol and the connection."""
     hostile = Hostile(Script(trailing=b"\xde\xad\xbe\xef" * 8))
@@ -241,15 +255,18 @@ def test_server_text_in_a_refusal_is_escaped() -> None:
     assert message == "unix:/s has no export named 'disk' (no\\x1b[2J such\\nexport)"
 
 
-async def remote_on(nursery: trio.Nursery, hostile: Hostile, **kw: float) -> RemoteDevice:
+async def remote_on(
+    nursery: trio.Nursery, hostile: Hostile, *, lockstep: bool = False, **kw: float
+) -> RemoteDevice:
     async def reconnect(n: trio.Nursery) -> NBDClient:
-        return await connect(n, hostile)
+        return await connect(n, hostile, lockstep=lockstep)
 
     link = Reconnecting(nursery, reconnect, await reconnect(nursery), **kw)  # type: ignore[arg-type]
     return RemoteDevice(link, Address("disk", socket="/hostile"))
 
 
 async def test_the_connection_status_keeps_the_last_failure_and_the_reconnects(
+    autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
 ) -> None:
     """It said a generic 'closed the connection' and went back to plain 'connected'."""
@@ -265,3 +282,151 @@ async def test_the_connection_status_keeps_the_last_failure_and_the_reconnects(
     )
     assert len(state) <= 300
     await dev.aclose()
+
+
+# --- defect 7: every request has a deadline --------------------------------------------
+
+DEFAULT_TIMEOUT = 30
+
+
+async def failure_of(aw: Awaitable[object]) -> Exception:
+    try:
+        await aw
+    except Exception as exc:
+        return exc
+    raise AssertionError("it succeeded")
+
+
+@pytest.mark.parametrize("stall", list(Stall))
+async def test_a_stalled_server_fails_the_request_at_its_deadline_then_reconnects(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, stall: Stall
+) -> None:
+    """A server that stops answering before, during or after a reply left the reader
+    blocked forever (unkillable behind a mount); the request now fails with ETIMEDOUT
+    at its deadline, the connection is dropped, and the next request gets a new one."""
+    first = 1 if stall is Stall.AFTER else 2  # the write is answered, the read is not
+    hostile = Hostile(Script(stall=stall, stall_from=first, stall_connections=1))
+    dev = await remote_on(nursery, hostile)
+    await dev.write(0, [b"x" * 4096])
+    started = trio.current_time()
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        error = await failure_of(dev.read(0, [bytearray(4096)]))
+    assert isinstance(error, RequestFailed) and error.errno == errno.ETIMEDOUT, error
+    assert trio.current_time() - started == pytest.approx(DEFAULT_TIMEOUT, abs=1)
+    assert str(error).startswith("read of 4096 bytes at 0 got no answer within 30 s (hostile: ")
+    assert not dev.status()["connection"].startswith("connected")
+    buf = bytearray(4096)
+    with trio.fail_after(DEFAULT_TIMEOUT):
+        await dev.read(0, [buf])
+    assert buf == b"x" * 4096 and hostile.connections == 2
+    await dev.aclose()
+
+
+async def test_every_reader_of_a_stalled_server_gets_its_answer(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    hostile = Hostile(Script(stall=Stall.BEFORE))
+    dev = await remote_on(nursery, hostile)
+    errors: list[Exception] = []
+
+    async def reader(delay: float) -> None:
+        await trio.sleep(delay)
+        errors.append(await failure_of(dev.read(0, [bytearray(512)])))
+
+    started = trio.current_time()
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader, 0)
+            readers.start_soon(reader, 5)
+    assert len(errors) == 2
+    assert all(getattr(e, "errno", None) == errno.ETIMEDOUT for e in errors), errors
+    assert trio.current_time() - started <= 5 + DEFAULT_TIMEOUT + 1
+    dev.status()  # the status can be read at any time
+    hostile.release.set()
+    await dev.aclose()
+
+
+async def test_a_server_that_stops_reading_cannot_block_a_write(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The request's send is shielded (never half a request on the wire); a server that
+    reads nothing more kept it, and its caller, waiting forever."""
+    hostile = Hostile(Script(stall=Stall.AFTER, stall_from=1, stall_connections=1))
+    dev = await remote_on(nursery, hostile, lockstep=True)
+    await dev.read(0, [bytearray(512)])  # answered; then the server reads nothing more
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        error = await failure_of(dev.write(0, [bytes(64 << 10)]))
+    assert getattr(error, "errno", None) == errno.ETIMEDOUT, error
+    with trio.fail_after(DEFAULT_TIMEOUT):
+        await dev.write(0, [bytes(64 << 10)])  # on a new connection
+    await dev.aclose()
+
+
+async def test_closing_is_bounded_and_ends_the_requests_in_flight(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    hostile = Hostile(Script(stall=Stall.DURING))
+    dev = await remote_on(nursery, hostile)
+    errors: list[Exception] = []
+
+    async def reader() -> None:
+        errors.append(await failure_of(dev.read(0, [bytearray(4096)])))
+
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader)
+            await hostile.stalled.wait()
+            started = trio.current_time()
+            await dev.aclose()
+            assert trio.current_time() - started <= 5
+        assert trio.current_time() - started <= 5
+    assert len(errors) == 1 and isinstance(errors[0], BlockError)
+
+
+# --- defect 8: reconnecting is bounded in total, and shared ------------------------------
+
+
+async def test_reconnecting_to_a_server_that_never_greets_is_bounded_and_shared(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    """Each of 5 tries waited the whole 30 s handshake timeout (EIO after 153 s; two
+    readers 300-330 s): a request's deadline bounds its reconnects, and readers that need
+    a connection at the same time wait for one attempt."""
+    hostile = Hostile(Script(greet_connections=1, close_every=1))
+    dev = await remote_on(nursery, hostile)
+    errors: list[Exception] = []
+
+    async def reader() -> None:
+        errors.append(await failure_of(dev.read(0, [bytearray(512)])))
+
+    started = trio.current_time()
+    with trio.fail_after(20 * DEFAULT_TIMEOUT):
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader)
+            readers.start_soon(reader)
+    assert len(errors) == 2 and all(isinstance(e, RequestFailed) for e in errors), errors
+    assert trio.current_time() - started <= DEFAULT_TIMEOUT + 1
+    assert hostile.connections == 2  # the first, then one attempt shared by both readers
+    hostile.release.set()
+    await dev.aclose()
+
+
+async def test_closing_during_a_stalled_reconnect_is_bounded(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    hostile = Hostile(Script(greet_connections=1, close_every=1))
+    dev = await remote_on(nursery, hostile)
+    errors: list[Exception] = []
+
+    async def reader() -> None:
+        errors.append(await failure_of(dev.read(0, [bytearray(512)])))
+
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader)
+            await hostile.stalled.wait()  # the reconnect waits for a greeting
+            started = trio.current_time()
+            await dev.aclose()
+        assert trio.current_time() - started <= 5
+    assert len(errors) == 1 and isinstance(errors[0], BlockError)

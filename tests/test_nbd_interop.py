@@ -329,6 +329,54 @@ async def test_nbdkit_shutdown_gets_disc_then_reconnect(
     await dev.aclose()
 
 
+async def test_nbdkit_slower_than_the_timeout_fails_the_read_then_reconnects(
+    nursery: trio.Nursery, start: Start
+) -> None:
+    """Reads delayed 40 s (a SIGKILLed dd behind a mount once lived 41 s): with timeout=1
+    the read fails with ETIMEDOUT after about a second, the connection is dropped, and a
+    write goes through on a new one."""
+    peer = start(["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory", "4M", "rdelay=40"])
+    with trio.fail_after(10):
+        dev = await open_remote(nursery, parse_uri(peer.uri()), request_timeout=1)
+    started = trio.current_time()
+    with trio.fail_after(10), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [bytearray(4096)])
+    assert info.value.errno == errno.ETIMEDOUT
+    assert 1 <= trio.current_time() - started < 5
+    assert dev.status()["connection"].startswith("disconnected; last: read of 4096 bytes at 0")
+    with trio.fail_after(10):
+        await dev.write(0, [bytes(4096)])
+    assert dev.status()["reconnects"] == "1"
+    await dev.aclose()
+
+
+async def test_nbdkit_paused_times_out_and_resumed_serves(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    control = short_tmp / "pause.sock"
+    peer = start(
+        ["nbdkit", "-f", "-U", "{sock}", "--filter=pause", "memory", "4M",
+         f"pause-control={control}"]
+    )  # fmt: skip
+    with trio.fail_after(10):
+        dev = await open_remote(nursery, parse_uri(peer.uri()), request_timeout=1)
+        await dev.write(0, [b"p" * 4096])
+        pause = await trio.open_unix_socket(str(control))
+        await pause.send_all(b"p")
+        assert await pause.receive_some(1) == b"P"
+    buf = bytearray(4096)
+    with trio.fail_after(10), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [buf])
+    assert info.value.errno == errno.ETIMEDOUT
+    with trio.fail_after(10):
+        await pause.send_all(b"r")
+        assert await pause.receive_some(1) == b"R"
+        await dev.read(0, [buf])
+    assert buf == b"p" * 4096
+    await pause.aclose()
+    await dev.aclose()
+
+
 # --- qemu-nbd -----------------------------------------------------------------------
 
 

@@ -20,9 +20,14 @@ from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info
 from ..errors import Disconnected, ReadOnly, Unsafe
 from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
-from ..transport.client import NBDClient
+from ..transport.client import DEFAULT_TIMEOUT, NBDClient
 from ..transport.connect import connect_nbd
 from ..transport.reconnect import Reconnecting
+
+__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "RemoteDevice", "open_remote"]
+
+MAX_TIMEOUT = 86400.0
+"""The longest ``timeout=`` a spec may give (a day): longer is a typo, not a wish."""
 
 
 class RemoteDevice(BlockDevice):
@@ -51,7 +56,7 @@ class RemoteDevice(BlockDevice):
         if views:
             offset = sector * self._sector_size
             what = f"read of {sum(map(len, views))} bytes at {offset}"
-            await self._link.run(lambda c: c.preadv(views, offset), what)
+            await self._link.run(lambda c, d: c.preadv(views, offset, deadline=d), what)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
@@ -59,7 +64,7 @@ class RemoteDevice(BlockDevice):
         if views:
             offset = sector * self._sector_size
             what = f"write of {sum(map(len, views))} bytes at {offset}"
-            await self._link.run(lambda c: c.pwritev(views, offset), what)
+            await self._link.run(lambda c, d: c.pwritev(views, offset, deadline=d), what)
 
     async def flush(self) -> None:
         self._check_open()
@@ -72,7 +77,7 @@ class RemoteDevice(BlockDevice):
         self._check_writable()
         ss = self._sector_size
         what = f"trim of {count * ss} bytes at {sector * ss}"
-        await self._link.run(lambda c: c.trim(sector * ss, count * ss), what)
+        await self._link.run(lambda c, d: c.trim(sector * ss, count * ss, deadline=d), what)
 
     async def write_zeroes(self, sector: int, count: int) -> None:
         if Capability.WRITE_ZEROES not in self.capabilities:
@@ -80,7 +85,7 @@ class RemoteDevice(BlockDevice):
         self._check_writable()
         ss = self._sector_size
         what = f"write-zeroes of {count * ss} bytes at {sector * ss}"
-        await self._link.run(lambda c: c.zero(sector * ss, count * ss), what)
+        await self._link.run(lambda c, d: c.zero(sector * ss, count * ss, deadline=d), what)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         if Capability.EXTENTS not in self.capabilities:
@@ -88,7 +93,9 @@ class RemoteDevice(BlockDevice):
         self._check_open()
         ss = self._sector_size
         what = f"block status of {count * ss} bytes at {sector * ss}"
-        found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss), what)
+        found = await self._link.run(
+            lambda c, d: c.block_status(sector * ss, count * ss, deadline=d), what
+        )
         return to_extents(found, sector, count, ss)
 
     async def aclose(self) -> None:
@@ -157,16 +164,23 @@ def add_extent(out: list[Extent], sector: int, count: int, is_data: bool) -> Non
 
 
 async def open_remote(
-    nursery: trio.Nursery, address: Address, *, retries: int = 5, backoff: float = 0.1
+    nursery: trio.Nursery,
+    address: Address,
+    *,
+    retries: int = 5,
+    backoff: float = 0.1,
+    request_timeout: float = DEFAULT_TIMEOUT,
 ) -> RemoteDevice:
     """Connect to ``address``; the connection's reader task (and reconnects) run in ``nursery``.
 
-    Raises ``ConnectionLost`` (cannot connect), ``HandshakeRefused`` (no such export, ...)
-    or ``ProtocolError``: the first connection is not retried, so a typo fails at once.
+    ``request_timeout`` bounds every request, with its reconnects (see
+    transport/reconnect.py), and the first connection.  Raises ``ConnectionLost`` (cannot connect),
+    ``HandshakeRefused`` (no such export, ...) or ``ProtocolError``: the first connection
+    is not retried, so a typo fails at once.
     """
 
     async def connect(n: trio.Nursery) -> NBDClient:
-        return await connect_nbd(n, address)
+        return await connect_nbd(n, address, request_timeout=request_timeout)
 
     first = await connect(nursery)
     link = Reconnecting(nursery, connect, first, retries=retries, backoff=backoff)

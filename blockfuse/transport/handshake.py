@@ -7,20 +7,39 @@ import errno
 
 import trio
 
-from ..errors import BlockError, ProtocolError
+from ..errors import BlockError, ProtocolError, RequestFailed
 from ..nbd.constants import Opt, Rep
 from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused, PeerClosed
 from ..nbd.handshake import ClientHandshake
 from ..units import printable
 
 RECEIVE_SIZE = 1 << 16
-HANDSHAKE_TIMEOUT = 30
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a handshake may take unless the caller says otherwise."""
 
 
 class ConnectionLost(BlockError):
     """The connection to the server broke (reset, closed, unreachable); it may come back."""
 
     errno = errno.EIO
+
+
+class Stalled(ConnectionLost):
+    """The server stopped answering: a request passed its deadline, or nothing we sent was
+    taken for the whole timeout.  The connection was dropped; a new one may work."""
+
+    errno = errno.ETIMEDOUT
+
+
+class TimedOut(RequestFailed):
+    """A request got no answer by its deadline (on this connection or over reconnects).
+
+    ETIMEDOUT rather than EIO: the request may yet have taken effect on the server (a
+    write, say), and the error says what happened instead of looking like the server's
+    own I/O error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)
 
 
 class HandshakeRefused(BlockError):
@@ -67,14 +86,20 @@ def refusal_message(refusal: OptionRefused, server: str, export: str | None) -> 
 
 
 async def run_handshake(
-    stream: trio.abc.Stream, hs: ClientHandshake, server: str
+    stream: trio.abc.Stream, hs: ClientHandshake, server: str, *, deadline: float | None = None
 ) -> HandshakeEvent:
-    """Drive ``hs`` to its outcome over ``stream``; raises ``ProtocolError``/``ConnectionLost``."""
+    """Drive ``hs`` to its outcome over ``stream`` by ``deadline`` (default:
+    ``HANDSHAKE_TIMEOUT`` seconds from now); raises ``ProtocolError``/``ConnectionLost``
+    (``Stalled`` when the server is too slow)."""
+    now = trio.current_time()
+    if deadline is None:
+        deadline = now + HANDSHAKE_TIMEOUT
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.fail_at(deadline):
             return await _exchange(stream, hs)
     except trio.TooSlowError:
-        raise ConnectionLost(f"{server}: no answer to the NBD handshake") from None
+        waited = deadline - now
+        raise Stalled(f"{server}: no answer to the NBD handshake within {waited:g} s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise ConnectionLost(f"{server}: connection lost during the handshake: {exc}") from exc
     except PeerClosed as exc:
