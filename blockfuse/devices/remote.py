@@ -23,6 +23,8 @@ from ..nbd.uri import Address
 from ..transport.client import DEFAULT_TIMEOUT, NBDClient
 from ..transport.connect import connect_nbd
 from ..transport.reconnect import Reconnecting
+from ..units import round_down, round_up
+from .holes import append_extent
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "RemoteDevice", "open_remote"]
 
@@ -133,34 +135,62 @@ def capabilities_of(client: NBDClient) -> frozenset[Capability]:
 
 
 def to_extents(found: list[tuple[int, int]], sector: int, count: int, ss: int) -> list[Extent]:
-    """Byte extents ``(length, flags)`` from ``sector`` as sector extents within the range.
+    """Block status ``(length, flags)`` from byte ``sector * ss`` as sector extents.
 
-    A boundary inside a sector makes that sector data (reading it is always safe); runs
-    of the same kind merge; at least one sector is always answered.
+    The server's extents are in bytes and may end anywhere; ours are whole sectors of
+    ``ss`` bytes.  A sector may be called a hole only if every byte of it is known to
+    read as zeroes (a mirror skips holes: calling data a hole loses it); anything else is
+    data, which is always safe (at worst zeroes are copied).  So, after merging
+    neighbours of the same kind into runs::
+
+        sectors   |  0  |  1  |  2  |  3  |  4  |  5  |  6  |  7  |  8  |  9  |
+        bytes     |zero................|data.......|zero.............|   (the server stopped)
+        answer    |hole.............|data.............|hole.......|data.|
+
+    Sectors 0-2 lie wholly in the first zero run: a hole.  Sector 3 holds its last bytes
+    and the data run's first: data, as is every sector the data run touches (3-5).
+    Sectors 6-7 lie wholly in the second zero run: a hole.  Sector 8 holds zeroes, then
+    bytes the server said nothing about: data.  Sector 9 is left for the caller to ask
+    again.
+
+    A zero run gives the sectors wholly inside it as a hole, then the sector its end
+    falls in (if inside one) as data; a data run gives every sector it touches as data.
+    The answer is clipped to the ``count`` sectors asked for, stops where the server's
+    answer stops (the caller asks again from there), and is at least one sector long.
     """
     out: list[Extent] = []
-    pos = real = sector * ss
+    pos = first = sector * ss  # the end of what ``out`` describes, a sector boundary
     end = (sector + count) * ss
-    for length, flags in found:
-        real += length
+    for run_end, zero in merged_runs(found, first):
         if pos >= end:
             break
-        stop = min(end, -(-real // ss) * ss)
-        if stop <= pos:
-            continue
-        is_data = not flags & STATE_ZERO or (real % ss != 0 and stop < end)
-        add_extent(out, pos // ss, (stop - pos) // ss, is_data)
-        pos = stop
+        if zero and round_down(run_end, ss) > pos:
+            pos = add_run(out, pos, min(round_down(run_end, ss), end), ss, is_data=False)
+        if round_up(run_end, ss) > pos and pos < end:
+            pos = add_run(out, pos, min(round_up(run_end, ss), end), ss, is_data=True)
     if not out:
         out.append(Extent(sector, 1, True))
     return out
 
 
-def add_extent(out: list[Extent], sector: int, count: int, is_data: bool) -> None:
-    if out and out[-1].is_data == is_data and out[-1].end == sector:
-        out[-1] = Extent(out[-1].sector, out[-1].count + count, is_data)
-    else:
-        out.append(Extent(sector, count, is_data))
+def merged_runs(found: list[tuple[int, int]], start: int) -> list[tuple[int, bool]]:
+    """``(end byte, reads as zeroes)`` of each run of same-kind extents from ``start``."""
+    runs: list[tuple[int, bool]] = []
+    pos = start
+    for length, flags in found:
+        pos += length
+        zero = bool(flags & STATE_ZERO)
+        if runs and runs[-1][1] == zero:
+            runs[-1] = (pos, zero)
+        else:
+            runs.append((pos, zero))
+    return runs
+
+
+def add_run(out: list[Extent], start: int, stop: int, ss: int, *, is_data: bool) -> int:
+    """Append sectors ``[start, stop)`` (bytes, sector-aligned); the new end."""
+    append_extent(out, Extent(start // ss, (stop - start) // ss, is_data))
+    return stop
 
 
 async def open_remote(
