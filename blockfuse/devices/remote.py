@@ -5,9 +5,12 @@ size, but at least 512 bytes; a few trailing bytes that do not fill a sector are
 reach.  Capabilities follow what the server advertised: TRIM -> discard, WRITE_ZEROES ->
 write_zeroes, ``base:allocation`` block status -> extents.  A read-only export is a
 read-only device.  Each call goes through ``Reconnecting`` (see transport/reconnect.py):
-a dropped connection is re-established and the request retried (a flush then fails
-with EIO if acknowledged writes may have been lost with the old connection); a server's
-error reply is that request's ``RequestFailed(errno)`` and the connection lives on.
+it is answered within ``request_timeout`` seconds (30 by default), or fails with
+ETIMEDOUT; a dropped connection is re-established and the request retried within that
+time (a flush then fails with EIO if acknowledged writes may have been lost with the old
+connection); a server's error reply is that request's ``RequestFailed(errno)`` and the
+connection lives on.  Block status becomes sector extents by ``to_extents`` (its text
+has the rule and a diagram).
 """
 
 from __future__ import annotations
