@@ -322,15 +322,22 @@ READY = "hostile NBD server ready"
 STALLED = "hostile NBD server stalls"
 
 
-async def serve_unix(path: str, script: Script, max_connections: int | None) -> None:
+async def serve_unix(
+    path: str,
+    script: Script,
+    max_connections: int | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve on a Unix socket; after ``max_connections`` the socket is closed and removed
     (later connections are refused, as a one-session ``nbd-server -d`` refuses them).
-    Prints ``READY`` once it listens."""
+    Prints ``READY`` (and reports ``started``) once it listens."""
     hostile = Hostile(script, log_stalls=True)
     listener = trio.socket.socket(trio.socket.AF_UNIX)
     await listener.bind(path)
     listener.listen(16)
     print(READY, flush=True)
+    task_status.started()
     served = 0
     async with trio.open_nursery() as nursery:
         while max_connections is None or served < max_connections:

@@ -27,11 +27,19 @@ from blockfuse.nbd.handshake import ClientHandshake
 from blockfuse.nbd.transmission import ClientTransmission
 from blockfuse.nbd.uri import Address
 from blockfuse.transport.client import NBDClient
-from blockfuse.transport.connect import wrap_nbd_stream
-from blockfuse.transport.handshake import refusal_message
+from blockfuse.transport.connect import LIST_TIMEOUT, list_exports, wrap_nbd_stream
+from blockfuse.transport.handshake import Stalled, refusal_message
 from blockfuse.transport.reconnect import Reconnecting
 
-from .hostile_nbd import Hostile, HostileProcess, Script, Stall, one_byte_chunks, reply
+from .hostile_nbd import (
+    Hostile,
+    HostileProcess,
+    Script,
+    Stall,
+    one_byte_chunks,
+    reply,
+    serve_unix,
+)
 from .nbdpair import FULL_FLAGS
 
 
@@ -430,3 +438,14 @@ async def test_closing_during_a_stalled_reconnect_is_bounded(
             await dev.aclose()
         assert trio.current_time() - started <= 5
     assert len(errors) == 1 and isinstance(errors[0], BlockError)
+
+
+async def test_listing_a_server_that_never_greets_is_bounded(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    path = str(short_tmp / "hostile.sock")
+    await nursery.start(serve_unix, path, Script(greet_connections=0), None)
+    started = trio.current_time()
+    with trio.fail_after(10 * LIST_TIMEOUT), pytest.raises(Stalled, match="took more than 30 s"):
+        await list_exports(Address(socket=path))
+    assert trio.current_time() - started == pytest.approx(LIST_TIMEOUT, abs=1)
