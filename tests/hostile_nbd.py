@@ -52,6 +52,8 @@ class Script:
 
     greet_connections: int | None = None
     """Greet only this many connections; later ones are accepted and never greeted."""
+    greet_delay: float = 0.0
+    """Seconds to wait before greeting each connection after the first."""
     size: int = 1 << 20
     flags: int = int(FULL_FLAGS)
     structured: bool = True
@@ -74,6 +76,10 @@ class Script:
     """Stall only on the first this-many connections (None: on every one)."""
     close_every: int = 0
     """Close the connection instead of answering every Nth request (over all connections)."""
+    drop_connections: int = 0
+    """Close each of the first this-many connections at its first request."""
+    reply_delay: float = 0.0
+    """Seconds to wait before each reply."""
     one_byte_chunks: bool = False
     """Answer READs with 1-byte DATA chunks: every even offset first, then the odd ones."""
 
@@ -121,6 +127,8 @@ class Hostile:
                 if greet is not None and number > greet:
                     await self._stall()
                     return
+                if number > 1:
+                    await trio.sleep(self.script.greet_delay)
                 conn = _Connection(self, stream, number)
                 await conn.handshake()
                 await conn.transmission()
@@ -256,6 +264,9 @@ class _Connection:
             every = self.script.close_every
             if every and self.server.requests % every == 0:
                 return
+            if self.number <= self.script.drop_connections:
+                return
+            await trio.sleep(self.script.reply_delay)
             await self.answer(cmd, cookie, offset, length, payload)
 
     def stalls_now(self) -> Stall | None:

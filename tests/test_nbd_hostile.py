@@ -321,12 +321,34 @@ async def test_a_stalled_server_fails_the_request_at_its_deadline_then_reconnect
         error = await failure_of(dev.read(0, [bytearray(4096)]))
     assert isinstance(error, RequestFailed) and error.errno == errno.ETIMEDOUT, error
     assert trio.current_time() - started == pytest.approx(DEFAULT_TIMEOUT, abs=1)
-    assert str(error).startswith("read of 4096 bytes at 0 got no answer within 30 s (hostile: ")
-    assert not dev.status()["connection"].startswith("connected")
+    assert str(error) == "read of 4096 bytes at 0 got no answer from hostile within 30 s"
+    await trio.testing.wait_all_tasks_blocked()  # the reader saw the same deadline pass
+    state = dev.status()["connection"]
+    assert state.startswith("disconnected; last: read of 4096 bytes at 0: no answer"), state
     buf = bytearray(4096)
     with trio.fail_after(DEFAULT_TIMEOUT):
         await dev.read(0, [buf])
     assert buf == b"x" * 4096 and hostile.connections == 2
+    await dev.aclose()
+
+
+async def test_a_request_sent_late_times_out_without_dropping_its_new_connection(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """After a reconnect that took 25 of the read's 30 s, the server answers in 10 s: the
+    read fails at its deadline, but the new connection answered within 30 s of the
+    request, so it is kept for the next request."""
+    hostile = Hostile(Script(drop_connections=1, greet_delay=25, reply_delay=10))
+    dev = await remote_on(nursery, hostile)
+    started = trio.current_time()
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        error = await failure_of(dev.read(0, [bytearray(512)]))
+    assert getattr(error, "errno", None) == errno.ETIMEDOUT, error
+    assert trio.current_time() - started == pytest.approx(DEFAULT_TIMEOUT, abs=1)
+    with trio.fail_after(DEFAULT_TIMEOUT):
+        await dev.read(0, [bytearray(512)])
+    assert dev.status()["connection"].startswith("connected; reconnected 1 time")
+    assert hostile.connections == 2
     await dev.aclose()
 
 

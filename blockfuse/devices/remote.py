@@ -61,7 +61,7 @@ class RemoteDevice(BlockDevice):
         if views:
             offset = sector * self._sector_size
             what = f"read of {sum(map(len, views))} bytes at {offset}"
-            await self._link.run(lambda c, d: c.preadv(views, offset, deadline=d), what)
+            await self._link.run(lambda c: c.preadv(views, offset), what)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
@@ -69,7 +69,7 @@ class RemoteDevice(BlockDevice):
         if views:
             offset = sector * self._sector_size
             what = f"write of {sum(map(len, views))} bytes at {offset}"
-            await self._link.run(lambda c, d: c.pwritev(views, offset, deadline=d), what)
+            await self._link.run(lambda c: c.pwritev(views, offset), what)
 
     async def flush(self) -> None:
         self._check_open()
@@ -82,7 +82,7 @@ class RemoteDevice(BlockDevice):
         self._check_writable()
         ss = self._sector_size
         what = f"trim of {count * ss} bytes at {sector * ss}"
-        await self._link.run(lambda c, d: c.trim(sector * ss, count * ss, deadline=d), what)
+        await self._link.run(lambda c: c.trim(sector * ss, count * ss), what)
 
     async def write_zeroes(self, sector: int, count: int) -> None:
         if Capability.WRITE_ZEROES not in self.capabilities:
@@ -90,7 +90,7 @@ class RemoteDevice(BlockDevice):
         self._check_writable()
         ss = self._sector_size
         what = f"write-zeroes of {count * ss} bytes at {sector * ss}"
-        await self._link.run(lambda c, d: c.zero(sector * ss, count * ss, deadline=d), what)
+        await self._link.run(lambda c: c.zero(sector * ss, count * ss), what)
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         if Capability.EXTENTS not in self.capabilities:
@@ -98,9 +98,7 @@ class RemoteDevice(BlockDevice):
         self._check_open()
         ss = self._sector_size
         what = f"block status of {count * ss} bytes at {sector * ss}"
-        found = await self._link.run(
-            lambda c, d: c.block_status(sector * ss, count * ss, deadline=d), what
-        )
+        found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss), what)
         return to_extents(found, sector, count, ss)
 
     async def aclose(self) -> None:

@@ -90,7 +90,8 @@ class Call:
     offset: int
     length: int
     deadline: float
-    """``trio.current_time()`` by which the reply must be complete."""
+    """``trio.current_time()`` by which the reply must be complete, or the connection is
+    given up."""
     sink: memoryview | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Done | None = None
@@ -320,10 +321,9 @@ class NBDClient:
         *,
         payload: memoryview | None = None,
         sink: memoryview | None = None,
-        deadline: float | None = None,
     ) -> Call:
-        """Queue one request for the wire; its reply completes the returned call, by
-        ``deadline`` (default: ``timeout`` seconds from now) or with ``Stalled``.
+        """Queue one request for the wire; its reply completes the returned call within
+        ``timeout`` seconds, or the connection is dropped (the call fails with ``Stalled``).
 
         Requests are queued in order and written by one sender at a time (with
         cancellation shielded, so no request is ever half sent).  When others are in
@@ -332,7 +332,7 @@ class NBDClient:
         """
         self._check_usable()
         cookie, header = self._tx.request(cmd, offset, length, flags)
-        call = Call(cookie, cmd, offset, length, self.deadline(deadline), sink)
+        call = Call(cookie, cmd, offset, length, trio.current_time() + self.timeout, sink)
         self._calls[cookie] = call
         self._watchdog.watch(call.deadline)
         self._sender.queue(header)
@@ -341,10 +341,6 @@ class NBDClient:
         if not self._sender.busy:
             await self._sender.send(batch=len(self._calls) > 1)
         return call
-
-    def deadline(self, deadline: float | None = None) -> float:
-        """``deadline``, or the default one for an operation that starts now."""
-        return trio.current_time() + self.timeout if deadline is None else deadline
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -371,86 +367,54 @@ class NBDClient:
         return RequestFailed(done.error, f"{self.server}: {text}")
 
     # --- operations -----------------------------------------------------------------------
-    # Each takes the ``deadline`` its requests must be answered by (``trio.current_time()``
-    # based; default ``timeout`` seconds from now): past it the connection is dropped and
-    # the operation fails with ``Stalled``.
 
-    async def pread(self, buf: memoryview, offset: int, *, deadline: float | None = None) -> None:
+    async def pread(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from byte ``offset``."""
-        await self.preadv([buf], offset, deadline=deadline)
+        await self.preadv([buf], offset)
 
-    async def preadv(
-        self, bufs: Sequence[memoryview], offset: int, *, deadline: float | None = None
-    ) -> None:
+    async def preadv(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Fill ``bufs`` one after another from ``offset``; all pieces in flight at once."""
-        await self._vectored(Cmd.READ, bufs, offset, NO_CMD_FLAGS, deadline)
+        await self._vectored(Cmd.READ, bufs, offset, NO_CMD_FLAGS)
 
-    async def pwrite(
-        self, data: memoryview, offset: int, *, fua: bool = False, deadline: float | None = None
-    ) -> None:
-        await self.pwritev([data], offset, fua=fua, deadline=deadline)
+    async def pwrite(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
+        await self.pwritev([data], offset, fua=fua)
 
-    async def pwritev(
-        self,
-        bufs: Sequence[memoryview],
-        offset: int,
-        *,
-        fua: bool = False,
-        deadline: float | None = None,
-    ) -> None:
+    async def pwritev(self, bufs: Sequence[memoryview], offset: int, *, fua: bool = False) -> None:
         """Write ``bufs`` in order from ``offset``, split at the server's maximum payload."""
-        flags = CmdFlag.FUA if fua else NO_CMD_FLAGS
-        await self._vectored(Cmd.WRITE, bufs, offset, flags, deadline)
+        await self._vectored(Cmd.WRITE, bufs, offset, CmdFlag.FUA if fua else NO_CMD_FLAGS)
 
     async def _vectored(
-        self,
-        cmd: Cmd,
-        bufs: Sequence[memoryview],
-        offset: int,
-        flags: CmdFlag,
-        deadline: float | None,
+        self, cmd: Cmd, bufs: Sequence[memoryview], offset: int, flags: CmdFlag
     ) -> None:
         """READ into, or WRITE from, ``bufs`` in pieces of at most ``max_payload``."""
-        deadline = self.deadline(deadline)
         calls = []
         for buf in bufs:
             for off, n in split(offset, len(buf), self.max_payload):
                 piece = buf[off - offset : off - offset + n]
                 data = {"payload": piece} if cmd is Cmd.WRITE else {"sink": piece}
-                calls.append(await self.submit(cmd, off, n, flags, deadline=deadline, **data))
+                calls.append(await self.submit(cmd, off, n, flags, **data))
             offset += len(buf)
         await self.wait(calls)
 
-    async def flush(self, *, deadline: float | None = None) -> None:
+    async def flush(self) -> None:
         covered = self._acked_writes
-        await self.wait([await self.submit(Cmd.FLUSH, deadline=deadline)])
+        await self.wait([await self.submit(Cmd.FLUSH)])
         self._flushed_writes = max(self._flushed_writes, covered)
 
-    async def trim(self, offset: int, length: int, *, deadline: float | None = None) -> None:
-        await self._ranged(Cmd.TRIM, offset, length, NO_CMD_FLAGS, deadline)
+    async def trim(self, offset: int, length: int) -> None:
+        await self._ranged(Cmd.TRIM, offset, length, NO_CMD_FLAGS)
 
-    async def zero(
-        self, offset: int, length: int, *, no_hole: bool = False, deadline: float | None = None
-    ) -> None:
+    async def zero(self, offset: int, length: int, *, no_hole: bool = False) -> None:
         flags = CmdFlag.NO_HOLE if no_hole else NO_CMD_FLAGS
-        await self._ranged(Cmd.WRITE_ZEROES, offset, length, flags, deadline)
+        await self._ranged(Cmd.WRITE_ZEROES, offset, length, flags)
 
-    async def _ranged(
-        self, cmd: Cmd, offset: int, length: int, flags: CmdFlag, deadline: float | None
-    ) -> None:
-        deadline = self.deadline(deadline)
+    async def _ranged(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
         pieces = split(offset, length, ZERO_SPLIT)
-        await self.wait(
-            [await self.submit(cmd, off, n, flags, deadline=deadline) for off, n in pieces]
-        )
+        await self.wait([await self.submit(cmd, off, n, flags) for off, n in pieces])
 
-    async def block_status(
-        self, offset: int, length: int, *, deadline: float | None = None
-    ) -> list[tuple[int, int]]:
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """``(length, flags)`` of ``base:allocation`` from ``offset`` on; may stop short."""
-        call = await self.submit(
-            Cmd.BLOCK_STATUS, offset, min(length, ZERO_SPLIT), deadline=deadline
-        )
+        call = await self.submit(Cmd.BLOCK_STATUS, offset, min(length, ZERO_SPLIT))
         await self.wait([call])
         return call.extents
 

@@ -5,16 +5,19 @@ the same place, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS), so a request that was 
 when the connection dropped can simply be sent again on a new connection.  ``run(op)``
 does that, and bounds it in time: the operation has one deadline, ``timeout`` seconds
 after it began, for everything it waits for (a new connection, the backoff between
-attempts, its requests' answers)::
+attempts, its requests' answers); past it the operation is cancelled and fails with
+``TimedOut`` (ETIMEDOUT)::
 
     run(read) --- request ---X (dropped)  attempt: connect + handshake ---- request --- ok
               |<----------------------------- timeout ------------------------------>|
                                           past the deadline: TimedOut (ETIMEDOUT)
 
-- A request its server does not answer by the deadline drops its connection (the
-  client's reader does that, see client.py) and fails with ``TimedOut`` (ETIMEDOUT);
-  other requests in flight on that connection are sent again on a new one, within their
-  own deadlines.
+- Two clocks, one number.  The operation's deadline bounds what its caller waits.  The
+  connection has its own: a request unanswered ``timeout`` seconds after it was sent
+  means the server stalled, and the client's reader drops that connection (client.py);
+  the other requests in flight on it are sent again on a new one, within their own
+  deadlines.  A request sent late in its operation's time (after a slow reconnect) can
+  thus time out without its fresh connection being dropped for it.
 - Reconnecting is one attempt at a time, shared: every operation that needs a connection
   while an attempt is under way waits for that attempt (until its own deadline), so a
   burst of failed requests makes one new connection, not many.  An attempt is a task of
@@ -59,8 +62,7 @@ from .handshake import ConnectionLost, TimedOut
 
 T = TypeVar("T")
 Connect = Callable[[trio.Nursery], Awaitable[NBDClient]]
-Operation = Callable[[NBDClient, float], Awaitable[T]]
-"""``op(client, deadline)``: requests on ``client``, answered by ``deadline``."""
+Operation = Callable[[NBDClient], Awaitable[T]]
 
 
 @dataclass
@@ -104,40 +106,37 @@ class Reconnecting:
     async def run(self, op: Operation[T], what: str = "a request") -> T:
         """``op`` (``what``, for messages) on a working connection, retried over
         reconnects until its deadline; see the module text."""
-        deadline = trio.current_time() + self.timeout
-        failure: ConnectionLost | None = None
-        for _ in range(self.retries + 1):
-            try:
-                return await op(await self._usable(deadline), deadline)
-            except ConnectionLost as exc:
-                self.last_failure = f"{what}: {exc}"
-                if trio.current_time() >= deadline:
-                    raise self._timed_out(what, exc) from exc
-                failure = exc
-            except ProtocolError as exc:
-                self.last_failure = f"{what}: {exc}"
-                raise
-        raise Unreachable(
-            f"{self.server}: still unreachable after {self.retries} retries: {failure}"
-        ) from failure
+        failure: BlockError | None = None
+        with trio.move_on_after(self.timeout):
+            for _ in range(self.retries + 1):
+                try:
+                    return await op(await self._usable())
+                except ConnectionLost as exc:
+                    self.last_failure = f"{what}: {exc}"
+                    failure = exc
+                except ProtocolError as exc:
+                    self.last_failure = f"{what}: {exc}"
+                    raise
+            raise Unreachable(
+                f"{self.server}: still unreachable after {self.retries} retries: {failure}"
+            ) from failure
+        late = f"no answer from {self.server} within {self.timeout:g} s"
+        if failure is not None:
+            late += f" (last: {failure})"
+        self.last_failure = f"{what}: {late}"
+        raise TimedOut(f"{what} got {late}") from failure
 
-    def _timed_out(self, what: str, exc: BlockError) -> TimedOut:
-        return TimedOut(f"{what} got no answer within {self.timeout:g} s ({exc})")
-
-    async def _usable(self, deadline: float) -> NBDClient:
-        """The connection, after waiting (until ``deadline``) for a shared attempt if it is
-        broken.  What an attempt made is returned even if it broke since: the operation
-        then fails on it and counts a try, so a server that breaks every new connection
-        at once is not reconnected to without end."""
+    async def _usable(self) -> NBDClient:
+        """The connection, after waiting for a shared attempt if it is broken.  What an
+        attempt made is returned even if it broke since: the operation then fails on it
+        and counts a try, so a server that breaks every new connection at once is not
+        reconnected to without end."""
         if self._closed:
             raise Disconnected(f"connection to {self.server} is closed")
         if self.client.broken is None:
             return self.client
         attempt = self._attempt or self._start_attempt()
-        with trio.move_on_at(deadline):
-            await attempt.done.wait()
-        if not attempt.done.is_set():
-            raise ConnectionLost(f"{self.server}: still reconnecting")
+        await attempt.done.wait()
         if attempt.error is not None:
             raise attempt.error
         return self.client
@@ -191,7 +190,7 @@ class Reconnecting:
 
     async def flush(self) -> None:
         """FLUSH on a working connection; EIO (once) if writes may have been lost."""
-        await self.run(lambda c, deadline: c.flush(deadline=deadline), "flush")
+        await self.run(lambda c: c.flush(), "flush")
         if self._lost_writes:
             message, self._lost_writes = self._lost_writes, ""
             raise RequestFailed(errno.EIO, message)
