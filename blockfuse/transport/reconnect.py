@@ -154,10 +154,10 @@ class Reconnecting:
                 await self._replace_client()
             if attempt.scope.cancelled_caught:
                 attempt.error = Disconnected(f"connection to {self.server} is closed")
-        except BlockError as exc:
-            attempt.error = exc if isinstance(exc, ConnectionLost | Disconnected) else (
-                ConnectionLost(f"reconnecting to {self.server} failed: {exc}")
-            )  # fmt: skip
+        except (ConnectionLost, Disconnected) as exc:
+            attempt.error = exc
+        except BlockError as exc:  # refused, or a protocol error: worth another attempt
+            attempt.error = ConnectionLost(f"reconnecting to {self.server} failed: {exc}")
         finally:
             self._attempt = None
             if attempt.error is None:
