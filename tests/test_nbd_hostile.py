@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from blockfuse.devices.remote import RemoteDevice
-from blockfuse.errors import BlockError, ProtocolError, RequestFailed
+from blockfuse.errors import BlockError, ProtocolError, RequestFailed, Unreachable
 from blockfuse.nbd import constants as c
 from blockfuse.nbd.coverage import Coverage
 from blockfuse.nbd.events import NEED_DATA, ExportInfo, ExportList, Negotiated, OptionRefused
@@ -471,3 +471,16 @@ async def test_listing_a_server_that_never_greets_is_bounded(
     with trio.fail_after(10 * LIST_TIMEOUT), pytest.raises(Stalled, match="took more than 30 s"):
         await list_exports(Address(socket=path))
     assert trio.current_time() - started == pytest.approx(LIST_TIMEOUT, abs=1)
+
+
+async def test_a_flush_that_times_out_is_one_that_could_not_reach_the_server(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The mirror fails the copy on a flush error, but not on one that never reached the
+    device (``Unreachable``): a flush without an answer says nothing was lost either (lost
+    writes are reported by the next flush after the reconnect)."""
+    dev = await remote_on(nursery, Hostile(Script(stall=Stall.BEFORE)))
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        error = await failure_of(dev.flush())
+    assert isinstance(error, Unreachable) and error.errno == errno.ETIMEDOUT, error
+    await dev.aclose()

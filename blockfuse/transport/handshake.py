@@ -7,7 +7,7 @@ import errno
 
 import trio
 
-from ..errors import BlockError, ProtocolError, RequestFailed
+from ..errors import BlockError, ProtocolError, Unreachable
 from ..nbd.constants import Opt, Rep
 from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused, PeerClosed
 from ..nbd.handshake import ClientHandshake
@@ -31,15 +31,18 @@ class Stalled(ConnectionLost):
     errno = errno.ETIMEDOUT
 
 
-class TimedOut(RequestFailed):
+class TimedOut(Unreachable):
     """A request got no answer by its deadline (on this connection or over reconnects).
 
-    ETIMEDOUT rather than EIO: the request may yet have taken effect on the server (a
-    write, say), and the error says what happened instead of looking like the server's
-    own I/O error."""
+    An ``Unreachable``: like a request whose server stayed away, it says nothing was lost
+    (a mirror fails its checkpoint, not its copy, on such a flush; writes lost with a
+    dropped connection are reported by the flush after the reconnect).  ETIMEDOUT rather
+    than EIO: the request may yet have taken effect on the server (a write, say), and the
+    error says what happened instead of looking like the server's own I/O error."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(errno.ETIMEDOUT, message)
+        super().__init__(message)
+        self.errno = errno.ETIMEDOUT
 
 
 class HandshakeRefused(BlockError):
