@@ -71,9 +71,10 @@ class Script:
     """Bytes sent in the same write as the handshake's last reply."""
     stall: Stall | None = None
     stall_from: int = 1
-    """The request (counted from 1 on each connection) where the stall starts."""
-    stall_connections: int | None = None
-    """Stall only on the first this-many connections (None: on every one)."""
+    """The request (counted from 1 on each connection) where the stall starts; 0 with
+    ``AFTER``: right after the handshake, before reading any request."""
+    stall_on: list[int] | None = None
+    """The connections (counted from 1) that stall; None: every one."""
     close_every: int = 0
     """Close the connection instead of answering every Nth request (over all connections)."""
     drop_connections: int = 0
@@ -251,6 +252,9 @@ class _Connection:
     # --- transmission -----------------------------------------------------------------
 
     async def transmission(self) -> None:
+        if self.stalls_now() is Stall.AFTER:  # stall_from=0: read nothing at all
+            await self.server._stall()
+            raise Closed
         while True:
             raw = await self.receive(c.REQUEST.size)
             _, _, cmd, cookie, offset, length = c.REQUEST.unpack(raw)
@@ -273,7 +277,7 @@ class _Connection:
         s = self.script
         if s.stall is None or self.requests < s.stall_from:
             return None
-        if s.stall_connections is not None and self.number > s.stall_connections:
+        if s.stall_on is not None and self.number not in s.stall_on:
             return None
         return s.stall
 

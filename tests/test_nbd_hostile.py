@@ -313,7 +313,7 @@ async def test_a_stalled_server_fails_the_request_at_its_deadline_then_reconnect
     blocked forever (unkillable behind a mount); the request now fails with ETIMEDOUT
     at its deadline, the connection is dropped, and the next request gets a new one."""
     first = 1 if stall is Stall.AFTER else 2  # the write is answered, the read is not
-    hostile = Hostile(Script(stall=stall, stall_from=first, stall_connections=1))
+    hostile = Hostile(Script(stall=stall, stall_from=first, stall_on=[1]))
     dev = await remote_on(nursery, hostile)
     await dev.write(0, [b"x" * 4096])
     started = trio.current_time()
@@ -381,7 +381,7 @@ async def test_a_server_that_stops_reading_cannot_block_a_write(
 ) -> None:
     """The request's send is shielded (never half a request on the wire); a server that
     reads nothing more kept it, and its caller, waiting forever."""
-    hostile = Hostile(Script(stall=Stall.AFTER, stall_from=1, stall_connections=1))
+    hostile = Hostile(Script(stall=Stall.AFTER, stall_from=1, stall_on=[1]))
     dev = await remote_on(nursery, hostile, lockstep=True)
     await dev.read(0, [bytearray(512)])  # answered; then the server reads nothing more
     with trio.fail_after(10 * DEFAULT_TIMEOUT):
@@ -389,6 +389,22 @@ async def test_a_server_that_stops_reading_cannot_block_a_write(
     assert getattr(error, "errno", None) == errno.ETIMEDOUT, error
     with trio.fail_after(DEFAULT_TIMEOUT):
         await dev.write(0, [bytes(64 << 10)])  # on a new connection
+    await dev.aclose()
+
+
+async def test_a_write_sent_late_to_a_server_that_reads_nothing_ends_at_its_deadline(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """After a reconnect that took 25 of the write's 30 s, the new connection takes none of
+    the write's bytes: the (shielded) send must not outlast the write's deadline."""
+    script = Script(drop_connections=1, greet_delay=25, stall=Stall.AFTER, stall_from=0,
+                    stall_on=[2])  # fmt: skip
+    dev = await remote_on(nursery, Hostile(script), lockstep=True)
+    started = trio.current_time()
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        error = await failure_of(dev.write(0, [bytes(64 << 10)]))
+    assert getattr(error, "errno", None) == errno.ETIMEDOUT, error
+    assert trio.current_time() - started == pytest.approx(DEFAULT_TIMEOUT, abs=1)
     await dev.aclose()
 
 

@@ -8,7 +8,8 @@ Invariants (pyfuse3 calls in from up to 99 tasks at once):
 - Requests are queued whole on the out-queue and written in order by one sender at a
   time with cancellation shielded (sender.py), so a cancelled caller never leaves half a
   request on the wire.  A send that makes no progress for ``timeout`` seconds (a server
-  that stopped reading) drops the connection instead of holding its shield forever.
+  that stopped reading), or is still going at its caller's deadline, drops the
+  connection instead of holding its shield longer.
 - Only the reader task feeds the core and only it completes calls, except that dropping
   the connection (``_drop``) fails every call at once; a caller waits on its call's
   event.  A call stays registered until its reply is done, even if its caller was
@@ -339,7 +340,8 @@ class NBDClient:
         if payload is not None:
             self._sender.queue(payload)
         if not self._sender.busy:
-            await self._sender.send(batch=len(self._calls) > 1)
+            until = trio.current_effective_deadline()  # the caller's, outside the shield
+            await self._sender.send(batch=len(self._calls) > 1, until=until)
         return call
 
     def _check_usable(self) -> None:

@@ -3,13 +3,16 @@
 Requests are queued whole (a header, then a WRITE's payload) and written in order by one
 sender at a time, with cancellation shielded, so a cancelled caller never leaves half a
 request on the wire.  The shield must not become a hang: each piece that cannot be
-written at once must be taken by the server within ``timeout`` seconds, or the
-connection is given up (``on_broken`` with ``Stalled``).  On a socket, what the kernel
-takes without blocking goes out in one ``writev`` of up to ``IOV_MAX`` pieces.
+written at once must be taken by the server within ``timeout`` seconds, and before the
+sending caller's own deadline (``until``), or the connection is given up (``on_broken``
+with ``Stalled``: half a request cannot be taken back, so the connection goes with it).
+On a socket, what the kernel takes without blocking goes out in one ``writev`` of up to
+``IOV_MAX`` pieces.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -50,9 +53,10 @@ class Sender:
         """Forget what is queued (the connection is broken)."""
         self._queue.clear()
 
-    async def send(self, *, batch: bool) -> None:
-        """Send the queue (and what is queued meanwhile).  With ``batch`` the other ready
-        tasks first get to queue theirs, so a burst leaves in one ``writev``."""
+    async def send(self, *, batch: bool, until: float = math.inf) -> None:
+        """Send the queue (and what is queued meanwhile), by ``until`` at the latest.  With
+        ``batch`` the other ready tasks first get to queue theirs, so a burst leaves in
+        one ``writev``."""
         self.busy = True
         try:
             if batch:
@@ -61,7 +65,7 @@ class Sender:
                 while self._queue:
                     parts, self._queue = self._queue, []
                     if rest := self._send_now(parts):
-                        await self._send(rest)
+                        await self._send(rest, until)
         finally:
             self.busy = False
             if self._idle is not None:
@@ -103,13 +107,15 @@ class Sender:
                 sent = 0
         return out
 
-    async def _send(self, parts: list[Part]) -> None:
+    async def _send(self, parts: list[Part], until: float) -> None:
         try:
             for part in parts:
-                with trio.move_on_after(self._timeout) as scope:
+                started = trio.current_time()
+                with trio.move_on_at(min(started + self._timeout, until)) as scope:
                     await self._stream.send_all(part)
                 if scope.cancelled_caught:
-                    took = f"{self._server}: took nothing we sent for {self._timeout:g} s"
+                    waited = trio.current_time() - started
+                    took = f"{self._server}: took nothing we sent for {waited:g} s"
                     self._on_broken(Stalled(f"{took}; the connection was dropped"))
                     return
         except STREAM_ERRORS as exc:
