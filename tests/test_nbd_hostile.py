@@ -408,6 +408,17 @@ async def test_a_write_sent_late_to_a_server_that_reads_nothing_ends_at_its_dead
     await dev.aclose()
 
 
+async def test_closing_a_connection_whose_server_reads_nothing_is_bounded(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """NBD_CMD_DISC goes through the same shielded sender: it must not hold the close."""
+    client = await connect(nursery, Hostile(Script(stall=Stall.AFTER, stall_from=0)), lockstep=True)
+    started = trio.current_time()
+    with trio.fail_after(10 * DEFAULT_TIMEOUT):
+        await client.aclose()
+    assert trio.current_time() - started <= 5
+
+
 async def test_closing_is_bounded_and_ends_the_requests_in_flight(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:

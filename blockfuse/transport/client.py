@@ -435,7 +435,7 @@ class NBDClient:
                 await self._wait_idle()
                 if self._broken is None or self._disc_due:
                     self._send_disc_now()
-                await self._sender.send_after_current()
+                await self._sender.send_after_current(until=trio.current_effective_deadline())
             self._reader_scope.cancel()
             await quietly(self._stream.aclose())
             with trio.move_on_after(CLOSE_TIMEOUT):

@@ -76,14 +76,14 @@ class Sender:
         if self._queue and not self.busy:
             await self.send(batch=False)
 
-    async def send_after_current(self) -> None:
+    async def send_after_current(self, until: float = math.inf) -> None:
         """Send everything queued, after the send under way (if any) has ended."""
         while self.busy:
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()
         if self._queue:
-            await self.send(batch=False)
+            await self.send(batch=False, until=until)
 
     def _send_now(self, parts: list[Part]) -> list[Part]:
         """Write what the socket takes without blocking; what is left to send."""
