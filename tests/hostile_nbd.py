@@ -86,16 +86,18 @@ class Script:
 
     @classmethod
     def from_json(cls, text: str) -> Script:
+        """A script from JSON (``trailing`` as a latin-1 string); unknown keys are refused."""
         raw = json.loads(text)
         if "stall" in raw:
             raw["stall"] = Stall(raw["stall"])
         if "trailing" in raw:
             raw["trailing"] = raw["trailing"].encode("latin-1")
-        for key in ("block_size",):
-            if raw.get(key) is not None:
-                raw[key] = tuple(raw[key])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        if raw.get("block_size") is not None:
+            raw["block_size"] = tuple(raw["block_size"])
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown script keys: {sorted(unknown)}")
+        return cls(**raw)
 
 
 class Closed(Exception):
