@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -328,6 +329,56 @@ async def test_nbdkit_shutdown_gets_disc_then_reconnect(
     await dev.aclose()
 
 
+async def test_nbdkit_slower_than_the_timeout_fails_the_read_then_reconnects(
+    nursery: trio.Nursery, start: Start
+) -> None:
+    """Reads delayed 40 s (a SIGKILLed dd behind a mount once lived 41 s): with timeout=1
+    the read fails with ETIMEDOUT after about a second, the connection is dropped, and a
+    write goes through on a new one."""
+    peer = start(["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory", "4M", "rdelay=40"])
+    with trio.fail_after(10):
+        dev = await open_remote(nursery, parse_uri(peer.uri()), request_timeout=1)
+    started = trio.current_time()
+    with trio.fail_after(10), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [bytearray(4096)])
+    assert info.value.errno == errno.ETIMEDOUT
+    assert 1 <= trio.current_time() - started < 5
+    with trio.fail_after(5):  # the request's own deadline passes a moment after the read's
+        await dev._link.client._reader_done.wait()
+    assert dev.status()["connection"].startswith("disconnected; last: read of 4096 bytes at 0")
+    with trio.fail_after(10):
+        await dev.write(0, [bytes(4096)])
+    assert dev.status()["reconnects"] == "1"
+    await dev.aclose()
+
+
+async def test_nbdkit_paused_times_out_and_resumed_serves(
+    nursery: trio.Nursery, short_tmp: Path, start: Start
+) -> None:
+    control = short_tmp / "pause.sock"
+    peer = start(
+        ["nbdkit", "-f", "-U", "{sock}", "--filter=pause", "memory", "4M",
+         f"pause-control={control}"]
+    )  # fmt: skip
+    with trio.fail_after(10):
+        dev = await open_remote(nursery, parse_uri(peer.uri()), request_timeout=1)
+        await dev.write(0, [b"p" * 4096])
+        pause = await trio.open_unix_socket(str(control))
+        await pause.send_all(b"p")
+        assert await pause.receive_some(1) == b"P"
+    buf = bytearray(4096)
+    with trio.fail_after(10), pytest.raises(RequestFailed) as info:
+        await dev.read(0, [buf])
+    assert info.value.errno == errno.ETIMEDOUT
+    with trio.fail_after(10):
+        await pause.send_all(b"r")
+        assert await pause.receive_some(1) == b"R"
+        await dev.read(0, [buf])
+    assert buf == b"p" * 4096
+    await pause.aclose()
+    await dev.aclose()
+
+
 # --- qemu-nbd -----------------------------------------------------------------------
 
 
@@ -446,3 +497,40 @@ async def test_nbd_server_listing_allowed(nbd_server: Callable[[bool], DaemonPee
         found = await list_exports(parse_uri(peer.uri()))
     # nbd-server's NBD_INFO_EXPORT says 0 bytes; the size comes from an EXPORT_NAME probe
     assert [(e.name, e.size) for e in found] == [("disk1", 4 << 20)]
+
+
+def test_ls_on_a_one_session_nbd_server(short_tmp: Path) -> None:
+    """``nbd-server -d`` serves one session: ``ls`` learns the first export's size with a
+    second connection, which ends the server, so the third connection (for the second
+    export's size) is refused.  That printed a 50-line ExceptionGroup traceback; now the
+    size it could not learn is shown as ``?``."""
+    require_tool("nbd-server", "nbd-server")
+    sock = short_tmp / "nbd.sock"
+    conf = short_tmp / "nbd-server.conf"
+    sections = [f"[generic]\n    unixsock = {sock}\n    allowlist = true\n"]
+    for name in ("a", "b"):
+        sparse_image(short_tmp / name, 2 << 20)
+        sections.append(f"[{name}]\n    exportname = {short_tmp / name}\n")
+    conf.write_text("".join(sections))
+    log = open(short_tmp / "nbd-server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["nbd-server", "-C", str(conf), "-d"], stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "nbd-server did not start"
+            time.sleep(0.02)
+        out = subprocess.run(
+            [sys.executable, "-m", "blockfuse.cli", "ls", f"nbd+unix:///?socket={sock}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == "a\t2 MiB\t\nb\t?\t\n"

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import require_tool
-from .mounting import blockfuse_command, mounted
+from .hostile_nbd import HostileProcess
+from .mounting import blockfuse_command, is_mounted, mounted
 from .nbdpeers import DaemonPeer, Peer
 
 pytestmark = pytest.mark.e2e
@@ -206,3 +209,86 @@ def test_concurrent_unaligned_aio_writes_keep_every_byte(short_tmp: Path) -> Non
         peer.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verify" not in result.stderr, result.stderr
+
+
+# --- a server that stalls, behind a real mount --------------------------------------------
+
+REQUEST_TIMEOUT = 2
+STALLS = {
+    "stalls-mid-reply": {"stall": "during"},
+    "never-greets-a-reconnect": {"greet_connections": 1, "close_every": 1},
+}
+
+
+def peak_memory(pid: int) -> int:
+    """The peak resident set (VmHWM) of ``pid``, in bytes, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def direct_read(path: Path) -> subprocess.Popen[str]:
+    """dd reading 4 KiB with O_DIRECT, so the errno comes back as the device gave it."""
+    argv = ["dd", f"if={path}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("script", STALLS.values(), ids=STALLS.keys())
+def test_a_stalled_server_cannot_hang_readers_or_the_mount(
+    short_tmp: Path, script: dict[str, object]
+) -> None:
+    """Readers of a stalled server once hung for good (unkillable, the mount unstoppable):
+    with timeout=2 a reader gets ETIMEDOUT in about 2 s and the status stops saying
+    'connected', two readers at once get theirs as soon, and SIGTERM with a reader stalled
+    ends the mount within 2 * timeout + 5 s (the reader's deadline, then the flush's, then
+    a bounded close)."""
+    server = HostileProcess(short_tmp, script)
+    readers: list[subprocess.Popen[str]] = []
+    try:
+        spec = f"r=nbd({server.uri()}, timeout={REQUEST_TIMEOUT})"
+        with mounted(short_tmp / "mnt", [spec]) as m:
+            flat = m.path("r")
+
+            def state() -> str:
+                return os.getxattr(flat, "user.blockfuse.connection").decode()
+
+            for count in (1, 2):
+                started = time.monotonic()
+                readers = [direct_read(flat) for _ in range(count)]
+                errors = [r.communicate(timeout=60)[1] for r in readers]
+                elapsed = time.monotonic() - started
+                assert [r.returncode for r in readers] == [1] * count
+                assert all("Connection timed out" in e for e in errors), errors
+                assert elapsed < REQUEST_TIMEOUT + 4, elapsed
+                if count == 1:  # its request's own deadline passes a moment after the read's
+                    wait_until(lambda: not state().startswith("connected"), 5, "the drop")
+                    assert re.match(STALLED_STATE, state()), state()
+
+            stalls = server.stalls()
+            readers.append(direct_read(flat))
+            wait_until(lambda: server.stalls() > stalls, 30, "the third read to stall")
+            assert peak_memory(m.proc.pid) < 200 << 20
+            started = time.monotonic()
+            m.stop(signal.SIGTERM, timeout=60)
+            assert time.monotonic() - started < 2 * REQUEST_TIMEOUT + 5 + 3
+            assert not is_mounted(m.mountpoint)
+            readers[-1].communicate(timeout=60)
+            assert readers[-1].returncode == 1
+    finally:
+        for reader in readers:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait(timeout=30)
+        server.stop()
+
+
+STALLED_STATE = r"(disconnected|reconnecting); last: read of 4096 bytes at 0: no answer from "

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from blockfuse.block import BlockDevice, Capability, Extent
-from blockfuse.devices.remote import RemoteDevice
+from blockfuse.devices.remote import RemoteDevice, to_extents
 from blockfuse.errors import Disconnected, ProtocolError, RequestFailed
-from blockfuse.nbd.constants import TxFlag
+from blockfuse.nbd.constants import STATE_ZERO, TxFlag
 from blockfuse.nbd.uri import Address
 from blockfuse.testing import check_block_device
 from blockfuse.transport.connect import wrap_nbd_stream
@@ -175,7 +178,7 @@ async def handshake_on(stream: trio.testing.MemoryStapledStream, fake: FakeServe
 
     core = ServerCore({"disk": fake.export})
     await stream.send_all(core.data_to_send())
-    while core.phase.name != "TRANSMISSION":
+    while core.state.name != "TRANSMISSION":
         core.receive_data(await stream.receive_some(1 << 16))
         drain(core)
         await stream.send_all(core.data_to_send())
@@ -266,3 +269,49 @@ async def test_a_reconnect_to_a_changed_export_is_refused(nursery: trio.Nursery)
     with trio.fail_after(10):
         await dev.read(0, [bytearray(512)])
     await dev.aclose()
+
+
+# --- block status as sector extents ---------------------------------------------------------
+
+EXTENTS = st.lists(
+    st.tuples(st.integers(1, 3 * 4096), st.sampled_from([0, 1, 2, 3])), min_size=1, max_size=8
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(EXTENTS, st.integers(0, 4), st.integers(1, 24), st.sampled_from([512, 4096]))
+def test_block_status_becomes_safe_and_exact_sector_extents(
+    found: list[tuple[int, int]], sector: int, count: int, ss: int
+) -> None:
+    """A sector is a hole exactly when every byte of it is known to read as zeroes (the
+    server's extents may end anywhere inside a sector, and may stop short); anything
+    else is data, which is always safe to read."""
+    assume(sum(n for n, _ in found[:-1]) < count * ss)  # what the core lets through
+    zero = bytearray()  # per byte from the sector: 1 known zero, 0 data; unknown past the end
+    for length, flags in found:
+        zero += bytes([1 if flags & STATE_ZERO else 0]) * length
+    out = to_extents(found, sector, count, ss)
+    assert out and out[0].sector == sector and out[-1].end <= sector + count
+    for a, b in itertools.pairwise(out):
+        assert a.end == b.sector and a.is_data != b.is_data
+    known = min(len(zero) // ss, count)  # sectors every byte of which the server described
+    assert out[-1].end - sector >= max(known, 1)
+    for extent in out:
+        for s in range(extent.sector - sector, extent.end - sector):
+            block = zero[s * ss : (s + 1) * ss]
+            all_zero = len(block) == ss and all(block)
+            assert extent.is_data != all_zero, (s, extent)
+
+
+def test_a_hole_ending_inside_a_sector_leaves_that_sector_data() -> None:
+    """The two ways this once went wrong: the sector holding a hole's last bytes and the
+    next extent's first ones was called a hole (a mirror skipped its data), and a long
+    hole ending inside a sector was called data all along (copied as zeroes)."""
+    assert to_extents([(1000, 3), (24, 0)], 0, 2, 512) == [
+        Extent(0, 1, False),
+        Extent(1, 1, True),
+    ]
+    assert to_extents([((1 << 30) + 100, 3), (1 << 20, 0)], 0, 4 << 20, 512)[:2] == [
+        Extent(0, 1 << 21, False),
+        Extent(1 << 21, 2049, True),
+    ]

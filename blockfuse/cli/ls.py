@@ -9,7 +9,7 @@ import trio
 from ..errors import BlockError
 from ..nbd.uri import BadURI, parse_uri
 from ..transport.connect import list_exports
-from ..units import format_size
+from ..units import format_size, printable
 from .common import EXIT_OK, EXIT_USAGE, CommandError
 
 
@@ -33,6 +33,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     for export in exports:
         size = format_size(export.size) if export.size is not None else "?"
-        name = export.name or '""'
-        print(f"{name}\t{size}\t{export.description or ''}")
+        name = printable(export.name) or '""'
+        print(f"{name}\t{size}\t{printable(export.description)}")
     return EXIT_OK

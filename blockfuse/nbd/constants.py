@@ -161,10 +161,23 @@ MAX_OPTION_REPLY = 4 + 2 * MAX_STRING
 MAX_EXPORTS = 65536
 """The most ``NBD_REP_SERVER`` replies one LIST may bring."""
 MAX_LIST_BYTES = 1 << 24
-"""The most name and description bytes one LIST may bring (16 MiB)."""
+"""The most bytes one LIST may bring (16 MiB): its SERVER replies and the INFO replies
+that follow for each export, all counted."""
+MAX_INFO_REPLIES = 64
+"""The most ``NBD_REP_INFO`` replies one INFO or GO may bring (there are four info types;
+a server may add unknown ones, which are ignored, but not without end)."""
+MIN_PREFERRED_BLOCK = 512
+"""A preferred block size below this (or below the minimum) breaks the spec."""
+MAX_EXPORT_SIZE = (1 << 63) - 1
+"""The largest export blockfuse opens: file sizes and offsets are signed 64-bit (st_size,
+off_t, FUSE), though the protocol's size field is unsigned."""
 DEFAULT_MAX_PAYLOAD = 1 << 25
 """32 MiB: what every server must take when it advertises no maximum."""
 MAX_MIN_BLOCK = 1 << 16
+MAX_READ_PIECES = 1024
+"""How many separate pieces the chunks of one READ reply may have left apart at once.
+Chunks may come in any order, but a server that scatters a reply more than this (every
+other byte first, say) is dropped: tracking the pieces stays cheap and small."""
 MAX_EXTENTS = 1 << 20
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * MAX_EXTENTS
 MAX_ERROR_CHUNK = 6 + MAX_STRING + 8

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..errors import ProtocolError
 from .constants import DEFAULT_MAX_PAYLOAD, NO_TX_FLAGS, Opt, Rep, TxFlag
 
 
-class _NeedData:
+class NeedData(enum.Enum):
+    """The type of ``NEED_DATA``: a sentinel that is a type of its own, as h11's is.
+
+    h11 makes each sentinel a class that is its own type; a one-member Enum does the
+    same, and type checkers narrow ``event is NEED_DATA`` on it, so a core's
+    ``next_event() -> SomeEvent | NeedData`` needs no casts at its callers."""
+
+    NEED_DATA = "NEED_DATA"
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA: Final = NeedData.NEED_DATA
 """``next_event()`` answers this when it cannot go on without more bytes."""
 
 
@@ -75,7 +85,16 @@ class OptionRefused:
             return f"error {self.reply:#x}"
 
 
-HandshakeEvent = Negotiated | ExportList | OptionRefused
+@dataclass(frozen=True)
+class ExportRefused:
+    """We refuse the export the server opened (``reason`` says why); transmission had
+    begun, so the handshake's last bytes to send are ``NBD_CMD_DISC``."""
+
+    export: ExportInfo
+    reason: str
+
+
+HandshakeEvent = Negotiated | ExportList | OptionRefused | ExportRefused
 
 # --- transmission (client side) -------------------------------------------------------
 

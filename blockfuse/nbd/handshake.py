@@ -21,12 +21,19 @@ The conversation for ``go`` (fixed newstyle; one option in flight at a time)::
                                             ERR_UNSUP -> C: EXPORT_NAME, S: size flags [zeroes]
                                             other error -> OptionRefused, C: ABORT
 
+An export we cannot use (larger than ``MAX_EXPORT_SIZE``) ends a ``go`` as
+``ExportRefused``, with NBD_CMD_DISC to send: the server is in transmission by then.
+
 A server without FIXED_NEWSTYLE only understands EXPORT_NAME.  ``list`` sends LIST, then
 INFO for each export (when details are wanted), then ABORT.
 
 Every length the server sends is checked against the protocol's limit before anything is
-waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes; any
-violation raises ``ProtocolError`` naming what arrived, and the machine stays broken.
+waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes, and
+every count of replies has a bound of ours: one META_CONTEXT reply per context asked for
+(it names one of them, once), ``MAX_INFO_REPLIES`` INFO replies per INFO or GO, and for a
+list ``MAX_EXPORTS`` exports and ``MAX_LIST_BYTES`` bytes of SERVER and INFO replies
+together.  Any violation raises ``ProtocolError`` naming what arrived, and the machine
+stays broken.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import ProtocolError
+from ..units import printable
 from .buffer import ReceiveBuffer
 from .constants import (
     BASE_ALLOCATION,
@@ -46,16 +54,21 @@ from .constants import (
     EXPORT_NAME_REPLY,
     GREETING,
     IHAVEOPT,
+    MAX_EXPORT_SIZE,
     MAX_EXPORTS,
+    MAX_INFO_REPLIES,
     MAX_LIST_BYTES,
     MAX_OPTION_REPLY,
     NBDMAGIC,
     OPTION_REPLY,
     OPTION_REPLY_MAGIC,
     REP_ERROR_BIT,
+    REQUEST,
+    REQUEST_MAGIC,
     U16,
     U32,
     ClientFlag,
+    Cmd,
     HandshakeFlag,
     InfoType,
     Opt,
@@ -66,7 +79,9 @@ from .events import (
     NEED_DATA,
     ExportInfo,
     ExportList,
+    ExportRefused,
     HandshakeEvent,
+    NeedData,
     Negotiated,
     OptionRefused,
     PeerClosed,
@@ -74,7 +89,9 @@ from .events import (
 from .options import apply_info, decode_string, encode_info_request, encode_name, encode_option
 
 
-class State(enum.Enum):
+class HandshakeState(enum.Enum):
+    """Where the handshake is (``next_event`` dispatches on it)."""
+
     GREETING = "greeting"
     OPTION_REPLY = "waiting for an option reply"
     EXPORT_NAME_REPLY = "waiting for the EXPORT_NAME reply"
@@ -83,6 +100,8 @@ class State(enum.Enum):
 
 
 WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
+WANTED_CONTEXTS = (BASE_ALLOCATION,)
+"""What SET_META_CONTEXT asks for; a server may select each of them at most once."""
 
 
 class ClientHandshake:
@@ -102,7 +121,7 @@ class ClientHandshake:
         self._details = details
         self._buf = ReceiveBuffer()
         self._out = bytearray()
-        self.state = State.GREETING
+        self.state = HandshakeState.GREETING
         self._option: Opt | None = None
         self._reply: tuple[int, int] | None = None  # (reply type, length) being read
         self._no_zeroes = False
@@ -111,8 +130,16 @@ class ClientHandshake:
         self._info = ExportInfo(export or "")
         self._exports: list[ExportInfo] = []
         self._list_bytes = 0
+        self._info_replies = 0
         self._info_index = 0
         self._result: HandshakeEvent | None = None
+        self._steps: dict[HandshakeState, Callable[[], HandshakeEvent | NeedData | None]] = {
+            HandshakeState.GREETING: self._greeting,
+            HandshakeState.OPTION_REPLY: self._option_reply,
+            HandshakeState.EXPORT_NAME_REPLY: self._export_name_reply,
+            HandshakeState.FINISHED: self._finished,
+        }
+        """The dispatch table: what ``next_event`` does in each state."""
 
     @classmethod
     def go(
@@ -129,10 +156,10 @@ class ClientHandshake:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
-        if not data and self.state is not State.FINISHED:
+        if not data and self.state is not HandshakeState.FINISHED:
             where = self.state
-            self.state = State.BROKEN
-            if where is State.EXPORT_NAME_REPLY:
+            self.state = HandshakeState.BROKEN
+            if where is HandshakeState.EXPORT_NAME_REPLY:
                 raise PeerClosed(
                     f"the server closed the connection after NBD_OPT_EXPORT_NAME "
                     f"{self._export!r}: most likely it has no such export"
@@ -144,38 +171,38 @@ class ClientHandshake:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> HandshakeEvent | object:
+    def next_event(self) -> HandshakeEvent | NeedData:
         """The outcome once known, else ``NEED_DATA``; raises ``ProtocolError``."""
-        if self.state is State.BROKEN:
+        if self.state is HandshakeState.BROKEN:
             raise ProtocolError("the handshake already failed")
         try:
-            while self._result is None:
-                if not self._step():
-                    return NEED_DATA
+            while (result := self._steps[self.state]()) is None:
+                pass
         except ProtocolError:
-            self.state = State.BROKEN
+            self.state = HandshakeState.BROKEN
             raise
-        self.state = State.FINISHED
-        return self._result
+        return result
 
-    @property
     def trailing_data(self) -> bytes:
-        """Bytes the server sent after the handshake (normally none)."""
+        """What the server sent after the handshake's last reply, taken out of the buffer
+        (normally nothing; the transmission core must parse whatever it is)."""
         return self._buf.take(len(self._buf)) or b""
 
-    # --- steps ------------------------------------------------------------------------------
+    # --- steps: each returns the outcome, NEED_DATA, or None when it made progress ------
 
-    def _step(self) -> bool:
-        if self.state is State.GREETING:
-            return self._greeting()
-        if self.state is State.EXPORT_NAME_REPLY:
-            return self._export_name_reply()
-        return self._option_reply()
+    def _finished(self) -> HandshakeEvent:
+        assert self._result is not None
+        return self._result
 
-    def _greeting(self) -> bool:
+    def _made_progress(self) -> None:
+        """After a reply was handled: the handshake is over once the goal has an outcome."""
+        if self._result is not None:
+            self.state = HandshakeState.FINISHED
+
+    def _greeting(self) -> NeedData | None:
         raw = self._buf.take(GREETING.size)
         if raw is None:
-            return False
+            return NEED_DATA
         magic, second, flags = GREETING.unpack(raw)
         if magic != NBDMAGIC:
             raise ProtocolError(f"not an NBD server: greeting starts with {raw[:8]!r}")
@@ -187,7 +214,8 @@ class ClientHandshake:
         self._no_zeroes = HandshakeFlag.NO_ZEROES in offered
         self._out += CLIENT_FLAGS.pack(ClientFlag(int(offered)))
         self._start(fixed=HandshakeFlag.FIXED_NEWSTYLE in offered)
-        return True
+        self._made_progress()
+        return None
 
     def _start(self, *, fixed: bool) -> None:
         if self._export is None:
@@ -205,7 +233,7 @@ class ClientHandshake:
     def _send(self, option: Opt, data: bytes = b"") -> None:
         self._out += encode_option(option, data)
         self._option = option
-        self.state = State.OPTION_REPLY
+        self.state = HandshakeState.OPTION_REPLY
 
     def _send_go(self) -> None:
         assert self._export is not None
@@ -217,42 +245,44 @@ class ClientHandshake:
         assert self._export is not None
         self._out += encode_option(Opt.EXPORT_NAME, self._export.encode())
         self._option = Opt.EXPORT_NAME
-        self.state = State.EXPORT_NAME_REPLY
+        self.state = HandshakeState.EXPORT_NAME_REPLY
 
     def _send_set_meta_context(self) -> None:
         assert self._export is not None
-        query = encode_name(self._export) + U32.pack(1) + encode_name(BASE_ALLOCATION)
+        queries = b"".join(encode_name(name) for name in WANTED_CONTEXTS)
+        query = encode_name(self._export) + U32.pack(len(WANTED_CONTEXTS)) + queries
         self._send(Opt.SET_META_CONTEXT, query)
 
     def _refuse(self, option: Opt, reply: int, message: str) -> None:
         self._result = OptionRefused(option, reply, message)
         self._out += encode_option(Opt.ABORT)
 
-    def _export_name_reply(self) -> bool:
+    def _export_name_reply(self) -> NeedData | None:
         need = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_PADDING)
         raw = self._buf.take(need)
         if raw is None:
-            return False
+            return NEED_DATA
         size, flags = EXPORT_NAME_REPLY.unpack(raw[: EXPORT_NAME_REPLY.size])
-        info = replace(self._info, size=size, flags=TxFlag(flags))
-        self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
-        return True
+        self._opened(replace(self._info, size=size, flags=TxFlag(flags)))
+        self._made_progress()
+        return None
 
     # --- option replies ---------------------------------------------------------------
 
-    def _option_reply(self) -> bool:
+    def _option_reply(self) -> NeedData | None:
         if self._reply is None:
             raw = self._buf.take(OPTION_REPLY.size)
             if raw is None:
-                return False
+                return NEED_DATA
             self._reply = self._reply_header(raw)
         rtype, length = self._reply
         data = self._buf.take(length)
         if data is None:
-            return False
+            return NEED_DATA
         self._reply = None
         self._dispatch(rtype, data)
-        return True
+        self._made_progress()
+        return None
 
     def _reply_header(self, raw: bytes) -> tuple[int, int]:
         magic, option, rtype, length = OPTION_REPLY.unpack(raw)
@@ -314,18 +344,49 @@ class ClientHandshake:
         if len(data) < 4:
             raise ProtocolError(f"META_CONTEXT reply of {len(data)} bytes")
         (context_id,) = U32.unpack(data[:4])
-        self._contexts[decode_string(data[4:], "context name")] = context_id
+        name = decode_string(data[4:], "context name")
+        if name not in WANTED_CONTEXTS or name in self._contexts:
+            raise ProtocolError(
+                f"META_CONTEXT reply for {printable(name[:64])!r}, which was not asked for "
+                f"(or came again)"
+            )
+        self._contexts[name] = context_id
 
     def _on_info(self, data: bytes) -> None:
         if len(data) < 2:
             raise ProtocolError(f"INFO reply of {len(data)} bytes")
+        self._info_replies += 1
+        if self._info_replies > MAX_INFO_REPLIES:
+            raise ProtocolError(f"more than {MAX_INFO_REPLIES} INFO replies to {self._option!r}")
+        if self._export is None:
+            self._count_list_bytes(len(data))
         (itype,) = U16.unpack(data[:2])
         self._info = apply_info(self._info, itype, data)
+
+    def _count_list_bytes(self, n: int) -> None:
+        self._list_bytes += n
+        if self._list_bytes > MAX_LIST_BYTES:
+            raise ProtocolError(
+                f"LIST and its INFO replies brought more than {MAX_LIST_BYTES} bytes"
+            )
 
     def _on_go_ack(self, data: bytes) -> None:
         if self._info.size is None:
             raise ProtocolError("GO succeeded without NBD_INFO_EXPORT")
-        self._result = Negotiated(self._info, structured=self._structured, contexts=self._contexts)
+        self._opened(self._info)
+
+    def _opened(self, info: ExportInfo) -> None:
+        """Transmission has begun on ``info``: negotiated, or refused with a DISC."""
+        assert info.size is not None
+        if info.size > MAX_EXPORT_SIZE:
+            reason = (
+                f"export {info.name!r} is {info.size} bytes; blockfuse can use exports of up "
+                f"to {MAX_EXPORT_SIZE} bytes (2^63 - 1: file sizes are signed 64-bit)"
+            )
+            self._result = ExportRefused(info, reason)
+            self._out += REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+            return
+        self._result = Negotiated(info, structured=self._structured, contexts=self._contexts)
 
     def _on_server(self, data: bytes) -> None:
         if len(data) < 4:
@@ -333,9 +394,9 @@ class ClientHandshake:
         (n,) = U32.unpack(data[:4])
         if n > len(data) - 4:
             raise ProtocolError(f"SERVER reply names {n} bytes but carries {len(data) - 4}")
-        self._list_bytes += len(data)
-        if len(self._exports) >= MAX_EXPORTS or self._list_bytes > MAX_LIST_BYTES:
-            raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports or 16 MiB")
+        if len(self._exports) >= MAX_EXPORTS:
+            raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports")
+        self._count_list_bytes(len(data))
         name = decode_string(data[4 : 4 + n], "export name")
         desc = decode_string(data[4 + n :], "export description")
         self._exports.append(ExportInfo(name, description=desc))
@@ -353,6 +414,7 @@ class ClientHandshake:
             self._out += encode_option(Opt.ABORT)
             return
         self._info = self._exports[self._info_index]
+        self._info_replies = 0
         self._send(Opt.INFO, encode_info_request(self._info.name, WANTED_INFO))
 
     def _on_info_ack(self, data: bytes) -> None:

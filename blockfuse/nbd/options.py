@@ -1,8 +1,9 @@
 """Option payloads of the NBD handshake: how they are encoded and decoded.
 
 Strings carry their length and are refused beyond ``MAX_STRING`` bytes; INFO items are
-checked against their fixed sizes and the block-size rules (minimum a power of two up
-to 64 KiB, maximum at least the minimum) before they are believed.
+checked against their fixed sizes and the spec's block-size rules before they are
+believed: the minimum a power of two up to 64 KiB, the preferred size a power of two of
+at least max(minimum, 512), the maximum at least the preferred size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .constants import (
     INFO_EXPORT,
     MAX_MIN_BLOCK,
     MAX_STRING,
+    MIN_PREFERRED_BLOCK,
     OPTION,
     U16,
     U32,
@@ -69,8 +71,16 @@ def apply_block_size(info: ExportInfo, data: bytes) -> ExportInfo:
     _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
     if not is_power_of_two(minimum) or minimum > MAX_MIN_BLOCK:
         raise ProtocolError(f"minimum block size {minimum} is not a power of two up to 64 KiB")
-    if not is_power_of_two(preferred) or maximum < minimum:
-        raise ProtocolError(f"block sizes {minimum}/{preferred}/{maximum} are inconsistent")
+    if (
+        not is_power_of_two(preferred)
+        or preferred < max(minimum, MIN_PREFERRED_BLOCK)
+        or maximum < preferred
+    ):
+        raise ProtocolError(
+            f"block sizes {minimum}/{preferred}/{maximum} (minimum/preferred/maximum) break "
+            f"the spec: preferred must be a power of two of at least max(minimum, "
+            f"{MIN_PREFERRED_BLOCK}), the maximum at least the preferred"
+        )
     return replace(
         info,
         min_block=minimum,

@@ -1,4 +1,10 @@
-"""A small sans-io NBD server core: the other half for client/server pair tests.
+"""A TEST FAKE, not a server: the other half of the client core for pair tests.
+
+Nothing in blockfuse serves NBD with it: it exists so that tests can run the client
+cores against a peer (``tests/nbdpair.py``, ``tests/nbdserver.py``).  It checks little,
+bounds only what the tests need, and answers nothing unless a test tells it how.  The
+NBD server work (a later issue) replaces it with a real server core; until then, do not
+build on it.
 
 It serves fixed-newstyle handshakes (LIST, INFO, GO, EXPORT_NAME, STRUCTURED_REPLY,
 SET_META_CONTEXT for ``base:allocation``, ABORT; anything else ``ERR_UNSUP``) and turns
@@ -10,6 +16,7 @@ GO, no listing).  It trusts nothing the client sends beyond the protocol's limit
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from ..errors import ProtocolError
 from .buffer import ReceiveBuffer
@@ -46,20 +53,33 @@ from .constants import (
     Opt,
     Rep,
 )
-from .events import NEED_DATA, ClientGone, ExportInfo, Request, ServerEvent, ServerReady
+from .events import (
+    NEED_DATA,
+    ClientGone,
+    ExportInfo,
+    NeedData,
+    Request,
+    ServerEvent,
+    ServerReady,
+)
 
 MAX_OPTION = 1 << 16
 ALLOCATION_ID = 7
 
 
-class Phase(enum.Enum):
+class ServerState(enum.Enum):
+    """What the fake reads next (``next_event`` dispatches on it)."""
+
     FLAGS = "client flags"
     OPTIONS = "options"
     TRANSMISSION = "transmission"
     DONE = "done"
+    BROKEN = "broken"
 
 
 class ServerCore:
+    """The test fake's core (see the module text): bytes in, ``ServerEvent`` out."""
+
     def __init__(
         self,
         exports: dict[str, ExportInfo],
@@ -74,11 +94,17 @@ class ServerCore:
         self._offered = HandshakeFlag.NO_ZEROES | (HandshakeFlag.FIXED_NEWSTYLE if fixed else 0)
         self._buf = ReceiveBuffer()
         self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, self._offered))
-        self.phase = Phase.FLAGS
+        self.state = ServerState.FLAGS
         self._no_zeroes = False
         self.structured = False
-        self._meta_export: str | None = None
         self._header: tuple[int, int, int, int, int] | None = None
+        self._steps: dict[ServerState, Callable[[], ServerEvent | NeedData | None]] = {
+            ServerState.FLAGS: self._flags,
+            ServerState.OPTIONS: self._option,
+            ServerState.TRANSMISSION: self._request,
+            ServerState.DONE: lambda: NEED_DATA,
+        }
+        """The dispatch table: what ``next_event`` does in each state."""
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buf.feed(data)
@@ -87,21 +113,21 @@ class ServerCore:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> ServerEvent | object:
-        while self.phase is not Phase.DONE:
-            step = {
-                Phase.FLAGS: self._flags,
-                Phase.OPTIONS: self._option,
-                Phase.TRANSMISSION: self._request,
-            }[self.phase]
-            result = step()
-            if result is not None:
-                return result
-        return NEED_DATA
+    def next_event(self) -> ServerEvent | NeedData:
+        """The next event, or ``NEED_DATA``; raises ``ProtocolError`` (and stays broken)."""
+        if self.state is ServerState.BROKEN:
+            raise ProtocolError("the client already broke the protocol")
+        try:
+            while (result := self._steps[self.state]()) is None:
+                pass
+        except ProtocolError:
+            self.state = ServerState.BROKEN
+            raise
+        return result
 
     # --- handshake ------------------------------------------------------------------
 
-    def _flags(self) -> object | None:
+    def _flags(self) -> NeedData | None:
         raw = self._buf.take(CLIENT_FLAGS.size)
         if raw is None:
             return NEED_DATA
@@ -109,10 +135,10 @@ class ServerCore:
         if flags & ~self._offered:
             raise ProtocolError(f"client flags {flags:#x} beyond the offered {self._offered:#x}")
         self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
-        self.phase = Phase.OPTIONS
+        self.state = ServerState.OPTIONS
         return None
 
-    def _option(self) -> ServerEvent | object | None:
+    def _option(self) -> ServerEvent | NeedData | None:
         raw = self._buf.peek(OPTION.size)
         if raw is None:
             return NEED_DATA
@@ -129,7 +155,7 @@ class ServerCore:
             return self._export_name(data)
         if option == Opt.ABORT:
             self._reply(option, Rep.ACK)
-            self.phase = Phase.DONE
+            self.state = ServerState.DONE
             return ClientGone()
         if option == Opt.LIST and not data:
             self._list()
@@ -156,7 +182,7 @@ class ServerCore:
         self._out += EXPORT_NAME_REPLY.pack(export.size or 0, export.flags)
         if not self._no_zeroes:
             self._out += bytes(EXPORT_NAME_PADDING)
-        self.phase = Phase.TRANSMISSION
+        self.state = ServerState.TRANSMISSION
         return ServerReady(export, self.structured)
 
     def _list(self) -> None:
@@ -186,9 +212,7 @@ class ServerCore:
         self._reply(option, Rep.ACK)
         if option != Opt.GO:
             return None
-        if self._meta_export != name:
-            self._meta_export = None
-        self.phase = Phase.TRANSMISSION
+        self.state = ServerState.TRANSMISSION
         return ServerReady(export, self.structured)
 
     def _set_meta_context(self, data: bytes) -> None:
@@ -196,20 +220,15 @@ class ServerCore:
             self._reply(Opt.SET_META_CONTEXT, Rep.ERR_INVALID)
             return None
         (n,) = U32.unpack(data[:4])
-        self._meta_export = data[4 : 4 + n].decode(errors="replace")
         if BASE_ALLOCATION.encode() in data[8 + n :]:
             context = U32.pack(ALLOCATION_ID) + BASE_ALLOCATION.encode()
             self._reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, context)
         self._reply(Opt.SET_META_CONTEXT, Rep.ACK)
         return None
 
-    @property
-    def allocation_selected(self) -> bool:
-        return self._meta_export is not None
-
     # --- transmission -----------------------------------------------------------------
 
-    def _request(self) -> ServerEvent | object | None:
+    def _request(self) -> ServerEvent | NeedData | None:
         if self._header is None:
             raw = self._buf.take(REQUEST.size)
             if raw is None:
@@ -222,7 +241,7 @@ class ServerCore:
             self._header = (flags, cmd, cookie, offset, length)
         flags, cmd, cookie, offset, length = self._header
         if cmd == Cmd.DISC:
-            self.phase = Phase.DONE
+            self.state = ServerState.DONE
             return ClientGone()
         data = b""
         if cmd == Cmd.WRITE and (data := self._buf.take(length) or b"") == b"":

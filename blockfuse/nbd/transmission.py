@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ProtocolError, ReadOnly, Unimplemented, Unsafe
@@ -66,6 +67,7 @@ from .events import (
     NEED_DATA,
     Done,
     ExportInfo,
+    NeedData,
     Negotiated,
     PeerClosed,
     ReadData,
@@ -94,7 +96,9 @@ WRITES = {Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES}
 NO_RANGE = {Cmd.FLUSH, Cmd.DISC}
 
 
-class Rx(enum.Enum):
+class ReplyState(enum.Enum):
+    """What the reply parser reads next (``next_event`` dispatches on it)."""
+
     HEADER = "reply header"
     SIMPLE_DATA = "simple reply data"
     DATA_OFFSET = "data chunk offset"
@@ -104,7 +108,7 @@ class Rx(enum.Enum):
 
 
 @dataclass
-class Stream:
+class OpenReply:
     """The chunk or simple reply being read: where its next payload bytes belong."""
 
     cookie: int
@@ -131,19 +135,19 @@ class ClientTransmission:
         self._pending: dict[int, Pending] = {}
         self._cookies = itertools.count(1)
         self._buf = ReceiveBuffer()
-        self._rx = Rx.HEADER
-        self._stream: Stream | None = None
+        self.state = ReplyState.HEADER
+        self._reply: OpenReply | None = None
         self._disconnected = False
         self._eof = False
         self._ready: ReplyEvent | None = None
         self._checked: set[tuple[Cmd, CmdFlag]] = set()
         """(command, flags) pairs already found usable on this connection."""
-        self._steps = {
-            Rx.HEADER: self._header,
-            Rx.SIMPLE_DATA: self._stream_data,
-            Rx.CHUNK_DATA: self._stream_data,
-            Rx.DATA_OFFSET: self._data_offset,
-            Rx.CHUNK_PAYLOAD: self._chunk_payload,
+        self._steps: dict[ReplyState, Callable[[], ReplyEvent | NeedData | None]] = {
+            ReplyState.HEADER: self._header,
+            ReplyState.SIMPLE_DATA: self._stream_data,
+            ReplyState.CHUNK_DATA: self._stream_data,
+            ReplyState.DATA_OFFSET: self._data_offset,
+            ReplyState.CHUNK_PAYLOAD: self._chunk_payload,
         }
 
     @property
@@ -174,7 +178,7 @@ class ClientTransmission:
         return REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
 
     def _check(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
-        if self._disconnected or self._rx is Rx.BROKEN:
+        if self._disconnected or self.state is ReplyState.BROKEN:
             raise Unsafe("the connection is closed")
         if (cmd, flags) not in self._checked:
             self._check_supported(cmd, flags)
@@ -222,18 +226,19 @@ class ClientTransmission:
             self._eof = True
         self._buf.feed(data)
 
-    def next_event(self) -> ReplyEvent | object:
+    def next_event(self) -> ReplyEvent | NeedData:
         """The next event, or ``NEED_DATA``; raises ``ProtocolError`` (and stays broken)."""
-        if self._rx is Rx.BROKEN:
+        if self.state is ReplyState.BROKEN:
             raise ProtocolError("the connection already broke the protocol")
         try:
-            event = self._next()
+            while (event := self._next_step()) is None:
+                pass
         except ProtocolError:
-            self._rx = Rx.BROKEN
+            self.state = ReplyState.BROKEN
             raise
         if event is NEED_DATA and self._eof and (self._pending or len(self._buf)):
-            where = self._rx.value
-            self._rx = Rx.BROKEN
+            where = self.state.value
+            self.state = ReplyState.BROKEN
             raise PeerClosed(
                 f"the server closed the connection with {len(self._pending)} request(s) "
                 f"in flight (while reading a {where})"
@@ -247,31 +252,33 @@ class ClientTransmission:
         request's buffer at ``offset`` and report them with ``payload_received`` instead
         of ``receive_data``: no copy through this core.
         """
-        s = self._stream
-        if self._rx not in (Rx.SIMPLE_DATA, Rx.CHUNK_DATA) or len(self._buf) or self._ready:
+        s = self._reply
+        if (
+            self.state not in (ReplyState.SIMPLE_DATA, ReplyState.CHUNK_DATA)
+            or len(self._buf)
+            or self._ready
+        ):
             return None
         assert s is not None
         return (s.cookie, s.offset, s.remaining) if s.remaining else None
 
     def payload_received(self, n: int) -> None:
         """``n`` bytes of the ``payload_target`` arrived (already in the caller's buffer)."""
-        s = self._stream
+        s = self._reply
         assert s is not None and self.payload_target() is not None and 0 < n <= s.remaining
         s.offset += n
         s.remaining -= n
         if s.remaining == 0:
             self._after_data(s)
 
-    def _next(self) -> ReplyEvent | object:
-        while True:
-            if self._ready is not None:
-                event, self._ready = self._ready, None
-                return event
-            result = self._steps[self._rx]()
-            if result is not None:
-                return result
+    def _next_step(self) -> ReplyEvent | NeedData | None:
+        """An event finished by the last step comes out before the next step runs."""
+        if self._ready is not None:
+            event, self._ready = self._ready, None
+            return event
+        return self._steps[self.state]()
 
-    def _header(self) -> object | None:
+    def _header(self) -> NeedData | None:
         raw = self._buf.peek(4)
         if raw is None:
             return NEED_DATA
@@ -301,42 +308,42 @@ class ClientTransmission:
         if error or pending.cmd is not Cmd.READ:
             self._finish(cookie, wire_errno(error) if error else 0)
             return
-        self._stream = Stream(cookie, pending, offset=pending.offset, remaining=pending.length)
-        self._rx = Rx.SIMPLE_DATA
+        self._reply = OpenReply(cookie, pending, offset=pending.offset, remaining=pending.length)
+        self.state = ReplyState.SIMPLE_DATA
 
     def _finish(self, cookie: int, error: int, message: str = "") -> None:
         del self._pending[cookie]
         self._ready = Done(cookie, error, message)
-        self._rx = Rx.HEADER
+        self.state = ReplyState.HEADER
 
     def _chunk_header(self, flags: int, ctype: int, cookie: int, length: int) -> None:
         if not self.structured:
             raise ProtocolError("structured reply chunk on a connection without them")
         pending = self._lookup(cookie)
         pending.chunked = True
-        self._stream = Stream(cookie, pending, flags=flags, ctype=ctype, length=length)
+        self._reply = OpenReply(cookie, pending, flags=flags, ctype=ctype, length=length)
         check_chunk(pending, ctype, length, flags)
         if ctype == Chunk.OFFSET_DATA:
-            self._rx = Rx.DATA_OFFSET
+            self.state = ReplyState.DATA_OFFSET
         elif ctype == Chunk.NONE:
             self._end_chunk()
         else:
-            self._rx = Rx.CHUNK_PAYLOAD
+            self.state = ReplyState.CHUNK_PAYLOAD
 
-    def _data_offset(self) -> object | None:
+    def _data_offset(self) -> NeedData | None:
         raw = self._buf.take(8)
         if raw is None:
             return NEED_DATA
-        s = self._stream
+        s = self._reply
         assert s is not None
         (s.offset,) = U64.unpack(raw)
         s.remaining = s.length - 8
         claim(s.pending, s.offset, s.remaining, "data")
-        self._rx = Rx.CHUNK_DATA
+        self.state = ReplyState.CHUNK_DATA
         return None
 
-    def _stream_data(self) -> ReplyEvent | object | None:
-        s = self._stream
+    def _stream_data(self) -> ReplyEvent | NeedData | None:
+        s = self._reply
         assert s is not None
         if s.remaining == 0:
             self._after_data(s)
@@ -351,14 +358,14 @@ class ClientTransmission:
             self._after_data(s)
         return ReadData(s.cookie, offset, view)
 
-    def _after_data(self, s: Stream) -> None:
-        if self._rx is Rx.SIMPLE_DATA:
+    def _after_data(self, s: OpenReply) -> None:
+        if self.state is ReplyState.SIMPLE_DATA:
             self._finish(s.cookie, 0)
         else:
             self._end_chunk()
 
-    def _chunk_payload(self) -> ReplyEvent | object | None:
-        s = self._stream
+    def _chunk_payload(self) -> ReplyEvent | NeedData | None:
+        s = self._reply
         assert s is not None
         raw = self._buf.take(s.length)
         if raw is None:
@@ -367,7 +374,7 @@ class ClientTransmission:
         self._end_chunk()
         return event
 
-    def _parse_payload(self, s: Stream, raw: bytes) -> ReplyEvent | None:
+    def _parse_payload(self, s: OpenReply, raw: bytes) -> ReplyEvent | None:
         if s.ctype == Chunk.OFFSET_HOLE:
             offset, size = HOLE.unpack(raw)
             claim(s.pending, offset, size, "hole")
@@ -380,9 +387,9 @@ class ClientTransmission:
         return None
 
     def _end_chunk(self) -> None:
-        s = self._stream
+        s = self._reply
         assert s is not None
-        self._rx = Rx.HEADER
+        self.state = ReplyState.HEADER
         if not s.flags & REPLY_FLAG_DONE:
             return
         p = s.pending

@@ -36,10 +36,6 @@ class Address:
         return f"nbd://{host}:{self.port}/{export}"
 
 
-def looks_like_uri(text: str) -> bool:
-    return any(text.startswith(f"{scheme}://") for scheme in SCHEMES)
-
-
 def parse_uri(text: str) -> Address:
     """Parse an NBD URI; raises ``BadURI`` (its message does not repeat the URI).  TLS
     schemes (``nbds``) are refused."""

@@ -28,7 +28,7 @@ from ..block import BlockDevice
 from ..devices.file import open_file
 from ..devices.memory import MemoryDevice
 from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
-from ..devices.remote import open_remote
+from ..devices.remote import DEFAULT_TIMEOUT, MAX_TIMEOUT, open_remote
 from ..devices.safe import SafeDevice
 from ..devices.sparse import check_backing, open_sparse
 from ..nbd.uri import BadURI, parse_uri
@@ -330,7 +330,7 @@ async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext)
 _URI = re.compile(r"nbd[a-z+]*://")
 
 
-def compile_remote(text: str) -> Recipe:
+def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
     """An NBD URI: checked now (syntax, that a Unix socket exists), connected on open."""
     try:
         address = parse_uri(text)
@@ -345,19 +345,36 @@ def compile_remote(text: str) -> Recipe:
             raise SpecError(f"no NBD server socket at {address.socket}")
 
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return await open_remote(ctx.nursery, address)
+        return await open_remote(ctx.nursery, address, request_timeout=timeout)
 
     return Recipe("nbd", text, open_)
+
+
+def timeout_arg(node: Node, options: Options) -> float:
+    text = word(node, "a number of seconds")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise SpecError(f"bad timeout {text!r} (use seconds, e.g. timeout=10)") from None
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise SpecError(f"bad timeout {text!r}: use more than 0 and at most {MAX_TIMEOUT:g} s")
+    return seconds
 
 
 @dataclass(frozen=True)
 class NBDArgs:
     uri: str = arg(uri_arg)
+    timeout: float = arg(timeout_arg, DEFAULT_TIMEOUT)
 
 
 @kind("nbd")
 def compile_nbd(call: Call, options: Options) -> Recipe:
-    return compile_remote(bind(call, NBDArgs, options).uri)
+    """``nbd(URI, timeout=SECONDS)``: ``timeout`` bounds every request (default 30)."""
+    args = bind(call, NBDArgs, options)
+    recipe = compile_remote(args.uri, args.timeout)
+    if args.timeout != DEFAULT_TIMEOUT:
+        recipe.text = unparse(call)
+    return recipe
 
 
 def compile_word(node: Word) -> Recipe:

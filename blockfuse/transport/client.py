@@ -5,23 +5,40 @@
 
 Invariants (pyfuse3 calls in from up to 99 tasks at once):
 
-- Requests are queued whole and written in order by one flusher at a time with
-  cancellation shielded, so a cancelled caller never leaves half a request on the wire.
-- Only the reader task feeds the core and only it completes calls; a caller waits on its
-  call's event.  A call stays registered until its reply is done, even if its caller was
+- Requests are queued whole on the out-queue and written in order by one sender at a
+  time with cancellation shielded (sender.py), so a cancelled caller never leaves half a
+  request on the wire.  A send that makes no progress for ``timeout`` seconds (a server
+  that stopped reading), or is still going at its caller's deadline, drops the
+  connection instead of holding its shield longer.
+- Only the reader task feeds the core and only it completes calls, except that dropping
+  the connection (``_drop``) fails every call at once; a caller waits on its call's
+  event.  A call stays registered until its reply is done, even if its caller was
   cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
-- When the connection breaks (EOF, reset, a protocol violation) the reader records why,
-  fails every waiting call with that error, closes the socket (a hard disconnect, which
-  the spec asks for after a violation) and ends; later requests fail at once.  The
-  reader never raises into its nursery: the error is delivered to every caller instead.
+- Every call has a deadline (by default ``timeout`` seconds after its operation began).
+  The reader's waits end at the earliest deadline it knows of (watchdog.py); a call
+  still unanswered
+  then means the server stalled: the connection is dropped with ``Stalled`` (ETIMEDOUT),
+  whether or not anybody still waits for that call.  So no caller waits past its
+  deadline, whatever the server does (or does not do).
+- When the connection breaks (EOF, reset, a protocol violation, a stall) the reader
+  records why, fails every waiting call with that error, closes the socket (a hard
+  disconnect, which the spec asks for after a violation) and ends; later requests fail
+  at once.  The reader never raises into its nursery: the error is delivered to every
+  caller instead.
 - A server that answers ``NBD_ESHUTDOWN`` gets a soft disconnect: no new requests, the
   others answered, then ``NBD_CMD_DISC``.
+- ``aclose`` takes at most ``CLOSE_TIMEOUT`` seconds (to let requests in flight be
+  answered and send DISC), then closes the socket and ends the reader: bounded whatever
+  the server does.
 - ``has_unflushed_writes`` tells whether the server acknowledged writes that no
   successful FLUSH has covered since: if the connection is lost then, they may be lost
   with it (a FLUSH on another connection need not cover them).
 
 Entry points in tiers live in connect.py: ``open_nbd_client`` (owns its nursery),
 ``connect_nbd(nursery, address)`` and ``wrap_nbd_stream(nursery, stream, export)``.
+The out-queue's sender (sender.py) and the deadlines' bookkeeping (watchdog.py) are
+modules of their own; what stays here is what the invariants above tie together (the
+calls, the reader that completes them, and closing), hence its length.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -45,18 +62,24 @@ from ..nbd.events import (
     PeerClosed,
     ReadData,
     ReadHole,
+    ReplyEvent,
 )
 from ..nbd.transmission import WRITES, ClientTransmission
-from .handshake import ConnectionLost
+from ..units import printable
+from .handshake import ConnectionLost, Stalled
+from .sender import STREAM_ERRORS, Sender
+from .watchdog import Watchdog
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a request may wait for its answer, as the Linux kernel's NBD client allows."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``aclose`` waits for requests in flight to be answered (and DISC to leave)."""
 
 RECEIVE_SIZE = 1 << 17
 BURST = 16
 
-IOV_MAX = 512
 ZERO_SPLIT = 1 << 30
 """Payload-less requests (TRIM, WRITE_ZEROES, BLOCK_STATUS) are split at 1 GiB."""
-
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 @dataclass
@@ -66,6 +89,10 @@ class Call:
     cookie: int
     cmd: Cmd
     offset: int
+    length: int
+    deadline: float
+    """``trio.current_time()`` by which the reply must be complete, or the connection is
+    given up."""
     sink: memoryview | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Done | None = None
@@ -76,13 +103,23 @@ class Call:
 class NBDClient:
     """A negotiated connection; see the module text for what holds under concurrency."""
 
-    def __init__(self, stream: trio.abc.Stream, negotiated: Negotiated, server: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        negotiated: Negotiated,
+        server: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self._stream = stream
         self._tx = ClientTransmission(negotiated)
         self.server = server
-        self._outq: list[bytes | memoryview] = []
-        self._flushing = False
-        self._flush_waiter: trio.Event | None = None
+        self.timeout = timeout
+        sock = getattr(stream, "socket", None)
+        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
+        self._sender = Sender(stream, self._fd, server, timeout, self._drop)
+        self._watchdog = Watchdog()
+        self._reader_scope = trio.CancelScope()
         self._disc_due = False
         self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
@@ -93,8 +130,6 @@ class NBDClient:
         """WRITE, TRIM and WRITE_ZEROES requests the server answered with success."""
         self._flushed_writes = 0
         """How many of those a successful FLUSH covers (acknowledged before it was sent)."""
-        sock = getattr(stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
 
     @property
     def export(self) -> ExportInfo:
@@ -126,12 +161,13 @@ class NBDClient:
     async def run_reader(self, trailing: bytes = b"") -> None:
         """Read replies until the connection ends; never raises (see the module text)."""
         try:
-            if trailing:
-                self._feed(trailing)
-            if self._fd is not None:
-                await self._receive_fd(self._fd)
-            else:
-                await self._receive_some()
+            with self._reader_scope:
+                if trailing:
+                    self._feed(trailing, eof=False)
+                if self._fd is not None:
+                    await self._receive_fd(self._fd)
+                else:
+                    await self._receive_some()
         except PeerClosed as exc:
             self._fail(ConnectionLost(f"{self.server}: {exc}"), exc)
         except ProtocolError as exc:
@@ -148,9 +184,12 @@ class NBDClient:
 
     async def _receive_some(self) -> None:
         while True:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            with self._watching() as wait:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            if wait.cancelled_caught:
+                continue
             self._feed(data)
-            await self._flush_queued()
+            await self._sender.send_if_idle()
             if not data:
                 raise ConnectionLost(f"{self.server} closed the connection")
 
@@ -170,8 +209,27 @@ class NBDClient:
                     break
                 if not n:
                     raise ConnectionLost(f"{self.server} closed the connection")
-            await self._flush_queued()
-            await trio.lowlevel.wait_readable(fd)
+            await self._sender.send_if_idle()
+            with self._watching():
+                await trio.lowlevel.wait_readable(fd)
+
+    @contextlib.contextmanager
+    def _watching(self) -> Iterator[trio.CancelScope]:
+        """A wait of the reader's that ends at the earliest deadline; the deadlines are
+        checked before and after it (``Stalled`` if a call is past its own)."""
+        self._check_deadlines()
+        with self._watchdog.waiting() as scope:
+            yield scope
+        self._check_deadlines()
+
+    def _check_deadlines(self) -> None:
+        late = self._watchdog.overdue(self._calls.values())
+        if late:
+            more = f" and {len(late) - 1} more" if len(late) > 1 else ""
+            raise Stalled(
+                f"{self.server}: no reply by the deadline to {describe(late[0])}{more}; "
+                f"the connection was dropped"
+            )
 
     def _read_once(self, fd: int, view: memoryview) -> int:
         target = self._tx.payload_target()
@@ -199,9 +257,9 @@ class NBDClient:
         while (event := self._tx.next_event()) is not NEED_DATA:
             self._deliver(event)
 
-    def _deliver(self, event: object) -> None:
+    def _deliver(self, event: ReplyEvent) -> None:
         """Hand one event to its call; calls already failed (broken connection) are skipped."""
-        call = self._calls.get(getattr(event, "cookie", -1))
+        call = self._calls.get(event.cookie)
         if call is None:
             return
         if isinstance(event, ReadData):
@@ -233,19 +291,21 @@ class NBDClient:
             self._shutting_down = self._disc_due = True
 
     def _send_disc_now(self) -> None:
-        """Queue DISC; the reader flushes it right after the current batch of replies."""
+        """Queue DISC; the reader sends it right after the current batch of replies."""
         self._disc_due = False
-        self._outq.append(self._tx.disconnect())
+        self._sender.queue(self._tx.disconnect())
 
-    async def _flush_queued(self) -> None:
-        if self._outq and not self._flushing:
-            await self._flush(batch=False)
+    def _drop(self, error: BlockError) -> None:
+        """Give up on the connection from outside the reader: fail every call, and end
+        the reader (which closes the socket)."""
+        self._fail(error, error.__cause__)
+        self._reader_scope.cancel()
 
     def _fail(self, error: BlockError, cause: BaseException | None) -> None:
         if self._broken is None:
             error.__cause__ = cause
             self._broken = error
-        self._outq.clear()
+        self._sender.clear()
         for call in self._calls.values():
             call.error = self._broken
             call.done.set()
@@ -263,77 +323,26 @@ class NBDClient:
         payload: memoryview | None = None,
         sink: memoryview | None = None,
     ) -> Call:
-        """Queue one request for the wire; its reply completes the returned call.
+        """Queue one request for the wire; its reply completes the returned call within
+        ``timeout`` seconds, or the connection is dropped (the call fails with ``Stalled``).
 
-        Requests are queued in order and written by one flusher at a time (with
+        Requests are queued in order and written by one sender at a time (with
         cancellation shielded, so no request is ever half sent).  When others are in
-        flight the flusher first lets the other ready tasks queue theirs, so a burst of
+        flight the sender first lets the other ready tasks queue theirs, so a burst of
         requests leaves in one ``writev``.
         """
         self._check_usable()
         cookie, header = self._tx.request(cmd, offset, length, flags)
-        call = Call(cookie, cmd, offset, sink)
+        call = Call(cookie, cmd, offset, length, trio.current_time() + self.timeout, sink)
         self._calls[cookie] = call
-        self._outq.append(header)
+        self._watchdog.watch(call.deadline)
+        self._sender.queue(header)
         if payload is not None:
-            self._outq.append(payload)
-        if not self._flushing:
-            await self._flush(batch=len(self._calls) > 1)
+            self._sender.queue(payload)
+        if not self._sender.busy:
+            until = trio.current_effective_deadline()  # the caller's, outside the shield
+            await self._sender.send(batch=len(self._calls) > 1, until=until)
         return call
-
-    async def _flush(self, *, batch: bool) -> None:
-        self._flushing = True
-        try:
-            if batch:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            with trio.CancelScope(shield=True):
-                while self._outq:
-                    parts, self._outq = self._outq, []
-                    if rest := self._send_now(parts):
-                        await self._send(rest)
-        finally:
-            self._flushing = False
-            if self._flush_waiter is not None:
-                self._flush_waiter.set()
-                self._flush_waiter = None
-
-    async def _send_queued(self) -> None:
-        """Send everything queued, after the flush under way (if any) has ended."""
-        while self._flushing:
-            if self._flush_waiter is None:
-                self._flush_waiter = trio.Event()
-            await self._flush_waiter.wait()
-        if self._outq:
-            await self._flush(batch=False)
-
-    def _send_now(self, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
-        """Write what the socket takes without blocking; what is left to send."""
-        if self._fd is None:
-            return parts
-        try:
-            sent = os.writev(self._fd, parts[:IOV_MAX])
-        except BlockingIOError:
-            return parts
-        except OSError as exc:
-            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
-            return []
-        out: list[bytes | memoryview] = []
-        for part in parts:
-            if out:
-                out.append(part)
-            elif sent >= len(part):
-                sent -= len(part)
-            else:
-                out.append(memoryview(part)[sent:])
-                sent = 0
-        return out
-
-    async def _send(self, parts: list[bytes | memoryview]) -> None:
-        try:
-            for part in parts:
-                await self._stream.send_all(part)
-        except STREAM_ERRORS as exc:
-            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -354,7 +363,7 @@ class NBDClient:
         done = call.result
         if done is None or not done.error:
             return None
-        text = done.message or os.strerror(done.error)
+        text = printable(done.message) or os.strerror(done.error)
         if done.error == errno.ESHUTDOWN:
             return ConnectionLost(f"{self.server} is shutting down: {text}")
         return RequestFailed(done.error, f"{self.server}: {text}")
@@ -367,26 +376,25 @@ class NBDClient:
 
     async def preadv(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Fill ``bufs`` one after another from ``offset``; all pieces in flight at once."""
-        calls = []
-        for buf in bufs:
-            for off, n in split(offset, len(buf), self.max_payload):
-                start = off - offset
-                calls.append(await self.submit(Cmd.READ, off, n, sink=buf[start : start + n]))
-            offset += len(buf)
-        await self.wait(calls)
+        await self._vectored(Cmd.READ, bufs, offset, NO_CMD_FLAGS)
 
     async def pwrite(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
         await self.pwritev([data], offset, fua=fua)
 
     async def pwritev(self, bufs: Sequence[memoryview], offset: int, *, fua: bool = False) -> None:
         """Write ``bufs`` in order from ``offset``, split at the server's maximum payload."""
-        flags = CmdFlag.FUA if fua else NO_CMD_FLAGS
+        await self._vectored(Cmd.WRITE, bufs, offset, CmdFlag.FUA if fua else NO_CMD_FLAGS)
+
+    async def _vectored(
+        self, cmd: Cmd, bufs: Sequence[memoryview], offset: int, flags: CmdFlag
+    ) -> None:
+        """READ into, or WRITE from, ``bufs`` in pieces of at most ``max_payload``."""
         calls = []
         for buf in bufs:
             for off, n in split(offset, len(buf), self.max_payload):
-                start = off - offset
-                piece = buf[start : start + n]
-                calls.append(await self.submit(Cmd.WRITE, off, n, flags, payload=piece))
+                piece = buf[off - offset : off - offset + n]
+                data = {"payload": piece} if cmd is Cmd.WRITE else {"sink": piece}
+                calls.append(await self.submit(cmd, off, n, flags, **data))
             offset += len(buf)
         await self.wait(calls)
 
@@ -399,9 +407,8 @@ class NBDClient:
         await self._ranged(Cmd.TRIM, offset, length, NO_CMD_FLAGS)
 
     async def zero(self, offset: int, length: int, *, no_hole: bool = False) -> None:
-        await self._ranged(
-            Cmd.WRITE_ZEROES, offset, length, CmdFlag.NO_HOLE if no_hole else NO_CMD_FLAGS
-        )
+        flags = CmdFlag.NO_HOLE if no_hole else NO_CMD_FLAGS
+        await self._ranged(Cmd.WRITE_ZEROES, offset, length, flags)
 
     async def _ranged(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
         pieces = split(offset, length, ZERO_SPLIT)
@@ -414,24 +421,36 @@ class NBDClient:
         return call.extents
 
     async def aclose(self) -> None:
-        """Send ``NBD_CMD_DISC`` once requests are answered, and close; never fails.
+        """Send ``NBD_CMD_DISC`` once requests are answered, and close; never fails, and
+        takes at most ``CLOSE_TIMEOUT`` seconds whatever the server does.
 
         On a broken connection there is nothing to wait for, unless the server is only
-        shutting down (ESHUTDOWN): then its other answers are awaited and DISC is sent."""
+        shutting down (ESHUTDOWN): then its other answers are awaited and DISC is sent.
+        Calls still unanswered when the time is up fail with ``Disconnected``."""
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self._wait_idle()
-            if self._broken is None or self._disc_due:
-                self._send_disc_now()
-            await self._send_queued()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._wait_idle()
+                if self._broken is None or self._disc_due:
+                    self._send_disc_now()
+                await self._sender.send_after_current(until=trio.current_effective_deadline())
+            self._reader_scope.cancel()
             await quietly(self._stream.aclose())
-            await self._reader_done.wait()
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._reader_done.wait()
 
     async def _wait_idle(self) -> None:
         while self._calls and (self._broken is None or self._shutting_down):
             await next(iter(self._calls.values())).done.wait()
+
+
+def describe(call: Call) -> str:
+    """``'a READ of 4096 bytes at 0'``, for messages."""
+    if call.cmd in (Cmd.FLUSH, Cmd.DISC):
+        return f"a {call.cmd.name}"
+    return f"a {call.cmd.name} of {call.length} bytes at {call.offset}"
 
 
 async def quietly(aw: Awaitable[object]) -> None:

@@ -16,13 +16,23 @@ from dataclasses import replace
 import trio
 
 from ..errors import BlockError
-from ..nbd.events import ExportInfo, ExportList, Negotiated, OptionRefused
+from ..nbd.events import ExportInfo, ExportList, ExportRefused, Negotiated, OptionRefused
 from ..nbd.handshake import ClientHandshake
 from ..nbd.uri import Address
-from .client import NBDClient, quietly
-from .handshake import ConnectionLost, HandshakeRefused, refusal_message, run_handshake
+from .client import DEFAULT_TIMEOUT, NBDClient, quietly
+from .handshake import (
+    ConnectionLost,
+    ExportUnusable,
+    HandshakeRefused,
+    Stalled,
+    refusal_message,
+    run_handshake,
+)
 
-CONNECT_TIMEOUT = 10
+CONNECT_TIMEOUT = 10.0
+"""Seconds a TCP or Unix-socket connect may take (less if the caller's deadline is nearer)."""
+LIST_TIMEOUT = DEFAULT_TIMEOUT
+"""Seconds ``list_exports`` may take in all, the size probes of size-0 exports included."""
 
 
 async def open_stream(address: Address) -> trio.abc.Stream:
@@ -60,36 +70,58 @@ async def wrap_nbd_stream(
     *,
     server: str = "server",
     export_name: bool = False,
+    request_timeout: float = DEFAULT_TIMEOUT,
 ) -> NBDClient:
-    """Negotiate ``export`` over ``stream`` and start its reader task in ``nursery``."""
+    """Negotiate ``export`` over ``stream`` within ``request_timeout`` seconds (the bound
+    of each request from then on too) and start its reader task in ``nursery``."""
     hs = ClientHandshake.go(export, export_name=export_name)
-    outcome = await run_handshake(stream, hs, server)
+    deadline = trio.current_time() + request_timeout
+    outcome = await run_handshake(stream, hs, server, deadline=deadline)
     if isinstance(outcome, OptionRefused):
         raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
+    if isinstance(outcome, ExportRefused):
+        raise ExportUnusable(f"{server}: {outcome.reason}")
     assert isinstance(outcome, Negotiated)
-    client = NBDClient(stream, outcome, server)
-    nursery.start_soon(client.run_reader)
+    client = NBDClient(stream, outcome, server, timeout=request_timeout)
+    nursery.start_soon(client.run_reader, hs.trailing_data())
     return client
 
 
-async def connect_nbd(nursery: trio.Nursery, address: Address) -> NBDClient:
-    """Connect to ``address`` and negotiate its export; the reader runs in ``nursery``.
+async def connect_nbd(
+    nursery: trio.Nursery, address: Address, *, request_timeout: float = DEFAULT_TIMEOUT
+) -> NBDClient:
+    """Connect to ``address`` and negotiate its export within ``request_timeout`` seconds
+    (the bound of each request from then on too); the reader runs in ``nursery``.
 
     A server that answers GO with size 0 (nbd-server 3.24 in daemon mode can, as it opens
     the export only later) is asked again with NBD_OPT_EXPORT_NAME, which reports the size.
     """
-    client = await _connect(nursery, address, export_name=False)
-    if client.export.size == 0:
-        await client.aclose()
-        client = await _connect(nursery, address, export_name=True)
-    return client
+    deadline = trio.current_time() + request_timeout
+    with trio.move_on_at(deadline):
+        client = await _connect(
+            nursery, address, export_name=False, request_timeout=request_timeout
+        )
+        if client.export.size == 0:
+            await client.aclose()
+            client = await _connect(
+                nursery, address, export_name=True, request_timeout=request_timeout
+            )
+        return client
+    raise Stalled(f"{address.server}: no answer within {request_timeout:g} s while connecting")
 
 
-async def _connect(nursery: trio.Nursery, address: Address, *, export_name: bool) -> NBDClient:
+async def _connect(
+    nursery: trio.Nursery, address: Address, *, export_name: bool, request_timeout: float
+) -> NBDClient:
     stream = await open_stream(address)
     try:
         return await wrap_nbd_stream(
-            nursery, stream, address.export, server=address.server, export_name=export_name
+            nursery,
+            stream,
+            address.export,
+            server=address.server,
+            export_name=export_name,
+            request_timeout=request_timeout,
         )
     except BaseException:
         await quietly(stream.aclose())
@@ -97,10 +129,12 @@ async def _connect(nursery: trio.Nursery, address: Address, *, export_name: bool
 
 
 @asynccontextmanager
-async def open_nbd_client(address: Address) -> AsyncIterator[NBDClient]:
+async def open_nbd_client(
+    address: Address, *, request_timeout: float = DEFAULT_TIMEOUT
+) -> AsyncIterator[NBDClient]:
     """A connection for the body of the block; closed (with DISC) when it ends."""
     async with trio.open_nursery() as nursery:
-        client = await connect_nbd(nursery, address)
+        client = await connect_nbd(nursery, address, request_timeout=request_timeout)
         try:
             yield client
         finally:
@@ -108,7 +142,14 @@ async def open_nbd_client(address: Address) -> AsyncIterator[NBDClient]:
 
 
 async def list_exports(address: Address, *, details: bool = True) -> list[ExportInfo]:
-    """The server's exports (with ``NBD_OPT_INFO`` details when ``details``)."""
+    """The server's exports (with ``NBD_OPT_INFO`` details when ``details``), all within
+    ``LIST_TIMEOUT`` seconds."""
+    with trio.move_on_after(LIST_TIMEOUT):
+        return await _list_exports(address, details)
+    raise Stalled(f"{address.server}: listing its exports took more than {LIST_TIMEOUT:g} s")
+
+
+async def _list_exports(address: Address, details: bool) -> list[ExportInfo]:
     stream = await open_stream(address)
     try:
         outcome = await run_handshake(stream, ClientHandshake.list(details=details), address.server)
@@ -121,15 +162,20 @@ async def list_exports(address: Address, *, details: bool = True) -> list[Export
 
 
 async def _with_true_size(address: Address, export: ExportInfo) -> ExportInfo:
-    """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth."""
+    """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth.
+
+    A server that refuses that second connection (``nbd-server -d`` serves one session)
+    leaves the size unknown (``None``).  The failure is caught inside the nursery, so it
+    leaves as itself, never wrapped in an exception group."""
     if export.size != 0:
         return export
-    try:
-        async with trio.open_nursery() as nursery:
-            client = await _connect(nursery, replace(address, export=export.name), export_name=True)
-            await client.aclose()
-    except BlockError:
-        return export
+    async with trio.open_nursery() as nursery:
+        try:
+            where = replace(address, export=export.name)
+            client = await _connect(nursery, where, export_name=True, request_timeout=LIST_TIMEOUT)
+        except BlockError:
+            return replace(export, size=None)
+        await client.aclose()
     return replace(export, size=client.export.size)
 
 

@@ -7,19 +7,42 @@ import errno
 
 import trio
 
-from ..errors import BlockError, ProtocolError
+from ..errors import BlockError, ProtocolError, Unreachable
 from ..nbd.constants import Opt, Rep
 from ..nbd.events import NEED_DATA, HandshakeEvent, OptionRefused, PeerClosed
 from ..nbd.handshake import ClientHandshake
+from ..units import printable
 
 RECEIVE_SIZE = 1 << 16
-HANDSHAKE_TIMEOUT = 30
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a handshake may take unless the caller says otherwise."""
 
 
 class ConnectionLost(BlockError):
     """The connection to the server broke (reset, closed, unreachable); it may come back."""
 
     errno = errno.EIO
+
+
+class Stalled(ConnectionLost):
+    """The server stopped answering: a request passed its deadline, or nothing we sent was
+    taken for the whole timeout.  The connection was dropped; a new one may work."""
+
+    errno = errno.ETIMEDOUT
+
+
+class TimedOut(Unreachable):
+    """A request got no answer by its deadline (on this connection or over reconnects).
+
+    An ``Unreachable``: like a request whose server stayed away, it says nothing was lost
+    (a mirror fails its checkpoint, not its copy, on such a flush; writes lost with a
+    dropped connection are reported by the flush after the reconnect).  ETIMEDOUT rather
+    than EIO: the request may yet have taken effect on the server (a write, say), and the
+    error says what happened instead of looking like the server's own I/O error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ETIMEDOUT
 
 
 class HandshakeRefused(BlockError):
@@ -29,6 +52,12 @@ class HandshakeRefused(BlockError):
         super().__init__(message)
         self.refusal = refusal
         self.errno = REFUSAL_ERRNO.get(refusal.reply, errno.EIO)
+
+
+class ExportUnusable(BlockError):
+    """The server offered an export blockfuse cannot use (too big for a file)."""
+
+    errno = errno.EFBIG
 
 
 REFUSAL_ERRNO: dict[int, int] = {
@@ -41,11 +70,13 @@ REFUSAL_ERRNO: dict[int, int] = {
 
 
 def refusal_message(refusal: OptionRefused, server: str, export: str | None) -> str:
-    said = f" ({refusal.message})" if refusal.message else ""
+    """One line for a user; the server's own text in it is escaped (``printable``)."""
+    text = printable(refusal.message)
+    said = f" ({text})" if text else ""
     code = f"NBD_REP_{refusal.reply_name}"
     if refusal.option is Opt.LIST:
         if refusal.reply == Rep.ERR_POLICY:
-            detail = f": {refusal.message}" if refusal.message else ""
+            detail = f": {text}" if text else ""
             return f"{server} refuses to list its exports ({code}{detail})"
         if refusal.reply in (Rep.ERR_UNSUP, Rep.ERR_PLATFORM):
             return f"{server} does not support listing exports ({code}){said}"
@@ -58,14 +89,20 @@ def refusal_message(refusal: OptionRefused, server: str, export: str | None) -> 
 
 
 async def run_handshake(
-    stream: trio.abc.Stream, hs: ClientHandshake, server: str
+    stream: trio.abc.Stream, hs: ClientHandshake, server: str, *, deadline: float | None = None
 ) -> HandshakeEvent:
-    """Drive ``hs`` to its outcome over ``stream``; raises ``ProtocolError``/``ConnectionLost``."""
+    """Drive ``hs`` to its outcome over ``stream`` by ``deadline`` (default:
+    ``HANDSHAKE_TIMEOUT`` seconds from now); raises ``ProtocolError``/``ConnectionLost``
+    (``Stalled`` when the server is too slow)."""
+    now = trio.current_time()
+    if deadline is None:
+        deadline = now + HANDSHAKE_TIMEOUT
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.fail_at(deadline):
             return await _exchange(stream, hs)
     except trio.TooSlowError:
-        raise ConnectionLost(f"{server}: no answer to the NBD handshake") from None
+        waited = deadline - now
+        raise Stalled(f"{server}: no answer to the NBD handshake within {waited:g} s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise ConnectionLost(f"{server}: connection lost during the handshake: {exc}") from exc
     except PeerClosed as exc:
@@ -79,7 +116,7 @@ async def _exchange(stream: trio.abc.Stream, hs: ClientHandshake) -> HandshakeEv
         event = hs.next_event()
         if event is not NEED_DATA:
             await _send_goodbye(stream, hs.data_to_send())
-            return event  # type: ignore[return-value]
+            return event
         if out := hs.data_to_send():
             await stream.send_all(out)
         hs.receive_data(await stream.receive_some(RECEIVE_SIZE))

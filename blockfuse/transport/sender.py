@@ -1,0 +1,127 @@
+"""The out-queue of one NBD connection and the one task at a time that sends it.
+
+Requests are queued whole (a header, then a WRITE's payload) and written in order by one
+sender at a time, with cancellation shielded, so a cancelled caller never leaves half a
+request on the wire.  The shield must not become a hang: each piece that cannot be
+written at once must be taken by the server within ``timeout`` seconds, and before the
+sending caller's own deadline (``until``), or the connection is given up (``on_broken``
+with ``Stalled``: half a request cannot be taken back, so the connection goes with it).
+On a socket, what the kernel takes without blocking goes out in one ``writev`` of up to
+``IOV_MAX`` pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import trio
+
+from ..errors import BlockError
+from .handshake import ConnectionLost, Stalled
+
+IOV_MAX = 512
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+Part = bytes | memoryview
+
+
+class Sender:
+    def __init__(
+        self,
+        stream: trio.abc.SendStream,
+        fd: int | None,
+        server: str,
+        timeout: float,
+        on_broken: Callable[[BlockError], None],
+    ) -> None:
+        self._stream = stream
+        self._fd = fd
+        self._server = server
+        self._timeout = timeout
+        self._on_broken = on_broken
+        self._queue: list[Part] = []
+        self.busy = False
+        """A sender is at work: what is queued now leaves with it."""
+        self._idle: trio.Event | None = None
+
+    def queue(self, part: Part) -> None:
+        self._queue.append(part)
+
+    def clear(self) -> None:
+        """Forget what is queued (the connection is broken)."""
+        self._queue.clear()
+
+    async def send(self, *, batch: bool, until: float = math.inf) -> None:
+        """Send the queue (and what is queued meanwhile), by ``until`` at the latest.  With
+        ``batch`` the other ready tasks first get to queue theirs, so a burst leaves in
+        one ``writev``."""
+        self.busy = True
+        try:
+            if batch:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            with trio.CancelScope(shield=True):
+                while self._queue:
+                    parts, self._queue = self._queue, []
+                    if rest := self._send_now(parts):
+                        await self._send(rest, until)
+        finally:
+            self.busy = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def send_if_idle(self) -> None:
+        if self._queue and not self.busy:
+            await self.send(batch=False)
+
+    async def send_after_current(self, until: float = math.inf) -> None:
+        """Send everything queued, after the send under way (if any) has ended."""
+        while self.busy:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+        if self._queue:
+            await self.send(batch=False, until=until)
+
+    def _send_now(self, parts: list[Part]) -> list[Part]:
+        """Write what the socket takes without blocking; what is left to send."""
+        if self._fd is None:
+            return parts
+        try:
+            sent = os.writev(self._fd, parts[:IOV_MAX])
+        except BlockingIOError:
+            return parts
+        except OSError as exc:
+            self._lost(exc)
+            return []
+        out: list[Part] = []
+        for part in parts:
+            if out:
+                out.append(part)
+            elif sent >= len(part):
+                sent -= len(part)
+            else:
+                out.append(memoryview(part)[sent:])
+                sent = 0
+        return out
+
+    async def _send(self, parts: list[Part], until: float) -> None:
+        try:
+            for part in parts:
+                started = trio.current_time()
+                with trio.move_on_at(min(started + self._timeout, until)) as scope:
+                    await self._stream.send_all(part)
+                if scope.cancelled_caught:
+                    waited = trio.current_time() - started
+                    took = f"{self._server}: took nothing we sent for {waited:g} s"
+                    self._on_broken(Stalled(f"{took}; the connection was dropped"))
+                    return
+        except STREAM_ERRORS as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: BaseException) -> None:
+        error = ConnectionLost(f"connection to {self._server} lost: {exc}")
+        error.__cause__ = exc
+        self._on_broken(error)
