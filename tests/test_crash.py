@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from blockfuse.testing.crash import Promises, SimDisk, run_seed
+from blockfuse.testing.crash import Promises, run_seed
+from blockfuse.testing.simulated import SimDisk
 
 SEEDS = 60
 

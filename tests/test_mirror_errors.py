@@ -21,11 +21,11 @@ from blockfuse.devices.mirror import (
     MirrorFailed,
     MirrorState,
     copier,
-    copymap,
+    mapfile,
     open_mirror,
 )
 from blockfuse.devices.mirror import device as mirror_device
-from blockfuse.devices.mirror.copymap import read_saved_map
+from blockfuse.devices.mirror.mapfile import read_saved_map
 from blockfuse.errors import RequestFailed, Unreachable
 from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
@@ -122,7 +122,7 @@ async def test_a_failed_primary_flush_at_the_end_fails_the_copy_not_the_disk() -
 
 def saves_fail_after(monkeypatch: pytest.MonkeyPatch, good: int, err: int = errno.ENOSPC) -> None:
     """The first ``good`` map saves succeed, then every one fails with ``err``."""
-    real = copymap._write_atomically
+    real = mapfile._write_atomically
     calls = [0]
 
     def write(path: str, text: str) -> None:
@@ -131,7 +131,7 @@ def saves_fail_after(monkeypatch: pytest.MonkeyPatch, good: int, err: int = errn
             raise OSError(err, os.strerror(err))
         real(path, text)
 
-    monkeypatch.setattr(copymap, "_write_atomically", write)
+    monkeypatch.setattr(mapfile, "_write_atomically", write)
 
 
 async def test_a_map_that_cannot_be_saved_fails_the_copy(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockfuse.devices.mirror.copymap import STALE_MARK, read_saved_map
+from blockfuse.devices.mirror.mapfile import STALE_MARK, read_saved_map
 
 from .conftest import require_tool
 from .mounting import MountProcess, mounted

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blockfuse.devices.mirror.copymap import read_saved_map
+from blockfuse.devices.mirror.mapfile import read_saved_map
 
 from .mounting import attr, blockfuse_command, is_mounted, mounted, wait_attr, wait_for
 

@@ -18,7 +18,7 @@ from blockfuse.block import BlockDevice, Buffer, Info
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import CopyMapError, open_mirror, start_mirror
-from blockfuse.devices.mirror.copymap import read_saved_map
+from blockfuse.devices.mirror.mapfile import read_saved_map
 from blockfuse.extents import IntervalSet
 from blockfuse.testing import PassThrough
 

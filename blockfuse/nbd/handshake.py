@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from ..errors import ProtocolError
 from ..units import printable
@@ -104,6 +104,27 @@ WANTED_CONTEXTS = (BASE_ALLOCATION,)
 """What SET_META_CONTEXT asks for; a server may select each of them at most once."""
 
 
+@dataclass(frozen=True)
+class Goal:
+    """What the handshake is for: open ``export`` (``None``: list the exports)."""
+
+    export: str | None
+    export_name: bool
+    """Open with NBD_OPT_EXPORT_NAME instead of GO."""
+    structured: bool
+    details: bool
+    """When listing, ask NBD_OPT_INFO about each export."""
+
+
+@dataclass
+class Listing:
+    """What NBD_OPT_LIST brought so far, and which export INFO asks about now."""
+
+    exports: list[ExportInfo] = field(default_factory=list)
+    bytes: int = 0
+    index: int = 0
+
+
 class ClientHandshake:
     """One handshake toward one goal; see the module text for the conversation."""
 
@@ -115,10 +136,7 @@ class ClientHandshake:
         details: bool = True,
         export_name: bool = False,
     ) -> None:
-        self._export = export
-        self._force_export_name = export_name
-        self._want_structured = structured
-        self._details = details
+        self._goal = Goal(export, export_name, structured, details)
         self._buf = ReceiveBuffer()
         self._out = bytearray()
         self.state = HandshakeState.GREETING
@@ -128,10 +146,8 @@ class ClientHandshake:
         self._structured = False
         self._contexts: dict[str, int] = {}
         self._info = ExportInfo(export or "")
-        self._exports: list[ExportInfo] = []
-        self._list_bytes = 0
+        self._listing = Listing()
         self._info_replies = 0
-        self._info_index = 0
         self._result: HandshakeEvent | None = None
         self._steps: dict[HandshakeState, Callable[[], HandshakeEvent | NeedData | None]] = {
             HandshakeState.GREETING: self._greeting,
@@ -162,7 +178,7 @@ class ClientHandshake:
             if where is HandshakeState.EXPORT_NAME_REPLY:
                 raise PeerClosed(
                     f"the server closed the connection after NBD_OPT_EXPORT_NAME "
-                    f"{self._export!r}: most likely it has no such export"
+                    f"{self._goal.export!r}: most likely it has no such export"
                 )
             raise PeerClosed(f"the server closed the connection ({where.value})")
         self._buf.feed(data)
@@ -218,14 +234,14 @@ class ClientHandshake:
         return None
 
     def _start(self, *, fixed: bool) -> None:
-        if self._export is None:
+        if self._goal.export is None:
             if not fixed:
                 self._refuse(Opt.LIST, Rep.ERR_UNSUP, "the server is not fixed-newstyle")
             else:
                 self._send(Opt.LIST)
         elif not fixed:
             self._send_export_name()
-        elif self._want_structured:
+        elif self._goal.structured:
             self._send(Opt.STRUCTURED_REPLY)
         else:
             self._send_go()
@@ -236,21 +252,21 @@ class ClientHandshake:
         self.state = HandshakeState.OPTION_REPLY
 
     def _send_go(self) -> None:
-        assert self._export is not None
-        if self._force_export_name:
+        assert self._goal.export is not None
+        if self._goal.export_name:
             return self._send_export_name()
-        self._send(Opt.GO, encode_info_request(self._export, WANTED_INFO))
+        self._send(Opt.GO, encode_info_request(self._goal.export, WANTED_INFO))
 
     def _send_export_name(self) -> None:
-        assert self._export is not None
-        self._out += encode_option(Opt.EXPORT_NAME, self._export.encode())
+        assert self._goal.export is not None
+        self._out += encode_option(Opt.EXPORT_NAME, self._goal.export.encode())
         self._option = Opt.EXPORT_NAME
         self.state = HandshakeState.EXPORT_NAME_REPLY
 
     def _send_set_meta_context(self) -> None:
-        assert self._export is not None
+        assert self._goal.export is not None
         queries = b"".join(encode_name(name) for name in WANTED_CONTEXTS)
-        query = encode_name(self._export) + U32.pack(len(WANTED_CONTEXTS)) + queries
+        query = encode_name(self._goal.export) + U32.pack(len(WANTED_CONTEXTS)) + queries
         self._send(Opt.SET_META_CONTEXT, query)
 
     def _refuse(self, option: Opt, reply: int, message: str) -> None:
@@ -358,14 +374,14 @@ class ClientHandshake:
         self._info_replies += 1
         if self._info_replies > MAX_INFO_REPLIES:
             raise ProtocolError(f"more than {MAX_INFO_REPLIES} INFO replies to {self._option!r}")
-        if self._export is None:
+        if self._goal.export is None:
             self._count_list_bytes(len(data))
         (itype,) = U16.unpack(data[:2])
         self._info = apply_info(self._info, itype, data)
 
     def _count_list_bytes(self, n: int) -> None:
-        self._list_bytes += n
-        if self._list_bytes > MAX_LIST_BYTES:
+        self._listing.bytes += n
+        if self._listing.bytes > MAX_LIST_BYTES:
             raise ProtocolError(
                 f"LIST and its INFO replies brought more than {MAX_LIST_BYTES} bytes"
             )
@@ -394,26 +410,27 @@ class ClientHandshake:
         (n,) = U32.unpack(data[:4])
         if n > len(data) - 4:
             raise ProtocolError(f"SERVER reply names {n} bytes but carries {len(data) - 4}")
-        if len(self._exports) >= MAX_EXPORTS:
+        if len(self._listing.exports) >= MAX_EXPORTS:
             raise ProtocolError(f"LIST brought more than {MAX_EXPORTS} exports")
         self._count_list_bytes(len(data))
         name = decode_string(data[4 : 4 + n], "export name")
         desc = decode_string(data[4 + n :], "export description")
-        self._exports.append(ExportInfo(name, description=desc))
+        self._listing.exports.append(ExportInfo(name, description=desc))
 
     def _on_list_ack(self, data: bytes) -> None:
-        self._info_index = -1
+        self._listing.index = -1
         self._next_info()
 
     def _next_info(self) -> None:
-        if 0 <= self._info_index < len(self._exports) and self._option is Opt.INFO:
-            self._exports[self._info_index] = self._info
-        self._info_index += 1
-        if not self._details or self._info_index >= len(self._exports):
-            self._result = ExportList(tuple(self._exports))
+        listing = self._listing
+        if 0 <= listing.index < len(listing.exports) and self._option is Opt.INFO:
+            listing.exports[listing.index] = self._info
+        listing.index += 1
+        if not self._goal.details or listing.index >= len(listing.exports):
+            self._result = ExportList(tuple(listing.exports))
             self._out += encode_option(Opt.ABORT)
             return
-        self._info = self._exports[self._info_index]
+        self._info = listing.exports[listing.index]
         self._info_replies = 0
         self._send(Opt.INFO, encode_info_request(self._info.name, WANTED_INFO))
 

@@ -6,8 +6,8 @@ and how a crash is survived; ``parts.py`` the small pieces; ``opening.py`` check
 pair and starting the copier.
 """
 
-from .copymap import CopyMapError
 from .device import MirrorDevice, MirrorFailed
+from .mapfile import CopyMapError
 from .opening import (
     DEFAULT_CHUNK,
     MAX_CHUNK,

@@ -163,6 +163,26 @@ class Copier:
             self._sweeping = False
             self._written_since_plan = IntervalSet()
 
+    async def verify(self) -> None:
+        """Compare every copied range of both sides, chunk by chunk under the range lock,
+        and copy again what differs (``verify=full``, before the first sweep: the mirror
+        cannot be synced before this ends)."""
+        ss, chunk = self._sector_size, self._settings.chunk
+        for start, end in self._map.copied_runs():
+            for a, b in split(start, end, chunk):
+                if not self._events.going_on():
+                    return
+                async with self._ranges.hold(a, b):
+                    if self._map.is_copied(a, b) and not await self._sides_equal(a, b, ss):
+                        self._map.uncopy(a, b)
+                        self._events.note_error(f"verify: sectors {a}-{b} differ; copying again")
+
+    async def _sides_equal(self, a: int, b: int, ss: int) -> bool:
+        one, two = bytearray((b - a) * ss), bytearray((b - a) * ss)
+        err = await error_of(self._primary.read(a, [one]))
+        err = err or await error_of(self._secondary.read(a, [two]))
+        return err is None and one == two
+
     def primary_written(self, start: int, end: int) -> None:
         """A foreground write to ``[start, end)`` of the primary has ended (called under
         its range lock)."""

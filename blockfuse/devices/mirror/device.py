@@ -50,7 +50,9 @@ times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synce
 raises ``MirrorFailed``, and foreground I/O goes on against the primary.  The state
 machine and the progress are ``state.py``; the copier (planning, retries, holes) is
 ``copier.py``; resuming after a crash is ``copymap.py``'s job (its own invariant is at
-its top); opening and checking a pair is ``opening.py``.
+its top); opening and checking a pair is ``opening.py``.  What stays here is the
+device's I/O routing and its copier's life, which the invariant above ties together
+(hence the module's length, this essay included).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
 from .copier import Copier, Settings
 from .copymap import CopyMap
-from .parts import Side, Users, error_of, run_both, signature, split
+from .parts import Side, Users, error_of, run_both, signature
 from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
 
 CHECKPOINT_SECONDS = 2.0
@@ -110,7 +112,7 @@ class MirrorDevice(BlockDevice):
         self._copy = CopyState(info.size_bytes, progress)
         self._copy.notice = notice
         self._verify_first = verify_first
-        copy_map.on_store_failure = self.fail
+        copy_map.watch_store(on_failure=self.fail)
         settings = Settings(chunk // info.sector_size, rate, in_flight, retries, backoff)
         self._copier = Copier(primary, secondary, self._ranges, copy_map, self, settings)
         self._copier_scope = trio.CancelScope()
@@ -383,32 +385,11 @@ class MirrorDevice(BlockDevice):
                     if self._map.persistent:
                         nursery.start_soon(self._checkpoint_loop)
                     if self._verify_first:
-                        await self._verify_copied()
+                        await self._copier.verify()
                     await self._copy_until_stopped()
                     nursery.cancel_scope.cancel()
         finally:
             done.set()
-
-    async def _verify_copied(self) -> None:
-        """Compare every copied range of both sides, chunk by chunk under the range lock,
-        and copy again what differs (``verify=full``); the mirror cannot be synced
-        before this ends."""
-        chunk = self._map.geometry.chunk_sectors
-        ss = self._info.sector_size
-        for start, end in self._map.copied_runs():
-            for a, b in split(start, end, chunk):
-                if not self._copy.going_on:
-                    return
-                async with self._ranges.hold(a, b):
-                    if self._map.is_copied(a, b) and not await self._sides_equal(a, b, ss):
-                        self._map.uncopy(a, b)
-                        self.note_error(f"verify: sectors {a}-{b} differ; copying them again")
-
-    async def _sides_equal(self, a: int, b: int, ss: int) -> bool:
-        one, two = bytearray((b - a) * ss), bytearray((b - a) * ss)
-        err = await error_of(self._using_primary(self._primary.read(a, [one])))
-        err = err or await error_of(self._secondary.read(a, [two]))
-        return err is None and one == two
 
     async def _copy_until_stopped(self) -> None:
         while self._copy.open and self._copy.state in (MirrorState.COPYING, MirrorState.SYNCED):

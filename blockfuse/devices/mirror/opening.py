@@ -17,8 +17,9 @@ import trio
 
 from ...block import BlockDevice, Info, is_durable
 from ...opening import OpenContext
-from .copymap import STALE_MARK, CopyMap, Geometry, MapStore
+from .copymap import CopyMap, Geometry
 from .device import MirrorDevice
+from .mapfile import STALE_MARK, MapStore
 from .parts import Side, backing_path, identity, signature, spread
 from .state import Progress
 
@@ -126,7 +127,7 @@ async def prepare_mirror(
     copy_map = CopyMap.open(geometry, state, identity(secondary) or "", ctx)
     if copy_map.copied_sectors and not is_durable(secondary):
         copy_map.forget("the secondary keeps nothing when it is closed (mem); copying anew")
-    copy_map.mark_stale = stale_marker(secondary)
+    copy_map.watch_store(mark_stale=stale_marker(secondary))
     p_side = Side(primary, await primary.get_info(), info.sector_size)
     s_side = Side(secondary, await secondary.get_info(), info.sector_size, chunk_sectors)
     await check_resumed_copy(p_side, s_side, copy_map, min(chunk, RESUME_SAMPLE_BYTES))
