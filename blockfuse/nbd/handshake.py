@@ -34,6 +34,9 @@ every count of replies has a bound of ours: one META_CONTEXT reply per context a
 list ``MAX_EXPORTS`` exports and ``MAX_LIST_BYTES`` bytes of SERVER and INFO replies
 together.  Any violation raises ``ProtocolError`` naming what arrived, and the machine
 stays broken.
+
+Both goals share one option engine (one table from the option asked and the reply type
+to what to do), which is why they live in one module of this length.
 """
 
 from __future__ import annotations

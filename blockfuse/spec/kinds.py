@@ -28,13 +28,25 @@ from ..block import BlockDevice
 from ..devices.file import open_file
 from ..devices.memory import MemoryDevice
 from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
-from ..devices.remote import DEFAULT_TIMEOUT, MAX_TIMEOUT, open_remote
+from ..devices.remote import DEFAULT_TIMEOUT, open_remote
 from ..devices.safe import SafeDevice
 from ..devices.sparse import check_backing, open_sparse
 from ..nbd.uri import BadURI, parse_uri
 from ..opening import OpenContext, open_all
 from .binding import arg, bind
-from .grammar import Call, Node, SpecError, Word, parse, parse_bool, parse_size, unparse
+from .grammar import Call, Node, SpecError, Word, parse, unparse
+from .values import (
+    bool_arg,
+    existing_path,
+    optional_size,
+    path_arg,
+    size_arg,
+    sparse_size_arg,
+    state_path,
+    timeout_arg,
+    uri_arg,
+    verify_arg,
+)
 
 Opener = Callable[[OpenContext], Awaitable[BlockDevice]]
 SizedOpener = Callable[[OpenContext, int], Awaitable[BlockDevice]]
@@ -71,48 +83,6 @@ class Options:
     size_from_peer: bool = False
 
 
-# --- argument values ---------------------------------------------------------------------
-
-
-def word(node: Node, what: str) -> str:
-    if not isinstance(node, Word):
-        raise SpecError(f"{what} must be a plain value, not {node.kind}(...)")
-    return node.text
-
-
-def existing_path(node: Node, options: Options) -> str:
-    path = word(node, "a path")
-    if not os.path.exists(path):
-        raise SpecError(f"no such file: {path}")
-    return path
-
-
-def path_arg(node: Node, options: Options) -> str:
-    return word(node, "a path")
-
-
-def size_arg(node: Node, options: Options) -> int:
-    return parse_size(word(node, "a size"))
-
-
-def optional_size(node: Node, options: Options) -> int | None:
-    return size_arg(node, options)
-
-
-def sparse_size_arg(node: Node, options: Options) -> int | None:
-    text = word(node, "a size")
-    if text.strip().startswith("-"):
-        raise SpecError(f"bad size {text!r}: a size cannot be negative")
-    size = parse_size(text)
-    if size == 0:
-        raise SpecError(f"bad size {text!r}: a sparse image needs a size above 0")
-    return size
-
-
-def bool_arg(node: Node, options: Options) -> bool:
-    return parse_bool(word(node, "a boolean"))
-
-
 def device_arg(node: Node, options: Options) -> Recipe:
     return compile_node(node, options)
 
@@ -120,20 +90,6 @@ def device_arg(node: Node, options: Options) -> Recipe:
 def secondary_arg(node: Node, options: Options) -> Recipe:
     """A mirror's secondary: a new ``sparse(PATH)`` may leave its size to the primary."""
     return compile_node(node, Options(size_from_peer=True))
-
-
-def state_path(node: Node, options: Options) -> str | None:
-    """A file to keep state in: it may not exist yet, but its directory must."""
-    path = word(node, "a state file")
-    if os.path.isdir(path):
-        raise SpecError(f"state file {path} is a directory")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise SpecError(f"the directory of state file {path} does not exist")
-    return path
-
-
-def uri_arg(node: Node, options: Options) -> str:
-    return word(node, "an NBD URI")
 
 
 # --- kinds -------------------------------------------------------------------------------
@@ -268,13 +224,6 @@ def compile_sparse(call: Call, options: Options) -> Recipe:
     return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
 
 
-def verify_arg(node: Node, options: Options) -> str:
-    value = word(node, "verify").strip().lower()
-    if value not in ("sample", "full"):
-        raise SpecError(f"bad verify={value!r} (use sample, the default, or full)")
-    return value
-
-
 @dataclass(frozen=True)
 class MirrorArgs:
     primary: Recipe = arg(device_arg)
@@ -348,17 +297,6 @@ def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
         return await open_remote(ctx.nursery, address, request_timeout=timeout)
 
     return Recipe("nbd", text, open_)
-
-
-def timeout_arg(node: Node, options: Options) -> float:
-    text = word(node, "a number of seconds")
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise SpecError(f"bad timeout {text!r} (use seconds, e.g. timeout=10)") from None
-    if not 0 < seconds <= MAX_TIMEOUT:
-        raise SpecError(f"bad timeout {text!r}: use more than 0 and at most {MAX_TIMEOUT:g} s")
-    return seconds
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class Copier:
         self._ranges = ranges
         self._map = copy_map
         self._events = events
-        self._settings = settings
+        self.settings = settings
         geometry = copy_map.geometry
         self._size, self._sector_size = geometry.size_sectors, geometry.sector_size
         cheap_holes = {Capability.EXTENTS, Capability.WRITE_ZEROES} <= secondary.dev.capabilities
@@ -156,7 +156,7 @@ class Copier:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._plan, send)
-                for index in range(self._settings.in_flight):
+                for index in range(self.settings.in_flight):
                     nursery.start_soon(self._work, receive.clone(), nursery, index)
                 await receive.aclose()
         finally:
@@ -167,7 +167,7 @@ class Copier:
         """Compare every copied range of both sides, chunk by chunk under the range lock,
         and copy again what differs (``verify=full``, before the first sweep: the mirror
         cannot be synced before this ends)."""
-        ss, chunk = self._sector_size, self._settings.chunk
+        ss, chunk = self._sector_size, self.settings.chunk
         for start, end in self._map.copied_runs():
             for a, b in split(start, end, chunk):
                 if not self._events.going_on():
@@ -187,7 +187,7 @@ class Copier:
         """A foreground write to ``[start, end)`` of the primary has ended (called under
         its range lock)."""
         if self._sweeping:
-            self._written_since_plan.add(*align_out(start, end, self._settings.chunk))
+            self._written_since_plan.add(*align_out(start, end, self.settings.chunk))
 
     async def _find_secondary_data(self) -> None:
         """Where the secondary holds data, asked once: a fresh one has no holes to punch."""
@@ -197,7 +197,7 @@ class Copier:
             self._events.note_error(f"asking the secondary for extents: {exc}")
 
     async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
-        span = max(PLAN_SPAN_BYTES // self._sector_size, self._settings.chunk)
+        span = max(PLAN_SPAN_BYTES // self._sector_size, self.settings.chunk)
         async with send:
             pos = 0
             while self._events.going_on() and (gap := self._map.first_uncopied(pos, self._size)):
@@ -205,7 +205,7 @@ class Copier:
                 self._written_since_plan.discard(start, end)
                 data = await self._hint(start, end)
                 for a, b, is_data in runs(data, start, end):
-                    step = self._settings.chunk if is_data else self._hole_step
+                    step = self.settings.chunk if is_data else self._hole_step
                     for item_start, item_end in split(a, b, step):
                         if not self._events.going_on():
                             return
@@ -227,7 +227,7 @@ class Copier:
     async def _work(
         self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
     ) -> None:
-        buf = bytearray(self._settings.chunk * self._sector_size)  # one per worker, reused
+        buf = bytearray(self.settings.chunk * self._sector_size)  # one per worker, reused
         async with receive:
             async for start, end, is_data in receive:
                 if index >= self.foreground_workers:
@@ -238,7 +238,7 @@ class Copier:
                 self._flush_behind.maybe_start(nursery)
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
-        retries, backoff = self._settings.retries, self._settings.backoff
+        retries, backoff = self.settings.retries, self.settings.backoff
         for attempt in range(retries + 1):
             self.in_flight += 1
             try:
@@ -296,7 +296,7 @@ class Copier:
             await (self._copy_data(a, b, buf) if holds_data else self._zero_secondary(a, b))
 
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
-        for a, b in split(start, end, self._settings.chunk):
+        for a, b in split(start, end, self.settings.chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
             await self._primary.read(a, [view])
             await self._secondary.write(a, [view], exact=True)
@@ -313,7 +313,7 @@ class Copier:
         if Capability.WRITE_ZEROES in side.dev.capabilities:
             await side.dev.write_zeroes(start * side.ratio, (end - start) * side.ratio)
             return
-        for a, b in split(start, end, self._settings.chunk):
+        for a, b in split(start, end, self.settings.chunk):
             buf = bytearray((b - a) * self._sector_size)
             await side.read(a, [buf])
             if buf.count(0) != len(buf):

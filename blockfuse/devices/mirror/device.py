@@ -70,7 +70,7 @@ from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
 from .copier import Copier, Settings
 from .copymap import CopyMap
-from .parts import Side, Users, error_of, run_both, signature
+from .parts import Side, Task, Users, error_of, run_both, signature
 from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
 
 CHECKPOINT_SECONDS = 2.0
@@ -107,7 +107,6 @@ class MirrorDevice(BlockDevice):
         self._primary, self._secondary = primary, secondary
         self._info = info
         self._map = copy_map
-        self._retries, self._backoff = retries, backoff
         self._ranges = RangeLock()
         self._copy = CopyState(info.size_bytes, progress)
         self._copy.notice = notice
@@ -115,9 +114,7 @@ class MirrorDevice(BlockDevice):
         copy_map.watch_store(on_failure=self.fail)
         settings = Settings(chunk // info.sector_size, rate, in_flight, retries, backoff)
         self._copier = Copier(primary, secondary, self._ranges, copy_map, self, settings)
-        self._copier_scope = trio.CancelScope()
-        self._copier_done: trio.Event | None = None
-        """Set once the copier task ends; ``None`` until it starts."""
+        self._copier_task = Task()
         self._primary_flushes = FlushCursor(primary.dev)
         self._secondary_flushes = FlushCursor(secondary.dev)
         self._secondary_flush_lock = trio.Lock()
@@ -287,7 +284,7 @@ class MirrorDevice(BlockDevice):
     def hurry_close(self) -> None:
         """Stop the copier now rather than at the next chunk edge (its items are
         cancelled; what was copied stays copied)."""
-        self._copier_scope.cancel()
+        self._copier_task.scope.cancel()
         self._primary.dev.hurry_close()
         self._secondary.dev.hurry_close()
 
@@ -376,9 +373,9 @@ class MirrorDevice(BlockDevice):
         Runs in a nursery its owner can see (``start_mirror``/``open_mirror``).  Copy
         errors end in the ``failed`` state, not in an exception; a bug raises.
         """
-        self._copier_done = done = trio.Event()
+        done = self._copier_task.begin()
         try:
-            with self._copier_scope:
+            with self._copier_task.scope:
                 task_status.started()
                 self.copied_more()
                 async with trio.open_nursery() as nursery:
@@ -412,17 +409,16 @@ class MirrorDevice(BlockDevice):
     async def _checkpoint_with_retries(self) -> None:
         """Flush both sides and save the map at the end of the copy, as a copy item is
         retried: with backoff, ``retries`` times, then the copy fails."""
-        for attempt in range(self._retries + 1):
+        retries, backoff = self._copier.settings.retries, self._copier.settings.backoff
+        for attempt in range(retries + 1):
             err = await error_of(self._map.checkpoint(self._flush_both))
             if err is None or self._copy.state is not MirrorState.COPYING:
                 return
             where = f"making the copy durable: {err}"
             self.note_error(where)
-            if attempt == self._retries:
-                return self.fail(
-                    f"{where} (the copy gave up after {self._retries} retries of its own)"
-                )
-            await trio.sleep(self._backoff * 2**attempt)
+            if attempt == retries:
+                return self.fail(f"{where} (the copy gave up after {retries} retries of its own)")
+            await trio.sleep(backoff * 2**attempt)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -435,12 +431,7 @@ class MirrorDevice(BlockDevice):
     async def _stop_copier(self) -> None:
         self._copy.apply(Event.STOP)
         self._primary_users.wake()
-        if self._copier_done is None:
-            return
-        with trio.move_on_after(STOP_GRACE_SECONDS):
-            await self._copier_done.wait()
-        self._copier_scope.cancel()
-        await self._copier_done.wait()
+        await self._copier_task.stop(STOP_GRACE_SECONDS)
 
     # --- ``CopyEvents`` for the copier ---------------------------------------------------
 

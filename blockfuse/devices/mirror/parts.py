@@ -214,3 +214,25 @@ def signature(dev: BlockDevice) -> str:
     if not stat.S_ISREG(st.st_mode):
         return "-"
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+class Task:
+    """A background task its owner can stop: a grace period to end by itself, then
+    cancelled; ``begin`` returns the event the task sets when it ends."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self._done: trio.Event | None = None
+
+    def begin(self) -> trio.Event:
+        self._done = trio.Event()
+        return self._done
+
+    async def stop(self, grace: float) -> None:
+        """Wait ``grace`` seconds for the task to end, then cancel it (if it ever began)."""
+        if self._done is None:
+            return
+        with trio.move_on_after(grace):
+            await self._done.wait()
+        self.scope.cancel()
+        await self._done.wait()
