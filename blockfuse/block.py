@@ -181,6 +181,13 @@ class BlockDevice(ABC):
         return False
 
     @property
+    def unchecked(self) -> BlockDevice:
+        """This device without the contract checks a checking wrapper adds (``safe``), for
+        a caller that proves them itself: whole sectors, within the device.  The device
+        itself unless it is such a wrapper; every other wrapper keeps its own behaviour."""
+        return self
+
+    @property
     def inner(self) -> BlockDevice | None:
         """The device a wrapper stands on, or ``None`` for a device that wraps nothing."""
         return None

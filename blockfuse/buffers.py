@@ -14,8 +14,13 @@ from .block import Buffer, total_length
 
 
 def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
-    """Each buffer as a flat view of bytes."""
-    return [memoryview(b).cast("B") for b in buffers]
+    """Each buffer as a flat view of bytes (``bytes``, ``bytearray`` and most views are
+    one already: every request comes here, and a cast costs a new view)."""
+    return [_flat(memoryview(b)) for b in buffers]
+
+
+def _flat(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def slice_views(buffers: Sequence[Buffer], start: int, end: int) -> list[memoryview]:

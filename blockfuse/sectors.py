@@ -104,18 +104,35 @@ class DeviceBytes:
     Invariant: two writes that touch one sector never run at once (the range lock on
     the sectors they touch), so a read-modify-write of a partial sector never loses
     another writer's bytes.
+
+    Every FUSE request comes here, so whole sectors within the device take a lean path:
+    those are exactly the checks a ``safe`` wrapper makes, so the device is called
+    through ``device.unchecked`` (``safe``'s checks skipped, every other layer kept), with
+    no ``Span`` and one ``get_info``.  A read may be given the buffer to fill (``into``),
+    which spares zeroing a new one (~30 µs per MiB).  Everything else goes through the
+    device itself, checks and all.
     """
 
     def __init__(self, device: BlockDevice) -> None:
         self.device = device
+        self._direct = device.unchecked
         self._writes = RangeLock()
 
     async def info(self) -> Info:
         return await self.device.get_info()
 
-    async def read(self, offset: int, length: int) -> memoryview:
-        """Up to ``length`` bytes from ``offset``; fewer past the end, none beyond it."""
-        info = await self.device.get_info()
+    async def read(self, offset: int, length: int, into: bytearray | None = None) -> memoryview:
+        """Up to ``length`` bytes from ``offset``; fewer past the end, none beyond it.
+
+        ``into``, if given and long enough, is the buffer filled (the answer is a view of
+        it); the caller must not reuse it while the answer is in use."""
+        info = await self._direct.get_info()
+        ss = info.sector_size
+        if not (offset | length) % ss and 0 < offset + length <= info.size_bytes and length:
+            buf = into if into is not None and len(into) >= length else bytearray(length)
+            view = memoryview(buf)[:length]
+            await self._direct.read(offset // ss, [view])
+            return view
         length = clip(offset, length, info.size_bytes)
         if length == 0:
             return memoryview(b"")
@@ -127,7 +144,16 @@ class DeviceBytes:
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a write running past the end is cut short there,
         one that starts at or past the end fails with ENOSPC (as on a block device)."""
-        info = await self.device.get_info()
+        info = await self._direct.get_info()
+        ss, length = info.sector_size, len(data)
+        if not (offset | length) % ss and 0 < offset + length <= info.size_bytes and length:
+            first = offset // ss
+            hold = await self._writes.acquire(first, first + length // ss)
+            try:
+                await self._direct.write(first, [data])
+            finally:
+                self._writes.release(hold)
+            return length
         length = clip(offset, len(data), info.size_bytes)
         if length == 0:
             if not data:

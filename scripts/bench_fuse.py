@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""fio through blockfuse's FUSE file vs qemu-storage-daemon's FUSE export, same run.
+"""fio through blockfuse's FUSE file vs qemu-storage-daemon's FUSE export, interleaved.
 
-Both serve a copy of the same 1 GiB image.  fio runs with O_DIRECT (libaio): sequential
-1 MiB read and write at queue depth 4, random 4 KiB read and write at depth 1 and 16.
-Prints IOPS side by side with the ratio, then the mount process's peak memory (VmHWM)
-for a 1 GiB and a 1 TiB device.
+Both serve a copy of the same 1 GiB image on the same filesystem, pinned in the page
+cache (a helper maps and ``mlockall``s them: this VM pages out idle page cache during a
+run, and neither side may read a disk).  Both copies are made the same way and read in
+whole, so their pages are alike (a 4 KiB write into a large folio costs several times one
+into a small page).  fio runs with O_DIRECT (libaio).  Each round runs every job on every
+side in a rotated order; the
+table gives, per job, the median over rounds of IOPS, of the per-round ratio to qsd,
+and of the server's CPU time per request (from /proc/PID/task/*/schedstat: steadier
+than IOPS on this VM, where idle vCPUs halt and a lone request's latency is bimodal).
 
-Both images start from the same page-cache state (dropped, then read in whole), and
-every fio job starts after a ``sync``: a freshly written image sits in the cache as large
-folios, on which a 4 KiB ``pwrite`` costs ~23 µs instead of ~2 µs (ext4, kernel 6.18),
-and that alone made the side with the fresh image look 3x slower at random writes.
+    sudo .venv/bin/python scripts/bench_fuse.py [--rounds 3] [--runtime 5] [--stock]
 
-    sudo .venv/bin/python scripts/bench_fuse.py [--runtime 5] [--dir /var/tmp]
+``--stock`` adds blockfuse with pyfuse3's stock request loop (BLOCKFUSE_STOCK_FUSE_LOOP=1).
 """
 
 from __future__ import annotations
@@ -20,40 +22,42 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchlib import blockfuse_mount, is_mounted, need, peak_rss_mib, stop
+from benchlib import blockfuse_mount, cpu_ns, is_mounted, need, peak_rss_mib, pinned, stop
 
 IMAGE_SIZE = 1 << 30
 
 JOBS = [
-    ("seq read 1M qd4", "read", "1M", 4),
-    ("seq write 1M qd4", "write", "1M", 4),
     ("rand read 4K qd1", "randread", "4k", 1),
     ("rand read 4K qd16", "randread", "4k", 16),
     ("rand write 4K qd1", "randwrite", "4k", 1),
     ("rand write 4K qd16", "randwrite", "4k", 16),
+    ("seq read 1M qd4", "read", "1M", 4),
+    ("seq write 1M qd4", "write", "1M", 4),
 ]
 
 
 @contextmanager
-def file_mount(image: Path, mountpoint: Path) -> Iterator[tuple[Path, int]]:
-    with blockfuse_mount(mountpoint, [f"disk={image}"]) as pid:
+def ours(image: Path, mountpoint: Path, stock: bool = False) -> Iterator[tuple[Path, int]]:
+    env = {"BLOCKFUSE_STOCK_FUSE_LOOP": "1"} if stock else {}
+    with blockfuse_mount(mountpoint, [f"disk={image}"], env=env) as pid:
         yield mountpoint / "disk", pid
 
 
 @contextmanager
-def qsd_export(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
+def qsd(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
     target.touch()
     cmd = [
         "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
         "--export", f"type=fuse,id=e0,node-name=f0,mountpoint={target},writable=on",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -68,17 +72,18 @@ def qsd_export(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
         stop(proc, target)
 
 
-def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> float:
+def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> tuple[float, int]:
+    """IOPS and the number of requests done."""
     cmd = [
         "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={IMAGE_SIZE}",
-        "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+        "--time_based", f"--runtime={runtime}", "--output-format=json",
         "--randrepeat=0", "--norandommap",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
     job = json.loads(out.stdout)["jobs"][0]
-    side = "read" if "read" in rw else "write"
-    return float(job[side]["iops"])
+    side = job["read" if "read" in rw else "write"]
+    return float(side["iops"]), int(side["total_ios"])
 
 
 def make_image(path: Path) -> None:
@@ -87,54 +92,81 @@ def make_image(path: Path) -> None:
             f.write(os.urandom(1 << 24))
 
 
-def same_cache_state(*images: Path) -> None:
-    """Write back and drop the page cache, then read ``images`` in whole."""
+def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
+    base = workdir / "base.img"
+    sides = {"blockfuse": workdir / "ours.img", "qsd": workdir / "qsd.img"}
+    if stock:
+        sides["blockfuse (stock loop)"] = workdir / "stock.img"
+    make_image(base)
+    for image in sides.values():
+        shutil.copyfile(base, image)  # every copy made alike: same kind of pages
+    base.unlink()
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
-    for image in images:
-        with open(image, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    Path("/proc/sys/vm/drop_caches").write_text("3")  # then read in whole, alike
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with ExitStack() as stack:
+        stack.enter_context(pinned(*sides.values()))
+        paths = {
+            name: stack.enter_context(
+                qsd(image, workdir / "qsd-export") if name == "qsd"
+                else ours(image, workdir / f"mnt-{len(name)}", stock="stock" in name)
+            )
+            for name, image in sides.items()
+        }  # fmt: skip
+        names = list(sides)
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for label, rw, bs, depth in JOBS:
+                for name in order:
+                    os.sync()  # no job pays for the writeback of the one before
+                    path, pid = paths[name]
+                    before = cpu_ns(pid)
+                    iops, ios = fio(path, rw, bs, depth, runtime)
+                    us = (cpu_ns(pid) - before) / 1000 / max(ios, 1)
+                    results.setdefault((label, name), []).append((iops, us))
+        rss = peak_rss_mib(paths["blockfuse"][1])
+    report(results, names, rounds, runtime, rss)
 
 
-def run(workdir: Path, runtime: int) -> None:
-    ours_img, ref_img = workdir / "ours.img", workdir / "ref.img"
-    make_image(ours_img)
-    shutil.copyfile(ours_img, ref_img)
-    same_cache_state(ours_img, ref_img)
-    print(f"fio O_DIRECT libaio, {runtime}s per job, 1 GiB image copies in {workdir}")
-    print(f"{'job':<20} {'blockfuse IOPS':>15} {'qsd IOPS':>12} {'ratio':>7}")
-    with (
-        file_mount(ours_img, workdir / "mnt") as (ours, pid),
-        qsd_export(ref_img, workdir / "qsd-export") as (ref, _),
-    ):
-        for label, rw, bs, depth in JOBS:
-            os.sync()  # no job pays for the writeback of the one before
-            a = fio(ours, rw, bs, depth, runtime)
-            os.sync()
-            b = fio(ref, rw, bs, depth, runtime)
-            print(f"{label:<20} {a:>15.0f} {b:>12.0f} {a / b:>6.2f}x", flush=True)
-        rss_small = peak_rss_mib(pid)
-    big = workdir / "big.img"
-    with open(big, "wb") as f:
-        f.truncate(1 << 40)
-    with file_mount(big, workdir / "mnt") as (ours, pid):
-        fio(ours, "randread", "4k", 16, 2)
-        rss_big = peak_rss_mib(pid)
-    print(f"mount process peak RSS: {rss_small:.1f} MiB (1 GiB device, after all jobs), "
-          f"{rss_big:.1f} MiB (1 TiB device)")  # fmt: skip
+def report(
+    results: dict[tuple[str, str], list[tuple[float, float]]],
+    names: list[str],
+    rounds: int,
+    runtime: int,
+    rss: float,
+) -> None:
+    print(f"fio O_DIRECT libaio, {runtime} s per job, {rounds} rounds (rotated order), "
+          "images pinned in memory; medians")  # fmt: skip
+    header = f"{'job':<20}" + "".join(
+        f" {n + ' IOPS':>24} {'x qsd':>6} {'µs/req':>7}" for n in names
+    )
+    print(header)
+    for label, *_ in JOBS:
+        ref = [iops for iops, _ in results[(label, "qsd")]]
+        row = f"{label:<20}"
+        for name in names:
+            runs = results[(label, name)]
+            ratios = [iops / r for (iops, _), r in zip(runs, ref, strict=True)]
+            row += (
+                f" {statistics.median(i for i, _ in runs):>24.0f}"
+                f" {statistics.median(ratios):>5.2f}x"
+                f" {statistics.median(u for _, u in runs):>7.1f}"
+            )
+        print(row, flush=True)
+    print(f"blockfuse mount's peak RSS after all jobs: {rss:.1f} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
-    parser.add_argument("--dir", default="/var/tmp", help="where the images go (needs 2 GiB)")
+    parser.add_argument("--stock", action="store_true", help="also pyfuse3's stock loop")
     args = parser.parse_args()
     need("fio", "fio")
     need("qemu-storage-daemon", "qemu-system-common")
-    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-", dir=args.dir))
+    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-", dir="/var/tmp"))
     try:
-        run(workdir, args.runtime)
+        run(workdir, args.rounds, args.runtime, args.stock)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

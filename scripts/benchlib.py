@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +44,10 @@ def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
 
 @contextmanager
 def blockfuse_mount(
-    mountpoint: Path, devices: Sequence[str], extra: Sequence[str] = ()
+    mountpoint: Path,
+    devices: Sequence[str],
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[int]:
     """``blockfuse mount`` with ``devices`` until the block ends; yields the process id."""
     cmd = [str(REPO / ".venv/bin/blockfuse"), "mount", str(mountpoint)]
@@ -52,7 +55,9 @@ def blockfuse_mount(
         cmd += ["-d", device]
     log = mountpoint.parent / f"{mountpoint.name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*cmd, *extra], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*cmd, *extra], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     try:
         deadline = time.monotonic() + 60
         while READY not in log.read_text(errors="replace") or not is_mounted(mountpoint):
@@ -70,3 +75,54 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total
+
+
+@contextmanager
+def tmpfs(where: Path, size: int) -> Iterator[Path]:
+    """A private tmpfs of ``size`` bytes at ``where`` for the body: images held in memory,
+    which the VM cannot page out (the page cache it can)."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextmanager
+def pinned(*paths: Path) -> Iterator[None]:
+    """Hold the page cache of ``paths`` in memory for the body: a helper process maps
+    them and locks them with ``mlockall`` (the VM pages out idle page cache during a run,
+    and a benchmark must not read a disk on one side only)."""
+    code = "\n".join(
+        [
+            "import ctypes, mmap, os, signal, sys",
+            "fds = [os.open(p, os.O_RDONLY) for p in sys.argv[1:]]",
+            "maps = [mmap.mmap(fd, 0, prot=mmap.PROT_READ) for fd in fds]",
+            "libc = ctypes.CDLL(None, use_errno=True)",
+            "if libc.mlockall(3):",  # MCL_CURRENT | MCL_FUTURE
+            "    sys.exit('mlockall failed: ' + os.strerror(ctypes.get_errno()))",
+            "print('pinned', flush=True)",
+            "signal.pause()",
+        ]
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, paths)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"pinned":
+            sys.exit("could not pin the images in memory (mlockall)")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..block import Buffer, Extent, Info, total_length
+from ..block import BlockDevice, Buffer, Extent, Info, total_length
 from ..errors import ReadOnly, Unsafe
 from .wrapper import PassThrough
 
@@ -50,6 +50,10 @@ def check_request(sector: int, buffers: Sequence[Buffer], info: Info) -> None:
 
 class SafeDevice(PassThrough):
     kind = "safe"
+
+    @property
+    def unchecked(self) -> BlockDevice:
+        return self._inner.unchecked
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         check_request(sector, buffers, await self._inner.get_info())

@@ -24,6 +24,7 @@ import trio
 
 from ..block import FlushCursor
 from ..errors import BlockError
+from . import fastloop
 from .flatfile import FlatFile
 from .malloc import keep_request_buffers
 from .mountpoint import FSNAME, MountError, unmount_command, warn_about_loop_devices
@@ -220,6 +221,7 @@ async def _mount_and_serve(
         with trio.CancelScope(shield=True):
             await close_all(files, scratch)
         raise MountError(mount_failure(mountpoint, exc, said)) from exc
+    fast_wait = fastloop.install()
     try:
         shutdown.serving = True
         if on_ready is not None:
@@ -227,6 +229,7 @@ async def _mount_and_serve(
         if not shutdown.signals:  # one that came while mounting ends it at once
             await pyfuse3.main(min_tasks=MIN_WORKERS, max_tasks=MAX_WORKERS)
     finally:
+        fastloop.uninstall(fast_wait)
         busy = warn_about_loop_devices(mount_root)
         pyfuse3.close(unmount=True)
         shutdown.serving = False
