@@ -157,6 +157,11 @@ class BlockDevice(ABC):
         """
         raise Unimplemented(f"{self.kind} devices cannot report extents")
 
+    async def write_behind(self, sector: int, count: int) -> None:  # noqa: B027
+        """Start writing ``count`` sectors from ``sector`` to stable storage, without
+        waiting for it (a copier's write-behind, so that its writes do not pile up in a
+        cache); promises nothing, ``flush`` still does.  Nothing where a device cannot."""
+
     def hurry_close(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """A close under way should end sooner (a second Ctrl-C): skip the waits that
         only make it gentler, never a flush or a save.  Nothing by default."""

@@ -29,6 +29,7 @@ A regular file also offers ``discard``/``write_zeroes`` (punched holes) and ``ex
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -91,6 +92,20 @@ def device_geometry(fd: int) -> tuple[int, int]:
         sector_size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
         return size, sector_size
     return st.st_size, SECTOR_SIZE
+
+
+SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+"""Linux's ``sync_file_range`` (Python's os module has none); ``None`` elsewhere."""
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    assert _sync_file_range is not None
+    if _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class _NoWait:
@@ -196,6 +211,16 @@ class FileDevice(BlockDevice):
     @staticmethod
     def _sync(fd: int) -> None:
         os.fdatasync(fd)
+
+    async def write_behind(self, sector: int, count: int) -> None:
+        """``sync_file_range(SYNC_FILE_RANGE_WRITE)``, in a thread: the kernel starts
+        writing those pages back and returns (it may wait for a congested queue)."""
+        if self._read_only or self._closed or _sync_file_range is None:
+            return
+        ss = self._sector_size
+        await self._in_thread(
+            f"write back {self.path}", _start_writeback, self._fd, sector * ss, count * ss
+        )
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)

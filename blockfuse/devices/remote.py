@@ -23,6 +23,7 @@ from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info
 from ..errors import Disconnected, ProtocolError, ReadOnly, RequestFailed, Unreachable, Unsafe
 from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
+from ..transport.blocking import Plane
 from ..transport.client import DEFAULT_TIMEOUT, NBDClient
 from ..transport.connect import connect_nbd
 from ..transport.reconnect import Reconnecting
@@ -109,6 +110,14 @@ class RemoteDevice(BlockDevice):
         what = f"block status of {count * ss} bytes at {sector * ss}"
         found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss), what)
         return to_extents(found, sector, count, ss)
+
+    def data_plane(self, connections: int) -> Plane | None:
+        """Blocking connections for worker threads to read this export in bulk (a mirror's
+        copy), if the server lets several connections read it (``CAN_MULTI_CONN``)."""
+        export = self._link.client.export
+        if not Plane.allowed(export):
+            return None
+        return Plane(self.address, export, connections, self._link.timeout)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -37,6 +37,9 @@ class PassThrough(BlockDevice):
     def hurry_close(self) -> None:
         self._inner.hurry_close()
 
+    async def write_behind(self, sector: int, count: int) -> None:
+        await self._inner.write_behind(sector, count)
+
     async def get_info(self) -> Info:
         return await self._inner.get_info()
 

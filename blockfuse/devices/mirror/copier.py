@@ -61,6 +61,7 @@ from ...block import Capability
 from ...errors import BlockError
 from ...extents import IntervalSet, align_out
 from ...rangelock import RangeLock
+from ...transport.blocking import Plane
 from .copymap import CopyMap
 from .pace import Pace
 from .parts import Side, Throttle, error_of, runs, split
@@ -126,8 +127,11 @@ class Copier:
         copy_map: CopyMap,
         events: CopyEvents,
         settings: Settings,
+        plane: Plane | None = None,
     ) -> None:
         self._primary, self._secondary = primary, secondary
+        self._plane = plane
+        """The primary's data plane: blocking connections read in worker threads."""
         self._ranges = ranges
         self._map = copy_map
         self._events = events
@@ -143,6 +147,7 @@ class Copier:
         """Workers that go on copying while foreground I/O uses the primary."""
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
+        self._threads = trio.CapacityLimiter(settings.in_flight)
         self._flush_behind = FlushBehind(events)
         self._sweeping = False
         self._written_since_plan = IntervalSet()
@@ -298,9 +303,32 @@ class Copier:
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self.settings.chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
-            await self._primary.read(a, [view])
+            await self._read_primary(a, view)
             await self._secondary.write(a, [view], exact=True)
+            await self._secondary.write_behind(a, b - a)
             self._flush_behind.wrote(len(view))
+
+    async def _read_primary(self, sector: int, view: memoryview) -> None:
+        """Read through the data plane where there is one (see ``transport/blocking.py``);
+        if it fails, the copy goes on reading as the foreground does (with its reconnects),
+        and the plane is not used again."""
+        plane = self._plane
+        if plane is not None:
+            offset = sector * self._sector_size
+            try:
+                await trio.to_thread.run_sync(plane.read_into, view, offset, limiter=self._threads)
+                return
+            except BlockError as exc:
+                if self._plane is plane:
+                    self._plane = None
+                    plane.close()
+                    self._events.note_error(f"reading the primary in worker threads: {exc}")
+        await self._primary.read(sector, [view])
+
+    def close(self) -> None:
+        """Close the data plane's idle connections (once the copier has stopped)."""
+        if self._plane is not None:
+            self._plane.close()
 
     async def _zero_secondary(self, start: int, end: int) -> None:
         """Make ``[start, end)`` read as zeroes on the secondary, keeping holes holes."""

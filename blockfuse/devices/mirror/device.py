@@ -68,6 +68,7 @@ from ...block import BlockDevice, Buffer, Capability, Extent, FlushCursor, Info,
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...rangelock import RangeLock
+from ...transport.blocking import Plane
 from .copier import Copier, Settings
 from .copymap import CopyMap
 from .parts import Side, Task, Users, error_of, run_both, signature
@@ -103,6 +104,7 @@ class MirrorDevice(BlockDevice):
         progress: Callable[[Progress], None] | None,
         notice: str = "",
         verify_first: bool = False,
+        plane: Plane | None = None,
     ) -> None:
         self._primary, self._secondary = primary, secondary
         self._info = info
@@ -113,7 +115,7 @@ class MirrorDevice(BlockDevice):
         self._verify_first = verify_first
         copy_map.watch_store(on_failure=self.fail)
         settings = Settings(chunk // info.sector_size, rate, in_flight, retries, backoff)
-        self._copier = Copier(primary, secondary, self._ranges, copy_map, self, settings)
+        self._copier = Copier(primary, secondary, self._ranges, copy_map, self, settings, plane)
         self._copier_task = Task()
         self._primary_flushes = FlushCursor(primary.dev)
         self._secondary_flushes = FlushCursor(secondary.dev)
@@ -274,6 +276,7 @@ class MirrorDevice(BlockDevice):
             if err is not None:
                 self.note_error(f"flushing at close: {err}")
             self._copy.apply(Event.CLOSE)
+            self._copier.close()
             await self._primary.dev.aclose()
             await self._secondary.dev.aclose()
 

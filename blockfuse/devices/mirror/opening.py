@@ -20,7 +20,7 @@ from ...opening import OpenContext
 from .copymap import CopyMap, Geometry
 from .device import MirrorDevice
 from .mapfile import STALE_MARK, MapStore
-from .parts import Side, backing_path, identity, signature, spread
+from .parts import Side, backing_path, data_plane, identity, signature, spread
 from .state import Progress
 
 DEFAULT_CHUNK = 4 << 20
@@ -133,10 +133,11 @@ async def prepare_mirror(
     await check_resumed_copy(p_side, s_side, copy_map, min(chunk, RESUME_SAMPLE_BYTES))
     await copy_map.begin_session()
     clear_stale_mark(secondary)
+    workers = in_flight or default_in_flight(chunk)
     return MirrorDevice(
-        p_side, s_side, info, copy_map, chunk=chunk, rate=rate,
-        in_flight=in_flight or default_in_flight(chunk), retries=retries, backoff=backoff,
-        progress=progress, notice=copy_map.forgotten, verify_first=verify == "full",
+        p_side, s_side, info, copy_map, chunk=chunk, rate=rate, in_flight=workers,
+        retries=retries, backoff=backoff, progress=progress, notice=copy_map.forgotten,
+        verify_first=verify == "full", plane=data_plane(primary, workers),
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import trio
 from ...block import BlockDevice, Buffer, Capability, Info, layers, total_length
 from ...errors import BlockError, Unimplemented
 from ...extents import IntervalSet, align_out
+from ...transport.blocking import Plane
 from ...units import ceil_div
 
 
@@ -89,6 +90,9 @@ class Side:
             end = sector + total_length(buffers) // self._sector_size
             self._written.add(*((sector, end) if exact else align_out(sector, end, self._grain)))
         await self.dev.write(sector * self.ratio, buffers)
+
+    async def write_behind(self, sector: int, count: int) -> None:
+        await self.dev.write_behind(sector * self.ratio, count * self.ratio)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
@@ -236,3 +240,17 @@ class Task:
             await self._done.wait()
         self.scope.cancel()
         await self._done.wait()
+
+
+def data_plane(dev: BlockDevice, connections: int) -> Plane | None:
+    """Blocking connections for the copier's threads to read ``dev`` in bulk, where it is
+    an NBD export that allows them, under nothing but ``safe`` wrappers (whose checks the
+    copier's aligned reads pass anyway); ``None`` otherwise."""
+    for layer in layers(dev):
+        make = getattr(layer, "data_plane", None)
+        if make is not None:
+            plane: Plane | None = make(connections)
+            return plane
+        if layer.kind != "safe":
+            return None
+    return None

@@ -1,0 +1,216 @@
+"""Blocking NBD connections for worker threads: the mirror copier's data plane.
+
+The trio client (``client.py``) serves every caller from one connection and one reader
+task, on the event loop's thread: fine for foreground requests, but a copy moves gigabytes
+and then spends the loop's thread on copying socket data.  The copier's data plane does
+its reads in worker threads instead, each over a connection of its own, with blocking
+socket calls that release the GIL while the kernel copies the data straight into the
+chunk's buffer (``recv_into``, no copy in Python).
+
+Several connections read one export only where the server says it may be done
+(``CAN_MULTI_CONN``): otherwise a read on one connection need not see a write another
+connection had acknowledged, and the copy could miss a foreground write.
+
+The protocol is the same sans-io core as the trio client's (``nbd/handshake.py``,
+``nbd/transmission.py``); every socket call has the request timeout (a stalled server
+fails the read with ``TimedOut``, and the connection is dropped).  A connection is used
+by one thread at a time (``Plane`` hands them out); one that failed is closed and a new
+one is made for the next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+
+from ..errors import BlockError, ProtocolError, RequestFailed
+from ..nbd.constants import Cmd, TxFlag
+from ..nbd.events import NEED_DATA, Done, ExportInfo, Negotiated, ReadData, ReadHole
+from ..nbd.handshake import ClientHandshake
+from ..nbd.transmission import ClientTransmission
+from ..nbd.uri import Address
+from .handshake import ConnectionLost, TimedOut
+
+RECEIVE_SIZE = 1 << 16
+
+
+class BlockingClient:
+    """One negotiated connection, used from one thread at a time."""
+
+    def __init__(self, sock: socket.socket, negotiated: Negotiated, server: str) -> None:
+        self._sock = sock
+        self._tx = ClientTransmission(negotiated)
+        self._server = server
+
+    @property
+    def export(self) -> ExportInfo:
+        return self._tx.export
+
+    @classmethod
+    def connect(cls, address: Address, timeout: float) -> BlockingClient:
+        """Connect and negotiate ``address``'s export; raises ``BlockError``."""
+        try:
+            sock = _open_socket(address, timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to {address.server}: {exc}") from exc
+        try:
+            negotiated = _handshake(sock, address.export, address.server)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, negotiated, address.server)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from byte ``offset``, one request per maximum payload."""
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, self._tx.max_payload)
+            self._read_one(view[pos : pos + n], offset + pos)
+            pos += n
+
+    def _read_one(self, view: memoryview, offset: int) -> None:
+        _, header = self._tx.request(Cmd.READ, offset, len(view))
+        try:
+            self._sock.sendall(header)
+            while True:
+                target = self._tx.payload_target()
+                if target is not None:
+                    self._receive_payload(view, offset, target)
+                else:
+                    self._tx.receive_data(self._sock.recv(RECEIVE_SIZE))
+                if (done := self._deliver(view, offset)) is not None:
+                    return self._finish(done)
+        except TimeoutError:
+            self.close()
+            raise TimedOut(f"{self._server}: no answer to a read within the timeout") from None
+        except OSError as exc:
+            self.close()
+            raise ConnectionLost(f"connection to {self._server} lost: {exc}") from exc
+        except ProtocolError:
+            self.close()
+            raise
+
+    def _receive_payload(self, view: memoryview, offset: int, target: tuple[int, int, int]) -> None:
+        _, at, remaining = target
+        start = at - offset
+        n = self._sock.recv_into(view[start : start + remaining], remaining)
+        if n == 0:
+            self._tx.receive_data(b"")  # the server closed: the core says how
+        else:
+            self._tx.payload_received(n)
+
+    def _deliver(self, view: memoryview, offset: int) -> Done | None:
+        while (event := self._tx.next_event()) is not NEED_DATA:
+            if isinstance(event, ReadData):
+                start = event.offset - offset
+                view[start : start + len(event.data)] = event.data
+            elif isinstance(event, ReadHole):
+                start = event.offset - offset
+                view[start : start + event.length] = bytes(event.length)
+            elif isinstance(event, Done):
+                return event
+        return None
+
+    def _finish(self, done: Done) -> None:
+        if done.error:
+            raise RequestFailed(done.error, f"{self._server}: {done.message or 'read failed'}")
+
+    def close(self) -> None:
+        """Send NBD_CMD_DISC where possible, and close; never fails."""
+        with contextlib.suppress(OSError, BlockError):
+            self._sock.sendall(self._tx.disconnect())
+        self._sock.close()
+
+
+def _open_socket(address: Address, timeout: float) -> socket.socket:
+    if address.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: str | tuple[str, int] = address.socket
+    else:
+        assert address.host is not None
+        return socket.create_connection((address.host, address.port), timeout=timeout)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _handshake(sock: socket.socket, export: str, server: str) -> Negotiated:
+    hs = ClientHandshake.go(export)
+    try:
+        while (event := hs.next_event()) is NEED_DATA:
+            if out := hs.data_to_send():
+                sock.sendall(out)
+            hs.receive_data(sock.recv(RECEIVE_SIZE))
+        sock.sendall(hs.data_to_send())
+    except TimeoutError:
+        raise TimedOut(f"{server}: no answer to the NBD handshake") from None
+    except OSError as exc:
+        raise ConnectionLost(f"{server}: connection lost during the handshake: {exc}") from exc
+    if not isinstance(event, Negotiated):
+        raise ConnectionLost(f"{server}: the export was refused for a data connection")
+    if hs.trailing_data():
+        raise ProtocolError(f"{server}: bytes after the handshake")
+    return event
+
+
+class Plane:
+    """Up to ``connections`` blocking connections to one export, handed to threads."""
+
+    def __init__(self, address: Address, export: ExportInfo, connections: int, timeout: float):
+        self._address = address
+        self._export = export
+        self._timeout = timeout
+        self._idle: queue.SimpleQueue[BlockingClient] = queue.SimpleQueue()
+        self._made = 0
+        self._limit = connections
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def allowed(export: ExportInfo) -> bool:
+        """Whether several connections may read this export (``CAN_MULTI_CONN``)."""
+        return bool(export.flags & TxFlag.CAN_MULTI_CONN)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from byte ``offset`` (in a worker thread); raises ``BlockError``."""
+        client = self._take()
+        try:
+            client.read_into(view, offset)
+        except BaseException:
+            with self._lock:
+                self._made -= 1  # it closed itself, or is closed now
+            client.close()
+            raise
+        self._idle.put(client)
+
+    def _take(self) -> BlockingClient:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            self._made += 1
+        try:
+            client = BlockingClient.connect(self._address, self._timeout)
+        except BaseException:
+            with self._lock:
+                self._made -= 1
+            raise
+        if client.export.size != self._export.size:
+            client.close()
+            with self._lock:
+                self._made -= 1
+            raise ConnectionLost(f"{self._address.server}: the export's size changed")
+        return client
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
