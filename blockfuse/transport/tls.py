@@ -59,6 +59,15 @@ CLOSE_TIMEOUT = 2.0
 QUIET_ENDINGS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 """How a TLS session ends without the server saying why (no alert)."""
 
+NOT_TLS = (
+    "WRONG_VERSION_NUMBER",
+    "UNKNOWN_PROTOCOL",
+    "PACKET_LENGTH_TOO_LONG",
+    "RECORD_LAYER_FAILURE",
+    "HTTP_REQUEST",
+)
+"""OpenSSL's reasons for bytes that are not TLS records."""
+
 SUBJECT_KEYS = {
     "commonName": "CN",
     "organizationName": "O",
@@ -73,11 +82,10 @@ SUBJECT_KEYS = {
 @dataclass(frozen=True)
 class TLSClient:
     """How to start TLS with one server: the context, the name its certificate must
-    carry (``None``: the chain only), and what to call it in messages."""
+    carry (``None``: the chain only), and the options they come from."""
 
     context: ssl.SSLContext
     hostname: str | None
-    server: str
     options: TLSOptions
 
     @classmethod
@@ -92,16 +100,17 @@ class TLSClient:
                 address.server,
             )
         context = client_context(address.tls, address.tls_hostname is not None)
-        return cls(context, address.tls_hostname, address.server, address.tls)
+        return cls(context, address.tls_hostname, address.tls)
 
     async def start(self, stream: trio.abc.Stream) -> TLSStream:
-        """The TLS handshake over ``stream`` (STARTTLS was accepted); raises ``TLSFailed``.
-        On failure ``stream`` is left to its owner to close."""
+        """The TLS handshake over ``stream`` (STARTTLS was accepted); raises ``TLSBroken``
+        saying why (``run_handshake`` makes it a ``TLSFailed`` naming the server).  On
+        failure ``stream`` is left to its owner to close."""
         tls = trio.SSLStream(stream, self.context, server_hostname=self.hostname)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
-            raise TLSFailed(f"{self.server}: TLS handshake failed: {self.explain(exc)}") from exc
+            raise TLSBroken(f"TLS handshake failed: {self.explain(exc)}") from exc
         return TLSStream(tls, self)
 
     def explain(self, exc: BaseException) -> str:
@@ -144,7 +153,7 @@ class TLSClient:
             return f"the server does not accept our client certificate{self._client_note()}"
         if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
             return "the server says our client certificate has expired"
-        if reason in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
+        if reason in NOT_TLS:
             return "the server does not speak TLS after accepting STARTTLS"
         return f"TLS error {printable(reason or str(exc))}"
 
