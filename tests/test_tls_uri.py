@@ -53,7 +53,7 @@ def test_the_name_a_certificate_must_carry() -> None:
     assert parse_uri("nbds://h/x?tls-hostname=other.example").tls_hostname == "other.example"
     assert parse_uri("nbds+unix:///x?socket=/s").tls_hostname is None  # the chain only
     assert parse_uri("nbds+unix:///x?socket=/s&tls-hostname=n").tls_hostname == "n"
-    assert parse_uri("nbds://h/x?tls-verify-peer=false").tls_hostname is None
+    assert parse_uri("nbds://h/x?tls-verify-peer=false").tls_hostname == "h"  # SNI only
     assert parse_uri("nbd://h/x").tls_hostname is None and parse_uri("nbd://h/x").tls is None
 
 

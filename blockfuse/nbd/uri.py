@@ -59,8 +59,9 @@ class Address:
 
     @property
     def tls_hostname(self) -> str | None:
-        """The name the server's certificate is checked against (``None``: no name)."""
-        if self.tls is None or not self.tls.verify_peer:
+        """The server's name for TLS (SNI) and, when verifying, for its certificate:
+        ``tls-hostname``, else the host (``None`` over a Unix socket: no name)."""
+        if self.tls is None:
             return None
         return self.tls.hostname or self.host
 

@@ -86,6 +86,8 @@ async def wrap_nbd_stream(
     deadline = trio.current_time() + request_timeout
     upgrade = tls.start if tls is not None else None
     outcome, stream = await run_handshake(stream, hs, server, deadline=deadline, upgrade=upgrade)
+    if isinstance(outcome, OptionRefused | ExportRefused):
+        await quietly(stream.aclose())  # over TLS: close_notify after the ABORT or DISC
     if isinstance(outcome, OptionRefused):
         message = refusal_message(outcome, server, export, tls=tls is not None)
         raise HandshakeRefused(message, outcome)

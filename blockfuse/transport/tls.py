@@ -81,8 +81,9 @@ SUBJECT_KEYS = {
 
 @dataclass(frozen=True)
 class TLSClient:
-    """How to start TLS with one server: the context, the name its certificate must
-    carry (``None``: the chain only), and the options they come from."""
+    """How to start TLS with one server: the context, the server's name (``None``: none;
+    its certificate must carry it when the peer is verified, else only the chain is
+    checked), and the options they come from."""
 
     context: ssl.SSLContext
     hostname: str | None
@@ -99,7 +100,7 @@ class TLSClient:
                 "anyone on the way can pose as the server",
                 address.server,
             )
-        context = client_context(address.tls, address.tls_hostname is not None)
+        context = client_context(address.tls, check_hostname=address.tls_hostname is not None)
         return cls(context, address.tls_hostname, address.tls)
 
     async def start(self, stream: trio.abc.Stream) -> TLSStream:
@@ -256,7 +257,7 @@ def client_certificate(options: TLSOptions) -> tuple[str, str] | None:
     return (cert, key) if os.path.exists(cert) or os.path.exists(key) else None
 
 
-def client_context(options: TLSOptions, check_hostname: bool = True) -> ssl.SSLContext:
+def client_context(options: TLSOptions, *, check_hostname: bool = True) -> ssl.SSLContext:
     """The context for ``options``: the CA from ``ca-cert.pem`` (else the system's store),
     a client certificate if the directory has one, TLS 1.2 at least; raises ``TLSFailed``
     naming the file at fault."""
