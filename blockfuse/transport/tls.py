@@ -2,17 +2,17 @@
 ``trio.SSLStream``, started by STARTTLS.
 
     C: greeting flags, STARTTLS        S: ACK           (the last plaintext byte read)
-    C: ClientHello ...                 S: ServerHello, certificate ...   (start_tls)
+    C: ClientHello ...                 S: ServerHello, certificate ... (TLSClient.start)
     C: every option again, over TLS    S: ...           (the handshake machine goes on)
 
 What the pieces are for:
 
 - ``TLSClient`` holds the ``ssl.SSLContext`` made from the URI's options (one per
   device: reconnects reuse it, so the certificate files are read when it is opened) and
-  the name the server's certificate must carry.  ``client_context`` builds it; every
-  problem with the files is a ``TLSFailed`` naming the file, and an encrypted key is
-  refused (OpenSSL would otherwise ask for its password on the terminal, hanging a
-  mount).
+  the server's name (for SNI and, verifying, the certificate's check).
+  ``client_context`` builds it; every problem with the files is a ``TLSFailed`` naming
+  the file, and an encrypted key is refused (OpenSSL would otherwise ask for its
+  password on the terminal, hanging a mount).
 - ``TLSClient.start`` runs the TLS handshake over the connected stream right after
   STARTTLS's ACK.  It has no clock of its own: the NBD handshake's deadline (the request
   timeout) bounds it, as every other wait of the handshake.
@@ -27,8 +27,9 @@ What the pieces are for:
 
 Failures say which, in one line (``explain``): an unknown CA, a wrong host name, an
 expired certificate, no client certificate where the server wants one, a server that
-does not answer in TLS.  GnuTLS servers (nbdkit, qemu-nbd) that refuse the client's
-certificate finish the TLS 1.3 handshake and then close the connection without an
+does not answer in TLS.  GnuTLS servers (nbdkit, qemu-nbd), and trio's, that refuse the
+client's certificate finish the TLS 1.3 handshake (on the client's side it ends before
+the server has checked that certificate) and then close the connection without an
 alert, so a TLS stream closed before its first byte arrived is reported as most likely
 that.  Nothing secret is ever in a message: file names, never their contents.
 """
@@ -55,6 +56,14 @@ CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 CLOSE_TIMEOUT = 2.0
 """Seconds ``TLSStream.aclose`` may spend sending close_notify before it just closes."""
+
+# OpenSSL's certificate verification results (X509_V_ERR_*) that have words of their own.
+X509_NOT_YET_VALID = 9  # CERT_NOT_YET_VALID
+X509_EXPIRED = 10  # CERT_HAS_EXPIRED
+X509_WRONG_NAME = (62, 64)  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+X509_UNKNOWN_CA = (2, 18, 19, 20, 21)
+"""UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN,
+UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE."""
 
 QUIET_ENDINGS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 """How a TLS session ends without the server saying why (no alert)."""
@@ -127,16 +136,16 @@ class TLSClient:
 
     def _verification(self, exc: ssl.SSLCertVerificationError) -> str:
         code = exc.verify_code
-        if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        if code == X509_EXPIRED:
             return "the server's certificate has expired"
-        if code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+        if code == X509_NOT_YET_VALID:
             return "the server's certificate is not valid yet"
-        if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+        if code in X509_WRONG_NAME:
             return (
                 f"the server's certificate is not for {self.hostname!r} (wrong host name; "
                 f"tls-hostname=NAME names the one to expect)"
             )
-        if code in (2, 18, 19, 20, 21):  # no trusted issuer, self-signed
+        if code in X509_UNKNOWN_CA:
             return f"the server's certificate is not signed by a CA we trust ({self._trusted()})"
         return f"the server's certificate was refused: {printable(exc.verify_message)}"
 
