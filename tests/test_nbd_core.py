@@ -425,7 +425,7 @@ def test_uris(uri: str, address: Address) -> None:
 
 
 @pytest.mark.parametrize(
-    "uri", ["nbd+unix:///x", "nbd://h:99999/x", "nbds://h/x", "nbd:///x", "http://h/x"]
+    "uri", ["nbd+unix:///x", "nbd://h:99999/x", "nbd+vsock:///x", "nbd:///x", "http://h/x"]
 )
 def test_bad_uris(uri: str) -> None:
     with pytest.raises(BadURI):
@@ -509,7 +509,7 @@ def test_specs_take_nbd_uris(short_tmp: Path) -> None:
         ("nbd://h:99999/x", "bad port"),
         ("nbd://h:0/x", "bad port 0"),
         ("nbd://[::1/x", "not an NBD URI: Invalid IPv6 URL"),
-        ("nbds://h/x", "not supported"),
+        ("nbd+vsock:///x", "not supported"),
     ]:
         with pytest.raises(SpecError, match=match):
             compile_spec(bad)

@@ -19,7 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="list the exports of an NBD server",
         description="Print the server's exports, one per line: name, size, description.",
     )
-    ls.add_argument("uri", help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH")
+    ls.add_argument(
+        "uri",
+        help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH; over TLS nbds://... or "
+        "nbds+unix://... (with tls-certificates=DIR, tls-hostname=NAME, tls-verify-peer=false)",
+    )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

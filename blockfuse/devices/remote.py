@@ -10,7 +10,9 @@ ETIMEDOUT; a dropped connection is re-established and the request retried within
 time (a flush then fails with EIO if acknowledged writes may have been lost with the old
 connection); a server's error reply is that request's ``RequestFailed(errno)`` and the
 connection lives on.  Block status becomes sector extents by ``to_extents`` (its text
-has the rule and a diagram).
+has the rule and a diagram).  An ``nbds`` export is reached over TLS on every connection,
+reconnects included, with the certificates read when the device was opened; the status
+says so, with the server certificate's subject.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from ..nbd.constants import STATE_ZERO, TxFlag
 from ..nbd.uri import Address
 from ..transport.blocking import Plane
 from ..transport.client import DEFAULT_TIMEOUT, NBDClient
-from ..transport.connect import connect_nbd
-from ..transport.reconnect import Reconnecting
+from ..transport.connect import connect_nbd, tls_for
+from ..transport.reconnect import Reconnecting, clipped
+from ..transport.tls import TLSStream
 from ..units import round_down, round_up
 from .holes import append_extent
 
@@ -111,13 +114,14 @@ class RemoteDevice(BlockDevice):
         found = await self._link.run(lambda c: c.block_status(sector * ss, count * ss), what)
         return to_extents(found, sector, count, ss)
 
-    def data_plane(self, connections: int) -> Plane | None:
+    def data_plane(self) -> Plane | None:
         """Blocking connections for worker threads to read this export in bulk (a mirror's
-        copy), if the server lets several connections read it (``CAN_MULTI_CONN``)."""
+        copy), if the server lets several connections read it (``CAN_MULTI_CONN``) and
+        the connection is not TLS."""
         export = self._link.client.export
-        if not Plane.allowed(export):
+        if not Plane.allowed(self.address, export):
             return None
-        return Plane(self.address, export, connections, self._link.timeout)
+        return Plane(self.address, export, self._link.timeout)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -126,10 +130,20 @@ class RemoteDevice(BlockDevice):
         await self._link.aclose()
 
     def status(self) -> dict[str, str]:
-        out = {"remote": str(self.address), "connection": self._link.state()}
+        out = {"remote": str(self.address), "connection": self._connection()}
         if self._link.reconnects:
             out["reconnects"] = str(self._link.reconnects)
         return out
+
+    def _connection(self) -> str:
+        """The link's state; while connected over TLS, ``connected; tls TLSv1.3, peer
+        CN=...`` and then the rest (reconnects, the last failure)."""
+        state = self._link.state()
+        stream = self._link.client.stream
+        head, sep, rest = state.partition("; ")
+        if head != "connected" or not isinstance(stream, TLSStream):
+            return state
+        return f"{head}; {clipped(stream.describe())}{sep}{rest}"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -225,11 +239,14 @@ async def open_remote(
     ``request_timeout`` bounds every request, with its reconnects (see
     transport/reconnect.py), and the first connection.  Raises ``ConnectionLost`` (cannot connect),
     ``HandshakeRefused`` (no such export, ...) or ``ProtocolError``: the first connection
-    is not retried, so a typo fails at once.
+    is not retried, so a typo fails at once.  An ``nbds`` address reads its certificates
+    now (``TLSFailed`` if they are unusable); every connection speaks TLS with them.
     """
 
+    tls = tls_for(address)
+
     async def connect(n: trio.Nursery) -> NBDClient:
-        return await connect_nbd(n, address, request_timeout=request_timeout)
+        return await connect_nbd(n, address, request_timeout=request_timeout, tls=tls)
 
     first = await connect(nursery)
     link = Reconnecting(nursery, connect, first, retries=retries, backoff=backoff)

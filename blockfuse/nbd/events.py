@@ -95,6 +95,17 @@ class ExportRefused:
 
 
 HandshakeEvent = Negotiated | ExportList | OptionRefused | ExportRefused
+"""How a handshake ends."""
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The server accepted ``NBD_OPT_STARTTLS``: the TLS handshake comes next, on the same
+    stream, before anything else is sent or read; then ``tls_started()`` goes on.  Not an
+    outcome: the handshake waits for it."""
+
+
+START_TLS: Final = StartTLS()
 
 # --- transmission (client side) -------------------------------------------------------
 

@@ -14,6 +14,8 @@ options to send.  The layer above only moves bytes::
 The conversation for ``go`` (fixed newstyle; one option in flight at a time)::
 
     S: NBDMAGIC IHAVEOPT flags           C: client flags (what was offered of FIXED, NO_ZEROES)
+   [C: STARTTLS                          S: ACK -> StartTLS: the TLS handshake, then
+                                            tls_started(); error -> OptionRefused, C: ABORT]
     C: STRUCTURED_REPLY                  S: ACK | ERR_UNSUP (simple replies then)
     C: SET_META_CONTEXT base:allocation  S: META_CONTEXT(id)* ACK | error (no block status)
     C: GO(name, [BLOCK_SIZE, NAME, DESCRIPTION])
@@ -26,6 +28,21 @@ An export we cannot use (larger than ``MAX_EXPORT_SIZE``) ends a ``go`` as
 
 A server without FIXED_NEWSTYLE only understands EXPORT_NAME.  ``list`` sends LIST, then
 INFO for each export (when details are wanted), then ABORT.
+
+With ``tls`` (an ``nbds`` URI) STARTTLS is the first option, and the only one sent in
+plaintext; nothing else is sent until its reply.  Its ACK must be the last plaintext
+byte the server sends: bytes after it in the same read are not TLS (the client speaks
+first in TLS), so they are a ``ProtocolError``, never handed to TLS or parsed as NBD.
+After the ACK the machine waits (``next_event`` answers ``START_TLS``, ``receive_data``
+refuses bytes) until the layer above has run the TLS handshake on the same stream and
+calls ``tls_started()``; then everything option-related is forgotten, as the spec asks
+(structured replies, meta contexts: nothing was negotiated yet anyway), and the goal is
+pursued from the start, every option again, over TLS.  There is no plaintext fallback:
+a server that refuses STARTTLS (ERR_POLICY, as nbdkit without ``--tls`` answers;
+ERR_UNSUP; anything) or is not fixed-newstyle ends the handshake as ``OptionRefused``
+for ``NBD_OPT_STARTTLS``.  Without ``tls``, ERR_TLS_REQD to any option but INFO and GO
+(a server that requires TLS answers STRUCTURED_REPLY and LIST so) ends it at once:
+nothing will work without TLS.
 
 Every length the server sends is checked against the protocol's limit before anything is
 waited for, so the peer can never make us buffer more than ``MAX_OPTION_REPLY`` bytes, and
@@ -80,6 +97,7 @@ from .constants import (
 )
 from .events import (
     NEED_DATA,
+    START_TLS,
     ExportInfo,
     ExportList,
     ExportRefused,
@@ -88,6 +106,7 @@ from .events import (
     Negotiated,
     OptionRefused,
     PeerClosed,
+    StartTLS,
 )
 from .options import apply_info, decode_string, encode_info_request, encode_name, encode_option
 
@@ -98,9 +117,13 @@ class HandshakeState(enum.Enum):
     GREETING = "greeting"
     OPTION_REPLY = "waiting for an option reply"
     EXPORT_NAME_REPLY = "waiting for the EXPORT_NAME reply"
+    TLS = "waiting for the TLS handshake"
     FINISHED = "finished"
     BROKEN = "broken"
 
+
+Step = HandshakeEvent | StartTLS | NeedData | None
+"""What a step of ``next_event`` returns: ``None`` when it made progress."""
 
 WANTED_INFO = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
 WANTED_CONTEXTS = (BASE_ALLOCATION,)
@@ -117,6 +140,8 @@ class Goal:
     structured: bool
     details: bool
     """When listing, ask NBD_OPT_INFO about each export."""
+    tls: bool = False
+    """STARTTLS first, or fail."""
 
 
 @dataclass
@@ -138,8 +163,9 @@ class ClientHandshake:
         structured: bool = True,
         details: bool = True,
         export_name: bool = False,
+        tls: bool = False,
     ) -> None:
-        self._goal = Goal(export, export_name, structured, details)
+        self._goal = Goal(export, export_name, structured, details, tls)
         self._buf = ReceiveBuffer()
         self._out = bytearray()
         self.state = HandshakeState.GREETING
@@ -152,29 +178,34 @@ class ClientHandshake:
         self._listing = Listing()
         self._info_replies = 0
         self._result: HandshakeEvent | None = None
-        self._steps: dict[HandshakeState, Callable[[], HandshakeEvent | NeedData | None]] = {
+        self._steps: dict[HandshakeState, Callable[[], Step]] = {
             HandshakeState.GREETING: self._greeting,
             HandshakeState.OPTION_REPLY: self._option_reply,
             HandshakeState.EXPORT_NAME_REPLY: self._export_name_reply,
+            HandshakeState.TLS: lambda: START_TLS,
             HandshakeState.FINISHED: self._finished,
         }
         """The dispatch table: what ``next_event`` does in each state."""
 
     @classmethod
     def go(
-        cls, export: str, *, structured: bool = True, export_name: bool = False
+        cls, export: str, *, structured: bool = True, export_name: bool = False, tls: bool = False
     ) -> ClientHandshake:
-        """Open ``export``; ``export_name`` uses NBD_OPT_EXPORT_NAME instead of GO."""
-        return cls(export, structured=structured, export_name=export_name)
+        """Open ``export``; ``export_name`` uses NBD_OPT_EXPORT_NAME instead of GO; ``tls``
+        starts with STARTTLS (see the module text)."""
+        return cls(export, structured=structured, export_name=export_name, tls=tls)
 
     @classmethod
-    def list(cls, *, details: bool = True) -> ClientHandshake:
-        return cls(None, structured=False, details=details)
+    def list(cls, *, details: bool = True, tls: bool = False) -> ClientHandshake:
+        return cls(None, structured=False, details=details, tls=tls)
 
     # --- the sans-io surface --------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the server; ``b""`` means the server closed the connection."""
+        """Bytes from the server; ``b""`` means the server closed the connection.  Refused
+        (``RuntimeError``) while the TLS handshake is due: those bytes are TLS's."""
+        if self.state is HandshakeState.TLS:
+            raise RuntimeError("the TLS handshake is due: plaintext bytes are not taken")
         if not data and self.state is not HandshakeState.FINISHED:
             where = self.state
             self.state = HandshakeState.BROKEN
@@ -190,8 +221,9 @@ class ClientHandshake:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> HandshakeEvent | NeedData:
-        """The outcome once known, else ``NEED_DATA``; raises ``ProtocolError``."""
+    def next_event(self) -> HandshakeEvent | StartTLS | NeedData:
+        """The outcome once known, ``START_TLS`` while the TLS handshake is due, else
+        ``NEED_DATA``; raises ``ProtocolError``."""
         if self.state is HandshakeState.BROKEN:
             raise ProtocolError("the handshake already failed")
         try:
@@ -201,6 +233,15 @@ class ClientHandshake:
             self.state = HandshakeState.BROKEN
             raise
         return result
+
+    def tls_started(self) -> None:
+        """The TLS handshake that ``START_TLS`` asked for succeeded: forget what options
+        negotiated (the spec) and pursue the goal over TLS."""
+        if self.state is not HandshakeState.TLS:
+            raise RuntimeError(f"tls_started() while {self.state.value}")
+        self._structured = False
+        self._contexts = {}
+        self._start_goal(fixed=True)
 
     def trailing_data(self) -> bytes:
         """What the server sent after the handshake's last reply, taken out of the buffer
@@ -237,6 +278,15 @@ class ClientHandshake:
         return None
 
     def _start(self, *, fixed: bool) -> None:
+        if not self._goal.tls:
+            self._start_goal(fixed=fixed)
+        elif fixed:
+            self._send(Opt.STARTTLS)
+        else:
+            reason = "the server is not fixed-newstyle, so it cannot speak TLS"
+            self._refuse(Opt.STARTTLS, Rep.ERR_UNSUP, reason)
+
+    def _start_goal(self, *, fixed: bool) -> None:
         if self._goal.export is None:
             if not fixed:
                 self._refuse(Opt.LIST, Rep.ERR_UNSUP, "the server is not fixed-newstyle")
@@ -329,6 +379,7 @@ class ClientHandshake:
     def _handlers(self) -> dict[tuple[Opt, int], Callable[[bytes], None]]:
         """The transition table: (option asked, reply type) -> what to do with the reply."""
         return {
+            (Opt.STARTTLS, Rep.ACK): self._on_starttls,
             (Opt.STRUCTURED_REPLY, Rep.ACK): self._on_structured,
             (Opt.SET_META_CONTEXT, Rep.META_CONTEXT): self._on_meta_context,
             (Opt.SET_META_CONTEXT, Rep.ACK): lambda _: self._send_go(),
@@ -344,6 +395,8 @@ class ClientHandshake:
     def _on_error(self, option: Opt, rtype: int, message: str) -> None:
         if rtype == Rep.ERR_SHUTDOWN:  # the spec: the client MUST soft-disconnect (ABORT)
             return self._refuse(option, rtype, message)
+        if rtype == Rep.ERR_TLS_REQD and option not in (Opt.INFO, Opt.GO):
+            return self._refuse(option, rtype, message)  # nothing works without TLS
         if option is Opt.STRUCTURED_REPLY:
             return self._send_go()
         if option is Opt.SET_META_CONTEXT:
@@ -354,6 +407,14 @@ class ClientHandshake:
         if option is Opt.INFO:
             return self._next_info()
         self._refuse(option, rtype, message)
+
+    def _on_starttls(self, data: bytes) -> None:
+        if self._buf:
+            raise ProtocolError(
+                f"the server sent {len(self._buf)} bytes after accepting STARTTLS, before the "
+                f"TLS handshake (TLS starts with the client): not TLS"
+            )
+        self.state = HandshakeState.TLS
 
     def _on_structured(self, data: bytes) -> None:
         self._structured = True

@@ -1,7 +1,8 @@
 """Device kinds: a spec's syntax tree turned into a ``Recipe``, checked, ready to open.
 
 A bare word is a path (a raw image file or block device) or an NBD URI
-(``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``).  Examples::
+(``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``, and over TLS
+``nbds://...``, ``nbds+unix://...``).  Examples::
 
     ./disk.img    file(./disk.img, ro=true)    mem(256M)    safe(mem(1G))
     file("/images/odd,name(1).img")    nbd://10.0.0.5/disk0    safe(nbd+unix:///?socket=/s)
@@ -33,6 +34,8 @@ from ..devices.safe import SafeDevice
 from ..devices.sparse import check_backing, open_sparse
 from ..nbd.uri import BadURI, parse_uri
 from ..opening import OpenContext, open_all
+from ..transport.handshake import TLSFailed
+from ..transport.tls import client_context
 from .binding import arg, bind
 from .grammar import Call, Node, SpecError, Word, parse, unparse
 from .values import (
@@ -280,7 +283,8 @@ _URI = re.compile(r"nbd[a-z+]*://")
 
 
 def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
-    """An NBD URI: checked now (syntax, that a Unix socket exists), connected on open."""
+    """An NBD URI: checked now (syntax, that a Unix socket exists, that TLS certificates
+    load), connected on open."""
     try:
         address = parse_uri(text)
     except BadURI as exc:
@@ -292,6 +296,11 @@ def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
             is_socket = False
         if not is_socket:
             raise SpecError(f"no NBD server socket at {address.socket}")
+    if address.tls is not None:
+        try:
+            client_context(address.tls)
+        except TLSFailed as exc:
+            raise SpecError(str(exc)) from None
 
     async def open_(ctx: OpenContext) -> BlockDevice:
         return await open_remote(ctx.nursery, address, request_timeout=timeout)

@@ -160,21 +160,22 @@ def _handshake(sock: socket.socket, export: str, server: str) -> Negotiated:
 
 
 class Plane:
-    """Up to ``connections`` blocking connections to one export, handed to threads."""
+    """Blocking connections to one export, handed to threads: one per read in progress,
+    so the caller's thread limiter (the copier's ``in_flight``) bounds how many are open."""
 
-    def __init__(self, address: Address, export: ExportInfo, connections: int, timeout: float):
+    def __init__(self, address: Address, export: ExportInfo, timeout: float):
         self._address = address
         self._export = export
         self._timeout = timeout
         self._idle: queue.SimpleQueue[BlockingClient] = queue.SimpleQueue()
         self._made = 0
-        self._limit = connections
         self._lock = threading.Lock()
 
     @staticmethod
-    def allowed(export: ExportInfo) -> bool:
-        """Whether several connections may read this export (``CAN_MULTI_CONN``)."""
-        return bool(export.flags & TxFlag.CAN_MULTI_CONN)
+    def allowed(address: Address, export: ExportInfo) -> bool:
+        """Whether several connections may read this export (``CAN_MULTI_CONN``), and
+        whether these plain sockets may carry them: never for ``nbds`` (TLS or nothing)."""
+        return address.tls is None and bool(export.flags & TxFlag.CAN_MULTI_CONN)
 
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from byte ``offset`` (in a worker thread); raises ``BlockError``."""

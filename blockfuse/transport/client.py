@@ -148,6 +148,11 @@ class NBDClient:
         """Why the connection is unusable, or ``None`` while it works."""
         return self._broken
 
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """What the connection runs over (a ``TLSStream`` for TLS: see tls.py)."""
+        return self._stream
+
     def can(self, flag: TxFlag) -> bool:
         return self._tx.can(flag)
 

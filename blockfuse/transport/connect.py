@@ -4,6 +4,10 @@ async with open_nbd_client(address) as client: ...          # owns its nursery
 client = await connect_nbd(nursery, address)                # reader runs in nursery
 client = await wrap_nbd_stream(nursery, stream, "disk")     # any trio stream (tests)
 exports = await list_exports(address)                       # NBD_OPT_LIST (+ INFO)
+
+An ``nbds`` address speaks TLS (STARTTLS first, see tls.py) or fails; ``connect_nbd``
+takes the ``TLSClient`` to use (a device makes one and reconnects with it), or makes one
+from the address.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from .handshake import (
     ExportUnusable,
     HandshakeRefused,
     Stalled,
+    TLSFailed,
     refusal_message,
     run_handshake,
 )
+from .tls import TLSClient
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a TCP or Unix-socket connect may take (less if the caller's deadline is nearer)."""
@@ -71,14 +77,20 @@ async def wrap_nbd_stream(
     server: str = "server",
     export_name: bool = False,
     request_timeout: float = DEFAULT_TIMEOUT,
+    tls: TLSClient | None = None,
 ) -> NBDClient:
     """Negotiate ``export`` over ``stream`` within ``request_timeout`` seconds (the bound
-    of each request from then on too) and start its reader task in ``nursery``."""
-    hs = ClientHandshake.go(export, export_name=export_name)
+    of each request from then on too) and start its reader task in ``nursery``.  With
+    ``tls``, STARTTLS first and everything else over TLS (or a failure)."""
+    hs = ClientHandshake.go(export, export_name=export_name, tls=tls is not None)
     deadline = trio.current_time() + request_timeout
-    outcome = await run_handshake(stream, hs, server, deadline=deadline)
+    upgrade = tls.start if tls is not None else None
+    outcome, stream = await run_handshake(stream, hs, server, deadline=deadline, upgrade=upgrade)
+    if isinstance(outcome, OptionRefused | ExportRefused):
+        await quietly(stream.aclose())  # over TLS: close_notify after the ABORT or DISC
     if isinstance(outcome, OptionRefused):
-        raise HandshakeRefused(refusal_message(outcome, server, export), outcome)
+        message = refusal_message(outcome, server, export, tls=tls is not None)
+        raise HandshakeRefused(message, outcome)
     if isinstance(outcome, ExportRefused):
         raise ExportUnusable(f"{server}: {outcome.reason}")
     assert isinstance(outcome, Negotiated)
@@ -88,30 +100,43 @@ async def wrap_nbd_stream(
 
 
 async def connect_nbd(
-    nursery: trio.Nursery, address: Address, *, request_timeout: float = DEFAULT_TIMEOUT
+    nursery: trio.Nursery,
+    address: Address,
+    *,
+    request_timeout: float = DEFAULT_TIMEOUT,
+    tls: TLSClient | None = None,
 ) -> NBDClient:
     """Connect to ``address`` and negotiate its export within ``request_timeout`` seconds
-    (the bound of each request from then on too); the reader runs in ``nursery``.
+    (the bound of each request from then on too); the reader runs in ``nursery``.  An
+    ``nbds`` address uses ``tls`` (made from the address if not given).
 
     A server that answers GO with size 0 (nbd-server 3.24 in daemon mode can, as it opens
     the export only later) is asked again with NBD_OPT_EXPORT_NAME, which reports the size.
     """
     deadline = trio.current_time() + request_timeout
+    tls = tls_for(address, tls)
     with trio.move_on_at(deadline):
-        client = await _connect(
-            nursery, address, export_name=False, request_timeout=request_timeout
-        )
+        client = await _connect(nursery, address, False, request_timeout, tls)
         if client.export.size == 0:
             await client.aclose()
-            client = await _connect(
-                nursery, address, export_name=True, request_timeout=request_timeout
-            )
+            client = await _connect(nursery, address, True, request_timeout, tls)
         return client
     raise Stalled(f"{address.server}: no answer within {request_timeout:g} s while connecting")
 
 
+def tls_for(address: Address, tls: TLSClient | None = None) -> TLSClient | None:
+    """``tls``, or one made for an ``nbds`` address; ``None`` for plaintext."""
+    if address.tls is None or tls is not None:
+        return tls
+    return TLSClient.for_address(address)
+
+
 async def _connect(
-    nursery: trio.Nursery, address: Address, *, export_name: bool, request_timeout: float
+    nursery: trio.Nursery,
+    address: Address,
+    export_name: bool,
+    request_timeout: float,
+    tls: TLSClient | None,
 ) -> NBDClient:
     stream = await open_stream(address)
     try:
@@ -122,6 +147,7 @@ async def _connect(
             server=address.server,
             export_name=export_name,
             request_timeout=request_timeout,
+            tls=tls,
         )
     except BaseException:
         await quietly(stream.aclose())
@@ -150,18 +176,24 @@ async def list_exports(address: Address, *, details: bool = True) -> list[Export
 
 
 async def _list_exports(address: Address, details: bool) -> list[ExportInfo]:
+    tls = tls_for(address)
+    hs = ClientHandshake.list(details=details, tls=tls is not None)
+    upgrade = tls.start if tls is not None else None
     stream = await open_stream(address)
     try:
-        outcome = await run_handshake(stream, ClientHandshake.list(details=details), address.server)
+        outcome, stream = await run_handshake(stream, hs, address.server, upgrade=upgrade)
     finally:
         await quietly(stream.aclose())
     if isinstance(outcome, OptionRefused):
-        raise HandshakeRefused(refusal_message(outcome, address.server, None), outcome)
+        message = refusal_message(outcome, address.server, None, tls=tls is not None)
+        raise HandshakeRefused(message, outcome)
     assert isinstance(outcome, ExportList)
-    return [await _with_true_size(address, e) for e in outcome.exports]
+    return [await _with_true_size(address, e, tls) for e in outcome.exports]
 
 
-async def _with_true_size(address: Address, export: ExportInfo) -> ExportInfo:
+async def _with_true_size(
+    address: Address, export: ExportInfo, tls: TLSClient | None
+) -> ExportInfo:
     """nbd-server 3.24 reports size 0 in NBD_INFO_EXPORT; EXPORT_NAME tells the truth.
 
     A server that refuses that second connection (``nbd-server -d`` serves one session)
@@ -172,11 +204,11 @@ async def _with_true_size(address: Address, export: ExportInfo) -> ExportInfo:
     async with trio.open_nursery() as nursery:
         try:
             where = replace(address, export=export.name)
-            client = await _connect(nursery, where, export_name=True, request_timeout=LIST_TIMEOUT)
+            client = await _connect(nursery, where, True, LIST_TIMEOUT, tls)
         except BlockError:
             return replace(export, size=None)
         await client.aclose()
     return replace(export, size=client.export.size)
 
 
-__all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient"]
+__all__ = ["ConnectionLost", "HandshakeRefused", "NBDClient", "TLSClient", "TLSFailed"]

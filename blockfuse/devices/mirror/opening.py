@@ -137,7 +137,7 @@ async def prepare_mirror(
     return MirrorDevice(
         p_side, s_side, info, copy_map, chunk=chunk, rate=rate, in_flight=workers,
         retries=retries, backoff=backoff, progress=progress, notice=copy_map.forgotten,
-        verify_first=verify == "full", plane=data_plane(primary, workers),
+        verify_first=verify == "full", plane=data_plane(primary),
     )  # fmt: skip
 
 

@@ -242,14 +242,14 @@ class Task:
         await self._done.wait()
 
 
-def data_plane(dev: BlockDevice, connections: int) -> Plane | None:
+def data_plane(dev: BlockDevice) -> Plane | None:
     """Blocking connections for the copier's threads to read ``dev`` in bulk, where it is
     an NBD export that allows them, under nothing but ``safe`` wrappers (whose checks the
     copier's aligned reads pass anyway); ``None`` otherwise."""
     for layer in layers(dev):
         make = getattr(layer, "data_plane", None)
         if make is not None:
-            plane: Plane | None = make(connections)
+            plane: Plane | None = make()
             return plane
         if layer.kind != "safe":
             return None
