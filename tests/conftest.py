@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from .nbdpeers import Peer
+
+Start = Callable[..., Peer]
+"""``start(argv, tcp=False) -> Peer``: see the ``start`` fixture."""
+
+PACKAGES = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbd-server": "nbd-server"}
 
 
 @pytest.fixture
@@ -24,3 +32,19 @@ def require_tool(name: str, package: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run scripts/setup (or apt-get install {package})")
     return path
+
+
+@pytest.fixture
+def start(short_tmp: Path) -> Iterator[Start]:
+    """``start(argv, tcp=False)``: a real NBD server, ``{sock}`` in ``argv`` standing for its
+    Unix socket (``tcp=True``: a 127.0.0.1 socket handed over by socket activation instead);
+    every server started is stopped by PID when the test ends, also when it fails."""
+    with contextlib.ExitStack() as stack:
+
+        def run(argv: list[str], *, tcp: bool = False) -> Peer:
+            require_tool(argv[0], PACKAGES.get(argv[0], argv[0]))
+            if tcp:
+                argv = [a for a in argv if a not in ("-U", "{sock}")]
+            return stack.enter_context(Peer(argv, short_tmp, tcp=tcp))
+
+        yield run

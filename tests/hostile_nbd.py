@@ -27,6 +27,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -367,7 +368,8 @@ async def serve_unix(
 
 class HostileProcess:
     """``python -m tests.hostile_nbd`` on ``directory/hostile.sock``, for tests whose client
-    runs in another process (a mount, ``blockfuse ls``); ``stop()`` ends it by PID."""
+    runs in another process (a mount, ``blockfuse ls``); ``stop()`` ends it by PID, as
+    does the end of a ``with HostileProcess(...) as server:`` block."""
 
     def __init__(
         self, directory: Path, script: dict[str, object], max_connections: int | None = None
@@ -387,6 +389,12 @@ class HostileProcess:
         if READY not in line:
             self.stop()
             raise AssertionError(f"the hostile server did not start: {self.log.read_text()}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def uri(self, export: str = "") -> str:
         return f"nbd+unix:///{export}?socket={self.path}"

@@ -5,7 +5,6 @@ several connections (``CAN_MULTI_CONN``) and never in plaintext for an ``nbds`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,19 @@ from blockfuse.nbd.uri import parse_uri
 from blockfuse.transport.blocking import Plane
 from blockfuse.transport.handshake import TimedOut
 
-from .conftest import require_tool
+from .conftest import Start, require_tool
 from .nbdpeers import Peer
 from .test_tls_interop import nbdkit_tls, nbds
 from .tlscerts import Certificates, make_certificates
 
-Start = Callable[..., Peer]
 
-
-@pytest.fixture
-def start(short_tmp: Path) -> Iterator[Start]:
-    """``start(*nbdkit_args)``: nbdkit on a Unix socket, stopped by PID at the end."""
-    peers: list[Peer] = []
-
-    def run(*args: str) -> Peer:
-        exe = require_tool("nbdkit", "nbdkit")
-        peer = Peer([exe, "-f", "-U", "{sock}", *args], short_tmp)
-        peers.append(peer)
-        return peer
-
-    yield run
-    for peer in peers:
-        peer.stop()
+def nbdkit_file(directory: Path, *filters: str) -> list[str]:
+    """nbdkit serving ``directory/p.img``: ``filters`` are ``--filter=`` options and their
+    parameters, in either order."""
+    options = [f for f in filters if f.startswith("--")]
+    parameters = [f for f in filters if not f.startswith("--")]
+    image = str(directory / "p.img")
+    return ["nbdkit", "-f", "-U", "{sock}", *options, "file", image, *parameters]
 
 
 async def remote(nursery: trio.Nursery, uri: str) -> RemoteDevice:
@@ -71,7 +61,7 @@ async def read_in_threads(plane: Plane, offset: int, length: int, count: int) ->
 async def test_reads_in_threads_match_the_export(
     nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
 ) -> None:
-    peer = start("file", str(short_tmp / "p.img"))
+    peer = start(nbdkit_file(short_tmp))
     dev = await remote(nursery, peer.uri())
     plane = dev.data_plane()
     assert plane is not None
@@ -88,7 +78,7 @@ async def test_no_plane_without_multi_conn(
     nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
 ) -> None:
     """Another connection need not see a write this one had acknowledged."""
-    peer = start("--filter=multi-conn", "file", str(short_tmp / "p.img"), "multi-conn-mode=disable")
+    peer = start(nbdkit_file(short_tmp, "--filter=multi-conn", "multi-conn-mode=disable"))
     dev = await remote(nursery, peer.uri())
     try:
         assert dev.data_plane() is None
@@ -114,7 +104,7 @@ async def test_no_plaintext_plane_for_an_nbds_export(
 async def test_a_stalled_server_fails_the_read_with_the_timeout(
     nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
 ) -> None:
-    peer = start("--filter=delay", "file", str(short_tmp / "p.img"), "delay-read=30")
+    peer = start(nbdkit_file(short_tmp, "--filter=delay", "delay-read=30"))
     dev = await remote(nursery, peer.uri())
     plane = dev.data_plane()
     assert plane is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -21,30 +22,10 @@ from blockfuse.testing import check_block_device
 from blockfuse.transport.connect import list_exports, open_nbd_client
 from blockfuse.transport.handshake import HandshakeRefused
 
-from .conftest import require_tool
-from .nbdpeers import DaemonPeer, Peer
+from .conftest import Start, require_tool
+from .nbdpeers import DaemonPeer
 
 pytestmark = pytest.mark.interop
-
-Start = Callable[..., Peer]
-
-
-@pytest.fixture
-def start(short_tmp: Path) -> Iterator[Start]:
-    """``start(argv, tcp=False)``: a server with ``{sock}`` in argv, stopped at the end."""
-    peers: list[Peer] = []
-
-    def run(argv: list[str], *, tcp: bool = False) -> Peer:
-        require_tool(argv[0], {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils"}[argv[0]])
-        if tcp:
-            argv = [a for a in argv if a not in ("-U", "{sock}")]
-        peer = Peer(argv, short_tmp, tcp=tcp)
-        peers.append(peer)
-        return peer
-
-    yield run
-    for peer in peers:
-        peer.stop()
 
 
 async def remote(nursery: trio.Nursery, uri: str, **kw: float) -> RemoteDevice:
@@ -449,19 +430,16 @@ NBD_SERVER_CONF = """
 
 @pytest.fixture
 def nbd_server(short_tmp: Path) -> Iterator[Callable[[bool], DaemonPeer]]:
-    peers: list[DaemonPeer] = []
+    with contextlib.ExitStack() as stack:
 
-    def run(allowlist: bool) -> DaemonPeer:
-        require_tool("nbd-server", "nbd-server")
-        image = sparse_image(short_tmp / "disk1.img", 4 << 20, (0, b"reference"))
-        conf = NBD_SERVER_CONF.format(sock="{sock}", allowlist=str(allowlist).lower(), image=image)
-        peer = DaemonPeer(conf, short_tmp)
-        peers.append(peer)
-        return peer
+        def run(allowlist: bool) -> DaemonPeer:
+            require_tool("nbd-server", "nbd-server")
+            image = sparse_image(short_tmp / "disk1.img", 4 << 20, (0, b"reference"))
+            listing = str(allowlist).lower()
+            conf = NBD_SERVER_CONF.format(sock="{sock}", allowlist=listing, image=image)
+            return stack.enter_context(DaemonPeer(conf, short_tmp))
 
-    yield run
-    for peer in peers:
-        peer.stop()
+        yield run
 
 
 async def test_nbd_server_simple_replies(

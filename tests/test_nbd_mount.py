@@ -17,27 +17,12 @@ from .conftest import require_tool
 from .hostile_nbd import HostileProcess
 from .mounting import blockfuse_command, is_mounted, mounted
 from .nbdpeers import DaemonPeer, Peer
+from .timing import time_limit
 
 pytestmark = pytest.mark.e2e
 
 SIZE = 8 << 20
-TIME_LIMIT = 90
-
-
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """Blocking I/O on the mount gets interrupted (TimeoutError) if it hangs."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test I/O took longer than {TIME_LIMIT} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+limit = time_limit(90)
 
 
 @pytest.fixture
@@ -68,11 +53,8 @@ def start_server(kind: str, short_tmp: Path, image: Path) -> Peer:
 
 @pytest.fixture(params=["nbdkit", "qemu-nbd", "nbd-server"])
 def server(request: pytest.FixtureRequest, short_tmp: Path, image: Path) -> Iterator[Peer]:
-    peer = start_server(request.param, short_tmp, image)
-    try:
+    with start_server(request.param, short_tmp, image) as peer:
         yield peer
-    finally:
-        peer.stop()
 
 
 def cmp(a: Path, b: Path) -> None:
@@ -116,68 +98,46 @@ def test_mounted_remote_matches_and_takes_writes(
 
 def test_read_only_remote_is_0444(short_tmp: Path, image: Path) -> None:
     require_tool("qemu-nbd", "qemu-utils")
-    peer = Peer(
-        ["qemu-nbd", "-t", "-e", "0", "-r", "-k", "{sock}", "-x", "ro", "-f", "raw", str(image)],
-        short_tmp,
-    )
-    try:
-        with mounted(short_tmp / "mnt", [f"ro=safe({peer.uri('ro')})"]) as m:
-            assert m.path("ro").stat().st_mode & 0o777 == 0o444
-            with pytest.raises(OSError) as info:
-                os.open(m.path("ro"), os.O_RDWR)
-            assert info.value.errno == errno.EROFS
-            cmp(m.path("ro"), image)
-    finally:
-        peer.stop()
+    argv = ["qemu-nbd", "-t", "-e", "0", "-r", "-k", "{sock}", "-x", "ro", "-f", "raw", str(image)]
+    with (
+        Peer(argv, short_tmp) as peer,
+        mounted(short_tmp / "mnt", [f"ro=safe({peer.uri('ro')})"]) as m,
+    ):
+        assert m.path("ro").stat().st_mode & 0o777 == 0o444
+        with pytest.raises(OSError) as info:
+            os.open(m.path("ro"), os.O_RDWR)
+        assert info.value.errno == errno.EROFS
+        cmp(m.path("ro"), image)
 
 
 def test_server_errors_leave_the_mount_up(short_tmp: Path) -> None:
     require_tool("nbdkit", "nbdkit")
     inject = short_tmp / "inject"
-    peer = Peer(
-        [
-            "nbdkit",
-            "-f",
-            "-U",
-            "{sock}",
-            "--filter=error",
-            "memory",
-            "4M",
-            "error-pread=EIO",
-            "error-pread-rate=100%",
-            f"error-pread-file={inject}",
-        ],
-        short_tmp,
-    )
-    try:
-        with mounted(short_tmp / "mnt", [f"r={peer.uri()}"]) as m:
-            fd = os.open(m.path("r"), os.O_RDONLY)
-            try:
-                inject.touch()
-                with pytest.raises(OSError) as info:
-                    os.pread(fd, 4096, 0)
-                assert info.value.errno == errno.EIO
-                inject.unlink()
-                assert os.pread(fd, 4096, 0) == bytes(4096)
-            finally:
-                os.close(fd)
-    finally:
-        peer.stop()
+    argv = ["nbdkit", "-f", "-U", "{sock}", "--filter=error", "memory", "4M",
+            "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={inject}"]  # fmt: skip
+    with Peer(argv, short_tmp) as peer, mounted(short_tmp / "mnt", [f"r={peer.uri()}"]) as m:
+        fd = os.open(m.path("r"), os.O_RDONLY)
+        try:
+            inject.touch()
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, 0)
+            assert info.value.errno == errno.EIO
+            inject.unlink()
+            assert os.pread(fd, 4096, 0) == bytes(4096)
+        finally:
+            os.close(fd)
 
 
 def test_unknown_export_fails_the_mount_clearly(short_tmp: Path, image: Path) -> None:
-    peer = start_server("qemu-nbd", short_tmp, image)
-    try:
+    with start_server("qemu-nbd", short_tmp, image) as peer:
         out = subprocess.run(
             blockfuse_command("mount", str(short_tmp / "mnt"), "-d", f"r={peer.uri('nope')}"),
             capture_output=True,
             text=True,
             timeout=30,
         )
-        assert out.returncode == 1
-        assert "has no export named 'nope'" in out.stderr
-    finally:
-        peer.stop()
+    assert out.returncode == 1
+    assert "has no export named 'nope'" in out.stderr
 
 
 def test_concurrent_unaligned_aio_writes_keep_every_byte(short_tmp: Path) -> None:
@@ -191,22 +151,16 @@ def test_concurrent_unaligned_aio_writes_keep_every_byte(short_tmp: Path) -> Non
     """
     require_tool("fio", "fio")
     require_tool("nbdkit", "nbdkit")
-    peer = Peer(
-        ["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory", "1M",
-         "rdelay=2ms", "wdelay=2ms"],
-        short_tmp,
-    )  # fmt: skip
-    try:
-        with mounted(short_tmp / "mnt", [f"r={peer.uri()}"]) as m:
-            cmd = [
-                "fio", "--name=overlap", f"--filename={m.path('r')}", "--ioengine=libaio",
-                "--direct=1", "--iodepth=16", "--rw=randwrite", "--bs=1000",
-                "--size=200000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                "--verify_state_save=0", "--randseed=5",
-            ]  # fmt: skip
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    finally:
-        peer.stop()
+    argv = ["nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory", "1M",
+            "rdelay=2ms", "wdelay=2ms"]  # fmt: skip
+    with Peer(argv, short_tmp) as peer, mounted(short_tmp / "mnt", [f"r={peer.uri()}"]) as m:
+        cmd = [
+            "fio", "--name=overlap", f"--filename={m.path('r')}", "--ioengine=libaio",
+            "--direct=1", "--iodepth=16", "--rw=randwrite", "--bs=1000",
+            "--size=200000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--verify_state_save=0", "--randseed=5",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verify" not in result.stderr, result.stderr
 
@@ -242,18 +196,27 @@ def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no
         time.sleep(0.02)
 
 
+@pytest.fixture
+def readers() -> Iterator[list[subprocess.Popen[str]]]:
+    """Reader processes a test starts; any still running at the end are killed by PID."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for reader in started:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(timeout=30)
+
+
 @pytest.mark.parametrize("script", STALLS.values(), ids=STALLS.keys())
 def test_a_stalled_server_cannot_hang_readers_or_the_mount(
-    short_tmp: Path, script: dict[str, object]
+    short_tmp: Path, script: dict[str, object], readers: list[subprocess.Popen[str]]
 ) -> None:
     """Readers of a stalled server once hung for good (unkillable, the mount unstoppable):
     with timeout=2 a reader gets ETIMEDOUT in about 2 s and the status stops saying
     'connected', two readers at once get theirs as soon, and SIGTERM with a reader stalled
     ends the mount within 2 * timeout + 5 s (the reader's deadline, then the flush's, then
     a bounded close)."""
-    server = HostileProcess(short_tmp, script)
-    readers: list[subprocess.Popen[str]] = []
-    try:
+    with HostileProcess(short_tmp, script) as server:
         spec = f"r=nbd({server.uri()}, timeout={REQUEST_TIMEOUT})"
         with mounted(short_tmp / "mnt", [spec]) as m:
             flat = m.path("r")
@@ -263,10 +226,11 @@ def test_a_stalled_server_cannot_hang_readers_or_the_mount(
 
             for count in (1, 2):
                 started = time.monotonic()
-                readers = [direct_read(flat) for _ in range(count)]
-                errors = [r.communicate(timeout=60)[1] for r in readers]
+                batch = [direct_read(flat) for _ in range(count)]
+                readers.extend(batch)
+                errors = [r.communicate(timeout=60)[1] for r in batch]
                 elapsed = time.monotonic() - started
-                assert [r.returncode for r in readers] == [1] * count
+                assert [r.returncode for r in batch] == [1] * count
                 assert all("Connection timed out" in e for e in errors), errors
                 assert elapsed < REQUEST_TIMEOUT + 4, elapsed
                 if count == 1:  # its request's own deadline passes a moment after the read's
@@ -274,21 +238,16 @@ def test_a_stalled_server_cannot_hang_readers_or_the_mount(
                     assert re.match(STALLED_STATE, state()), state()
 
             stalls = server.stalls()
-            readers.append(direct_read(flat))
+            last = direct_read(flat)
+            readers.append(last)
             wait_until(lambda: server.stalls() > stalls, 30, "the third read to stall")
             assert peak_memory(m.proc.pid) < 200 << 20
             started = time.monotonic()
             m.stop(signal.SIGTERM, timeout=60)
             assert time.monotonic() - started < 2 * REQUEST_TIMEOUT + 5 + 3
             assert not is_mounted(m.mountpoint)
-            readers[-1].communicate(timeout=60)
-            assert readers[-1].returncode == 1
-    finally:
-        for reader in readers:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait(timeout=30)
-        server.stop()
+            last.communicate(timeout=60)
+            assert last.returncode == 1
 
 
 STALLED_STATE = r"(disconnected|reconnecting); last: read of 4096 bytes at 0: no answer from "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,38 +17,19 @@ from blockfuse.nbd.uri import parse_uri
 from blockfuse.testing import check_block_device
 from blockfuse.transport.handshake import HandshakeRefused, TLSFailed
 
-from .conftest import require_tool
+from .conftest import Start
 from .mounting import blockfuse_command
 from .nbdpeers import Peer
 from .tlscerts import Certificates, make_certificates
 
 pytestmark = pytest.mark.interop
 
-Start = Callable[..., Peer]
 SUBJECT = "peer CN=localhost,O=blockfuse tests"
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def start(short_tmp: Path) -> Iterator[Start]:
-    """``start(argv, tcp=False)``: a server with ``{sock}`` in argv, stopped by PID at the end."""
-    peers: list[Peer] = []
-
-    def run(argv: list[str], *, tcp: bool = False) -> Peer:
-        require_tool(argv[0], {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils"}[argv[0]])
-        if tcp:
-            argv = [a for a in argv if a not in ("-U", "{sock}")]
-        peer = Peer(argv, short_tmp, tcp=tcp)
-        peers.append(peer)
-        return peer
-
-    yield run
-    for peer in peers:
-        peer.stop()
 
 
 def nbdkit_tls(certs: Certificates, server: str = "server", *extra: str) -> list[str]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import require_tool
+from .conftest import Start
 from .mounting import attr, blockfuse_command, mounted, wait_attr
-from .nbdpeers import Peer
 from .test_nbd_mount import time_limit  # noqa: F401  (autouse: a hung mount fails the test)
 from .test_tls_interop import SUBJECT, nbds
 from .tlscerts import Certificates, make_certificates
@@ -27,14 +25,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture
-def peers() -> Iterator[list[Peer]]:
-    started: list[Peer] = []
-    yield started
-    for peer in started:
-        peer.stop()
-
-
 def cmp(a: Path, b: Path) -> None:
     subprocess.run(["cmp", str(a), str(b)], check=True, timeout=120)
 
@@ -44,19 +34,17 @@ def write_through(flat: Path, data: Path, seek_mib: int) -> None:
     subprocess.run(["dd", *args, "status=none"], check=True, timeout=120)
 
 
-def nbdkit(certs: Certificates, directory: Path, *args: str) -> Peer:
-    exe = require_tool("nbdkit", "nbdkit")
+def nbdkit(certs: Certificates, *args: str) -> list[str]:
     tls = ["--tls=require", f"--tls-certificates={certs.dir('server')}"]
-    return Peer([exe, "-f", "-U", "{sock}", *tls, *args], directory)
+    return ["nbdkit", "-f", "-U", "{sock}", *tls, *args]
 
 
 @pytest.mark.parametrize("verify_peer", [False, True], ids=["plain-tls", "tls-verify-peer"])
 def test_nbdkit_memory_over_tls_mount_write_cmp(
-    short_tmp: Path, certs: Certificates, peers: list[Peer], verify_peer: bool
+    short_tmp: Path, certs: Certificates, start: Start, verify_peer: bool
 ) -> None:
     extra = ["--tls-verify-peer"] if verify_peer else []
-    peer = nbdkit(certs, short_tmp, *extra, "memory", "64M")
-    peers.append(peer)
+    peer = start(nbdkit(certs, *extra, "memory", "64M"))
     data = short_tmp / "data"
     data.write_bytes(os.urandom(8 << 20))
     expected = short_tmp / "expected"
@@ -75,10 +63,9 @@ def test_nbdkit_memory_over_tls_mount_write_cmp(
 
 
 def test_nbdkit_verifying_its_peer_refuses_a_mount_without_a_client_certificate(
-    short_tmp: Path, certs: Certificates, peers: list[Peer]
+    short_tmp: Path, certs: Certificates, start: Start
 ) -> None:
-    peer = nbdkit(certs, short_tmp, "--tls-verify-peer", "memory", "64M")
-    peers.append(peer)
+    peer = start(nbdkit(certs, "--tls-verify-peer", "memory", "64M"))
     (short_tmp / "mnt").mkdir()
     run = subprocess.run(
         blockfuse_command(
@@ -104,16 +91,14 @@ def test_nbdkit_verifying_its_peer_refuses_a_mount_without_a_client_certificate(
     ids=["plaintext-server", "expired"],
 )
 def test_a_refused_nbds_mount_fails_in_one_line(
-    short_tmp: Path, certs: Certificates, peers: list[Peer], server_dir: str | None, message: str
+    short_tmp: Path, certs: Certificates, start: Start, server_dir: str | None, message: str
 ) -> None:
-    exe = require_tool("nbdkit", "nbdkit")
     tls = (
         []
         if server_dir is None
         else ["--tls=require", f"--tls-certificates={certs.dir(server_dir)}"]
     )
-    peer = Peer([exe, "-f", "-U", "{sock}", *tls, "memory", "64M"], short_tmp)
-    peers.append(peer)
+    peer = start(["nbdkit", "-f", "-U", "{sock}", *tls, "memory", "64M"])
     (short_tmp / "mnt").mkdir()
     run = subprocess.run(
         blockfuse_command("mount", str(short_tmp / "mnt"), "-d", f"disk={nbds(peer, certs)}"),
@@ -126,18 +111,16 @@ def test_a_refused_nbds_mount_fails_in_one_line(
 
 
 def test_qemu_nbd_over_tls_mount_write_cmp(
-    short_tmp: Path, certs: Certificates, peers: list[Peer]
+    short_tmp: Path, certs: Certificates, start: Start
 ) -> None:
-    exe = require_tool("qemu-nbd", "qemu-utils")
     image = short_tmp / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 << 20)
         f.seek(1 << 20)
         f.write(os.urandom(1 << 20))
     creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={certs.dir('server')}"
-    argv = [exe, "-t", "-k", "{sock}", "-x", "disk", "-f", "raw", "--object", creds]
-    peer = Peer([*argv, "--tls-creds", "tls0", str(image)], short_tmp)
-    peers.append(peer)
+    argv = ["qemu-nbd", "-t", "-k", "{sock}", "-x", "disk", "-f", "raw", "--object", creds]
+    peer = start([*argv, "--tls-creds", "tls0", str(image)])
     data = short_tmp / "data"
     data.write_bytes(os.urandom(3 << 20))
     with mounted(short_tmp / "mnt", [f"disk={nbds(peer, certs, export='disk')}"]) as m:
@@ -150,16 +133,13 @@ def test_qemu_nbd_over_tls_mount_write_cmp(
         assert m.stop() == 0, m.output()
 
 
-def test_a_mirror_of_an_nbds_primary(
-    short_tmp: Path, certs: Certificates, peers: list[Peer]
-) -> None:
+def test_a_mirror_of_an_nbds_primary(short_tmp: Path, certs: Certificates, start: Start) -> None:
     primary, secondary, state = short_tmp / "p.img", short_tmp / "s.img", short_tmp / "map"
     with open(primary, "wb") as f:  # data, a hole, data
         f.write(os.urandom(8 << 20))
         f.seek(24 << 20)
         f.write(os.urandom(8 << 20))
-    peer = nbdkit(certs, short_tmp, "file", str(primary))
-    peers.append(peer)
+    peer = start(nbdkit(certs, "file", str(primary)))
     spec = f"disk=mirror({nbds(peer, certs)}, sparse({secondary}), state={state}, chunk=1M)"
     with mounted(short_tmp / "mnt", [spec]) as m:
         wait_attr(m, "state", lambda v: v == "synced", timeout=60)
