@@ -29,7 +29,6 @@ A regular file also offers ``discard``/``write_zeroes`` (punched holes) and ``ex
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -52,6 +51,7 @@ from ..errors import (
     map_os_errors,
     request_failed,
 )
+from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
 
 BLKGETSIZE64 = 0x80081272
@@ -92,20 +92,6 @@ def device_geometry(fd: int) -> tuple[int, int]:
         sector_size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
         return size, sector_size
     return st.st_size, SECTOR_SIZE
-
-
-SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-"""Linux's ``sync_file_range`` (Python's os module has none); ``None`` elsewhere."""
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    assert _sync_file_range is not None
-    if _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class _NoWait:
@@ -175,6 +161,7 @@ class FileDevice(BlockDevice):
         self._info = Info(not read_only, self._sector_size, size // self._sector_size)
         self._nowait_read = _NoWait(fallback=_BlockingGuard())
         self._nowait_write = _NoWait(fallback=_BlockingGuard())
+        self._behind = writeback.WriteBehind()
         self._closed = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -213,14 +200,20 @@ class FileDevice(BlockDevice):
         os.fdatasync(fd)
 
     async def write_behind(self, sector: int, count: int) -> None:
-        """``sync_file_range(SYNC_FILE_RANGE_WRITE)``, in a thread: the kernel starts
-        writing those pages back and returns (it may wait for a congested queue)."""
-        if self._read_only or self._closed or _sync_file_range is None:
+        """Start writing those sectors back, and drop earlier ones from the cache once
+        written back (``writeback.py``), in a thread.  A writeback error it waits for is
+        recorded in ``write_errors`` (the descriptor will not report it again)."""
+        if self._read_only or self._closed or not writeback.AVAILABLE:
             return
         ss = self._sector_size
-        await self._in_thread(
-            f"write back {self.path}", _start_writeback, self._fd, sector * ss, count * ss
-        )
+        offset, length = sector * ss, count * ss
+        due = self._behind.hand_over(offset, length)
+        try:
+            where = f"write back {self.path}"
+            await self._in_thread(where, writeback.write_behind, self._fd, offset, length, due)
+        except RequestFailed as exc:
+            self.write_errors.record(exc)
+            raise
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)

@@ -1,0 +1,115 @@
+"""A copier's write-behind on a file (``FileDevice.write_behind``): what it wrote leaves
+the page cache once written back, and a writeback error it waits for is never lost.
+
+Waiting for writeback (``sync_file_range`` with its WAIT flags) consumes the error the
+kernel keeps for the open file: a later ``fdatasync`` on the same descriptor succeeds.
+So the device must keep what the wait saw for every flush caller (``write_errors``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockfuse.block import FlushCursor
+from blockfuse.devices.file import FileDevice, open_file
+from blockfuse.errors import BlockError
+
+from .conftest import require_tool
+
+CHUNK = 4 << 20
+
+
+def cached(path: Path, offset: int, length: int) -> bool:
+    """Whether ``[offset, offset+length)`` of ``path`` is in the page cache (a read that
+    must not wait: ``RWF_NOWAIT``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(length)], offset, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def copy_in_chunks(dev: FileDevice, chunks: list[bytes], at: list[int] | None = None) -> None:
+    """Write ``chunks`` at chunk indexes ``at`` (one after another by default), each with
+    a write-behind after it, as the copier does."""
+    sectors = CHUNK // 512
+    for index, chunk in zip(at or range(len(chunks)), chunks, strict=True):
+        await dev.write(index * sectors, [chunk])
+        await dev.write_behind(index * sectors, sectors)
+
+
+async def test_chunks_written_back_leave_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "secondary.img"
+    chunks = [os.urandom(CHUNK) for _ in range(16)]
+    with open(path, "wb") as f:
+        f.truncate(len(chunks) * CHUNK)
+    dev = open_file(str(path))
+    try:
+        with trio.fail_after(60):
+            await copy_in_chunks(dev, chunks)
+            assert not cached(path, 0, CHUNK)  # the oldest: written back, dropped
+            assert cached(path, 15 * CHUNK, CHUNK)  # the newest: still cached
+            got = bytearray(CHUNK)
+            await dev.read(0, [got])
+            assert got == chunks[0]
+    finally:
+        await dev.aclose()
+    assert path.read_bytes() == b"".join(chunks)
+
+
+@pytest.fixture
+def loop_on_full_tmpfs(short_tmp: Path) -> Iterator[str]:
+    """A 64 MiB loop device backed by a sparse file on an 8 MiB tmpfs: writeback of its
+    first chunk succeeds, and of more than 8 MiB fails (EIO), as a dying disk's would."""
+    require_tool("losetup", "util-linux")
+    where = short_tmp / "tmpfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(where)], check=True)
+    try:
+        backing = where / "backing.img"
+        with open(backing, "wb") as f:
+            f.truncate(64 << 20)
+        out = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        loop = out.stdout.strip()
+        try:
+            yield loop
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_writeback_error_seen_behind_fails_every_later_flush(
+    loop_on_full_tmpfs: str,
+) -> None:
+    """Chunks 1-7 cannot be written back, and the write-behind waits for each of them;
+    the last four chunks (the window still in flight at the flush) go where chunk 0 went,
+    so the flush itself would meet no error of its own."""
+    dev = open_file(loop_on_full_tmpfs)
+    cursors = [FlushCursor(dev), FlushCursor(dev)]
+    at = [*range(8), 0, 0, 0, 0]
+    try:
+        with trio.fail_after(60):
+            for index, chunk in zip(at, [os.urandom(CHUNK) for _ in at], strict=True):
+                # the write-behind may say so at once; the flushes must say so too
+                with contextlib.suppress(BlockError):
+                    await copy_in_chunks(dev, [chunk], [index])
+            for cursor in cursors:
+                with pytest.raises(BlockError):
+                    await cursor.flush()
+    finally:
+        with trio.fail_after(60):
+            await dev.aclose()
