@@ -28,8 +28,10 @@ from __future__ import annotations
 import enum
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import trio
 
 from .errors import BlockError, RequestFailed, Unimplemented
 
@@ -37,6 +39,9 @@ Buffer = bytearray | memoryview | bytes
 """A run of bytes handed to ``read`` (must be writable) or ``write``."""
 
 SECTOR_SIZE = 512
+
+Filler = Callable[[memoryview], None]
+"""A blocking call that fills a buffer (``write_filled``)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,19 @@ class BlockDevice(ABC):
         """Start writing ``count`` sectors from ``sector`` to stable storage, without
         waiting for it (a copier's write-behind, so that its writes do not pile up in a
         cache); promises nothing, ``flush`` still does.  Nothing where a device cannot."""
+
+    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+        """Write ``view`` at ``sector`` once ``fill(view)`` has put its bytes there, then
+        ``write_behind`` it: a bulk copier's data path.
+
+        ``fill`` blocks (it reads another device over a connection of its own), so it
+        runs in a worker thread; a device that writes in worker threads anyway does its
+        write in the same one (one thread hop per chunk, not three: see ``file.py``).
+        What ``fill`` raises propagates, and then nothing is written.  Otherwise it fails
+        as ``write`` and ``write_behind`` do."""
+        await trio.to_thread.run_sync(fill, view)
+        await self.write(sector, [view])
+        await self.write_behind(sector, len(view) // (await self.get_info()).sector_size)
 
     def hurry_close(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """A close under way should end sooner (a second Ctrl-C): skip the waits that

@@ -3,10 +3,16 @@
 and the memory of its copy map.  One run, same source for everyone.
 
 1. Copy rate.  nbdkit serves a 2 GiB sparse file (half data in runs of 64 KiB-8 MiB,
-   half holes) over a Unix socket.  Each copier writes it to a new sparse file, told that
+   half holes) over a Unix socket, from a private tmpfs (this VM pages idle page cache
+   out during a run: a source there would be read from the disk by some copiers and not
+   others).  Each copier writes it to a new sparse file on the scratch disk, told that
    the target is zero (``nbdcopy --destination-is-zero``, ``qemu-img convert -n
    --target-is-zero``; the mirror sees the holes of its ``sparse(...)`` secondary), then
-   the target is fsync'd.  MiB/s is of the 2 GiB device; the ratio is mirror/nbdcopy.
+   the target is fsync'd and removed, so every copy starts from the same cache state.
+   Copiers run in a rotated order, one round after another; the table gives medians of
+   MiB/s (of the 2 GiB device), of the per-round ratio to nbdcopy, and of CPU seconds
+   per copy (the mirror's own process time, which includes its worker threads; the
+   others' as child processes; nbdkit's is not counted for anyone).
 2. Foreground reads.  fio 4 KiB random reads (O_DIRECT, libaio, depth 16) through
    ``blockfuse mount``: of the NBD export alone, of the mirror while its copier runs
    (unthrottled, for 1 s as the copy is short; and at ``rate=128M``), and of the same
@@ -14,9 +20,9 @@ and the memory of its copy map.  One run, same source for everyone.
 3. Copy map memory.  RSS growth of an ``IntervalSet`` for a 1 TiB device in 1 MiB
    chunks: copied in order (the usual case) and every other chunk (the worst case).
 
-About three minutes with the defaults on 2 cores.
+About four minutes with the defaults on 2 cores; run it as root (tmpfs, FUSE).
 
-    sudo .venv/bin/python scripts/bench_mirror.py [--size 2G] [--runtime 5] [--dir /var/tmp]
+    sudo .venv/bin/python scripts/bench_mirror.py [--size 2G] [--rounds 5] [--dir /var/tmp]
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import trio
-from benchlib import blockfuse_mount, need
+from benchlib import blockfuse_mount, need, tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from blockfuse.devices.mirror import DEFAULT_CHUNK, default_in_flight, open_mirror  # noqa: E402
+from blockfuse.devices.mirror.parts import data_plane  # noqa: E402
 from blockfuse.extents import IntervalSet  # noqa: E402
 from blockfuse.opening import OpenContext, background_tasks  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
@@ -92,12 +99,20 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def timed(run: Callable[[], None], target: Path) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(run: Callable[[], None], target: Path) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of one copy, from a fresh target to its fsync."""
     target.unlink(missing_ok=True)
-    start = time.monotonic()
+    os.sync()  # the previous copy's writeback is not this one's
+    cpu, start = cpu_seconds(), time.monotonic()
     run()
     fsync(target)
-    return time.monotonic() - start
+    return time.monotonic() - start, cpu_seconds() - cpu
 
 
 def nbdcopy(uri: str, target: Path, size: int) -> None:
@@ -135,14 +150,17 @@ def mirror(uri: str, target: Path, chunk: str, in_flight: int) -> None:
 
 def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0) -> None:
     """The same reads, writes and flushes as the copier, with no mirror: what our stack
-    can do.  Like the copier, it starts a flush of the target every 64 MiB written (one
-    at a time).  ``in_flight`` 0: the copier's default."""
+    can do.  Like the copier, it reads through the data plane (``transport/blocking.py``)
+    where the export allows it, writes behind, and starts a flush of the target every
+    64 MiB written (one at a time).  ``in_flight`` 0: the copier's default."""
     in_flight = in_flight or default_in_flight(chunk)
 
     async def main() -> None:
         async with background_tasks() as nursery:
             ctx = OpenContext(nursery)
             source = await compile_spec(uri).open(ctx)
+            plane = data_plane(source)
+            threads = trio.CapacityLimiter(in_flight)
             info = await source.get_info()
             sink = await compile_spec(f"sparse({target}, size={info.size_bytes})").open(ctx)
             data: list[tuple[int, int]] = []
@@ -167,8 +185,13 @@ def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0
                 while data:
                     a, b = data.pop()
                     view = memoryview(buf)[: (b - a) * 512]
-                    await source.read(a, [view])
+                    if plane is not None:
+                        read = plane.read_into
+                        await trio.to_thread.run_sync(read, view, a * 512, limiter=threads)
+                    else:
+                        await source.read(a, [view])
                     await sink.write(a, [view])
+                    await sink.write_behind(a, b - a)
                     unflushed[0] += len(view)
                     if unflushed[0] >= 64 * MiB and not flushing[0]:
                         unflushed[0] = 0
@@ -178,6 +201,8 @@ def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0
                 for _ in range(in_flight):
                     nursery.start_soon(worker, nursery)
             await sink.flush()
+            if plane is not None:
+                plane.close()
             await source.aclose()
             await sink.aclose()
 
@@ -189,8 +214,7 @@ def same(a: Path, b: Path) -> bool:
 
 
 def copy_rates(args: argparse.Namespace, work: Path, source: Path, size: int) -> None:
-    """Each copier once per round in a shuffled order, rounds interleaved (the VM
-    drifts); best and median."""
+    """Each copier once per round, in an order rotated by one each round."""
     target = work / "target.img"
     with nbdkit(source, work / "nbd.sock") as uri:
         copiers: list[tuple[str, Callable[[], None]]] = [
@@ -207,24 +231,31 @@ def copy_rates(args: argparse.Namespace, work: Path, source: Path, size: int) ->
             copiers.append((name, lambda c=chunk, n=int(in_flight): mirror(uri, target, c, n)))
         copiers.append(("floor (no mirror): NBD read + sparse write, 4M x 4",
                         lambda: floor(uri, target)))  # fmt: skip
-        rates: dict[str, list[float]] = {name: [] for name, _ in copiers}
-        order = random.Random(2)
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in copiers}
         for round_ in range(args.rounds):
-            order.shuffle(copiers)  # no copier always runs after the same one
-            for name, run in copiers:
-                rates[name].append(size / MiB / timed(run, target))
+            turn = round_ % len(copiers)
+            for name, run in copiers[turn:] + copiers[:turn]:
+                runs[name].append(timed(run, target))
                 if round_ == 0:  # once is enough; each cmp reads 4 GiB, churning memory
                     assert same(source, target), f"{name} made a different copy"
-    best0, median0 = max(rates["nbdcopy"]), statistics.median(rates["nbdcopy"])
+            target.unlink(missing_ok=True)
+    report_rates(runs, size, args.rounds)
+
+
+def report_rates(runs: dict[str, list[tuple[float, float]]], size: int, rounds: int) -> None:
+    reference = [wall for wall, _ in runs["nbdcopy"]]
     print(f"\nCopy of a {size >> 20} MiB device (half data) from nbdkit over a Unix socket,"
-          f" {args.rounds} rounds")  # fmt: skip
-    print(f"{'copier':54} {'best MiB/s':>10} {'ratio':>6} {'median':>7} {'ratio':>6}")
-    for name, got in rates.items():
-        best, median = max(got), statistics.median(got)
-        print(f"{name:54} {best:10.0f} {best / best0:5.2f}x {median:7.0f} {median / median0:5.2f}x")
-    print("every copy, in MiB/s:")
-    for name, got in rates.items():
-        print(f"  {name:52} {' '.join(f'{r:.0f}' for r in got)}")
+          f" {rounds} rounds, rotated; medians")  # fmt: skip
+    print(f"{'copier':54} {'MiB/s':>7} {'vs nbdcopy':>10} {'CPU s':>6}")
+    for name, got in runs.items():
+        rates = [size / MiB / wall for wall, _ in got]
+        ratios = [ref / wall for ref, (wall, _) in zip(reference, got, strict=True)]
+        cpu = statistics.median(c for _, c in got)
+        print(f"{name:54} {statistics.median(rates):7.0f} {statistics.median(ratios):9.2f}x"
+              f" {cpu:6.2f}")  # fmt: skip
+    print("every copy, MiB/s:")
+    for name, got in runs.items():
+        print(f"  {name:52} {' '.join(f'{size / MiB / wall:.0f}' for wall, _ in got)}")
 
 
 def fio_iops(path: Path, runtime: int) -> float:
@@ -325,11 +356,13 @@ def main() -> None:
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="bf-bench-mirror-", dir=args.dir or "/var/tmp"))
     try:
-        source = work / "source.img"
-        data = make_source(source, size)
-        print(f"source: {size >> 20} MiB, {data >> 20} MiB of data ({100 * data // size}%)")
-        copy_rates(args, work, source, size)
-        foreground(args, work, source)
+        with tmpfs(work / "pinned", size + 64 * MiB) as pinned:
+            source = pinned / "source.img"
+            data = make_source(source, size)
+            print(f"source: {size >> 20} MiB, {data >> 20} MiB of data ({100 * data // size}%)"
+                  ", on a tmpfs")  # fmt: skip
+            copy_rates(args, work, source, size)
+            foreground(args, work, source)
         map_memory()
     finally:
         shutil.rmtree(work, ignore_errors=True)

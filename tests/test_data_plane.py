@@ -5,12 +5,15 @@ several connections (``CAN_MULTI_CONN``) and never in plaintext for an ``nbds`` 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import trio
 
+from blockfuse.devices.mirror import open_mirror
 from blockfuse.devices.remote import RemoteDevice, open_remote
+from blockfuse.devices.sparse import open_sparse
 from blockfuse.nbd.uri import parse_uri
 from blockfuse.transport.blocking import Plane
 from blockfuse.transport.handshake import TimedOut
@@ -114,3 +117,64 @@ async def test_a_stalled_server_fails_the_read_with_the_timeout(
     finally:
         plane.close()
         await dev.aclose()
+
+
+def source_image(directory: Path) -> bytes:
+    """``p.img``: 16 MiB with data, a hole and data (the mirror's primary)."""
+    data = bytearray(16 << 20)
+    data[: 5 << 20] = os.urandom(5 << 20)
+    data[11 << 20 :] = os.urandom(5 << 20)
+    (directory / "p.img").write_bytes(bytes(data))
+    return bytes(data)
+
+
+async def mirror_to_sparse(
+    nursery: trio.Nursery, uri: str, secondary: Path, **options: object
+) -> str:
+    """Copy ``uri`` to ``sparse(secondary)`` until synced; the copy's last error."""
+    primary = await remote(nursery, uri)
+    target = open_sparse(str(secondary), size_bytes=16 << 20)
+    with trio.fail_after(60):
+        async with open_mirror(primary, target, chunk=1 << 20, **options) as mirror:
+            await mirror.wait_synced()
+            return mirror.statistics().last_error
+
+
+async def test_a_mirror_copies_through_the_plane(
+    nursery: trio.Nursery, start: Start, short_tmp: Path
+) -> None:
+    """nbdkit's log shows connections beyond the trio client's (the plane's)."""
+    data = source_image(short_tmp)
+    log = short_tmp / "nbdkit-requests.log"
+    peer = start(nbdkit_file(short_tmp, "--filter=log", f"logfile={log}"))
+    last_error = await mirror_to_sparse(nursery, peer.uri(), short_tmp / "s.img")
+    assert last_error == ""
+    assert (short_tmp / "s.img").read_bytes() == data
+    readers = set(re.findall(r"connection=(\d+) Read ", log.read_text()))
+    assert len(readers) >= 2, readers
+
+
+async def test_a_failing_plane_leaves_the_copy_to_the_connection_it_shares(
+    nursery: trio.Nursery, start: Start, short_tmp: Path
+) -> None:
+    """While reads fail, the plane's first failure retires it; the trio client's reads
+    fail too and the item is retried; once reads work again the copy ends, equal."""
+    data = source_image(short_tmp)
+    inject = short_tmp / "inject"
+    inject.touch()
+    peer = start(nbdkit_file(short_tmp, "--filter=error", "error-pread=EIO",
+                             "error-pread-rate=100%", f"error-pread-file={inject}"))  # fmt: skip
+
+    async def heal() -> None:
+        await trio.sleep(0.5)
+        inject.unlink()
+
+    nursery.start_soon(heal)
+    primary = await remote(nursery, peer.uri())
+    target = open_sparse(str(short_tmp / "s.img"), size_bytes=16 << 20)
+    with trio.fail_after(60):
+        async with open_mirror(primary, target, chunk=1 << 20, backoff=0.2) as mirror:
+            await mirror.wait_synced()
+            errors = mirror.statistics().errors
+    assert errors >= 1
+    assert (short_tmp / "s.img").read_bytes() == data

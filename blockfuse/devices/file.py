@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import resource
 import stat
@@ -41,7 +42,16 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Extent, Info, total_length
+from ..block import (
+    SECTOR_SIZE,
+    BlockDevice,
+    Buffer,
+    Capability,
+    Extent,
+    Filler,
+    Info,
+    total_length,
+)
 from ..buffers import advance, byte_views, slice_views
 from ..errors import (
     Disconnected,
@@ -214,6 +224,37 @@ class FileDevice(BlockDevice):
         except RequestFailed as exc:
             self.write_errors.record(exc)
             raise
+
+    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+        """``fill``, the write and the write-behind in one worker thread (see ``block.py``)."""
+        self._check_writable()
+        offset = sector * self._sector_size
+        write = functools.partial(self._blocking_io, os.pwritev, [view], offset, "write")
+        await self._fill_write_behind(offset, view, fill, write)
+
+    async def _fill_write_behind(
+        self, offset: int, view: memoryview, fill: Filler, write: Callable[[], None]
+    ) -> None:
+        """Run ``fill(view)``, ``write()`` and the write-behind of ``view``'s range in one
+        thread.  A writeback error is recorded in ``write_errors`` (as ``write_behind``'s)."""
+        due = self._behind.hand_over(offset, len(view)) if writeback.AVAILABLE else None
+
+        def job() -> OSError | None:
+            fill(view)
+            write()
+            if due is None:
+                return None
+            try:
+                writeback.write_behind(self._fd, offset, len(view), due)
+            except OSError as exc:
+                return exc
+            return None
+
+        failed = await self._in_thread(f"write {self.path} at byte {offset}", job)
+        if failed is not None:
+            err = request_failed(failed, f"write back {self.path} at byte {offset}")
+            self.write_errors.record(err)
+            raise err from failed
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..block import BlockDevice, Buffer, Extent, Info, total_length
+from ..block import BlockDevice, Buffer, Extent, Filler, Info, total_length
 from ..errors import ReadOnly, Unsafe
 from .wrapper import PassThrough
 
@@ -65,6 +65,13 @@ class SafeDevice(PassThrough):
         if not info.read_write:
             raise ReadOnly("the device is read-only")
         await self._inner.write(sector, buffers)
+
+    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+        info = await self._inner.get_info()
+        check_request(sector, [view], info)
+        if not info.read_write:
+            raise ReadOnly("the device is read-only")
+        await self._inner.write_filled(sector, view, fill)
 
     async def unsafe_read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._inner.read(sector, buffers)

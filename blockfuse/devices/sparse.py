@@ -41,6 +41,7 @@ the gate add ~1-3 µs to the file device's cost.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import tempfile
@@ -49,7 +50,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..block import Buffer, Capability, Extent, Info, total_length
+from ..block import Buffer, Capability, Extent, Filler, Info, total_length
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
@@ -60,7 +61,7 @@ from .file import (
     device_geometry,
     lock_image,
 )
-from .holes import append_extent, file_extents
+from .holes import append_extent, file_extents, is_hole, make_zeroes
 from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
@@ -166,6 +167,31 @@ class SparseDevice(FileDevice):
                     for run in runs:
                         await self._write_run(run)
                     return
+
+    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+        """``fill``, the write (its zero runs punched, as ``write`` does) and the
+        write-behind in one worker thread, holding the gate (see ``block.py``)."""
+        self._check_writable()
+        offset = sector * self._sector_size
+        end = offset + len(view)
+        while True:
+            if end > self._length:
+                await self._grow_to(end)
+            async with self._gate.shared:
+                if end <= self._length:
+                    write = functools.partial(self._write_runs_blocking, offset, view)
+                    return await self._fill_write_behind(offset, view, fill, write)
+
+    def _write_runs_blocking(self, offset: int, view: memoryview) -> None:
+        """``write``'s runs, in a worker thread, inside the backing file (the gate held)."""
+        if not self._regular:
+            return self._blocking_io(os.pwritev, [view], offset, "write")
+        for run in zero_runs(offset, [view]):
+            if not run.zero:
+                self._blocking_io(os.pwritev, run.views, run.offset, "write")
+            elif not is_hole(self._fd, run.offset, run.length):
+                make_zeroes(self._fd, run.offset, run.length)
+        return None
 
     async def _write_run(self, run: Stretch) -> None:
         if run.zero:

@@ -13,6 +13,7 @@ flight (they end with a ``BlockError`` or succeed; nothing hangs, nothing else e
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,6 +74,39 @@ async def check_buffer_lists(make: MakeDevice) -> None:
         await dev.write(5, [])
 
 
+class FillFailed(Exception):
+    """What ``check_write_filled``'s failing fill raises."""
+
+
+async def check_write_filled(make: MakeDevice) -> None:
+    """``write_filled`` writes what the fill put in the buffer (at the start and the
+    end of the device); a fill that raises propagates, unchanged,
+    and nothing is written."""
+    async with fresh(make) as (dev, ss, size):
+        for sector in (0, size - 8):
+            data = os.urandom(8 * ss)
+            fill = functools.partial(_put, data=data)
+            await dev.write_filled(sector, memoryview(bytearray(8 * ss)), fill)
+            assert await _read(dev, sector, 8 * ss) == data, f"write_filled at sector {sector}"
+        before = await _read(dev, 16, 4 * ss)
+
+        def failing(view: memoryview) -> None:
+            view[:] = os.urandom(len(view))
+            raise FillFailed("the fill failed")
+
+        try:
+            await dev.write_filled(16, memoryview(bytearray(4 * ss)), failing)
+        except FillFailed:
+            pass
+        else:
+            raise AssertionError("write_filled swallowed its fill's exception")
+        assert await _read(dev, 16, 4 * ss) == before, "a failed fill was written"
+
+
+def _put(view: memoryview, data: bytes) -> None:
+    view[:] = data
+
+
 async def check_safe_rejects(make: MakeDevice) -> None:
     async with fresh(make) as (dev, ss, size):
         safe = SafeDevice(dev)
@@ -104,6 +138,7 @@ async def check_read_only(make_ro: MakeDevice) -> None:
         before = await _read(dev, 0, 4 * ss)
         mutators: dict[str, Callable[[], Awaitable[None]]] = {
             "write": lambda: dev.write(0, [bytes(ss)]),
+            "write_filled": lambda: dev.write_filled(0, memoryview(bytearray(ss)), _zero_fill),
             "discard": lambda: dev.discard(0, 1),
             "write_zeroes": lambda: dev.write_zeroes(0, 1),
             "resize": lambda: dev.resize(info.size_sectors + 8),
@@ -114,13 +149,17 @@ async def check_read_only(make_ro: MakeDevice) -> None:
             except ReadOnly:
                 continue
             except Unimplemented:
-                if name != "write":
+                if name not in ("write", "write_filled"):
                     continue
             raise AssertionError(f"a read-only device accepted {name}")
         assert await _read(dev, 0, 4 * ss) == before, "a refused change changed data"
         assert (await dev.get_info()).size_sectors == info.size_sectors
     finally:
         await dev.aclose()
+
+
+def _zero_fill(view: memoryview) -> None:
+    view[:] = bytes(len(view))
 
 
 async def check_flush_and_close(make: MakeDevice) -> None:
@@ -236,6 +275,7 @@ CHECKS = [
     check_info,
     check_round_trip_at_edges,
     check_buffer_lists,
+    check_write_filled,
     check_safe_rejects,
     check_flush_and_close,
     check_concurrent,

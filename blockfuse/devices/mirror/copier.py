@@ -29,6 +29,20 @@ A data item is copied in *pieces*, each holding the range lock on its own sector
 and the bytes in flight are paced by how quickly the primary answers (``pace.py``): on
 a slow link a foreground write waits for at most one piece and the queue ahead of it.
 
+Where the primary is an NBD export that lets several connections read it, a chunk is
+copied by one worker thread: it reads the chunk over a blocking connection of its own
+(the data plane, ``transport/blocking.py``) and, where the secondary writes in threads
+(files and sparse images: ``write_filled``), writes it and starts its writeback in the
+same thread.  One thread hop per chunk instead of three took a 2 GiB copy on the dev
+VM from 1300-1320 to 1310-1450 MiB/s (nbdcopy: 1340-1460 in the same runs), and its
+CPU time from 1.40-1.55 s to 0.91-1.08 s.  The
+threads change nothing in the rules above: the piece's range lock is taken on the
+event loop's thread before the thread starts and released after it returns, and the
+range is marked copied only then.  A read on another connection sees every write the
+primary acknowledged on ours (that is what ``CAN_MULTI_CONN`` promises), so the lock
+still orders each foreground write before or after the chunk's read.  A plane that
+fails is retired, and the chunk and the rest of the copy are read over the trio client.
+
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
 
@@ -147,7 +161,6 @@ class Copier:
         """Workers that go on copying while foreground I/O uses the primary."""
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
-        self._threads = trio.CapacityLimiter(settings.in_flight)
         self._flush_behind = FlushBehind(events)
         self._sweeping = False
         self._written_since_plan = IntervalSet()
@@ -303,27 +316,38 @@ class Copier:
     async def _copy_data(self, start: int, end: int, buf: bytearray) -> None:
         for a, b in split(start, end, self.settings.chunk):
             view = memoryview(buf)[: (b - a) * self._sector_size]
-            await self._read_primary(a, view)
-            await self._secondary.write(a, [view], exact=True)
-            await self._secondary.write_behind(a, b - a)
+            if not await self._copy_through_plane(a, view):
+                await self._primary.read(a, [view])
+                await self._secondary.write(a, [view], exact=True)
+                await self._secondary.write_behind(a, b - a)
             self._flush_behind.wrote(len(view))
 
-    async def _read_primary(self, sector: int, view: memoryview) -> None:
-        """Read through the data plane where there is one (see ``transport/blocking.py``);
-        if it fails, the copy goes on reading as the foreground does (with its reconnects),
-        and the plane is not used again."""
+    async def _copy_through_plane(self, sector: int, view: memoryview) -> bool:
+        """Copy a chunk through the data plane, if there is one (``transport/blocking.py``):
+        read in a worker thread, and written in the same one where the secondary writes
+        in threads (``write_filled``).  False if there is none, or it failed: then the
+        copy goes on reading as the foreground does (with its reconnects), and the plane
+        is not used again."""
         plane = self._plane
-        if plane is not None:
-            offset = sector * self._sector_size
+        if plane is None:
+            return False
+        offset = sector * self._sector_size
+
+        def fill(into: memoryview) -> None:
             try:
-                await trio.to_thread.run_sync(plane.read_into, view, offset, limiter=self._threads)
-                return
+                plane.read_into(into, offset)
             except BlockError as exc:
-                if self._plane is plane:
-                    self._plane = None
-                    plane.close()
-                    self._events.note_error(f"reading the primary in worker threads: {exc}")
-        await self._primary.read(sector, [view])
+                raise PlaneFailed(exc) from exc
+
+        try:
+            await self._secondary.write_filled(sector, view, fill)
+        except PlaneFailed as failed:
+            if self._plane is plane:
+                self._plane = None
+                plane.close()
+                self._events.note_error(f"reading the primary in worker threads: {failed.error}")
+            return False
+        return True
 
     def close(self) -> None:
         """Close the data plane's idle connections (once the copier has stopped)."""
@@ -346,6 +370,15 @@ class Copier:
             await side.read(a, [buf])
             if buf.count(0) != len(buf):
                 await side.write(a, [bytes(len(buf))])
+
+
+class PlaneFailed(Exception):
+    """The data plane could not read a chunk (not a ``BlockError``: no device raised it,
+    and the chunk is read again without the plane)."""
+
+    def __init__(self, error: BlockError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class FlushBehind:

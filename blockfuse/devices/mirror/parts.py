@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Sequence
 
 import trio
 
-from ...block import BlockDevice, Buffer, Capability, Info, layers, total_length
+from ...block import BlockDevice, Buffer, Capability, Filler, Info, layers, total_length
 from ...errors import BlockError, Unimplemented
 from ...extents import IntervalSet, align_out
 from ...transport.blocking import Plane
@@ -93,6 +93,12 @@ class Side:
 
     async def write_behind(self, sector: int, count: int) -> None:
         await self.dev.write_behind(sector * self.ratio, count * self.ratio)
+
+    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+        """``write_filled`` (``block.py``), recorded as written exactly (a copier's)."""
+        if self._grain:  # before the write: it may half land
+            self._written.add(sector, sector + len(view) // self._sector_size)
+        await self.dev.write_filled(sector * self.ratio, view, fill)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
