@@ -237,6 +237,11 @@ class ServerCore:
     def transmitting(self) -> bool:
         return self.transmission is not None and self.state is not ServerState.BROKEN
 
+    @property
+    def at_rest(self) -> bool:
+        """Between messages: nothing of the next one has arrived."""
+        return self.state in (S.OPTION, S.REQUEST) and not len(self._buf)
+
     # --- moves ----------------------------------------------------------------------------
 
     def _goto(self, state: ServerState) -> None:

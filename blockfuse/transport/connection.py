@@ -1,0 +1,381 @@
+"""One client connection of the NBD server: its handshake, its reader, and the tasks that
+answer its requests.  It only moves bytes: the server core (``nbd/server.py``) decides
+what they mean, and a ``Handler`` from the front end does each request.
+
+Invariants:
+
+- Only the reader feeds the core and reads the socket.  Before it reads on, it reserves
+  what the request it just got needs (``budget.py``): a slot of the connection's, and
+  the request's bytes of the connection's budget and of the server's.  A client that
+  sends faster than its requests are answered is held back by TCP: the connection holds
+  at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
+- Each request runs in a task of the connection's nursery and sends its reply when it
+  is done, so replies leave in the order requests complete.  One message is written at
+  a time, in the order they were handed over, and each is written whole, shielded from
+  cancellation (``MessageWriter``): never cut, never interleaved.  A client that takes
+  nothing we send for ``Limits.send_timeout`` seconds is dropped instead.
+- The handshake must end within ``Limits.handshake_timeout`` seconds.
+- How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
+  it closes.  A protocol violation, the client closing, a stall or a broken stream end
+  it at once: the requests in flight are cancelled (as a device call may be) and the
+  socket closed, a hard disconnect, which the spec asks for; no other connection is
+  touched.  While the server shuts down, new requests get ESHUTDOWN (new options
+  ERR_SHUTDOWN) and the connection closes once nothing is in flight.
+- Nothing leaves ``run`` but cancellation; why the connection ended is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ..errors import BlockError, ProtocolError
+from ..nbd.constants import Cmd
+from ..nbd.events import (
+    NEED_DATA,
+    ClientGone,
+    Closing,
+    ExportInfo,
+    PayloadComing,
+    PeerClosed,
+    Reply,
+    Request,
+    RequestRefused,
+    ServerReady,
+    ServerReply,
+)
+from ..nbd.server import ServerCore
+from .budget import ByteBudget, Reservation
+from .handshake import ConnectionLost, Stalled
+from .sender import STREAM_ERRORS, Part, write_without_blocking
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 17
+CLOSE_TIMEOUT = 5.0
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@dataclass(frozen=True)
+class ExportTable:
+    """The exports a new connection sees (sizes as they are now); ``default`` names the
+    one that the empty name opens."""
+
+    exports: tuple[ExportInfo, ...]
+    default: str | None = None
+
+
+class Handler(Protocol):
+    """Does the requests of one connection on one export (the front end's side)."""
+
+    async def handle(self, request: Request) -> ServerReply:
+        """The reply to ``request``; a device's error becomes an error reply, so this
+        raises nothing but cancellation (which may leave a write partly done)."""
+        ...
+
+
+class Backend(Protocol):
+    """What a server serves."""
+
+    async def table(self) -> ExportTable:
+        """The exports as a new connection sees them (called once per connection)."""
+        ...
+
+    def open(self, ready: ServerReady, peer: str) -> Handler:
+        """A handler for a connection that negotiated ``ready`` (one per connection: its
+        own flush cursor)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of ours on what clients may make the server hold, or wait for."""
+
+    handshake_timeout: float = 10.0
+    send_timeout: float = 60.0
+    requests: int = 16
+    """Requests in flight per connection (qemu-nbd's number)."""
+    connection_bytes: int = 64 << 20
+    server_bytes: int = 256 << 20
+    """Payload bytes in flight, per connection and in the whole server."""
+    connections: int = 256
+
+
+class MessageWriter:
+    """Writes whole messages to one stream, one at a time, in the order handed over."""
+
+    def __init__(self, stream: trio.abc.Stream, fd: int | None, peer: str, timeout: float) -> None:
+        self._stream = stream
+        self._fd = fd
+        self._peer = peer
+        self._timeout = timeout
+        self._busy = False
+        self._turns: deque[trio.Event] = deque()
+
+    async def write(self, parts: Sequence[Part]) -> None:
+        """Write ``parts`` as one message; raises ``ConnectionLost`` (``Stalled``: the
+        client took nothing for the timeout).  A message already begun is finished
+        even if the caller is cancelled."""
+        if self._busy or self._turns:
+            turn = trio.Event()
+            self._turns.append(turn)
+            try:
+                await turn.wait()
+            except BaseException:
+                self._pass_on(turn)
+                raise
+        self._busy = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self._write(list(parts))
+        finally:
+            self._busy = False
+            if self._turns:
+                self._turns.popleft().set()
+
+    def _pass_on(self, turn: trio.Event) -> None:
+        """A waiter cancelled: out of the queue, or, if its turn came, to the next one."""
+        if turn.is_set():
+            self._busy = False
+            if self._turns:
+                self._turns.popleft().set()
+        else:
+            self._turns.remove(turn)
+
+    async def _write(self, parts: list[Part]) -> None:
+        try:
+            rest = write_without_blocking(self._fd, parts) if self._fd is not None else parts
+            for part in rest:
+                with trio.move_on_after(self._timeout) as scope:
+                    await self._stream.send_all(part)
+                if scope.cancelled_caught:
+                    raise Stalled(f"{self._peer} took nothing we sent for {self._timeout:g} s")
+        except STREAM_ERRORS as exc:
+            raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
+
+
+class Connection:
+    """One client; ``run`` serves it to its end (see the module text)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        backend: Backend,
+        *,
+        peer: str,
+        limits: Limits,
+        server_budget: ByteBudget,
+        listing: bool = True,
+    ) -> None:
+        self.peer = peer
+        self._stream = stream
+        self._backend = backend
+        self._limits = limits
+        self._listing = listing
+        sock = getattr(stream, "socket", None)
+        self._sock = sock if isinstance(sock, trio.socket.SocketType) else None
+        fd = self._sock.fileno() if self._sock is not None else None
+        self._writer = MessageWriter(stream, fd, peer, limits.send_timeout)
+        self._slots = trio.Semaphore(limits.requests)
+        self._budgets = (ByteBudget(limits.connection_bytes), server_budget)
+        self._scope = trio.CancelScope()
+        self._core: ServerCore | None = None
+        self._tasks: trio.Nursery | None = None
+        self._payload: Reservation | None = None
+        self._unanswered = 0
+        self.shutting_down = False
+        self.export: str | None = None
+        self.why = "served"
+        """Why the connection ended (for the log)."""
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._serve()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self._stream.aclose()
+            log.debug("%s: %s", self.peer, self.why)
+
+    async def _serve(self) -> None:
+        try:
+            ready = await self._handshake()
+            if ready is not None:
+                await self._transmit(ready)
+        except PeerClosed as exc:
+            self.why = str(exc)
+        except ProtocolError as exc:
+            self._dropped(f"broke the protocol: {exc}")
+        except Stalled as exc:
+            self._dropped(str(exc))
+        except ConnectionLost as exc:
+            self.why = str(exc)
+        except STREAM_ERRORS as exc:
+            self.why = f"connection lost: {exc}"
+
+    def _dropped(self, why: str) -> None:
+        """The client misbehaved (a violation, a stall): say so once, in one line."""
+        self.why = why
+        log.warning("NBD client %s dropped: %s", self.peer, why)
+
+    def cancel(self, why: str) -> None:
+        """End the connection now (requests in flight are cancelled)."""
+        self.why = why
+        self._scope.cancel()
+
+    def shut_down(self) -> None:
+        """The server is going away: ESHUTDOWN from now on, and close once idle."""
+        self.shutting_down = True
+        if self._core is not None:
+            self._core.shut_down()
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        core = self._core
+        if not self.shutting_down or core is None or not core.transmitting:
+            return
+        if self._unanswered == 0 and core.at_rest:
+            self.cancel("closed: the server is shutting down")
+
+    # --- handshake ----------------------------------------------------------------------
+
+    async def _handshake(self) -> ServerReady | None:
+        table = await self._backend.table()
+        core = ServerCore(table.exports, default=table.default, listing=self._listing)
+        self._core = core
+        if self.shutting_down:
+            core.shut_down()
+        timeout = self._limits.handshake_timeout
+        with trio.move_on_after(timeout):
+            return await self._haggle(core)
+        self._dropped(f"no handshake within {timeout:g} s")
+        return None
+
+    async def _haggle(self, core: ServerCore) -> ServerReady | None:
+        while True:
+            event = core.next_event()
+            if isinstance(event, ClientGone):  # the ACK of ABORT: the client may not wait
+                with contextlib.suppress(ConnectionLost):
+                    await self._writer.write([core.data_to_send()])
+                self.why = "the client aborted the handshake"
+                return None
+            if out := core.data_to_send():
+                await self._writer.write([out])
+            if event is NEED_DATA:
+                await self._receive(core)
+            elif isinstance(event, ServerReady):
+                self.export = event.export.name
+                return event
+            else:
+                assert isinstance(event, Closing)
+                self.why = f"closed: {event.reason}"
+                return None
+
+    async def _receive(self, core: ServerCore) -> None:
+        target = core.payload_target()
+        if target is not None and self._sock is not None:
+            n = await self._sock.recv_into(target)
+            if n:
+                core.payload_received(n)
+            else:
+                core.receive_data(b"")
+            return
+        core.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+
+    # --- transmission -------------------------------------------------------------------
+
+    async def _transmit(self, ready: ServerReady) -> None:
+        assert self._core is not None
+        handler = self._backend.open(ready, self.peer)
+        failure: Exception | None = None
+        async with trio.open_nursery() as tasks:
+            self._tasks = tasks
+            try:
+                await self._read_requests(self._core, handler)
+            except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
+                failure = exc  # raised out of the nursery as itself, not in a group
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        self.why = "the client disconnected (NBD_CMD_DISC)"
+
+    async def _read_requests(self, core: ServerCore, handler: Handler) -> None:
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                await self._receive(core)
+            elif isinstance(event, PayloadComing):
+                self._payload = await self._reserve(event.length)
+            elif isinstance(event, Request):
+                await self._dispatch(event, handler)
+            elif isinstance(event, RequestRefused):
+                self._release_payload()
+                await self._answer_now(Reply(event.cookie, event.error, event.message))
+            else:
+                assert isinstance(event, ClientGone)
+                return
+
+    async def _reserve(self, n: int) -> Reservation:
+        reservation = Reservation(self._slots, self._budgets)
+        await reservation.take(n)
+        return reservation
+
+    def _release_payload(self) -> None:
+        if self._payload is not None:
+            self._payload.release()
+            self._payload = None
+
+    async def _dispatch(self, req: Request, handler: Handler) -> None:
+        if self.shutting_down:
+            self._release_payload()
+            await self._answer_now(
+                Reply(req.cookie, errno.ESHUTDOWN, "the server is shutting down")
+            )
+            return
+        reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
+        self._payload = None
+        self._unanswered += 1
+        assert self._tasks is not None
+        self._tasks.start_soon(self._answer, req, handler, reservation)
+
+    async def _answer(self, req: Request, handler: Handler, reservation: Reservation) -> None:
+        try:
+            try:
+                reply = await handler.handle(req)
+            except Exception:
+                log.exception("NBD request %s failed unexpectedly", req)
+                reply = Reply(req.cookie, errno.EIO, "internal error")
+            await self._send(reply)
+        finally:
+            reservation.release()
+            self._unanswered -= 1
+            self._close_if_idle()
+
+    async def _answer_now(self, reply: ServerReply) -> None:
+        """A reply from the reader itself (a refusal): it waits for the writer too."""
+        self._unanswered += 1
+        try:
+            await self._send(reply)
+        finally:
+            self._unanswered -= 1
+        self._close_if_idle()
+
+    async def _send(self, reply: ServerReply) -> None:
+        assert self._core is not None
+        try:
+            await self._writer.write(self._core.send(reply))
+        except Stalled as exc:
+            self._dropped(str(exc))
+            self._scope.cancel()
+        except BlockError as exc:
+            self.why = str(exc)
+            self._scope.cancel()
