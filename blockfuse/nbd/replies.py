@@ -1,10 +1,10 @@
 """The server's side of transmission: which requests it refuses by itself, and the bytes
 of its replies.
 
-``refusal`` checks a request against what the server advertised, in the order the spec
-lists its errors: an unknown command or flag, a command or flag not offered (EINVAL), a
-write to a read-only export (EPERM), a range past the end (ENOSPC for writes, EINVAL for
-the rest), a zero length or a payload over the maximum (EINVAL).  A request it passes is
+``refusal`` checks a request against what the server advertised: an unknown command or
+flag (EINVAL), a write, trim or zero on a read-only export (EPERM), a command or flag
+not offered (EINVAL), a range past the end (ENOSPC for writes, EINVAL for the rest), a
+zero length or a payload over the maximum (EINVAL).  A request it passes is
 one the device may be asked to do; the checks are cheap and run once per request.
 
 ``encode`` turns a reply into the parts to write, data as zero-copy views::
@@ -68,13 +68,14 @@ def refusal(
     if cmd not in Cmd._value2member_map_ or cmd == Cmd.DISC:
         return Errno.EINVAL, f"unknown command {cmd}"
     command = Cmd(cmd)
-    if flags & ~KNOWN_CMD_FLAGS:
-        return Errno.EINVAL, f"unknown command flags {flags & ~KNOWN_CMD_FLAGS:#x}"
+    unknown = flags & ~int(KNOWN_CMD_FLAGS)  # int: ~ of an IntFlag keeps only its own bits
+    if unknown:
+        return Errno.EINVAL, f"unknown command flags {unknown:#x}"
+    if command in WRITES and t.export.read_only:
+        return Errno.EPERM, f"export {t.export.name!r} is read-only"
     offered = _not_offered(t, command, CmdFlag(flags))
     if offered is not None:
         return Errno.EINVAL, offered
-    if command in WRITES and t.export.read_only:
-        return Errno.EPERM, f"export {t.export.name!r} is read-only"
     return _range_refusal(t, command, offset, length)
 
 

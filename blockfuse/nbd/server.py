@@ -258,7 +258,7 @@ class ServerCore:
         if raw is None:
             return NEED_DATA
         (flags,) = CLIENT_FLAGS.unpack(raw)
-        if flags & ~self._offered:
+        if flags & ~int(self._offered):  # int: ~ of an IntFlag keeps only its own bits
             raise ProtocolError(f"client flags {flags:#x} beyond the offered {self._offered:#x}")
         self._fixed = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
         self._haggling.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)

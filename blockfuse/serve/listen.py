@@ -136,9 +136,11 @@ async def listen(addresses: list[Address], *, mode: int | None = None) -> Listen
                 sock = await unix_listener(address.path, mode)
                 out.made.append((address.path, os.stat(address.path).st_ino))
                 out.listeners.append(trio.SocketListener(sock))
+                out.addresses.append(address)
             else:
-                out.listeners += await tcp_listeners(address)
-            out.addresses.append(address)
+                listeners = await tcp_listeners(address)
+                out.listeners += listeners
+                out.addresses += [address_of(lis.socket) for lis in listeners]  # port 0 bound
     except BaseException:
         await out.aclose()
         raise
@@ -218,7 +220,7 @@ def take_activated(fds: list[int]) -> Listening:
     return out
 
 
-def address_of(sock: socket.socket) -> Address:
+def address_of(sock: socket.socket | trio.socket.SocketType) -> Address:
     name = sock.getsockname()
     if isinstance(name, str):
         return Address(path=name or "(unnamed)")
