@@ -46,7 +46,9 @@ def meta_data(export: str, *queries: str) -> bytes:
     return name(export) + c.U32.pack(len(queries)) + b"".join(name(q) for q in queries)
 
 
-def request(cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1) -> bytes:
+def request(
+    cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1
+) -> bytes:
     return c.REQUEST.pack(c.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
@@ -111,9 +113,10 @@ class RawClient:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    async def closed(self, timeout: float = TIMEOUT) -> bool:
-        """Whether the server closes the connection (reading and dropping what comes)."""
-        with trio.move_on_after(timeout):
+    async def closed(self, within: float = TIMEOUT) -> bool:
+        """Whether the server closes the connection within ``within`` seconds (reading
+        and dropping what comes)."""
+        with trio.move_on_after(within):
             try:
                 while await self.stream.receive_some(1 << 16):
                     pass

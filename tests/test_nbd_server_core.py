@@ -71,7 +71,9 @@ def pump(server: ServerCore, data: bytes, bytewise: bool = False) -> tuple[list[
     return events, server.data_to_send()
 
 
-def replies(server: ServerCore, data: bytes, bytewise: bool = False) -> list[tuple[int, int, bytes]]:
+def replies(
+    server: ServerCore, data: bytes, bytewise: bool = False
+) -> list[tuple[int, int, bytes]]:
     events, out = pump(server, data, bytewise)
     assert not events, events
     parsed, rest = option_replies(out)
@@ -160,7 +162,8 @@ def test_info_then_go_describe_the_export_alike(bytewise: bool) -> None:
     go = [(r.rtype, r.data) for r in option_replies(out)[0]]
     assert [(r, d) for _, r, d in info] == go
     items = {d[:2]: d for r, d in go if r == Rep.INFO}
-    assert items[c.U16.pack(c.InfoType.EXPORT)] == c.INFO_EXPORT.pack(0, SIZE, FLAGS & ~TxFlag.SEND_DF)
+    without_df = FLAGS & ~TxFlag.SEND_DF
+    assert items[c.U16.pack(c.InfoType.EXPORT)] == c.INFO_EXPORT.pack(0, SIZE, without_df)
     assert items[c.U16.pack(c.InfoType.NAME)][2:] == b"disk"  # "" is the default, named
     assert items[c.U16.pack(c.InfoType.DESCRIPTION)][2:] == b"the disk"
     assert items[c.U16.pack(c.InfoType.BLOCK_SIZE)] == c.INFO_BLOCK_SIZE.pack(3, 1, 4096, MAX)

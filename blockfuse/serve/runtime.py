@@ -69,6 +69,7 @@ async def running(
     """Serve ``exports`` on ``listening`` (and answer on ``control``, one listener) for
     the body; the server is stopped when the body ends, and the socket files removed."""
     server = NBDServer(ServeBackend(exports), listing=listing, limits=limits)
+    failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listening.listeners)
@@ -79,6 +80,8 @@ async def running(
             serving = Serving(server, answers, grace)
             try:
                 yield serving
+            except Exception as exc:  # leaves the block as itself, not in an exception group
+                failure = exc
             finally:
                 with trio.CancelScope(shield=True):
                     await serving.stop()
@@ -86,6 +89,8 @@ async def running(
         listening.remove_files()
         if control is not None:
             control.remove_files()
+    if failure is not None:
+        raise failure
 
 
 def server_facts(server: NBDServer, listening: Listening) -> Callable[[], dict[str, object]]:

@@ -202,6 +202,7 @@ class Connection:
             with self._scope:
                 await self._serve()
         finally:
+            self._release_payload()  # a WRITE whose payload never came whole
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self._stream.aclose()
             log.debug("%s: %s", self.peer, self.why)
