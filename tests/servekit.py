@@ -6,16 +6,21 @@
 
 ``run`` starts a tool with ``trio.run_process`` under a deadline, so it is killed (by
 its PID) when the test ends or fails; ``nbdsh`` runs libnbd's shell with the system
-Python it needs.  ``Gate`` and ``Gauge`` are pass-through devices that hold requests
-until a test lets them go, and count how many are in a device at once.
+Python it needs.  ``served`` runs ``blockfuse serve`` itself as a process (stopped by
+its PID when the block ends), for the end-to-end tests.  ``Gate`` and ``Gauge`` are
+pass-through devices that hold requests until a test lets them go, and count how many
+are in a device at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from blockfuse.transport.connect import connect_nbd
 from blockfuse.transport.connection import Limits
 
 from .conftest import require_tool
+from .nbdpeers import _die_with_parent as die_with_parent
 
 SIZE = 4 << 20
 TOOL_TIMEOUT = 120
@@ -168,3 +174,65 @@ class Gauge(PassThrough):
             await self._inner.read(sector, buffers)
         finally:
             self.inside -= 1
+
+
+# --- `blockfuse serve` as a process ---------------------------------------------------------
+
+READY = "Stop with Ctrl-C or SIGTERM"
+"""The last line of the banner ``blockfuse serve`` prints once it listens."""
+
+
+class ServeProcess:
+    """A ``blockfuse serve`` process; ``stop`` ends it by its PID."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@contextmanager
+def served(directory: Path, *args: str, ready: bool = True) -> Iterator[ServeProcess]:
+    """``blockfuse serve ARGS`` running for the body of the block (cwd ``directory``)."""
+    log = directory / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blockfuse.cli", "serve", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    p = ServeProcess(proc, log)
+    try:
+        deadline = time.monotonic() + 30
+        while ready and READY not in p.output():
+            assert proc.poll() is None, f"blockfuse serve exited:\n{p.output()}"
+            assert time.monotonic() < deadline, f"blockfuse serve did not start:\n{p.output()}"
+            time.sleep(0.02)
+        yield p
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def blockfuse(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``blockfuse ARGS`` to its end (two minutes at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "blockfuse.cli", *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd, check=False,
+    )  # fmt: skip
