@@ -220,3 +220,21 @@ def test_usage_errors_are_one_line(short_tmp: Path) -> None:
     refused = blockfuse("serve", "-d", "disk=mem(1M)", "--socket", "stale.sock", cwd=short_tmp)
     assert refused.returncode == 1 and "exists and is not a socket" in refused.stderr
     assert READY  # the banner's last line is what `served` waits for
+
+
+def test_status_json_has_the_same_facts_for_a_mount_and_a_server(short_tmp: Path) -> None:
+    devices = ["mem=mem(4M)", "img=sparse(s.img, size=8M)"]
+    args = [arg for d in devices for arg in ("-d", d)]
+    with served(short_tmp, *args, "--socket", "x.sock", "--read-only") as server:
+        from_server = status(short_tmp / "x.ctl")
+        ro = subprocess.run(["nbdinfo", "--is", "read-only",
+                             f"nbd+unix:///img?socket={short_tmp}/x.sock"], timeout=60)  # fmt: skip
+        assert ro.returncode == 0
+        assert server.stop() == 0
+    with mounted(short_tmp / "mnt", devices, ["--read-only"], cwd=short_tmp) as m:
+        from_mount = status(short_tmp / "mnt")
+        assert m.stop() == 0
+    assert (from_server["source"], from_mount["source"]) == ("server", "mount")
+    by_name = sorted(from_server["devices"], key=lambda d: d["name"])  # type: ignore[arg-type, index]
+    assert from_mount["devices"] == by_name
+    assert by_name[0]["read_only"] is True and by_name[0]["allocated"] == 0  # type: ignore[index]

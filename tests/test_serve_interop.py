@@ -223,29 +223,40 @@ print("ok")
         assert image.read_bytes()[1000:1005] == b"axyza"
 
 
-async def test_requests_past_the_end_and_to_a_read_only_export_are_refused(
+async def test_requests_past_the_end_over_the_maximum_and_to_a_read_only_export(
     short_tmp: Path,
 ) -> None:
-    exports = [export_of(MemoryDevice(MiB)), export_of(ReadOnlyDevice(MemoryDevice(MiB)), "ro")]
-    async with serving(exports, short_tmp) as s:
-        script = """
-import errno
+    exports = [
+        export_of(MemoryDevice(MiB)),
+        export_of(ReadOnlyDevice(MemoryDevice(MiB)), "ro"),
+        export_of(MemoryDevice(64 * MiB), "big"),
+    ]
+    helper = """
 def code(call, *args):
     try:
         call(*args)
     except nbd.Error as e:
         return e.errno  # libnbd gives the errno's name
     return "ok"
+"""
+    edges = """
 print(code(h.pread, 512, (1 << 20) - 100), code(h.pwrite, b"x" * 512, (1 << 20) - 100),
       code(h.zero, 4096, 1 << 20), code(h.pread, 512, 1 << 20))
 """
-        for uri, expected in [
-            (s.uri(), "EINVAL ENOSPC ENOSPC EINVAL"),
-            (s.uri("ro"), "EINVAL EPERM EPERM EINVAL"),
+    too_big = """
+print(code(h.pread, (32 << 20) + 4096, 0), code(h.pwrite, bytes((32 << 20) + 4096), 0),
+      code(h.pread, 4096, 0))
+"""
+    async with serving(exports, short_tmp) as s:
+        for export, script, expected in [
+            ("disk", edges, "EINVAL ENOSPC ENOSPC EINVAL"),
+            ("ro", edges, "EINVAL EPERM EPERM EINVAL"),
+            ("big", too_big, "EINVAL EINVAL ok"),  # refused after the payload: in sync
         ]:
+            uri = s.uri(export)
             out = await run("nbdsh", "-c", "h.set_strict_mode(0)", "-c", f"h.connect_uri({uri!r})",
-                            "-c", script, system_python=True)  # fmt: skip
-            assert out.stdout.decode().split() == expected.split(), uri
+                            "-c", helper, "-c", script, system_python=True)  # fmt: skip
+            assert out.stdout.decode().split() == expected.split(), export
 
 
 async def test_fast_zero_is_refused_where_zeroing_is_not_fast(short_tmp: Path) -> None:
