@@ -31,7 +31,7 @@ from blockfuse.serve.exports import Export, ServeBackend
 from blockfuse.testing import FaultyDevice, check_block_device
 from blockfuse.testing.faults import Fault
 from blockfuse.testing.simulated import SimDisk
-from blockfuse.transport.connection import Limits
+from blockfuse.transport.connection import Limits, MessageWriter
 from blockfuse.transport.server import NBDServer
 
 from .hostile_client import RawClient, info_data, meta_data, option, request
@@ -281,6 +281,83 @@ async def test_replies_leave_as_requests_complete(nursery: trio.Nursery, short_t
             assert 0 not in done  # the held one did not hold the others back
             gate.release.set()
         assert done[-1] == 0
+        await client.aclose()
+
+
+async def test_the_writer_writes_each_message_whole_whoever_waits() -> None:
+    """Many tasks hand over messages while a slow reader takes a little at a time: each
+    message arrives whole, never cut by another."""
+    sending, receiving = trio.testing.lockstep_stream_pair()
+    writer = MessageWriter(sending, None, "test", timeout=30)
+    messages = [bytes([i]) * (3000 + 7 * i) for i in range(60)]
+    got = bytearray()
+
+    async def read_slowly() -> None:
+        while len(got) < sum(map(len, messages)):
+            got.extend(await receiving.receive_some(997))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_slowly)
+        for message in messages:
+            nursery.start_soon(writer.write, [message[:1000], message[1000:]])
+            await trio.lowlevel.checkpoint()
+    at = 0
+    while at < len(got):
+        size = 3000 + 7 * got[at]
+        assert got[at : at + size] == bytes([got[at]]) * size, f"message cut at {at}"
+        at += size
+
+
+async def test_the_writer_hands_over_to_its_waiter_not_to_a_newcomer() -> None:
+    """A writer that finishes passes the stream to the task waiting for it; a task that
+    asks just then, before the waiter ran, waits too (it once wrote at the same time).
+    The two become ready in one batch, run in either order: 20 tries."""
+    for _ in range(20):
+        assert await hand_over_once() == b"A" * 5000 + b"B" * 5000 + b"C" * 5000
+
+
+async def hand_over_once() -> bytes:
+    sending, receiving = trio.testing.lockstep_stream_pair()
+    writer = MessageWriter(sending, None, "test", timeout=30)
+    newcomer_may_ask = trio.Event()
+    got = bytearray()
+
+    async def read() -> None:
+        got.extend(await receiving.receive_some(1 << 20))  # all of the first message
+        newcomer_may_ask.set()  # ready in the same batch as the waiter
+        while len(got) < 3 * 5000:
+            got.extend(await receiving.receive_some(1 << 20))
+
+    async def newcomer() -> None:
+        await newcomer_may_ask.wait()
+        await writer.write([b"C" * 2500, b"C" * 2500])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.write, [b"A" * 5000])
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(writer.write, [b"B" * 2500, b"B" * 2500])
+        nursery.start_soon(newcomer)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read)
+    return bytes(got)
+
+
+async def test_big_replies_in_flight_together_are_never_interleaved(
+    nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    """Replies larger than the socket takes at once are written in pieces; another reply
+    ready meanwhile must wait for the whole of the one under way."""
+    device = MemoryDevice(32 * MiB)
+    for i in range(32):
+        await device.write(i * 2048, [bytes([i]) * MiB])
+    async with serving([export_of(device)], short_tmp) as s:
+        client = await s.client(nursery)
+        bufs = [memoryview(bytearray(MiB)) for _ in range(32)]
+        for _ in range(3):
+            async with trio.open_nursery() as readers:
+                for i, buf in enumerate(bufs):
+                    readers.start_soon(client.pread, buf, i * MiB)
+            assert all(bytes(buf) == bytes([i]) * MiB for i, buf in enumerate(bufs))
         await client.aclose()
 
 

@@ -49,7 +49,10 @@ ALLOCATION_ID = 1
 """The id this server gives ``base:allocation`` (opaque to the client; qemu-nbd uses 0,
 nbdkit 1)."""
 
-PAYLOAD_COMMANDS = (Cmd.READ, Cmd.WRITE)
+PAYLOAD_COMMANDS = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
+GROWING = frozenset({int(Cmd.WRITE), int(Cmd.WRITE_ZEROES)})
+"""Past the end, these are ENOSPC (a write that cannot fit), the rest EINVAL."""
+FLUSH = int(Cmd.FLUSH)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ def refusal(
     t: Transmission, cmd: int, flags: int, offset: int, length: int
 ) -> tuple[int, str] | None:
     """``(errno, message)`` if the server must refuse this request itself, else ``None``."""
+    return command_refusal(t, cmd, flags) or range_refusal(t, cmd, offset, length)
+
+
+def command_refusal(t: Transmission, cmd: int, flags: int) -> tuple[int, str] | None:
+    """The part of ``refusal`` that depends on the command and its flags only (the same
+    answer for every request with them: a caller may remember it)."""
     if cmd not in Cmd._value2member_map_ or cmd == Cmd.DISC:
         return Errno.EINVAL, f"unknown command {cmd}"
     command = Cmd(cmd)
@@ -76,7 +85,7 @@ def refusal(
     offered = _not_offered(t, command, CmdFlag(flags))
     if offered is not None:
         return Errno.EINVAL, offered
-    return _range_refusal(t, command, offset, length)
+    return None
 
 
 def _not_offered(t: Transmission, cmd: Cmd, flags: CmdFlag) -> str | None:
@@ -95,23 +104,23 @@ def _not_offered(t: Transmission, cmd: Cmd, flags: CmdFlag) -> str | None:
     return None
 
 
-def _range_refusal(t: Transmission, cmd: Cmd, offset: int, length: int) -> tuple[int, str] | None:
-    if cmd is Cmd.FLUSH:
-        if offset or length:
-            return Errno.EINVAL, "FLUSH with an offset or length"
-        return None
-    size = t.export.size or 0
+def range_refusal(t: Transmission, cmd: int, offset: int, length: int) -> tuple[int, str] | None:
+    """The part of ``refusal`` about the range; plain ints, as it runs for every request."""
+    if cmd == FLUSH:
+        return (Errno.EINVAL, "FLUSH with an offset or length") if offset or length else None
+    export = t.export
     if length == 0:
-        return Errno.EINVAL, f"{cmd.name} of 0 bytes"
-    if offset + length > size:
-        error = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
-        return error, f"{cmd.name} of {length} bytes at {offset} runs past the end ({size})"
-    limit = t.export.max_payload
-    if cmd in PAYLOAD_COMMANDS and length > limit:
-        return Errno.EINVAL, f"{cmd.name} of {length} bytes exceeds the maximum {limit}"
-    align = t.export.min_block
-    if offset % align or length % align:
-        return Errno.EINVAL, f"{cmd.name} at {offset}+{length} is not aligned to {align}"
+        return Errno.EINVAL, f"{Cmd(cmd).name} of 0 bytes"
+    if offset + length > (export.size or 0):
+        error = Errno.ENOSPC if cmd in GROWING else Errno.EINVAL
+        message = f"{Cmd(cmd).name} of {length} bytes at {offset} runs past the end"
+        return error, f"{message} ({export.size})"
+    if length > export.max_payload and cmd in PAYLOAD_COMMANDS:
+        limit = export.max_payload
+        return Errno.EINVAL, f"{Cmd(cmd).name} of {length} bytes exceeds the maximum {limit}"
+    align = export.min_block
+    if align > 1 and (offset % align or length % align):
+        return Errno.EINVAL, f"{Cmd(cmd).name} at {offset}+{length} is not aligned to {align}"
     return None
 
 

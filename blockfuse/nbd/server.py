@@ -75,7 +75,7 @@ from .events import (
     ServerReply,
 )
 from .haggling import Haggling, Knobs
-from .replies import Part, Transmission, encode, refusal
+from .replies import Part, Transmission, command_refusal, encode, range_refusal
 
 
 class ServerState(enum.Enum):
@@ -147,6 +147,8 @@ class ServerCore:
         self._incoming: Incoming | None = None
         self.in_flight = 0
         """Requests handed out (``Request``/``RequestRefused``) and not answered yet."""
+        self._usable: set[tuple[int, int]] = set()
+        """(command, flags) pairs already found usable on this connection."""
         self._steps: dict[ServerState, Callable[[], ServerEvent | NeedData | None]] = {
             S.CLIENT_FLAGS: self._client_flags,
             S.OPTION: self._option_header,
@@ -370,9 +372,15 @@ class ServerCore:
         return RequestRefused(w.cookie, w.cmd, Errno.EINVAL, message)
 
     def _hand_out(self, w: Incoming) -> Request | RequestRefused:
-        assert self.transmission is not None
+        t = self.transmission
+        assert t is not None
         self.in_flight += 1
-        refused = refusal(self.transmission, w.cmd, w.flags, w.offset, w.length)
+        refused = None
+        if (w.cmd, w.flags) not in self._usable:
+            refused = command_refusal(t, w.cmd, w.flags)
+            if refused is None:
+                self._usable.add((w.cmd, w.flags))
+        refused = refused or range_refusal(t, w.cmd, w.offset, w.length)
         if refused is not None:
             return RequestRefused(w.cookie, w.cmd, *refused)
         data = memoryview(w.data) if w.data is not None else b""

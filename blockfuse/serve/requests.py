@@ -60,6 +60,10 @@ WIRE_ERRNO = {
 """Local errno -> NBD error value (ENOTSUP only ever answers FAST_ZERO); others are EIO."""
 
 Piece = bytes | bytearray | memoryview | int
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = (
+    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.DF, CmdFlag.REQ_ONE, CmdFlag.FAST_ZERO)
+)
+"""The command flags as ints: tested on every request (an IntFlag makes a new enum)."""
 
 
 def nbd_errno(exc: BlockError) -> int:
@@ -94,14 +98,14 @@ class RequestHandler:
 
     async def _done(self, req: Request) -> Reply:
         """Success; with FUA once the device's flush says it is durable."""
-        if req.flags & CmdFlag.FUA:
+        if req.flags & FUA:
             await self._device.flush()
         return Reply(req.cookie)
 
     # --- data -----------------------------------------------------------------------------
 
     async def _read(self, req: Request) -> ReadReply:
-        if not req.flags & CmdFlag.DF and self._finds_holes_cheaply():
+        if not req.flags & DF and self._finds_holes_cheaply():
             return await self._read_pieces(req)
         return ReadReply(
             req.cookie, req.offset, (await self._read_exactly(req.offset, req.length),)
@@ -161,8 +165,8 @@ class RequestHandler:
 
     async def _write_zeroes(self, req: Request) -> Reply:
         punch = Capability.WRITE_ZEROES in self._device.capabilities
-        punch = punch and not req.flags & CmdFlag.NO_HOLE
-        if req.flags & CmdFlag.FAST_ZERO and not punch:
+        punch = punch and not req.flags & NO_HOLE
+        if req.flags & FAST_ZERO and not punch:
             return Reply(req.cookie, Errno.ENOTSUP, "this device cannot zero faster than writing")
         ss = (await self._bytes.info()).sector_size
         first, end = self._whole_sectors(req.offset, req.length, ss)
@@ -184,7 +188,7 @@ class RequestHandler:
     # --- block status ---------------------------------------------------------------------
 
     async def _block_status(self, req: Request) -> StatusReply:
-        limit = 1 if req.flags & CmdFlag.REQ_ONE else MAX_STATUS_EXTENTS
+        limit = 1 if req.flags & REQ_ONE else MAX_STATUS_EXTENTS
         runs = await self._byte_runs(req.offset, req.length, limit)
         flags = {True: 0, False: STATE_HOLE | STATE_ZERO}
         return StatusReply(req.cookie, tuple((n, flags[is_data]) for n, is_data in runs[:limit]))

@@ -87,6 +87,8 @@ class NBDServer:
         self._connections.add(conn)
         try:
             await conn.run()
+        except Exception:  # a bug of ours: it costs this connection, not every other one
+            log.exception("NBD connection of %s failed unexpectedly and was closed", conn.peer)
         finally:
             self._connections.discard(conn)
             if self.shutting_down and not self._connections:
