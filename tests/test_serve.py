@@ -31,8 +31,9 @@ from blockfuse.serve.exports import Export, ServeBackend
 from blockfuse.testing import FaultyDevice, check_block_device
 from blockfuse.testing.faults import Fault
 from blockfuse.testing.simulated import SimDisk
-from blockfuse.transport.connection import Limits, MessageWriter
+from blockfuse.transport.connection import Limits
 from blockfuse.transport.server import NBDServer
+from blockfuse.transport.writer import MessageWriter
 
 from .hostile_client import RawClient, info_data, meta_data, option, request
 from .servekit import SIZE, Gate, Gauge, export_of, mem_export, serving, wait_until

@@ -10,10 +10,9 @@ Invariants:
   sends faster than its requests are answered is held back by TCP: the connection holds
   at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
 - Each request runs in a task of the connection's nursery and sends its reply when it
-  is done, so replies leave in the order requests complete.  One message is written at
-  a time, in the order they were handed over, and each is written whole, shielded from
-  cancellation (``MessageWriter``): never cut, never interleaved.  A client that takes
-  nothing we send for ``Limits.send_timeout`` seconds is dropped instead.
+  is done, so replies leave in the order requests complete.  Messages are written whole
+  and in the order they were handed over, never cut or interleaved (``writer.py``); a
+  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped.
 - The handshake must end within ``Limits.handshake_timeout`` seconds.
 - How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
   it closes.  A protocol violation, the client closing, a stall or a broken stream end
@@ -30,7 +29,6 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,7 +52,8 @@ from ..nbd.events import (
 from ..nbd.server import ServerCore
 from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
-from .sender import STREAM_ERRORS, Part, write_without_blocking
+from .sender import STREAM_ERRORS
+from .writer import MessageWriter
 
 log = logging.getLogger(__name__)
 
@@ -107,86 +106,6 @@ class Limits:
     server_bytes: int = 256 << 20
     """Payload bytes in flight, per connection and in the whole server."""
     connections: int = 256
-
-
-class MessageWriter:
-    """Writes whole messages to one stream, in the order they were handed over.
-
-    One task at a time owns the stream and writes every message queued meanwhile, in one
-    ``writev`` where the socket takes them at once: the replies of requests that finish
-    together leave together, and the client is woken once for them.  A message handed
-    over while another task owns the stream is only queued (no wait); ``on_written``
-    tells each caller when its bytes have left (the request's reservation is given back
-    then: the queue is bounded by the budgets)."""
-
-    def __init__(self, stream: trio.abc.Stream, fd: int | None, peer: str, timeout: float) -> None:
-        self._stream = stream
-        self._fd = fd
-        self._peer = peer
-        self._timeout = timeout
-        self._busy = False
-        self._queue: list[tuple[Sequence[Part], Callable[[], None]]] = []
-        self._broken: BlockError | None = None
-
-    async def write(
-        self, parts: Sequence[Part], on_written: Callable[[], None] = lambda: None, *,
-        batch: bool = False,
-    ) -> None:  # fmt: skip
-        """Queue ``parts`` as one message, and write the queue unless another task is at
-        it; with ``batch`` the other ready tasks first get to queue theirs.  Raises
-        ``ConnectionLost`` (``Stalled``: the client took nothing for the timeout) when
-        the stream fails under this task.  A message begun is finished even if the
-        caller is cancelled; ``on_written`` is called once, written or not."""
-        if self._broken is not None:
-            on_written()
-            raise self._broken
-        self._queue.append((parts, on_written))
-        if self._busy:
-            return
-        self._busy = True
-        try:
-            if batch:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            while self._queue:
-                await self._write_queued()
-        finally:
-            self._busy = False
-
-    async def _write_queued(self) -> None:
-        messages, self._queue = self._queue, []
-        try:
-            rest = self._write_now([part for parts, _ in messages for part in parts])
-            if rest:
-                with trio.CancelScope(shield=True):
-                    await self._write(rest)
-        except BlockError as exc:
-            self._broken = exc
-            for _, done in self._queue:  # nobody will write them now
-                done()
-            self._queue.clear()
-            raise
-        finally:
-            for _, done in messages:
-                done()
-
-    def _write_now(self, parts: list[Part]) -> list[Part]:
-        """What the socket takes at once (no await: the common case); what is left."""
-        if self._fd is None:
-            return parts
-        try:
-            return write_without_blocking(self._fd, parts)
-        except OSError as exc:
-            raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
-
-    async def _write(self, parts: list[Part]) -> None:
-        try:
-            for part in parts:
-                with trio.move_on_after(self._timeout) as scope:
-                    await self._stream.send_all(part)
-                if scope.cancelled_caught:
-                    raise Stalled(f"{self._peer} took nothing we sent for {self._timeout:g} s")
-        except STREAM_ERRORS as exc:
-            raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
 
 
 class Connection:
