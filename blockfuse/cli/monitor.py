@@ -299,7 +299,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pivot_.add_argument("name", nargs="?", metavar="NAME")
 
 
-def is_socket(path: str) -> bool:
+def is_control_socket(path: str) -> bool:
+    """Whether ``path`` is a socket (a server's control socket).  The mount table first:
+    a path on a blockfuse mount is never stat'ed here (a stopped one never answers)."""
+    if is_ours(path) or is_ours(os.path.dirname(os.path.abspath(path))):
+        return False
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
@@ -308,7 +312,7 @@ def is_socket(path: str) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        if is_socket(args.target):
+        if is_control_socket(args.target):
             report = server_report(args.target)
         else:
             check_live_mount(args.target)
@@ -325,7 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pivot(args: argparse.Namespace) -> int:
-    if is_socket(args.target):
+    if is_control_socket(args.target):
         try:
             name, state = pivot_served(args.target, args.name)
         except (MonitorError, ControlError) as exc:
