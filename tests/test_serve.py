@@ -381,7 +381,7 @@ async def test_requests_and_bytes_in_flight_are_bounded(
             for i in range(16):
                 readers.start_soon(client.pread, memoryview(bytearray(size)), i * size)
             await wait_until(lambda: gauge.inside == most)
-            await trio.sleep(0.2)  # time for more to get in, if they could
+            await trio.testing.wait_all_tasks_blocked(0.05)  # more would be in by now
             assert gauge.most == most
             gauge.release.set()
         await client.aclose()

@@ -149,7 +149,7 @@ async def test_a_flood_of_writes_is_held_back_by_the_bounds(short_tmp: Path) -> 
             for n, raw in enumerate(floods):
                 nursery.start_soon(flood, raw, n * 16 * MiB)
             await gate.entered.wait()
-            await trio.sleep(0.5)  # the floods fill whatever they may
+            await trio.testing.wait_all_tasks_blocked(0.05)  # the floods filled what they may
             held = server._budget.held  # type: ignore[attr-defined]
             assert 0 < held <= limits.server_bytes + MiB
             nursery.cancel_scope.cancel()

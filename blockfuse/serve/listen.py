@@ -84,7 +84,7 @@ def parse_address(text: str) -> Address:
     if not sep:
         host, port = "", text
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
         raise ValueError(f"{text!r} is not HOST:PORT, :PORT or a socket path (with a /)")
     return Address(host=host or DEFAULT_HOST, port=int(port))
 
