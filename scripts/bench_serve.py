@@ -137,7 +137,8 @@ def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, jobs: int = 1) -
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
             f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", "--time_based",
             f"--runtime={seconds}", "--group_reporting", "--output-format=json"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True,
+                         cwd=tempfile.gettempdir())  # fmt: skip
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
     return {"read": job["read"]["iops"], "write": job["write"]["iops"]}
 

@@ -191,8 +191,9 @@ def test_fio_verifies_at_depth_16_on_four_connections(short_tmp: Path) -> None:
         out = subprocess.run(
             ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
              "--bs=4k", "--iodepth=16", "--numjobs=4", "--size=16M", "--offset_increment=16M",
-             "--verify=crc32c", "--verify_fatal=1", "--group_reporting", "--output-format=json"],
-            capture_output=True, text=True, timeout=240,
+             "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
+             "--group_reporting", "--output-format=json"],
+            capture_output=True, text=True, timeout=240, cwd=short_tmp,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr
         report = json.loads(out.stdout[out.stdout.index("{") :])  # after "connected" lines
