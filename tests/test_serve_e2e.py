@@ -69,11 +69,16 @@ def test_serve_lists_reports_and_stops_at_sigterm_after_the_requests_in_flight(
              "print(len(h.pread(4096, 0)))"],
             stdout=subprocess.PIPE, env=env,
         )  # fmt: skip
-        time.sleep(1)  # the read is in flight: nbdkit answers it after 3 s
-        started = time.monotonic()
-        assert server.stop(signal.SIGTERM) == 0, server.output()
-        assert reader.communicate(timeout=30)[0].strip() == b"4096"  # answered, not cut
-        assert time.monotonic() - started < 10
+        try:
+            time.sleep(1)  # the read is in flight: nbdkit answers it after 3 s
+            started = time.monotonic()
+            assert server.stop(signal.SIGTERM) == 0, server.output()
+            assert reader.communicate(timeout=30)[0].strip() == b"4096"  # answered, not cut
+            assert time.monotonic() - started < 10
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
         assert not sock.exists() and not control.exists()
         assert "stopped serving" in server.output()
 
