@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from .block import BlockDevice, Buffer, Capability, Info
@@ -176,6 +177,11 @@ class DeviceBytes:
         buf = bytearray((await self.device.get_info()).sector_size)
         await self.device.read(sector, [buf])
         return buf
+
+    def holding(self, first: int, end: int) -> AbstractAsyncContextManager[None]:
+        """Sectors ``[first, end)`` held against every write through this object, for a
+        front end that changes them with a device call of its own (``write_zeroes``)."""
+        return self._writes.hold(first, end)
 
     async def flush(self) -> None:
         await self.device.flush()

@@ -1,4 +1,4 @@
-"""An in-process NBD server for transport tests: the sans-io server core over a trio stream.
+"""An in-process NBD server for transport tests: the real server core over a trio stream.
 
 It answers each batch of requests in reverse order (so replies come out of order), can
 fail reads with an errno, and can drop the connection after a number of requests.
@@ -12,12 +12,12 @@ import trio
 import trio.testing
 
 from blockfuse.nbd.constants import Cmd, TxFlag
-from blockfuse.nbd.events import ClientGone, ExportInfo, Request
+from blockfuse.nbd.events import ClientGone, ExportInfo, Reply, Request
 from blockfuse.nbd.server import ServerCore
 from blockfuse.transport.client import NBDClient
 from blockfuse.transport.connect import wrap_nbd_stream
 
-from .nbdpair import FULL_FLAGS, drain
+from .nbdpair import FULL_FLAGS, answer, drain
 
 
 class FakeServer:
@@ -38,55 +38,39 @@ class FakeServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
-        core = ServerCore({"disk": self.export}, structured=self.structured)
+        core = ServerCore([self.export], structured=self.structured)
         async with stream:
             await stream.send_all(core.data_to_send())
             while data := await stream.receive_some(1 << 16):
                 core.receive_data(data)
                 events = drain(core)
+                out = core.data_to_send()
                 for event in reversed(events):
-                    if isinstance(event, Request) and not self.answer(core, event):
+                    if not isinstance(event, Request):
+                        continue
+                    reply = self.answer(core, event)
+                    if reply is None:
                         return
-                await stream.send_all(core.data_to_send())
+                    out += reply
+                await stream.send_all(out)
                 if any(isinstance(e, ClientGone) for e in events):
                     self.disconnects += 1
                     self.disconnected.set()
                     return
 
-    def answer(self, core: ServerCore, req: Request) -> bool:
+    def answer(self, core: ServerCore, req: Request) -> bytes | None:
+        """The bytes answering ``req``, or ``None`` to drop the connection instead."""
         self.requests += 1
         self.largest_request = max(self.largest_request, req.length)
         if self.drop_after is not None and self.requests > self.drop_after:
             self.drop_after = None
-            return False
+            return None
         if req.cmd == Cmd.READ and self.read_errno:
-            core.reply_error(req.cookie, self.read_errno, "injected")
+            error = self.read_errno
             if self.read_errno == errno.ESHUTDOWN:
                 self.read_errno = 0
-        elif req.cmd == Cmd.READ:
-            core.reply_read(req.cookie, req.offset, bytes(self.disk[req.offset : req.end]))
-        elif req.cmd == Cmd.WRITE:
-            self.disk[req.offset : req.end] = req.data
-            core.reply(req.cookie)
-        elif req.cmd in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            self.disk[req.offset : req.end] = bytes(req.length)
-            core.reply(req.cookie)
-        elif req.cmd == Cmd.BLOCK_STATUS:
-            core.reply_block_status(req.cookie, self.extents(req.offset, req.length))
-        else:
-            core.reply(req.cookie)
-        return True
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for start in range(offset, offset + length, 4096):
-            block = self.disk[start : start + 4096]
-            flags = 3 if block.count(0) == len(block) else 0
-            if out and out[-1][1] == flags:
-                out[-1] = (out[-1][0] + len(block), flags)
-            else:
-                out.append((len(block), flags))
-        return out
+            return b"".join(core.send(Reply(req.cookie, error, "injected")))
+        return answer(core, self.disk, req)
 
     async def connect(self, nursery: trio.Nursery) -> NBDClient:
         """A new client connection over an in-memory stream pair."""

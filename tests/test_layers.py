@@ -11,18 +11,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 LAYERS = [
     ["errors"],
     ["block"],
-    ["units", "buffers", "extents", "rangelock", "opening"],
+    ["units", "buffers", "extents", "rangelock", "opening", "lifecycle"],
     ["sectors"],
     ["nbd"],
     ["transport"],
     ["devices"],
     ["swap"],
     ["spec"],
-    ["fuse"],
+    ["fuse", "serve"],
     ["cli"],
     ["testing"],
 ]
 """In order: a layer may use the layers above it in this list, never those below."""
+
+APART = [("fuse", "serve")]
+"""Packages of one layer that must not use each other: the front ends."""
 
 
 def module_name(path: Path) -> str:
@@ -71,6 +74,21 @@ def test_every_module_uses_only_layers_before_its_own() -> None:
         if m != "blockfuse"
         for n in deps
         if n != "blockfuse" and layer_of(n) > layer_of(m)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def top(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def test_the_front_ends_do_not_use_each_other() -> None:
+    wrong = [
+        f"{m} imports {n}"
+        for m, deps in graph().items()
+        for n in deps
+        for a, b in APART
+        if {top(m), top(n)} == {a, b}
     ]
     assert not wrong, "\n".join(wrong)
 

@@ -176,9 +176,9 @@ async def handshake_on(stream: trio.testing.MemoryStapledStream, fake: FakeServe
     """The server's half of the handshake, by the server core; then raw bytes follow."""
     from blockfuse.nbd.server import ServerCore
 
-    core = ServerCore({"disk": fake.export})
+    core = ServerCore([fake.export])
     await stream.send_all(core.data_to_send())
-    while core.state.name != "TRANSMISSION":
+    while not core.transmitting:
         core.receive_data(await stream.receive_some(1 << 16))
         drain(core)
         await stream.send_all(core.data_to_send())

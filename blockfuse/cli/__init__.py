@@ -1,7 +1,9 @@
 """The ``blockfuse`` command: one module per subcommand, each with its own parser.
 
-``mount.py`` (mount), ``umount.py`` (umount and its wait), ``monitor.py`` (status, pivot,
-the progress bar), ``ls.py`` (an NBD server's exports); ``common.py`` what they share.
+``mount.py`` (mount), ``serve.py`` (serve: devices over NBD), ``umount.py`` (umount and
+its wait), ``monitor.py`` (status, pivot, the progress bar, of a mount or a server),
+``ls.py`` (an NBD server's exports); ``devices.py`` opens the devices of mount and serve;
+``common.py`` is what they all share.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..spec import SpecError
-from . import ls, monitor, mount, umount
+from . import ls, monitor, mount, serve, umount
 from .common import EXIT_USAGE, CommandError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mount": mount.cmd_mount,
+    "serve": serve.cmd_serve,
     "umount": umount.cmd_umount,
     "ls": ls.cmd_ls,
     "status": monitor.cmd_status,
@@ -28,12 +31,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="blockfuse",
-        description="Compose block devices and show each as a flat file in a FUSE mount.",
+        description=(
+            "Compose block devices and show each as a flat file in a FUSE mount, or "
+            "export it over NBD."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     parser.add_argument("--version", action="version", version=f"blockfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mount.add_parser(sub)
+    serve.add_parser(sub)
     umount.add_parser(sub)
     ls.add_parser(sub)
     monitor.add_parsers(sub)

@@ -8,29 +8,37 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 
 import trio
 
 from ..block import BlockDevice
-from ..devices.readonly import ReadOnlyDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
 from ..fuse.flatfile import FlatFile
 from ..fuse.mount import serve
 from ..fuse.mountpoint import MountError, Prepare, check_mountpoint, prepare_mountpoint
 from ..fuse.scratch import ScratchDir, open_scratch_dir
+from ..lifecycle import Alongside
 from ..opening import OpenContext, background_tasks, open_all, remove_created
-from ..spec import Recipe, SpecError, compile_spec, split_named
+from ..serve.exports import Export
+from ..serve.listen import Listening
+from ..serve.runtime import running
+from ..spec import Recipe, SpecError
 from ..swap import DEFAULT_UNIT
 from ..units import format_size
 from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
+from .devices import (
+    DEFAULT_IMAGE,
+    DEFAULT_NAME,
+    compile_devices,
+    default_device,
+    open_devices,
+    open_recipe,
+)
 from .monitor import progress_bar
-
-DEFAULT_NAME = "disk"
-DEFAULT_IMAGE = "blockfuse-disk.img"
-DEFAULT_SIZE = 1 << 30
+from .serve import address_option, listen_or_fail, nbd_banner, warn_without_tls
 
 log = logging.getLogger("blockfuse")
 
@@ -90,35 +98,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="do not wrap devices in safe(...) (skips the per-request contract checks)",
     )
-
-
-def default_device() -> str:
-    """The built-in default: a sparse 1 GiB image in the current directory, created (by
-    the sparse device, when it opens) if missing; an existing one keeps its length (it
-    may have been resized with ``truncate -s``)."""
-    if os.path.exists(DEFAULT_IMAGE):
-        return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE})"
-    log.warning("creating %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
-    return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
-
-
-def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:
-    """Check every NAME=SPEC of ``option`` before anything is opened or created."""
-    named = [split_named(text, option) for text in specs]
-    names = [name for name, _ in named]
-    for name in names:
-        if names.count(name) > 1:
-            raise SpecError(f"two devices are named {name!r}; each name must be unique")
-    return [(name, compile_spec(spec)) for name, spec in named]
-
-
-async def open_recipe(name: str, recipe: Recipe, ctx: OpenContext) -> BlockDevice:
-    try:
-        return await recipe.open(ctx)
-    except (OSError, ValueError, BlockError) as exc:
-        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-        raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
+    mount.add_argument(
+        "--serve",
+        action="append",
+        default=[],
+        type=address_option,
+        metavar="ADDR",
+        help=(
+            "also export every device over NBD at ADDR: a socket path (with a /), "
+            "HOST:PORT or :PORT (127.0.0.1) (repeatable); the same device objects, so "
+            "NBD and the flat files see each other's writes at once"
+        ),
+    )
 
 
 async def open_files(
@@ -130,16 +121,8 @@ async def open_files(
     read_only: bool = False,
 ) -> list[FlatFile]:
     """Open every device as a flat file; each is closed by ``undo`` if a later step fails."""
-    files: list[FlatFile] = []
-    for name, recipe in recipes:
-        device: BlockDevice = await open_recipe(name, recipe, ctx)
-        undo.push_async_callback(device.aclose)
-        if not (unsafe or recipe.text.startswith("safe(")):
-            device = SafeDevice(device)
-        if read_only:
-            device = ReadOnlyDevice(device)
-        files.append(FlatFile(name, device, kind=recipe.kind, spec=recipe.text))
-    return files
+    opened = await open_devices(recipes, ctx, undo, unsafe=unsafe, read_only=read_only)
+    return [FlatFile(o.name, o.device, kind=o.recipe.kind, spec=o.recipe.text) for o in opened]
 
 
 async def open_scratch(
@@ -174,7 +157,10 @@ def serving(devices: int, scratch_dirs: int) -> str:
 
 
 async def describe(
-    mountpoint: str, files: Sequence[FlatFile], scratch: Sequence[ScratchDir] = ()
+    mountpoint: str,
+    files: Sequence[FlatFile],
+    scratch: Sequence[ScratchDir] = (),
+    listening: Listening | None = None,
 ) -> str:
     lines = [f"blockfuse: serving {serving(len(files), len(scratch))} under {mountpoint}:"]
     for f in files:
@@ -189,6 +175,8 @@ async def describe(
             f"  {os.path.join(mountpoint, d.name)}/  scratch, {format_size(d.swap.capacity_bytes)}"
             f"  {d.kind} {d.spec}  (everything in it is gone after unmount)"
         )
+    if listening is not None:
+        lines += nbd_banner([f.name for f in files], listening)
     lines.append(f"Stop with Ctrl-C or: blockfuse umount {shlex.quote(mountpoint)}")
     return "\n".join(lines)
 
@@ -197,6 +185,20 @@ async def run_mount(
     args: argparse.Namespace,
     recipes: list[tuple[str, Recipe]],
     scratch_recipes: Sequence[tuple[str, Recipe]] = (),
+) -> int:
+    listening = await listen_or_fail(args.serve) if args.serve else None
+    try:
+        return await _run_mount(args, recipes, scratch_recipes, listening)
+    finally:
+        if listening is not None:
+            await listening.aclose()
+
+
+async def _run_mount(
+    args: argparse.Namespace,
+    recipes: list[tuple[str, Recipe]],
+    scratch_recipes: Sequence[tuple[str, Recipe]],
+    listening: Listening | None,
 ) -> int:
     async with background_tasks() as nursery:  # devices' own tasks (NBD readers) live here
         async with open_all(nursery) as ctx, AsyncExitStack() as undo:
@@ -213,7 +215,7 @@ async def run_mount(
                 raise CommandError(str(exc)) from exc
             undo.pop_all()
         try:
-            return await mount_files(args, files, scratch)
+            return await mount_files(args, files, scratch, listening)
         except MountError as exc:  # the devices are closed: undo what opening them made
             remove_created(ctx.created)
             if args.prepare is Prepare.CREATE:
@@ -222,11 +224,29 @@ async def run_mount(
             raise CommandError(str(exc)) from exc
 
 
+@contextlib.asynccontextmanager
+async def serving_beside(
+    files: Sequence[FlatFile], listening: Listening | None
+) -> AsyncIterator[Alongside | None]:
+    """The NBD server on the mount's own flat files (``--serve``), or ``None``."""
+    if listening is None:
+        yield None
+        return
+    exports = [Export(f.name, f, f.kind, f.spec) for f in files]
+    async with running(exports, listening) as serving:
+        yield serving
+
+
 async def mount_files(
-    args: argparse.Namespace, files: list[FlatFile], scratch: Sequence[ScratchDir]
+    args: argparse.Namespace,
+    files: list[FlatFile],
+    scratch: Sequence[ScratchDir],
+    listening: Listening | None = None,
 ) -> int:
-    banner = await describe(args.mountpoint, files, scratch)
-    async with progress_bar(files, sys.stderr):
+    banner = await describe(args.mountpoint, files, scratch, listening)
+    if listening is not None:
+        warn_without_tls(listening)
+    async with progress_bar(files, sys.stderr), serving_beside(files, listening) as alongside:
         problems = await serve(
             args.mountpoint,
             files,
@@ -234,6 +254,7 @@ async def mount_files(
             allow_other=args.allow_other,
             on_ready=lambda: print(banner, file=sys.stderr, flush=True),
             scratch=scratch,
+            alongside=alongside,
         )
     for problem in problems:
         print(f"blockfuse: {problem}", file=sys.stderr)

@@ -25,6 +25,7 @@ class PassThrough(BlockDevice):
     def __init__(self, inner: BlockDevice) -> None:
         self._inner = inner
         self.capabilities = inner.capabilities
+        self.cheap_extents = inner.cheap_extents
 
     @property
     def inner(self) -> BlockDevice:

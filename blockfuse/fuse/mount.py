@@ -3,27 +3,26 @@
 pyfuse3 holds one session per process.  ``serve`` mounts, runs the request loop until a
 signal (SIGINT/SIGTERM/SIGHUP) or an outside ``umount``, then unmounts, flushes every
 device and closes it.  Nothing that happens in between may leave the mount behind, and
-signals are watched until the very end (``Shutdown``).  The mountpoint's own checks are
-``mountpoint.py``.
+signals are watched until the very end (``MountShutdown``, on ``lifecycle.Shutdown``,
+which the NBD server shares).  The mountpoint's own checks are ``mountpoint.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 import pyfuse3
 import trio
 
 from ..block import FlushCursor
-from ..errors import BlockError
+from ..lifecycle import Alongside, Shutdown, flush_and_close, watch_signals
 from . import fastloop
 from .flatfile import FlatFile
 from .malloc import keep_request_buffers
@@ -58,75 +57,28 @@ def mount_options(*, read_only: bool, allow_other: bool) -> set[str]:
 
 
 async def close_files(files: Sequence[FlatFile], cursors: Sequence[FlushCursor]) -> list[str]:
-    """Flush every device through the mount's own cursor (so that an error any open file
-    was told of during the mount is reported here too), then close it; the problems
-    found, one line each."""
-    problems = []
-    for f, cursor in zip(files, cursors, strict=True):
-        try:
-            await cursor.flush()
-        except BlockError as exc:
-            problems.append(f"flushing {f.name} failed: {exc}")
-        await f.device.aclose()
-    return problems
+    """Flush every device through the mount's own cursor, then close it (the problems
+    found, one line each)."""
+    return await flush_and_close([(f.name, f.device) for f in files], cursors)
 
 
-class Shutdown:
-    """The signals that end a mount (SIGINT, SIGTERM, SIGHUP), counted for its whole life.
-
-    The first unmounts; the closing that follows flushes every device, which may take
-    a while (a mirror stops its copier at a chunk edge, a slow server answers its
-    flush).  A second one says so in one line and hurries the close (``hurry_close``);
-    a third aborts it at once: the process exits, the mount is gone, and a copy map
-    keeps its last save, which is true by its own rule.
-    """
+class MountShutdown(Shutdown):
+    """The signals that end a mount (``lifecycle.Shutdown``): the first unmounts; the
+    third aborts after a lazy unmount, so no dead mount is left behind."""
 
     def __init__(self, mountpoint: str, files: Sequence[FlatFile], out: TextIO) -> None:
+        super().__init__([f.device for f in files], out)
         self._mountpoint = mountpoint
-        self._files = files
-        self._out = out
-        self.signals = 0
         self.serving = False
         """The request loop runs: ``pyfuse3.terminate`` can end it."""
 
-    def got(self, signum: int) -> None:
-        self.signals += 1
-        if self.signals == 1:
-            log.info("got %s: unmounting", signal.Signals(signum).name)
-            if self.serving:
-                pyfuse3.terminate()
-        elif self.signals == 2:
-            self._say(STILL_CLOSING)
-            for f in self._files:
-                f.device.hurry_close()
-        else:
-            self._abort()
+    def stop(self) -> None:
+        if self.serving:
+            pyfuse3.terminate()
 
-    def _say(self, line: str) -> None:
-        print(f"blockfuse: {line}", file=self._out, flush=True)
-
-    def _abort(self) -> NoReturn:
-        self._say(ABORTED)
+    def abort(self) -> None:
         if self.serving:
             subprocess.run(unmount_command(self._mountpoint), capture_output=True, check=False)
-        os._exit(1)
-
-
-STILL_CLOSING = "still closing devices; press Ctrl-C again to abort"
-ABORTED = (
-    "aborted while closing devices: what they had not flushed may be lost "
-    "(copy maps keep their last save)"
-)
-
-
-async def watch_signals(
-    shutdown: Shutdown, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    # SIGHUP too: a closed terminal or a dropped ssh session must not leave a stale mount.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        task_status.started()
-        async for signum in signals:
-            shutdown.got(signum)
 
 
 @contextmanager
@@ -174,21 +126,26 @@ async def serve(
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
     scratch: Sequence[ScratchDir] = (),
+    alongside: Alongside | None = None,
 ) -> list[str]:
     """Mount, serve until a signal or an outside unmount, then flush and close everything.
 
     Returns the problems met while flushing (empty when all went well); raises
     ``MountError`` (the devices closed) if the kernel refuses the mount.  Scratch
-    directories are dropped unflushed: their files end with the mount.
+    directories are dropped unflushed: their files end with the mount.  ``alongside``
+    (an NBD server on the same devices) is stopped after the unmount, before the
+    devices close, and hurried by a second signal.
     """
-    shutdown = Shutdown(mountpoint, files, sys.stderr)
+    shutdown = MountShutdown(mountpoint, files, sys.stderr)
+    if alongside is not None:
+        shutdown.on_hurry(alongside.hurry)
     failure: MountError | None = None
     problems: list[str] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals, shutdown)
         try:
             problems = await _mount_and_serve(
-                mountpoint, files, scratch, shutdown, on_ready,
+                mountpoint, files, scratch, shutdown, on_ready, alongside,
                 read_only=read_only, allow_other=allow_other,
             )  # fmt: skip
         except MountError as exc:
@@ -203,8 +160,9 @@ async def _mount_and_serve(
     mountpoint: str,
     files: Sequence[FlatFile],
     scratch: Sequence[ScratchDir],
-    shutdown: Shutdown,
+    shutdown: MountShutdown,
     on_ready: Callable[[], None] | None,
+    alongside: Alongside | None,
     *,
     read_only: bool,
     allow_other: bool,
@@ -219,6 +177,8 @@ async def _mount_and_serve(
             pyfuse3.init(ops, mountpoint, options)
     except (RuntimeError, OSError) as exc:
         with trio.CancelScope(shield=True):
+            if alongside is not None:
+                await alongside.stop()
             await close_all(files, scratch)
         raise MountError(mount_failure(mountpoint, exc, said)) from exc
     fast_wait = fastloop.install()
@@ -234,6 +194,8 @@ async def _mount_and_serve(
         pyfuse3.close(unmount=True)
         shutdown.serving = False
         with trio.CancelScope(shield=True):
+            if alongside is not None:
+                await alongside.stop()
             problems = busy + await close_all(files, scratch, cursors)
     return problems
 

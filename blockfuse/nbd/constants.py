@@ -120,6 +120,7 @@ class CmdFlag(enum.IntFlag):
 
 
 NO_CMD_FLAGS = CmdFlag(0)
+KNOWN_CMD_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
 REPLY_FLAG_DONE = 1 << 0
 
 
@@ -181,6 +182,21 @@ other byte first, say) is dropped: tracking the pieces stays cheap and small."""
 MAX_EXTENTS = 1 << 20
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * MAX_EXTENTS
 MAX_ERROR_CHUNK = 6 + MAX_STRING + 8
+
+# --- limits of the server side (what a client may make us hold) -----------------------
+
+MAX_OPTION_DATA = 1 << 16
+"""The most option data the server reads and parses (a name, a few meta-context queries:
+real clients send well under 10 KiB).  Longer options are skipped as they arrive, never
+buffered, and refused (``ERR_TOO_BIG``, or ``ERR_UNSUP`` for an unknown option)."""
+MAX_QUERIES = 64
+"""The most meta-context queries one LIST/SET_META_CONTEXT may carry (``ERR_TOO_BIG``)."""
+MAX_REFUSED_PAYLOAD = 1 << 26
+"""A WRITE longer than the maximum payload but at most this (64 MiB) is read and thrown
+away as it arrives, then refused with EINVAL, so the stream stays in sync; a longer one
+is absurd and drops the connection."""
+MAX_STATUS_EXTENTS = 1 << 12
+"""The most extents one BLOCK_STATUS reply of ours carries (the client asks again)."""
 
 # --- struct layouts ---------------------------------------------------------------------
 

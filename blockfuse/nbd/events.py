@@ -148,27 +148,39 @@ class Done:
 
 ReplyEvent = ReadData | ReadHole | BlockStatus | Done
 
-# --- server side ------------------------------------------------------------------------
+# --- server side: what the server core reads -------------------------------------------
 
 
 @dataclass(frozen=True)
 class ServerReady:
-    """The client opened ``export``; requests follow."""
+    """The client opened ``export``; requests follow.  ``allocation``: the client selected
+    ``base:allocation`` for it (BLOCK_STATUS may follow)."""
 
     export: ExportInfo
     structured: bool
+    allocation: bool = False
+
+
+@dataclass(frozen=True)
+class PayloadComing:
+    """A WRITE's header arrived and ``length`` bytes of payload follow.  The layer above
+    may reserve room for them before it feeds more data: the core keeps them (up to the
+    maximum payload) until it hands out the ``Request``."""
+
+    cookie: int
+    length: int
 
 
 @dataclass(frozen=True)
 class Request:
-    """A client request; ``data`` is a WRITE's payload (empty otherwise)."""
+    """A valid client request; ``data`` is a WRITE's payload (empty otherwise)."""
 
     cookie: int
     cmd: int
     flags: int
     offset: int
     length: int
-    data: bytes = b""
+    data: bytes | bytearray | memoryview = b""
 
     @property
     def end(self) -> int:
@@ -176,8 +188,67 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RequestRefused:
+    """A request the core refused by itself (unknown command or flag, bad range, too long,
+    a write to a read-only export): answer it with ``error``.  Nothing reached a device."""
+
+    cookie: int
+    cmd: int
+    error: int
+    message: str
+
+
+@dataclass(frozen=True)
 class ClientGone:
-    """The client ended the conversation (``NBD_OPT_ABORT`` or ``NBD_CMD_DISC``)."""
+    """The client ended the conversation (``NBD_OPT_ABORT`` or ``NBD_CMD_DISC``).  After a
+    DISC the requests in flight still get their replies; then the connection closes."""
 
 
-ServerEvent = ServerReady | Request | ClientGone
+@dataclass(frozen=True)
+class Closing:
+    """The server must close the connection now, without a word (the only answer the
+    protocol has to a refused ``NBD_OPT_EXPORT_NAME``); ``reason`` is for the log."""
+
+    reason: str
+
+
+ServerEvent = ServerReady | PayloadComing | Request | RequestRefused | ClientGone | Closing
+
+# --- server side: what the server core writes ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to any request but a successful READ or BLOCK_STATUS: ``error`` 0 is
+    success; an error's ``message`` goes out in an error chunk where replies are
+    structured."""
+
+    cookie: int
+    error: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    """A READ's answer from ``offset`` on: ``pieces`` in order, each either data (a
+    buffer) or a hole (an ``int``, its length: reads as zeroes).  With ``error`` set, the
+    pieces are what was read before the failure at ``error_offset`` (``None``: anywhere)."""
+
+    cookie: int
+    offset: int
+    pieces: tuple[bytes | bytearray | memoryview | int, ...]
+    error: int = 0
+    message: str = ""
+    error_offset: int | None = None
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """A BLOCK_STATUS answer for ``base:allocation``: ``(length, flags)`` extents from the
+    request's offset on."""
+
+    cookie: int
+    extents: tuple[tuple[int, int], ...]
+
+
+ServerReply = Reply | ReadReply | StatusReply

@@ -1,115 +1,192 @@
-"""A TEST FAKE, not a server: the other half of the client core for pair tests.
+"""The server side of NBD as a sans-io state machine: bytes in, events out; replies in,
+bytes out.
 
-Nothing in blockfuse serves NBD with it: it exists so that tests can run the client
-cores against a peer (``tests/nbdpair.py``, ``tests/nbdserver.py``).  It checks little,
-bounds only what the tests need, and answers nothing unless a test tells it how.  The
-NBD server work (a later issue) replaces it with a real server core; until then, do not
-build on it.
+The core answers the whole handshake by itself from the table of exports it was given
+(the answers to each option are ``haggling.py``), and hands the layer above one event
+per thing that needs a decision::
 
-It serves fixed-newstyle handshakes (LIST, INFO, GO, EXPORT_NAME, STRUCTURED_REPLY,
-SET_META_CONTEXT for ``base:allocation``, ABORT; anything else ``ERR_UNSUP``) and turns
-requests into ``Request`` events; the caller answers with the ``reply_*`` methods, in
-any order.  Knobs let tests play older or stricter servers (no structured replies, no
-GO, no listing).  It trusts nothing the client sends beyond the protocol's limits.
+    S: NBDMAGIC IHAVEOPT FIXED_NEWSTYLE|NO_ZEROES        C: client flags
+    C: option (16-byte header + data)                    S: option replies   (repeat)
+         LIST, INFO, STRUCTURED_REPLY, *_META_CONTEXT, STARTTLS (ERR_POLICY), unknown
+         (ERR_UNSUP): answered here, no event
+         GO / EXPORT_NAME           -> ServerReady       (transmission begins)
+         ABORT                      -> ClientGone        (ACK sent; close)
+         EXPORT_NAME, unknown name  -> Closing           (the protocol's only answer)
+    C: request (28-byte header [+ WRITE payload])
+         WRITE header               -> PayloadComing     (reserve room, then feed it)
+         valid                      -> Request           (answer with send(reply))
+         invalid                    -> RequestRefused    (answer with send(Reply(error)))
+         DISC                       -> ClientGone        (answer what is in flight; close)
+
+The states and the moves between them are one table (``TRANSITIONS``); each state has
+one step (``_steps``) that returns an event, ``NEED_DATA``, or ``None`` once it made
+progress.  Replies may be sent in any order and from any task (``send`` only encodes);
+the layer above writes each message whole.
+
+The invariant that keeps a hostile client harmless: every length is checked before
+anything is buffered.  Option data is read only up to ``MAX_OPTION_DATA``; a longer
+option is thrown away as it arrives and refused, so the stream stays in sync.  A WRITE
+payload is held only up to the maximum payload; a longer one (up to
+``MAX_REFUSED_PAYLOAD``) is thrown away and refused with EINVAL, and an absurd one breaks
+the connection.  Every malformed input (wrong magic, flags not offered, an option other
+than EXPORT_NAME from a client that is not fixed-newstyle, the connection closed mid-way)
+raises ``ProtocolError``, and the core stays BROKEN: the connection must be dropped.
+
+Knobs let tests play older or stricter servers (no structured replies, no GO, not fixed
+newstyle) and turn listing off; ``shut_down()`` makes every later option but ABORT
+``ERR_SHUTDOWN``, as the spec asks of a server going away.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from ..errors import ProtocolError
 from .buffer import ReceiveBuffer
 from .constants import (
-    BASE_ALLOCATION,
-    CHUNK_HEADER,
     CLIENT_FLAGS,
-    DEFAULT_MAX_PAYLOAD,
-    ERROR_HEADER,
-    EXPORT_NAME_PADDING,
-    EXPORT_NAME_REPLY,
     GREETING,
-    HOLE,
     IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_EXPORT,
+    MAX_OPTION_DATA,
+    MAX_REFUSED_PAYLOAD,
     NBDMAGIC,
     OPTION,
-    OPTION_REPLY,
-    OPTION_REPLY_MAGIC,
-    REPLY_FLAG_DONE,
     REQUEST,
     REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
-    U16,
-    U32,
-    U64,
-    Chunk,
     Cmd,
+    Errno,
     HandshakeFlag,
-    InfoType,
     Opt,
-    Rep,
 )
 from .events import (
     NEED_DATA,
     ClientGone,
+    Closing,
     ExportInfo,
     NeedData,
+    PayloadComing,
+    PeerClosed,
     Request,
+    RequestRefused,
     ServerEvent,
     ServerReady,
+    ServerReply,
 )
-
-MAX_OPTION = 1 << 16
-ALLOCATION_ID = 7
+from .haggling import Haggling, Knobs
+from .replies import Part, Transmission, command_refusal, encode, range_refusal
 
 
 class ServerState(enum.Enum):
-    """What the fake reads next (``next_event`` dispatches on it)."""
+    """What the core reads next."""
 
-    FLAGS = "client flags"
-    OPTIONS = "options"
-    TRANSMISSION = "transmission"
+    CLIENT_FLAGS = "client flags"
+    OPTION = "option header"
+    OPTION_DATA = "option data"
+    OPTION_SKIP = "oversized option data"
+    REQUEST = "request header"
+    WRITE_PAYLOAD = "write payload"
+    PAYLOAD_SKIP = "oversized write payload"
     DONE = "done"
     BROKEN = "broken"
 
 
+S = ServerState
+TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
+    S.CLIENT_FLAGS: frozenset({S.OPTION}),
+    S.OPTION: frozenset({S.OPTION_DATA, S.OPTION_SKIP}),
+    S.OPTION_DATA: frozenset({S.OPTION, S.REQUEST, S.DONE}),
+    S.OPTION_SKIP: frozenset({S.OPTION, S.DONE}),
+    S.REQUEST: frozenset({S.REQUEST, S.WRITE_PAYLOAD, S.PAYLOAD_SKIP, S.DONE}),
+    S.WRITE_PAYLOAD: frozenset({S.REQUEST}),
+    S.PAYLOAD_SKIP: frozenset({S.REQUEST}),
+    S.DONE: frozenset(),
+}
+"""Every move the core makes; any state may also become BROKEN."""
+
+
+@dataclass
+class Incoming:
+    """The request whose payload is being read (or thrown away)."""
+
+    cookie: int
+    cmd: int
+    flags: int
+    offset: int
+    length: int
+    data: bytearray | None = None
+    filled: int = 0
+
+
 class ServerCore:
-    """The test fake's core (see the module text): bytes in, ``ServerEvent`` out."""
+    """One connection's server side; see the module text."""
 
     def __init__(
         self,
-        exports: dict[str, ExportInfo],
+        exports: Iterable[ExportInfo],
         *,
+        default: str | None = None,
         listing: bool = True,
         structured: bool = True,
         go: bool = True,
         fixed: bool = True,
     ) -> None:
-        self.exports = exports
-        self._listing, self._sr_offered, self._go = listing, structured, go
-        self._offered = HandshakeFlag.NO_ZEROES | (HandshakeFlag.FIXED_NEWSTYLE if fixed else 0)
+        """``exports`` in the order LIST shows them; ``default`` names the one that the
+        empty name opens.  Each export's ``max_payload`` is enforced as advertised."""
+        self._haggling = Haggling(exports, default, Knobs(listing, structured, go, fixed))
+        self._offered = HandshakeFlag.NO_ZEROES
+        if fixed:
+            self._offered |= HandshakeFlag.FIXED_NEWSTYLE
         self._buf = ReceiveBuffer()
         self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, self._offered))
-        self.state = ServerState.FLAGS
-        self._no_zeroes = False
-        self.structured = False
-        self._header: tuple[int, int, int, int, int] | None = None
+        self.state = ServerState.CLIENT_FLAGS
+        self._fixed = self._eof = False
+        self._option: tuple[int, int] = (0, 0)  # option, length being read
+        self._skip = 0
+        self._incoming: Incoming | None = None
+        self.in_flight = 0
+        """Requests handed out (``Request``/``RequestRefused``) and not answered yet."""
+        self._usable: set[tuple[int, int]] = set()
+        """(command, flags) pairs already found usable on this connection."""
         self._steps: dict[ServerState, Callable[[], ServerEvent | NeedData | None]] = {
-            ServerState.FLAGS: self._flags,
-            ServerState.OPTIONS: self._option,
-            ServerState.TRANSMISSION: self._request,
-            ServerState.DONE: lambda: NEED_DATA,
+            S.CLIENT_FLAGS: self._client_flags,
+            S.OPTION: self._option_header,
+            S.OPTION_DATA: self._option_data,
+            S.OPTION_SKIP: self._option_skip,
+            S.REQUEST: self._request,
+            S.WRITE_PAYLOAD: self._write_payload,
+            S.PAYLOAD_SKIP: self._payload_skip,
+            S.DONE: self._done,
         }
         """The dispatch table: what ``next_event`` does in each state."""
 
+    @property
+    def structured(self) -> bool:
+        return self._haggling.structured
+
+    @property
+    def transmission(self) -> Transmission | None:
+        """What was negotiated, once transmission began."""
+        return self._haggling.transmission
+
+    def shut_down(self) -> None:
+        """The server is going away: every later option but ABORT gets ERR_SHUTDOWN."""
+        self._haggling.shutting_down = True
+
+    # --- the sans-io surface ------------------------------------------------------------
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf.feed(data)
+        """Bytes from the client; ``b""`` means it closed the connection."""
+        if not data:
+            self._eof = True
+        elif self.state is not ServerState.DONE:  # after ABORT/DISC input is ignored
+            self._buf.feed(data)
 
     def data_to_send(self) -> bytes:
+        """The handshake's replies so far (transmission replies come from ``send``)."""
+        self._out += self._haggling.out
+        self._haggling.out.clear()
         out, self._out = bytes(self._out), bytearray()
         return out
 
@@ -118,191 +195,193 @@ class ServerCore:
         if self.state is ServerState.BROKEN:
             raise ProtocolError("the client already broke the protocol")
         try:
-            while (result := self._steps[self.state]()) is None:
+            while (event := self._steps[self.state]()) is None:
                 pass
         except ProtocolError:
             self.state = ServerState.BROKEN
             raise
-        return result
+        if event is NEED_DATA and self._eof and self.state is not ServerState.DONE:
+            raise self._closed()
+        return event
 
-    # --- handshake ------------------------------------------------------------------
+    def _closed(self) -> PeerClosed:
+        at_rest = not len(self._buf) and self.state in (S.OPTION, S.REQUEST)
+        if at_rest and self.state is S.REQUEST:
+            why = "without NBD_CMD_DISC"
+        elif at_rest:
+            why = "during the handshake"
+        else:
+            why = f"in the middle of the {self.state.value}"
+        self.state = ServerState.BROKEN
+        return PeerClosed(f"the client closed the connection {why}")
 
-    def _flags(self) -> NeedData | None:
+    def payload_target(self) -> memoryview | None:
+        """Where the rest of a WRITE's payload goes, while nothing is buffered: the layer
+        above may receive into it and report ``payload_received`` (no copy)."""
+        w = self._incoming
+        if self.state is not ServerState.WRITE_PAYLOAD or len(self._buf) or w is None:
+            return None
+        return memoryview(self._payload_buffer(w))[w.filled :]
+
+    def payload_received(self, n: int) -> None:
+        w = self._incoming
+        assert w is not None and self.payload_target() is not None and 0 < n <= w.length - w.filled
+        w.filled += n
+
+    def send(self, reply: ServerReply) -> list[Part]:
+        """The message answering one request, as parts to write whole, in order."""
+        if self.transmission is None:
+            raise RuntimeError("replies need a negotiated transmission")
+        self.in_flight = max(0, self.in_flight - 1)
+        return encode(reply, self.structured)
+
+    @property
+    def transmitting(self) -> bool:
+        return self.transmission is not None and self.state is not ServerState.BROKEN
+
+    @property
+    def at_rest(self) -> bool:
+        """Between messages: nothing of the next one has arrived."""
+        return self.state in (S.OPTION, S.REQUEST) and not len(self._buf)
+
+    # --- moves ----------------------------------------------------------------------------
+
+    def _goto(self, state: ServerState) -> None:
+        assert state in TRANSITIONS[self.state], f"{self.state} -> {state}"
+        self.state = state
+
+    def _done(self) -> NeedData:
+        return NEED_DATA
+
+    # --- handshake ------------------------------------------------------------------------
+
+    def _client_flags(self) -> NeedData | None:
         raw = self._buf.take(CLIENT_FLAGS.size)
         if raw is None:
             return NEED_DATA
         (flags,) = CLIENT_FLAGS.unpack(raw)
-        if flags & ~self._offered:
+        if flags & ~int(self._offered):  # int: ~ of an IntFlag keeps only its own bits
             raise ProtocolError(f"client flags {flags:#x} beyond the offered {self._offered:#x}")
-        self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
-        self.state = ServerState.OPTIONS
+        self._fixed = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+        self._haggling.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
+        self._goto(S.OPTION)
         return None
 
-    def _option(self) -> ServerEvent | NeedData | None:
-        raw = self._buf.peek(OPTION.size)
+    def _option_header(self) -> NeedData | None:
+        raw = self._buf.take(OPTION.size)
         if raw is None:
             return NEED_DATA
         magic, option, length = OPTION.unpack(raw)
-        if magic != IHAVEOPT or length > MAX_OPTION:
-            raise ProtocolError(f"bad option header (magic {magic:#x}, length {length})")
-        if len(self._buf) < OPTION.size + length:
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"option header with wrong magic {magic:#x}")
+        if not self._fixed and option != Opt.EXPORT_NAME:
+            raise ProtocolError(f"option {option} from a client that is not fixed-newstyle")
+        self._option = (option, length)
+        if length > MAX_OPTION_DATA:
+            self._skip = length
+            self._goto(S.OPTION_SKIP)
+        else:
+            self._goto(S.OPTION_DATA)
+        return None
+
+    def _option_data(self) -> ServerEvent | NeedData | None:
+        data = self._buf.take(self._option[1])
+        if data is None:
             return NEED_DATA
-        self._buf.take(OPTION.size)
-        return self._handle_option(option, self._buf.take(length) or b"")
+        return self._after_option(self._haggling.answer(self._option[0], data))
 
-    def _handle_option(self, option: int, data: bytes) -> ServerEvent | None:
-        if option == Opt.EXPORT_NAME:
-            return self._export_name(data)
-        if option == Opt.ABORT:
-            self._reply(option, Rep.ACK)
-            self.state = ServerState.DONE
-            return ClientGone()
-        if option == Opt.LIST and not data:
-            self._list()
-            return None
-        if option in (Opt.INFO, Opt.GO) and (option == Opt.INFO or self._go):
-            return self._info_go(option, data)
-        if option == Opt.STRUCTURED_REPLY and self._sr_offered and not data:
-            self.structured = True
-            self._reply(option, Rep.ACK)
-            return None
-        if option == Opt.SET_META_CONTEXT and self.structured:
-            self._set_meta_context(data)
-            return None
-        self._reply(option, Rep.ERR_UNSUP, b"unsupported here")
-        return None
+    def _option_skip(self) -> ServerEvent | NeedData | None:
+        while self._skip:
+            piece = self._buf.take_some(self._skip)
+            if piece is None:
+                return NEED_DATA
+            self._skip -= len(piece)
+        return self._after_option(self._haggling.oversized(*self._option))
 
-    def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
-        self._out += OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, rtype, len(data)) + data
+    def _after_option(self, event: ServerEvent | None) -> ServerEvent | None:
+        if isinstance(event, ServerReady):
+            self._goto(S.REQUEST)
+        elif isinstance(event, ClientGone | Closing):
+            self._goto(S.DONE)
+        else:
+            self._goto(S.OPTION)
+        return event
 
-    def _export_name(self, data: bytes) -> ServerEvent:
-        export = self.exports.get(data.decode(errors="replace"))
-        if export is None:
-            raise ProtocolError(f"EXPORT_NAME for unknown export {data!r}")
-        self._out += EXPORT_NAME_REPLY.pack(export.size or 0, export.flags)
-        if not self._no_zeroes:
-            self._out += bytes(EXPORT_NAME_PADDING)
-        self.state = ServerState.TRANSMISSION
-        return ServerReady(export, self.structured)
-
-    def _list(self) -> None:
-        if not self._listing:
-            self._reply(Opt.LIST, Rep.ERR_POLICY, b"listing is disabled")
-            return None
-        for name, export in self.exports.items():
-            raw = name.encode()
-            self._reply(
-                Opt.LIST, Rep.SERVER, U32.pack(len(raw)) + raw + export.description.encode()
-            )
-        self._reply(Opt.LIST, Rep.ACK)
-        return None
-
-    def _info_go(self, option: int, data: bytes) -> ServerEvent | None:
-        parsed = parse_info_request(data)
-        if parsed is None:
-            self._reply(option, Rep.ERR_INVALID, b"malformed request")
-            return None
-        name, infos = parsed
-        export = self.exports.get(name)
-        if export is None:
-            self._reply(option, Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
-            return None
-        for item in info_items(export, infos):
-            self._reply(option, Rep.INFO, item)
-        self._reply(option, Rep.ACK)
-        if option != Opt.GO:
-            return None
-        self.state = ServerState.TRANSMISSION
-        return ServerReady(export, self.structured)
-
-    def _set_meta_context(self, data: bytes) -> None:
-        if len(data) < 4 or len(data) < 8 + U32.unpack(data[:4])[0]:
-            self._reply(Opt.SET_META_CONTEXT, Rep.ERR_INVALID)
-            return None
-        (n,) = U32.unpack(data[:4])
-        if BASE_ALLOCATION.encode() in data[8 + n :]:
-            context = U32.pack(ALLOCATION_ID) + BASE_ALLOCATION.encode()
-            self._reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, context)
-        self._reply(Opt.SET_META_CONTEXT, Rep.ACK)
-        return None
-
-    # --- transmission -----------------------------------------------------------------
+    # --- transmission ---------------------------------------------------------------------
 
     def _request(self) -> ServerEvent | NeedData | None:
-        if self._header is None:
-            raw = self._buf.take(REQUEST.size)
-            if raw is None:
-                return NEED_DATA
-            magic, flags, cmd, cookie, offset, length = REQUEST.unpack(raw)
-            if magic != REQUEST_MAGIC:
-                raise ProtocolError(f"request with wrong magic {magic:#x}")
-            if cmd == Cmd.WRITE and length > DEFAULT_MAX_PAYLOAD:
-                raise ProtocolError(f"WRITE payload of {length} bytes")
-            self._header = (flags, cmd, cookie, offset, length)
-        flags, cmd, cookie, offset, length = self._header
-        if cmd == Cmd.DISC:
-            self.state = ServerState.DONE
-            return ClientGone()
-        data = b""
-        if cmd == Cmd.WRITE and (data := self._buf.take(length) or b"") == b"":
+        raw = self._buf.take(REQUEST.size)
+        if raw is None:
             return NEED_DATA
-        self._header = None
-        return Request(cookie, cmd, flags, offset, length, data)
+        magic, flags, cmd, cookie, offset, length = REQUEST.unpack(raw)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"request with wrong magic {magic:#010x}")
+        if cmd == Cmd.DISC:
+            self._goto(S.DONE)
+            return ClientGone()
+        incoming = Incoming(cookie, cmd, flags, offset, length)
+        if cmd != Cmd.WRITE or length == 0:
+            return self._hand_out(incoming)
+        if length > MAX_REFUSED_PAYLOAD:
+            raise ProtocolError(f"WRITE payload of {length} bytes")
+        self._incoming = incoming
+        if length > self._max_payload:
+            self._skip = length
+            self._goto(S.PAYLOAD_SKIP)
+            return None
+        self._goto(S.WRITE_PAYLOAD)
+        return PayloadComing(cookie, length)
 
-    def reply(self, cookie: int, error: int = 0, data: bytes = b"") -> None:
-        """A simple reply (with a READ's data when ``error`` is 0)."""
-        self._out += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie) + data
+    @property
+    def _max_payload(self) -> int:
+        assert self.transmission is not None
+        return self.transmission.export.max_payload
 
-    def chunk(self, cookie: int, ctype: int, payload: bytes = b"", done: bool = False) -> None:
-        flags = REPLY_FLAG_DONE if done else 0
-        header = CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, ctype, cookie, len(payload))
-        self._out += header + payload
+    def _payload_buffer(self, w: Incoming) -> bytearray:
+        if w.data is None:  # only now: room was reserved after PayloadComing
+            w.data = bytearray(w.length)
+        return w.data
 
-    def reply_read(self, cookie: int, offset: int, data: bytes, *, block: int = 4096) -> None:
-        """A READ's answer: simple, or chunks with holes for all-zero blocks, last first."""
-        if not self.structured:
-            return self.reply(cookie, 0, data)
-        pieces = [(i, data[i : i + block]) for i in range(0, len(data), block)]
-        for n, (i, piece) in enumerate(reversed(pieces)):
-            if piece.count(0) == len(piece):
-                payload, ctype = HOLE.pack(offset + i, len(piece)), Chunk.OFFSET_HOLE
-            else:
-                payload, ctype = U64.pack(offset + i) + piece, Chunk.OFFSET_DATA
-            self.chunk(cookie, ctype, payload, done=n == len(pieces) - 1)
-        return None
+    def _write_payload(self) -> ServerEvent | NeedData | None:
+        w = self._incoming
+        assert w is not None
+        buffer = self._payload_buffer(w)
+        while w.filled < w.length:
+            piece = self._buf.take_some(w.length - w.filled)
+            if piece is None:
+                return NEED_DATA
+            buffer[w.filled : w.filled + len(piece)] = piece
+            w.filled += len(piece)
+        self._incoming = None
+        self._goto(S.REQUEST)
+        return self._hand_out(w)
 
-    def reply_error(self, cookie: int, error: int, message: str = "") -> None:
-        if not self.structured:
-            return self.reply(cookie, error)
-        raw = message.encode()
-        self.chunk(cookie, Chunk.ERROR, ERROR_HEADER.pack(error, len(raw)) + raw, done=True)
-        return None
+    def _payload_skip(self) -> ServerEvent | NeedData | None:
+        while self._skip:
+            piece = self._buf.take_some(self._skip)
+            if piece is None:
+                return NEED_DATA
+            self._skip -= len(piece)
+        w = self._incoming
+        assert w is not None
+        self._incoming = None
+        self._goto(S.REQUEST)
+        self.in_flight += 1
+        limit = self._max_payload
+        message = f"WRITE of {w.length} bytes exceeds the maximum {limit}"
+        return RequestRefused(w.cookie, w.cmd, Errno.EINVAL, message)
 
-    def reply_block_status(self, cookie: int, extents: list[tuple[int, int]]) -> None:
-        payload = U32.pack(ALLOCATION_ID) + b"".join(U32.pack(n) + U32.pack(f) for n, f in extents)
-        self.chunk(cookie, Chunk.BLOCK_STATUS, payload, done=True)
-
-
-def parse_info_request(data: bytes) -> tuple[str, list[int]] | None:
-    if len(data) < 6:
-        return None
-    (n,) = U32.unpack(data[:4])
-    if n > len(data) - 6:
-        return None
-    (count,) = U16.unpack(data[4 + n : 6 + n])
-    if len(data) != 6 + n + 2 * count:
-        return None
-    infos = [U16.unpack(data[6 + n + 2 * i : 8 + n + 2 * i])[0] for i in range(count)]
-    return data[4 : 4 + n].decode(errors="replace"), infos
-
-
-def info_items(export: ExportInfo, infos: list[int]) -> list[bytes]:
-    items = [INFO_EXPORT.pack(InfoType.EXPORT, export.size or 0, export.flags)]
-    if InfoType.NAME in infos:
-        items.append(U16.pack(InfoType.NAME) + export.name.encode())
-    if InfoType.DESCRIPTION in infos and export.description:
-        items.append(U16.pack(InfoType.DESCRIPTION) + export.description.encode())
-    if InfoType.BLOCK_SIZE in infos and export.block_size_given:
-        sizes = (export.min_block, export.preferred_block, export.max_payload)
-        items.append(INFO_BLOCK_SIZE.pack(InfoType.BLOCK_SIZE, *sizes))
-    return items
+    def _hand_out(self, w: Incoming) -> Request | RequestRefused:
+        t = self.transmission
+        assert t is not None
+        self.in_flight += 1
+        refused = None
+        if (w.cmd, w.flags) not in self._usable:
+            refused = command_refusal(t, w.cmd, w.flags)
+            if refused is None:
+                self._usable.add((w.cmd, w.flags))
+        refused = refused or range_refusal(t, w.cmd, w.offset, w.length)
+        if refused is not None:
+            return RequestRefused(w.cookie, w.cmd, *refused)
+        data = memoryview(w.data) if w.data is not None else b""
+        return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, data)

@@ -7,7 +7,7 @@ written at once must be taken by the server within ``timeout`` seconds, and befo
 sending caller's own deadline (``until``), or the connection is given up (``on_broken``
 with ``Stalled``: half a request cannot be taken back, so the connection goes with it).
 On a socket, what the kernel takes without blocking goes out in one ``writev`` of up to
-``IOV_MAX`` pieces.
+``IOV_MAX`` pieces (``write_without_blocking``, which the server's writer shares).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .handshake import ConnectionLost, Stalled
 IOV_MAX = 512
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
-Part = bytes | memoryview
+Part = bytes | bytearray | memoryview
 
 
 class Sender:
@@ -90,22 +90,10 @@ class Sender:
         if self._fd is None:
             return parts
         try:
-            sent = os.writev(self._fd, parts[:IOV_MAX])
-        except BlockingIOError:
-            return parts
+            return write_without_blocking(self._fd, parts)
         except OSError as exc:
             self._lost(exc)
             return []
-        out: list[Part] = []
-        for part in parts:
-            if out:
-                out.append(part)
-            elif sent >= len(part):
-                sent -= len(part)
-            else:
-                out.append(memoryview(part)[sent:])
-                sent = 0
-        return out
 
     async def _send(self, parts: list[Part], until: float) -> None:
         try:
@@ -125,3 +113,22 @@ class Sender:
         error = ConnectionLost(f"connection to {self._server} lost: {exc}")
         error.__cause__ = exc
         self._on_broken(error)
+
+
+def write_without_blocking(fd: int, parts: list[Part]) -> list[Part]:
+    """Write what the socket ``fd`` takes now, in one ``writev`` of up to ``IOV_MAX``
+    parts; what is left to send.  Raises ``OSError`` (never ``BlockingIOError``)."""
+    try:
+        sent = os.writev(fd, parts[:IOV_MAX])
+    except BlockingIOError:
+        return parts
+    out: list[Part] = []
+    for part in parts:
+        if out:
+            out.append(part)
+        elif sent >= len(part):
+            sent -= len(part)
+        else:
+            out.append(memoryview(part)[sent:])
+            sent = 0
+    return out

@@ -1,0 +1,85 @@
+"""The devices of a subcommand (``mount``, ``serve``): every spec checked before anything
+is opened, then opened all or nothing, each wrapped as the options say."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from ..block import BlockDevice
+from ..devices.readonly import ReadOnlyDevice
+from ..devices.safe import SafeDevice
+from ..errors import BlockError
+from ..opening import OpenContext
+from ..spec import Recipe, SpecError, compile_spec, split_named
+from ..units import format_size
+from .common import CommandError
+
+DEFAULT_NAME = "disk"
+DEFAULT_IMAGE = "blockfuse-disk.img"
+DEFAULT_SIZE = 1 << 30
+
+log = logging.getLogger("blockfuse")
+
+
+@dataclass(frozen=True)
+class Opened:
+    """One opened device, wrapped (``safe``, read-only) as asked, with its recipe."""
+
+    name: str
+    device: BlockDevice
+    recipe: Recipe
+
+
+def default_device() -> str:
+    """The built-in default: a sparse 1 GiB image in the current directory, created (by
+    the sparse device, when it opens) if missing; an existing one keeps its length (it
+    may have been resized with ``truncate -s``)."""
+    if os.path.exists(DEFAULT_IMAGE):
+        return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE})"
+    log.warning("creating %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
+    return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
+
+
+def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:
+    """Check every NAME=SPEC of ``option`` before anything is opened or created."""
+    named = [split_named(text, option) for text in specs]
+    names = [name for name, _ in named]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"two devices are named {name!r}; each name must be unique")
+    return [(name, compile_spec(spec)) for name, spec in named]
+
+
+async def open_recipe(name: str, recipe: Recipe, ctx: OpenContext) -> BlockDevice:
+    try:
+        return await recipe.open(ctx)
+    except (OSError, ValueError, BlockError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise CommandError(f"cannot open device {name}={recipe.text}: {message}{where}") from exc
+
+
+async def open_devices(
+    recipes: Sequence[tuple[str, Recipe]],
+    ctx: OpenContext,
+    undo: AsyncExitStack,
+    *,
+    unsafe: bool,
+    read_only: bool = False,
+) -> list[Opened]:
+    """Open every device (in ``safe(...)`` unless ``unsafe``, read-only if asked); each
+    is closed by ``undo`` if a later step fails."""
+    out: list[Opened] = []
+    for name, recipe in recipes:
+        device: BlockDevice = await open_recipe(name, recipe, ctx)
+        undo.push_async_callback(device.aclose)
+        if not (unsafe or recipe.text.startswith("safe(")):
+            device = SafeDevice(device)
+        if read_only:
+            device = ReadOnlyDevice(device)
+        out.append(Opened(name, device, recipe))
+    return out

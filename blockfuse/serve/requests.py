@@ -1,0 +1,229 @@
+"""NBD requests done on a device through the byte bridge, and device errors as NBD errors.
+
+The server core has checked each request against what was advertised (range, flags,
+read-only), so here every request is one the device may be asked.  Requests name any
+byte range (the minimum block size is 1): reads and writes go through ``DeviceBytes``,
+the bridge the FUSE flat file uses, whose range lock orders a partial sector's
+read-modify-write against every other write to it.  What changes sectors by a device
+call of its own (WRITE_ZEROES that punches) holds the same lock on them::
+
+    WRITE            DeviceBytes.write; FUA: then the device's flush
+    READ             DeviceBytes.read; holes as holes where the device finds them cheaply
+    FLUSH            this connection's FlushCursor (an error that may have lost
+                     acknowledged writes reaches every connection's next FLUSH, once)
+    TRIM             discard of the whole sectors inside the range (a hint)
+    WRITE_ZEROES     without NO_HOLE on a device that can: write_zeroes (may punch),
+                     partial end sectors by read-modify-write; otherwise zeroes written
+                     (FAST_ZERO: refused with ENOTSUP instead, nothing changed)
+    BLOCK_STATUS     base:allocation from extents() (everything data without them)
+    CACHE            nothing (a hint)
+
+FUA flushes through the device, not the cursor: the write fails if the flush does, and
+the error stays recorded for every connection's next FLUSH (the errseq rule).
+
+Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
+with its message; nothing else escapes ``handle`` (the transport answers an unexpected
+exception with EIO).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+
+from ..block import Capability, Extent, FlushCursor
+from ..errors import BlockError, RequestFailed
+from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
+from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
+from ..sectors import DeviceBytes, span
+from ..units import ceil_div
+
+ZERO_PIECE = 1 << 20
+ZEROES = bytes(ZERO_PIECE)
+MAX_READ_PIECES = 64
+"""A READ whose range holds more holes and data than this is sent as data, whole."""
+
+WIRE_ERRNO = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.EOPNOTSUPP: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+"""Local errno -> NBD error value (ENOTSUP only ever answers FAST_ZERO); others are EIO."""
+
+Piece = bytes | bytearray | memoryview | int
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = (
+    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.DF, CmdFlag.REQ_ONE, CmdFlag.FAST_ZERO)
+)
+"""The command flags as ints: tested on every request (an IntFlag makes a new enum)."""
+
+
+def nbd_errno(exc: BlockError) -> int:
+    return WIRE_ERRNO.get(exc.errno, Errno.EIO)
+
+
+class RequestHandler:
+    """The requests of one connection on one export."""
+
+    def __init__(self, bytes_: DeviceBytes, structured: bool) -> None:
+        self._bytes = bytes_
+        self._device = bytes_.device
+        self._structured = structured
+        self._cursor = FlushCursor(bytes_.device)
+        self._commands: dict[int, Callable[[Request], Awaitable[ServerReply]]] = {
+            Cmd.READ: self._read,
+            Cmd.WRITE: self._write,
+            Cmd.FLUSH: self._flush,
+            Cmd.TRIM: self._trim,
+            Cmd.CACHE: self._cache,
+            Cmd.WRITE_ZEROES: self._write_zeroes,
+            Cmd.BLOCK_STATUS: self._block_status,
+        }
+
+    async def handle(self, req: Request) -> ServerReply:
+        try:
+            return await self._commands[req.cmd](req)
+        except BlockError as exc:
+            if req.cmd == Cmd.READ:
+                return ReadReply(req.cookie, req.offset, (), nbd_errno(exc), str(exc), req.offset)
+            return Reply(req.cookie, nbd_errno(exc), str(exc))
+
+    async def _done(self, req: Request) -> Reply:
+        """Success; with FUA once the device's flush says it is durable."""
+        if req.flags & FUA:
+            await self._device.flush()
+        return Reply(req.cookie)
+
+    # --- data -----------------------------------------------------------------------------
+
+    async def _read(self, req: Request) -> ReadReply:
+        if not req.flags & DF and self._finds_holes_cheaply():
+            return await self._read_pieces(req)
+        return ReadReply(
+            req.cookie, req.offset, (await self._read_exactly(req.offset, req.length),)
+        )
+
+    async def _read_exactly(self, offset: int, length: int) -> memoryview:
+        data = await self._bytes.read(offset, length)
+        if len(data) < length:
+            raise RequestFailed(errno.EIO, f"the device shrank below byte {offset + length}")
+        return data
+
+    def _finds_holes_cheaply(self) -> bool:
+        dev = self._device
+        return self._structured and dev.cheap_extents and Capability.EXTENTS in dev.capabilities
+
+    async def _read_pieces(self, req: Request) -> ReadReply:
+        """Data and holes as the device reports them; after a failure, what came before."""
+        pieces: list[Piece] = []
+        at = req.offset
+        runs = await self._byte_runs(req.offset, req.length, MAX_READ_PIECES)
+        if len(runs) >= MAX_READ_PIECES:
+            runs = [(req.length, True)]
+        for length, is_data in runs:
+            try:
+                pieces.append(await self._read_exactly(at, length) if is_data else length)
+            except BlockError as exc:
+                return ReadReply(
+                    req.cookie, req.offset, tuple(pieces), nbd_errno(exc), str(exc), at
+                )
+            at += length
+        return ReadReply(req.cookie, req.offset, tuple(pieces))
+
+    async def _write(self, req: Request) -> Reply:
+        if await self._bytes.write(req.offset, memoryview(req.data)) < req.length:
+            raise RequestFailed(errno.ENOSPC, f"the device shrank below byte {req.end}")
+        return await self._done(req)
+
+    async def _flush(self, req: Request) -> Reply:
+        await self._cursor.flush()
+        return Reply(req.cookie)
+
+    async def _cache(self, req: Request) -> Reply:
+        return Reply(req.cookie)
+
+    # --- holes ----------------------------------------------------------------------------
+
+    def _whole_sectors(self, offset: int, length: int, ss: int) -> tuple[int, int]:
+        """``[first, end)``: the sectors lying wholly inside the byte range."""
+        return ceil_div(offset, ss), (offset + length) // ss
+
+    async def _trim(self, req: Request) -> Reply:
+        ss = (await self._bytes.info()).sector_size
+        first, end = self._whole_sectors(req.offset, req.length, ss)
+        if end > first:
+            await self._device.discard(first, end - first)
+        return await self._done(req)
+
+    async def _write_zeroes(self, req: Request) -> Reply:
+        punch = Capability.WRITE_ZEROES in self._device.capabilities
+        punch = punch and not req.flags & NO_HOLE
+        if req.flags & FAST_ZERO and not punch:
+            return Reply(req.cookie, Errno.ENOTSUP, "this device cannot zero faster than writing")
+        ss = (await self._bytes.info()).sector_size
+        first, end = self._whole_sectors(req.offset, req.length, ss)
+        if not punch or end <= first:
+            await self._write_zero_bytes(req.offset, req.length)
+            return await self._done(req)
+        await self._write_zero_bytes(req.offset, first * ss - req.offset)
+        async with self._bytes.holding(first, end):
+            await self._device.write_zeroes(first, end - first)
+        await self._write_zero_bytes(end * ss, req.end - end * ss)
+        return await self._done(req)
+
+    async def _write_zero_bytes(self, offset: int, length: int) -> None:
+        while length > 0:
+            n = min(length, ZERO_PIECE)
+            await self._bytes.write(offset, memoryview(ZEROES)[:n])
+            offset, length = offset + n, length - n
+
+    # --- block status ---------------------------------------------------------------------
+
+    async def _block_status(self, req: Request) -> StatusReply:
+        limit = 1 if req.flags & REQ_ONE else MAX_STATUS_EXTENTS
+        runs = await self._byte_runs(req.offset, req.length, limit)
+        flags = {True: 0, False: STATE_HOLE | STATE_ZERO}
+        return StatusReply(req.cookie, tuple((n, flags[is_data]) for n, is_data in runs[:limit]))
+
+    async def _byte_runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """``(length, is_data)`` runs from ``offset`` on, at most ``limit`` (the last may
+        end before ``offset + length``: a caller asks again); all data without extents."""
+        if Capability.EXTENTS not in self._device.capabilities:
+            return [(length, True)]
+        ss = (await self._bytes.info()).sector_size
+        s = span(offset, length, ss)
+        found = await self._device.extents(s.first, s.count)
+        return byte_runs(found, offset, offset + length, ss, limit) or [(length, True)]
+
+
+def byte_runs(
+    found: list[Extent], start: int, end: int, ss: int, limit: int
+) -> list[tuple[int, bool]]:
+    """Sector extents as ``(length, is_data)`` runs of bytes inside ``[start, end)``, in
+    order from ``start``, neighbours of one kind merged; they stop at the first gap."""
+    out: list[tuple[int, bool]] = []
+    at = start
+    for extent in found:
+        lo, hi = max(extent.sector * ss, at), min(extent.end * ss, end)
+        if lo != at or hi <= lo:
+            if lo > at:
+                break  # a gap: what follows is not known to start here
+            continue
+        if out and out[-1][1] == extent.is_data:
+            out[-1] = (out[-1][0] + hi - lo, extent.is_data)
+        elif len(out) == limit:
+            break
+        else:
+            out.append((hi - lo, extent.is_data))
+        at = hi
+        if at >= end:
+            break
+    return out

@@ -1,0 +1,351 @@
+"""One client connection of the NBD server: its handshake, its reader, and the tasks that
+answer its requests.  It only moves bytes: the server core (``nbd/server.py``) decides
+what they mean, and a ``Handler`` from the front end does each request.
+
+Invariants:
+
+- Only the reader feeds the core and reads the socket.  Before it reads on, it reserves
+  what the request it just got needs (``budget.py``): a slot of the connection's, and
+  the request's bytes of the connection's budget and of the server's.  A client that
+  sends faster than its requests are answered is held back by TCP: the connection holds
+  at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
+- Each request runs in a task of the connection's nursery and sends its reply when it
+  is done, so replies leave in the order requests complete.  Messages are written whole
+  and in the order they were handed over, never cut or interleaved (``writer.py``); a
+  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped.
+- The handshake must end within ``Limits.handshake_timeout`` seconds.
+- How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
+  it closes.  A protocol violation, the client closing, a stall or a broken stream end
+  it at once: the requests in flight are cancelled (as a device call may be) and the
+  socket closed, a hard disconnect, which the spec asks for; no other connection is
+  touched.  While the server shuts down, new requests get ESHUTDOWN (new options
+  ERR_SHUTDOWN) and the connection closes once nothing is in flight.
+- Nothing leaves ``run`` but cancellation; why the connection ended is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ..errors import BlockError, ProtocolError
+from ..nbd.constants import Cmd
+from ..nbd.events import (
+    NEED_DATA,
+    ClientGone,
+    Closing,
+    ExportInfo,
+    PayloadComing,
+    PeerClosed,
+    Reply,
+    Request,
+    RequestRefused,
+    ServerReady,
+    ServerReply,
+)
+from ..nbd.server import ServerCore
+from .budget import ByteBudget, Reservation
+from .handshake import ConnectionLost, Stalled
+from .sender import STREAM_ERRORS
+from .writer import MessageWriter
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 17
+BURST = 16
+CLOSE_TIMEOUT = 5.0
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@dataclass(frozen=True)
+class ExportTable:
+    """The exports a new connection sees (sizes as they are now); ``default`` names the
+    one that the empty name opens."""
+
+    exports: tuple[ExportInfo, ...]
+    default: str | None = None
+
+
+class Handler(Protocol):
+    """Does the requests of one connection on one export (the front end's side)."""
+
+    async def handle(self, request: Request) -> ServerReply:
+        """The reply to ``request``; a device's error becomes an error reply, so this
+        raises nothing but cancellation (which may leave a write partly done)."""
+        ...
+
+
+class Backend(Protocol):
+    """What a server serves."""
+
+    async def table(self) -> ExportTable:
+        """The exports as a new connection sees them (called once per connection)."""
+        ...
+
+    def open(self, ready: ServerReady, peer: str) -> Handler:
+        """A handler for a connection that negotiated ``ready`` (one per connection: its
+        own flush cursor)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of ours on what clients may make the server hold, or wait for."""
+
+    handshake_timeout: float = 10.0
+    send_timeout: float = 60.0
+    requests: int = 16
+    """Requests in flight per connection (qemu-nbd's number)."""
+    connection_bytes: int = 64 << 20
+    server_bytes: int = 256 << 20
+    """Payload bytes in flight, per connection and in the whole server."""
+    connections: int = 256
+
+
+class Connection:
+    """One client; ``run`` serves it to its end (see the module text)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        backend: Backend,
+        *,
+        peer: str,
+        limits: Limits,
+        server_budget: ByteBudget,
+        listing: bool = True,
+    ) -> None:
+        self.peer = peer
+        self._stream = stream
+        self._backend = backend
+        self._limits = limits
+        self._listing = listing
+        sock = getattr(stream, "socket", None)
+        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
+        self._view = memoryview(bytearray(RECEIVE_SIZE))
+        self._burst = 0
+        self._writer = MessageWriter(stream, self._fd, peer, limits.send_timeout)
+        self._slots = ByteBudget(limits.requests)
+        self._budgets = (ByteBudget(limits.connection_bytes), server_budget)
+        self._scope = trio.CancelScope()
+        self._core: ServerCore | None = None
+        self._tasks: trio.Nursery | None = None
+        self._payload: Reservation | None = None
+        self._unanswered = 0
+        self.shutting_down = False
+        self.export: str | None = None
+        self.why = "served"
+        """Why the connection ended (for the log)."""
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._serve()
+        finally:
+            self._release_payload()  # a WRITE whose payload never came whole
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self._stream.aclose()
+            log.debug("%s: %s", self.peer, self.why)
+
+    async def _serve(self) -> None:
+        try:
+            ready = await self._handshake()
+            if ready is not None:
+                await self._transmit(ready)
+        except PeerClosed as exc:
+            self.why = str(exc)
+        except ProtocolError as exc:
+            self._dropped(f"broke the protocol: {exc}")
+        except Stalled as exc:
+            self._dropped(str(exc))
+        except ConnectionLost as exc:
+            self.why = str(exc)
+        except STREAM_ERRORS as exc:
+            self.why = f"connection lost: {exc}"
+
+    def _dropped(self, why: str) -> None:
+        """The client misbehaved (a violation, a stall): say so once, in one line."""
+        self.why = why
+        log.warning("NBD client %s dropped: %s", self.peer, why)
+
+    def cancel(self, why: str) -> None:
+        """End the connection now (requests in flight are cancelled)."""
+        self.why = why
+        self._scope.cancel()
+
+    def shut_down(self) -> None:
+        """The server is going away: ESHUTDOWN from now on, and close once idle."""
+        self.shutting_down = True
+        if self._core is not None:
+            self._core.shut_down()
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        core = self._core
+        if not self.shutting_down or core is None or not core.transmitting:
+            return
+        if self._unanswered == 0 and core.at_rest:
+            self.cancel("closed: the server is shutting down")
+
+    # --- handshake ----------------------------------------------------------------------
+
+    async def _handshake(self) -> ServerReady | None:
+        table = await self._backend.table()
+        core = ServerCore(table.exports, default=table.default, listing=self._listing)
+        self._core = core
+        if self.shutting_down:
+            core.shut_down()
+        timeout = self._limits.handshake_timeout
+        with trio.move_on_after(timeout):
+            return await self._haggle(core)
+        self._dropped(f"no handshake within {timeout:g} s")
+        return None
+
+    async def _haggle(self, core: ServerCore) -> ServerReady | None:
+        while True:
+            event = core.next_event()
+            if isinstance(event, ClientGone):  # the ACK of ABORT: the client may not wait
+                with contextlib.suppress(ConnectionLost):
+                    await self._writer.write([core.data_to_send()])
+                self.why = "the client aborted the handshake"
+                return None
+            if out := core.data_to_send():
+                await self._writer.write([out])
+            if event is NEED_DATA:
+                await self._receive(core)
+            elif isinstance(event, ServerReady):
+                self.export = event.export.name
+                return event
+            else:
+                assert isinstance(event, Closing)
+                self.why = f"closed: {event.reason}"
+                return None
+
+    async def _receive(self, core: ServerCore) -> None:
+        """Feed the core what the client sent, waiting for it if nothing has come.
+
+        On a socket the reads are direct (``os.readv``; a WRITE's payload straight into
+        its buffer) and take a trip through the scheduler only to wait, or after
+        ``BURST`` reads in a row so that the tasks answering requests get to run: a
+        ``receive_some`` costs two such trips, and this runs once per request."""
+        if self._fd is None:
+            core.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            return
+        self._burst += 1
+        if self._burst >= BURST:
+            self._burst = 0
+            await trio.lowlevel.checkpoint()
+        target = core.payload_target()
+        into = target if target is not None else self._view
+        try:
+            n = os.readv(self._fd, [into])
+        except BlockingIOError:
+            self._burst = 0
+            await trio.lowlevel.wait_readable(self._fd)
+            return
+        if n and target is not None:
+            core.payload_received(n)
+        else:
+            core.receive_data(into[:n].tobytes())
+
+    # --- transmission -------------------------------------------------------------------
+
+    async def _transmit(self, ready: ServerReady) -> None:
+        assert self._core is not None
+        handler = self._backend.open(ready, self.peer)
+        failure: Exception | None = None
+        async with trio.open_nursery() as tasks:
+            self._tasks = tasks
+            try:
+                await self._read_requests(self._core, handler)
+            except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
+                failure = exc  # raised out of the nursery as itself, not in a group
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        self.why = "the client disconnected (NBD_CMD_DISC)"
+
+    async def _read_requests(self, core: ServerCore, handler: Handler) -> None:
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                await self._receive(core)
+            elif isinstance(event, PayloadComing):
+                self._payload = await self._reserve(event.length)
+            elif isinstance(event, Request):
+                await self._dispatch(event, handler)
+            elif isinstance(event, RequestRefused):
+                self._release_payload()
+                await self._answer_now(Reply(event.cookie, event.error, event.message))
+            else:
+                assert isinstance(event, ClientGone)
+                return
+
+    async def _reserve(self, n: int) -> Reservation:
+        reservation = Reservation(self._slots, self._budgets)
+        await reservation.take(n)
+        return reservation
+
+    def _release_payload(self) -> None:
+        if self._payload is not None:
+            self._payload.release()
+            self._payload = None
+
+    async def _dispatch(self, req: Request, handler: Handler) -> None:
+        if self.shutting_down:
+            self._release_payload()
+            await self._answer_now(
+                Reply(req.cookie, errno.ESHUTDOWN, "the server is shutting down")
+            )
+            return
+        reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
+        self._payload = None
+        self._unanswered += 1
+        assert self._tasks is not None
+        self._tasks.start_soon(self._answer, req, handler, reservation)
+
+    async def _answer(self, req: Request, handler: Handler, reservation: Reservation) -> None:
+        try:
+            reply = await handler.handle(req)
+        except Exception:
+            log.exception("NBD request %s failed unexpectedly", req)
+            reply = Reply(req.cookie, errno.EIO, "internal error")
+        except BaseException:  # cancelled: the connection is ending, nothing is sent
+            self._answered(reservation)
+            raise
+        await self._send(reply, reservation)
+
+    async def _answer_now(self, reply: ServerReply) -> None:
+        """A reply from the reader itself (a refusal), after those queued before it."""
+        self._unanswered += 1
+        await self._send(reply, None)
+
+    async def _send(self, reply: ServerReply, reservation: Reservation | None) -> None:
+        """Hand the reply to the writer; its reservation is given back once it is out."""
+        assert self._core is not None
+        try:
+            await self._writer.write(
+                self._core.send(reply),
+                lambda: self._answered(reservation),
+                batch=self._unanswered > 1,
+            )
+        except Stalled as exc:
+            self._dropped(str(exc))
+            self._scope.cancel()
+        except BlockError as exc:
+            self.why = str(exc)
+            self._scope.cancel()
+
+    def _answered(self, reservation: Reservation | None) -> None:
+        if reservation is not None:
+            reservation.release()
+        self._unanswered -= 1
+        self._close_if_idle()

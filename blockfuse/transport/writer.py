@@ -1,0 +1,103 @@
+"""Writing the server's messages to one client: whole, in order, batched, bounded.
+
+One task at a time owns the stream; a reply handed over meanwhile is queued and the
+owner writes it too.  So replies that become ready together leave in one ``writev``
+(the client is woken once for them), and a task answering a request never waits for
+the stream::
+
+    task A: write(a) -> owns the stream: writev(a) ... (the socket is full: awaits)
+    task B: write(b) -> queued, returns at once
+    task C: write(c) -> queued, returns at once
+    task A:             ... a is out: writev(b, c); nothing queued: the stream is free
+
+Each message's ``on_written`` is called once its bytes have left (the request's
+reservation is given back then, so the queue is bounded by the budgets), or once it is
+clear they never will.  The owner hands over nothing: the stream is free only when the
+queue is empty, so no newcomer can start a message while another is half written (a
+hand-over to a waiting task once let one in).  A write that cannot go out at once is
+shielded from cancellation (half a message cannot be taken back) and bounded instead:
+a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ..errors import BlockError
+from .handshake import ConnectionLost, Stalled
+from .sender import STREAM_ERRORS, Part, write_without_blocking
+
+
+class MessageWriter:
+    """Writes whole messages to one stream, in the order handed over (see the module)."""
+
+    def __init__(self, stream: trio.abc.Stream, fd: int | None, peer: str, timeout: float) -> None:
+        self._stream = stream
+        self._fd = fd
+        self._peer = peer
+        self._timeout = timeout
+        self._busy = False
+        self._queue: list[tuple[Sequence[Part], Callable[[], None]]] = []
+        self._broken: BlockError | None = None
+
+    async def write(
+        self, parts: Sequence[Part], on_written: Callable[[], None] = lambda: None, *,
+        batch: bool = False,
+    ) -> None:  # fmt: skip
+        """Queue ``parts`` as one message, and write the queue unless another task is at
+        it; with ``batch`` the other ready tasks first get to queue theirs.  Raises
+        ``ConnectionLost`` (``Stalled``: the client took nothing for the timeout) when
+        the stream fails under this task.  A message begun is finished even if the
+        caller is cancelled; ``on_written`` is called once, written or not."""
+        if self._broken is not None:
+            on_written()
+            raise self._broken
+        self._queue.append((parts, on_written))
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            if batch:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._queue:
+                await self._write_queued()
+        finally:
+            self._busy = False
+
+    async def _write_queued(self) -> None:
+        messages, self._queue = self._queue, []
+        try:
+            rest = self._write_now([part for parts, _ in messages for part in parts])
+            if rest:
+                with trio.CancelScope(shield=True):
+                    await self._write(rest)
+        except BlockError as exc:
+            self._broken = exc
+            for _, done in self._queue:  # nobody will write them now
+                done()
+            self._queue.clear()
+            raise
+        finally:
+            for _, done in messages:
+                done()
+
+    def _write_now(self, parts: list[Part]) -> list[Part]:
+        """What the socket takes at once (no await: the common case); what is left."""
+        if self._fd is None:
+            return parts
+        try:
+            return write_without_blocking(self._fd, parts)
+        except OSError as exc:
+            raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
+
+    async def _write(self, parts: list[Part]) -> None:
+        try:
+            for part in parts:
+                with trio.move_on_after(self._timeout) as scope:
+                    await self._stream.send_all(part)
+                if scope.cancelled_caught:
+                    raise Stalled(f"{self._peer} took nothing we sent for {self._timeout:g} s")
+        except STREAM_ERRORS as exc:
+            raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Our NBD server vs qemu-nbd vs nbdkit, serving the same image, in one run.
+
+One image of SIZE random bytes (page cache warmed first) is exported in turn by
+``blockfuse serve -d disk=IMAGE`` (the raw file device, as a user runs it),
+``qemu-nbd -f raw -t -e 0`` and ``nbdkit file``, each on a Unix socket, one server at a
+time (their image locks would clash).  Each round runs every job once against every
+server, the servers in a rotating order; the median of the rounds is kept:
+
+- ``nbdcopy URI out.raw`` into a sparse file (MB/s, the file removed after each copy);
+- fio's nbd engine, one connection: 4 KiB random read and write at depth 16, 1 MiB
+  sequential read and write at depth 4 (IOPS, ``--seconds`` each).
+
+Then each server's memory under load: fio with 64 connections of 16 requests each
+(1 MiB random reads) for ``--seconds``; the peak resident size (VmHWM) is printed.
+
+Ratios are to qemu-nbd.  Targets: at least 1.0x for nbdcopy and the 1 MiB jobs, 0.6x
+for 4 KiB at depth 16, and our memory bounded (the server holds at most 256 MiB of
+request payloads at once).  The machine should be quiet: this is not a timed test.
+
+    .venv/bin/python scripts/bench_serve.py [--size 1G] [--rounds 5] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib import REPO, need, peak_rss_mib
+
+MiB = 1 << 20
+SERVERS = ("blockfuse", "qemu-nbd", "nbdkit")
+FIO_JOBS = {
+    "4 KiB random read, depth 16 (IOPS)": ("randread", "4k", 16),
+    "4 KiB random write, depth 16 (IOPS)": ("randwrite", "4k", 16),
+    "1 MiB sequential read, depth 4 (IOPS)": ("read", "1m", 4),
+    "1 MiB sequential write, depth 4 (IOPS)": ("write", "1m", 4),
+}
+COPY_JOB = "nbdcopy to a sparse file (MB/s)"
+TARGETS = {COPY_JOB: 1.0, **{job: (0.6 if "4 KiB" in job else 1.0) for job in FIO_JOBS}}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="1G", help="image size (default 1G)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; the median counts")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per fio job")
+    p.add_argument("--memory-connections", type=int, default=64)
+    return p.parse_args()
+
+
+def size_of(text: str) -> int:
+    units = {"K": 10, "M": 20, "G": 30}
+    return int(text[:-1]) << units[text[-1].upper()] if text[-1].isalpha() else int(text)
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+def server_argv(name: str, image: Path, sock: Path) -> list[str]:
+    if name == "blockfuse":
+        return [str(REPO / ".venv/bin/blockfuse"), "serve", "-d", f"disk={image}",
+                "--socket", str(sock), "--control", str(sock) + ".ctl"]  # fmt: skip
+    if name == "qemu-nbd":
+        return ["qemu-nbd", "-f", "raw", "-t", "-e", "0", "-x", "disk", "-k", str(sock), str(image)]
+    return ["nbdkit", "-f", "-U", str(sock), "file", str(image)]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    sock: Path
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///disk?socket={self.sock}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(name: str, image: Path, workdir: Path) -> Server:
+    sock = workdir / f"{name}.sock"
+    sock.unlink(missing_ok=True)  # nbdkit does not reuse a socket file left behind
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the server's for its life
+    proc = subprocess.Popen(server_argv(name, image, sock), stdout=log, stderr=log,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not connectable(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{name} did not start: {(workdir / f'{name}.log').read_text()}")
+        time.sleep(0.02)
+    return Server(name, proc, sock)
+
+
+def connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+def nbdcopy(server: Server, workdir: Path, size: int) -> float:
+    out = workdir / "out.raw"
+    started = time.perf_counter()
+    subprocess.run(["nbdcopy", server.uri, str(out)], check=True, timeout=600)
+    elapsed = time.perf_counter() - started
+    out.unlink()
+    return size / elapsed / 1e6
+
+
+def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, jobs: int = 1) -> dict[str, float]:
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+            f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", "--time_based",
+            f"--runtime={seconds}", "--group_reporting", "--output-format=json"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True,
+                         cwd=tempfile.gettempdir())  # fmt: skip
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    return {"read": job["read"]["iops"], "write": job["write"]["iops"]}
+
+
+def fio_job(rw: str, bs: str, depth: int, seconds: float) -> Callable[[Server], float]:
+    def run(server: Server) -> float:
+        result = fio(server.uri, rw, bs, depth, seconds)
+        return result["write" if "write" in rw else "read"]
+
+    return run
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def make_image(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    with open(path, "rb") as f:  # into the page cache, for every server alike
+        while f.read(16 * MiB):
+            pass
+
+
+Results = dict[str, dict[str, list[float]]]
+"""job -> server -> one number per round."""
+
+
+def rounds(args: argparse.Namespace, image: Path, workdir: Path, size: int) -> Results:
+    jobs: dict[str, Callable[[Server], float]] = {
+        COPY_JOB: lambda server: nbdcopy(server, workdir, size)
+    }
+    for job, (rw, bs, depth) in FIO_JOBS.items():
+        jobs[job] = fio_job(rw, bs, depth, args.seconds)
+    results: Results = {j: {s: [] for s in SERVERS} for j in jobs}
+    for r in range(args.rounds):
+        order = SERVERS[r % 3 :] + SERVERS[: r % 3]
+        for name in order:
+            server = start(name, image, workdir)
+            try:
+                for job, run in jobs.items():
+                    results[job][name].append(run(server))
+            finally:
+                server.stop()
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    return results
+
+
+def memory(args: argparse.Namespace, image: Path, workdir: Path) -> dict[str, float]:
+    out = {}
+    for name in SERVERS:
+        server = start(name, image, workdir)
+        try:
+            fio(server.uri, "randread", "1m", 16, args.seconds, jobs=args.memory_connections)
+            out[name] = peak_rss_mib(server.proc.pid)
+        finally:
+            server.stop()
+    return out
+
+
+def report(results: Results, rss: dict[str, float], rounds_: int) -> None:
+    print(f"\nmedian of {rounds_} rounds; ratio = blockfuse / qemu-nbd\n")
+    print("| job | blockfuse | qemu-nbd | nbdkit | ratio | target |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for job, by_server in results.items():
+        med = {s: statistics.median(v) for s, v in by_server.items()}
+        ratio = med["blockfuse"] / med["qemu-nbd"] if med["qemu-nbd"] else float("nan")
+        cells = " | ".join(f"{med[s]:.0f}" for s in SERVERS)
+        mark = "met" if ratio >= TARGETS[job] else "NOT met"
+        print(f"| {job} | {cells} | {ratio:.2f}x | {TARGETS[job]:.1f}x ({mark}) |")
+    cells = " | ".join(f"{rss[s]:.0f} MiB" for s in SERVERS)
+    print(f"| peak RSS, 64 connections x 16 x 1 MiB reads | {cells} | | |")
+    print("\nevery round:")
+    for job, by_server in results.items():
+        runs = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v in by_server[s]) for s in SERVERS)
+        print(f"  {job}: {runs}")
+
+
+def main() -> None:
+    args = parse_args()
+    for tool, package in [("nbdcopy", "libnbd-bin"), ("fio", "fio"), ("qemu-nbd", "qemu-utils"),
+                          ("nbdkit", "nbdkit")]:  # fmt: skip
+        need(tool, package)
+    size = size_of(args.size)
+    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-"))
+    try:
+        image = workdir / "image.raw"
+        make_image(image, size)
+        results = rounds(args, image, workdir, size)
+        rss = memory(args, image, workdir)
+        report(results, rss, args.rounds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
