@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Our NBD server vs qemu-nbd vs nbdkit, serving the same image, in one run.
 
-One image of SIZE random bytes (page cache warmed first) is exported in turn by
+One image of SIZE random bytes, on a private tmpfs (this VM pages idle page cache out
+during a run, so an image there would be read from the disk by some servers and not
+others), is exported in turn by
 ``blockfuse serve -d disk=IMAGE`` (the raw file device, as a user runs it),
 ``qemu-nbd -f raw -t -e 0`` and ``nbdkit file``, each on a Unix socket, one server at a
 time (their image locks would clash).  Each round runs every job once against every
-server, the servers in a rotating order; the median of the rounds is kept:
+server, the servers in a rotating order; the table gives medians over the rounds of
+each number and of the per-round ratio to qemu-nbd, and the server's CPU time per
+request (from ``/proc/PID/task/*/schedstat``, steadier here than IOPS):
 
-- ``nbdcopy URI out.raw`` into a sparse file (MB/s, the file removed after each copy);
+- ``nbdcopy URI out.raw`` into a sparse file on the same tmpfs (MB/s, the file removed
+  after each copy);
 - fio's nbd engine, one connection: 4 KiB random read and write at depth 16, 1 MiB
   sequential read and write at depth 4 (IOPS, ``--seconds`` each).
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import REPO, need, peak_rss_mib
+from benchlib import REPO, cpu_ns, need, peak_rss_mib, tmpfs
 
 MiB = 1 << 20
 SERVERS = ("blockfuse", "qemu-nbd", "nbdkit")
@@ -143,10 +149,16 @@ def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, jobs: int = 1) -
     return {"read": job["read"]["iops"], "write": job["write"]["iops"]}
 
 
-def fio_job(rw: str, bs: str, depth: int, seconds: float) -> Callable[[Server], float]:
-    def run(server: Server) -> float:
-        result = fio(server.uri, rw, bs, depth, seconds)
-        return result["write" if "write" in rw else "read"]
+Measure = tuple[float, float]
+"""A job's figure (MB/s or IOPS) and the server's CPU µs per request (nan: not counted)."""
+
+
+def fio_job(rw: str, bs: str, depth: int, seconds: float) -> Callable[[Server], Measure]:
+    def run(server: Server) -> Measure:
+        cpu = cpu_ns(server.proc.pid)
+        iops = fio(server.uri, rw, bs, depth, seconds)["write" if "write" in rw else "read"]
+        used = cpu_ns(server.proc.pid) - cpu
+        return iops, used / 1e3 / max(1.0, iops * seconds)
 
     return run
 
@@ -161,18 +173,15 @@ def make_image(path: Path, size: int) -> None:
             n = min(left, 16 * MiB)
             f.write(os.urandom(n))
             left -= n
-    with open(path, "rb") as f:  # into the page cache, for every server alike
-        while f.read(16 * MiB):
-            pass
 
 
-Results = dict[str, dict[str, list[float]]]
+Results = dict[str, dict[str, list[Measure]]]
 """job -> server -> one number per round."""
 
 
 def rounds(args: argparse.Namespace, image: Path, workdir: Path, size: int) -> Results:
-    jobs: dict[str, Callable[[Server], float]] = {
-        COPY_JOB: lambda server: nbdcopy(server, workdir, size)
+    jobs: dict[str, Callable[[Server], Measure]] = {
+        COPY_JOB: lambda server: (nbdcopy(server, workdir, size), float("nan"))
     }
     for job, (rw, bs, depth) in FIO_JOBS.items():
         jobs[job] = fio_job(rw, bs, depth, args.seconds)
@@ -203,20 +212,30 @@ def memory(args: argparse.Namespace, image: Path, workdir: Path) -> dict[str, fl
 
 
 def report(results: Results, rss: dict[str, float], rounds_: int) -> None:
-    print(f"\nmedian of {rounds_} rounds; ratio = blockfuse / qemu-nbd\n")
-    print("| job | blockfuse | qemu-nbd | nbdkit | ratio | target |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\nmedians of {rounds_} rounds (rotated order); ratio = blockfuse / qemu-nbd, per"
+          " round; CPU = the server's µs per request\n")  # fmt: skip
+    print("| job | blockfuse | qemu-nbd | nbdkit | ratio | target | CPU µs ours / qemu-nbd |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for job, by_server in results.items():
-        med = {s: statistics.median(v) for s, v in by_server.items()}
-        ratio = med["blockfuse"] / med["qemu-nbd"] if med["qemu-nbd"] else float("nan")
+        med = {s: statistics.median(v for v, _ in runs) for s, runs in by_server.items()}
+        cpu = {s: statistics.median(c for _, c in runs) for s, runs in by_server.items()}
+        pairs = zip(by_server["blockfuse"], by_server["qemu-nbd"], strict=True)
+        ratio = statistics.median(
+            ours / ref if ref else float("nan") for (ours, _), (ref, _) in pairs
+        )
         cells = " | ".join(f"{med[s]:.0f}" for s in SERVERS)
         mark = "met" if ratio >= TARGETS[job] else "NOT met"
-        print(f"| {job} | {cells} | {ratio:.2f}x | {TARGETS[job]:.1f}x ({mark}) |")
+        cpu_cell = (
+            f"{cpu['blockfuse']:.1f} / {cpu['qemu-nbd']:.1f}"
+            if not math.isnan(cpu["qemu-nbd"])
+            else ""
+        )
+        print(f"| {job} | {cells} | {ratio:.2f}x | {TARGETS[job]:.1f}x ({mark}) | {cpu_cell} |")
     cells = " | ".join(f"{rss[s]:.0f} MiB" for s in SERVERS)
-    print(f"| peak RSS, 64 connections x 16 x 1 MiB reads | {cells} | | |")
+    print(f"| peak RSS, 64 connections x 16 x 1 MiB reads | {cells} | | | |")
     print("\nevery round:")
     for job, by_server in results.items():
-        runs = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v in by_server[s]) for s in SERVERS)
+        runs = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v, _ in by_server[s]) for s in SERVERS)
         print(f"  {job}: {runs}")
 
 
@@ -226,15 +245,16 @@ def main() -> None:
                           ("nbdkit", "nbdkit")]:  # fmt: skip
         need(tool, package)
     size = size_of(args.size)
-    workdir = Path(tempfile.mkdtemp(prefix="bf-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="bf-bench-"))
     try:
-        image = workdir / "image.raw"
-        make_image(image, size)
-        results = rounds(args, image, workdir, size)
-        rss = memory(args, image, workdir)
+        with tmpfs(scratch / "pinned", 2 * size + 64 * MiB) as workdir:
+            image = workdir / "image.raw"
+            make_image(image, size)
+            results = rounds(args, image, workdir, size)
+            rss = memory(args, image, workdir)
         report(results, rss, args.rounds)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

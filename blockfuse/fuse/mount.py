@@ -23,9 +23,9 @@ import trio
 
 from ..block import FlushCursor
 from ..lifecycle import Alongside, Shutdown, flush_and_close, watch_signals
+from ..malloc import keep_request_buffers
 from . import fastloop
 from .flatfile import FlatFile
-from .malloc import keep_request_buffers
 from .mountpoint import FSNAME, MountError, unmount_command, warn_about_loop_devices
 from .ops import BlockFS
 from .scratch import ScratchDir

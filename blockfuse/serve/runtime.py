@@ -22,6 +22,7 @@ import trio
 
 from ..block import FlushCursor
 from ..lifecycle import Shutdown, flush_and_close, watch_signals
+from ..malloc import keep_request_buffers
 from ..transport.connection import Limits
 from ..transport.server import NBDServer
 from .control import Control
@@ -113,6 +114,7 @@ async def serve_exports(
 ) -> list[str]:
     """Serve until a signal, stop, then flush and close every device; the problems met
     while flushing, one line each (empty when all went well)."""
+    keep_request_buffers()
     shutdown = Shutdown([e.bytes.device for e in exports], out)
     cursors = [FlushCursor(e.bytes.device) for e in exports]
     async with trio.open_nursery() as nursery:

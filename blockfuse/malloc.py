@@ -1,7 +1,9 @@
 """Keep the C heap from handing 1 MiB buffers back to the kernel after every request.
 
-pyfuse3 copies each write's data into a new ``bytes`` (and a large read answer is a new
-``bytearray``): at 1 MiB per request, one ``malloc`` and one ``free`` of 1 MiB each.
+Both front ends allocate per request: pyfuse3 copies each write's data into a new
+``bytes`` (and a large read answer is a new ``bytearray``), and the NBD server reads
+each request's data into a new ``bytearray``: at 1 MiB per request, one ``malloc`` and
+one ``free`` of 1 MiB each.
 With glibc's dynamic thresholds such blocks are either mapped and unmapped one by one,
 or taken from the top of a heap that is trimmed again once about 2 MiB lies free there;
 which of these happens depends on the heap's history.  Either way, each new block's
