@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from blockfuse.block import FlushCursor
-from blockfuse.devices.file import open_file
+from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import MirrorState, open_mirror
-from blockfuse.errors import RequestFailed
+from blockfuse.errors import BlockError, RequestFailed
 from blockfuse.fuse.flatfile import FlatFile
 from blockfuse.fuse.ops import BlockFS
 from blockfuse.testing import Fault, FaultyDevice
@@ -98,3 +100,57 @@ async def test_each_open_file_of_a_flat_file_has_its_own_cursor() -> None:
         await ops.fsync(one, False)
         await ops.release(one)
         await ops.release(two)
+
+
+class OneReporter:
+    """Linux's rule for a writeback error on one open file: the first ``fdatasync`` after
+    it reports it, and later ones succeed.  The reporter's thread is then held up (as if
+    descheduled) until another ``fdatasync`` has returned, or for a second at most."""
+
+    def __init__(self) -> None:
+        self.pending = True
+        self.taken = threading.Event()
+        self._overtaken = threading.Event()
+        self._lock = threading.Lock()
+
+    def sync(self, fd: int) -> None:
+        with self._lock:
+            report, self.pending = self.pending, False
+        if not report:
+            self._overtaken.set()
+            return
+        self.taken.set()
+        if self._overtaken.wait(1.0):
+            time.sleep(0.2)  # the overtaking flush's caller has its answer by now
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+async def test_a_flush_cannot_overtake_the_flush_that_took_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callers flush at once: the one whose fdatasync comes second must not succeed
+    while the first has the error and has not recorded it yet (its write may be lost)."""
+    kernel = OneReporter()
+    monkeypatch.setattr(FileDevice, "_sync", staticmethod(kernel.sync))
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+    dev = open_file(str(path))
+    first, second = FlushCursor(dev), FlushCursor(dev)
+    outcomes: dict[str, str] = {}
+
+    async def flush(name: str, cursor: FlushCursor) -> None:
+        try:
+            await cursor.flush()
+            outcomes[name] = "ok"
+        except BlockError:
+            outcomes[name] = "error"
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush, "first", first)
+                await trio.to_thread.run_sync(kernel.taken.wait)
+                nursery.start_soon(flush, "second", second)
+    finally:
+        await dev.aclose()
+    assert outcomes == {"first": "error", "second": "error"}

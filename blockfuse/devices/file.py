@@ -36,6 +36,7 @@ import os
 import resource
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -172,6 +173,7 @@ class FileDevice(BlockDevice):
         self._nowait_read = _NoWait(fallback=_BlockingGuard())
         self._nowait_write = _NoWait(fallback=_BlockingGuard())
         self._behind = writeback.WriteBehind()
+        self._error_taking = threading.Lock()
         self._closed = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -199,11 +201,22 @@ class FileDevice(BlockDevice):
         self._check_open()
         if self._read_only:
             return
-        try:
-            await self._in_thread(f"flush {self.path}", self._sync, self._fd)
-        except RequestFailed as exc:
-            self.write_errors.record(exc)
-            raise
+        where = f"flush {self.path}"
+        await self._in_thread(where, self._taking_errors, where, self._sync, self._fd)
+
+    def _taking_errors(self, what: str, call: Callable[..., None], *args: Any) -> None:
+        """Run ``call``, one that takes the descriptor's writeback error (``fdatasync``, a
+        write-behind's wait), in a worker thread, and record what it took in
+        ``write_errors``.  Linux reports such an error to one caller only; holding
+        ``_error_taking`` from the call to the record means that no other flush can
+        return success in between, before the error is where every caller finds it."""
+        with self._error_taking:
+            try:
+                call(*args)
+            except OSError as exc:
+                err = request_failed(exc, what)
+                self.write_errors.record(err)
+                raise err from exc
 
     @staticmethod
     def _sync(fd: int) -> None:
@@ -218,12 +231,17 @@ class FileDevice(BlockDevice):
         ss = self._sector_size
         offset, length = sector * ss, count * ss
         due = self._behind.hand_over(offset, length)
-        try:
-            where = f"write back {self.path}"
-            await self._in_thread(where, writeback.write_behind, self._fd, offset, length, due)
-        except RequestFailed as exc:
-            self.write_errors.record(exc)
-            raise
+        await self._in_thread(
+            f"write back {self.path}", self._write_behind_now, offset, length, due
+        )
+
+    def _write_behind_now(self, offset: int, length: int, due: list[writeback.Range]) -> None:
+        """Start writing ``[offset, offset+length)`` back and settle ``due`` (a thread)."""
+        writeback.start(self._fd, offset, length)
+        for at, n in due:
+            self._taking_errors(
+                f"write back {self.path} at byte {at}", writeback.settle, self._fd, at, n
+            )
 
     async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
         """``fill``, the write and the write-behind in one worker thread (see ``block.py``)."""
@@ -236,25 +254,16 @@ class FileDevice(BlockDevice):
         self, offset: int, view: memoryview, fill: Filler, write: Callable[[], None]
     ) -> None:
         """Run ``fill(view)``, ``write()`` and the write-behind of ``view``'s range in one
-        thread.  A writeback error is recorded in ``write_errors`` (as ``write_behind``'s)."""
+        thread (a writeback error recorded as ``write_behind``'s)."""
         due = self._behind.hand_over(offset, len(view)) if writeback.AVAILABLE else None
 
-        def job() -> OSError | None:
+        def job() -> None:
             fill(view)
             write()
-            if due is None:
-                return None
-            try:
-                writeback.write_behind(self._fd, offset, len(view), due)
-            except OSError as exc:
-                return exc
-            return None
+            if due is not None:
+                self._write_behind_now(offset, len(view), due)
 
-        failed = await self._in_thread(f"write {self.path} at byte {offset}", job)
-        if failed is not None:
-            err = request_failed(failed, f"write back {self.path} at byte {offset}")
-            self.write_errors.record(err)
-            raise err from failed
+        await self._in_thread(f"write {self.path} at byte {offset}", job)
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)

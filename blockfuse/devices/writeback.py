@@ -64,14 +64,18 @@ class WriteBehind:
         return due
 
 
-def write_behind(fd: int, offset: int, length: int, due: list[Range]) -> None:
-    """Start ``[offset, offset+length)`` on its way to the disk, then wait for each of
-    ``due`` and drop it from the cache (blocking: run it in a thread).  Raises ``OSError``
-    (``EIO``: a writeback failed, and the descriptor no longer reports it)."""
+def start(fd: int, offset: int, length: int) -> None:
+    """Start ``[offset, offset+length)`` on its way to the disk (blocking, briefly: a
+    congested queue).  Takes no writeback error from the descriptor."""
     _sync(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-    for old_offset, old_length in due:
-        _sync(fd, old_offset, old_length, SETTLE)
-        os.posix_fadvise(fd, old_offset, old_length, os.POSIX_FADV_DONTNEED)
+
+
+def settle(fd: int, offset: int, length: int) -> None:
+    """Wait for ``[offset, offset+length)`` to be written back and drop it from the cache
+    (blocking).  Raises ``OSError`` (``EIO``: a writeback failed, and the descriptor no
+    longer reports it: the caller must record it before any other flush can succeed)."""
+    _sync(fd, offset, length, SETTLE)
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _sync(fd: int, offset: int, length: int, flags: int) -> None:
