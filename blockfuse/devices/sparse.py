@@ -55,13 +55,9 @@ from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
 from ..units import format_size
-from .file import (
-    HOLE_CAPABILITIES,
-    FileDevice,
-    device_geometry,
-    lock_image,
-)
+from .file import HOLE_CAPABILITIES, FileDevice
 from .holes import append_extent, file_extents, is_hole, make_zeroes
+from .images import device_geometry, lock_image
 from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
