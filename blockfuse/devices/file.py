@@ -60,7 +60,7 @@ from ..errors import (
 )
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
-from .images import check_openable, device_geometry, lock_image
+from .images import check_openable, check_raw, device_geometry, lock_image
 
 T = TypeVar("T")
 IoCall = Callable[[int, list[memoryview], int, int], int]
@@ -359,13 +359,15 @@ class _InFlight:
         self._dev._leave()
 
 
-def open_file(path: str, *, read_only: bool = False) -> FileDevice:
-    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size,
-    or in use by another device: see ``lock_image``)."""
+def open_file(path: str, *, read_only: bool = False, format: str | None = None) -> FileDevice:
+    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size;
+    another image format, unless ``format="raw"``; in use by another device: see
+    ``images.py``)."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
         check_openable(fd, path)
+        check_raw(fd, path, format)
         lock_image(fd, path, read_only=read_only)
         return FileDevice(fd, path, read_only=read_only)
     except BaseException:

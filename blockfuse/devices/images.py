@@ -1,5 +1,10 @@
 """What an image file must be before a ``file`` or ``sparse`` device opens it.
 
+- **Raw.**  A qcow2, VMDK, VHDX, QED, VDI or VHD image is not a disk but a format that
+  describes one: served as it is, its headers would show as the disk's first bytes and
+  writes would corrupt it.  Such an image is refused (``check_raw``) with the way to use
+  it instead, unless the caller says ``format="raw"`` (e.g. a raw disk that happens to
+  begin with those bytes).
 - **A whole number of sectors** (``check_openable``).
 - **Not written by another device** (``lock_image``): an exclusive ``flock`` while it is
   open for writing; read-only opens take none.
@@ -28,6 +33,74 @@ def device_geometry(fd: int) -> tuple[int, int]:
     return st.st_size, SECTOR_SIZE
 
 
+# --- formats ---------------------------------------------------------------------------
+
+IMAGE_MAGICS = (
+    ("qcow2", 0, b"QFI\xfb"),  # qcow (version 1) too: see image_format
+    ("qed", 0, b"QED\x00"),
+    ("vmdk", 0, b"KDMV"),
+    ("vmdk", 0, b"# Disk DescriptorFile"),
+    ("vhdx", 0, b"vhdxfile"),
+    ("vpc", 0, b"conectix"),  # a dynamic VHD (a fixed one is raw data and a footer)
+    ("vdi", 0x40, b"\x7f\x10\xda\xbe"),
+)
+"""``(qemu's format name, offset, magic)`` of image formats that are not raw disks; qemu-img
+writes each of them with its magic at the start (VDI: at byte 64)."""
+IMAGE_HEAD = 512
+"""How many bytes of an image ``image_format`` looks at."""
+FORMAT_NAMES = {"qcow": "qcow", "qcow2": "qcow2", "qed": "QED", "vmdk": "VMDK",
+                "vhdx": "VHDX", "vpc": "VHD", "vdi": "VDI"}  # fmt: skip
+
+
+def image_format(head: bytes) -> str | None:
+    """qemu's name of the format whose magic ``head`` (an image's first bytes) holds
+    (``"qcow2"``, ``"vmdk"``, ...), or ``None`` for anything else: raw."""
+    for name, offset, magic in IMAGE_MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            if name == "qcow2" and head[4:8] == b"\0\0\0\x01":
+                return "qcow"
+            return name
+    return None
+
+
+def not_raw(path: str, name: str) -> str:
+    """Why ``path``, an image of format ``name``, is refused, and what to do instead."""
+    stem = os.path.splitext(path)[0]
+    sock = os.path.abspath(stem) + ".sock"  # qemu-nbd wants an absolute socket path
+    return (
+        f"{path} is a {FORMAT_NAMES.get(name, name)} image, not a raw disk: serve it with "
+        f"`qemu-nbd -t -f {name} -k {sock} {path}` and use nbd+unix:///?socket={sock}, "
+        f"or convert it with `qemu-img convert -O raw {path} {stem}.raw` "
+        f"(file({path}, format=raw) would use its bytes as they are)"
+    )
+
+
+def check_format(format: str | None) -> None:
+    """Raise ``ValueError`` unless blockfuse reads ``format``: ``"raw"``, or ``None`` (look)."""
+    if format not in (None, "raw"):
+        raise ValueError(
+            f"format={format}: blockfuse reads raw images only (format=raw); serve other "
+            f"formats with qemu-nbd and use its nbd+unix:// URI"
+        )
+
+
+def check_head(head: bytes, path: str, format: str | None) -> None:
+    """Raise ``ValueError`` if ``head``, the first bytes of ``path``, holds another image
+    format's magic, unless ``format`` says raw."""
+    check_format(format)
+    name = None if format == "raw" else image_format(head)
+    if name is not None:
+        raise ValueError(not_raw(path, name))
+
+
+def check_raw(fd: int, path: str, format: str | None) -> None:
+    """``check_head`` of the image open as ``fd``."""
+    check_head(b"" if format == "raw" else os.pread(fd, IMAGE_HEAD, 0), path, format)
+
+
+# --- size ------------------------------------------------------------------------------
+
+
 def check_openable(fd: int, path: str) -> None:
     """Raise ``ValueError`` unless ``fd`` is a regular file or block device of a whole
     number of sectors."""
@@ -40,6 +113,9 @@ def check_openable(fd: int, path: str) -> None:
             f"{path} is {size} bytes, not a whole number of {sector_size}-byte sectors "
             f"(use sparse({path}) or `truncate -s` it to a multiple of {sector_size})"
         )
+
+
+# --- the lock --------------------------------------------------------------------------
 
 
 def lock_image(fd: int, path: str, *, read_only: bool) -> None:

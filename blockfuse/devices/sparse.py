@@ -57,7 +57,7 @@ from ..opening import OpenContext
 from ..units import format_size
 from .file import HOLE_CAPABILITIES, FileDevice
 from .holes import append_extent, file_extents, is_hole, make_zeroes
-from .images import device_geometry, lock_image
+from .images import check_format, check_raw, device_geometry, lock_image
 from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
@@ -340,18 +340,26 @@ def _check_filesystem_holds(path: str, size_bytes: int) -> None:
 
 
 def open_sparse(
-    path: str, *, size_bytes: int | None = None, ctx: OpenContext | None = None
+    path: str,
+    *,
+    size_bytes: int | None = None,
+    ctx: OpenContext | None = None,
+    format: str | None = None,
 ) -> SparseDevice:
     """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing
     (and noting so in ``ctx``, which removes it again if the opening fails).
 
-    Raises ``ValueError`` (see ``check_backing``) or ``OSError``.
+    Raises ``ValueError`` (see ``check_backing``; an existing image of another format,
+    unless ``format="raw"``: see ``images.py``) or ``OSError``.
     """
+    check_format(format)
     check_backing(path, size_bytes)
     fd, created = _open_or_create(path, size_bytes)
     if created and ctx is not None:
         ctx.note_created(path)
     try:
+        if not created:
+            check_raw(fd, path, format)
         lock_image(fd, path, read_only=False)
         length = device_geometry(fd)[0]
         return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)

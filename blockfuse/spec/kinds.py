@@ -27,6 +27,7 @@ import trio
 
 from ..block import BlockDevice
 from ..devices.file import open_file
+from ..devices.images import IMAGE_HEAD, check_head
 from ..devices.memory import MemoryDevice
 from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
 from ..devices.remote import DEFAULT_TIMEOUT, open_remote
@@ -41,6 +42,7 @@ from .grammar import Call, Node, SpecError, Word, parse, unparse
 from .values import (
     bool_arg,
     existing_path,
+    format_arg,
     optional_size,
     path_arg,
     size_arg,
@@ -114,29 +116,31 @@ def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
 class FileArgs:
     path: str = arg(existing_path)
     ro: bool = arg(bool_arg, False)
+    format: str | None = arg(format_arg, None)
 
 
 @kind("file")
 def compile_file(call: Call, options: Options) -> Recipe:
     args = bind(call, FileArgs, options)
-    check_file_access(args.path, args.ro)
-    return file_recipe(args.path, args.ro, unparse(call))
+    check_file_access(args.path, args.ro, args.format)
+    return file_recipe(args.path, args.ro, unparse(call), args.format)
 
 
-def file_recipe(path: str, read_only: bool, text: str) -> Recipe:
+def file_recipe(path: str, read_only: bool, text: str, format: str | None = None) -> Recipe:
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return open_file(path, read_only=read_only)
+        return open_file(path, read_only=read_only, format=format)
 
     return Recipe("file", text, open_)
 
 
-def check_file_access(path: str, read_only: bool) -> None:
+def check_file_access(path: str, read_only: bool, format: str | None = None) -> None:
     """What opening ``path`` as a raw image would find wrong, found without opening it."""
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise SpecError(f"{path} is a directory, not an image file or block device")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise SpecError(f"{path} is not a regular file or block device")
+    check_image_format(path, format)
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:
         raise SpecError(
             f"{path} is {st.st_size} bytes, not a whole number of 512-byte sectors "
@@ -145,6 +149,22 @@ def check_file_access(path: str, read_only: bool) -> None:
     if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
         mode = "reading" if read_only else "reading and writing"
         raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")
+
+
+def check_image_format(path: str, format: str | None) -> None:
+    """Refuse an image of another format (qcow2, VMDK, ...) unless ``format`` says raw;
+    one that cannot be read is left to the access check."""
+    if format == "raw":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(IMAGE_HEAD)
+    except OSError:
+        return
+    try:
+        check_head(head, path, format)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -197,28 +217,30 @@ def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> Siz
 class SparseArgs:
     path: str = arg(path_arg)
     size: int | None = arg(sparse_size_arg, None)
+    format: str | None = arg(format_arg, None)
 
 
 @kind("sparse")
 def compile_sparse(call: Call, options: Options) -> Recipe:
     """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
     args = bind(call, SparseArgs, options)
-    path, size = args.path, args.size
+    path, size, format = args.path, args.size, args.format
     size_later = options.size_from_peer and size is None and not os.path.exists(path)
+    if os.path.exists(path):
+        check_image_format(path, format)
     try:
         check_backing(path, 0 if size_later else size)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     if os.path.exists(path):
-        check_file_access(path, False)
+        check_file_access(path, False, format)
 
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return open_sparse(path, size_bytes=size, ctx=ctx)
+        return open_sparse(path, size_bytes=size, ctx=ctx, format=format)
 
     async def open_sized(ctx: OpenContext, size_bytes: int) -> BlockDevice:
-        return open_sparse(
-            path, size_bytes=size if size is not None else new_only(size_bytes), ctx=ctx
-        )
+        size_now = size if size is not None else new_only(size_bytes)
+        return open_sparse(path, size_bytes=size_now, ctx=ctx, format=format)
 
     def new_only(size_bytes: int) -> int | None:
         """The peer's size is for a new file: an existing one keeps its own length."""
