@@ -14,7 +14,7 @@ from ..devices.readonly import ReadOnlyDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
 from ..opening import OpenContext
-from ..spec import Recipe, SpecError, compile_spec, split_named
+from ..spec import Options, Recipe, SpecError, compile_spec, split_named
 from ..units import format_size
 from .common import CommandError
 
@@ -44,14 +44,17 @@ def default_device() -> str:
     return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
 
 
-def compile_devices(specs: Sequence[str], option: str = "--device") -> list[tuple[str, Recipe]]:
-    """Check every NAME=SPEC of ``option`` before anything is opened or created."""
+def compile_devices(
+    specs: Sequence[str], option: str = "--device", *, read_only: bool = False
+) -> list[tuple[str, Recipe]]:
+    """Check every NAME=SPEC of ``option`` before anything is opened or created; with
+    ``read_only`` (``--read-only``), images are opened read-only, without the write lock."""
     named = [split_named(text, option) for text in specs]
     names = [name for name, _ in named]
     for name in names:
         if names.count(name) > 1:
             raise SpecError(f"two devices are named {name!r}; each name must be unique")
-    return [(name, compile_spec(spec)) for name, spec in named]
+    return [(name, compile_spec(spec, Options(read_only=read_only))) for name, spec in named]
 
 
 async def open_recipe(name: str, recipe: Recipe, ctx: OpenContext) -> BlockDevice:

@@ -264,7 +264,7 @@ async def mount_files(
 
 def cmd_mount(args: argparse.Namespace) -> int:
     use_default = not args.device and not args.scratch
-    recipes = compile_devices(args.device)
+    recipes = compile_devices(args.device, read_only=args.read_only)
     scratch_recipes = compile_devices(args.scratch, "--scratch")
     if args.scratch_unit <= 0 or args.scratch_unit % 512:
         raise SpecError(f"--scratch-unit {args.scratch_unit} is not a positive multiple of 512")
@@ -276,5 +276,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         raise CommandError(str(exc)) from exc
     if use_default:
-        recipes = compile_devices([default_device()])
+        recipes = compile_devices([default_device()], read_only=args.read_only)
     return trio.run(run_mount, args, recipes, scratch_recipes)

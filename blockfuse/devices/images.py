@@ -7,7 +7,9 @@
   begin with those bytes).
 - **A whole number of sectors** (``check_openable``).
 - **Not written by another device** (``lock_image``): an exclusive ``flock`` while it is
-  open for writing; read-only opens take none.
+  open for writing; read-only opens take none.  A refusal names the process that holds
+  the lock: most often a blockfuse still flushing and closing its devices after a plain
+  ``umount`` (which, unlike ``blockfuse umount``, does not wait for that).
 """
 
 from __future__ import annotations
@@ -124,15 +126,95 @@ def lock_image(fd: int, path: str, *, read_only: bool) -> None:
     Two devices writing one image (two mounts, or ``a=sparse(x.img) b=x.img`` in one)
     would corrupt whatever filesystem it holds; a read-only device takes no lock (a
     read-only view of a disk in use is the user's own choice).  The lock ends with the
-    descriptor, so a killed blockfuse leaves none behind.  Raises ``ValueError``.
+    descriptor, so a killed blockfuse leaves none behind.  Raises ``ValueError`` naming
+    the process that holds it (``locked``).
     """
     if read_only:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ValueError(
+        raise ValueError(locked(path, lock_holder(fd))) from None
+
+
+def lock_holder(fd: int) -> int | None:
+    """The PID that holds a ``flock`` on the file open as ``fd``, or ``None`` if unknown.
+
+    /proc/locks lists each lock as ``N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF``
+    (the device numbers in hex), the PID being the process that took it."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()  # a waiter's line has "->" after the number: skipped
+        if fields[1:2] == ["FLOCK"] and fields[5:6] == [where] and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+def locked(path: str, holder: int | None) -> str:
+    """Why ``path`` cannot be opened for writing: process ``holder`` (if known) has it."""
+    if holder is None or holder == os.getpid():
+        return (
             f"{path} is already open for writing by another blockfuse device (in this "
             f"mount or another); use it in one device only (a device that only reads it "
             f"can be file({path}, ro=true))"
-        ) from None
+        )
+    argv = command_line(holder)
+    command = blockfuse_command(argv)
+    if command is None:
+        shown = " ".join(argv) or "?"
+        return f"{path} is locked (flock) by another program, pid {holder} ({shown})"
+    if command != "mount":
+        return f"{path} is in use by `blockfuse {command}` (pid {holder}); stop it first"
+    mountpoint = blockfuse_mountpoint(holder)
+    if mountpoint is not None:
+        return (
+            f"{path} is in use by the blockfuse mount at {mountpoint} (pid {holder}); "
+            f"stop it first: blockfuse umount {mountpoint}"
+        )
+    return (
+        f"{path} is still open in blockfuse pid {holder}, which is unmounted and still "
+        f"flushing and closing its devices: wait for it to exit (`blockfuse umount "
+        f"MOUNTPOINT`, unlike a plain umount, returns only once that is done)"
+    )
+
+
+def command_line(pid: int) -> list[str]:
+    """``pid``'s argv (empty if it is gone or hidden)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def blockfuse_command(argv: list[str]) -> str | None:
+    """The subcommand of a blockfuse command line (``"mount"``; ``""`` if none shows),
+    or ``None`` if ``argv`` is not blockfuse's (``blockfuse ...``, ``python -m
+    blockfuse.cli ...``)."""
+    for index, arg in enumerate(argv[:3]):
+        if os.path.basename(arg).startswith("blockfuse"):
+            rest = [a for a in argv[index + 1 :] if not a.startswith("-")]
+            return rest[0] if rest else ""
+    return None
+
+
+def blockfuse_mountpoint(pid: int) -> str | None:
+    """Where blockfuse ``pid`` is mounted: the mount whose source is ``blockfuse:PID``
+    (the fsname ``fuse/mount.py`` gives it), from /proc/self/mountinfo."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "-" in fields and fields[fields.index("-") + 2 :][:1] == [f"blockfuse:{pid}"]:
+            return fields[4].replace("\\040", " ")
+    return None

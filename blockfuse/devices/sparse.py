@@ -345,24 +345,27 @@ def open_sparse(
     size_bytes: int | None = None,
     ctx: OpenContext | None = None,
     format: str | None = None,
+    read_only: bool = False,
 ) -> SparseDevice:
     """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing
-    (and noting so in ``ctx``, which removes it again if the opening fails).
+    (and noting so in ``ctx``, which removes it again if the opening fails).  A
+    ``read_only`` device takes no lock, as ``open_file``'s.
 
     Raises ``ValueError`` (see ``check_backing``; an existing image of another format,
     unless ``format="raw"``: see ``images.py``) or ``OSError``.
     """
     check_format(format)
     check_backing(path, size_bytes)
-    fd, created = _open_or_create(path, size_bytes)
+    fd, created = _open_or_create(path, size_bytes, read_only)
     if created and ctx is not None:
         ctx.note_created(path)
     try:
         if not created:
             check_raw(fd, path, format)
-        lock_image(fd, path, read_only=False)
+        lock_image(fd, path, read_only=read_only)
         length = device_geometry(fd)[0]
-        return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)
+        size = length if size_bytes is None else size_bytes
+        return SparseDevice(fd, path, size_bytes=size, read_only=read_only)
     except BaseException:
         os.close(fd)
         if created:
@@ -370,7 +373,7 @@ def open_sparse(
         raise
 
 
-def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
+def _open_or_create(path: str, size_bytes: int | None, read_only: bool) -> tuple[int, bool]:
     flags = os.O_RDWR | os.O_CLOEXEC
     if size_bytes is not None:
         try:
@@ -385,7 +388,7 @@ def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
                 os.unlink(path)
                 raise
             return fd, True
-    fd = os.open(path, flags)
+    fd = os.open(path, (os.O_RDONLY | os.O_CLOEXEC) if read_only else flags)
     try:
         check_backing(path, size_bytes)
     except BaseException:

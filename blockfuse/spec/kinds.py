@@ -83,9 +83,13 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Options:
-    """How a spec is compiled: ``size_from_peer`` for a mirror's secondary."""
+    """How a spec is compiled: ``size_from_peer`` for a mirror's secondary; ``read_only``
+    for a read-only mount (``--read-only``): every image is opened as ``file(PATH,
+    ro=true)`` is, read-only and without the write lock, but a mirror's secondary, which
+    its copier writes."""
 
     size_from_peer: bool = False
+    read_only: bool = False
 
 
 def device_arg(node: Node, options: Options) -> Recipe:
@@ -122,8 +126,9 @@ class FileArgs:
 @kind("file")
 def compile_file(call: Call, options: Options) -> Recipe:
     args = bind(call, FileArgs, options)
-    check_file_access(args.path, args.ro, args.format)
-    return file_recipe(args.path, args.ro, unparse(call), args.format)
+    read_only = args.ro or options.read_only
+    check_file_access(args.path, read_only, args.format)
+    return file_recipe(args.path, read_only, unparse(call), args.format)
 
 
 def file_recipe(path: str, read_only: bool, text: str, format: str | None = None) -> Recipe:
@@ -232,11 +237,12 @@ def compile_sparse(call: Call, options: Options) -> Recipe:
         check_backing(path, 0 if size_later else size)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    read_only = options.read_only
     if os.path.exists(path):
-        check_file_access(path, False, format)
+        check_file_access(path, read_only, format)
 
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return open_sparse(path, size_bytes=size, ctx=ctx, format=format)
+        return open_sparse(path, size_bytes=size, ctx=ctx, format=format, read_only=read_only)
 
     async def open_sized(ctx: OpenContext, size_bytes: int) -> BlockDevice:
         size_now = size if size is not None else new_only(size_bytes)
@@ -346,18 +352,18 @@ def compile_nbd(call: Call, options: Options) -> Recipe:
     return recipe
 
 
-def compile_word(node: Word) -> Recipe:
+def compile_word(node: Word, options: Options) -> Recipe:
     """A bare word: an NBD URI, or a path to a raw image or block device."""
     if _URI.match(node.text):
         return compile_remote(node.text)
-    path = existing_path(node, Options())
-    check_file_access(path, False)
-    return file_recipe(path, False, unparse(node))
+    path = existing_path(node, options)
+    check_file_access(path, options.read_only)
+    return file_recipe(path, options.read_only, unparse(node))
 
 
 def compile_node(node: Node, options: Options) -> Recipe:
     if isinstance(node, Word):
-        return compile_word(node)
+        return compile_word(node, options)
     compiler = KINDS.get(node.kind)
     if compiler is None:
         known = ", ".join(sorted(KINDS))
