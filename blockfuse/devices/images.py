@@ -5,7 +5,8 @@
   writes would corrupt it.  Such an image is refused (``check_raw``) with the way to use
   it instead, unless the caller says ``format="raw"`` (e.g. a raw disk that happens to
   begin with those bytes).
-- **A whole number of sectors** (``check_openable``).
+- **A whole number of sectors, and at least one.**  ``mem(0)``, a ``truncate -s 0`` of a
+  flat file and a 0-byte image are refused alike (``check_openable``).
 - **Not written by another device** (``lock_image``): an exclusive ``flock`` while it is
   open for writing; read-only opens take none.  A refusal names the process that holds
   the lock: most often a blockfuse still flushing and closing its devices after a plain
@@ -104,17 +105,29 @@ def check_raw(fd: int, path: str, format: str | None) -> None:
 
 
 def check_openable(fd: int, path: str) -> None:
-    """Raise ``ValueError`` unless ``fd`` is a regular file or block device of a whole
-    number of sectors."""
+    """Raise ``ValueError`` unless ``fd`` is a regular file or block device of a whole,
+    non-zero number of sectors."""
     st = os.fstat(fd)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ValueError(f"{path} is not a regular file or block device")
     size, sector_size = device_geometry(fd)
+    if size == 0:
+        raise ValueError(empty_image(path, stat.S_ISBLK(st.st_mode)))
     if size % sector_size:
         raise ValueError(
             f"{path} is {size} bytes, not a whole number of {sector_size}-byte sectors "
             f"(use sparse({path}) or `truncate -s` it to a multiple of {sector_size})"
         )
+
+
+def empty_image(path: str, is_block: bool = False) -> str:
+    """Why an image (or block device) of 0 bytes is refused."""
+    if is_block:
+        return f"{path} is a block device of 0 bytes (an unattached loop device?)"
+    return (
+        f"{path} is empty (0 bytes), and a device needs at least one sector: give it a "
+        f"size (`truncate -s 1G {path}`) or use sparse({path}, size=1G)"
+    )
 
 
 # --- the lock --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Sequence
 
-from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info
+from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info, check_new_size
 from ..errors import Disconnected, ReadOnly
 from ..units import round_up
 
@@ -47,7 +47,9 @@ class MemoryDevice(BlockDevice):
     def __init__(
         self, size_bytes: int, *, sector_size: int = SECTOR_SIZE, read_only: bool = False
     ) -> None:
-        if size_bytes < 0 or size_bytes % sector_size:
+        if size_bytes <= 0:
+            raise ValueError("a memory device needs a size above 0")
+        if size_bytes % sector_size:
             raise ValueError(f"memory size {size_bytes} is not a whole number of sectors")
         self._map: mmap.mmap | None = _mapping(size_bytes)
         self._size = size_bytes
@@ -93,6 +95,7 @@ class MemoryDevice(BlockDevice):
         await self.write_zeroes(sector, count)
 
     async def resize(self, size_sectors: int) -> None:
+        check_new_size(size_sectors)
         data = self._writable()
         new_size = size_sectors * self._sector_size
         if new_size < self._size:

@@ -50,14 +50,14 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..block import Buffer, Capability, Extent, Filler, Info, total_length
+from ..block import Buffer, Capability, Extent, Filler, Info, check_new_size, total_length
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
 from ..units import format_size
 from .file import HOLE_CAPABILITIES, FileDevice
 from .holes import append_extent, file_extents, is_hole, make_zeroes
-from .images import check_format, check_raw, device_geometry, lock_image
+from .images import check_format, check_raw, device_geometry, empty_image, lock_image
 from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
@@ -222,8 +222,7 @@ class SparseDevice(FileDevice):
     async def resize(self, size_sectors: int) -> None:
         self._check_can(Capability.RESIZE)
         self._check_writable()
-        if size_sectors < 0:
-            raise Unsafe(f"cannot resize to a negative size ({size_sectors} sectors)")
+        check_new_size(size_sectors)
         new_length = size_sectors * self._sector_size
         async with self._gate.exclusive():
             await self._in_thread(f"resize {self.path}", os.ftruncate, self._fd, new_length)
@@ -308,6 +307,8 @@ def _check_length(
             f"(`truncate -s` it to a multiple of {sector_size})"
         )
     if size_bytes is None:
+        if length == 0:
+            raise ValueError(empty_image(path, is_block))
         return
     if size_bytes % sector_size:
         raise ValueError(f"size {size_bytes} is not a whole number of {sector_size}-byte sectors")

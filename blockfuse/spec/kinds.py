@@ -27,7 +27,7 @@ import trio
 
 from ..block import BlockDevice
 from ..devices.file import open_file
-from ..devices.images import IMAGE_HEAD, check_head
+from ..devices.images import IMAGE_HEAD, check_head, empty_image
 from ..devices.memory import MemoryDevice
 from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
 from ..devices.remote import DEFAULT_TIMEOUT, open_remote
@@ -72,6 +72,9 @@ class Recipe:
     open: Opener
     children: list[Recipe] = field(default_factory=list)
     open_sized: SizedOpener | None = None
+    images: tuple[str, ...] = ()
+    """The image files (or block devices) the device opens, for telling two devices
+    that would use one image apart before anything opens."""
 
     async def open_alone(self, nursery: trio.Nursery) -> BlockDevice:
         """Open this one device as a mount opens its set (``open_all``): background
@@ -105,12 +108,17 @@ def secondary_arg(node: Node, options: Options) -> Recipe:
 
 KindCompiler = Callable[[Call, Options], Recipe]
 KINDS: dict[str, KindCompiler] = {}
+ARGUMENTS: dict[str, type] = {}
+"""Each kind's argument record (``binding.py``): what it takes, in order."""
 
 
-def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
+def kind(*names: str, args: type) -> Callable[[KindCompiler], KindCompiler]:
+    """Register a kind under ``names`` (the first is its name, the others aliases)."""
+
     def register(fn: KindCompiler) -> KindCompiler:
         for name in names:
             KINDS[name] = fn
+            ARGUMENTS[name] = args
         return fn
 
     return register
@@ -123,7 +131,7 @@ class FileArgs:
     format: str | None = arg(format_arg, None)
 
 
-@kind("file")
+@kind("file", args=FileArgs)
 def compile_file(call: Call, options: Options) -> Recipe:
     args = bind(call, FileArgs, options)
     read_only = args.ro or options.read_only
@@ -135,17 +143,22 @@ def file_recipe(path: str, read_only: bool, text: str, format: str | None = None
     async def open_(ctx: OpenContext) -> BlockDevice:
         return open_file(path, read_only=read_only, format=format)
 
-    return Recipe("file", text, open_)
+    return Recipe("file", text, open_, images=(path,))
 
 
-def check_file_access(path: str, read_only: bool, format: str | None = None) -> None:
-    """What opening ``path`` as a raw image would find wrong, found without opening it."""
+def check_file_access(
+    path: str, read_only: bool, format: str | None = None, *, empty_ok: bool = False
+) -> None:
+    """What opening ``path`` as a raw image would find wrong, found without opening it
+    (``empty_ok``: a sparse image given its size may be an empty file)."""
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise SpecError(f"{path} is a directory, not an image file or block device")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise SpecError(f"{path} is not a regular file or block device")
     check_image_format(path, format)
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0 and not empty_ok:
+        raise SpecError(empty_image(path))
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:
         raise SpecError(
             f"{path} is {st.st_size} bytes, not a whole number of 512-byte sectors "
@@ -177,7 +190,7 @@ class MemoryArgs:
     size: int = arg(size_arg)
 
 
-@kind("mem", "memory")
+@kind("mem", "memory", args=MemoryArgs)
 def compile_memory(call: Call, options: Options) -> Recipe:
     size = bind(call, MemoryArgs, options).size
     if size == 0:
@@ -196,14 +209,15 @@ class WrapperArgs:
     device: Recipe = arg(device_arg)
 
 
-@kind("safe")
+@kind("safe", args=WrapperArgs)
 def compile_safe(call: Call, options: Options) -> Recipe:
     inner = bind(call, WrapperArgs, options).device
 
     async def open_(ctx: OpenContext) -> BlockDevice:
         return SafeDevice(await inner.open(ctx))
 
-    return Recipe(inner.kind, unparse(call), open_, [inner], wrap_sized(inner, SafeDevice))
+    sized = wrap_sized(inner, SafeDevice)
+    return Recipe(inner.kind, unparse(call), open_, [inner], sized, images=inner.images)
 
 
 def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> SizedOpener | None:
@@ -225,7 +239,7 @@ class SparseArgs:
     format: str | None = arg(format_arg, None)
 
 
-@kind("sparse")
+@kind("sparse", args=SparseArgs)
 def compile_sparse(call: Call, options: Options) -> Recipe:
     """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
     args = bind(call, SparseArgs, options)
@@ -239,7 +253,7 @@ def compile_sparse(call: Call, options: Options) -> Recipe:
         raise SpecError(str(exc)) from None
     read_only = options.read_only
     if os.path.exists(path):
-        check_file_access(path, read_only, format)
+        check_file_access(path, read_only, format, empty_ok=size is not None)
 
     async def open_(ctx: OpenContext) -> BlockDevice:
         return open_sparse(path, size_bytes=size, ctx=ctx, format=format, read_only=read_only)
@@ -252,7 +266,7 @@ def compile_sparse(call: Call, options: Options) -> Recipe:
         """The peer's size is for a new file: an existing one keeps its own length."""
         return None if os.path.exists(path) else size_bytes
 
-    return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
+    return Recipe("sparse", unparse(call), open_, open_sized=open_sized, images=(path,))
 
 
 @dataclass(frozen=True)
@@ -265,7 +279,7 @@ class MirrorArgs:
     verify: str = arg(verify_arg, "sample")
 
 
-@kind("mirror")
+@kind("mirror", args=MirrorArgs)
 def compile_mirror(call: Call, options: Options) -> Recipe:
     """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S, verify=full)``: the
     copier starts in the context's nursery once every device is open; closing the
@@ -275,7 +289,8 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
         check_options(args.chunk, args.rate)
     except MirrorRefused as exc:
         raise SpecError(str(exc)) from None
-    if args.primary.text == args.secondary.text and args.primary.kind != "memory":
+    same_text = args.primary.text == args.secondary.text and args.primary.kind != "memory"
+    if same_text or shared_image(args.primary, args.secondary):
         raise SpecError("the secondary is the primary itself; mirror onto another device")
     if args.state is not None and args.secondary.kind == "memory":
         raise SpecError(
@@ -297,7 +312,19 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
         ctx.start_when_all_open(lambda: ctx.nursery.start(mirror.run_copier))
         return mirror
 
-    return Recipe("mirror", unparse(call), open_, [args.primary, args.secondary])
+    images = args.primary.images + args.secondary.images
+    return Recipe("mirror", unparse(call), open_, [args.primary, args.secondary], images=images)
+
+
+def shared_image(a: Recipe, b: Recipe) -> bool:
+    """Whether ``a`` and ``b`` would open one image (the same file by any name)."""
+    return any(same_file(x, y) for x in a.images for y in b.images)
+
+
+def same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext) -> BlockDevice:
@@ -342,7 +369,7 @@ class NBDArgs:
     timeout: float = arg(timeout_arg, DEFAULT_TIMEOUT)
 
 
-@kind("nbd")
+@kind("nbd", args=NBDArgs)
 def compile_nbd(call: Call, options: Options) -> Recipe:
     """``nbd(URI, timeout=SECONDS)``: ``timeout`` bounds every request (default 30)."""
     args = bind(call, NBDArgs, options)
