@@ -5,9 +5,10 @@ arguments to a kind's typed record; ``kinds.py`` says what each kind means and c
 a spec into a ``Recipe``; ``resized.py`` rewrites a spec for its device's new size.
 """
 
+from ..units import format_spec_size
 from .grammar import Call, Node, SpecError, Word, parse, parse_bool, parse_size, unparse
 from .kinds import ARGUMENTS, KINDS, Options, Recipe, compile_spec, split_named
-from .resized import format_spec_size, resized_spec
+from .resized import resized_spec
 
 __all__ = [
     "ARGUMENTS",

@@ -38,7 +38,7 @@ from ..opening import OpenContext, open_all
 from ..transport.handshake import TLSFailed
 from ..transport.tls import client_context
 from .binding import arg, bind
-from .grammar import Call, Node, SpecError, Word, parse, unparse
+from .grammar import QUOTE_HINT, Call, Node, SpecError, Word, parse, quoted, unparse
 from .values import (
     bool_arg,
     existing_path,
@@ -133,6 +133,7 @@ class FileArgs:
 
 @kind("file", args=FileArgs)
 def compile_file(call: Call, options: Options) -> Recipe:
+    check_not_cut(call)
     args = bind(call, FileArgs, options)
     read_only = args.ro or options.read_only
     check_file_access(args.path, read_only, args.format)
@@ -167,6 +168,22 @@ def check_file_access(
     if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
         mode = "reading" if read_only else "reading and writing"
         raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")
+
+
+def check_not_cut(call: Call) -> None:
+    """Refuse a path written unquoted whose commas cut it into arguments (``file(a,b.img)``
+    is ``file(a, ro=b.img)``), found when the pieces joined again name a file."""
+    words: list[str] = []
+    for node in call.args:
+        if not isinstance(node, Word) or node.quoted:
+            break
+        words.append(node.text)
+        joined = ",".join(words)
+        if len(words) > 1 and os.path.exists(joined):
+            raise SpecError(
+                f"{call.kind}(...) got the path {joined} cut at its commas; "
+                f"{QUOTE_HINT}: {quoted(joined)}"
+            )
 
 
 def check_image_format(path: str, format: str | None) -> None:
@@ -242,6 +259,7 @@ class SparseArgs:
 @kind("sparse", args=SparseArgs)
 def compile_sparse(call: Call, options: Options) -> Recipe:
     """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
+    check_not_cut(call)
     args = bind(call, SparseArgs, options)
     path, size, format = args.path, args.size, args.format
     size_later = options.size_from_peer and size is None and not os.path.exists(path)
@@ -335,6 +353,7 @@ async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext)
 
 
 _URI = re.compile(r"nbd[a-z+]*://")
+_ANY_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
@@ -381,8 +400,8 @@ def compile_nbd(call: Call, options: Options) -> Recipe:
 
 def compile_word(node: Word, options: Options) -> Recipe:
     """A bare word: an NBD URI, or a path to a raw image or block device."""
-    if _URI.match(node.text):
-        return compile_remote(node.text)
+    if _URI.match(node.text) or (_ANY_URI.match(node.text) and not os.path.exists(node.text)):
+        return compile_remote(node.text)  # refuses other schemes: "unsupported URI scheme"
     path = existing_path(node, options)
     check_file_access(path, options.read_only)
     return file_recipe(path, options.read_only, unparse(node))

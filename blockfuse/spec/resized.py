@@ -12,19 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..units import format_spec_size
 from .grammar import Call, Node, SpecError, Word, parse, unparse
 from .kinds import ARGUMENTS
-
-_UNITS = (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10))
-
-
-def format_spec_size(size_bytes: int) -> str:
-    """``2147483648`` -> ``'2G'``: the largest unit that says it exactly (``parse_size``
-    reads it back)."""
-    for suffix, shift in _UNITS:
-        if size_bytes and size_bytes % (1 << shift) == 0:
-            return f"{size_bytes >> shift}{suffix}"
-    return str(size_bytes)
 
 
 def resized_spec(text: str, size_bytes: int) -> str:
