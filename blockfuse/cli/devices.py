@@ -15,12 +15,27 @@ from ..devices.safe import SafeDevice
 from ..errors import BlockError
 from ..opening import OpenContext
 from ..spec import Options, Recipe, SpecError, compile_spec, split_named
-from ..units import format_size
+from ..units import format_size, format_spec_size
 from .common import CommandError
 
 DEFAULT_NAME = "disk"
 DEFAULT_IMAGE = "blockfuse-disk.img"
 DEFAULT_SIZE = 1 << 30
+DEFAULT_DEVICE = f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={format_spec_size(DEFAULT_SIZE)})"
+"""The device of a mount (or server) given none, when ``DEFAULT_IMAGE`` does not exist."""
+
+SPEC_HELP = (
+    "SPEC: a path (a raw image or block device); file(PATH, ro=true, format=raw); "
+    "sparse(PATH, size=SIZE, format=raw) (a sparse image, created if missing, resizable "
+    "with truncate -s); mem(SIZE) or memory(SIZE) (in RAM); an NBD URI "
+    "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// and "
+    "nbds+unix:// over TLS), or nbd(URI, timeout=SECONDS); "
+    "mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S, verify=full) "
+    "(copies PRIMARY onto SECONDARY in the background); safe(SPEC). Calls nest; quote "
+    'paths holding commas or parentheses: file("a,b(1).img"). SIZE is in binary units: '
+    "512, 64K, 256M, 1G, 1T, 1P (also lowercase, and with B or iB: 256MB is 256 MiB)."
+)
+"""What ``--help`` says about device specs (``tests/test_readme.py`` holds it to the parser)."""
 
 log = logging.getLogger("blockfuse")
 
@@ -41,7 +56,7 @@ def default_device() -> str:
     if os.path.exists(DEFAULT_IMAGE):
         return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE})"
     log.warning("creating %s (%s, sparse)", DEFAULT_IMAGE, format_size(DEFAULT_SIZE))
-    return f"{DEFAULT_NAME}=sparse({DEFAULT_IMAGE}, size={DEFAULT_SIZE >> 30}G)"
+    return DEFAULT_DEVICE
 
 
 def compile_devices(
