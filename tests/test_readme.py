@@ -109,3 +109,18 @@ def test_the_default_device_is_said_as_it_is(
     with pytest.raises(SystemExit):
         parse_args(["mount", "--help"])
     assert DEFAULT_DEVICE in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_the_readme_lists_the_layers_in_the_order_the_code_keeps() -> None:
+    from .test_layers import LAYERS
+
+    text = README[README.index("Layout (see the module docstrings") :]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    listed = [
+        [
+            name.split("/")[0].removesuffix(".py")
+            for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])
+        ]
+        for row in rows
+    ]
+    assert listed == LAYERS
