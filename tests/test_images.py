@@ -16,6 +16,9 @@ from blockfuse.devices.sparse import open_sparse
 from blockfuse.spec import SpecError, compile_spec
 
 from .conftest import require_tool
+from .timing import time_limit
+
+limit = time_limit(60)
 
 FORMATS = ["qcow2", "vmdk", "vhdx", "qed", "vdi"]
 NAMES = {"qcow2": "qcow2", "vmdk": "VMDK", "vhdx": "VHDX", "qed": "QED", "vdi": "VDI"}
@@ -110,3 +113,11 @@ def test_mount_refuses_a_qcow2_with_exit_2_and_creates_nothing(
     assert "disk.qcow2 is a qcow2 image, not a raw disk" in err
     assert len(err.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for spec in (f"sparse({fifo})", f"file({fifo})", str(fifo)):
+        with pytest.raises(SpecError, match="is not a regular file or block device"):
+            compile_spec(spec)

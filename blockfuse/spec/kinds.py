@@ -192,6 +192,9 @@ def check_image_format(path: str, format: str | None) -> None:
     if format == "raw":
         return
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return  # the type check says what is wrong (a FIFO would block the read)
         with open(path, "rb") as f:
             head = f.read(IMAGE_HEAD)
     except OSError:
