@@ -17,6 +17,10 @@ from blockfuse.devices.file import open_file
 from blockfuse.devices.images import lock_holder
 from blockfuse.spec import Options, compile_spec
 
+from .timing import time_limit
+
+limit = time_limit(60)
+
 HOLD = """
 import fcntl, os, sys
 fd = os.open(sys.argv[-1], os.O_RDWR)
