@@ -46,9 +46,12 @@ def test_opening_an_empty_image_is_refused_too(tmp_path: Path) -> None:
         open_sparse(path)
 
 
-def test_a_memory_device_of_0_bytes_is_refused() -> None:
-    with pytest.raises(ValueError, match="needs a size above 0"):
-        MemoryDevice(0)
+@pytest.mark.parametrize("spec", ["mem(0)", "memory(0)", "safe(mem(0))"])
+def test_a_memory_device_of_0_bytes_is_refused(spec: str) -> None:
+    """``mem(0)``; ``MemoryDevice(0)`` itself stays, for tests of 0-byte devices (an NBD
+    export may be empty)."""
+    with pytest.raises(SpecError, match="needs a size above 0"):
+        compile_spec(spec)
 
 
 async def memory() -> BlockDevice:

@@ -63,9 +63,7 @@ class MemoryDevice(BlockDevice):
     def __init__(
         self, size_bytes: int, *, sector_size: int = SECTOR_SIZE, read_only: bool = False
     ) -> None:
-        if size_bytes <= 0:
-            raise ValueError("a memory device needs a size above 0")
-        if size_bytes % sector_size:
+        if size_bytes < 0 or size_bytes % sector_size:
             raise ValueError(f"memory size {size_bytes} is not a whole number of sectors")
         self._map: mmap.mmap | None = _mapping(size_bytes)
         self._size = size_bytes
