@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import BlockError, RequestFailed, Unimplemented
+from .errors import BlockError, RequestFailed, Unimplemented, Unsafe
 
 Buffer = bytearray | memoryview | bytes
 """A run of bytes handed to ``read`` (must be writable) or ``write``."""
@@ -156,7 +156,10 @@ class BlockDevice(ABC):
         raise Unimplemented(f"{self.kind} devices cannot write zeroes efficiently")
 
     async def resize(self, size_sectors: int) -> None:
-        """Grow (reading back zeroes) or shrink (dropping data past the end) the device."""
+        """Grow (reading back zeroes) or shrink (dropping data past the end) the device.
+
+        A device has at least one sector: a size below 1 raises ``Unsafe`` and changes
+        nothing (``check_new_size``), as a 0-byte device is refused when it opens."""
         raise Unimplemented(f"{self.kind} devices cannot be resized")
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
@@ -242,6 +245,14 @@ class FlushCursor:
         self._seen = errors.count
         if missed is not None:
             raise missed
+
+
+def check_new_size(size_sectors: int) -> None:
+    """Raise ``Unsafe`` unless a device may be resized to ``size_sectors``: at least one."""
+    if size_sectors < 0:
+        raise Unsafe(f"cannot resize to a negative size ({size_sectors} sectors)")
+    if size_sectors == 0:
+        raise Unsafe("cannot resize to 0 bytes: a device has at least one sector")
 
 
 def total_length(buffers: Sequence[Buffer]) -> int:

@@ -30,6 +30,18 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
+_SPEC_UNITS = (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10))
+
+
+def format_spec_size(n: int) -> str:
+    """``2147483648`` -> ``'2G'``: a size as a spec writes it, in the largest unit that
+    says it exactly (``spec.parse_size`` reads it back)."""
+    for suffix, shift in _SPEC_UNITS:
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
 def printable(text: str) -> str:
     """``text`` with control characters escaped (``\\n``, ``\\t``, ``\\x1b``, ...), as ``ls``
     escapes file names: for text that comes from outside (a server's export names)."""

@@ -112,7 +112,7 @@ def test_umount_leaves_other_filesystems_alone(
     subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True, timeout=10)
     try:
         status, err = run(capsys, "umount", str(target))
-        assert status == 1 and "is a tmpfs mount, not blockfuse's" in err
+        assert status == 1 and "is a mount of type tmpfs, not blockfuse's" in err
         assert os.path.ismount(target)
     finally:
         subprocess.run(["umount", str(target)], check=False, timeout=10)

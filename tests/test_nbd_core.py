@@ -531,4 +531,4 @@ def test_ls_rejects_a_bad_uri(capsys: pytest.CaptureFixture[str]) -> None:
     from blockfuse.cli import main
 
     assert main(["ls", "http://example.com/"]) == 2
-    assert "'http://example.com/': not an NBD URI" in capsys.readouterr().err
+    assert "'http://example.com/': unsupported URI scheme 'http'" in capsys.readouterr().err

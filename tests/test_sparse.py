@@ -307,7 +307,7 @@ OPS = st.lists(
         ),
         st.tuples(st.just("discard"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
         st.tuples(st.just("zeroes"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
-        st.tuples(st.just("resize"), st.integers(0, 4 * SECTORS)),
+        st.tuples(st.just("resize"), st.integers(1, 4 * SECTORS)),  # 0 is refused
         st.tuples(st.just("read"), st.integers(0, 4 * SECTORS), st.integers(1, 24)),
     ),
     max_size=25,

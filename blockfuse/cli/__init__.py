@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "export it over NBD."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    add_global_options(parser, default=False)
     parser.add_argument("--version", action="version", version=f"blockfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mount.add_parser(sub)
@@ -44,7 +44,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     umount.add_parser(sub)
     ls.add_parser(sub)
     monitor.add_parsers(sub)
+    for subparser in sub.choices.values():
+        add_global_options(subparser, default=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """The options every subcommand also takes after its name (``blockfuse mount -v``):
+    a subcommand's copy has no default (``SUPPRESS``), so that it does not undo the same
+    option given before the subcommand."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log debug detail"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

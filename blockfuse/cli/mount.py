@@ -30,8 +30,9 @@ from ..swap import DEFAULT_UNIT
 from ..units import format_size
 from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
 from .devices import (
+    DEFAULT_DEVICE,
     DEFAULT_IMAGE,
-    DEFAULT_NAME,
+    SPEC_HELP,
     compile_devices,
     default_device,
     open_devices,
@@ -50,19 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description=(
             "Show each device as the file MOUNTPOINT/NAME until Ctrl-C, SIGTERM or "
             "`blockfuse umount MOUNTPOINT`; every device is flushed before exit. "
-            f"With no --device and no --scratch, shows {DEFAULT_NAME}={DEFAULT_IMAGE} (1 GiB, "
-            "created sparse in the current directory if missing). "
+            f"With no --device and no --scratch, shows {DEFAULT_DEVICE} (in the current "
+            f"directory, created if missing; an existing {DEFAULT_IMAGE} keeps its size). "
             "A --scratch directory is temporary: everything in it is gone after unmount."
         ),
-        epilog=(
-            "SPEC: a path (raw image or block device); file(PATH, ro=true); mem(SIZE) "
-            "(sizes like 512, 64K, 256M, 1G, 1T); sparse(PATH, size=SIZE) (a sparse image, "
-            "created if missing, resizable with truncate -s); safe(SPEC); an NBD URI "
-            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; "
-            "mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S) "
-            "(copies PRIMARY onto SECONDARY in the background). Calls nest; "
-            "quote paths holding commas or parentheses."
-        ),
+        epilog=SPEC_HELP,
     )
     mount.add_argument("mountpoint")
     mount.add_argument(
@@ -91,7 +84,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="SIZE",
         help="scratch space is given out in units of SIZE (default 1M): a file takes whole units",
     )
-    mount.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
+    mount.add_argument(
+        "--read-only",
+        action="store_true",
+        help="refuse every write (EROFS); images are opened read-only, without the write lock",
+    )
     mount.add_argument("--allow-other", action="store_true", help="let other users open the files")
     mount.add_argument(
         "--unsafe",
@@ -264,7 +261,7 @@ async def mount_files(
 
 def cmd_mount(args: argparse.Namespace) -> int:
     use_default = not args.device and not args.scratch
-    recipes = compile_devices(args.device)
+    recipes = compile_devices(args.device, read_only=args.read_only)
     scratch_recipes = compile_devices(args.scratch, "--scratch")
     if args.scratch_unit <= 0 or args.scratch_unit % 512:
         raise SpecError(f"--scratch-unit {args.scratch_unit} is not a positive multiple of 512")
@@ -276,5 +273,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         raise CommandError(str(exc)) from exc
     if use_default:
-        recipes = compile_devices([default_device()])
+        recipes = compile_devices([default_device()], read_only=args.read_only)
     return trio.run(run_mount, args, recipes, scratch_recipes)

@@ -197,7 +197,7 @@ async def serve_devices(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    recipes = compile_devices(args.device)
+    recipes = compile_devices(args.device, read_only=args.read_only)
     if not (args.socket or args.listen or activated_fds()):
         raise CommandError(
             "nothing to listen on: give --socket PATH or --listen HOST:PORT "
@@ -205,5 +205,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     if not recipes:
-        recipes = compile_devices([default_device()])
+        recipes = compile_devices([default_device()], read_only=args.read_only)
     return trio.run(run_serve, args, recipes)

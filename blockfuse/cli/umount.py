@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -42,9 +43,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read the mount table: {exc}") from exc
     if fstype is None:
-        raise CommandError(f"{path} is not mounted")
+        raise CommandError(f"{path} is not mounted{inside_mount(path)}")
     if not is_ours(path):
-        raise CommandError(f"{path} is a {fstype} mount, not {FSNAME}'s; leaving it alone")
+        raise CommandError(f"{path} is a mount of type {fstype}, not {FSNAME}'s; leaving it alone")
     # Never touch the mountpoint itself: a stopped blockfuse would not answer.  Unmounting
     # a live mount ends its blockfuse (it flushes and exits); a stale one is just cleared.
     pid = mount_pid(path)
@@ -54,6 +55,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid is not None:
         wait_for_exit(pid, path)
     return EXIT_OK
+
+
+def inside_mount(path: str) -> str:
+    """``"; it is inside the blockfuse mount M: run: blockfuse umount M"`` if a blockfuse
+    mount holds ``path`` (``./mnt/disk``), else ``""``; found from the mount table alone."""
+    shown = path.rstrip("/") or "/"
+    real = resolved(path)
+    while real != "/":
+        real = os.path.dirname(real)
+        shown = os.path.dirname(shown) or real
+        if is_ours(real):
+            return f"; it is inside the blockfuse mount {shown}: run: blockfuse umount {shown}"
+    return ""
 
 
 def wait_for_exit(pid: int, path: str, limit: float = UMOUNT_WAIT_SECONDS) -> None:

@@ -30,12 +30,10 @@ A regular file also offers ``discard``/``write_zeroes`` (punched holes) and ``ex
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import os
 import resource
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +42,6 @@ from typing import Any, TypeVar
 import trio
 
 from ..block import (
-    SECTOR_SIZE,
     BlockDevice,
     Buffer,
     Capability,
@@ -64,9 +61,7 @@ from ..errors import (
 )
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
-
-BLKGETSIZE64 = 0x80081272
-BLKSSZGET = 0x1268
+from .images import check_openable, check_raw, device_geometry, lock_image
 
 T = TypeVar("T")
 IoCall = Callable[[int, list[memoryview], int, int], int]
@@ -93,16 +88,6 @@ SLOW_PERIOD = 1.0
 
 HOLE_CAPABILITIES = frozenset({Capability.DISCARD, Capability.WRITE_ZEROES, Capability.EXTENTS})
 """What a regular file offers on top of I/O: holes punched and found (``holes.py``)."""
-
-
-def device_geometry(fd: int) -> tuple[int, int]:
-    """``(size_bytes, sector_size)`` of an open regular file or block device."""
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
-        sector_size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
-        return size, sector_size
-    return st.st_size, SECTOR_SIZE
 
 
 class _NoWait:
@@ -383,47 +368,17 @@ class _InFlight:
         self._dev._leave()
 
 
-def open_file(path: str, *, read_only: bool = False) -> FileDevice:
-    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size,
-    or in use by another device: see ``lock_image``)."""
+def open_file(path: str, *, read_only: bool = False, format: str | None = None) -> FileDevice:
+    """Open a raw image or block device.  Raises ``OSError`` or ``ValueError`` (bad size;
+    another image format, unless ``format="raw"``; in use by another device: see
+    ``images.py``)."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
         check_openable(fd, path)
+        check_raw(fd, path, format)
         lock_image(fd, path, read_only=read_only)
         return FileDevice(fd, path, read_only=read_only)
     except BaseException:
         os.close(fd)
         raise
-
-
-def lock_image(fd: int, path: str, *, read_only: bool) -> None:
-    """Take an exclusive ``flock`` on an image opened to be written.
-
-    Two devices writing one image (two mounts, or ``a=sparse(x.img) b=x.img`` in one)
-    would corrupt whatever filesystem it holds; a read-only device takes no lock (a
-    read-only view of a disk in use is the user's own choice).  The lock ends with the
-    descriptor, so a killed blockfuse leaves none behind.  Raises ``ValueError``.
-    """
-    if read_only:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(
-            f"{path} is already open for writing by another blockfuse device (in this "
-            f"mount or another); use it in one device only (a device that only reads it "
-            f"can be file({path}, ro=true))"
-        ) from None
-
-
-def check_openable(fd: int, path: str) -> None:
-    st = os.fstat(fd)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ValueError(f"{path} is not a regular file or block device")
-    size, sector_size = device_geometry(fd)
-    if size % sector_size:
-        raise ValueError(
-            f"{path} is {size} bytes, not a whole number of {sector_size}-byte sectors "
-            f"(use sparse({path}) or `truncate -s` it to a multiple of {sector_size})"
-        )

@@ -7,21 +7,37 @@ is an ``mremap``.
 
 from __future__ import annotations
 
+import errno
 import mmap
 from collections.abc import Sequence
 
-from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info
-from ..errors import Disconnected, ReadOnly
-from ..units import round_up
+from ..block import SECTOR_SIZE, BlockDevice, Buffer, Capability, Info, check_new_size
+from ..errors import Disconnected, ReadOnly, RequestFailed
+from ..units import format_size, format_spec_size, round_up
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 """Linux's value; Python 3.11's mmap module does not name it."""
 
 
 def _mapping(size: int) -> mmap.mmap:
-    """Zeroed memory of at least ``size`` bytes (a mapping cannot be empty)."""
+    """Zeroed memory of at least ``size`` bytes (a mapping cannot be empty).  Raises
+    ``ValueError`` saying how much could not be mapped (``too_large``)."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
-    return mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=flags)
+    try:
+        return mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=flags)
+    except (OSError, OverflowError) as exc:
+        raise ValueError(too_large(size, exc)) from exc
+
+
+def too_large(size: int, exc: BaseException) -> str:
+    """Why ``mem(size)`` cannot be had: the mapping is refused (address space, overcommit)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    spec = format_spec_size(size)
+    return (
+        f"mem({spec}) keeps its data in RAM (taken as it is written), and this system "
+        f"cannot map {format_size(size)} ({why}): use a smaller size, or "
+        f"sparse(PATH, size={spec}) for a disk file that holds only what is written"
+    )
 
 
 def _round_up(n: int) -> int:
@@ -93,6 +109,7 @@ class MemoryDevice(BlockDevice):
         await self.write_zeroes(sector, count)
 
     async def resize(self, size_sectors: int) -> None:
+        check_new_size(size_sectors)
         data = self._writable()
         new_size = size_sectors * self._sector_size
         if new_size < self._size:
@@ -100,7 +117,13 @@ class MemoryDevice(BlockDevice):
             # shrunk mapping keeps the rest of its last page, so zero up to its end.
             page_end = _round_up(max(new_size, mmap.PAGESIZE))
             _zero(data, new_size, min(self._size, page_end))
-        data.resize(max(new_size, mmap.PAGESIZE))
+        try:
+            data.resize(max(new_size, mmap.PAGESIZE))
+        except (OSError, OverflowError) as exc:  # the mapping is left as it was
+            message = f"cannot grow the memory device to {format_size(new_size)}: " + (
+                "mem keeps its data in RAM, and this system cannot map that much"
+            )
+            raise RequestFailed(errno.ENOMEM, message) from exc
         self._size = new_size
 
     async def flush(self) -> None:

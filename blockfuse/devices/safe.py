@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..block import BlockDevice, Buffer, Extent, Filler, Info, total_length
+from ..block import BlockDevice, Buffer, Extent, Filler, Info, check_new_size, total_length
 from ..errors import ReadOnly, Unsafe
 from .wrapper import PassThrough
 
@@ -94,8 +94,7 @@ class SafeDevice(PassThrough):
         await self._inner.write_zeroes(sector, count)
 
     async def resize(self, size_sectors: int) -> None:
-        if size_sectors < 0:
-            raise Unsafe(f"cannot resize to a negative size ({size_sectors} sectors)")
+        check_new_size(size_sectors)
         await self._checked_change(0, 0)
         await self._inner.resize(size_sectors)
 

@@ -50,18 +50,14 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..block import Buffer, Capability, Extent, Filler, Info, total_length
+from ..block import Buffer, Capability, Extent, Filler, Info, check_new_size, total_length
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
 from ..units import format_size
-from .file import (
-    HOLE_CAPABILITIES,
-    FileDevice,
-    device_geometry,
-    lock_image,
-)
+from .file import HOLE_CAPABILITIES, FileDevice
 from .holes import append_extent, file_extents, is_hole, make_zeroes
+from .images import check_format, check_raw, device_geometry, empty_image, lock_image
 from .zeroes import Stretch, data_end, fill_zeroes, zero_runs
 
 
@@ -226,8 +222,7 @@ class SparseDevice(FileDevice):
     async def resize(self, size_sectors: int) -> None:
         self._check_can(Capability.RESIZE)
         self._check_writable()
-        if size_sectors < 0:
-            raise Unsafe(f"cannot resize to a negative size ({size_sectors} sectors)")
+        check_new_size(size_sectors)
         new_length = size_sectors * self._sector_size
         async with self._gate.exclusive():
             await self._in_thread(f"resize {self.path}", os.ftruncate, self._fd, new_length)
@@ -312,6 +307,8 @@ def _check_length(
             f"(`truncate -s` it to a multiple of {sector_size})"
         )
     if size_bytes is None:
+        if length == 0:
+            raise ValueError(empty_image(path, is_block))
         return
     if size_bytes % sector_size:
         raise ValueError(f"size {size_bytes} is not a whole number of {sector_size}-byte sectors")
@@ -344,21 +341,32 @@ def _check_filesystem_holds(path: str, size_bytes: int) -> None:
 
 
 def open_sparse(
-    path: str, *, size_bytes: int | None = None, ctx: OpenContext | None = None
+    path: str,
+    *,
+    size_bytes: int | None = None,
+    ctx: OpenContext | None = None,
+    format: str | None = None,
+    read_only: bool = False,
 ) -> SparseDevice:
     """Open ``path`` as a sparse device, creating it (sparse, ``size_bytes`` long) if missing
-    (and noting so in ``ctx``, which removes it again if the opening fails).
+    (and noting so in ``ctx``, which removes it again if the opening fails).  A
+    ``read_only`` device takes no lock, as ``open_file``'s.
 
-    Raises ``ValueError`` (see ``check_backing``) or ``OSError``.
+    Raises ``ValueError`` (see ``check_backing``; an existing image of another format,
+    unless ``format="raw"``: see ``images.py``) or ``OSError``.
     """
+    check_format(format)
     check_backing(path, size_bytes)
-    fd, created = _open_or_create(path, size_bytes)
+    fd, created = _open_or_create(path, size_bytes, read_only)
     if created and ctx is not None:
         ctx.note_created(path)
     try:
-        lock_image(fd, path, read_only=False)
+        if not created:
+            check_raw(fd, path, format)
+        lock_image(fd, path, read_only=read_only)
         length = device_geometry(fd)[0]
-        return SparseDevice(fd, path, size_bytes=length if size_bytes is None else size_bytes)
+        size = length if size_bytes is None else size_bytes
+        return SparseDevice(fd, path, size_bytes=size, read_only=read_only)
     except BaseException:
         os.close(fd)
         if created:
@@ -366,7 +374,7 @@ def open_sparse(
         raise
 
 
-def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
+def _open_or_create(path: str, size_bytes: int | None, read_only: bool) -> tuple[int, bool]:
     flags = os.O_RDWR | os.O_CLOEXEC
     if size_bytes is not None:
         try:
@@ -381,7 +389,7 @@ def _open_or_create(path: str, size_bytes: int | None) -> tuple[int, bool]:
                 os.unlink(path)
                 raise
             return fd, True
-    fd = os.open(path, flags)
+    fd = os.open(path, (os.O_RDONLY | os.O_CLOEXEC) if read_only else flags)
     try:
         check_backing(path, size_bytes)
     except BaseException:

@@ -1,7 +1,8 @@
 """One device seen as a flat file of bytes: the FUSE handlers' only way to a device.
 
 The byte-level behaviour is ``blockfuse.sectors.DeviceBytes`` (shared with the NBD
-server); this adds what the file shows: its name, the spec it came from, the status of
+server); this adds what the file shows: its name, the spec it came from (with the size it has
+now, once resized), the status of
 every layer, and the controls (``user.blockfuse.KEY`` writes).  No pyfuse3 here.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from ..block import BlockDevice, merged_status, send_control
 from ..sectors import DeviceBytes
+from ..spec import resized_spec
 
 
 class FlatFile(DeviceBytes):
@@ -17,6 +19,11 @@ class FlatFile(DeviceBytes):
         self.name = name
         self.kind = kind
         self.spec = spec
+
+    async def resize(self, size_bytes: int) -> None:
+        """Resize the device; ``spec`` then says the new size (``mem(2G)``)."""
+        await super().resize(size_bytes)
+        self.spec = resized_spec(self.spec, size_bytes)
 
     async def control(self, key: str, value: bytes) -> None:
         """Hand ``user.blockfuse.KEY`` to the first layer (outermost first) that takes it."""

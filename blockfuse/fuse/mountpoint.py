@@ -180,7 +180,10 @@ def stale_mount(path: str) -> Prepare:
 
 
 def prepare_mountpoint(path: str, need: Prepare) -> None:
-    """Do what ``check_mountpoint`` found necessary; raises ``MountError``."""
+    """Do what ``check_mountpoint`` found necessary (and warn that a directory that is not
+    empty hides its files while mounted); raises ``MountError``."""
+    if need is Prepare.NOTHING:
+        warn_if_not_empty(path)
     if need is Prepare.CREATE:
         try:
             os.mkdir(path)
@@ -188,6 +191,16 @@ def prepare_mountpoint(path: str, need: Prepare) -> None:
             raise MountError(f"cannot create {path}: {exc.strerror}") from exc
     elif need is Prepare.CLEAR_STALE:
         clear_stale(path)
+
+
+def warn_if_not_empty(path: str) -> None:
+    try:
+        count = len(os.listdir(path))
+    except OSError:
+        return
+    if count:
+        entries = "its 1 entry stays" if count == 1 else f"its {count} entries stay"
+        log.warning("%s is not empty: %s hidden under the mount until unmounted", path, entries)
 
 
 def loop_devices_using(mount_root: str) -> list[str]:

@@ -30,7 +30,7 @@ import pyfuse3
 from ..block import BlockDevice
 from ..errors import Unsafe
 from ..swap import Handle, Swap, open_swap
-from ..units import format_size
+from ..units import format_size, format_spec_size
 from .attrs import entry_attributes
 
 INODE_SPAN = 1 << 32
@@ -90,11 +90,25 @@ async def open_scratch_dir(
     try:
         swap = await open_swap(device, unit)
         if swap.capacity_bytes == 0:
-            raise Unsafe(f"the device is smaller than one {format_size(unit)} unit")
+            size = (await device.get_info()).size_bytes
+            raise Unsafe(
+                f"the device is smaller than one {format_size(unit)} unit; a smaller "
+                f"--scratch-unit (e.g. --scratch-unit {format_spec_size(smaller_unit(size))}) "
+                f"fits it"
+            )
     except BaseException:
         await device.aclose()
         raise
     return ScratchDir(name, swap, (index + 1) * INODE_SPAN, kind=kind, spec=spec)
+
+
+def smaller_unit(size_bytes: int) -> int:
+    """A unit for a device of ``size_bytes`` too small for the one asked: a power of two,
+    at most a sixteenth of the device (at least 512 bytes)."""
+    unit = 512
+    while unit * 2 * 16 <= size_bytes:
+        unit *= 2
+    return unit
 
 
 class ScratchDir:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from .constants import DEFAULT_PORT
 
 SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
+SCHEMES_SPOKEN = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+"""``SCHEMES`` in the order messages list them."""
 TLS_PARAMETERS = ("tls-certificates", "tls-verify-peer", "tls-hostname", "tls-type")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -97,6 +99,9 @@ def parse_uri(text: str) -> Address:
     if parts.scheme in ("nbd+vsock", "nbds+vsock"):
         raise BadURI(f"{parts.scheme}:// is not supported (use nbd[s]:// or nbd[s]+unix://)")
     if parts.scheme not in SCHEMES:
+        if parts.scheme and text.startswith(f"{parts.scheme}://"):
+            speaks = ", ".join(f"{s}://" for s in SCHEMES_SPOKEN)
+            raise BadURI(f"unsupported URI scheme '{parts.scheme}' (blockfuse speaks {speaks})")
         raise BadURI(
             "not an NBD URI (nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH)"
         )
@@ -179,8 +184,9 @@ def _tcp(
         raise BadURI(f"{parts.scheme}:// needs a host")
     try:
         port = DEFAULT_PORT if parts.port is None else parts.port
-    except ValueError as exc:
-        raise BadURI(f"bad port ({exc})") from None
+    except ValueError:  # not a number, or above 65535 (urllib's words are not ours)
+        given = parts.netloc.rpartition(":")[2]
+        raise BadURI(f"bad port {given!r} (use a number from 1 to 65535)") from None
     if port == 0:
         raise BadURI("bad port 0 (leave the port out for 10809)")
     return Address(export, host=parts.hostname, port=port, tls=tls)

@@ -46,8 +46,8 @@ class _Parser:
         self.text = text
         self.pos = 0
 
-    def fail(self, problem: str) -> SpecError:
-        return SpecError(f"{problem} at character {self.pos + 1}")
+    def fail(self, problem: str, hint: str = "") -> SpecError:
+        return SpecError(f"{problem} at character {self.pos + 1}{hint}")
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -107,7 +107,8 @@ class _Parser:
                 return Call(kind, tuple(args), tuple(kwargs))
             if c != ",":
                 self.pos -= 1
-                raise self.fail(f"expected ',' or ')' in {kind}(...)")
+                hint = f"; {QUOTE_HINT}" if c == "(" else ""
+                raise self.fail(f"expected ',' or ')' in {kind}(...)", hint)
 
     def parse_arg(self, kind: str, args: list[Node], kwargs: list[tuple[str, Node]]) -> None:
         self.skip_spaces()
@@ -123,14 +124,27 @@ class _Parser:
         args.append(self.parse_spec())
 
 
+QUOTE_HINT = "quote a path that holds ',' or parentheses"
+
+
 def parse(text: str) -> Node:
     """Parse a spec into its syntax tree; raises ``SpecError``."""
     p = _Parser(text)
     node = p.parse_spec()
     p.skip_spaces()
     if p.pos != len(text):
-        raise p.fail(f"unexpected {text[p.pos]!r}")
+        cut = isinstance(node, Word) and not node.quoted and text[p.pos] in ",()"
+        hint = f"; {QUOTE_HINT}: file({quoted(text.strip())})" if cut else ""
+        raise p.fail(f"unexpected {text[p.pos]!r}", hint)
     return node
+
+
+def quoted(text: str) -> str:
+    """``text`` as a quoted word of the grammar (``parse`` reads it back as ``text``)."""
+    escaped = text.replace("\\", "\\\\")
+    if '"' not in text:
+        return f'"{escaped}"'
+    return "'" + escaped.replace("'", "\\'") + "'"
 
 
 # --- values ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import trio
 
 from ..block import BlockDevice
 from ..devices.file import open_file
+from ..devices.images import IMAGE_HEAD, check_head, empty_image
 from ..devices.memory import MemoryDevice
 from ..devices.mirror import DEFAULT_CHUNK, MirrorRefused, check_options, prepare_mirror
 from ..devices.remote import DEFAULT_TIMEOUT, open_remote
@@ -37,10 +38,11 @@ from ..opening import OpenContext, open_all
 from ..transport.handshake import TLSFailed
 from ..transport.tls import client_context
 from .binding import arg, bind
-from .grammar import Call, Node, SpecError, Word, parse, unparse
+from .grammar import QUOTE_HINT, Call, Node, SpecError, Word, parse, quoted, unparse
 from .values import (
     bool_arg,
     existing_path,
+    format_arg,
     optional_size,
     path_arg,
     size_arg,
@@ -70,6 +72,9 @@ class Recipe:
     open: Opener
     children: list[Recipe] = field(default_factory=list)
     open_sized: SizedOpener | None = None
+    images: tuple[str, ...] = ()
+    """The image files (or block devices) the device opens, for telling two devices
+    that would use one image apart before anything opens."""
 
     async def open_alone(self, nursery: trio.Nursery) -> BlockDevice:
         """Open this one device as a mount opens its set (``open_all``): background
@@ -81,9 +86,13 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Options:
-    """How a spec is compiled: ``size_from_peer`` for a mirror's secondary."""
+    """How a spec is compiled: ``size_from_peer`` for a mirror's secondary; ``read_only``
+    for a read-only mount (``--read-only``): every image is opened as ``file(PATH,
+    ro=true)`` is, read-only and without the write lock, but a mirror's secondary, which
+    its copier writes."""
 
     size_from_peer: bool = False
+    read_only: bool = False
 
 
 def device_arg(node: Node, options: Options) -> Recipe:
@@ -99,12 +108,17 @@ def secondary_arg(node: Node, options: Options) -> Recipe:
 
 KindCompiler = Callable[[Call, Options], Recipe]
 KINDS: dict[str, KindCompiler] = {}
+ARGUMENTS: dict[str, type] = {}
+"""Each kind's argument record (``binding.py``): what it takes, in order."""
 
 
-def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
+def kind(*names: str, args: type) -> Callable[[KindCompiler], KindCompiler]:
+    """Register a kind under ``names`` (the first is its name, the others aliases)."""
+
     def register(fn: KindCompiler) -> KindCompiler:
         for name in names:
             KINDS[name] = fn
+            ARGUMENTS[name] = args
         return fn
 
     return register
@@ -114,29 +128,38 @@ def kind(*names: str) -> Callable[[KindCompiler], KindCompiler]:
 class FileArgs:
     path: str = arg(existing_path)
     ro: bool = arg(bool_arg, False)
+    format: str | None = arg(format_arg, None)
 
 
-@kind("file")
+@kind("file", args=FileArgs)
 def compile_file(call: Call, options: Options) -> Recipe:
+    check_not_cut(call)
     args = bind(call, FileArgs, options)
-    check_file_access(args.path, args.ro)
-    return file_recipe(args.path, args.ro, unparse(call))
+    read_only = args.ro or options.read_only
+    check_file_access(args.path, read_only, args.format)
+    return file_recipe(args.path, read_only, unparse(call), args.format)
 
 
-def file_recipe(path: str, read_only: bool, text: str) -> Recipe:
+def file_recipe(path: str, read_only: bool, text: str, format: str | None = None) -> Recipe:
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return open_file(path, read_only=read_only)
+        return open_file(path, read_only=read_only, format=format)
 
-    return Recipe("file", text, open_)
+    return Recipe("file", text, open_, images=(path,))
 
 
-def check_file_access(path: str, read_only: bool) -> None:
-    """What opening ``path`` as a raw image would find wrong, found without opening it."""
+def check_file_access(
+    path: str, read_only: bool, format: str | None = None, *, empty_ok: bool = False
+) -> None:
+    """What opening ``path`` as a raw image would find wrong, found without opening it
+    (``empty_ok``: a sparse image given its size may be an empty file)."""
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise SpecError(f"{path} is a directory, not an image file or block device")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise SpecError(f"{path} is not a regular file or block device")
+    check_image_format(path, format)
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0 and not empty_ok:
+        raise SpecError(empty_image(path))
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:
         raise SpecError(
             f"{path} is {st.st_size} bytes, not a whole number of 512-byte sectors "
@@ -147,12 +170,47 @@ def check_file_access(path: str, read_only: bool) -> None:
         raise SpecError(f"{path} cannot be opened for {mode} (permission denied)")
 
 
+def check_not_cut(call: Call) -> None:
+    """Refuse a path written unquoted whose commas cut it into arguments (``file(a,b.img)``
+    is ``file(a, ro=b.img)``), found when the pieces joined again name a file."""
+    words: list[str] = []
+    for node in call.args:
+        if not isinstance(node, Word) or node.quoted:
+            break
+        words.append(node.text)
+        joined = ",".join(words)
+        if len(words) > 1 and os.path.exists(joined):
+            raise SpecError(
+                f"{call.kind}(...) got the path {joined} cut at its commas; "
+                f"{QUOTE_HINT}: {quoted(joined)}"
+            )
+
+
+def check_image_format(path: str, format: str | None) -> None:
+    """Refuse an image of another format (qcow2, VMDK, ...) unless ``format`` says raw;
+    one that cannot be read is left to the access check."""
+    if format == "raw":
+        return
+    try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return  # the type check says what is wrong (a FIFO would block the read)
+        with open(path, "rb") as f:
+            head = f.read(IMAGE_HEAD)
+    except OSError:
+        return
+    try:
+        check_head(head, path, format)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class MemoryArgs:
     size: int = arg(size_arg)
 
 
-@kind("mem", "memory")
+@kind("mem", "memory", args=MemoryArgs)
 def compile_memory(call: Call, options: Options) -> Recipe:
     size = bind(call, MemoryArgs, options).size
     if size == 0:
@@ -171,14 +229,15 @@ class WrapperArgs:
     device: Recipe = arg(device_arg)
 
 
-@kind("safe")
+@kind("safe", args=WrapperArgs)
 def compile_safe(call: Call, options: Options) -> Recipe:
     inner = bind(call, WrapperArgs, options).device
 
     async def open_(ctx: OpenContext) -> BlockDevice:
         return SafeDevice(await inner.open(ctx))
 
-    return Recipe(inner.kind, unparse(call), open_, [inner], wrap_sized(inner, SafeDevice))
+    sized = wrap_sized(inner, SafeDevice)
+    return Recipe(inner.kind, unparse(call), open_, [inner], sized, images=inner.images)
 
 
 def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> SizedOpener | None:
@@ -197,34 +256,38 @@ def wrap_sized(inner: Recipe, wrap: Callable[[BlockDevice], BlockDevice]) -> Siz
 class SparseArgs:
     path: str = arg(path_arg)
     size: int | None = arg(sparse_size_arg, None)
+    format: str | None = arg(format_arg, None)
 
 
-@kind("sparse")
+@kind("sparse", args=SparseArgs)
 def compile_sparse(call: Call, options: Options) -> Recipe:
     """``sparse(PATH, size=SIZE)``: created sparse if missing; no size: the file's length."""
+    check_not_cut(call)
     args = bind(call, SparseArgs, options)
-    path, size = args.path, args.size
+    path, size, format = args.path, args.size, args.format
     size_later = options.size_from_peer and size is None and not os.path.exists(path)
+    if os.path.exists(path):
+        check_image_format(path, format)
     try:
         check_backing(path, 0 if size_later else size)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    read_only = options.read_only
     if os.path.exists(path):
-        check_file_access(path, False)
+        check_file_access(path, read_only, format, empty_ok=size is not None)
 
     async def open_(ctx: OpenContext) -> BlockDevice:
-        return open_sparse(path, size_bytes=size, ctx=ctx)
+        return open_sparse(path, size_bytes=size, ctx=ctx, format=format, read_only=read_only)
 
     async def open_sized(ctx: OpenContext, size_bytes: int) -> BlockDevice:
-        return open_sparse(
-            path, size_bytes=size if size is not None else new_only(size_bytes), ctx=ctx
-        )
+        size_now = size if size is not None else new_only(size_bytes)
+        return open_sparse(path, size_bytes=size_now, ctx=ctx, format=format)
 
     def new_only(size_bytes: int) -> int | None:
         """The peer's size is for a new file: an existing one keeps its own length."""
         return None if os.path.exists(path) else size_bytes
 
-    return Recipe("sparse", unparse(call), open_, open_sized=open_sized)
+    return Recipe("sparse", unparse(call), open_, open_sized=open_sized, images=(path,))
 
 
 @dataclass(frozen=True)
@@ -237,7 +300,7 @@ class MirrorArgs:
     verify: str = arg(verify_arg, "sample")
 
 
-@kind("mirror")
+@kind("mirror", args=MirrorArgs)
 def compile_mirror(call: Call, options: Options) -> Recipe:
     """``mirror(PRIMARY, SECONDARY, state=PATH, chunk=SIZE, rate=BYTES_PER_S, verify=full)``: the
     copier starts in the context's nursery once every device is open; closing the
@@ -247,7 +310,8 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
         check_options(args.chunk, args.rate)
     except MirrorRefused as exc:
         raise SpecError(str(exc)) from None
-    if args.primary.text == args.secondary.text and args.primary.kind != "memory":
+    same_text = args.primary.text == args.secondary.text and args.primary.kind != "memory"
+    if same_text or shared_image(args.primary, args.secondary):
         raise SpecError("the secondary is the primary itself; mirror onto another device")
     if args.state is not None and args.secondary.kind == "memory":
         raise SpecError(
@@ -269,7 +333,19 @@ def compile_mirror(call: Call, options: Options) -> Recipe:
         ctx.start_when_all_open(lambda: ctx.nursery.start(mirror.run_copier))
         return mirror
 
-    return Recipe("mirror", unparse(call), open_, [args.primary, args.secondary])
+    images = args.primary.images + args.secondary.images
+    return Recipe("mirror", unparse(call), open_, [args.primary, args.secondary], images=images)
+
+
+def shared_image(a: Recipe, b: Recipe) -> bool:
+    """Whether ``a`` and ``b`` would open one image (the same file by any name)."""
+    return any(same_file(x, y) for x in a.images for y in b.images)
+
+
+def same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext) -> BlockDevice:
@@ -280,6 +356,7 @@ async def open_secondary(recipe: Recipe, primary: BlockDevice, ctx: OpenContext)
 
 
 _URI = re.compile(r"nbd[a-z+]*://")
+_ANY_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def compile_remote(text: str, timeout: float = DEFAULT_TIMEOUT) -> Recipe:
@@ -314,7 +391,7 @@ class NBDArgs:
     timeout: float = arg(timeout_arg, DEFAULT_TIMEOUT)
 
 
-@kind("nbd")
+@kind("nbd", args=NBDArgs)
 def compile_nbd(call: Call, options: Options) -> Recipe:
     """``nbd(URI, timeout=SECONDS)``: ``timeout`` bounds every request (default 30)."""
     args = bind(call, NBDArgs, options)
@@ -324,18 +401,18 @@ def compile_nbd(call: Call, options: Options) -> Recipe:
     return recipe
 
 
-def compile_word(node: Word) -> Recipe:
+def compile_word(node: Word, options: Options) -> Recipe:
     """A bare word: an NBD URI, or a path to a raw image or block device."""
-    if _URI.match(node.text):
-        return compile_remote(node.text)
-    path = existing_path(node, Options())
-    check_file_access(path, False)
-    return file_recipe(path, False, unparse(node))
+    if _URI.match(node.text) or (_ANY_URI.match(node.text) and not os.path.exists(node.text)):
+        return compile_remote(node.text)  # refuses other schemes: "unsupported URI scheme"
+    path = existing_path(node, options)
+    check_file_access(path, options.read_only)
+    return file_recipe(path, options.read_only, unparse(node))
 
 
 def compile_node(node: Node, options: Options) -> Recipe:
     if isinstance(node, Word):
-        return compile_word(node)
+        return compile_word(node, options)
     compiler = KINDS.get(node.kind)
     if compiler is None:
         known = ", ".join(sorted(KINDS))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..devices.images import check_format
 from ..devices.remote import MAX_TIMEOUT
 from .grammar import Node, SpecError, Word, parse_bool, parse_size
 
@@ -46,6 +47,16 @@ def sparse_size_arg(node: Node, options: Any) -> int | None:
     if size == 0:
         raise SpecError(f"bad size {text!r}: a sparse image needs a size above 0")
     return size
+
+
+def format_arg(node: Node, options: Any) -> str:
+    """``format=raw``: the only image format blockfuse reads (others are refused)."""
+    value = word(node, "a format").strip().lower()
+    try:
+        check_format(value)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    return value
 
 
 def bool_arg(node: Node, options: Any) -> bool:

@@ -262,6 +262,14 @@ async def check_capabilities(make: MakeDevice) -> None:
             assert await _read(dev, size, 8 * ss) == bytes(8 * ss), "grown space reads as zeroes"
             await dev.resize(size)
             assert (await dev.get_info()).size_sectors == size
+            try:
+                await dev.resize(0)
+            except Unsafe:
+                assert (await dev.get_info()).size_sectors == size, (
+                    "a refused resize changes nothing"
+                )
+            else:
+                raise AssertionError("resize to 0 sectors did not raise Unsafe")
         for name, cap in [("discard", Capability.DISCARD), ("resize", Capability.RESIZE)]:
             if cap not in caps:
                 try:
