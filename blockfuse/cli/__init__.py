@@ -9,11 +9,11 @@ its wait), ``monitor.py`` (status, pivot, the progress bar, of a mount or a serv
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
+from .. import log as blockfuse_log
 from ..spec import SpecError
 from . import ls, monitor, mount, serve, umount
 from .common import EXIT_USAGE, CommandError
@@ -36,23 +36,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "export it over NBD."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     parser.add_argument("--version", action="version", version=f"blockfuse {__version__}")
+    add_log_options(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mount.add_parser(sub)
     serve.add_parser(sub)
     umount.add_parser(sub)
     ls.add_parser(sub)
     monitor.add_parsers(sub)
+    for command in sub.choices.values():  # accepted after the subcommand too
+        add_log_options(command, argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def log_level_option(text: str) -> str:
+    try:
+        blockfuse_log.parse_level(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip().lower()
+
+
+def add_log_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=log_level_option,
+        default=default,
+        metavar="LEVEL",
+        help=f"show log lines at LEVEL or above: {', '.join(blockfuse_log.LEVELS)} "
+        f"(default {blockfuse_log.DEFAULT_LEVEL})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="the same as --log-level debug",
+    )  # fmt: skip
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """``--log-level`` as given (before or after the subcommand; ``-v`` is ``debug``)."""
+    if getattr(args, "verbose", False):
+        return "debug"
+    return str(getattr(args, "log_level", blockfuse_log.DEFAULT_LEVEL))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="blockfuse: %(message)s",
-    )
+    blockfuse_log.setup(log_level(args))
     try:
         return COMMANDS[args.command](args)
     except SpecError as exc:
