@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from ..block import BlockDevice
+from ..block import BlockDevice, label_layers
 from ..devices.readonly import ReadOnlyDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
@@ -77,6 +77,7 @@ async def open_devices(
     for name, recipe in recipes:
         device: BlockDevice = await open_recipe(name, recipe, ctx)
         undo.push_async_callback(device.aclose)
+        label_layers(device, name)
         if not (unsafe or recipe.text.startswith("safe(")):
             device = SafeDevice(device)
         if read_only:
