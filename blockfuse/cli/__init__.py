@@ -1,9 +1,11 @@
 """The ``blockfuse`` command: one module per subcommand, each with its own parser.
 
 ``mount.py`` (mount), ``serve.py`` (serve: devices over NBD), ``umount.py`` (umount and
-its wait), ``monitor.py`` (status, pivot, the progress bar, of a mount or a server),
-``ls.py`` (an NBD server's exports); ``devices.py`` opens the devices of mount and serve;
-``common.py`` is what they all share.
+its wait), ``monitor.py`` (status, pivot and the mirror controls, of a mount or a
+server; its reports are ``report.py``, the mounts and servers on the host
+``registry.py``), ``progress.py`` (the progress bar), ``ls.py`` (an NBD server's
+exports); ``devices.py`` opens the devices of mount and serve; ``common.py`` is what
+they all share.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": ls.cmd_ls,
     "status": monitor.cmd_status,
     "pivot": monitor.cmd_pivot,
+    "mirror": monitor.cmd_mirror,
 }
 
 

@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 
 import trio
 
+from .. import log as blockfuse_log
 from ..block import BlockDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
@@ -37,7 +38,7 @@ from .devices import (
     open_devices,
     open_recipe,
 )
-from .monitor import progress_bar
+from .progress import progress_bar
 from .serve import address_option, listen_or_fail, nbd_banner, warn_without_tls
 
 log = logging.getLogger("blockfuse")
@@ -246,7 +247,8 @@ async def mount_files(
     banner = await describe(args.mountpoint, files, scratch, listening)
     if listening is not None:
         warn_without_tls(listening)
-    async with progress_bar(files, sys.stderr), serving_beside(files, listening) as alongside:
+    bar = progress_bar(files, blockfuse_log.console())
+    async with bar, serving_beside(files, listening) as alongside:
         problems = await serve(
             args.mountpoint,
             files,

@@ -36,6 +36,7 @@ from ..serve.listen import (
 from ..serve.runtime import serve_exports
 from ..spec import Recipe
 from ..units import format_size
+from . import registry
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
 from .devices import compile_devices, default_device, open_devices
 
@@ -143,6 +144,8 @@ async def describe(exports: Sequence[Export], listening: Listening, control: str
 
 async def run_serve(args: argparse.Namespace, recipes: list[tuple[str, Recipe]]) -> int:
     control = control_path(args)
+    if control is None and registry.ensure_runtime_dir() is not None:
+        control = registry.default_control()  # every server can be asked (registry.py)
     fds = activated_fds()
     if fds and not (args.socket or args.listen):
         try:
@@ -179,14 +182,15 @@ async def serve_devices(
             ]
             banner = await describe(exports, listening, control)
             warn_without_tls(listening)
-            problems = await serve_exports(
-                exports,
-                listening,
-                controlling,
-                sys.stderr,
-                listing=not args.no_list,
-                on_ready=lambda: print(banner, file=sys.stderr, flush=True),
-            )
+            with registry.registered(control):
+                problems = await serve_exports(
+                    exports,
+                    listening,
+                    controlling,
+                    sys.stderr,
+                    listing=not args.no_list,
+                    on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+                )
     finally:
         if controlling is not None:
             await controlling.aclose()
