@@ -39,7 +39,7 @@ def test_describe_copy() -> None:
     values |= {"total": str(100 << 20), "rate": str(3 << 20), "eta": "75", "errors": "1"}
     assert describe_copy(values) == "copying 42% (42 MiB of 100 MiB) at 3 MiB/s, ETA 1:15, 1 error"
     values |= {"rate_limit": str(4 << 20)}
-    assert "at 3 MiB/s (limit 4 MiB/s), ETA" in describe_copy(values)
+    assert "at 3 MiB/s, limit 4 MiB/s, ETA" in describe_copy(values)
 
 
 def test_a_failed_copy_says_its_reason_once_and_counts_its_errors() -> None:

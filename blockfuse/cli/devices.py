@@ -77,10 +77,10 @@ async def open_devices(
     for name, recipe in recipes:
         device: BlockDevice = await open_recipe(name, recipe, ctx)
         undo.push_async_callback(device.aclose)
-        label_layers(device, name)
         if not (unsafe or recipe.text.startswith("safe(")):
             device = SafeDevice(device)
         if read_only:
             device = ReadOnlyDevice(device)
+        label_layers(device, name)
         out.append(Opened(name, device, recipe))
     return out

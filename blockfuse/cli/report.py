@@ -111,7 +111,7 @@ def describe_copy(values: Mapping[str, str]) -> str:
     if rate and state == "copying":
         text += f" at {format_size(rate)}/s"
     if limit and state in ("copying", "failed", "cancelled"):
-        text += f" (limit {format_size(limit)}/s)"
+        text += f", limit {format_size(limit)}/s"
     if values.get("eta") and state == "copying":
         text += f", ETA {format_seconds(int(values['eta']))}"
     return text + f", {plural(int(values.get('errors') or 0), 'error')}"

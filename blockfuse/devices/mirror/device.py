@@ -78,7 +78,16 @@ from typing import NoReturn, TypeVar
 
 import trio
 
-from ...block import BlockDevice, Buffer, Capability, Extent, FlushCursor, Info, total_length
+from ...block import (
+    BlockDevice,
+    Buffer,
+    Capability,
+    Extent,
+    FlushCursor,
+    Info,
+    merged_status,
+    total_length,
+)
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
 from ...log import Repeats, left_out
@@ -374,6 +383,11 @@ class MirrorDevice(BlockDevice):
             out["last_error"] = st.last_error
         if st.notice:
             out["notice"] = st.notice
+        for name, side in (("primary", self._primary), ("secondary", self._secondary)):
+            side_status = merged_status(side.dev)
+            if "connection" in side_status:  # an NBD export: how its connection is doing
+                out[f"{name}_connection"] = side_status["connection"]
+                out[f"{name}_reconnects"] = side_status.get("reconnects", "0")
         return out
 
     async def control(self, key: str, value: bytes) -> bool:
