@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 LAYERS = [
     ["errors", "log"],
     ["block"],
-    ["units", "buffers", "extents", "rangelock", "opening", "lifecycle"],
+    ["units", "buffers", "extents", "rangelock", "opening", "notify", "lifecycle"],
     ["sectors"],
     ["nbd"],
     ["transport"],

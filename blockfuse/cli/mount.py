@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from .. import log as blockfuse_log
+from .. import notify
 from ..block import BlockDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
@@ -247,6 +248,13 @@ async def mount_files(
     banner = await describe(args.mountpoint, files, scratch, listening)
     if listening is not None:
         warn_without_tls(listening)
+    what = f"{serving(len(files), len(scratch))} under {args.mountpoint}"
+
+    def ready() -> None:
+        print(banner, file=sys.stderr, flush=True)
+        log.info("mounted: %s", what)
+        notify.ready(f"serving {what}")
+
     bar = progress_bar(files, blockfuse_log.console())
     async with bar, serving_beside(files, listening) as alongside:
         problems = await serve(
@@ -254,7 +262,7 @@ async def mount_files(
             files,
             read_only=args.read_only,
             allow_other=args.allow_other,
-            on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+            on_ready=ready,
             scratch=scratch,
             alongside=alongside,
         )
