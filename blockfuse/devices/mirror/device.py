@@ -425,12 +425,15 @@ class MirrorDevice(BlockDevice):
         return self._map.copied_sectors * self._info.sector_size
 
     async def wait_synced(self) -> None:
-        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed."""
+        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed or
+        was cancelled."""
         while True:
             if self._copy.state in (MirrorState.SYNCED, MirrorState.PIVOTED):
                 return
             if self._copy.state is MirrorState.FAILED:
                 raise MirrorFailed(self._copy.reason)
+            if self._copy.state is MirrorState.CANCELLED:
+                raise MirrorFailed("the copy was cancelled")
             if not self._copy.open:
                 raise Disconnected("the mirror was closed before it synced")
             await self._copy.wait_change()
