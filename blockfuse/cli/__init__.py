@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from .. import log as blockfuse_log
 from ..spec import SpecError
-from . import ls, monitor, mount, serve, umount
+from . import config, ls, monitor, mount, serve, umount
 from .common import EXIT_USAGE, CommandError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -32,6 +32,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with a ``--config FILE`` replaced by what it says
+    (``config.py``); ``ConfigError`` if the file cannot be used."""
+    parser, commands = build_parser()
+    words = config.expand(sys.argv[1:] if argv is None else argv, commands)
+    args = parser.parse_args(words)
+    if args.command == "mount":
+        config.settle_mountpoint(args)
+        if args.mountpoint is None:
+            commands["mount"].error("a MOUNTPOINT is needed (or mountpoint = ... in --config FILE)")
+    return args
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``blockfuse`` parser, and each subcommand's."""
     parser = argparse.ArgumentParser(
         prog="blockfuse",
         description=(
@@ -40,6 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--version", action="version", version=f"blockfuse {__version__}")
+    add_config_option(parser)
     add_log_options(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mount.add_parser(sub)
@@ -47,9 +62,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     umount.add_parser(sub)
     ls.add_parser(sub)
     monitor.add_parsers(sub)
-    for command in sub.choices.values():  # accepted after the subcommand too
+    for name, command in sub.choices.items():  # accepted after the subcommand too
         add_log_options(command, argparse.SUPPRESS)
-    return parser.parse_args(argv)
+        if name in ("mount", "serve"):
+            add_config_option(command)
+    return parser, dict(sub.choices)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """Shown in the help only: ``config.expand`` takes it out before parsing."""
+    parser.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS,
+        help="read the options of mount or serve from a TOML file (see the README); "
+        "options given here too add to it or override it",
+    )  # fmt: skip
 
 
 def log_level_option(text: str) -> str:
@@ -83,7 +109,11 @@ def log_level(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except config.ConfigError as exc:
+        print(f"blockfuse: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     blockfuse_log.setup(log_level(args))
     try:
         return COMMANDS[args.command](args)

@@ -30,6 +30,7 @@ from ..serve.runtime import running
 from ..spec import Recipe, SpecError
 from ..swap import DEFAULT_UNIT
 from ..units import format_size
+from . import config
 from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
 from .devices import (
     DEFAULT_IMAGE,
@@ -66,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "quote paths holding commas or parentheses."
         ),
     )
-    mount.add_argument("mountpoint")
+    mount.add_argument("mountpoint", nargs="?", help="the directory to mount on")
+    mount.add_argument(config.HIDDEN_MOUNTPOINT, dest="config_mountpoint", help=argparse.SUPPRESS)
     mount.add_argument(
         "--device",
         "-d",
