@@ -18,6 +18,7 @@ from .. import notify
 from ..block import BlockDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
+from ..fuse import ioflusher
 from ..fuse.flatfile import FlatFile
 from ..fuse.mount import serve
 from ..fuse.mountpoint import MountError, Prepare, check_mountpoint, prepare_mountpoint
@@ -255,6 +256,7 @@ async def mount_files(
     def ready() -> None:
         print(banner, file=sys.stderr, flush=True)
         log.info("mounted: %s", what)
+        ioflusher.report(getattr(args, "io_flusher", None))
         notify.ready(f"serving {what}")
 
     bar = progress_bar(files, blockfuse_log.console())
@@ -289,4 +291,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     if use_default:
         recipes = compile_devices([default_device()])
+    args.io_flusher = ioflusher.set_io_flusher()  # before any thread starts: they inherit it
     return trio.run(run_mount, args, recipes, scratch_recipes)
