@@ -14,6 +14,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from blockfuse.block import BlockDevice, FlushCursor
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
     CopyMapError,
@@ -29,7 +30,7 @@ from blockfuse.devices.mirror.mapfile import read_saved_map
 from blockfuse.errors import RequestFailed, Unreachable
 from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
-from blockfuse.testing import Fault, FaultyDevice
+from blockfuse.testing import Fault, FaultyDevice, PassThrough
 
 from .mirrorkit import SIZE, SS, Gated, Slow, image
 from .nbdserver import FakeServer
@@ -387,3 +388,33 @@ async def test_writers_waiting_on_a_map_that_freezes_are_refused_too() -> None:
                 nursery.start_soon(write, 0)
                 nursery.start_soon(write, 512)  # another chunk
     assert all(isinstance(r, RequestFailed) for r in results.values()), results
+
+
+class SlowFlush(PassThrough):
+    """Flushes take ``delay`` seconds."""
+
+    def __init__(self, inner: BlockDevice, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def flush(self) -> None:
+        await trio.sleep(self.delay)
+        await super().flush()
+
+
+async def test_a_primary_flush_error_reaches_every_caller_even_if_its_flush_is_cancelled(
+    autojump_clock: object,
+) -> None:
+    """The primary's flush fails while the secondary's still runs, and the flush is then
+    cancelled (a checkpoint at close, or a hurried one): the error must still reach
+    every flush caller, or an fsync could promise what the primary lost."""
+    primary = FaultyDevice(MemoryDevice(SIZE))
+    with trio.fail_after(60):
+        async with open_mirror(primary, SlowFlush(MemoryDevice(SIZE), 1.0), chunk=8192) as m:
+            await m.wait_synced()
+            user = FlushCursor(m)
+            primary.faults.append(Fault("flush", times=1))
+            with trio.move_on_after(0.5):  # cancelled while the secondary flushes
+                await m.flush()
+            with pytest.raises(RequestFailed, match="injected flush fault"):
+                await user.flush()

@@ -295,12 +295,20 @@ class MirrorDevice(BlockDevice):
         an error the side recorded since the last checkpoint is seen here even if some
         other caller's flush met it first; and a primary's error is recorded in the
         mirror's own ``write_errors``, so that every flush caller of the mirror sees it
-        too, not only whichever flush ran into it (the user's fsync included)."""
-        primary_err, _ = await run_both(self._primary_flushes.flush(), self.flush_secondary())
-        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
-            if not isinstance(primary_err, Unreachable):
+        too, not only whichever flush ran into it (the user's fsync included).
+
+        That holds even if this call is cancelled (a checkpoint at close, or a hurried
+        one) after the primary's flush failed and while the secondary's goes on: the
+        cursor has taken the error, so it must be recorded here or nobody is told."""
+        errors: list[BlockError | None] = [None, None]
+        try:
+            await run_both(self._primary_flushes.flush(), self.flush_secondary(), into=errors)
+        finally:
+            primary_err = errors[0]
+            if primary_err is not None and not isinstance(primary_err, Unreachable):
                 self.write_errors.record(primary_err)
                 self._flush_failed("primary", primary_err)
+        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
             raise primary_err
 
     async def flush_secondary(self) -> None:

@@ -54,9 +54,13 @@ async def error_of(call: Awaitable[None]) -> BlockError | None:
     return None
 
 
-async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
-    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
-    results: list[BlockError | None] = [None, None]
+async def run_both(
+    a: Awaitable[None], b: Awaitable[None], *, into: list[BlockError | None] | None = None
+) -> tuple[BlockError | None, ...]:
+    """Run two calls at once; each one's ``BlockError`` (or ``None``).  ``into`` gets
+    each as soon as its call ends: a caller cancelled while the other call runs still
+    learns what the first one raised."""
+    results: list[BlockError | None] = [None, None] if into is None else into
 
     async def run(i: int, call: Awaitable[None]) -> None:
         results[i] = await error_of(call)
