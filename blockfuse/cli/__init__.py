@@ -63,10 +63,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ls.add_parser(sub)
     monitor.add_parsers(sub)
     for name, command in sub.choices.items():  # accepted after the subcommand too
-        add_log_options(command, argparse.SUPPRESS)
+        for each in [command, *nested_commands(command)]:
+            add_log_options(each, argparse.SUPPRESS)
         if name in ("mount", "serve"):
             add_config_option(command)
     return parser, dict(sub.choices)
+
+
+def nested_commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The subcommands of a subcommand (``mirror retry``...)."""
+    return [
+        p
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for p in action.choices.values()
+    ]
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
