@@ -106,6 +106,10 @@ class BlockDevice(ABC):
     kind: str = "device"
     """A short name for the kind of device, shown as ``user.blockfuse.kind``."""
 
+    label: str = ""
+    """The name a front end shows the device as (``disk``), for log lines; set by
+    whoever opens it (``label_layers``), empty until then."""
+
     capabilities: frozenset[Capability] = frozenset()
 
     durable: bool = True
@@ -268,6 +272,12 @@ def layers(dev: BlockDevice) -> list[BlockDevice]:
         out.append(layer)
         layer = layer.inner
     return out
+
+
+def label_layers(dev: BlockDevice, name: str) -> None:
+    """Name every layer of ``dev`` ``name`` in log lines."""
+    for layer in layers(dev):
+        layer.label = name
 
 
 def is_durable(dev: BlockDevice) -> bool:

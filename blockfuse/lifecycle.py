@@ -24,6 +24,7 @@ from typing import Protocol, TextIO
 
 import trio
 
+from . import notify
 from .block import BlockDevice, FlushCursor
 from .errors import BlockError
 
@@ -69,6 +70,7 @@ class Shutdown:
         self.signals += 1
         if self.signals == 1:
             log.info("got %s: stopping", signal.Signals(signum).name)
+            notify.stopping()
             self.requested.set()
             self.stop()
         elif self.signals == 2:
@@ -109,7 +111,9 @@ async def flush_and_close(
 ) -> list[str]:
     """Flush every device through its front end's own cursor (so that an error any of
     its files or connections was told of is reported here too), then close it; the
-    problems found, one line each."""
+    problems found, one line each.  systemd is told the front end is stopping (if the
+    first signal did not tell it: an outside ``umount``)."""
+    notify.stopping()
     problems = []
     for (name, device), cursor in zip(devices, cursors, strict=True):
         try:

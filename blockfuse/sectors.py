@@ -23,14 +23,18 @@ tested without a device.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from .block import BlockDevice, Buffer, Capability, Info
-from .errors import RequestFailed
+from .block import BlockDevice, Buffer, Capability, Info, merged_status
+from .errors import BlockError, RequestFailed
+from .log import Repeats, left_out
 from .rangelock import RangeLock
 from .units import ceil_div
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,23 @@ class DeviceBytes:
         self.device = device
         self._direct = device.unchecked
         self._writes = RangeLock()
+        self.io_errors = 0
+        """I/O errors its front ends returned to users (``note_error``)."""
+        self._error_lines = Repeats()
+
+    def note_error(self, what: str, exc: BlockError) -> None:
+        """A front end returned ``exc`` to a user for ``what`` (``write of 4096 bytes at
+        0``): count it, and log it with its errno (a few lines per errno and 10 s)."""
+        self.io_errors += 1
+        skipped = self._error_lines.allow(exc.errno)
+        if skipped is not None:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            label = self.device.label or self.device.kind
+            log.warning("%s: %s failed: %s (%s)%s", label, what, name, exc, left_out(skipped))
+
+    def status(self) -> dict[str, str]:
+        """Every layer's status, and the count of I/O errors returned to users."""
+        return {**merged_status(self.device), "io_errors": str(self.io_errors)}
 
     async def info(self) -> Info:
         return await self.device.get_info()

@@ -5,6 +5,8 @@ Nothing here knows about devices; everything is a pure function, tested on its o
 
 from __future__ import annotations
 
+import re
+
 
 def ceil_div(n: int, d: int) -> int:
     """``n / d`` rounded up (for ``d > 0``)."""
@@ -52,3 +54,17 @@ def printable(text: str) -> str:
 
 def _escape(ch: str) -> str:
     return repr(ch)[1:-1] if ch != "'" else ch
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE)
+_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+
+
+def parse_bytes(text: str) -> int:
+    """``'64M'`` -> 67108864 (binary units; ``64MiB`` and ``64m`` too); ``ValueError``
+    for anything else.  For values written at run time (an xattr); specs and options
+    parse theirs in ``spec``, with their own messages."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r} (a number with an optional K, M, G, T or P)")
+    return int(m.group(1)) << _SHIFTS[m.group(2).lower()]

@@ -54,10 +54,12 @@ def attr(m: MountProcess, key: str, name: str = "disk") -> str:
     return os.getxattr(m.path(name), f"user.blockfuse.{key}").decode()
 
 
-def wait_attr(m: MountProcess, key: str, ok: Callable[[str], bool], timeout: float = 30) -> str:
-    """Poll ``attr(m, key)`` until ``ok`` says yes; its value then."""
+def wait_attr(
+    m: MountProcess, key: str, ok: Callable[[str], bool], timeout: float = 30, name: str = "disk"
+) -> str:
+    """Poll ``attr(m, key, name)`` until ``ok`` says yes; its value then."""
     deadline = time.monotonic() + timeout
-    while not ok(value := attr(m, key)):
+    while not ok(value := attr(m, key, name)):
         if time.monotonic() > deadline:
             raise AssertionError(f"{key}={value!r} after {timeout}s:\n{m.output()}")
         time.sleep(0.05)

@@ -9,9 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 
 LAYERS = [
-    ["errors"],
+    ["errors", "log"],
     ["block"],
-    ["units", "buffers", "extents", "rangelock", "opening", "lifecycle", "malloc"],
+    ["units", "buffers", "extents", "rangelock", "opening", "notify", "lifecycle", "malloc"],
     ["sectors"],
     ["nbd"],
     ["transport"],

@@ -14,6 +14,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from blockfuse.block import BlockDevice, FlushCursor
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import (
     CopyMapError,
@@ -29,7 +30,7 @@ from blockfuse.devices.mirror.mapfile import read_saved_map
 from blockfuse.errors import RequestFailed, Unreachable
 from blockfuse.opening import background_tasks
 from blockfuse.spec import compile_spec
-from blockfuse.testing import Fault, FaultyDevice
+from blockfuse.testing import Fault, FaultyDevice, PassThrough
 
 from .mirrorkit import SIZE, SS, Gated, Slow, image
 from .nbdserver import FakeServer
@@ -59,9 +60,12 @@ async def test_a_lasting_copy_error_fails_the_mirror_but_not_the_disk(op: str) -
     pair = (faulty, secondary) if op == "read" else (primary, faulty)
     with trio.fail_after(10):
         async with open_mirror(*pair, chunk=8192, retries=3, backoff=0.01) as m:
-            with pytest.raises(MirrorFailed, match="the copy gave up after 3 retries of its own"):
+            with pytest.raises(MirrorFailed, match=r"\(gave up after 4 tries\)$"):
                 await m.wait_synced()
-            assert m.status()["state"].startswith("failed: copying sectors 192-208")
+            status = m.status()
+            assert status["state"] == "failed"
+            assert status["last_error"].startswith("copying sectors 192-208: ")
+            assert status["last_error"].endswith(" (gave up after 4 tries)")
             assert m.statistics().errors == 4
             await m.write(0, [b"x" * SS])  # foreground I/O goes on
             buf = bytearray(SS)
@@ -176,7 +180,8 @@ async def test_a_copy_that_fails_for_its_map_leaves_the_disk_writable_and_the_ma
             assert isinstance(dev, MirrorDevice)
             with pytest.raises(MirrorFailed):
                 await dev.wait_synced()
-            assert dev.status()["state"].startswith("failed: cannot save the copy map")
+            assert dev.status()["state"] == "failed"
+            assert dev.status()["last_error"].startswith("cannot save the copy map")
             assert read_saved_map(str(state)).vouched().total > 0  # what it said is still true
             await dev.write(0, [b"w" * SS])
             await dev.flush()
@@ -383,3 +388,33 @@ async def test_writers_waiting_on_a_map_that_freezes_are_refused_too() -> None:
                 nursery.start_soon(write, 0)
                 nursery.start_soon(write, 512)  # another chunk
     assert all(isinstance(r, RequestFailed) for r in results.values()), results
+
+
+class SlowFlush(PassThrough):
+    """Flushes take ``delay`` seconds."""
+
+    def __init__(self, inner: BlockDevice, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def flush(self) -> None:
+        await trio.sleep(self.delay)
+        await super().flush()
+
+
+async def test_a_primary_flush_error_reaches_every_caller_even_if_its_flush_is_cancelled(
+    autojump_clock: object,
+) -> None:
+    """The primary's flush fails while the secondary's still runs, and the flush is then
+    cancelled (a checkpoint at close, or a hurried one): the error must still reach
+    every flush caller, or an fsync could promise what the primary lost."""
+    primary = FaultyDevice(MemoryDevice(SIZE))
+    with trio.fail_after(60):
+        async with open_mirror(primary, SlowFlush(MemoryDevice(SIZE), 1.0), chunk=8192) as m:
+            await m.wait_synced()
+            user = FlushCursor(m)
+            primary.faults.append(Fault("flush", times=1))
+            with trio.move_on_after(0.5):  # cancelled while the secondary flushes
+                await m.flush()
+            with pytest.raises(RequestFailed, match="injected flush fault"):
+                await user.flush()

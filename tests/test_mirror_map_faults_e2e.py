@@ -82,7 +82,8 @@ def break_then_write_then_crash(
         wait_attr(m, "state", "synced")
         break_store()  # type: ignore[operator]
         write_at(m, 4096, b"new data the map could not record" * 100)
-        assert wait_attr(m, "state", "failed").startswith("failed: cannot save the copy map")
+        assert wait_attr(m, "state", "failed") == "failed"
+        assert attr(m, "last_error").startswith("cannot save the copy map")
         kill_hard(m)
     repair()  # type: ignore[operator]
     with mounted(tmp_path / "mnt", [spec]) as m:

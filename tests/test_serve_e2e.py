@@ -61,7 +61,7 @@ def test_serve_lists_reports_and_stops_at_sigterm_after_the_requests_in_flight(
         assert report["source"] == "server"
         assert report["devices"][1] == {  # type: ignore[index]
             "name": "mem", "kind": "memory", "spec": "mem(8M)", "size": 8 * MiB,
-            "sector_size": 512, "read_only": False,
+            "sector_size": 512, "read_only": False, "io_errors": 0,
         }  # fmt: skip
         env = {**os.environ, "PATH": "/usr/bin:" + os.environ["PATH"]}
         reader = subprocess.Popen(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from ..block import BlockDevice
+from ..block import BlockDevice, label_layers
 from ..devices.readonly import ReadOnlyDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
@@ -99,5 +99,6 @@ async def open_devices(
             device = SafeDevice(device)
         if read_only:
             device = ReadOnlyDevice(device)
+        label_layers(device, name)
         out.append(Opened(name, device, recipe))
     return out

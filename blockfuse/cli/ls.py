@@ -1,8 +1,11 @@
-"""``blockfuse ls URI``: the exports of an NBD server, one per line."""
+"""``blockfuse ls URI``: the exports of an NBD server, one per line, or (``--json``) a
+list of ``{"name", "size", "description"}`` with the size in bytes (``null`` when the
+server did not say)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import trio
 
@@ -24,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="nbd://HOST[:PORT]/ or nbd+unix:///?socket=PATH; over TLS nbds://... or "
         "nbds+unix://... (with tls-certificates=DIR, tls-hostname=NAME, tls-verify-peer=false)",
     )
+    ls.add_argument(
+        "--json", action="store_true",
+        help="print a JSON list of {name, size, description}, sizes in bytes",
+    )  # fmt: skip
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -35,6 +42,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         exports = trio.run(list_exports, address)
     except BlockError as exc:
         raise CommandError(str(exc)) from exc
+    if args.json:
+        listed = [{"name": e.name, "size": e.size, "description": e.description} for e in exports]
+        print(json.dumps(listed, indent=2))
+        return EXIT_OK
     for export in exports:
         size = format_size(export.size) if export.size is not None else "?"
         name = printable(export.name) or '""'

@@ -1,11 +1,16 @@
-"""Watching devices: ``blockfuse status``, ``blockfuse pivot``, the progress bar.
+"""Watching and steering devices: ``blockfuse status``, ``pivot`` and ``mirror``.
 
-``status`` and ``pivot`` work on a running mount through the flat files' extended
-attributes only (``user.blockfuse.*``, the same ones ``getfattr -d`` shows), and on a
-running server through its control socket, which answers with the same keys and
-values.  So both become one ``Report`` and print the same lines, or (``--json``) the
-same JSON: numbers as numbers, ``read_only`` as a boolean.  The progress bar runs
-inside ``blockfuse mount`` and reads the devices' ``status()`` directly.
+Each takes a device as ``MOUNTPOINT/NAME`` (a flat file of a live mount: its
+``user.blockfuse.*`` attributes are read, and written to act) or as ``CONTROL_SOCKET
+[NAME]`` (a ``blockfuse serve``: the same keys and values over its control socket; NAME
+may be left out when it serves one device).  ``status`` takes a mountpoint or a control
+socket, or nothing: then every blockfuse mount and server on the host (``registry.py``).
+What the reports look like is ``report.py``; the progress bar is ``progress.py``.
+
+The mirror controls (``mirror retry|cancel|rate|pivot``) are the mirror's own
+(``devices/mirror/device.py``): a control that does not apply in the mirror's state is
+refused (EBUSY) and the message says why, from the mirror's state, with the same words
+whichever way it was asked.
 """
 
 from __future__ import annotations
@@ -16,97 +21,39 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import trio
-
-from ..fuse.flatfile import FlatFile
-from ..fuse.mountpoint import is_ours
-from ..serve.control import PIVOT_TIMEOUT, ControlError, ask
+from ..devices.mirror.state import MirrorState, refusal
+from ..fuse.mountpoint import answers, is_ours
+from ..serve.control import PIVOT_TIMEOUT, STATUS_TIMEOUT, ControlError, ask
+from ..spec import SpecError, parse_size
 from ..units import format_size
+from . import registry
 from .common import EXIT_OK, CommandError, check_live_mount
+from .report import (
+    PREFIX,
+    Report,
+    listing_lines,
+    mount_report,
+    read_status,
+    report_json,
+    report_lines,
+    server_report,
+)
 
-PREFIX = "user.blockfuse."
-BAR_WIDTH = 30
-BAR_SECONDS = 0.5
+ACTIONS = {
+    "pivot": ("pivot", "pivot"),
+    "retry": ("retry", "retry the copy of"),
+    "cancel": ("cancel", "cancel the copy of"),
+    "rate": ("rate_limit", "change the copy rate limit of"),
+}
+"""Each mirror control: the attribute written (``user.blockfuse.KEY``), and the words
+of its refusal (``cannot WORDS WHAT: ...``)."""
 
 
 class MonitorError(Exception):
-    """A status or pivot request that failed; the message is one line for the user."""
-
-
-def read_status(path: str) -> dict[str, str]:
-    """Every ``user.blockfuse.*`` attribute of ``path``, without the prefix."""
-    out = {}
-    for name in os.listxattr(path):
-        if name.startswith(PREFIX):
-            out[name[len(PREFIX) :]] = os.getxattr(path, name).decode(errors="replace")
-    return out
-
-
-def format_seconds(seconds: int) -> str:
-    minutes, s = divmod(seconds, 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}:{m:02}:{s:02}" if hours else f"{m}:{s:02}"
-
-
-def describe_copy(values: Mapping[str, str]) -> str:
-    """``copying 42% (420 MiB of 1 GiB) at 12.5 MiB/s, ETA 0:48, 0 errors``; a failed
-    copy ends with its reason: ``failed at 8% (...), 17 errors: REASON``."""
-    total = int(values.get("total", "0"))
-    copied = int(values.get("copied", "0"))
-    state, _, reason = values["state"].partition(": ")
-    at = "at " if reason else ""
-    text = f"{state} {at}{values['progress']}% ({format_size(copied)} of {format_size(total)})"
-    rate = int(values.get("rate", "0") or 0)
-    if rate:
-        text += f" at {format_size(rate)}/s"
-    if values.get("eta") and values["state"] == "copying":
-        text += f", ETA {format_seconds(int(values['eta']))}"
-    errors = int(values.get("errors", "0") or 0)
-    text += f", {errors} error{'' if errors == 1 else 's'}"
-    return f"{text}: {reason}" if reason else text
-
-
-INT_KEYS = frozenset(
-    {"size", "sector_size", "progress", "copied", "total", "rate", "eta", "errors"}
-    | {"allocated", "backing_length", "reconnects"}
-)
-"""The status keys whose values are numbers (in ``--json``; ``""`` becomes null)."""
-
-
-@dataclass
-class Report:
-    """What ``status`` knows of a mount or a server: each device's status (``name`` and
-    the ``user.blockfuse.*`` keys), a mount's scratch directories, a server's own facts."""
-
-    source: str
-    path: str
-    devices: list[dict[str, str]]
-    scratch: list[dict[str, Any]] = field(default_factory=list)
-    server: dict[str, Any] | None = None
-
-
-def mount_report(mountpoint: str) -> Report:
-    report = Report("mount", mountpoint, [])
-    for name in sorted(os.listdir(mountpoint)):
-        path = os.path.join(mountpoint, name)
-        if os.path.isdir(path):
-            report.scratch.append(scratch_facts(name, path))
-        else:
-            report.devices.append({"name": name, **read_status(path)})
-    return report
-
-
-def server_report(path: str) -> Report:
-    reply = ask(path, {"op": "status"})
-    if not reply.get("ok"):
-        raise ControlError(f"{path}: {reply.get('error', 'refused')}")
-    devices = [{str(k): str(v) for k, v in d.items()} for d in reply.get("devices", [])]
-    return Report("server", path, devices, server=reply.get("server") or {})
+    """A status or control request that failed; the message is one line for the user."""
 
 
 def status_report(mountpoint: str) -> str:
@@ -114,189 +61,18 @@ def status_report(mountpoint: str) -> str:
     return report_lines(mount_report(mountpoint))
 
 
-def report_lines(report: Report) -> str:
-    lines: list[str] = []
-    for values in report.devices:
-        lines += device_lines(values)
-    for scratch in report.scratch:
-        lines.append(describe_scratch(scratch))
-    if report.server is not None:
-        lines.append(describe_server(report.server))
-    return "\n".join(lines) if lines else f"{report.path}: no devices"
+# --- naming a device ------------------------------------------------------------------------
 
 
-def device_lines(values: Mapping[str, str]) -> list[str]:
-    size = format_size(int(values.get("size", "0")))
-    ro = ", read-only" if values.get("read_only") == "yes" else ""
-    lines = [f"{values['name']}: {values.get('kind', '?')}, {size}{ro}  {values.get('spec', '')}"]
-    if "connection" in values:
-        lines.append(f"  {values['connection']} ({values.get('remote', '')})")
-    if "progress" in values:
-        lines.append(f"  {describe_copy(values)}")
-    for key, label in (("notice", "note"), ("last_error", "last error")):
-        if values.get(key):
-            lines.append(f"  {label}: {values[key]}")
-    return lines
+@dataclass(frozen=True)
+class Target:
+    """A device named on the command line: a flat file (``path``) or a server's device
+    (``control``, ``name``)."""
 
-
-def describe_server(server: Mapping[str, Any]) -> str:
-    """``serving nbd+unix:///?socket=/run/vm1.sock; 2 connections``."""
-    where = ", ".join(str(uri) for uri in server.get("listening", [])) or "nowhere"
-    n = int(server.get("connections", 0))
-    return f"serving {where}; {n} connection{'' if n == 1 else 's'}"
-
-
-def report_json(report: Report) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "source": report.source,
-        "path": report.path,
-        "devices": [typed(values) for values in report.devices],
-    }
-    if report.source == "mount":
-        out["scratch"] = report.scratch
-    if report.server is not None:
-        out["server"] = report.server
-    return out
-
-
-def typed(values: Mapping[str, str]) -> dict[str, Any]:
-    """One device's status with numbers as numbers and ``read_only`` a boolean."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in INT_KEYS:
-            out[key] = int(value) if value.lstrip("-").isdigit() else None
-        elif key == "read_only":
-            out[key] = value == "yes"
-        else:
-            out[key] = value
-    return out
-
-
-def scratch_facts(name: str, path: str) -> dict[str, Any]:
-    sizes = [os.stat(os.path.join(path, entry)).st_size for entry in os.listdir(path)]
-    return {"name": name, "files": len(sizes), "bytes": sum(sizes)}
-
-
-def describe_scratch(scratch: Mapping[str, Any]) -> str:
-    """``tmp/: scratch directory, 3 files, 12 MiB``."""
-    n = scratch["files"]
-    count = f"{n} file{'' if n == 1 else 's'}"
-    return f"{scratch['name']}/: scratch directory, {count}, {format_size(scratch['bytes'])}"
-
-
-def pivot(path: str) -> str:
-    """Ask the mirror at ``path`` to pivot; its new state, or ``MonitorError``."""
-    try:
-        os.setxattr(path, PREFIX + "pivot", b"1")
-    except OSError as exc:
-        raise MonitorError(_pivot_problem(path, exc)) from exc
-    return read_status(path).get("state", "?")
-
-
-def _pivot_problem(path: str, exc: OSError) -> str:
-    values = read_status(path) if exc.errno == errno.EBUSY else {}
-    return pivot_problem(path, exc.errno or errno.EIO, exc.strerror or str(exc), values)
-
-
-def pivot_problem(what: str, err: int, text: str, values: Mapping[str, str]) -> str:
-    """Why ``what`` cannot pivot, in one line (``values``: its status, for EBUSY)."""
-    if err == errno.EBUSY:
-        return (
-            f"cannot pivot {what}: the mirror is {values.get('state')} "
-            f"({values.get('progress')}% copied); pivot once it is synced"
-        )
-    if err in (errno.EPERM, errno.ENOTSUP):
-        return f"cannot pivot {what}: it is not a mirror"
-    return f"cannot pivot {what}: {text}"
-
-
-def pivot_served(control: str, name: str | None) -> tuple[str, str]:
-    """Ask the server at ``control`` to pivot device ``name`` (the only one if ``None``);
-    ``(name, new state)``, or ``MonitorError``."""
-    if name is None:
-        devices = [d["name"] for d in server_report(control).devices]
-        if len(devices) != 1:
-            raise MonitorError(
-                f"{control} serves {len(devices)} devices; name one: "
-                f"blockfuse pivot {control} NAME ({', '.join(devices)})"
-            )
-        name = devices[0]
-    reply = ask(control, {"op": "pivot", "device": name}, timeout=PIVOT_TIMEOUT)
-    if not reply.get("ok"):
-        values = {str(k): str(v) for k, v in (reply.get("device") or {}).items()}
-        err = int(reply.get("errno", errno.EIO))
-        raise MonitorError(pivot_problem(name, err, str(reply.get("error")), values))
-    return name, str(reply.get("state", "?"))
-
-
-# --- the progress bar ------------------------------------------------------------------
-
-
-def progress_line(files: Sequence[FlatFile]) -> str:
-    parts = []
-    for f in files:
-        values = f.status()
-        if "progress" not in values:
-            continue
-        percent = int(values["progress"])
-        filled = BAR_WIDTH * percent // 100
-        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        parts.append(f"{f.name} [{bar}] {describe_copy(values)}")
-    return "  ".join(parts)
-
-
-async def _draw(files: Sequence[FlatFile], out: TextIO) -> None:
-    shown = ""
-    while True:
-        await trio.sleep(BAR_SECONDS)  # first after the mount's banner
-        line = progress_line(files)
-        if line and line != shown:
-            out.write("\r" + line + "\x1b[K")
-            out.flush()
-            shown = line
-
-
-@asynccontextmanager
-async def progress_bar(files: Sequence[FlatFile], out: TextIO) -> AsyncIterator[None]:
-    """Redraw the copy progress of ``files`` on ``out`` (a terminal) during the body."""
-    if not out.isatty() or not any("progress" in f.status() for f in files):
-        yield
-        return
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_draw, files, out)
-        try:
-            yield
-        finally:
-            nursery.cancel_scope.cancel()
-            out.write("\n")
-
-
-# --- the subcommands ---------------------------------------------------------------------
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    status = sub.add_parser(
-        "status",
-        help="show every device's status (a mirror's copy), of a mount or a server",
-        description=(
-            "Print each device of a live mount, or of a `blockfuse serve` given its "
-            "control socket: kind, size, spec, and a mirror's copy state, progress, rate, "
-            "ETA and errors."
-        ),
-    )
-    status.add_argument("target", metavar="MOUNTPOINT|CONTROL_SOCKET")
-    status.add_argument("--json", action="store_true", help="print the same facts as JSON")
-    pivot_ = sub.add_parser(
-        "pivot",
-        help="detach a synced mirror's primary; the secondary serves alone from then on",
-        description=(
-            "Once a mirror is synced: flush both sides, close the primary, and serve all "
-            "I/O from the secondary. Refused (nothing changes) while the copy runs. "
-            "Name the device as MOUNTPOINT/NAME, or as CONTROL_SOCKET NAME for a server."
-        ),
-    )
-    pivot_.add_argument("target", metavar="MOUNTPOINT/NAME|CONTROL_SOCKET")
-    pivot_.add_argument("name", nargs="?", metavar="NAME")
+    what: str
+    path: str = ""
+    control: str = ""
+    name: str = ""
 
 
 def is_control_socket(path: str) -> bool:
@@ -310,7 +86,174 @@ def is_control_socket(path: str) -> bool:
         return False
 
 
+def resolve(target: str, name: str | None, command: str) -> Target:
+    """``MOUNTPOINT/NAME``, ``MOUNTPOINT NAME`` or ``CONTROL_SOCKET [NAME]`` as a
+    ``Target``; ``CommandError`` if it names no live device."""
+    if is_control_socket(target):
+        return Target(name or "", control=target, name=name or only_device(target, command))
+    path = os.path.join(target, name) if name else target
+    # The mount table first, then a bounded probe: a stopped blockfuse never answers.
+    mountpoint = os.path.dirname(os.path.abspath(path))
+    if not is_ours(mountpoint):
+        if is_ours(path):
+            raise CommandError(f"{path} is a mountpoint; name the device: {path}/NAME")
+        raise CommandError(f"{path} is not a device in a blockfuse mount")
+    check_live_mount(mountpoint)
+    return Target(path, path=path)
+
+
+def only_device(control: str, command: str) -> str:
+    try:
+        devices = [d["name"] for d in server_report(control).devices]
+    except ControlError as exc:
+        raise CommandError(str(exc)) from exc
+    if len(devices) != 1:
+        raise CommandError(
+            f"{control} serves {len(devices)} devices; name one: "
+            f"blockfuse {command} {control} NAME ({', '.join(devices)})"
+        )
+    return devices[0]
+
+
+# --- the mirror controls --------------------------------------------------------------------
+
+
+def control(target: Target, action: str, value: str = "1") -> dict[str, str]:
+    """Ask the mirror at ``target`` to act; its status then, or ``MonitorError``."""
+    if target.path:
+        return _control_file(target.path, action, value)
+    timeout = PIVOT_TIMEOUT if action in ("pivot", "cancel") else STATUS_TIMEOUT
+    request = {"op": action, "device": target.name, "value": value}
+    try:
+        reply = ask(target.control, request, timeout=timeout)
+    except ControlError as exc:
+        raise MonitorError(str(exc)) from exc
+    device = {str(k): str(v) for k, v in (reply.get("device") or {}).items()}
+    if not reply.get("ok"):
+        err = int(reply.get("errno", errno.EIO))
+        raise MonitorError(problem(target.what, action, err, str(reply.get("error")), device))
+    return device
+
+
+def _control_file(path: str, action: str, value: str) -> dict[str, str]:
+    key = ACTIONS[action][0]
+    try:
+        os.setxattr(path, PREFIX + key, value.encode())
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        values = read_status(path) if err == errno.EBUSY else {}
+        raise MonitorError(problem(path, action, err, exc.strerror or str(exc), values)) from exc
+    return read_status(path)
+
+
+def problem(what: str, action: str, err: int, text: str, values: Mapping[str, str]) -> str:
+    """Why ``action`` on ``what`` was refused, in one line (``values``: its status, for
+    EBUSY, which means the action does not apply in the mirror's state)."""
+    words = f"cannot {ACTIONS[action][1]} {what}"
+    if err == errno.EBUSY and values.get("state") in {s.value for s in MirrorState}:
+        state = MirrorState(values["state"])
+        return f"{words}: {refusal(action, state, int(values.get('progress') or 0))}"
+    if err in (errno.EPERM, errno.ENOTSUP):
+        return f"{words}: it is not a mirror"
+    return f"{words}: {text}"
+
+
+def done_line(what: str, action: str, values: Mapping[str, str]) -> str:
+    """What a control did, in one line."""
+    state, percent = values.get("state", "?"), values.get("progress", "?")
+    if action == "pivot":
+        return f"{what} is {state}; the primary is detached"
+    if action == "retry":
+        return f"{what} is {state} again, from {percent}%"
+    if action == "cancel":
+        return (
+            f"{what}: the copy is {state} at {percent}%; the primary serves alone "
+            f"(blockfuse mirror retry, or a remount, copies again)"
+        )
+    limit = values.get("rate_limit")
+    return f"{what}: copy rate limit {format_size(int(limit)) + '/s' if limit else 'none'}"
+
+
+def rate_option(text: str) -> str:
+    """argparse type for a rate limit: bytes per second as a number, or ``none``."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        rate = parse_size(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or none: no limit)") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("a rate limit must be more than 0 (or none: no limit)")
+    return str(rate)
+
+
+# --- the subcommands ------------------------------------------------------------------------
+
+DEVICE_HELP = "MOUNTPOINT/NAME (a flat file), or a server's CONTROL_SOCKET [NAME]"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    status = sub.add_parser(
+        "status",
+        help="show every device's status (a mirror's copy), of a mount or a server",
+        description=(
+            "Print each device of a live mount, or of a `blockfuse serve` given its "
+            "control socket: kind, size, spec, and a mirror's copy state, progress, rate, "
+            "ETA and errors. With no argument: every blockfuse mount and server on this "
+            "host."
+        ),
+    )
+    status.add_argument("target", nargs="?", metavar="MOUNTPOINT|CONTROL_SOCKET")
+    status.add_argument("--json", action="store_true", help="print the same facts as JSON")
+    pivot = sub.add_parser(
+        "pivot",
+        help="detach a synced mirror's primary; the secondary serves alone from then on",
+        description=(
+            "Once a mirror is synced: flush both sides, close the primary, and serve all "
+            "I/O from the secondary. Refused (nothing changes) while the copy runs. "
+            "Name the device as MOUNTPOINT/NAME, or as CONTROL_SOCKET NAME for a server. "
+            "The same as `blockfuse mirror pivot`."
+        ),
+    )
+    add_device_arguments(pivot)
+    mirror = sub.add_parser(
+        "mirror",
+        help="steer a running mirror: retry a failed copy, change its rate, cancel it",
+        description=(
+            "Steer the copy of a mirror without remounting: retry a failed (or cancelled) "
+            "copy, change the copier's rate limit, cancel the copy (the primary serves "
+            "alone; the copy map keeps what was copied), or pivot. Each is refused, "
+            "changing nothing, where it does not apply. The same as writing "
+            "user.blockfuse.retry, rate_limit, cancel or pivot with setfattr."
+        ),
+    )
+    actions = mirror.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("retry", "copy again after a failure or a cancel, from what is copied"),
+        ("cancel", "give the copy up: the primary serves alone, the map is kept"),
+        ("pivot", "detach a synced mirror's primary (as `blockfuse pivot`)"),
+    ):
+        add_device_arguments(actions.add_parser(action, help=text, description=text))
+    rate = actions.add_parser(
+        "rate",
+        help="change the copier's rate limit at once",
+        description="Change the copier's rate limit at once (bytes per second, or none).",
+    )
+    add_device_arguments(rate)
+    rate.add_argument(
+        "rate", type=rate_option, metavar="RATE",
+        help="bytes per second (binary units: 64M is 64 MiB/s), or none",
+    )  # fmt: skip
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="MOUNTPOINT/NAME|CONTROL_SOCKET", help=DEVICE_HELP)
+    parser.add_argument("name", nargs="?", metavar="NAME")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.target is None:
+        return print_listing(every_report(), as_json=args.json)
     try:
         if is_control_socket(args.target):
             report = server_report(args.target)
@@ -328,25 +271,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_pivot(args: argparse.Namespace) -> int:
-    if is_control_socket(args.target):
+def every_report() -> list[Report]:
+    """Every blockfuse mount and server on the host, each asked (one that cannot be
+    asked says why in its ``error``)."""
+    reports = []
+    for found in registry.mounts() + registry.servers():
         try:
-            name, state = pivot_served(args.target, args.name)
-        except (MonitorError, ControlError) as exc:
-            raise CommandError(str(exc)) from exc
-        print(f"blockfuse: {name} is {state}; the primary is detached", file=sys.stderr)
-        return EXIT_OK
-    path = os.path.join(args.target, args.name) if args.name else args.target
-    # The mount table first, then a bounded probe: a stopped blockfuse never answers.
-    mountpoint = os.path.dirname(os.path.abspath(path))
-    if not is_ours(mountpoint):
-        if is_ours(path):
-            raise CommandError(f"{path} is a mountpoint; name the device: {path}/NAME")
-        raise CommandError(f"{path} is not a device in a blockfuse mount")
-    check_live_mount(mountpoint)
+            if found.source == "mount":
+                reports.append(live_mount_report(found.path, found.pid))
+            elif not found.path:
+                reports.append(Report("server", "", [], pid=found.pid, error="no control socket"))
+            else:
+                report = server_report(found.path)
+                report.pid = report.pid or found.pid
+                reports.append(report)
+        except (ControlError, CommandError, OSError) as exc:
+            reports.append(Report(found.source, found.path, [], pid=found.pid, error=str(exc)))
+    return reports
+
+
+def live_mount_report(mountpoint: str, pid: int | None) -> Report:
+    state = answers(mountpoint)
+    if state is not True:
+        why = "its blockfuse died (stale)" if state is False else "it does not answer"
+        return Report("mount", mountpoint, [], pid=pid, error=why)
+    return mount_report(mountpoint, pid)
+
+
+def print_listing(reports: list[Report], *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps([report_json(r) for r in reports], indent=2))
+    else:
+        print(listing_lines(reports))
+    return EXIT_OK
+
+
+def cmd_pivot(args: argparse.Namespace) -> int:
+    return run_control(args, "pivot", "pivot")
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    value = args.rate if args.action == "rate" else "1"
+    return run_control(args, args.action, f"mirror {args.action}", value)
+
+
+def run_control(args: argparse.Namespace, action: str, command: str, value: str = "1") -> int:
+    target = resolve(args.target, args.name, command)
     try:
-        state = pivot(path)
+        values = control(target, action, value)
     except MonitorError as exc:
         raise CommandError(str(exc)) from exc
-    print(f"blockfuse: {path} is {state}; the primary is detached", file=sys.stderr)
+    print(f"blockfuse: {done_line(target.what, action, values)}", file=sys.stderr)
     return EXIT_OK

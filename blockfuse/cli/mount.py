@@ -13,9 +13,12 @@ from contextlib import AsyncExitStack
 
 import trio
 
+from .. import log as blockfuse_log
+from .. import notify
 from ..block import BlockDevice
 from ..devices.safe import SafeDevice
 from ..errors import BlockError
+from ..fuse import ioflusher
 from ..fuse.flatfile import FlatFile
 from ..fuse.mount import serve
 from ..fuse.mountpoint import MountError, Prepare, check_mountpoint, prepare_mountpoint
@@ -28,6 +31,7 @@ from ..serve.runtime import running
 from ..spec import Recipe, SpecError
 from ..swap import DEFAULT_UNIT
 from ..units import format_size
+from . import config
 from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
 from .devices import (
     DEFAULT_DEVICE,
@@ -38,7 +42,7 @@ from .devices import (
     open_devices,
     open_recipe,
 )
-from .monitor import progress_bar
+from .progress import progress_bar
 from .serve import address_option, listen_or_fail, nbd_banner, warn_without_tls
 
 log = logging.getLogger("blockfuse")
@@ -57,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         ),
         epilog=SPEC_HELP,
     )
-    mount.add_argument("mountpoint")
+    mount.add_argument("mountpoint", nargs="?", help="the directory to mount on")
+    mount.add_argument(config.HIDDEN_MOUNTPOINT, dest="config_mountpoint", help=argparse.SUPPRESS)
     mount.add_argument(
         "--device",
         "-d",
@@ -243,13 +248,22 @@ async def mount_files(
     banner = await describe(args.mountpoint, files, scratch, listening)
     if listening is not None:
         warn_without_tls(listening)
-    async with progress_bar(files, sys.stderr), serving_beside(files, listening) as alongside:
+    what = f"{serving(len(files), len(scratch))} under {args.mountpoint}"
+
+    def ready() -> None:
+        print(banner, file=sys.stderr, flush=True)
+        log.info("mounted: %s", what)
+        ioflusher.report(getattr(args, "io_flusher", None))
+        notify.ready(f"serving {what}")
+
+    bar = progress_bar(files, blockfuse_log.console())
+    async with bar, serving_beside(files, listening) as alongside:
         problems = await serve(
             args.mountpoint,
             files,
             read_only=args.read_only,
             allow_other=args.allow_other,
-            on_ready=lambda: print(banner, file=sys.stderr, flush=True),
+            on_ready=ready,
             scratch=scratch,
             alongside=alongside,
         )
@@ -274,4 +288,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     if use_default:
         recipes = compile_devices([default_device()], read_only=args.read_only)
+    args.io_flusher = ioflusher.set_io_flusher()  # before any thread starts: they inherit it
     return trio.run(run_mount, args, recipes, scratch_recipes)

@@ -13,6 +13,7 @@ for its suffix (``vm1.sock`` -> ``vm1.ctl``); without a Unix socket there is non
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from contextlib import AsyncExitStack
 
 import trio
 
+from .. import notify
 from ..opening import background_tasks, open_all
 from ..sectors import DeviceBytes
 from ..serve.exports import Export
@@ -36,10 +38,13 @@ from ..serve.listen import (
 from ..serve.runtime import serve_exports
 from ..spec import Recipe
 from ..units import format_size
+from . import registry
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
 from .devices import compile_devices, default_device, open_devices
 
 CONTROL_MODE = 0o600
+
+log = logging.getLogger(__name__)
 
 
 def address_option(text: str) -> Address:
@@ -143,6 +148,8 @@ async def describe(exports: Sequence[Export], listening: Listening, control: str
 
 async def run_serve(args: argparse.Namespace, recipes: list[tuple[str, Recipe]]) -> int:
     control = control_path(args)
+    if control is None and registry.ensure_runtime_dir() is not None:
+        control = registry.default_control()  # every server can be asked (registry.py)
     fds = activated_fds()
     if fds and not (args.socket or args.listen):
         try:
@@ -179,14 +186,22 @@ async def serve_devices(
             ]
             banner = await describe(exports, listening, control)
             warn_without_tls(listening)
-            problems = await serve_exports(
-                exports,
-                listening,
-                controlling,
-                sys.stderr,
-                listing=not args.no_list,
-                on_ready=lambda: print(banner, file=sys.stderr, flush=True),
-            )
+
+            def ready() -> None:
+                print(banner, file=sys.stderr, flush=True)
+                where = ", ".join(str(a) for a in listening.addresses) or "nothing"
+                log.info("serving %d device(s) on %s", len(exports), where)
+                notify.ready(f"serving {len(exports)} device(s) on {where}")
+
+            with registry.registered(control):
+                problems = await serve_exports(
+                    exports,
+                    listening,
+                    controlling,
+                    sys.stderr,
+                    listing=not args.no_list,
+                    on_ready=ready,
+                )
     finally:
         if controlling is not None:
             await controlling.aclose()

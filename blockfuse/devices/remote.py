@@ -130,10 +130,11 @@ class RemoteDevice(BlockDevice):
         await self._link.aclose()
 
     def status(self) -> dict[str, str]:
-        out = {"remote": str(self.address), "connection": self._connection()}
-        if self._link.reconnects:
-            out["reconnects"] = str(self._link.reconnects)
-        return out
+        return {
+            "remote": str(self.address),
+            "connection": self._connection(),
+            "reconnects": str(self._link.reconnects),
+        }
 
     def _connection(self) -> str:
         """The link's state; while connected over TLS, ``connected; tls TLSv1.3, peer

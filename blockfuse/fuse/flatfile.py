@@ -8,7 +8,7 @@ every layer, and the controls (``user.blockfuse.KEY`` writes).  No pyfuse3 here.
 
 from __future__ import annotations
 
-from ..block import BlockDevice, merged_status, send_control
+from ..block import BlockDevice, send_control
 from ..sectors import DeviceBytes
 from ..spec import resized_spec
 
@@ -30,4 +30,4 @@ class FlatFile(DeviceBytes):
         await send_control(self.device, key, value, self.name)
 
     def status(self) -> dict[str, str]:
-        return merged_status(self.device)
+        return super().status()

@@ -305,6 +305,21 @@ class BlockFS(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    def _io_error(self, handler: str, args: tuple[Any, ...], exc: BlockError) -> None:
+        """An I/O error returned to the user: counted on the flat file, and logged."""
+        if handler == "setattr":
+            file = self._by_inode.get(args[0])
+            what = f"truncate to {args[1].st_size} bytes"
+        else:
+            opened = self._opened.get(args[0])
+            file = opened.file if opened is not None else None
+            what = {
+                "read": lambda: f"read of {args[2]} bytes at {args[1]}",
+                "write": lambda: f"write of {len(args[2])} bytes at {args[1]}",
+            }.get(handler, lambda: handler)()
+        if file is not None:
+            file.note_error(what, exc)
+
 
 # --- the boundary: routing and error translation, once for every handler ---------------------
 
@@ -316,6 +331,8 @@ ROUTED = (
 """Handlers whose first argument is an inode or file handle, routed by it."""
 UNROUTED = ("statfs", "forget")
 """Handlers about the whole mount."""
+IO_HANDLERS = ("read", "write", "fsync", "setattr")
+"""Handlers whose errors are I/O errors returned to users: counted and logged."""
 
 
 def boundary(name: str, fn: Callable[..., Coroutine[Any, Any, R]], *, routed: bool) -> Any:
@@ -333,6 +350,8 @@ def boundary(name: str, fn: Callable[..., Coroutine[Any, Any, R]], *, routed: bo
             raise
         except BlockError as exc:
             log.debug("%s: %s", name, exc)
+            if name in IO_HANDLERS:
+                self._io_error(name, args, exc)
             raise pyfuse3.FUSEError(exc.errno) from exc
         except Exception as exc:
             log.exception("unexpected error in FUSE handler %s", name)

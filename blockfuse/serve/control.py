@@ -7,8 +7,13 @@ request per connection, one line each way::
     < {"ok": true, "server": {"listening": [URI, ...], "connections": 2},
        "devices": [{"name": "disk", "kind": "mirror", "size": "1073741824", ...}]}
     > {"op": "pivot", "device": "disk"}
-    < {"ok": true, "state": "pivoted"}
+    < {"ok": true, "state": "pivoted", "device": {...}}
     < {"ok": false, "errno": 16, "error": "...", "device": {...}}     (refused)
+
+``pivot``, ``retry``, ``cancel`` and ``rate`` (with ``"value": "67108864"`` or
+``"none"``) are a mirror's controls, as the ``user.blockfuse.*`` writes of a mount's
+flat file (``pivot``, ``retry``, ``cancel``, ``rate_limit``), with the device's status
+after them; the status reply also has the server's ``pid``.
 
 A device's entry holds the same keys with the same (string) values as the
 ``user.blockfuse.*`` attributes of a mount's flat file, plus its ``name``; ``blockfuse
@@ -24,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,23 +114,31 @@ class Control:
         return request if isinstance(request, dict) else None
 
     async def answer(self, request: Reply) -> Reply:
-        if request.get("op") == "status":
+        op = request.get("op")
+        if op == "status":
             devices = [{"name": name, **await facts(e)} for name, e in self._exports.items()]
-            return {"ok": True, "server": self._server_facts(), "devices": devices}
-        if request.get("op") == "pivot":
-            return await self._pivot(str(request.get("device", "")))
+            server = self._server_facts()
+            return {"ok": True, "pid": os.getpid(), "server": server, "devices": devices}
+        if op in CONTROLS:
+            value = str(request.get("value", "1")).encode()
+            return await self._control(str(request.get("device", "")), CONTROLS[op], value)
         return bad_request()
 
-    async def _pivot(self, name: str) -> Reply:
+    async def _control(self, name: str, key: str, value: bytes) -> Reply:
         export = self._exports.get(name)
         if export is None:
             known = ", ".join(sorted(self._exports))
             return refused(errno.ENOENT, f"no device named {name!r} (devices: {known})")
         try:
-            await send_control(export.bytes.device, "pivot", b"1", name)
+            await send_control(export.bytes.device, key, value, name)
         except BlockError as exc:
             return {**refused(exc.errno, str(exc)), "device": await facts(export)}
-        return {"ok": True, "state": (await facts(export)).get("state", "?")}
+        status = await facts(export)
+        return {"ok": True, "state": status.get("state", "?"), "device": status}
+
+
+CONTROLS = {"pivot": "pivot", "retry": "retry", "cancel": "cancel", "rate": "rate_limit"}
+"""The control requests, and the ``user.blockfuse.*`` key each is to a device."""
 
 
 def refused(err: int, message: str) -> Reply:
@@ -132,7 +146,8 @@ def refused(err: int, message: str) -> Reply:
 
 
 def bad_request() -> Reply:
-    return refused(errno.EINVAL, 'not a request (send {"op": "status"} or {"op": "pivot"})')
+    ops = ", ".join(["status", *CONTROLS])
+    return refused(errno.EINVAL, f'not a request (send {{"op": OP}}, OP one of {ops})')
 
 
 # --- the client side (blocking, for the CLI) ----------------------------------------------

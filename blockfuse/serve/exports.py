@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..block import Capability, merged_status
+from ..block import Capability
 from ..nbd.constants import DEFAULT_MAX_PAYLOAD, TxFlag
 from ..nbd.events import ExportInfo, ServerReady
 from ..sectors import DeviceBytes
@@ -85,7 +85,7 @@ async def facts(export: Export) -> dict[str, str]:
         "sector_size": str(info.sector_size),
         "read_only": "no" if info.read_write else "yes",
     }
-    values.update(merged_status(export.bytes.device))
+    values.update(export.bytes.status())
     return values
 
 

@@ -92,6 +92,9 @@ class RequestHandler:
         try:
             return await self._commands[req.cmd](req)
         except BlockError as exc:
+            self._bytes.note_error(
+                f"NBD {Cmd(req.cmd).name} of {req.length} bytes at {req.offset}", exc
+            )
             if req.cmd == Cmd.READ:
                 return ReadReply(req.cookie, req.offset, (), nbd_errno(exc), str(exc), req.offset)
             return Reply(req.cookie, nbd_errno(exc), str(exc))

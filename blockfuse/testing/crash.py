@@ -11,7 +11,8 @@ would leave: what was flushed, plus any subset of what was not.
 
 ``run_seed``
     A mirror of two ``SimDisk`` with a ``SimStore`` map, racing foreground writers and
-    fsyncs against the copier (and sometimes a pivot), with faults if asked.  At random
+    fsyncs against the copier (and sometimes a pivot; and sometimes the controls a user
+    has: cancel, retry, a new rate limit), with faults if asked.  At random
     events (writes, flushes, saves) it cuts power: it keeps the crash images of all
     three at that instant, with what the user had been promised by then.  Afterwards,
     for every cut, it checks:
@@ -132,6 +133,8 @@ class Plan:
     pivot: bool
     verify: str
     faults: dict[str, float]
+    steer: int = 0
+    """How many controls (cancel, retry, rate) a user sends while it runs."""
 
     @classmethod
     def draw(cls, rng: random.Random, faults: bool) -> Plan:
@@ -156,6 +159,7 @@ class Plan:
                 if faults
                 else {}
             ),
+            steer=rng.choice([0, 0, 1, 3]),
         )
 
 
@@ -218,6 +222,8 @@ async def _run_seed(seed: int, faults: bool) -> list[str]:
                     users.start_soon(_writer, mirror, promises, plan, wrng, lock)
                 if plan.pivot:
                     users.start_soon(_pivot_when_synced, mirror)
+                if plan.steer:
+                    users.start_soon(_steer, mirror, plan.steer, random.Random(seed + 6))
             await mirror.aclose()
     fault.on = False
     cuts.append(cut("after close"))
@@ -269,6 +275,22 @@ async def _pivot_when_synced(mirror: MirrorDevice) -> None:
         await mirror.pivot()
     except (BlockError, MirrorFailed):
         pass
+
+
+async def _steer(mirror: MirrorDevice, controls: int, rng: random.Random) -> None:
+    """A user cancelling the copy, retrying it, changing its rate, at random times."""
+    for _ in range(controls):
+        await trio.sleep(rng.choice([0, 0.01, 0.1, 1, 5]) * (1 + rng.random() / 64))
+        action = rng.choice(["cancel", "retry", "rate"])
+        try:
+            if action == "cancel":
+                await mirror.cancel()
+            elif action == "retry":
+                mirror.retry()
+            else:
+                mirror.set_rate(rng.choice([None, 16 << 10, 64 << 10]))
+        except BlockError:
+            pass  # refused where it does not apply, as a user's would be
 
 
 async def _check(c: Cut, plan: Plan) -> list[str]:

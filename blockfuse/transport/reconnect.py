@@ -43,11 +43,16 @@ reaching the wrong disk.
 A ``ProtocolError`` is not retried (a server that breaks the protocol would break it
 again); it fails that request, and the next request reconnects.  ``aclose`` cancels an
 attempt under way and closes the connection: bounded, like ``NBDClient.aclose``.
+
+The log says what happens, one line each: a connection lost (with why), a reconnect
+that failed (a few lines per minute while the server stays away), the reconnect that
+worked (after how many failed attempts, how long).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +61,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import BlockError, Disconnected, ProtocolError, RequestFailed, Unreachable
+from ..log import Repeats, left_out
 from ..units import printable
 from .client import NBDClient
 from .handshake import ConnectionLost, TimedOut
@@ -63,6 +69,8 @@ from .handshake import ConnectionLost, TimedOut
 T = TypeVar("T")
 Connect = Callable[[trio.Nursery], Awaitable[NBDClient]]
 Operation = Callable[[NBDClient], Awaitable[T]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +110,9 @@ class Reconnecting:
         self.last_failure: str = ""
         self._lost_writes = ""
         """Why the next flush must fail: writes acknowledged on a lost connection."""
+        self._lost_at: float | None = None
+        """When the connection was found lost (``None`` while connected)."""
+        self._failure_lines = Repeats(burst=3, period=60.0)
 
     async def run(self, op: Operation[T], what: str = "a request") -> T:
         """``op`` (``what``, for messages) on a working connection, retried over
@@ -142,9 +153,26 @@ class Reconnecting:
         return self.client
 
     def _start_attempt(self) -> Attempt:
+        if self._lost_at is None:
+            self._lost_at = trio.current_time()
+            why = clipped(str(self.client.broken)) if self.client.broken else "closed"
+            log.warning("%s: connection lost (%s); reconnecting", self.server, why)
         attempt = self._attempt = Attempt()
         self._nursery.start_soon(self._reconnect, attempt)
         return attempt
+
+    def _log_attempt(self, error: BlockError | None) -> None:
+        if self._closed:
+            return
+        if error is None:
+            took = trio.current_time() - (self._lost_at or trio.current_time())
+            failed = plural(self._failed_attempts, "failed attempt")
+            log.info("%s: reconnected after %s, %.1f s", self.server, failed, took)
+            self._lost_at = None
+        elif (skipped := self._failure_lines.allow("attempt")) is not None:
+            log.warning(
+                "%s: reconnecting failed: %s%s", self.server, clipped(str(error)), left_out(skipped)
+            )
 
     async def _reconnect(self, attempt: Attempt) -> None:
         """One attempt (a task of its own): backoff, then connect within ``timeout``."""
@@ -160,6 +188,7 @@ class Reconnecting:
             attempt.error = ConnectionLost(f"reconnecting to {self.server} failed: {exc}")
         finally:
             self._attempt = None
+            self._log_attempt(attempt.error)
             if attempt.error is None:
                 self._failed_attempts = 0
             else:

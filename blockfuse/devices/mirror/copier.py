@@ -45,6 +45,17 @@ fails is retired, and the chunk and the rest of the copy are read over the trio 
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
+An item that fails once the copy is no longer going on (another item gave up, or the
+copy was cancelled) is not counted: its error changes nothing.  Each item checks again
+under its range lock that the copy goes on: a cancel (``device.py``) holds the whole
+range while it stops the copy, and an item that was waiting behind it must not write
+the secondary after it.
+
+The copier counts what it copies for the status: the bytes of data it read and wrote
+(``data_bytes``, the base of the rate), and per sweep a ``Tally`` of what the planner
+saw (data and holes) and what was done, from which ``data_left`` estimates the data
+that remains: exact for what the planner has asked about, the same share of data for
+the rest.
 
 Foreground I/O comes first: while a foreground request is using the primary, only the
 first workers, with ``FOREGROUND_BYTES`` of chunks between them (one or two workers),
@@ -119,6 +130,22 @@ class CopyEvents(Protocol):
         """Return once no foreground request is using the primary."""
 
 
+@dataclass
+class Tally:
+    """What one sweep planned and did, in bytes (see the module text)."""
+
+    planned: int = 0
+    planned_data: int = 0
+    swept: int = 0
+    swept_data: int = 0
+
+    def data_left(self, uncopied: int) -> int:
+        """The data estimated to remain of the ``uncopied`` bytes not copied yet."""
+        share = self.planned_data / self.planned if self.planned else 1.0
+        beyond = max(0, uncopied - max(0, self.planned - self.swept))
+        return max(0, self.planned_data - self.swept_data) + int(beyond * share)
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the copier copies, fixed when the mirror opens (sectors are mirror sectors)."""
@@ -165,12 +192,27 @@ class Copier:
         self._sweeping = False
         self._written_since_plan = IntervalSet()
         """Where foreground writes reached the primary since the planner asked there."""
+        self.data_bytes = 0
+        """Bytes of data read from the primary and written to the secondary, in all."""
+        self.tally = Tally()
+
+    @property
+    def rate_limit(self) -> int | None:
+        return self._throttle.rate
+
+    def set_rate(self, rate: int | None) -> None:
+        """Limit the copy to ``rate`` bytes per second from now on (``None``: no limit)."""
+        self._throttle.set_rate(rate)
+
+    def data_left(self, uncopied_bytes: int) -> int:
+        return self.tally.data_left(uncopied_bytes)
 
     async def sweep(self) -> None:
         """One pass over the sectors not yet copied; returns when it is done or stopped."""
         await self._find_secondary_data()
         send, receive = trio.open_memory_channel[Item](0)
         self._sweeping = True
+        self.tally = Tally()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._plan, send)
@@ -222,6 +264,8 @@ class Copier:
                 start, end = gap[0], min(gap[1], gap[0] + span)
                 self._written_since_plan.discard(start, end)
                 data = await self._hint(start, end)
+                self.tally.planned += (end - start) * self._sector_size
+                self.tally.planned_data += data.total * self._sector_size
                 for a, b, is_data in runs(data, start, end):
                     step = self.settings.chunk if is_data else self._hole_step
                     for item_start, item_end in split(a, b, step):
@@ -257,23 +301,33 @@ class Copier:
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         retries, backoff = self.settings.retries, self.settings.backoff
-        for attempt in range(retries + 1):
+        tries = retries + 1
+        for attempt in range(tries):
             self.in_flight += 1
             try:
                 err = await error_of(self._copy_item(start, end, is_data, buf))
             finally:
                 self.in_flight -= 1
             if err is None:
-                return self._events.copied_more()
+                return self._done(start, end, is_data)
+            if not self._events.going_on():
+                return  # another item gave up, or the copy was cancelled: nothing to add
             where = f"copying sectors {start}-{end}: {err}"
-            self._events.note_error(where)
             if attempt == retries:
-                return self._events.fail(
-                    f"{where} (the copy gave up after {retries} retries of its own)"
-                )
-            await trio.sleep(backoff * 2**attempt)
+                self._events.note_error(f"{where} (try {tries} of {tries})")
+                return self._events.fail(f"{where} (gave up after {tries} tries)")
+            pause = backoff * 2**attempt
+            self._events.note_error(f"{where} (try {attempt + 1} of {tries}; again in {pause:g} s)")
+            await trio.sleep(pause)
             if not self._events.going_on():
                 return
+
+    def _done(self, start: int, end: int, is_data: bool) -> None:
+        nbytes = (end - start) * self._sector_size
+        self.tally.swept += nbytes
+        if is_data:
+            self.tally.swept_data += nbytes
+        self._events.copied_more()
 
     async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         if is_data:
@@ -284,6 +338,8 @@ class Copier:
                 pos = stop
             return
         async with self._ranges.hold(start, end):
+            if not self._events.going_on():
+                return  # cancelled while this item waited for its range
             for a, b in self._map.uncopied_parts(start, end):
                 if self._written_since_plan.intersection(a, b):  # the plan may be old
                     await self._copy_by_extents(a, b, buf)
@@ -300,6 +356,8 @@ class Copier:
         try:
             async with self._ranges.hold(start, end):
                 locked = trio.current_time()
+                if not self._events.going_on():
+                    return  # cancelled while this piece waited for its range
                 for a, b in self._map.uncopied_parts(start, end):
                     await self._copy_data(a, b, buf)
                     self._map.mark_copied(a, b)
@@ -321,6 +379,7 @@ class Copier:
                 await self._secondary.write(a, [view], exact=True)
                 await self._secondary.write_behind(a, b - a)
             self._flush_behind.wrote(len(view))
+            self.data_bytes += len(view)
 
     async def _copy_through_plane(self, sector: int, view: memoryview) -> bool:
         """Copy a chunk through the data plane, if there is one (``transport/blocking.py``):

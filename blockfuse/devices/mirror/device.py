@@ -46,8 +46,21 @@ always holds the newest data; once synced, to the secondary for ranges that are 
 A read racing a write may see either version, as on any disk.
 
 Errors are never swallowed: a failed item is retried with backoff a bounded number of
-times, then the state becomes ``failed: REASON``, the copier stops, ``wait_synced``
-raises ``MirrorFailed``, and foreground I/O goes on against the primary.  The state
+times, then the state becomes ``failed`` (the reason in ``last_error``), the copier
+stops, ``wait_synced`` raises ``MirrorFailed``, and foreground I/O goes on against the
+primary.
+
+Controls, while the mirror runs (``control``: the ``user.blockfuse.*`` writes):
+``retry`` starts a failed (or cancelled) copy again from what is copied; ``rate_limit``
+changes the copier's limit at once; ``cancel`` gives the copy up: the primary serves
+alone and the secondary is not written again.  A cancel holds the range lock on the
+whole device while it stops the copier and flushes both sides with a checkpoint (like
+a pivot), so no write and no copy item straddles it.  After it, a write does not reach
+the secondary, so the invariant is kept by taking its range out of ``copied`` first
+(after ``mark_dirty``, as for any write to copied data): the map keeps vouching only
+for what the secondary holds, and a remount (or a retry) copies the rest.  Nothing new
+is copied while cancelled, so ``flush`` flushes the primary alone: a slow or broken
+secondary, often the reason for a cancel, no longer holds anybody's ``fsync``.  The state
 machine and the progress are ``state.py``; the copier (planning, retries, holes) is
 ``copier.py``; resuming after a crash is ``copymap.py``'s job (its own invariant is at
 its top); opening and checking a pair is ``opening.py``.  What stays here is the
@@ -58,24 +71,40 @@ device's I/O routing and its copier's life, which the invariant above ties toget
 from __future__ import annotations
 
 import errno
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import trio
 
-from ...block import BlockDevice, Buffer, Capability, Extent, FlushCursor, Info, total_length
+from ...block import (
+    BlockDevice,
+    Buffer,
+    Capability,
+    Extent,
+    FlushCursor,
+    Info,
+    merged_status,
+    total_length,
+)
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
+from ...log import Repeats, left_out
 from ...rangelock import RangeLock
 from ...transport.blocking import Plane
+from ...units import format_size, parse_bytes
 from .copier import Copier, Settings
 from .copymap import CopyMap
 from .parts import Side, Task, Users, error_of, run_both, signature
-from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress
+from .state import CopyState, Event, MirrorState, MirrorStatistics, Progress, refusal
 
 CHECKPOINT_SECONDS = 2.0
 STOP_GRACE_SECONDS = 10.0
+NO_LIMIT = ("none", "off", "unlimited")
+"""What a ``rate_limit`` write may say for no limit at all."""
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -121,7 +150,17 @@ class MirrorDevice(BlockDevice):
         self._secondary_flushes = FlushCursor(secondary.dev)
         self._secondary_flush_lock = trio.Lock()
         self._primary_users = Users()
+        self._error_lines = Repeats()
         self.capabilities = frozenset(primary.dev.capabilities & {Capability.EXTENTS})
+
+    @property
+    def label(self) -> str:
+        """The name the mirror goes by in log lines (its front end sets it)."""
+        return self._copy.label
+
+    @label.setter
+    def label(self, name: str) -> None:
+        self._copy.label = name
 
     # --- the block contract ------------------------------------------------------------
 
@@ -151,7 +190,25 @@ class MirrorDevice(BlockDevice):
         async with self._ranges.hold(sector, end):
             if self._copy.pivoted:  # pivoted while we waited
                 return await self._secondary.write(sector, buffers)
+            if self._copy.cancelled:
+                return await self._write_primary_alone(sector, end, buffers)
             await self._write_both(sector, end, buffers)
+
+    async def _write_primary_alone(self, sector: int, end: int, buffers: Sequence[Buffer]) -> None:
+        """Cancelled: only the primary is written, and what was copied of the range is
+        not any more (marked dirty in the map first, as for any write to copied data)."""
+        self._map.refuse_if_frozen((sector, end))
+        span = self._map.begin_write(sector, end)
+        self._primary_users.enter()
+        try:
+            if self._map.copied_parts(sector, end):
+                await self._map.mark_dirty(span)
+                self._map.uncopy(sector, end)
+            await self._primary.write(sector, buffers)
+        finally:
+            self._copier.primary_written(sector, end)
+            self._map.end_write(span)
+            self._primary_users.leave()
 
     async def _write_both(self, sector: int, end: int, buffers: Sequence[Buffer]) -> None:
         both = self._map.copied_parts(sector, end)
@@ -194,13 +251,28 @@ class MirrorDevice(BlockDevice):
         if err is not None:
             self.note_error(f"writing the secondary: {err}")
         self._map.uncopy(start, end)
-        self._copy.apply(Event.UNSYNC)
+        self._copy.apply(Event.UNSYNC, "a write may have missed the secondary: copying it again")
 
     async def flush(self) -> None:
         self._check_open()
         if self._copy.pivoted:
             return await self.flush_secondary()
+        if self._copy.cancelled:
+            return await self._using_primary(self._flush_primary_alone())
         await self._using_primary(self._map.checkpoint(self._flush_both))
+
+    async def _flush_primary_alone(self) -> None:
+        """Cancelled: the primary alone holds what was written since the cancel's
+        checkpoint; its failure is every flush caller's, as in ``_flush_both``."""
+        try:
+            await self._primary_flushes.flush()
+        except Unreachable:
+            raise
+        except BlockError as err:
+            self.write_errors.record(err)
+            self._map.distrust_flushes()
+            self.note_error(f"flushing the primary: {err}")
+            raise
 
     async def _using_primary(self, call: Awaitable[T]) -> T:
         """``call``, counted as a user of the primary (a pivot waits for it to end).
@@ -223,12 +295,20 @@ class MirrorDevice(BlockDevice):
         an error the side recorded since the last checkpoint is seen here even if some
         other caller's flush met it first; and a primary's error is recorded in the
         mirror's own ``write_errors``, so that every flush caller of the mirror sees it
-        too, not only whichever flush ran into it (the user's fsync included)."""
-        primary_err, _ = await run_both(self._primary_flushes.flush(), self.flush_secondary())
-        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
-            if not isinstance(primary_err, Unreachable):
+        too, not only whichever flush ran into it (the user's fsync included).
+
+        That holds even if this call is cancelled (a checkpoint at close, or a hurried
+        one) after the primary's flush failed and while the secondary's goes on: the
+        cursor has taken the error, so it must be recorded here or nobody is told."""
+        errors: list[BlockError | None] = [None, None]
+        try:
+            await run_both(self._primary_flushes.flush(), self.flush_secondary(), into=errors)
+        finally:
+            primary_err = errors[0]
+            if primary_err is not None and not isinstance(primary_err, Unreachable):
                 self.write_errors.record(primary_err)
                 self._flush_failed("primary", primary_err)
+        if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
             raise primary_err
 
     async def flush_secondary(self) -> None:
@@ -269,6 +349,10 @@ class MirrorDevice(BlockDevice):
             await self._stop_copier()
             if self._copy.pivoted:
                 err = await error_of(self.flush_secondary())
+            elif self._copy.cancelled:  # the secondary was flushed by the cancel
+                err = await error_of(self._flush_primary_alone())
+                if err is None:
+                    err = await error_of(self._end_session())
             else:
                 err = await error_of(self._map.checkpoint(self._flush_both))
                 if err is None:
@@ -301,17 +385,32 @@ class MirrorDevice(BlockDevice):
             "rate": str(int(st.rate)),
             "eta": "" if st.eta is None else str(math.ceil(st.eta)),
             "errors": str(st.errors),
+            "rate_limit": "" if st.rate_limit is None else str(st.rate_limit),
         }
         if st.last_error:
             out["last_error"] = st.last_error
         if st.notice:
             out["notice"] = st.notice
+        for name, side in (("primary", self._primary), ("secondary", self._secondary)):
+            side_status = merged_status(side.dev)
+            if "connection" in side_status:  # an NBD export: how its connection is doing
+                out[f"{name}_connection"] = side_status["connection"]
+                out[f"{name}_reconnects"] = side_status.get("reconnects", "0")
         return out
 
     async def control(self, key: str, value: bytes) -> bool:
-        if key != "pivot":
+        """``pivot``, ``retry``, ``cancel`` (any value), ``rate_limit`` (or ``rate``, the
+        spec's name for it: bytes per second like ``64M``, or ``none``)."""
+        if key == "pivot":
+            await self.pivot()
+        elif key == "retry":
+            self.retry()
+        elif key == "cancel":
+            await self.cancel()
+        elif key in ("rate_limit", "rate"):
+            self.set_rate(parse_rate(value.decode(errors="replace")))
+        else:
             return False
-        await self.pivot()
         return True
 
     def _check_open(self) -> None:
@@ -321,18 +420,28 @@ class MirrorDevice(BlockDevice):
     # --- what users of the mirror see ----------------------------------------------------
 
     def statistics(self) -> MirrorStatistics:
-        return self._copy.statistics(self._copied_bytes(), self._copier.in_flight)
+        copied = self._copied_bytes()
+        return self._copy.statistics(
+            copied,
+            self._copier.in_flight,
+            data_bytes=self._copier.data_bytes,
+            data_left=self._copier.data_left(self._info.size_bytes - copied),
+            rate_limit=self._copier.rate_limit,
+        )
 
     def _copied_bytes(self) -> int:
         return self._map.copied_sectors * self._info.sector_size
 
     async def wait_synced(self) -> None:
-        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed."""
+        """Return once synced (or pivoted); raise ``MirrorFailed`` if the copy failed or
+        was cancelled."""
         while True:
             if self._copy.state in (MirrorState.SYNCED, MirrorState.PIVOTED):
                 return
             if self._copy.state is MirrorState.FAILED:
                 raise MirrorFailed(self._copy.reason)
+            if self._copy.state is MirrorState.CANCELLED:
+                raise MirrorFailed("the copy was cancelled")
             if not self._copy.open:
                 raise Disconnected("the mirror was closed before it synced")
             await self._copy.wait_change()
@@ -352,26 +461,69 @@ class MirrorDevice(BlockDevice):
             await self._using_primary(self._map.checkpoint(self._flush_both))
             self._check_pivotable()
             await self._map.save_pivoted()  # a remount must not copy the old primary back
-            self._copy.apply(Event.PIVOT)
+            self._copy.apply(Event.PIVOT, "the primary is detached; the secondary serves alone")
         while self._primary_users.count:
             await self._primary_users.wait()
         await self._primary.dev.aclose()
 
     def _check_pivotable(self) -> None:
         if self._copy.state is not MirrorState.SYNCED:
-            st = self.statistics()
-            raise RequestFailed(
-                errno.EBUSY,
-                f"cannot pivot: the mirror is {st.state_text} ({st.percent}% copied); "
-                "pivot once it is synced",
+            self._refuse("pivot")
+
+    def _refuse(self, action: str) -> NoReturn:
+        """``RequestFailed(EBUSY)``: ``action`` does not apply in this state."""
+        reason = refusal(action, self._copy.state, self.statistics().percent)
+        raise RequestFailed(errno.EBUSY, f"cannot {action}: {reason}")
+
+    def retry(self) -> None:
+        """Start a failed or cancelled copy again from what is copied (``EBUSY`` in any
+        other state).  The errors counted so far stay counted."""
+        self._check_open()
+        if not self._copy.can(Event.RETRY):
+            self._refuse("retry")
+        self._copy.retry(f"retried at {self.statistics().percent}%")
+
+    async def cancel(self) -> None:
+        """Give the copy up: from now on the primary serves alone, and the secondary is
+        not written again; the map keeps what was copied (see the module text).  Done
+        at once if already cancelled; ``EBUSY`` once pivoted."""
+        self._check_open()
+        if self._copy.cancelled:
+            return
+        if not self._copy.can(Event.CANCEL):
+            self._refuse("cancel")
+        async with self._ranges.hold(0, self._info.size_sectors):
+            if self._copy.cancelled:
+                return
+            if not self._copy.can(Event.CANCEL):
+                self._refuse("cancel")
+            self._copy.apply(
+                Event.CANCEL,
+                f"at {self.statistics().percent}%: the primary serves alone; the copy map "
+                "keeps what was copied",
             )
+            self._primary_users.wake()  # copier workers waiting for an idle primary
+            err = await error_of(self._using_primary(self._map.checkpoint(self._flush_both)))
+            if err is not None:
+                self.note_error(f"flushing at the cancel: {err}")
+
+    def set_rate(self, rate: int | None) -> None:
+        """Limit the copier to ``rate`` bytes per second from now on (``None``: none);
+        ``EBUSY`` once pivoted (the copy is over)."""
+        self._check_open()
+        if self._copy.pivoted:
+            self._refuse("rate")
+        before = self._copier.rate_limit
+        self._copier.set_rate(rate)
+        log.info("%s: copy rate limit %s (was %s)", self.label, rate_text(rate), rate_text(before))
 
     # --- the copier ----------------------------------------------------------------------
 
     async def run_copier(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Copy until synced, keep the copy whole until pivot or ``aclose``.
+        """Copy until synced, keep the copy whole until pivot or ``aclose``; while the
+        copy is failed or cancelled, wait for a retry.
 
         Runs in a nursery its owner can see (``start_mirror``/``open_mirror``).  Copy
         errors end in the ``failed`` state, not in an exception; a bug raises.
@@ -381,18 +533,27 @@ class MirrorDevice(BlockDevice):
             with self._copier_task.scope:
                 task_status.started()
                 self.copied_more()
-                async with trio.open_nursery() as nursery:
-                    if self._map.persistent:
-                        nursery.start_soon(self._checkpoint_loop)
-                    if self._verify_first:
-                        await self._copier.verify()
-                    await self._copy_until_stopped()
-                    nursery.cancel_scope.cancel()
+                verify = self._verify_first
+                while self._copy.open and not self._copy.pivoted:
+                    if self._copy.copying:
+                        await self._copy_with_checkpoints(verify=verify)
+                        verify = False
+                    else:
+                        await self._copy.wait_change()
         finally:
             done.set()
 
+    async def _copy_with_checkpoints(self, *, verify: bool) -> None:
+        async with trio.open_nursery() as nursery:
+            if self._map.persistent:
+                nursery.start_soon(self._checkpoint_loop)
+            if verify:
+                await self._copier.verify()
+            await self._copy_until_stopped()
+            nursery.cancel_scope.cancel()
+
     async def _copy_until_stopped(self) -> None:
-        while self._copy.open and self._copy.state in (MirrorState.COPYING, MirrorState.SYNCED):
+        while self._copy.open and self._copy.copying:
             if self._map.all_copied:
                 await self._become_synced()
                 if self._copy.state is MirrorState.SYNCED:
@@ -405,7 +566,10 @@ class MirrorDevice(BlockDevice):
             await self._checkpoint_with_retries()
         if self._copy.state is not MirrorState.COPYING or not self._map.all_copied:
             return
-        self._copy.apply(Event.SYNC)
+        data = format_size(self._copier.data_bytes)
+        self._copy.apply(
+            Event.SYNC, f"all {format_size(self._info.size_bytes)} copied ({data} of data read)"
+        )
         self.copied_more()
         self._copy.report_complete()
 
@@ -413,15 +577,18 @@ class MirrorDevice(BlockDevice):
         """Flush both sides and save the map at the end of the copy, as a copy item is
         retried: with backoff, ``retries`` times, then the copy fails."""
         retries, backoff = self._copier.settings.retries, self._copier.settings.backoff
-        for attempt in range(retries + 1):
+        tries = retries + 1
+        for attempt in range(tries):
             err = await error_of(self._map.checkpoint(self._flush_both))
             if err is None or self._copy.state is not MirrorState.COPYING:
                 return
             where = f"making the copy durable: {err}"
-            self.note_error(where)
             if attempt == retries:
-                return self.fail(f"{where} (the copy gave up after {retries} retries of its own)")
-            await trio.sleep(backoff * 2**attempt)
+                self.note_error(f"{where} (try {tries} of {tries})")
+                return self.fail(f"{where} (gave up after {tries} tries)")
+            pause = backoff * 2**attempt
+            self.note_error(f"{where} (try {attempt + 1} of {tries}; again in {pause:g} s)")
+            await trio.sleep(pause)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -443,14 +610,37 @@ class MirrorDevice(BlockDevice):
 
     def note_error(self, message: str) -> None:
         self._copy.note_error(message)
+        skipped = self._error_lines.allow("error")
+        if skipped is not None:
+            log.warning("%s: %s%s", self.label, message, left_out(skipped))
 
     def fail(self, reason: str) -> None:
         self._copy.fail(reason)
         self._primary_users.wake()
 
     def copied_more(self) -> None:
-        self._copy.report(self._copied_bytes())
+        self._copy.report(self._copied_bytes(), self._copier.data_bytes)
 
     async def wait_foreground_idle(self) -> None:
         while self._primary_users.count and self.going_on():
             await self._primary_users.wait()
+
+
+def parse_rate(text: str) -> int | None:
+    """A ``rate_limit`` value: bytes per second (``64M``), or ``none``; ``EINVAL`` else."""
+    if text.strip().lower() in NO_LIMIT:
+        return None
+    try:
+        rate = parse_bytes(text)
+    except ValueError:
+        rate = 0
+    if rate <= 0:
+        raise RequestFailed(
+            errno.EINVAL,
+            f"bad rate limit {text.strip()!r}: bytes per second like 64M (binary units), or none",
+        )
+    return rate
+
+
+def rate_text(rate: int | None) -> str:
+    return "none" if rate is None else f"{format_size(rate)}/s"

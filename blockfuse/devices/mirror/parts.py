@@ -20,18 +20,28 @@ from ...units import ceil_div
 
 
 class Throttle:
-    """At most ``rate`` bytes per second, with a burst of one request."""
+    """At most ``rate`` bytes per second, with a burst of one request.  The rate can be
+    changed at any time (``set_rate``): a request waiting for its turn goes at once,
+    and the new rate counts from then on."""
 
     def __init__(self, rate: int | None) -> None:
-        self._rate = rate
+        self.rate = rate
         self._next = 0.0
+        self._changed = trio.Event()
+
+    def set_rate(self, rate: int | None) -> None:
+        self.rate = rate
+        self._next = 0.0
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def take(self, n: int) -> None:
-        if not self._rate:
+        if not self.rate:
             return
         start = max(self._next, trio.current_time())
-        self._next = start + n / self._rate
-        await trio.sleep_until(start)
+        self._next = start + n / self.rate
+        with trio.move_on_at(start):
+            await self._changed.wait()
 
 
 async def error_of(call: Awaitable[None]) -> BlockError | None:
@@ -44,9 +54,13 @@ async def error_of(call: Awaitable[None]) -> BlockError | None:
     return None
 
 
-async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
-    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
-    results: list[BlockError | None] = [None, None]
+async def run_both(
+    a: Awaitable[None], b: Awaitable[None], *, into: list[BlockError | None] | None = None
+) -> tuple[BlockError | None, ...]:
+    """Run two calls at once; each one's ``BlockError`` (or ``None``).  ``into`` gets
+    each as soon as its call ends: a caller cancelled while the other call runs still
+    learns what the first one raised."""
+    results: list[BlockError | None] = [None, None] if into is None else into
 
     async def run(i: int, call: Awaitable[None]) -> None:
         results[i] = await error_of(call)
