@@ -224,12 +224,22 @@ class MirrorDevice(BlockDevice):
         other caller's flush met it first; and a primary's error is recorded in the
         mirror's own ``write_errors``, so that every flush caller of the mirror sees it
         too, not only whichever flush ran into it (the user's fsync included)."""
-        primary_err, _ = await run_both(self._primary_flushes.flush(), self.flush_secondary())
+        primary_err, _ = await run_both(self.flush_primary(), self.flush_secondary())
         if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
-            if not isinstance(primary_err, Unreachable):
-                self.write_errors.record(primary_err)
-                self._flush_failed("primary", primary_err)
             raise primary_err
+
+    async def flush_primary(self) -> None:
+        """Flush the primary through the mirror's cursor (see ``_flush_both``); the copier
+        learns what the flush covers (``Copier.primary_flush_begins``)."""
+        covered = self._copier.primary_flush_begins()
+        try:
+            await self._primary_flushes.flush()
+        except BaseException as exc:
+            self._copier.primary_flush_failed(covered)
+            if isinstance(exc, BlockError) and not isinstance(exc, Unreachable):
+                self.write_errors.record(exc)
+                self._flush_failed("primary", exc)
+            raise
 
     async def flush_secondary(self) -> None:
         """Flush the secondary, one flush at a time, its failure reported before the next

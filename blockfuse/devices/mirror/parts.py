@@ -94,11 +94,13 @@ class Side:
     async def write_behind(self, sector: int, count: int) -> None:
         await self.dev.write_behind(sector * self.ratio, count * self.ratio)
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+    async def write_filled(
+        self, sector: int, view: memoryview, fill: Filler, limiter: trio.CapacityLimiter
+    ) -> None:
         """``write_filled`` (``block.py``), recorded as written exactly (a copier's)."""
         if self._grain:  # before the write: it may half land
             self._written.add(sector, sector + len(view) // self._sector_size)
-        await self.dev.write_filled(sector * self.ratio, view, fill)
+        await self.dev.write_filled(sector * self.ratio, view, fill, limiter=limiter)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
