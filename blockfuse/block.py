@@ -88,8 +88,10 @@ class WriteErrors:
         self.latest: BlockError | None = None
 
     def record(self, err: BlockError) -> None:
-        self.count += 1
+        """Called from worker threads too (under the recorder's own lock): ``latest`` is
+        set before ``count``, so a reader that sees the new count sees its error."""
         self.latest = err
+        self.count += 1
 
     def since(self, seen: int) -> BlockError | None:
         """The latest error if any was recorded after ``seen`` (a past ``count``)."""
@@ -180,16 +182,24 @@ class BlockDevice(ABC):
         waiting for it (a copier's write-behind, so that its writes do not pile up in a
         cache); promises nothing, ``flush`` still does.  Nothing where a device cannot."""
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+    async def write_filled(
+        self,
+        sector: int,
+        view: memoryview,
+        fill: Filler,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
         """Write ``view`` at ``sector`` once ``fill(view)`` has put its bytes there, then
         ``write_behind`` it: a bulk copier's data path.
 
         ``fill`` blocks (it reads another device over a connection of its own), so it
-        runs in a worker thread; a device that writes in worker threads anyway does its
-        write in the same one (one thread hop per chunk, not three: see ``file.py``).
-        What ``fill`` raises propagates, and then nothing is written.  Otherwise it fails
-        as ``write`` and ``write_behind`` do."""
-        await trio.to_thread.run_sync(fill, view)
+        runs in a worker thread, one of the caller's ``limiter`` (trio's default one if
+        none); a device that writes in worker threads anyway does its write in the same
+        one (one thread hop per chunk, not three: see ``file.py``).  What ``fill`` raises
+        propagates, and then nothing is written.  Otherwise it fails as ``write`` and
+        ``write_behind`` do."""
+        await trio.to_thread.run_sync(fill, view, limiter=limiter)
         await self.write(sector, [view])
         await self.write_behind(sector, len(view) // (await self.get_info()).sector_size)
 

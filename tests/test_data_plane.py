@@ -4,8 +4,13 @@ several connections (``CAN_MULTI_CONN``) and never in plaintext for an ``nbds`` 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -178,3 +183,143 @@ async def test_a_failing_plane_leaves_the_copy_to_the_connection_it_shares(
             errors = mirror.statistics().errors
     assert errors >= 1
     assert (short_tmp / "s.img").read_bytes() == data
+
+
+def percache_server(directory: Path, image: Path) -> list[str]:
+    """nbdkit serving ``image`` with a write cache per connection (``percache_plugin``),
+    CAN_MULTI_CONN by the multi-conn filter's emulation."""
+    wrapper = directory / "percache.sh"
+    plugin = Path(__file__).with_name("percache_plugin.py")
+    wrapper.write_text(f'#!/bin/sh\nIMAGE={image} exec {sys.executable} {plugin} "$@"\n')
+    wrapper.chmod(0o755)
+    return ["nbdkit", "-f", "-U", "{sock}", "--filter=multi-conn", "sh", str(wrapper),
+            "multi-conn-mode=emulate"]  # fmt: skip
+
+
+async def test_a_chunk_written_since_the_last_flush_is_flushed_before_the_plane_reads_it(
+    nursery: trio.Nursery, start: Start, short_tmp: Path
+) -> None:
+    """CAN_MULTI_CONN promises only that a flush's effects show on every connection: an
+    acknowledged write on the mirror's connection need not show on the plane's.  A
+    write during the copy, into a chunk not copied yet, must still reach the secondary
+    (it once stayed old there, marked copied)."""
+    size, chunk = 8 << 20, 1 << 20
+    old, new = os.urandom(size), os.urandom(chunk)
+    (short_tmp / "p.img").write_bytes(old)
+    peer = start(percache_server(short_tmp, short_tmp / "p.img"))
+    primary = await remote(nursery, peer.uri())
+    target = open_sparse(str(short_tmp / "s.img"), size_bytes=size)
+    with trio.fail_after(120):
+        async with open_mirror(primary, target, chunk=chunk, rate=2 * chunk, in_flight=2) as m:
+            assert m._copier._plane is not None  # the plane is what this is about
+            await m.write((size - chunk) // 512, [new])  # acknowledged, not flushed
+            await m.wait_synced()
+            back = bytearray(chunk)
+            await m.read((size - chunk) // 512, [back])
+    assert back == new
+    assert (short_tmp / "s.img").read_bytes()[-chunk:] == new
+
+
+class TrickleProxy:
+    """A Unix socket in front of ``upstream`` that passes the server's answers on 64 KiB
+    at a time, ``pause`` seconds apart: never silent for long, never done.  Its threads
+    end with ``stop()``."""
+
+    def __init__(self, path: Path, upstream: str, pause: float) -> None:
+        self.path, self._upstream, self._pause = path, upstream, pause
+        self._stop = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        self._listener.settimeout(0.1)
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self._upstream)
+            for src, dst, pause in ((client, server, 0.0), (server, client, self._pause)):
+                t = threading.Thread(target=self._pump, args=(src, dst, pause), daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, pause: float) -> None:
+        with contextlib.suppress(OSError):
+            src.settimeout(0.1)
+            while not self._stop.is_set():
+                try:
+                    data = src.recv(64 << 10)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                dst.sendall(data)
+                self._stop.wait(pause)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._listener.close()
+
+
+async def test_a_server_that_trickles_its_answer_times_out_too(
+    nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
+) -> None:
+    """The timeout bounds the whole read, not each socket call: a chunk trickling in at
+    64 KiB per 0.3 s would take 20 s; the read fails at 2 s (the thread held the chunk's
+    range lock all along)."""
+    peer = start(nbdkit_file(short_tmp))
+    assert peer.path is not None
+    proxy = TrickleProxy(short_tmp / "trickle.sock", peer.path, 0.3)
+    try:
+        dev = await remote(nursery, f"nbd+unix:///?socket={proxy.path}")
+        plane = dev.data_plane()
+        assert plane is not None
+        try:
+            began = trio.current_time()
+            with trio.fail_after(15), pytest.raises(TimedOut):
+                buf = memoryview(bytearray(4 << 20))
+                await trio.to_thread.run_sync(plane.read_into, buf, 0)
+            assert trio.current_time() - began < 5
+        finally:
+            plane.close()
+            await dev.aclose()
+    finally:
+        proxy.stop()
+
+
+async def test_a_closed_plane_closes_the_connections_its_reads_were_using(
+    nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
+) -> None:
+    log = short_tmp / "nbdkit-requests.log"
+    peer = start(nbdkit_file(short_tmp, "--filter=log", "--filter=delay", f"logfile={log}",
+                             "delay-read=1"))  # fmt: skip
+    dev = await remote(nursery, peer.uri())
+    plane = dev.data_plane()
+    assert plane is not None
+    read = functools.partial(plane.read_into, memoryview(bytearray(4096)), 0)
+    try:
+        async with trio.open_nursery() as reads:
+            reads.start_soon(trio.to_thread.run_sync, read)
+            await logged(log, "Read ", 1)
+            plane.close()  # while the read runs
+        await logged(log, "Disconnect", 1)
+    finally:
+        await dev.aclose()
+
+
+async def logged(log: Path, text: str, times: int) -> None:
+    """Return once nbdkit's log holds ``text`` ``times`` times (it is another process's
+    file: nothing to wait on but the file)."""
+    with trio.fail_after(10):
+        while (log.read_text() if log.exists() else "").count(text) < times:  # noqa: ASYNC110
+            await trio.sleep(0.05)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blockfuse.cli import parse_args
+from blockfuse.cli import log_level, parse_args
 from blockfuse.cli.devices import DEFAULT_DEVICE, SPEC_HELP, default_device
 from blockfuse.spec import ARGUMENTS, KINDS, parse_size
 from blockfuse.spec.grammar import _SHIFTS
@@ -87,11 +87,11 @@ def test_the_synopsis_shows_the_global_options_and_the_short_device_option() -> 
      ["serve", "-v"], ["pivot", "-v", "mnt/disk"]],
 )  # fmt: skip
 def test_v_works_before_and_after_the_subcommand(argv: list[str]) -> None:
-    assert parse_args(argv).verbose is True
+    assert log_level(parse_args(argv)) == "debug"
 
 
 def test_without_v_there_is_no_debug_detail() -> None:
-    assert parse_args(["mount", "mnt"]).verbose is False
+    assert log_level(parse_args(["mount", "mnt"])) == "info"
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,9 @@ import pytest
 import trio
 
 from blockfuse.block import FlushCursor
+from blockfuse.devices import file as file_module
 from blockfuse.devices.file import FileDevice, open_file
+from blockfuse.devices.writeback import WriteBehind
 from blockfuse.errors import BlockError
 
 from .conftest import require_tool
@@ -113,3 +115,35 @@ async def test_a_writeback_error_seen_behind_fails_every_later_flush(
     finally:
         with trio.fail_after(60):
             await dev.aclose()
+
+
+def test_ranges_given_back_are_due_again() -> None:
+    """A write that failed after its write-behind took the ranges due to settle gives
+    them back: they are settled (and dropped from the cache) by a later one."""
+    behind = WriteBehind(window=8)
+    assert behind.hand_over(0, 4) == [] and behind.hand_over(4, 4) == []
+    due = behind.hand_over(8, 4)
+    assert due == [(0, 4)]
+    behind.give_back(due)
+    assert behind.hand_over(12, 4) == [(0, 4), (4, 4)]
+
+
+async def test_a_fill_runs_in_the_callers_threads_not_the_files(tmp_path: Path) -> None:
+    """A stalled fill (a network read) must not hold one of the threads every local file
+    shares for flushes and large writes."""
+    path = tmp_path / "secondary.img"
+    path.write_bytes(bytes(CHUNK))
+    dev = open_file(str(path))
+    mine = trio.CapacityLimiter(1)
+    seen: list[tuple[float, float]] = []
+
+    def fill(view: memoryview) -> None:
+        seen.append((mine.borrowed_tokens, file_module._threads.borrowed_tokens))
+        view[:] = bytes(len(view))
+
+    try:
+        with trio.fail_after(30):
+            await dev.write_filled(0, memoryview(bytearray(CHUNK)), fill, limiter=mine)
+    finally:
+        await dev.aclose()
+    assert seen == [(1, 0)]

@@ -228,27 +228,53 @@ class FileDevice(BlockDevice):
                 f"write back {self.path} at byte {at}", writeback.settle, self._fd, at, n
             )
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+    async def write_filled(
+        self,
+        sector: int,
+        view: memoryview,
+        fill: Filler,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
         """``fill``, the write and the write-behind in one worker thread (see ``block.py``)."""
         self._check_writable()
         offset = sector * self._sector_size
         write = functools.partial(self._blocking_io, os.pwritev, [view], offset, "write")
-        await self._fill_write_behind(offset, view, fill, write)
+        await self._fill_write_behind(offset, view, fill, write, limiter)
 
     async def _fill_write_behind(
-        self, offset: int, view: memoryview, fill: Filler, write: Callable[[], None]
+        self,
+        offset: int,
+        view: memoryview,
+        fill: Filler,
+        write: Callable[[], None],
+        limiter: trio.CapacityLimiter | None,
     ) -> None:
         """Run ``fill(view)``, ``write()`` and the write-behind of ``view``'s range in one
-        thread (a writeback error recorded as ``write_behind``'s)."""
+        thread of ``limiter`` (the device's own if ``None``; a writeback error recorded as
+        ``write_behind``'s).  What ``fill`` raises comes out as it is, even an
+        ``OSError``; if anything fails, the ranges due to settle stay due."""
         due = self._behind.hand_over(offset, len(view)) if writeback.AVAILABLE else None
 
         def job() -> None:
-            fill(view)
+            try:
+                fill(view)
+            except Exception as exc:
+                raise _FillFailed(exc) from exc
             write()
             if due is not None:
                 self._write_behind_now(offset, len(view), due)
 
-        await self._in_thread(f"write {self.path} at byte {offset}", job)
+        self._check_open()
+        try:
+            with self._busy(), map_os_errors(f"write {self.path} at byte {offset}"):
+                await trio.to_thread.run_sync(job, limiter=limiter or _threads)
+        except BaseException as exc:
+            if due:
+                self._behind.give_back(due)
+            if isinstance(exc, _FillFailed):
+                raise exc.error from None
+            raise
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)
@@ -353,6 +379,14 @@ class FileDevice(BlockDevice):
         self._in_flight -= 1
         if self._in_flight == 0 and self._closed:
             self._idle.set()
+
+
+class _FillFailed(Exception):
+    """What a ``write_filled`` fill raised, carried past ``map_os_errors``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _InFlight:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import trio
+
 from ..block import BlockDevice, Buffer, Extent, Filler, Info, check_new_size, total_length
 from ..errors import ReadOnly, Unsafe
 from .wrapper import PassThrough
@@ -66,12 +68,19 @@ class SafeDevice(PassThrough):
             raise ReadOnly("the device is read-only")
         await self._inner.write(sector, buffers)
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+    async def write_filled(
+        self,
+        sector: int,
+        view: memoryview,
+        fill: Filler,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
         info = await self._inner.get_info()
         check_request(sector, [view], info)
         if not info.read_write:
             raise ReadOnly("the device is read-only")
-        await self._inner.write_filled(sector, view, fill)
+        await self._inner.write_filled(sector, view, fill, limiter=limiter)
 
     async def unsafe_read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._inner.read(sector, buffers)

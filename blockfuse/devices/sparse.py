@@ -50,7 +50,16 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..block import Buffer, Capability, Extent, Filler, Info, check_new_size, total_length
+from ..block import (
+    BlockDevice,
+    Buffer,
+    Capability,
+    Extent,
+    Filler,
+    Info,
+    check_new_size,
+    total_length,
+)
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
@@ -164,19 +173,25 @@ class SparseDevice(FileDevice):
                         await self._write_run(run)
                     return
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
-        """``fill``, the write (its zero runs punched, as ``write`` does) and the
-        write-behind in one worker thread, holding the gate (see ``block.py``)."""
+    async def write_filled(
+        self,
+        sector: int,
+        view: memoryview,
+        fill: Filler,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        """Inside the backing file: ``fill``, the write (its zero runs punched, as
+        ``write`` does) and the write-behind in one worker thread, holding the gate
+        shared.  Past its end: the fill first, then ``write``, which grows the file only
+        as far as the data goes (an exclusive grow must not wait for fills in flight)."""
         self._check_writable()
         offset = sector * self._sector_size
-        end = offset + len(view)
-        while True:
-            if end > self._length:
-                await self._grow_to(end)
-            async with self._gate.shared:
-                if end <= self._length:
-                    write = functools.partial(self._write_runs_blocking, offset, view)
-                    return await self._fill_write_behind(offset, view, fill, write)
+        async with self._gate.shared:
+            if offset + len(view) <= self._length:
+                write = functools.partial(self._write_runs_blocking, offset, view)
+                return await self._fill_write_behind(offset, view, fill, write, limiter)
+        await BlockDevice.write_filled(self, sector, view, fill, limiter=limiter)
 
     def _write_runs_blocking(self, offset: int, view: memoryview) -> None:
         """``write``'s runs, in a worker thread, inside the backing file (the gate held)."""

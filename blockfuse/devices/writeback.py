@@ -63,6 +63,12 @@ class WriteBehind:
             due.append(old)
         return due
 
+    def give_back(self, due: list[Range]) -> None:
+        """``due`` could not be settled (the write before failed): they are due still."""
+        for old in reversed(due):
+            self._started.appendleft(old)
+            self._started_bytes += old[1]
+
 
 def start(fd: int, offset: int, length: int) -> None:
     """Start ``[offset, offset+length)`` on its way to the disk (blocking, briefly: a

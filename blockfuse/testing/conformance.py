@@ -13,6 +13,7 @@ flight (they end with a ``BlockError`` or succeed; nothing hangs, nothing else e
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
@@ -80,13 +81,13 @@ class FillFailed(Exception):
 
 async def check_write_filled(make: MakeDevice) -> None:
     """``write_filled`` writes what the fill put in the buffer (at the start and the
-    end of the device); a fill that raises propagates, unchanged,
-    and nothing is written."""
+    end of the device); a fill that raises propagates, unchanged (an ``OSError`` too:
+    it is not the device's), and nothing is written."""
     async with fresh(make) as (dev, ss, size):
         for sector in (0, size - 8):
             data = os.urandom(8 * ss)
-            fill = functools.partial(_put, data=data)
-            await dev.write_filled(sector, memoryview(bytearray(8 * ss)), fill)
+            put = functools.partial(_put, data=data)
+            await dev.write_filled(sector, memoryview(bytearray(8 * ss)), put)
             assert await _read(dev, sector, 8 * ss) == data, f"write_filled at sector {sector}"
         before = await _read(dev, 16, 4 * ss)
 
@@ -94,13 +95,17 @@ async def check_write_filled(make: MakeDevice) -> None:
             view[:] = os.urandom(len(view))
             raise FillFailed("the fill failed")
 
-        try:
-            await dev.write_filled(16, memoryview(bytearray(4 * ss)), failing)
-        except FillFailed:
-            pass
-        else:
-            raise AssertionError("write_filled swallowed its fill's exception")
-        assert await _read(dev, 16, 4 * ss) == before, "a failed fill was written"
+        def lost(view: memoryview) -> None:
+            raise ConnectionResetError(errno.ECONNRESET, "the fill's connection was reset")
+
+        for fill, raised in ((failing, FillFailed), (lost, ConnectionResetError)):
+            try:
+                await dev.write_filled(16, memoryview(bytearray(4 * ss)), fill)
+            except raised:
+                pass  # as it was: an OSError of the fill's is not the device's
+            else:
+                raise AssertionError(f"write_filled did not raise its fill's {raised.__name__}")
+            assert await _read(dev, 16, 4 * ss) == before, "a failed fill was written"
 
 
 def _put(view: memoryview, data: bytes) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
-import threading
+import time
 
 from ..errors import BlockError, ProtocolError, RequestFailed
 from ..nbd.constants import Cmd, TxFlag
@@ -39,10 +39,14 @@ RECEIVE_SIZE = 1 << 16
 class BlockingClient:
     """One negotiated connection, used from one thread at a time."""
 
-    def __init__(self, sock: socket.socket, negotiated: Negotiated, server: str) -> None:
+    def __init__(
+        self, sock: socket.socket, negotiated: Negotiated, server: str, timeout: float
+    ) -> None:
         self._sock = sock
         self._tx = ClientTransmission(negotiated)
         self._server = server
+        self._timeout = timeout
+        self._deadline = 0.0
 
     @property
     def export(self) -> ExportInfo:
@@ -60,10 +64,12 @@ class BlockingClient:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, negotiated, address.server)
+        return cls(sock, negotiated, address.server, timeout)
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        """Fill ``view`` from byte ``offset``, one request per maximum payload."""
+        """Fill ``view`` from byte ``offset``, one request per maximum payload, within the
+        timeout for the whole of it (a server that trickles its answer times out too)."""
+        self._deadline = time.monotonic() + self._timeout
         pos = 0
         while pos < len(view):
             n = min(len(view) - pos, self._tx.max_payload)
@@ -73,8 +79,10 @@ class BlockingClient:
     def _read_one(self, view: memoryview, offset: int) -> None:
         _, header = self._tx.request(Cmd.READ, offset, len(view))
         try:
+            self._arm()
             self._sock.sendall(header)
             while True:
+                self._arm()
                 target = self._tx.payload_target()
                 if target is not None:
                     self._receive_payload(view, offset, target)
@@ -91,6 +99,13 @@ class BlockingClient:
         except ProtocolError:
             self.close()
             raise
+
+    def _arm(self) -> None:
+        """The next socket call may take what is left of the read's time."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self._sock.settimeout(left)
 
     def _receive_payload(self, view: memoryview, offset: int, target: tuple[int, int, int]) -> None:
         _, at, remaining = target
@@ -161,15 +176,14 @@ def _handshake(sock: socket.socket, export: str, server: str) -> Negotiated:
 
 class Plane:
     """Blocking connections to one export, handed to threads: one per read in progress,
-    so the caller's thread limiter (the copier's ``in_flight``) bounds how many are open."""
+    so the threads the caller reads in (the copier's workers) bound how many are open."""
 
     def __init__(self, address: Address, export: ExportInfo, timeout: float):
         self._address = address
         self._export = export
         self._timeout = timeout
         self._idle: queue.SimpleQueue[BlockingClient] = queue.SimpleQueue()
-        self._made = 0
-        self._lock = threading.Lock()
+        self._closed = False
 
     @staticmethod
     def allowed(address: Address, export: ExportInfo) -> bool:
@@ -183,35 +197,35 @@ class Plane:
         try:
             client.read_into(view, offset)
         except BaseException:
-            with self._lock:
-                self._made -= 1  # it closed itself, or is closed now
             client.close()
             raise
-        self._idle.put(client)
+        if self._closed:  # closed while this read ran: nobody would close it later
+            client.close()
+        else:
+            self._idle.put(client)
 
     def _take(self) -> BlockingClient:
+        if self._closed:
+            raise ConnectionLost(f"{self._address.server}: the data plane is closed")
         try:
             return self._idle.get_nowait()
         except queue.Empty:
             pass
-        with self._lock:
-            self._made += 1
-        try:
-            client = BlockingClient.connect(self._address, self._timeout)
-        except BaseException:
-            with self._lock:
-                self._made -= 1
-            raise
+        client = BlockingClient.connect(self._address, self._timeout)
         if client.export.size != self._export.size:
             client.close()
-            with self._lock:
-                self._made -= 1
             raise ConnectionLost(f"{self._address.server}: the export's size changed")
         return client
 
-    def close(self) -> None:
+    def close_idle(self) -> None:
+        """Close the connections no read is using (a new read makes a new one)."""
         while True:
             try:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 return
+
+    def close(self) -> None:
+        """Close every connection: the idle ones now, the busy ones as their reads end."""
+        self._closed = True
+        self.close_idle()

@@ -38,10 +38,15 @@ VM from 1300-1320 to 1310-1450 MiB/s (nbdcopy: 1340-1460 in the same runs), and 
 CPU time from 1.40-1.55 s to 0.91-1.08 s.  The
 threads change nothing in the rules above: the piece's range lock is taken on the
 event loop's thread before the thread starts and released after it returns, and the
-range is marked copied only then.  A read on another connection sees every write the
-primary acknowledged on ours (that is what ``CAN_MULTI_CONN`` promises), so the lock
-still orders each foreground write before or after the chunk's read.  A plane that
-fails is retired, and the chunk and the rest of the copy are read over the trio client.
+range is marked copied only then.  But a read on another connection need not see a
+write the primary acknowledged on ours: ``CAN_MULTI_CONN`` promises only that "the
+effects of NBD_CMD_FLUSH and NBD_CMD_FLAG_FUA MUST be visible across all connections
+when the server sends its reply" (the NBD spec), and a server may keep a write cache
+per connection until then.  So the copier keeps the chunks foreground writes reached
+since the last flush of the primary began (``primary_written``, under the write's
+lock), and a chunk among them is read through the plane only after a flush of the
+primary (the chunk's lock held: no write can slip in between).  A plane that fails is
+retired, and the chunk and the rest of the copy are read over the trio client.
 
 A failed item is retried after ``backoff * 2**attempt`` seconds, ``retries`` times;
 then the copier reports the failure (``CopyEvents.fail``) and stops handing out work.
@@ -126,6 +131,10 @@ class CopyEvents(Protocol):
         """Flush the secondary; a failure fails the copy (what the secondary got since
         the last checkpoint is no longer counted as copied) and is raised."""
 
+    async def flush_primary(self) -> None:
+        """Flush the primary (``primary_flush_begins`` is called); a failure is recorded
+        for every flush caller of the mirror, fails the copy, and is raised."""
+
     async def wait_foreground_idle(self) -> None:
         """Return once no foreground request is using the primary."""
 
@@ -188,10 +197,16 @@ class Copier:
         """Workers that go on copying while foreground I/O uses the primary."""
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
+        self._threads = trio.CapacityLimiter(settings.in_flight)
+        """The worker threads chunks are copied in (not a device's: a stalled primary
+        must not take the threads local files need)."""
         self._flush_behind = FlushBehind(events)
         self._sweeping = False
         self._written_since_plan = IntervalSet()
         """Where foreground writes reached the primary since the planner asked there."""
+        self._unflushed = IntervalSet()
+        """The chunks foreground writes reached on the primary since the last flush of it
+        began: the data plane must not read them before another flush (module text)."""
         self.data_bytes = 0
         """Bytes of data read from the primary and written to the secondary, in all."""
         self.tally = Tally()
@@ -222,6 +237,8 @@ class Copier:
         finally:
             self._sweeping = False
             self._written_since_plan = IntervalSet()
+            if self._plane is not None:  # the next sweep (after a write) connects anew
+                self._plane.close_idle()
 
     async def verify(self) -> None:
         """Compare every copied range of both sides, chunk by chunk under the range lock,
@@ -246,8 +263,21 @@ class Copier:
     def primary_written(self, start: int, end: int) -> None:
         """A foreground write to ``[start, end)`` of the primary has ended (called under
         its range lock)."""
+        chunks = align_out(start, end, self.settings.chunk)
+        self._unflushed.add(*chunks)
         if self._sweeping:
-            self._written_since_plan.add(*align_out(start, end, self.settings.chunk))
+            self._written_since_plan.add(*chunks)
+
+    def primary_flush_begins(self) -> IntervalSet:
+        """A flush of the primary begins: what it will make visible on every connection
+        (the chunks written until now), taken out of ``_unflushed``."""
+        taken, self._unflushed = self._unflushed, IntervalSet()
+        return taken
+
+    def primary_flush_failed(self, taken: IntervalSet) -> None:
+        """The flush that took ``taken`` failed: those chunks are unflushed still."""
+        for a, b in taken:
+            self._unflushed.add(a, b)
 
     async def _find_secondary_data(self) -> None:
         """Where the secondary holds data, asked once: a fresh one has no holes to punch."""
@@ -390,16 +420,18 @@ class Copier:
         plane = self._plane
         if plane is None:
             return False
+        if self._unflushed.intersection(sector, sector + len(view) // self._sector_size):
+            await self._events.flush_primary()  # so that the plane's connection sees them
         offset = sector * self._sector_size
 
         def fill(into: memoryview) -> None:
             try:
                 plane.read_into(into, offset)
-            except BlockError as exc:
+            except Exception as exc:  # whatever it is, the plane failed
                 raise PlaneFailed(exc) from exc
 
         try:
-            await self._secondary.write_filled(sector, view, fill)
+            await self._secondary.write_filled(sector, view, fill, self._threads)
         except PlaneFailed as failed:
             if self._plane is plane:
                 self._plane = None
@@ -435,7 +467,7 @@ class PlaneFailed(Exception):
     """The data plane could not read a chunk (not a ``BlockError``: no device raised it,
     and the chunk is read again without the plane)."""
 
-    def __init__(self, error: BlockError) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 

@@ -298,18 +298,24 @@ class MirrorDevice(BlockDevice):
         too, not only whichever flush ran into it (the user's fsync included).
 
         That holds even if this call is cancelled (a checkpoint at close, or a hurried
-        one) after the primary's flush failed and while the secondary's goes on: the
-        cursor has taken the error, so it must be recorded here or nobody is told."""
-        errors: list[BlockError | None] = [None, None]
-        try:
-            await run_both(self._primary_flushes.flush(), self.flush_secondary(), into=errors)
-        finally:
-            primary_err = errors[0]
-            if primary_err is not None and not isinstance(primary_err, Unreachable):
-                self.write_errors.record(primary_err)
-                self._flush_failed("primary", primary_err)
+        one) after the primary's flush failed and while the secondary's goes on:
+        ``flush_primary`` records the error as its own flush ends, not when both do."""
+        primary_err, _ = await run_both(self.flush_primary(), self.flush_secondary())
         if primary_err is not None:  # the user's fsync fails; a secondary's only the copy
             raise primary_err
+
+    async def flush_primary(self) -> None:
+        """Flush the primary through the mirror's cursor (see ``_flush_both``); the copier
+        learns what the flush covers (``Copier.primary_flush_begins``)."""
+        covered = self._copier.primary_flush_begins()
+        try:
+            await self._primary_flushes.flush()
+        except BaseException as exc:
+            self._copier.primary_flush_failed(covered)
+            if isinstance(exc, BlockError) and not isinstance(exc, Unreachable):
+                self.write_errors.record(exc)
+                self._flush_failed("primary", exc)
+            raise
 
     async def flush_secondary(self) -> None:
         """Flush the secondary, one flush at a time, its failure reported before the next

@@ -54,13 +54,9 @@ async def error_of(call: Awaitable[None]) -> BlockError | None:
     return None
 
 
-async def run_both(
-    a: Awaitable[None], b: Awaitable[None], *, into: list[BlockError | None] | None = None
-) -> tuple[BlockError | None, ...]:
-    """Run two calls at once; each one's ``BlockError`` (or ``None``).  ``into`` gets
-    each as soon as its call ends: a caller cancelled while the other call runs still
-    learns what the first one raised."""
-    results: list[BlockError | None] = [None, None] if into is None else into
+async def run_both(a: Awaitable[None], b: Awaitable[None]) -> tuple[BlockError | None, ...]:
+    """Run two calls at once; each one's ``BlockError`` (or ``None``)."""
+    results: list[BlockError | None] = [None, None]
 
     async def run(i: int, call: Awaitable[None]) -> None:
         results[i] = await error_of(call)
@@ -108,11 +104,13 @@ class Side:
     async def write_behind(self, sector: int, count: int) -> None:
         await self.dev.write_behind(sector * self.ratio, count * self.ratio)
 
-    async def write_filled(self, sector: int, view: memoryview, fill: Filler) -> None:
+    async def write_filled(
+        self, sector: int, view: memoryview, fill: Filler, limiter: trio.CapacityLimiter
+    ) -> None:
         """``write_filled`` (``block.py``), recorded as written exactly (a copier's)."""
         if self._grain:  # before the write: it may half land
             self._written.add(sector, sector + len(view) // self._sector_size)
-        await self.dev.write_filled(sector * self.ratio, view, fill)
+        await self.dev.write_filled(sector * self.ratio, view, fill, limiter=limiter)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
