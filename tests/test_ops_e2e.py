@@ -191,6 +191,9 @@ def test_status_lists_every_mount_and_server(
         mount, serve = mine
         assert mount["pid"] == m.proc.pid and mount["devices"][0]["name"] == "disk"
         assert serve["pid"] == server.proc.pid and serve["devices"][0]["size"] == 2 * MiB
+        for target in (str(m.mountpoint), control):  # one asked by name: the same report
+            one = json.loads(cli("status", "--json", target).stdout)
+            assert one == next(r for r in reports if r["path"] == target), target
         text = cli("status").stdout
         assert f"{m.mountpoint} (mount, pid {m.proc.pid}):\n  disk: memory, 4 MiB" in text
         assert f"{control} (server, pid {server.proc.pid}):\n  ram: memory, 2 MiB" in text

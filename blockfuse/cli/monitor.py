@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..devices.mirror.state import MirrorState, refusal
-from ..fuse.mountpoint import answers, is_ours
+from ..fuse.mountpoint import answers, is_ours, mount_pid
 from ..serve.control import PIVOT_TIMEOUT, STATUS_TIMEOUT, ControlError, ask
 from ..spec import SpecError, parse_size
 from ..units import format_size
@@ -259,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             report = server_report(args.target)
         else:
             check_live_mount(args.target)
-            report = mount_report(args.target)
+            report = mount_report(args.target, mount_pid(args.target))
     except ControlError as exc:
         raise CommandError(str(exc)) from exc
     except OSError as exc:
