@@ -136,7 +136,7 @@ def test_malformed_options_get_one_invalid_reply(data: bytes) -> None:
     assert [r for _, r, _ in got[1:]] == [Rep.SERVER, Rep.SERVER, Rep.ACK]
 
 
-def test_starttls_and_extended_headers_are_refused_until_they_exist() -> None:
+def test_starttls_without_tls_and_extended_headers_are_refused() -> None:
     server = new()
     got = replies(server, flags() + option(Opt.STARTTLS) + option(Opt.EXTENDED_HEADERS))
     assert [(o, r) for o, r, _ in got] == [
