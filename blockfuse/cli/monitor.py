@@ -26,7 +26,7 @@ import trio
 from ..fuse.flatfile import FlatFile
 from ..fuse.mountpoint import is_ours
 from ..serve.control import PIVOT_TIMEOUT, ControlError, ask
-from ..units import format_size
+from ..units import format_size, printable
 from .common import EXIT_OK, CommandError, check_live_mount
 
 PREFIX = "user.blockfuse."
@@ -140,10 +140,25 @@ def device_lines(values: Mapping[str, str]) -> list[str]:
 
 
 def describe_server(server: Mapping[str, Any]) -> str:
-    """``serving nbd+unix:///?socket=/run/vm1.sock; 2 connections``."""
+    """``serving nbd+unix:///?socket=/run/vm1.sock; 2 connections``, with ``; tls
+    require`` when TLS is on, then a line per connection."""
     where = ", ".join(str(uri) for uri in server.get("listening", [])) or "nowhere"
     n = int(server.get("connections", 0))
-    return f"serving {where}; {n} connection{'' if n == 1 else 's'}"
+    tls = server.get("tls", "off")
+    note = f"; tls {tls}" if tls != "off" else ""
+    lines = [f"serving {where}{note}; {n} connection{'' if n == 1 else 's'}"]
+    lines += [f"  {describe_client(client)}" for client in server.get("clients", [])]
+    return "\n".join(lines)
+
+
+def describe_client(client: Mapping[str, Any]) -> str:
+    """``unix client #3: disk, tls TLSv1.3, client CN=name`` (or ``plaintext``)."""
+    export = client.get("export")
+    what = f"export {printable(str(export))!r}" if export is not None else "in the handshake"
+    tls = f"tls {client['tls']}" if client.get("tls") else "plaintext"
+    if client.get("client_certificate"):
+        tls += f", client {printable(str(client['client_certificate']))}"
+    return f"{printable(str(client.get('peer', '?')))}: {what}, {tls}"
 
 
 def report_json(report: Report) -> dict[str, Any]:

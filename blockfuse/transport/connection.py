@@ -13,7 +13,10 @@ Invariants:
   is done, so replies leave in the order requests complete.  Messages are written whole
   and in the order they were handed over, never cut or interleaved (``writer.py``); a
   client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped.
-- The handshake must end within ``Limits.handshake_timeout`` seconds.
+- The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
+  after STARTTLS included (``tlsserver.py``).  From the TLS handshake on, the connection
+  reads and writes the TLS stream only (never the socket's fd again), and the core reads
+  nothing the client sent before STARTTLS's ACK left as TLS (``nbd/server.py``).
 - How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
   it closes.  A protocol violation, the client closing, a stall or a broken stream end
   it at once: the requests in flight are cancelled (as a device call may be) and the
@@ -38,6 +41,7 @@ from ..errors import BlockError, ProtocolError
 from ..nbd.constants import Cmd
 from ..nbd.events import (
     NEED_DATA,
+    START_TLS,
     ClientGone,
     Closing,
     ExportInfo,
@@ -49,10 +53,12 @@ from ..nbd.events import (
     ServerReady,
     ServerReply,
 )
+from ..nbd.haggling import TLSPolicy
 from ..nbd.server import ServerCore
 from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS
+from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
 from .writer import MessageWriter
 
 log = logging.getLogger(__name__)
@@ -120,12 +126,14 @@ class Connection:
         limits: Limits,
         server_budget: ByteBudget,
         listing: bool = True,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.peer = peer
         self._stream = stream
         self._backend = backend
         self._limits = limits
         self._listing = listing
+        self._tls = tls
         sock = getattr(stream, "socket", None)
         self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
         self._view = memoryview(bytearray(RECEIVE_SIZE))
@@ -140,6 +148,8 @@ class Connection:
         self._unanswered = 0
         self.shutting_down = False
         self.export: str | None = None
+        self.session: TLSSession | None = None
+        """The TLS session, once STARTTLS's handshake succeeded."""
         self.why = "served"
         """Why the connection ended (for the log)."""
 
@@ -164,12 +174,22 @@ class Connection:
             self.why = str(exc)
         except ProtocolError as exc:
             self._dropped(f"broke the protocol: {exc}")
-        except Stalled as exc:
+        except (Stalled, TLSHandshakeFailed) as exc:
             self._dropped(str(exc))
         except ConnectionLost as exc:
             self.why = str(exc)
         except STREAM_ERRORS as exc:
             self.why = f"connection lost: {exc}"
+
+    def facts(self) -> dict[str, str | None]:
+        """What ``blockfuse status`` shows of this connection (see ``NBDServer.clients``)."""
+        session = self.session
+        return {
+            "peer": self.peer,
+            "export": self.export,
+            "tls": session.version if session is not None else None,
+            "client_certificate": session.client if session is not None else None,
+        }
 
     def _dropped(self, why: str) -> None:
         """The client misbehaved (a violation, a stall): say so once, in one line."""
@@ -199,7 +219,8 @@ class Connection:
 
     async def _handshake(self) -> ServerReady | None:
         table = await self._backend.table()
-        core = ServerCore(table.exports, default=table.default, listing=self._listing)
+        policy = self._tls.policy if self._tls is not None else TLSPolicy.OFF
+        core = ServerCore(table.exports, default=table.default, listing=self._listing, tls=policy)
         self._core = core
         if self.shutting_down:
             core.shut_down()
@@ -212,6 +233,8 @@ class Connection:
     async def _haggle(self, core: ServerCore) -> ServerReady | None:
         while True:
             event = core.next_event()
+            if isinstance(event, ServerReady):  # before its reply leaves (for the status)
+                self.export = event.export.name
             if isinstance(event, ClientGone):  # the ACK of ABORT: the client may not wait
                 with contextlib.suppress(ConnectionLost):
                     await self._writer.write([core.data_to_send()])
@@ -221,13 +244,24 @@ class Connection:
                 await self._writer.write([out])
             if event is NEED_DATA:
                 await self._receive(core)
+            elif event is START_TLS:
+                await self._start_tls(core)
             elif isinstance(event, ServerReady):
-                self.export = event.export.name
                 return event
             else:
                 assert isinstance(event, Closing)
                 self.why = f"closed: {event.reason}"
                 return None
+
+    async def _start_tls(self, core: ServerCore) -> None:
+        """STARTTLS's ACK is out: the TLS handshake, then the TLS stream for the rest."""
+        assert self._tls is not None
+        session = await self._tls.accept(self._stream)
+        self.session = session
+        self._stream = session.stream
+        self._fd = None
+        self._writer = MessageWriter(session.stream, None, self.peer, self._limits.send_timeout)
+        core.tls_started()
 
     async def _receive(self, core: ServerCore) -> None:
         """Feed the core what the client sent, waiting for it if nothing has come.
