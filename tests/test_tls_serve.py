@@ -7,8 +7,10 @@ test_tls_serve_interop.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from blockfuse.transport.handshake import HandshakeRefused, TLSFailed
 from blockfuse.transport.server import NBDServer
 from blockfuse.transport.tlsserver import ServerTLS
 
+from .conftest import require_tool
 from .hostile_client import RawClient, option
 from .servekit import Served, export_of, mem_export, serving, wait_until
 from .tlscerts import Certificates, make_certificates
@@ -249,11 +252,60 @@ async def test_garbage_in_the_middle_of_the_tls_handshake_drops_the_connection(
         await still_works(nursery, s, certs)
 
 
-async def test_renegotiation_and_old_tls_are_refused_by_the_context(certs: Certificates) -> None:
+async def test_renegotiation_is_refused(
+    nursery: trio.Nursery, short_tmp: Path, certs: Certificates
+) -> None:
+    """``openssl s_client -tls1_2`` (TLS 1.3 has no renegotiation) asks for one with its
+    ``R`` command, over a relay that did the STARTTLS part: the server answers with the
+    no_renegotiation alert."""
     context = server_tls(certs).context
-    assert context is not None
-    assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert context is not None and context.options & ssl.OP_NO_RENEGOTIATION
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    openssl = require_tool("openssl", "openssl")
+    async with serving([mem_export()], short_tmp, tls=server_tls(certs)) as s:
+        raw = await RawClient.connect(str(s.address.path))
+        await starttls(raw)
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listener.socket.getsockname()[1]
+        nursery.start_soon(relay, listener, raw.stream)
+        ca = f"{certs.dir('client')}/ca-cert.pem"
+        argv = [openssl, "s_client", "-tls1_2", "-connect", f"127.0.0.1:{port}", "-CAfile", ca]
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            out = b""
+            with trio.fail_after(20):
+                while b"Verify return code: 0 (ok)" not in out:  # the session is up
+                    out += await proc.stdout.receive_some(1 << 16)
+                await proc.stdin.send_all(b"R\n")
+                while b"no renegotiation" not in out:
+                    more = await proc.stdout.receive_some(1 << 16)
+                    assert more, out.decode(errors="replace")[-2000:]
+                    out += more
+        finally:
+            proc.kill()
+            await proc.wait()
+        assert b"RENEGOTIATING" in out
+        await still_works(nursery, s, certs)
+        await raw.stream.aclose()
+
+
+async def relay(listener: trio.SocketListener, there: trio.abc.Stream) -> None:
+    """Copy bytes both ways between the first connection to ``listener`` and ``there``."""
+
+    async def copy(a: trio.abc.ReceiveStream, b: trio.abc.SendStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await a.receive_some(1 << 16):
+                await b.send_all(data)
+
+    async with listener:
+        here = await listener.accept()
+    async with here, trio.open_nursery() as nursery:
+        nursery.start_soon(copy, here, there)
+        await copy(there, here)
+        nursery.cancel_scope.cancel()
 
 
 def client_hello() -> bytes:

@@ -105,8 +105,8 @@ class ServerTLS:
             return "the client closed the connection"
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"the client's certificate was refused: {printable(cause.verify_message)}"
-        if not isinstance(cause, ssl.SSLError):
-            return file_error(cause)
+        if not isinstance(cause, ssl.SSLError):  # an OSError: reset, broken pipe
+            return f"the client broke off the connection ({file_error(cause)})"
         reason = cause.reason or ""
         if reason in NOT_TLS:
             return "the client sent bytes that are not TLS after STARTTLS was accepted"
