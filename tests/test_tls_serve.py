@@ -29,6 +29,7 @@ from blockfuse.transport.connection import Limits
 from blockfuse.transport.handshake import HandshakeRefused, TLSFailed
 from blockfuse.transport.server import NBDServer
 from blockfuse.transport.tlsserver import ServerTLS
+from blockfuse.transport.writer import coalesced
 
 from .conftest import require_tool
 from .hostile_client import RawClient, option
@@ -318,3 +319,15 @@ def client_hello() -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+def test_small_parts_are_joined_for_a_stream_that_is_not_a_socket() -> None:
+    """Over TLS a READ reply's 20-byte header and 8-byte offset go in one record with
+    each other (not one each); its data is passed on without a copy."""
+    data = memoryview(bytearray(1 << 20))
+    parts = coalesced([b"h" * 20, b"o" * 8, data, b"a" * 16, b"b" * 16])
+    assert [len(p) for p in parts] == [28, 1 << 20, 32]
+    assert parts[1] is data
+    assert [len(p) for p in coalesced([b"x" * 40000, b"y" * 40000, b"z"])] == [40000, 40001]
+    assert b"".join(coalesced([b"ab", memoryview(b"cd"), bytearray(b"ef")])) == b"abcdef"
+    assert coalesced([]) == []

@@ -35,7 +35,15 @@ import trio
 
 from ..nbd.haggling import TLSPolicy
 from ..units import printable
-from .tls import CA_FILE, NOT_TLS, file_error, peer_subject, root_cause
+from .tls import (
+    CA_FILE,
+    NOT_TLS,
+    LargeReads,
+    file_error,
+    more_decrypted,
+    peer_subject,
+    root_cause,
+)
 
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
@@ -51,11 +59,31 @@ class TLSHandshakeFailed(Exception):
     """A client's TLS handshake failed; the message says why, in one line."""
 
 
+class ServerTLSStream(trio.abc.Stream):
+    """What a connection reads and writes after STARTTLS: trio's ``SSLStream``, with
+    reads that take every record it can already decrypt (``tls.more_decrypted``)."""
+
+    def __init__(self, tls: trio.SSLStream[trio.abc.Stream]) -> None:
+        self.tls = tls
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return more_decrypted(self.tls, await self.tls.receive_some(max_bytes), max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.tls.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tls.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.tls.aclose()
+
+
 @dataclass(frozen=True)
 class TLSSession:
     """A client's TLS session: the stream the connection reads and writes from then on."""
 
-    stream: trio.SSLStream[trio.abc.Stream]
+    stream: ServerTLSStream
     version: str
     client: str | None
     """The client certificate's subject (``CN=...``), when one was verified."""
@@ -90,13 +118,16 @@ class ServerTLS:
         """The TLS handshake over ``stream`` (STARTTLS's ACK was sent); raises
         ``TLSHandshakeFailed`` saying why.  On failure ``stream`` is its owner's to close."""
         assert self.context is not None
-        tls = trio.SSLStream(stream, self.context, server_side=True)
+        tls: trio.SSLStream[trio.abc.Stream] = trio.SSLStream(
+            LargeReads(stream), self.context, server_side=True
+        )
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise TLSHandshakeFailed(f"TLS handshake failed: {self.explain(exc)}") from exc
         cert = tls.getpeercert() if self.verify_peer else None
-        return TLSSession(tls, tls.version() or "TLS", peer_subject(cert) if cert else None)
+        subject = peer_subject(cert) if cert else None
+        return TLSSession(ServerTLSStream(tls), tls.version() or "TLS", subject)
 
     def explain(self, exc: BaseException) -> str:
         """A failed TLS handshake in words."""
