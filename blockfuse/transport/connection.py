@@ -86,6 +86,11 @@ class Handler(Protocol):
         raises nothing but cancellation (which may leave a write partly done)."""
         ...
 
+    def written(self, reply: ServerReply) -> None:
+        """``reply`` (one of ``handle``'s) has been written, or never will be: nothing
+        reads its buffers any more."""
+        ...
+
 
 class Backend(Protocol):
     """What a server serves."""
@@ -355,22 +360,27 @@ class Connection:
         except BaseException:  # cancelled: the connection is ending, nothing is sent
             self._answered(reservation)
             raise
-        await self._send(reply, reservation)
+        await self._send(reply, reservation, handler)
 
     async def _answer_now(self, reply: ServerReply) -> None:
         """A reply from the reader itself (a refusal), after those queued before it."""
         self._unanswered += 1
         await self._send(reply, None)
 
-    async def _send(self, reply: ServerReply, reservation: Reservation | None) -> None:
-        """Hand the reply to the writer; its reservation is given back once it is out."""
+    async def _send(
+        self, reply: ServerReply, reservation: Reservation | None, handler: Handler | None = None
+    ) -> None:
+        """Hand the reply to the writer; its reservation is given back once it is out
+        (and its buffers to ``handler``)."""
         assert self._core is not None
+
+        def written() -> None:
+            self._answered(reservation)
+            if handler is not None:
+                handler.written(reply)
+
         try:
-            await self._writer.write(
-                self._core.send(reply),
-                lambda: self._answered(reservation),
-                batch=self._unanswered > 1,
-            )
+            await self._writer.write(self._core.send(reply), written, batch=self._unanswered > 1)
         except Stalled as exc:
             self._dropped(str(exc))
             self._scope.cancel()
