@@ -32,8 +32,8 @@ from blockfuse.transport.tlsserver import ServerTLS
 from blockfuse.transport.writer import coalesced
 
 from .conftest import require_tool
-from .hostile_client import RawClient, option
-from .servekit import Served, export_of, mem_export, serving, wait_until
+from .hostile_client import RawClient, info_data, option, request
+from .servekit import Gate, Served, export_of, mem_export, serving, wait_until
 from .tlscerts import Certificates, make_certificates
 
 MiB = 1 << 20
@@ -331,3 +331,48 @@ def test_small_parts_are_joined_for_a_stream_that_is_not_a_socket() -> None:
     assert [len(p) for p in coalesced([b"x" * 40000, b"y" * 40000, b"z"])] == [40000, 40001]
     assert b"".join(coalesced([b"ab", memoryview(b"cd"), bytearray(b"ef")])) == b"abcdef"
     assert coalesced([]) == []
+
+
+async def tls_raw(path: str, certs: Certificates) -> RawClient:
+    """A scripted client that has negotiated TLS and opened ``disk`` over it."""
+    plain = await RawClient.connect(path)
+    await starttls(plain)
+    context = ssl.create_default_context(cafile=f"{certs.dir('client')}/ca-cert.pem")
+    tls = trio.SSLStream(plain.stream, context, server_hostname="localhost")
+    with trio.fail_after(10):
+        await tls.do_handshake()
+    raw = RawClient(tls)
+    assert (await raw.ask(option(c.Opt.STRUCTURED_REPLY)))[-1].rtype == c.Rep.ACK
+    assert (await raw.ask(option(c.Opt.GO, info_data("disk"))))[-1].rtype == c.Rep.ACK
+    return raw
+
+
+async def test_a_flood_of_writes_over_tls_is_held_back_by_the_bounds(
+    short_tmp: Path, certs: Certificates
+) -> None:
+    """As without TLS (test_serve_hostile.py): the server holds a bounded number of
+    payloads, however fast TLS clients send writes to a device that does not answer."""
+    gate = Gate(MemoryDevice(64 * MiB), range(0, 1 << 20), writes=True)
+    limits = Limits(connection_bytes=4 * MiB, server_bytes=6 * MiB)
+    async with serving([export_of(gate)], short_tmp, limits=limits, tls=server_tls(certs)) as s:
+        server = s.serving.server
+        floods = [await tls_raw(str(s.address.path), certs) for _ in range(3)]
+
+        async def flood(raw: RawClient, base: int) -> None:
+            for i in range(64):
+                offset = base + i * MiB
+                await raw.stream.send_all(request(c.Cmd.WRITE, offset, MiB) + bytes(MiB))
+
+        async with trio.open_nursery() as nursery:
+            for n, raw in enumerate(floods):
+                nursery.start_soon(flood, raw, n * 16 * MiB)
+            await gate.entered.wait()
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            held = server._budget.held  # type: ignore[attr-defined]
+            assert 0 < held <= limits.server_bytes + MiB
+            nursery.cancel_scope.cancel()
+        for raw in floods:
+            await trio.aclose_forcefully(raw.stream)
+        gate.release.set()
+        await wait_until(lambda: server.connections == 0)
+        assert server._budget.held == 0  # type: ignore[attr-defined]

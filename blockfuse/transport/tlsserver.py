@@ -18,9 +18,10 @@ covers the TLS handshake too, so a client that stalls in it is dropped like one 
 stalls anywhere else in the handshake.  What a failure says is for the log, in one line
 (``explain``): bytes that are not TLS, no client certificate, one our CA did not sign,
 a client that does not trust ours.  Reading stays bounded: ``trio.SSLStream`` refills
-from the socket only when OpenSSL needs more, a socket read at a time (64 KiB), and
-returns at most what was asked.  Keys never appear anywhere; a connection shows its TLS
-version and, when verified, its client certificate's subject (``TLSSession``).
+from the socket only when OpenSSL needs more, 256 KiB at a time (``tls.LargeReads``),
+and a read returns at most what was asked.  Keys never appear anywhere; a connection
+shows its TLS version and, when verified, its client certificate's subject
+(``TLSSession``).
 """
 
 from __future__ import annotations
