@@ -209,6 +209,16 @@ def test_abort_acks_and_ignores_what_follows() -> None:
     assert server.next_event() is NEED_DATA
 
 
+@BYTEWISE
+def test_abort_with_oversized_data_acks_and_ends_the_session(bytewise: bool) -> None:
+    server = new()
+    data = option(Opt.ABORT, bytes(c.MAX_OPTION_DATA + 1)) + b"garbage"
+    events, out = pump(server, flags() + data, bytewise)
+    assert events == [ClientGone()]
+    assert [r.rtype for r in option_replies(out)[0]] == [Rep.ACK]
+    assert server.state is ServerState.DONE
+
+
 def test_meta_contexts() -> None:
     server = new()
     before = replies(server, flags() + option(Opt.LIST_META_CONTEXT, meta_data("disk")))

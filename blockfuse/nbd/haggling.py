@@ -4,7 +4,8 @@
 what the core must act on, if anything::
 
     GO, EXPORT_NAME     -> ServerReady   transmission begins (EXPORT_NAME: its reply too)
-    ABORT               -> ClientGone    ACK sent; the connection closes
+    ABORT               -> ClientGone    ACK sent; the connection closes (data ignored,
+                                         however long)
     STARTTLS            -> StartTLS      ACK sent; the TLS handshake comes next
     EXPORT_NAME unknown -> Closing       the protocol has no error reply for it
     anything else       -> None          answered (ACK, data, or an error reply)
@@ -123,6 +124,8 @@ class Haggling:
     def oversized(self, option: int, length: int) -> ServerEvent | None:
         """Answer an option whose data (``length`` bytes) was too long to read."""
         self._option = option
+        if option == Opt.ABORT:  # its data is ignored, however long (the spec)
+            return self._abort(b"")
         if option == Opt.EXPORT_NAME:
             return Closing(f"EXPORT_NAME of {length} bytes")
         if self._needs_tls(option):
