@@ -24,10 +24,12 @@ from blockfuse.devices.sparse import open_sparse
 from blockfuse.devices.wrapper import PassThrough
 from blockfuse.errors import ReadOnly, RequestFailed
 from blockfuse.nbd import constants as c
-from blockfuse.nbd.events import NEED_DATA, Negotiated, ReadHole
+from blockfuse.nbd.events import NEED_DATA, Negotiated, ReadHole, ReadReply, Request
 from blockfuse.nbd.transmission import ClientTransmission
 from blockfuse.nbd.uri import parse_uri
+from blockfuse.sectors import DeviceBytes
 from blockfuse.serve.exports import Export, ServeBackend
+from blockfuse.serve.requests import RequestHandler
 from blockfuse.testing import FaultyDevice, check_block_device
 from blockfuse.testing.faults import Fault
 from blockfuse.testing.simulated import SimDisk
@@ -439,6 +441,36 @@ async def test_holes_go_out_as_holes_where_the_device_finds_them_cheaply(
                     events.append(e)
             holes = [(e.offset, e.length) for e in events if isinstance(e, ReadHole)]
             assert holes == ([] if flags else [(1000, 4096 - 1000), (8192, 12000 + 1000 - 8192)])
+
+
+class PartialExtents(PassThrough):
+    """Cheap extents that say less than was asked: ``found`` for any query."""
+
+    def __init__(self, inner: BlockDevice, found: list[Extent]) -> None:
+        super().__init__(inner)
+        self.cheap_extents = True
+        self.capabilities = frozenset({Capability.EXTENTS})
+        self.found = found
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        return self.found
+
+
+@pytest.mark.parametrize(
+    "found",
+    [[Extent(0, 8, False)], [Extent(0, 8, False), Extent(16, 8, True)], []],
+    ids=["stops-early", "gap", "nothing"],
+)
+async def test_a_read_reply_covers_the_whole_range_whatever_the_extents_say(
+    found: list[Extent],
+) -> None:
+    inner = MemoryDevice(SIZE)
+    await inner.write(8, [b"d" * 8192])
+    handler = RequestHandler(DeviceBytes(PartialExtents(inner, found)), structured=True)
+    reply = await handler.handle(Request(1, c.Cmd.READ, 0, 1000, 65536))
+    assert isinstance(reply, ReadReply) and reply.error == 0
+    got = b"".join(bytes(p) for p in reply.pieces)  # a hole (an int) reads as zeroes
+    assert got == bytes(inner.data[1000 : 1000 + 65536])
 
 
 def negotiated(replies: list[object]) -> Negotiated:

@@ -176,13 +176,14 @@ class RequestHandler:
         return self._structured and dev.cheap_extents and Capability.EXTENTS in dev.capabilities
 
     async def _read_pieces(self, req: Request) -> ReadReply:
-        """Data and holes as the device reports them; after a failure, what came before."""
+        """Data and holes as the device reports them, covering the whole range; after a
+        failure, what came before."""
         pieces: list[Piece] = []
         at = req.offset
         runs = await self._byte_runs(req.offset, req.length, MAX_READ_PIECES)
         if len(runs) >= MAX_READ_PIECES:
             runs = [(req.length, True)]
-        for length, is_data in runs:
+        for length, is_data in covering(runs, req.length):
             try:
                 pieces.append(await self._read_exactly(at, length) if is_data else length)
             except BlockError as exc:
@@ -256,6 +257,13 @@ class RequestHandler:
         s = span(offset, length, ss)
         found = await self._device.extents(s.first, s.count)
         return byte_runs(found, offset, offset + length, ss, limit) or [(length, True)]
+
+
+def covering(runs: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:
+    """``runs`` and, if they end short of ``length`` bytes, the rest as data: what the
+    extents left unsaid is read, never assumed a hole."""
+    rest = length - sum(n for n, _ in runs)
+    return [*runs, (rest, True)] if rest > 0 else runs
 
 
 def byte_runs(
