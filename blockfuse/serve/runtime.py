@@ -130,14 +130,17 @@ async def serve_exports(
     cursors = [FlushCursor(e.bytes.device) for e in exports]
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals, shutdown)
-        async with running(
-            exports, listening, control, listing=listing, grace=grace, tls=tls
-        ) as serving:
-            shutdown.on_hurry(serving.hurry)
-            if on_ready is not None:
-                on_ready()
-            await shutdown.requested.wait()
-        with trio.CancelScope(shield=True):
-            problems = await flush_and_close([(e.name, e.bytes.device) for e in exports], cursors)
+        try:
+            async with running(
+                exports, listening, control, listing=listing, grace=grace, tls=tls
+            ) as serving:
+                shutdown.on_hurry(serving.hurry)
+                if on_ready is not None:
+                    on_ready()
+                await shutdown.requested.wait()
+        finally:  # however the serving ended, the devices are flushed and closed
+            with trio.CancelScope(shield=True):
+                devices = [(e.name, e.bytes.device) for e in exports]
+                problems = await flush_and_close(devices, cursors)
         nursery.cancel_scope.cancel()
     return problems
