@@ -73,6 +73,32 @@ async def test_a_client_that_reads_nothing_is_dropped(autojump_clock: object) ->
         nursery.cancel_scope.cancel()
 
 
+async def test_refusals_a_client_does_not_read_are_held_to_the_request_bound(
+    autojump_clock: object,
+) -> None:
+    """A client floods requests the server refuses (zero-length READs) behind a reply it
+    does not read: the server stops reading from it once the refusals fill its slots."""
+    limits = Limits(requests=4)
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        await client_end.send_all(request(c.Cmd.READ, 0, MiB))  # its reply is never read
+        for cookie in range(1000):
+            await client_end.send_all(request(c.Cmd.READ, 0, 0, cookie=cookie))
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        await RawClient(client_end).go()
+        with trio.move_on_after(limits.send_timeout / 2):
+            await flood()
+        assert sent <= limits.requests
+        await client_end.aclose()
+
+
 async def test_a_client_gone_mid_write_harms_nobody(nursery: trio.Nursery, short_tmp: Path) -> None:
     export = mem_export()
     async with serving([export], short_tmp) as s:

@@ -6,7 +6,8 @@ Invariants:
 
 - Only the reader feeds the core and reads the socket.  Before it reads on, it reserves
   what the request it just got needs (``budget.py``): a slot of the connection's, and
-  the request's bytes of the connection's budget and of the server's.  A client that
+  the request's bytes of the connection's budget and of the server's; a request it
+  refuses holds a slot too, until its refusal is written.  A client that
   sends faster than its requests are answered is held back by TCP: the connection holds
   at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
 - Each request runs in a task of the connection's nursery and sends its reply when it
@@ -322,8 +323,7 @@ class Connection:
             elif isinstance(event, Request):
                 await self._dispatch(event, handler)
             elif isinstance(event, RequestRefused):
-                self._release_payload()
-                await self._answer_now(Reply(event.cookie, event.error, event.message))
+                await self._refuse(Reply(event.cookie, event.error, event.message))
             else:
                 assert isinstance(event, ClientGone)
                 return
@@ -340,10 +340,7 @@ class Connection:
 
     async def _dispatch(self, req: Request, handler: Handler) -> None:
         if self.shutting_down:
-            self._release_payload()
-            await self._answer_now(
-                Reply(req.cookie, errno.ESHUTDOWN, "the server is shutting down")
-            )
+            await self._refuse(Reply(req.cookie, errno.ESHUTDOWN, SHUTTING_DOWN))
             return
         reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
         self._payload = None
@@ -362,10 +359,14 @@ class Connection:
             raise
         await self._send(reply, reservation, handler)
 
-    async def _answer_now(self, reply: ServerReply) -> None:
-        """A reply from the reader itself (a refusal), after those queued before it."""
+    async def _refuse(self, reply: Reply) -> None:
+        """A reply from the reader itself, after those queued before it.  It holds a slot
+        until it is written, as a request does, so that refusals a client does not read
+        hold the reader back instead of piling up."""
+        self._release_payload()
+        reservation = await self._reserve(0)
         self._unanswered += 1
-        await self._send(reply, None)
+        await self._send(reply, reservation)
 
     async def _send(
         self, reply: ServerReply, reservation: Reservation | None, handler: Handler | None = None
