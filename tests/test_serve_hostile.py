@@ -99,6 +99,29 @@ async def test_refusals_a_client_does_not_read_are_held_to_the_request_bound(
         await client_end.aclose()
 
 
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+async def test_a_write_payload_not_whole_within_the_timeout_is_dropped(
+    autojump_clock: object, trickle: bool
+) -> None:
+    """A WRITE's header, then its payload a byte now and then or not at all: the
+    connection is dropped once the payload is late, and its budget given back."""
+    limits = Limits(payload_timeout=30)
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        raw = RawClient(client_end)
+        await raw.go()
+        await raw.send(request(c.Cmd.WRITE, 0, MiB) + b"x")
+        started = trio.current_time()
+        with trio.fail_after(120):
+            while trickle and not await raw.closed(within=5):
+                await raw.send(b"x")
+            assert await raw.closed(within=120)
+        assert trio.current_time() - started == pytest.approx(limits.payload_timeout, abs=5)
+        assert server._budget.held == 0  # type: ignore[attr-defined]
+
+
 async def test_a_client_gone_mid_write_harms_nobody(nursery: trio.Nursery, short_tmp: Path) -> None:
     export = mem_export()
     async with serving([export], short_tmp) as s:

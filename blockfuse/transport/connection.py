@@ -13,7 +13,9 @@ Invariants:
 - Each request runs in a task of the connection's nursery and sends its reply when it
   is done, so replies leave in the order requests complete.  Messages are written whole
   and in the order they were handed over, never cut or interleaved (``writer.py``); a
-  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped.
+  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped, and
+  so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds after
+  its room was reserved (it holds budget that other clients may be waiting for).
 - The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
   after STARTTLS included (``tlsserver.py``).  From the TLS handshake on, the connection
   reads and writes the TLS stream only (never the socket's fd again), and the core reads
@@ -46,11 +48,13 @@ from ..nbd.events import (
     ClientGone,
     Closing,
     ExportInfo,
+    NeedData,
     PayloadComing,
     PeerClosed,
     Reply,
     Request,
     RequestRefused,
+    ServerEvent,
     ServerReady,
     ServerReply,
 )
@@ -112,6 +116,8 @@ class Limits:
 
     handshake_timeout: float = 10.0
     send_timeout: float = 60.0
+    payload_timeout: float = 30.0
+    """Seconds a WRITE's payload may take to arrive once room for it is reserved."""
     requests: int = 16
     """Requests in flight per connection (qemu-nbd's number)."""
     connection_bytes: int = 64 << 20
@@ -316,10 +322,10 @@ class Connection:
     async def _read_requests(self, core: ServerCore, handler: Handler) -> None:
         while True:
             event = core.next_event()
+            if isinstance(event, PayloadComing):
+                event = await self._take_payload(core, event.length)
             if event is NEED_DATA:
                 await self._receive(core)
-            elif isinstance(event, PayloadComing):
-                self._payload = await self._reserve(event.length)
             elif isinstance(event, Request):
                 await self._dispatch(event, handler)
             elif isinstance(event, RequestRefused):
@@ -327,6 +333,17 @@ class Connection:
             else:
                 assert isinstance(event, ClientGone)
                 return
+
+    async def _take_payload(self, core: ServerCore, length: int) -> ServerEvent | NeedData:
+        """Room for a WRITE's payload, then the payload, whole within the payload timeout
+        (else ``Stalled``: it holds budget other clients wait for); the event after it."""
+        self._payload = await self._reserve(length)
+        timeout = self._limits.payload_timeout
+        with trio.move_on_after(timeout):
+            while (event := core.next_event()) is NEED_DATA:
+                await self._receive(core)
+            return event
+        raise Stalled(f"the payload of a {length}-byte WRITE did not come within {timeout:g} s")
 
     async def _reserve(self, n: int) -> Reservation:
         reservation = Reservation(self._slots, self._budgets)
