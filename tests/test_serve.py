@@ -535,6 +535,43 @@ async def test_the_grace_bounds_a_shutdown(autojump_clock: object) -> None:
         assert await raw.closed()
 
 
+async def take_slowly(stream: trio.abc.ReceiveStream) -> None:
+    """A live reader far too slow for what it asked: 2 KiB a second."""
+    data = await stream.receive_some(2048)
+    while data:
+        await trio.sleep(1)
+        data = await stream.receive_some(2048)
+
+
+@pytest.mark.parametrize(
+    ("reads", "sizes"),
+    [(False, [SIZE]), (True, [32 << 10] * 16)],
+    ids=["reads-nothing", "reads-slowly"],
+)
+async def test_a_shutdown_ends_in_bounded_time_whatever_a_client_reads(
+    autojump_clock: object, reads: bool, sizes: list[int]
+) -> None:
+    """Replies a client does not take, or takes so slowly that none of them stalls for
+    the send timeout, cannot hold a shutdown long past its grace: they are cut off soon
+    after the hurry."""
+    server = NBDServer(ServeBackend([mem_export()]))
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        raw = RawClient(client_end)
+        await raw.go()
+        for cookie, size in enumerate(sizes):
+            await raw.send(request(c.Cmd.READ, 0, size, cookie=cookie))
+        if reads:
+            nursery.start_soon(take_slowly, client_end)
+        started = trio.current_time()
+        with trio.fail_after(600):
+            await server.shutdown(grace=10)
+        assert trio.current_time() - started < 10 + 5
+        assert server.connections == 0
+        nursery.cancel_scope.cancel()
+
+
 # --- a mirror served while it copies ----------------------------------------------------------
 
 

@@ -25,7 +25,9 @@ Invariants:
   it at once: the requests in flight are cancelled (as a device call may be) and the
   socket closed, a hard disconnect, which the spec asks for; no other connection is
   touched.  While the server shuts down, new requests get ESHUTDOWN (new options
-  ERR_SHUTDOWN) and the connection closes once nothing is in flight.
+  ERR_SHUTDOWN) and the connection closes once nothing is in flight; when it hurries,
+  the connection is cancelled and a reply being written is cut off ``HURRIED_WRITE``
+  seconds later, so a client that does not read cannot hold the shutdown.
 - Nothing leaves ``run`` but cancellation; why the connection ended is logged.
 """
 
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 1 << 17
 BURST = 16
 CLOSE_TIMEOUT = 5.0
+HURRIED_WRITE = 2.0
+"""Seconds a reply being written still gets once the server hurries to shut down."""
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -212,6 +216,13 @@ class Connection:
         """End the connection now (requests in flight are cancelled)."""
         self.why = why
         self._scope.cancel()
+
+    def hurry(self, why: str) -> None:
+        """``cancel``, and a reply being written gets ``HURRIED_WRITE`` seconds more: a
+        client that does not take it then is dropped mid-reply."""
+        deadline = trio.current_time() + HURRIED_WRITE
+        self._writer.cut_off_at(deadline, f"{self.peer} did not take its replies in time")
+        self.cancel(why)
 
     def shut_down(self) -> None:
         """The server is going away: ESHUTDOWN from now on, and close once idle."""

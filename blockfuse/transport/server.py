@@ -147,9 +147,10 @@ class NBDServer:
             self._all_closed.set()
 
     def hurry(self) -> None:
-        """End every connection now (the requests in flight are cancelled)."""
+        """End every connection now (the requests in flight are cancelled, a reply being
+        written is cut off soon after: ``Connection.hurry``)."""
         for conn in list(self._connections):
-            conn.cancel("closed: the server shut down before its requests were answered")
+            conn.hurry("closed: the server shut down before its requests were answered")
 
     async def shutdown(self, grace: float) -> None:
         """``begin_shutdown``, then wait ``grace`` seconds at most for the connections to

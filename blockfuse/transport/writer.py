@@ -16,11 +16,14 @@ clear they never will.  The owner hands over nothing: the stream is free only wh
 queue is empty, so no newcomer can start a message while another is half written (a
 hand-over to a waiting task once let one in).  A write that cannot go out at once is
 shielded from cancellation (half a message cannot be taken back) and bounded instead:
-a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``).
+a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``),
+and so does the cut-off (``cut_off_at``: a deadline the connection sets when it must end
+soon whatever its client reads, as when the server hurries to shut down).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import trio
@@ -67,6 +70,17 @@ class MessageWriter:
         self._busy = False
         self._queue: list[tuple[Sequence[Part], Callable[[], None]]] = []
         self._broken: BlockError | None = None
+        self._cut_off = math.inf
+        self._cut_off_why = ""
+        self._shield: trio.CancelScope | None = None
+
+    def cut_off_at(self, deadline: float, why: str) -> None:
+        """Writes end at ``deadline`` (trio time) whatever they are in the middle of, the
+        one under way too: the stream is then broken (``Stalled(why)``).  ``math.inf``
+        lifts the cut-off."""
+        self._cut_off, self._cut_off_why = deadline, why
+        if self._shield is not None:
+            self._shield.deadline = deadline
 
     async def write(
         self, parts: Sequence[Part], on_written: Callable[[], None] = lambda: None, *,
@@ -97,8 +111,7 @@ class MessageWriter:
         try:
             rest = self._write_now([part for parts, _ in messages for part in parts])
             if rest:
-                with trio.CancelScope(shield=True):
-                    await self._write(rest)
+                await self._write_shielded(rest)
         except BlockError as exc:
             self._broken = exc
             for _, done in self._queue:  # nobody will write them now
@@ -118,6 +131,17 @@ class MessageWriter:
             return write_without_blocking(self._fd, parts)
         except OSError as exc:
             raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
+
+    async def _write_shielded(self, parts: list[Part]) -> None:
+        """``parts`` whole even if the caller is cancelled, unless the cut-off comes."""
+        with trio.CancelScope(shield=True, deadline=self._cut_off) as shield:
+            self._shield = shield
+            try:
+                await self._write(parts)
+            finally:
+                self._shield = None
+        if shield.cancelled_caught:
+            raise Stalled(self._cut_off_why)
 
     async def _write(self, parts: list[Part]) -> None:
         try:
