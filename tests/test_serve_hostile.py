@@ -52,6 +52,31 @@ async def test_a_stalled_handshake_is_dropped_after_the_timeout(autojump_clock: 
         assert trio.current_time() - started == pytest.approx(Limits().handshake_timeout, abs=1)
 
 
+async def test_a_handshake_whose_replies_are_not_read_is_dropped_at_its_deadline(
+    autojump_clock: object,
+) -> None:
+    """Options sent, their replies never read: the replies being written do not outlast
+    the handshake's deadline (the send timeout is longer)."""
+    limits = Limits()
+    assert limits.send_timeout > limits.handshake_timeout
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def serve() -> None:
+            await server.handle_stream(server_end)
+            done.set()
+
+        nursery.start_soon(serve)
+        started = trio.current_time()
+        await RawClient(client_end).greet()
+        await client_end.send_all(option(c.Opt.LIST) * 64)  # and never read the replies
+        with trio.fail_after(120):
+            await done.wait()
+        assert trio.current_time() - started == pytest.approx(limits.handshake_timeout, abs=1)
+
+
 async def test_a_client_that_reads_nothing_is_dropped(autojump_clock: object) -> None:
     server = NBDServer(ServeBackend([mem_export()]), limits=Limits(send_timeout=30))
     client_end, server_end = trio.testing.lockstep_stream_pair()

@@ -17,9 +17,10 @@ Invariants:
   so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds after
   its room was reserved (it holds budget that other clients may be waiting for).
 - The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
-  after STARTTLS included (``tlsserver.py``).  From the TLS handshake on, the connection
-  reads and writes the TLS stream only (never the socket's fd again), and the core reads
-  nothing the client sent before STARTTLS's ACK left as TLS (``nbd/server.py``).
+  after STARTTLS and the writing of every reply included (``tlsserver.py``).  From the
+  TLS handshake on, the connection reads and writes the TLS stream only (never the
+  socket's fd again), and the core reads nothing the client sent before STARTTLS's ACK
+  left as TLS (``nbd/server.py``).
 - How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
   it closes.  A protocol violation, the client closing, a stall or a broken stream end
   it at once: the requests in flight are cancelled (as a device call may be) and the
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -163,6 +165,7 @@ class Connection:
         self._payload: Reservation | None = None
         self._unanswered = 0
         self.shutting_down = False
+        self._hurried = False
         self.export: str | None = None
         self.session: TLSSession | None = None
         """The TLS session, once STARTTLS's handshake succeeded."""
@@ -220,6 +223,7 @@ class Connection:
     def hurry(self, why: str) -> None:
         """``cancel``, and a reply being written gets ``HURRIED_WRITE`` seconds more: a
         client that does not take it then is dropped mid-reply."""
+        self._hurried = True
         deadline = trio.current_time() + HURRIED_WRITE
         self._writer.cut_off_at(deadline, f"{self.peer} did not take its replies in time")
         self.cancel(why)
@@ -248,10 +252,20 @@ class Connection:
         if self.shutting_down:
             core.shut_down()
         timeout = self._limits.handshake_timeout
-        with trio.move_on_after(timeout):
-            return await self._haggle(core)
-        self._dropped(f"no handshake within {timeout:g} s")
+        deadline = trio.current_time() + timeout
+        why = f"no handshake within {timeout:g} s"
+        self._cut_off_writes(deadline, why)  # its replies too must be out by then
+        with trio.move_on_at(deadline):
+            ready = await self._haggle(core)
+            self._cut_off_writes(math.inf, "")
+            return ready
+        self._dropped(why)
         return None
+
+    def _cut_off_writes(self, deadline: float, why: str) -> None:
+        """Writes end by ``deadline`` (``math.inf``: no cut-off); a hurry's cut-off stays."""
+        if not self._hurried:
+            self._writer.cut_off_at(deadline, why)
 
     async def _haggle(self, core: ServerCore) -> ServerReady | None:
         while True:
@@ -283,7 +297,7 @@ class Connection:
         self.session = session
         self._stream = session.stream
         self._fd = None
-        self._writer = MessageWriter(session.stream, None, self.peer, self._limits.send_timeout)
+        self._writer.switch_to(session.stream)
         core.tls_started()
 
     async def _receive(self, core: ServerCore) -> None:

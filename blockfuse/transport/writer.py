@@ -74,6 +74,12 @@ class MessageWriter:
         self._cut_off_why = ""
         self._shield: trio.CancelScope | None = None
 
+    def switch_to(self, stream: trio.abc.Stream) -> None:
+        """Write to ``stream`` from now on, through ``send_all`` (the TLS stream after
+        STARTTLS); only between messages."""
+        assert not self._busy and not self._queue
+        self._stream, self._fd = stream, None
+
     def cut_off_at(self, deadline: float, why: str) -> None:
         """Writes end at ``deadline`` (trio time) whatever they are in the middle of, the
         one under way too: the stream is then broken (``Stalled(why)``).  ``math.inf``
