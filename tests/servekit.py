@@ -37,6 +37,7 @@ from blockfuse.serve.runtime import Serving, running
 from blockfuse.transport.client import NBDClient
 from blockfuse.transport.connect import connect_nbd
 from blockfuse.transport.connection import Limits
+from blockfuse.transport.tlsserver import ServerTLS
 
 from .conftest import require_tool
 from .nbdpeers import _die_with_parent as die_with_parent
@@ -86,11 +87,17 @@ async def serving(
     listing: bool = True,
     limits: Limits | None = None,
     grace: float = 5.0,
+    tls: ServerTLS | None = None,
+    tcp: bool = False,
 ) -> AsyncIterator[Served]:
-    """Our server on ``exports`` at ``directory/name`` for the body of the block."""
-    listening = await listen([Address(path=str(directory / name))])
+    """Our server on ``exports`` at ``directory/name`` (``tcp``: 127.0.0.1, any free port)
+    for the body of the block."""
+    where = Address(host="127.0.0.1", port=0) if tcp else Address(path=str(directory / name))
+    listening = await listen([where])
     address = listening.addresses[0]
-    async with running(exports, listening, listing=listing, limits=limits, grace=grace) as s:
+    async with running(
+        exports, listening, listing=listing, limits=limits, grace=grace, tls=tls
+    ) as s:
         yield Served(s, address)
 
 

@@ -136,7 +136,7 @@ def test_malformed_options_get_one_invalid_reply(data: bytes) -> None:
     assert [r for _, r, _ in got[1:]] == [Rep.SERVER, Rep.SERVER, Rep.ACK]
 
 
-def test_starttls_and_extended_headers_are_refused_until_they_exist() -> None:
+def test_starttls_without_tls_and_extended_headers_are_refused() -> None:
     server = new()
     got = replies(server, flags() + option(Opt.STARTTLS) + option(Opt.EXTENDED_HEADERS))
     assert [(o, r) for o, r, _ in got] == [
@@ -207,6 +207,16 @@ def test_abort_acks_and_ignores_what_follows() -> None:
     assert server.state is ServerState.DONE
     server.receive_data(b"more")
     assert server.next_event() is NEED_DATA
+
+
+@BYTEWISE
+def test_abort_with_oversized_data_acks_and_ends_the_session(bytewise: bool) -> None:
+    server = new()
+    data = option(Opt.ABORT, bytes(c.MAX_OPTION_DATA + 1)) + b"garbage"
+    events, out = pump(server, flags() + data, bytewise)
+    assert events == [ClientGone()]
+    assert [r.rtype for r in option_replies(out)[0]] == [Rep.ACK]
+    assert server.state is ServerState.DONE
 
 
 def test_meta_contexts() -> None:

@@ -24,10 +24,12 @@ from blockfuse.devices.sparse import open_sparse
 from blockfuse.devices.wrapper import PassThrough
 from blockfuse.errors import ReadOnly, RequestFailed
 from blockfuse.nbd import constants as c
-from blockfuse.nbd.events import NEED_DATA, Negotiated, ReadHole
+from blockfuse.nbd.events import NEED_DATA, Negotiated, ReadHole, ReadReply, Request
 from blockfuse.nbd.transmission import ClientTransmission
 from blockfuse.nbd.uri import parse_uri
+from blockfuse.sectors import DeviceBytes
 from blockfuse.serve.exports import Export, ServeBackend
+from blockfuse.serve.requests import RequestHandler
 from blockfuse.testing import FaultyDevice, check_block_device
 from blockfuse.testing.faults import Fault
 from blockfuse.testing.simulated import SimDisk
@@ -441,6 +443,36 @@ async def test_holes_go_out_as_holes_where_the_device_finds_them_cheaply(
             assert holes == ([] if flags else [(1000, 4096 - 1000), (8192, 12000 + 1000 - 8192)])
 
 
+class PartialExtents(PassThrough):
+    """Cheap extents that say less than was asked: ``found`` for any query."""
+
+    def __init__(self, inner: BlockDevice, found: list[Extent]) -> None:
+        super().__init__(inner)
+        self.cheap_extents = True
+        self.capabilities = frozenset({Capability.EXTENTS})
+        self.found = found
+
+    async def extents(self, sector: int, count: int) -> list[Extent]:
+        return self.found
+
+
+@pytest.mark.parametrize(
+    "found",
+    [[Extent(0, 8, False)], [Extent(0, 8, False), Extent(16, 8, True)], []],
+    ids=["stops-early", "gap", "nothing"],
+)
+async def test_a_read_reply_covers_the_whole_range_whatever_the_extents_say(
+    found: list[Extent],
+) -> None:
+    inner = MemoryDevice(SIZE)
+    await inner.write(8, [b"d" * 8192])
+    handler = RequestHandler(DeviceBytes(PartialExtents(inner, found)), structured=True)
+    reply = await handler.handle(Request(1, c.Cmd.READ, 0, 1000, 65536))
+    assert isinstance(reply, ReadReply) and reply.error == 0
+    got = b"".join(bytes(p) for p in reply.pieces)  # a hole (an int) reads as zeroes
+    assert got == bytes(inner.data[1000 : 1000 + 65536])
+
+
 def negotiated(replies: list[object]) -> Negotiated:
     from blockfuse.nbd.events import ExportInfo
     from blockfuse.nbd.options import apply_info
@@ -501,6 +533,43 @@ async def test_the_grace_bounds_a_shutdown(autojump_clock: object) -> None:
         await server.shutdown(grace=10)
         assert trio.current_time() - started == pytest.approx(10)
         assert await raw.closed()
+
+
+async def take_slowly(stream: trio.abc.ReceiveStream) -> None:
+    """A live reader far too slow for what it asked: 2 KiB a second."""
+    data = await stream.receive_some(2048)
+    while data:
+        await trio.sleep(1)
+        data = await stream.receive_some(2048)
+
+
+@pytest.mark.parametrize(
+    ("reads", "sizes"),
+    [(False, [SIZE]), (True, [32 << 10] * 16)],
+    ids=["reads-nothing", "reads-slowly"],
+)
+async def test_a_shutdown_ends_in_bounded_time_whatever_a_client_reads(
+    autojump_clock: object, reads: bool, sizes: list[int]
+) -> None:
+    """Replies a client does not take, or takes so slowly that none of them stalls for
+    the send timeout, cannot hold a shutdown long past its grace: they are cut off soon
+    after the hurry."""
+    server = NBDServer(ServeBackend([mem_export()]))
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        raw = RawClient(client_end)
+        await raw.go()
+        for cookie, size in enumerate(sizes):
+            await raw.send(request(c.Cmd.READ, 0, size, cookie=cookie))
+        if reads:
+            nursery.start_soon(take_slowly, client_end)
+        started = trio.current_time()
+        with trio.fail_after(600):
+            await server.shutdown(grace=10)
+        assert trio.current_time() - started < 10 + 5
+        assert server.connections == 0
+        nursery.cancel_scope.cancel()
 
 
 # --- a mirror served while it copies ----------------------------------------------------------

@@ -52,6 +52,31 @@ async def test_a_stalled_handshake_is_dropped_after_the_timeout(autojump_clock: 
         assert trio.current_time() - started == pytest.approx(Limits().handshake_timeout, abs=1)
 
 
+async def test_a_handshake_whose_replies_are_not_read_is_dropped_at_its_deadline(
+    autojump_clock: object,
+) -> None:
+    """Options sent, their replies never read: the replies being written do not outlast
+    the handshake's deadline (the send timeout is longer)."""
+    limits = Limits()
+    assert limits.send_timeout > limits.handshake_timeout
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def serve() -> None:
+            await server.handle_stream(server_end)
+            done.set()
+
+        nursery.start_soon(serve)
+        started = trio.current_time()
+        await RawClient(client_end).greet()
+        await client_end.send_all(option(c.Opt.LIST) * 64)  # and never read the replies
+        with trio.fail_after(120):
+            await done.wait()
+        assert trio.current_time() - started == pytest.approx(limits.handshake_timeout, abs=1)
+
+
 async def test_a_client_that_reads_nothing_is_dropped(autojump_clock: object) -> None:
     server = NBDServer(ServeBackend([mem_export()]), limits=Limits(send_timeout=30))
     client_end, server_end = trio.testing.lockstep_stream_pair()
@@ -71,6 +96,55 @@ async def test_a_client_that_reads_nothing_is_dropped(autojump_clock: object) ->
             await done.wait()
         assert 30 <= trio.current_time() - started < 40
         nursery.cancel_scope.cancel()
+
+
+async def test_refusals_a_client_does_not_read_are_held_to_the_request_bound(
+    autojump_clock: object,
+) -> None:
+    """A client floods requests the server refuses (zero-length READs) behind a reply it
+    does not read: the server stops reading from it once the refusals fill its slots."""
+    limits = Limits(requests=4)
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        await client_end.send_all(request(c.Cmd.READ, 0, MiB))  # its reply is never read
+        for cookie in range(1000):
+            await client_end.send_all(request(c.Cmd.READ, 0, 0, cookie=cookie))
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        await RawClient(client_end).go()
+        with trio.move_on_after(limits.send_timeout / 2):
+            await flood()
+        assert sent <= limits.requests
+        await client_end.aclose()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+async def test_a_write_payload_not_whole_within_the_timeout_is_dropped(
+    autojump_clock: object, trickle: bool
+) -> None:
+    """A WRITE's header, then its payload a byte now and then or not at all: the
+    connection is dropped once the payload is late, and its budget given back."""
+    limits = Limits(payload_timeout=30)
+    server = NBDServer(ServeBackend([mem_export()]), limits=limits)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end)
+        raw = RawClient(client_end)
+        await raw.go()
+        await raw.send(request(c.Cmd.WRITE, 0, MiB) + b"x")
+        started = trio.current_time()
+        with trio.fail_after(120):
+            while trickle and not await raw.closed(within=7):  # never just at the deadline
+                await raw.send(b"x")
+            assert await raw.closed(within=120)
+        assert trio.current_time() - started == pytest.approx(limits.payload_timeout, abs=5)
+        assert server._budget.held == 0  # type: ignore[attr-defined]
 
 
 async def test_a_client_gone_mid_write_harms_nobody(nursery: trio.Nursery, short_tmp: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from blockfuse.cli import parse_args
 from blockfuse.cli.serve import control_path
+from blockfuse.nbd.haggling import TLSPolicy
 from blockfuse.serve.listen import (
     Address,
     ListenError,
@@ -55,6 +56,18 @@ def test_uris_and_the_tls_warning() -> None:
     assert tls_warning(Address(host="localhost")) is None
     warning = tls_warning(Address(host="0.0.0.0", port=10809))
     assert warning is not None and "0.0.0.0:10809 without TLS" in warning
+    assert "--tls=require --tls-certificates DIR" in warning
+
+
+def test_tls_uris_and_the_warning_with_tls() -> None:
+    assert Address(path="/run/n.sock").uri("d", tls=True) == "nbds+unix:///d?socket=/run/n.sock"
+    assert Address(host="10.0.0.5", port=5).uri("d", tls=True) == "nbds://10.0.0.5:5/d"
+    far = Address(host="0.0.0.0", port=10809)
+    assert tls_warning(far, TLSPolicy.REQUIRE) is None
+    warning = tls_warning(far, TLSPolicy.ON)
+    assert warning is not None and "with TLS optional (--tls=on)" in warning
+    assert "served in plaintext" in warning and "\n" not in warning
+    assert tls_warning(Address(path="x"), TLSPolicy.ON) is None
 
 
 def test_stale_live_and_foreign_socket_paths(short_tmp: Path) -> None:

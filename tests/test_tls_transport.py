@@ -20,7 +20,13 @@ from blockfuse.transport.client import NBDClient
 from blockfuse.transport.connect import wrap_nbd_stream
 from blockfuse.transport.handshake import HandshakeRefused, Stalled, TLSFailed
 from blockfuse.transport.reconnect import Reconnecting
-from blockfuse.transport.tls import CLOSE_TIMEOUT, TLSClient, TLSStream
+from blockfuse.transport.tls import (
+    CLOSE_TIMEOUT,
+    LargeReads,
+    TLSClient,
+    TLSStream,
+    more_decrypted,
+)
 
 from .test_tls_core import GREETING, reply
 from .tlscerts import Certificates, make_certificates
@@ -304,3 +310,31 @@ async def test_closing_is_bounded_when_the_server_reads_nothing(
     assert trio.current_time() - started == pytest.approx(CLOSE_TIMEOUT)
     with pytest.raises(trio.ClosedResourceError):
         await client_end.send_all(b"x")
+
+
+async def test_a_read_takes_every_record_already_decrypted(certs: Certificates) -> None:
+    """trio's SSLStream gives one TLS record (16 KiB) per receive_some; ours takes what
+    else it has received too (``more_decrypted``), up to what was asked, and the bytes
+    come out whole and in order; the server's stream does the same."""
+    data = bytes(range(256)) * 4096 * 4  # 4 MiB
+    client_end, server_end = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(server_end, server_context(certs), server_side=True)
+    client = trio.SSLStream(
+        LargeReads(client_end), tls_client(certs).context, server_hostname="localhost"
+    )
+    async with trio.open_nursery() as handshakes:
+        handshakes.start_soon(server.do_handshake)
+        handshakes.start_soon(client.do_handshake)
+    stream = TLSStream(client, tls_client(certs))
+    got = bytearray()
+    sizes = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_all, data)
+        while len(got) < len(data):
+            piece = await stream.receive_some(1 << 20)
+            assert 0 < len(piece) <= 1 << 20
+            sizes.append(len(piece))
+            got += piece
+    assert got == data
+    assert max(sizes) > 16 << 10, sizes  # more than one record at a time
+    assert more_decrypted(client, b"", 1 << 20) == b""  # nothing read: nothing added

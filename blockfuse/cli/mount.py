@@ -24,15 +24,17 @@ from ..fuse.mount import serve
 from ..fuse.mountpoint import MountError, Prepare, check_mountpoint, prepare_mountpoint
 from ..fuse.scratch import ScratchDir, open_scratch_dir
 from ..lifecycle import Alongside
+from ..nbd.haggling import TLSPolicy
 from ..opening import OpenContext, background_tasks, open_all, remove_created
 from ..serve.exports import Export
 from ..serve.listen import Listening
 from ..serve.runtime import running
 from ..spec import Recipe, SpecError
 from ..swap import DEFAULT_UNIT
+from ..transport.tlsserver import ServerTLS
 from ..units import format_size
 from . import config
-from .common import EXIT_FAILED, EXIT_OK, CommandError, size_option
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, size_option
 from .devices import (
     DEFAULT_DEVICE,
     DEFAULT_IMAGE,
@@ -43,7 +45,14 @@ from .devices import (
     open_recipe,
 )
 from .progress import progress_bar
-from .serve import address_option, listen_or_fail, nbd_banner, warn_without_tls
+from .serve import (
+    add_tls_options,
+    address_option,
+    listen_or_fail,
+    nbd_banner,
+    server_tls,
+    warn_without_tls,
+)
 
 log = logging.getLogger("blockfuse")
 
@@ -112,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "NBD and the flat files see each other's writes at once"
         ),
     )
+    add_tls_options(mount)
 
 
 async def open_files(
@@ -163,6 +173,7 @@ async def describe(
     files: Sequence[FlatFile],
     scratch: Sequence[ScratchDir] = (),
     listening: Listening | None = None,
+    tls: TLSPolicy = TLSPolicy.OFF,
 ) -> str:
     lines = [f"blockfuse: serving {serving(len(files), len(scratch))} under {mountpoint}:"]
     for f in files:
@@ -178,7 +189,7 @@ async def describe(
             f"  {d.kind} {d.spec}  (everything in it is gone after unmount)"
         )
     if listening is not None:
-        lines += nbd_banner([f.name for f in files], listening)
+        lines += nbd_banner([f.name for f in files], listening, tls)
     lines.append(f"Stop with Ctrl-C or: blockfuse umount {shlex.quote(mountpoint)}")
     return "\n".join(lines)
 
@@ -228,14 +239,14 @@ async def _run_mount(
 
 @contextlib.asynccontextmanager
 async def serving_beside(
-    files: Sequence[FlatFile], listening: Listening | None
+    files: Sequence[FlatFile], listening: Listening | None, tls: ServerTLS | None = None
 ) -> AsyncIterator[Alongside | None]:
     """The NBD server on the mount's own flat files (``--serve``), or ``None``."""
     if listening is None:
         yield None
         return
     exports = [Export(f.name, f, f.kind, f.spec) for f in files]
-    async with running(exports, listening) as serving:
+    async with running(exports, listening, tls=tls) as serving:
         yield serving
 
 
@@ -245,9 +256,11 @@ async def mount_files(
     scratch: Sequence[ScratchDir],
     listening: Listening | None = None,
 ) -> int:
-    banner = await describe(args.mountpoint, files, scratch, listening)
+    tls: ServerTLS | None = getattr(args, "server_tls", None)
+    policy = tls.policy if tls is not None else TLSPolicy.OFF
+    banner = await describe(args.mountpoint, files, scratch, listening, policy)
     if listening is not None:
-        warn_without_tls(listening)
+        warn_without_tls(listening, policy)
     what = f"{serving(len(files), len(scratch))} under {args.mountpoint}"
 
     def ready() -> None:
@@ -257,7 +270,7 @@ async def mount_files(
         notify.ready(f"serving {what}")
 
     bar = progress_bar(files, blockfuse_log.console())
-    async with bar, serving_beside(files, listening) as alongside:
+    async with bar, serving_beside(files, listening, tls) as alongside:
         problems = await serve(
             args.mountpoint,
             files,
@@ -286,6 +299,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.prepare = check_mountpoint(args.mountpoint)
     except MountError as exc:
         raise CommandError(str(exc)) from exc
+    args.server_tls = server_tls(args)
+    if args.server_tls.policy is not TLSPolicy.OFF and not args.serve:
+        raise CommandError("--tls needs --serve ADDR (it is the NBD server's)", EXIT_USAGE)
     if use_default:
         recipes = compile_devices([default_device()], read_only=args.read_only)
     args.io_flusher = ioflusher.set_io_flusher()  # before any thread starts: they inherit it

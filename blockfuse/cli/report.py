@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..serve.control import ControlError, ask
-from ..units import format_size
+from ..units import format_size, printable
 from .progress import format_seconds, plural
 
 PREFIX = "user.blockfuse."
@@ -137,9 +137,25 @@ def device_lines(values: Mapping[str, str]) -> list[str]:
 
 
 def describe_server(server: Mapping[str, Any]) -> str:
-    """``serving nbd+unix:///?socket=/run/vm1.sock; 2 connections``."""
+    """``serving nbd+unix:///?socket=/run/vm1.sock; 2 connections``, with ``; tls
+    require`` when TLS is on, then a line per connection."""
     where = ", ".join(str(uri) for uri in server.get("listening", [])) or "nowhere"
-    return f"serving {where}; {plural(int(server.get('connections', 0)), 'connection')}"
+    tls = server.get("tls", "off")
+    note = f"; tls {tls}" if tls != "off" else ""
+    connections = plural(int(server.get("connections", 0)), "connection")
+    lines = [f"serving {where}{note}; {connections}"]
+    lines += [f"  {describe_client(client)}" for client in server.get("clients", [])]
+    return "\n".join(lines)
+
+
+def describe_client(client: Mapping[str, Any]) -> str:
+    """``unix client #3: export 'disk', tls TLSv1.3, client CN=name`` (or ``plaintext``)."""
+    export = client.get("export")
+    what = f"export {printable(str(export))!r}" if export is not None else "in the handshake"
+    tls = f"tls {client['tls']}" if client.get("tls") else "plaintext"
+    if client.get("client_certificate"):
+        tls += f", client {printable(str(client['client_certificate']))}"
+    return f"{printable(str(client.get('peer', '?')))}: {what}, {tls}"
 
 
 def describe_scratch(scratch: Mapping[str, Any]) -> str:

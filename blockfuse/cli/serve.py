@@ -22,6 +22,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from .. import notify
+from ..nbd.haggling import TLSPolicy
 from ..opening import background_tasks, open_all
 from ..sectors import DeviceBytes
 from ..serve.exports import Export
@@ -37,6 +38,7 @@ from ..serve.listen import (
 )
 from ..serve.runtime import serve_exports
 from ..spec import Recipe
+from ..transport.tlsserver import ServerTLS, TLSSetupError
 from ..units import format_size
 from . import registry
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
@@ -83,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     serve.add_argument(
         "--listen", action="append", default=[], type=address_option, metavar="HOST:PORT",
         help="listen on TCP (repeatable; :PORT is 127.0.0.1; anything else is reachable "
-        "from elsewhere, without TLS)",
+        "from elsewhere: use --tls=require there)",
     )  # fmt: skip
     serve.add_argument(
         "--control", metavar="PATH",
@@ -99,6 +101,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--no-list", action="store_true",
         help="refuse to list the exports (NBD_REP_ERR_POLICY); they still open by name",
     )  # fmt: skip
+    add_tls_options(serve)
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--tls``, ``--tls-certificates``, ``--tls-verify-peer`` (serve and mount --serve)."""
+    parser.add_argument(
+        "--tls", choices=[p.value for p in TLSPolicy],
+        help="NBD over TLS (STARTTLS): off, on (offered; plaintext clients are served too) "
+        "or require (every option before STARTTLS is refused with NBD_REP_ERR_TLS_REQD); "
+        "default: require with --tls-certificates, else off",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-certificates", metavar="DIR",
+        help="the server's certificate: DIR/server-cert.pem and DIR/server-key.pem (mode "
+        "0600), and DIR/ca-cert.pem for --tls-verify-peer (the layout of nbdkit and qemu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-verify-peer", action="store_true",
+        help="demand a client certificate signed by DIR/ca-cert.pem",
+    )  # fmt: skip
+
+
+def server_tls(args: argparse.Namespace) -> ServerTLS:
+    """The TLS configuration the options ask for, its files read; one-line errors."""
+    policy = TLSPolicy(args.tls or ("require" if args.tls_certificates else "off"))
+    if policy is TLSPolicy.OFF and (args.tls_certificates or args.tls_verify_peer):
+        given = "--tls-certificates" if args.tls_certificates else "--tls-verify-peer"
+        raise CommandError(f"{given} needs --tls=on or --tls=require", EXIT_USAGE)
+    try:
+        return ServerTLS.load(policy, args.tls_certificates, verify_peer=args.tls_verify_peer)
+    except TLSSetupError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
 
 
 def control_path(args: argparse.Namespace) -> str | None:
@@ -118,35 +152,44 @@ async def listen_or_fail(addresses: Sequence[Address], *, mode: int | None = Non
         raise CommandError(str(exc)) from exc
 
 
-def warn_without_tls(listening: Listening) -> None:
+def warn_without_tls(listening: Listening, tls: TLSPolicy = TLSPolicy.OFF) -> None:
     for address in listening.addresses:
-        if (warning := tls_warning(address)) is not None:
+        if (warning := tls_warning(address, tls)) is not None:
             print(f"blockfuse: {warning}", file=sys.stderr)
 
 
-def nbd_banner(names: Sequence[str], listening: Listening) -> list[str]:
+def nbd_banner(
+    names: Sequence[str], listening: Listening, tls: TLSPolicy = TLSPolicy.OFF
+) -> list[str]:
     """The URIs of every export at every address, for the banner."""
     lines = []
     for address in listening.addresses:
-        lines.append(f"  NBD on {address}:")
-        lines += [f"    {address.uri(name)}" for name in names]
+        lines.append(f"  NBD on {address}{TLS_NOTE[tls]}:")
+        lines += [f"    {address.uri(name, tls=tls is TLSPolicy.REQUIRE)}" for name in names]
     return lines
 
 
-async def describe(exports: Sequence[Export], listening: Listening, control: str | None) -> str:
+TLS_NOTE = {TLSPolicy.OFF: "", TLSPolicy.ON: " (TLS offered)", TLSPolicy.REQUIRE: " (TLS only)"}
+
+
+async def describe(
+    exports: Sequence[Export], listening: Listening, control: str | None, tls: TLSPolicy
+) -> str:
     lines = [f"blockfuse: serving {len(exports)} device{'s' if len(exports) != 1 else ''}:"]
     for e in exports:
         info = await e.bytes.info()
         ro = "" if info.read_write else ", read-only"
         lines.append(f"  {e.name}  {format_size(info.size_bytes)}  {e.kind} {e.spec}{ro}")
-    lines += nbd_banner([e.name for e in exports], listening)
+    lines += nbd_banner([e.name for e in exports], listening, tls)
     if control is not None:
         lines.append(f"  control: {control} (blockfuse status {control})")
     lines.append("Stop with Ctrl-C or SIGTERM")
     return "\n".join(lines)
 
 
-async def run_serve(args: argparse.Namespace, recipes: list[tuple[str, Recipe]]) -> int:
+async def run_serve(
+    args: argparse.Namespace, recipes: list[tuple[str, Recipe]], tls: ServerTLS
+) -> int:
     control = control_path(args)
     if control is None and registry.ensure_runtime_dir() is not None:
         control = registry.default_control()  # every server can be asked (registry.py)
@@ -162,7 +205,7 @@ async def run_serve(args: argparse.Namespace, recipes: list[tuple[str, Recipe]])
         controlling = None
         if control is not None:
             controlling = await listen_or_fail([Address(path=control)], mode=CONTROL_MODE)
-        return await serve_devices(args, recipes, listening, controlling, control)
+        return await serve_devices(args, recipes, listening, controlling, control, tls)
     finally:
         await listening.aclose()
 
@@ -173,6 +216,7 @@ async def serve_devices(
     listening: Listening,
     controlling: Listening | None,
     control: str | None,
+    tls: ServerTLS,
 ) -> int:
     try:
         async with background_tasks() as nursery:
@@ -184,8 +228,8 @@ async def serve_devices(
             exports = [
                 Export(o.name, DeviceBytes(o.device), o.recipe.kind, o.recipe.text) for o in opened
             ]
-            banner = await describe(exports, listening, control)
-            warn_without_tls(listening)
+            banner = await describe(exports, listening, control, tls.policy)
+            warn_without_tls(listening, tls.policy)
 
             def ready() -> None:
                 print(banner, file=sys.stderr, flush=True)
@@ -200,6 +244,7 @@ async def serve_devices(
                     controlling,
                     sys.stderr,
                     listing=not args.no_list,
+                    tls=tls,
                     on_ready=ready,
                 )
     finally:
@@ -219,6 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(or start blockfuse serve by socket activation)",
             EXIT_USAGE,
         )
+    tls = server_tls(args)
     if not recipes:
         recipes = compile_devices([default_device()], read_only=args.read_only)
-    return trio.run(run_serve, args, recipes)
+    return trio.run(run_serve, args, recipes, tls)

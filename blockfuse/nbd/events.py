@@ -100,9 +100,10 @@ HandshakeEvent = Negotiated | ExportList | OptionRefused | ExportRefused
 
 @dataclass(frozen=True)
 class StartTLS:
-    """The server accepted ``NBD_OPT_STARTTLS``: the TLS handshake comes next, on the same
-    stream, before anything else is sent or read; then ``tls_started()`` goes on.  Not an
-    outcome: the handshake waits for it."""
+    """``NBD_OPT_STARTTLS`` was accepted (the client's core: the server's ACK arrived; the
+    server's core: its ACK is in ``data_to_send``): the TLS handshake comes next, on the
+    same stream, before anything else is sent or read; then ``tls_started()`` goes on.
+    Not an outcome: the handshake waits for it."""
 
 
 START_TLS: Final = StartTLS()
@@ -212,7 +213,9 @@ class Closing:
     reason: str
 
 
-ServerEvent = ServerReady | PayloadComing | Request | RequestRefused | ClientGone | Closing
+ServerEvent = (
+    ServerReady | PayloadComing | Request | RequestRefused | ClientGone | Closing | StartTLS
+)
 
 # --- server side: what the server core writes ------------------------------------------
 

@@ -4,7 +4,9 @@
 what the core must act on, if anything::
 
     GO, EXPORT_NAME     -> ServerReady   transmission begins (EXPORT_NAME: its reply too)
-    ABORT               -> ClientGone    ACK sent; the connection closes
+    ABORT               -> ClientGone    ACK sent; the connection closes (data ignored,
+                                         however long)
+    STARTTLS            -> StartTLS      ACK sent; the TLS handshake comes next
     EXPORT_NAME unknown -> Closing       the protocol has no error reply for it
     anything else       -> None          answered (ACK, data, or an error reply)
 
@@ -13,10 +15,19 @@ structured replies are on (DF is advertised only then; meta contexts need them),
 the last SET_META_CONTEXT (BLOCK_STATUS is allowed only if it selected a context for the
 export that GO then opened).  INFO and GO describe an export identically.  While the
 server shuts down every option but ABORT gets ``ERR_SHUTDOWN`` (EXPORT_NAME: Closing).
+
+TLS (``TLSPolicy``): ``OFF`` answers STARTTLS with ``ERR_POLICY`` and never says
+``ERR_TLS_REQD`` (the spec forbids it then).  ``ON`` accepts STARTTLS and serves plaintext
+clients too.  ``REQUIRE`` is the spec's FORCEDTLS: until TLS is on, every option but
+STARTTLS and ABORT gets ``ERR_TLS_REQD`` (INFO and GO too: every export needs TLS), and a
+plaintext EXPORT_NAME closes the connection.  Once TLS is on (``tls_started``) what the
+options negotiated is forgotten (structured replies, the meta context), as the spec
+asks, and a second STARTTLS is ``ERR_INVALID``.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -30,7 +41,7 @@ from .constants import (
     Rep,
     TxFlag,
 )
-from .events import ClientGone, Closing, ExportInfo, ServerEvent, ServerReady
+from .events import START_TLS, ClientGone, Closing, ExportInfo, ServerEvent, ServerReady
 from .queries import (
     BadOption,
     MetaRequest,
@@ -45,17 +56,29 @@ from .queries import (
 from .replies import ALLOCATION_ID, Transmission
 
 NO_TLS = "TLS is not configured on this server"
+TLS_REQUIRED = "this server requires TLS: send NBD_OPT_STARTTLS first"
+WITHOUT_TLS = (int(Opt.STARTTLS), int(Opt.ABORT))
+"""The options a server that requires TLS answers before TLS is on."""
+
+
+class TLSPolicy(enum.Enum):
+    """Whether the server speaks TLS (``--tls``): see the module text."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
 
 
 @dataclass(frozen=True)
 class Knobs:
     """How the server behaves: ``listing`` off is the ``--no-list`` policy (ERR_POLICY);
-    the other three off play older servers in tests."""
+    ``tls`` the TLS policy; the other three off play older servers in tests."""
 
     listing: bool = True
     structured: bool = True
     go: bool = True
     fixed: bool = True
+    tls: TLSPolicy = TLSPolicy.OFF
 
 
 class Haggling:
@@ -67,6 +90,8 @@ class Haggling:
         self.structured = False
         self.no_zeroes = False
         self.shutting_down = False
+        self.encrypted = False
+        """TLS is on (STARTTLS was accepted and its handshake succeeded)."""
         self.transmission: Transmission | None = None
         self._option = 0
         self._meta: tuple[str, bool] | None = None  # last SET_META_CONTEXT: export, selected
@@ -88,6 +113,8 @@ class Haggling:
         self._option = option
         if self.shutting_down and option != Opt.ABORT:
             return self._refuse_shutting_down()
+        if self._needs_tls(option):
+            return self._refuse_without_tls()
         try:
             return self._handlers.get(option, self._unsupported)(data)
         except BadOption as exc:
@@ -97,8 +124,15 @@ class Haggling:
     def oversized(self, option: int, length: int) -> ServerEvent | None:
         """Answer an option whose data (``length`` bytes) was too long to read."""
         self._option = option
+        if option == Opt.ABORT:  # its data is ignored, however long (the spec)
+            return self._abort(b"")
         if option == Opt.EXPORT_NAME:
             return Closing(f"EXPORT_NAME of {length} bytes")
+        if self._needs_tls(option):
+            return self._refuse_without_tls()
+        if option == Opt.STARTTLS and self.knobs.tls is not TLSPolicy.OFF:
+            self._reply(Rep.ERR_INVALID, f"option {option} takes no data".encode())
+            return None
         known = option in self._handlers and option != Opt.STARTTLS
         rtype = Rep.ERR_TOO_BIG if known else Rep.ERR_UNSUP
         self._reply(rtype, f"option data of {length} bytes is too long".encode())
@@ -118,6 +152,23 @@ class Haggling:
             return Closing("EXPORT_NAME while the server shuts down")
         self._reply(Rep.ERR_SHUTDOWN, b"the server is shutting down")
         return None
+
+    def _needs_tls(self, option: int) -> bool:
+        return (
+            self.knobs.tls is TLSPolicy.REQUIRE and not self.encrypted and option not in WITHOUT_TLS
+        )
+
+    def _refuse_without_tls(self) -> ServerEvent | None:
+        if self._option == Opt.EXPORT_NAME:
+            return Closing("EXPORT_NAME without TLS, which this server requires")
+        self._reply(Rep.ERR_TLS_REQD, TLS_REQUIRED.encode())
+        return None
+
+    def tls_started(self) -> None:
+        """TLS is on: forget what the options negotiated (the spec)."""
+        self.encrypted = True
+        self.structured = False
+        self._meta = None
 
     def _unsupported(self, data: bytes) -> None:
         self._reply(Rep.ERR_UNSUP, f"option {self._option} is not supported".encode())
@@ -151,9 +202,14 @@ class Haggling:
             self._reply(Rep.SERVER, server_entry(export))
         self._reply(Rep.ACK)
 
-    def _starttls(self, data: bytes) -> None:
+    def _starttls(self, data: bytes) -> ServerEvent:
         self._no_data(data)
-        raise BadOption(Rep.ERR_POLICY, NO_TLS)
+        if self.knobs.tls is TLSPolicy.OFF:
+            raise BadOption(Rep.ERR_POLICY, NO_TLS)
+        if self.encrypted:
+            raise BadOption(Rep.ERR_INVALID, "TLS is on already")
+        self._reply(Rep.ACK)
+        return START_TLS
 
     def _info(self, data: bytes) -> None:
         self._describe(data, "NBD_OPT_INFO")

@@ -7,8 +7,9 @@ per thing that needs a decision::
 
     S: NBDMAGIC IHAVEOPT FIXED_NEWSTYLE|NO_ZEROES        C: client flags
     C: option (16-byte header + data)                    S: option replies   (repeat)
-         LIST, INFO, STRUCTURED_REPLY, *_META_CONTEXT, STARTTLS (ERR_POLICY), unknown
-         (ERR_UNSUP): answered here, no event
+         LIST, INFO, STRUCTURED_REPLY, *_META_CONTEXT, unknown (ERR_UNSUP): answered
+         here, no event
+         STARTTLS                   -> StartTLS          (ACK; TLS handshake; tls_started())
          GO / EXPORT_NAME           -> ServerReady       (transmission begins)
          ABORT                      -> ClientGone        (ACK sent; close)
          EXPORT_NAME, unknown name  -> Closing           (the protocol's only answer)
@@ -31,6 +32,20 @@ payload is held only up to the maximum payload; a longer one (up to
 the connection.  Every malformed input (wrong magic, flags not offered, an option other
 than EXPORT_NAME from a client that is not fixed-newstyle, the connection closed mid-way)
 raises ``ProtocolError``, and the core stays BROKEN: the connection must be dropped.
+
+STARTTLS (with a ``tls`` policy other than OFF; the answers are ``haggling.py``'s) is a
+state of its own, as in the client's core.  Once the ACK is queued the core returns
+``START_TLS`` and takes no more bytes (``receive_data`` refuses them) until the layer
+above has sent the ACK, run the TLS handshake on the same stream and called
+``tls_started()``; the options after it are read from the TLS stream.  So nothing the
+client sent before STARTTLS was answered is ever read as TLS: bytes that came after the
+STARTTLS option, before its ACK left (the client must wait for the reply), are a
+``ProtocolError`` and the ACK is never sent.  Whatever comes after the ACK is the TLS
+layer's to judge::
+
+    C: STARTTLS       S: ACK  -> START_TLS  (buffer empty, or ProtocolError)
+    C: ClientHello .. S: ServerHello ..     (the layer above, within the handshake deadline)
+                                 tls_started(): options forgotten, OPTION state again
 
 Knobs let tests play older or stricter servers (no structured replies, no GO, not fixed
 newstyle) and turn listing off; ``shut_down()`` makes every later option but ABORT
@@ -62,6 +77,7 @@ from .constants import (
 )
 from .events import (
     NEED_DATA,
+    START_TLS,
     ClientGone,
     Closing,
     ExportInfo,
@@ -73,8 +89,9 @@ from .events import (
     ServerEvent,
     ServerReady,
     ServerReply,
+    StartTLS,
 )
-from .haggling import Haggling, Knobs
+from .haggling import Haggling, Knobs, TLSPolicy
 from .replies import Part, Transmission, command_refusal, encode, range_refusal
 
 
@@ -85,6 +102,7 @@ class ServerState(enum.Enum):
     OPTION = "option header"
     OPTION_DATA = "option data"
     OPTION_SKIP = "oversized option data"
+    TLS = "TLS handshake"
     REQUEST = "request header"
     WRITE_PAYLOAD = "write payload"
     PAYLOAD_SKIP = "oversized write payload"
@@ -96,7 +114,8 @@ S = ServerState
 TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     S.CLIENT_FLAGS: frozenset({S.OPTION}),
     S.OPTION: frozenset({S.OPTION_DATA, S.OPTION_SKIP}),
-    S.OPTION_DATA: frozenset({S.OPTION, S.REQUEST, S.DONE}),
+    S.OPTION_DATA: frozenset({S.OPTION, S.TLS, S.REQUEST, S.DONE}),
+    S.TLS: frozenset({S.OPTION}),
     S.OPTION_SKIP: frozenset({S.OPTION, S.DONE}),
     S.REQUEST: frozenset({S.REQUEST, S.WRITE_PAYLOAD, S.PAYLOAD_SKIP, S.DONE}),
     S.WRITE_PAYLOAD: frozenset({S.REQUEST}),
@@ -131,10 +150,12 @@ class ServerCore:
         structured: bool = True,
         go: bool = True,
         fixed: bool = True,
+        tls: TLSPolicy = TLSPolicy.OFF,
     ) -> None:
         """``exports`` in the order LIST shows them; ``default`` names the one that the
         empty name opens.  Each export's ``max_payload`` is enforced as advertised."""
-        self._haggling = Haggling(exports, default, Knobs(listing, structured, go, fixed))
+        knobs = Knobs(listing, structured, go, fixed, tls)
+        self._haggling = Haggling(exports, default, knobs)
         self._offered = HandshakeFlag.NO_ZEROES
         if fixed:
             self._offered |= HandshakeFlag.FIXED_NEWSTYLE
@@ -154,6 +175,7 @@ class ServerCore:
             S.OPTION: self._option_header,
             S.OPTION_DATA: self._option_data,
             S.OPTION_SKIP: self._option_skip,
+            S.TLS: lambda: START_TLS,
             S.REQUEST: self._request,
             S.WRITE_PAYLOAD: self._write_payload,
             S.PAYLOAD_SKIP: self._payload_skip,
@@ -170,6 +192,19 @@ class ServerCore:
         """What was negotiated, once transmission began."""
         return self._haggling.transmission
 
+    @property
+    def encrypted(self) -> bool:
+        """TLS is on: ``tls_started()`` was called."""
+        return self._haggling.encrypted
+
+    def tls_started(self) -> None:
+        """The TLS handshake that ``START_TLS`` asked for succeeded: forget what options
+        negotiated (the spec) and read options again, now from the TLS stream."""
+        if self.state is not ServerState.TLS:
+            raise RuntimeError(f"tls_started() while reading the {self.state.value}")
+        self._haggling.tls_started()
+        self._goto(S.OPTION)
+
     def shut_down(self) -> None:
         """The server is going away: every later option but ABORT gets ERR_SHUTDOWN."""
         self._haggling.shutting_down = True
@@ -177,7 +212,10 @@ class ServerCore:
     # --- the sans-io surface ------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the client; ``b""`` means it closed the connection."""
+        """Bytes from the client; ``b""`` means it closed the connection.  Refused
+        (``RuntimeError``) while the TLS handshake is due: those bytes are TLS's."""
+        if self.state is ServerState.TLS:
+            raise RuntimeError("the TLS handshake is due: plaintext bytes are not taken")
         if not data:
             self._eof = True
         elif self.state is not ServerState.DONE:  # after ABORT/DISC input is ignored
@@ -301,11 +339,22 @@ class ServerCore:
     def _after_option(self, event: ServerEvent | None) -> ServerEvent | None:
         if isinstance(event, ServerReady):
             self._goto(S.REQUEST)
+        elif isinstance(event, StartTLS):
+            self._start_tls()
         elif isinstance(event, ClientGone | Closing):
             self._goto(S.DONE)
         else:
             self._goto(S.OPTION)
         return event
+
+    def _start_tls(self) -> None:
+        if len(self._buf):
+            self._haggling.out.clear()  # the ACK is never sent
+            raise ProtocolError(
+                f"the client sent {len(self._buf)} bytes after NBD_OPT_STARTTLS before its "
+                f"reply: they cannot be TLS (the TLS handshake starts after the reply)"
+            )
+        self._goto(S.TLS)
 
     # --- transmission ---------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ A device's entry holds the same keys with the same (string) values as the
 ``user.blockfuse.*`` attributes of a mount's flat file, plus its ``name``; ``blockfuse
 status`` turns either into the same lines (or the same JSON).  A request is at most
 ``MAX_REQUEST`` bytes and must arrive within ``REQUEST_TIMEOUT`` seconds; at most
-``MAX_CLIENTS`` are served at once (more are closed at once).
+``MAX_CLIENTS`` are served at once (more are closed at once).  A request that is not
+JSON (or nests too deep to parse) gets EINVAL; a failure of ours answering one gets EIO:
+either ends that client only, never the server.
 
 ``ask`` is the client side, for the CLI (blocking: the CLI has no event loop).
 """
@@ -51,6 +53,7 @@ PIVOT_TIMEOUT = 180.0
 by its device, an NBD one by its 30 s request timeout, with retries)."""
 
 Reply = dict[str, Any]
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ControlError(Exception):
@@ -91,13 +94,24 @@ class Control:
             except trio.WouldBlock:
                 return
             try:
-                request = await self._request(stream)
-                reply = await self.answer(request) if request is not None else bad_request()
+                reply = await self._reply_to(stream)
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except STREAM_ERRORS:
                 pass
             finally:
                 self._clients.release()
+
+    async def _reply_to(self, stream: trio.abc.Stream) -> Reply:
+        """The reply to the client's request.  A failure of ours answering it is an error
+        reply: it costs this client, never the server."""
+        try:
+            request = await self._request(stream)
+            return await self.answer(request) if request is not None else bad_request()
+        except STREAM_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("control request failed unexpectedly")
+            return refused(errno.EIO, f"internal error: {exc}")
 
     async def _request(self, stream: trio.abc.Stream) -> Reply | None:
         data = b""
@@ -109,7 +123,7 @@ class Control:
                 data += more
         try:
             request = json.loads(data.partition(b"\n")[0])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         return request if isinstance(request, dict) else None
 

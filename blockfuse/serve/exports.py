@@ -29,7 +29,7 @@ from ..nbd.constants import DEFAULT_MAX_PAYLOAD, TxFlag
 from ..nbd.events import ExportInfo, ServerReady
 from ..sectors import DeviceBytes
 from ..transport.connection import ExportTable
-from .requests import RequestHandler
+from .requests import ReadBuffers, RequestHandler
 
 PREFERRED_BLOCK = 4096
 ALWAYS = (
@@ -95,10 +95,13 @@ class ServeBackend:
     def __init__(self, exports: Sequence[Export]) -> None:
         self.exports = tuple(exports)
         self._by_name = {e.name: e for e in exports}
+        self._buffers = ReadBuffers()
 
     async def table(self) -> ExportTable:
         infos = tuple([await export_info(e) for e in self.exports])
         return ExportTable(infos, self.exports[0].name if self.exports else None)
 
     def open(self, ready: ServerReady, peer: str) -> RequestHandler:
-        return RequestHandler(self._by_name[ready.export.name].bytes, ready.structured)
+        return RequestHandler(
+            self._by_name[ready.export.name].bytes, ready.structured, self._buffers
+        )

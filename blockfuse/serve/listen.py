@@ -7,7 +7,8 @@ Addresses as a user writes them (``--socket``, ``--listen``, ``mount --serve``):
     127.0.0.1:10809  [::1]:10809  host:10809     TCP
     :10809  10809                                TCP on 127.0.0.1 (the default host)
 
-A non-loopback address must be written out, and draws a warning: there is no TLS yet.
+A non-loopback address must be written out, and draws a warning unless TLS is required
+(``--tls=require``): without it, whoever can reach the address can read and write.
 A Unix socket path that exists is reused only if it is a socket nobody answers on (a
 server that died left it); a live one is refused.
 
@@ -30,6 +31,7 @@ from urllib.parse import quote
 import trio
 
 from ..nbd.constants import DEFAULT_PORT
+from ..nbd.haggling import TLSPolicy
 
 DEFAULT_HOST = "127.0.0.1"
 BACKLOG = 128
@@ -53,13 +55,15 @@ class Address:
             return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def uri(self, export: str = "") -> str:
-        """The NBD URI of ``export`` here (what nbdinfo, qemu and nbdcopy take)."""
+    def uri(self, export: str = "", *, tls: bool = False) -> str:
+        """The NBD URI of ``export`` here (what nbdinfo, qemu and nbdcopy take); ``tls``:
+        the ``nbds`` one."""
         name = quote(export, safe="")
+        s = "s" if tls else ""
         if self.path is not None:
-            return f"nbd+unix:///{name}?socket={quote(os.path.abspath(self.path), safe='/')}"
+            return f"nbd{s}+unix:///{name}?socket={quote(os.path.abspath(self.path), safe='/')}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{name}"
+        return f"nbd{s}://{host}:{self.port}/{name}"
 
     @property
     def loopback(self) -> bool:
@@ -89,13 +93,20 @@ def parse_address(text: str) -> Address:
     return Address(host=host or DEFAULT_HOST, port=int(port))
 
 
-def tls_warning(address: Address) -> str | None:
-    """The warning for serving ``address`` without TLS, if it reaches beyond this host."""
-    if address.loopback:
+def tls_warning(address: Address, tls: TLSPolicy = TLSPolicy.OFF) -> str | None:
+    """The warning for serving ``address`` with the TLS policy ``tls``, if it reaches
+    beyond this host and TLS is not required."""
+    if address.loopback or tls is TLSPolicy.REQUIRE:
         return None
+    if tls is TLSPolicy.ON:
+        return (
+            f"warning: serving on {address} with TLS optional (--tls=on): a client that does "
+            f"not ask for TLS is served in plaintext, so anyone who can reach it can read and "
+            f"write the exported devices (--tls=require refuses plaintext)"
+        )
     return (
         f"warning: serving on {address} without TLS: anyone who can reach it can read and "
-        f"write the exported devices"
+        f"write the exported devices (--tls=require --tls-certificates DIR encrypts)"
     )
 
 

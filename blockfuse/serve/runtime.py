@@ -23,8 +23,10 @@ import trio
 from ..block import FlushCursor
 from ..lifecycle import Shutdown, flush_and_close, watch_signals
 from ..malloc import keep_request_buffers
+from ..nbd.haggling import TLSPolicy
 from ..transport.connection import Limits
 from ..transport.server import NBDServer
+from ..transport.tlsserver import ServerTLS
 from .control import Control
 from .exports import Export, ServeBackend
 from .listen import Listening
@@ -66,10 +68,12 @@ async def running(
     listing: bool = True,
     limits: Limits | None = None,
     grace: float = GRACE,
+    tls: ServerTLS | None = None,
 ) -> AsyncIterator[Serving]:
     """Serve ``exports`` on ``listening`` (and answer on ``control``, one listener) for
-    the body; the server is stopped when the body ends, and the socket files removed."""
-    server = NBDServer(ServeBackend(exports), listing=listing, limits=limits)
+    the body; the server is stopped when the body ends, and the socket files removed.
+    ``tls``: the TLS policy and certificates (none: no TLS)."""
+    server = NBDServer(ServeBackend(exports), listing=listing, limits=limits, tls=tls)
     failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -95,9 +99,17 @@ async def running(
 
 
 def server_facts(server: NBDServer, listening: Listening) -> Callable[[], dict[str, object]]:
+    policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
+
     def now() -> dict[str, object]:
-        uris = [a.uri() for a in listening.addresses]
-        return {"listening": uris, "connections": server.connections, "served": server.served}
+        uris = [a.uri(tls=policy is TLSPolicy.REQUIRE) for a in listening.addresses]
+        return {
+            "listening": uris,
+            "tls": policy.value,
+            "connections": server.connections,
+            "served": server.served,
+            "clients": server.clients(),
+        }
 
     return now
 
@@ -111,6 +123,7 @@ async def serve_exports(
     listing: bool = True,
     on_ready: Callable[[], None] | None = None,
     grace: float = GRACE,
+    tls: ServerTLS | None = None,
 ) -> list[str]:
     """Serve until a signal, stop, then flush and close every device; the problems met
     while flushing, one line each (empty when all went well)."""
@@ -119,12 +132,17 @@ async def serve_exports(
     cursors = [FlushCursor(e.bytes.device) for e in exports]
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals, shutdown)
-        async with running(exports, listening, control, listing=listing, grace=grace) as serving:
-            shutdown.on_hurry(serving.hurry)
-            if on_ready is not None:
-                on_ready()
-            await shutdown.requested.wait()
-        with trio.CancelScope(shield=True):
-            problems = await flush_and_close([(e.name, e.bytes.device) for e in exports], cursors)
+        try:
+            async with running(
+                exports, listening, control, listing=listing, grace=grace, tls=tls
+            ) as serving:
+                shutdown.on_hurry(serving.hurry)
+                if on_ready is not None:
+                    on_ready()
+                await shutdown.requested.wait()
+        finally:  # however the serving ended, the devices are flushed and closed
+            with trio.CancelScope(shield=True):
+                devices = [(e.name, e.bytes.device) for e in exports]
+                problems = await flush_and_close(devices, cursors)
         nursery.cancel_scope.cancel()
     return problems

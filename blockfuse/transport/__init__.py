@@ -1,8 +1,9 @@
 """trio glue for NBD: it only moves bytes between sockets and the sans-io cores.
 
 The client: ``client.py`` (one connection), ``connect.py`` (the entry points),
-``reconnect.py``, ``sender.py``, ``watchdog.py``.  The server: ``server.py`` (accepting,
-shutdown), ``connection.py`` (one client), ``budget.py`` (what clients may make it hold).
+``reconnect.py``, ``sender.py``, ``watchdog.py``, ``tls.py``.  The server: ``server.py``
+(accepting, shutdown), ``connection.py`` (one client), ``budget.py`` (what clients may
+make it hold), ``writer.py`` (its replies), ``tlsserver.py`` (its TLS).
 """
 
 from .client import NBDClient

@@ -6,20 +6,29 @@ Invariants:
 
 - Only the reader feeds the core and reads the socket.  Before it reads on, it reserves
   what the request it just got needs (``budget.py``): a slot of the connection's, and
-  the request's bytes of the connection's budget and of the server's.  A client that
+  the request's bytes of the connection's budget and of the server's; a request it
+  refuses holds a slot too, until its refusal is written.  A client that
   sends faster than its requests are answered is held back by TCP: the connection holds
   at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
 - Each request runs in a task of the connection's nursery and sends its reply when it
   is done, so replies leave in the order requests complete.  Messages are written whole
   and in the order they were handed over, never cut or interleaved (``writer.py``); a
-  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped.
-- The handshake must end within ``Limits.handshake_timeout`` seconds.
+  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped, and
+  so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds after
+  its room was reserved (it holds budget that other clients may be waiting for).
+- The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
+  after STARTTLS and the writing of every reply included (``tlsserver.py``).  From the
+  TLS handshake on, the connection reads and writes the TLS stream only (never the
+  socket's fd again), and the core reads nothing the client sent before STARTTLS's ACK
+  left as TLS (``nbd/server.py``).
 - How a connection ends: after NBD_CMD_DISC the requests in flight are answered, then
   it closes.  A protocol violation, the client closing, a stall or a broken stream end
   it at once: the requests in flight are cancelled (as a device call may be) and the
   socket closed, a hard disconnect, which the spec asks for; no other connection is
   touched.  While the server shuts down, new requests get ESHUTDOWN (new options
-  ERR_SHUTDOWN) and the connection closes once nothing is in flight.
+  ERR_SHUTDOWN) and the connection closes once nothing is in flight; when it hurries,
+  the connection is cancelled and a reply being written is cut off ``HURRIED_WRITE``
+  seconds later, so a client that does not read cannot hold the shutdown.
 - Nothing leaves ``run`` but cancellation; why the connection ended is logged.
 """
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,21 +48,26 @@ from ..errors import BlockError, ProtocolError
 from ..nbd.constants import Cmd
 from ..nbd.events import (
     NEED_DATA,
+    START_TLS,
     ClientGone,
     Closing,
     ExportInfo,
+    NeedData,
     PayloadComing,
     PeerClosed,
     Reply,
     Request,
     RequestRefused,
+    ServerEvent,
     ServerReady,
     ServerReply,
 )
+from ..nbd.haggling import TLSPolicy
 from ..nbd.server import ServerCore
 from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS
+from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
 from .writer import MessageWriter
 
 log = logging.getLogger(__name__)
@@ -60,6 +75,8 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 1 << 17
 BURST = 16
 CLOSE_TIMEOUT = 5.0
+HURRIED_WRITE = 2.0
+"""Seconds a reply being written still gets once the server hurries to shut down."""
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -78,6 +95,11 @@ class Handler(Protocol):
     async def handle(self, request: Request) -> ServerReply:
         """The reply to ``request``; a device's error becomes an error reply, so this
         raises nothing but cancellation (which may leave a write partly done)."""
+        ...
+
+    def written(self, reply: ServerReply) -> None:
+        """``reply`` (one of ``handle``'s) has been written, or never will be: nothing
+        reads its buffers any more."""
         ...
 
 
@@ -100,6 +122,8 @@ class Limits:
 
     handshake_timeout: float = 10.0
     send_timeout: float = 60.0
+    payload_timeout: float = 30.0
+    """Seconds a WRITE's payload may take to arrive once room for it is reserved."""
     requests: int = 16
     """Requests in flight per connection (qemu-nbd's number)."""
     connection_bytes: int = 64 << 20
@@ -120,12 +144,14 @@ class Connection:
         limits: Limits,
         server_budget: ByteBudget,
         listing: bool = True,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.peer = peer
         self._stream = stream
         self._backend = backend
         self._limits = limits
         self._listing = listing
+        self._tls = tls
         sock = getattr(stream, "socket", None)
         self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
         self._view = memoryview(bytearray(RECEIVE_SIZE))
@@ -139,7 +165,10 @@ class Connection:
         self._payload: Reservation | None = None
         self._unanswered = 0
         self.shutting_down = False
+        self._hurried = False
         self.export: str | None = None
+        self.session: TLSSession | None = None
+        """The TLS session, once STARTTLS's handshake succeeded."""
         self.why = "served"
         """Why the connection ended (for the log)."""
 
@@ -164,12 +193,22 @@ class Connection:
             self.why = str(exc)
         except ProtocolError as exc:
             self._dropped(f"broke the protocol: {exc}")
-        except Stalled as exc:
+        except (Stalled, TLSHandshakeFailed) as exc:
             self._dropped(str(exc))
         except ConnectionLost as exc:
             self.why = str(exc)
         except STREAM_ERRORS as exc:
             self.why = f"connection lost: {exc}"
+
+    def facts(self) -> dict[str, str | None]:
+        """What ``blockfuse status`` shows of this connection (see ``NBDServer.clients``)."""
+        session = self.session
+        return {
+            "peer": self.peer,
+            "export": self.export,
+            "tls": session.version if session is not None else None,
+            "client_certificate": session.client if session is not None else None,
+        }
 
     def _dropped(self, why: str) -> None:
         """The client misbehaved (a violation, a stall): say so once, in one line."""
@@ -180,6 +219,14 @@ class Connection:
         """End the connection now (requests in flight are cancelled)."""
         self.why = why
         self._scope.cancel()
+
+    def hurry(self, why: str) -> None:
+        """``cancel``, and a reply being written gets ``HURRIED_WRITE`` seconds more: a
+        client that does not take it then is dropped mid-reply."""
+        self._hurried = True
+        deadline = trio.current_time() + HURRIED_WRITE
+        self._writer.cut_off_at(deadline, f"{self.peer} did not take its replies in time")
+        self.cancel(why)
 
     def shut_down(self) -> None:
         """The server is going away: ESHUTDOWN from now on, and close once idle."""
@@ -199,19 +246,32 @@ class Connection:
 
     async def _handshake(self) -> ServerReady | None:
         table = await self._backend.table()
-        core = ServerCore(table.exports, default=table.default, listing=self._listing)
+        policy = self._tls.policy if self._tls is not None else TLSPolicy.OFF
+        core = ServerCore(table.exports, default=table.default, listing=self._listing, tls=policy)
         self._core = core
         if self.shutting_down:
             core.shut_down()
         timeout = self._limits.handshake_timeout
-        with trio.move_on_after(timeout):
-            return await self._haggle(core)
-        self._dropped(f"no handshake within {timeout:g} s")
+        deadline = trio.current_time() + timeout
+        why = f"no handshake within {timeout:g} s"
+        self._cut_off_writes(deadline, why)  # its replies too must be out by then
+        with trio.move_on_at(deadline):
+            ready = await self._haggle(core)
+            self._cut_off_writes(math.inf, "")
+            return ready
+        self._dropped(why)
         return None
+
+    def _cut_off_writes(self, deadline: float, why: str) -> None:
+        """Writes end by ``deadline`` (``math.inf``: no cut-off); a hurry's cut-off stays."""
+        if not self._hurried:
+            self._writer.cut_off_at(deadline, why)
 
     async def _haggle(self, core: ServerCore) -> ServerReady | None:
         while True:
             event = core.next_event()
+            if isinstance(event, ServerReady):  # before its reply leaves (for the status)
+                self.export = event.export.name
             if isinstance(event, ClientGone):  # the ACK of ABORT: the client may not wait
                 with contextlib.suppress(ConnectionLost):
                     await self._writer.write([core.data_to_send()])
@@ -221,13 +281,24 @@ class Connection:
                 await self._writer.write([out])
             if event is NEED_DATA:
                 await self._receive(core)
+            elif event is START_TLS:
+                await self._start_tls(core)
             elif isinstance(event, ServerReady):
-                self.export = event.export.name
                 return event
             else:
                 assert isinstance(event, Closing)
                 self.why = f"closed: {event.reason}"
                 return None
+
+    async def _start_tls(self, core: ServerCore) -> None:
+        """STARTTLS's ACK is out: the TLS handshake, then the TLS stream for the rest."""
+        assert self._tls is not None
+        session = await self._tls.accept(self._stream)
+        self.session = session
+        self._stream = session.stream
+        self._fd = None
+        self._writer.switch_to(session.stream)
+        core.tls_started()
 
     async def _receive(self, core: ServerCore) -> None:
         """Feed the core what the client sent, waiting for it if nothing has come.
@@ -276,18 +347,28 @@ class Connection:
     async def _read_requests(self, core: ServerCore, handler: Handler) -> None:
         while True:
             event = core.next_event()
+            if isinstance(event, PayloadComing):
+                event = await self._take_payload(core, event.length)
             if event is NEED_DATA:
                 await self._receive(core)
-            elif isinstance(event, PayloadComing):
-                self._payload = await self._reserve(event.length)
             elif isinstance(event, Request):
                 await self._dispatch(event, handler)
             elif isinstance(event, RequestRefused):
-                self._release_payload()
-                await self._answer_now(Reply(event.cookie, event.error, event.message))
+                await self._refuse(Reply(event.cookie, event.error, event.message))
             else:
                 assert isinstance(event, ClientGone)
                 return
+
+    async def _take_payload(self, core: ServerCore, length: int) -> ServerEvent | NeedData:
+        """Room for a WRITE's payload, then the payload, whole within the payload timeout
+        (else ``Stalled``: it holds budget other clients wait for); the event after it."""
+        self._payload = await self._reserve(length)
+        timeout = self._limits.payload_timeout
+        with trio.move_on_after(timeout):
+            while (event := core.next_event()) is NEED_DATA:
+                await self._receive(core)
+            return event
+        raise Stalled(f"the payload of a {length}-byte WRITE did not come within {timeout:g} s")
 
     async def _reserve(self, n: int) -> Reservation:
         reservation = Reservation(self._slots, self._budgets)
@@ -301,10 +382,7 @@ class Connection:
 
     async def _dispatch(self, req: Request, handler: Handler) -> None:
         if self.shutting_down:
-            self._release_payload()
-            await self._answer_now(
-                Reply(req.cookie, errno.ESHUTDOWN, "the server is shutting down")
-            )
+            await self._refuse(Reply(req.cookie, errno.ESHUTDOWN, SHUTTING_DOWN))
             return
         reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
         self._payload = None
@@ -321,22 +399,31 @@ class Connection:
         except BaseException:  # cancelled: the connection is ending, nothing is sent
             self._answered(reservation)
             raise
+        await self._send(reply, reservation, handler)
+
+    async def _refuse(self, reply: Reply) -> None:
+        """A reply from the reader itself, after those queued before it.  It holds a slot
+        until it is written, as a request does, so that refusals a client does not read
+        hold the reader back instead of piling up."""
+        self._release_payload()
+        reservation = await self._reserve(0)
+        self._unanswered += 1
         await self._send(reply, reservation)
 
-    async def _answer_now(self, reply: ServerReply) -> None:
-        """A reply from the reader itself (a refusal), after those queued before it."""
-        self._unanswered += 1
-        await self._send(reply, None)
-
-    async def _send(self, reply: ServerReply, reservation: Reservation | None) -> None:
-        """Hand the reply to the writer; its reservation is given back once it is out."""
+    async def _send(
+        self, reply: ServerReply, reservation: Reservation | None, handler: Handler | None = None
+    ) -> None:
+        """Hand the reply to the writer; its reservation is given back once it is out
+        (and its buffers to ``handler``)."""
         assert self._core is not None
+
+        def written() -> None:
+            self._answered(reservation)
+            if handler is not None:
+                handler.written(reply)
+
         try:
-            await self._writer.write(
-                self._core.send(reply),
-                lambda: self._answered(reservation),
-                batch=self._unanswered > 1,
-            )
+            await self._writer.write(self._core.send(reply), written, batch=self._unanswered > 1)
         except Stalled as exc:
             self._dropped(str(exc))
             self._scope.cancel()

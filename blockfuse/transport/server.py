@@ -27,6 +27,7 @@ import trio
 
 from .budget import ByteBudget
 from .connection import Backend, Connection, Limits
+from .tlsserver import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,20 @@ Listener = trio.abc.Listener[trio.abc.Stream]
 
 class NBDServer:
     def __init__(
-        self, backend: Backend, *, listing: bool = True, limits: Limits | None = None
+        self,
+        backend: Backend,
+        *,
+        listing: bool = True,
+        limits: Limits | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self._backend = backend
         self._listing = listing
+        self.tls = tls
         self.limits = limits or Limits()
         self._budget = ByteBudget(self.limits.server_bytes)
-        self._connections: set[Connection] = set()
+        self._connections: dict[Connection, None] = {}
+        """The connections being served, oldest first (a dict as an ordered set)."""
         self._numbers = itertools.count(1)
         self._accepting = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -57,6 +65,11 @@ class NBDServer:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+    def clients(self) -> list[dict[str, str | None]]:
+        """Each connection, oldest first: its peer, its export (once opened), its TLS
+        version and the client certificate's subject (when verified); nothing secret."""
+        return [conn.facts() for conn in self._connections]
 
     async def serve(
         self,
@@ -81,16 +94,17 @@ class NBDServer:
             limits=self.limits,
             server_budget=self._budget,
             listing=self._listing,
+            tls=self.tls,
         )
         if self.shutting_down:
             conn.shut_down()
-        self._connections.add(conn)
+        self._connections[conn] = None
         try:
             await conn.run()
         except Exception:  # a bug of ours: it costs this connection, not every other one
             log.exception("NBD connection of %s failed unexpectedly and was closed", conn.peer)
         finally:
-            self._connections.discard(conn)
+            self._connections.pop(conn, None)
             if self.shutting_down and not self._connections:
                 self._all_closed.set()
 
@@ -133,9 +147,10 @@ class NBDServer:
             self._all_closed.set()
 
     def hurry(self) -> None:
-        """End every connection now (the requests in flight are cancelled)."""
+        """End every connection now (the requests in flight are cancelled, a reply being
+        written is cut off soon after: ``Connection.hurry``)."""
         for conn in list(self._connections):
-            conn.cancel("closed: the server shut down before its requests were answered")
+            conn.hurry("closed: the server shut down before its requests were answered")
 
     async def shutdown(self, grace: float) -> None:
         """``begin_shutdown``, then wait ``grace`` seconds at most for the connections to

@@ -16,11 +16,14 @@ clear they never will.  The owner hands over nothing: the stream is free only wh
 queue is empty, so no newcomer can start a message while another is half written (a
 hand-over to a waiting task once let one in).  A write that cannot go out at once is
 shielded from cancellation (half a message cannot be taken back) and bounded instead:
-a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``).
+a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``),
+and so does the cut-off (``cut_off_at``: a deadline the connection sets when it must end
+soon whatever its client reads, as when the server hurries to shut down).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import trio
@@ -28,6 +31,32 @@ import trio
 from ..errors import BlockError
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS, Part, write_without_blocking
+
+COALESCE = 64 << 10
+"""Parts smaller than this are joined before a stream that is not a socket gets them:
+over TLS every ``send_all`` is a TLS record of its own and a trip through trio's
+``SSLStream`` (a 1 MiB READ reply was three: its 20-byte header, its 8-byte offset, its
+data; 16 small replies written together were 32)."""
+
+
+def coalesced(parts: list[Part], limit: int = COALESCE) -> list[Part]:
+    """``parts`` with each run of small ones (together under ``limit`` bytes) joined into
+    one; large parts are passed on as they are (no copy)."""
+    out: list[Part] = []
+    run: list[Part] = []
+    size = 0
+    for part in parts:
+        if run and (len(part) >= limit or size + len(part) > limit):
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, size = [], 0
+        if len(part) >= limit:
+            out.append(part)
+        else:
+            run.append(part)
+            size += len(part)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 class MessageWriter:
@@ -41,6 +70,23 @@ class MessageWriter:
         self._busy = False
         self._queue: list[tuple[Sequence[Part], Callable[[], None]]] = []
         self._broken: BlockError | None = None
+        self._cut_off = math.inf
+        self._cut_off_why = ""
+        self._shield: trio.CancelScope | None = None
+
+    def switch_to(self, stream: trio.abc.Stream) -> None:
+        """Write to ``stream`` from now on, through ``send_all`` (the TLS stream after
+        STARTTLS); only between messages."""
+        assert not self._busy and not self._queue
+        self._stream, self._fd = stream, None
+
+    def cut_off_at(self, deadline: float, why: str) -> None:
+        """Writes end at ``deadline`` (trio time) whatever they are in the middle of, the
+        one under way too: the stream is then broken (``Stalled(why)``).  ``math.inf``
+        lifts the cut-off."""
+        self._cut_off, self._cut_off_why = deadline, why
+        if self._shield is not None:
+            self._shield.deadline = deadline
 
     async def write(
         self, parts: Sequence[Part], on_written: Callable[[], None] = lambda: None, *,
@@ -71,8 +117,7 @@ class MessageWriter:
         try:
             rest = self._write_now([part for parts, _ in messages for part in parts])
             if rest:
-                with trio.CancelScope(shield=True):
-                    await self._write(rest)
+                await self._write_shielded(rest)
         except BlockError as exc:
             self._broken = exc
             for _, done in self._queue:  # nobody will write them now
@@ -84,13 +129,25 @@ class MessageWriter:
                 done()
 
     def _write_now(self, parts: list[Part]) -> list[Part]:
-        """What the socket takes at once (no await: the common case); what is left."""
+        """What the socket takes at once (no await: the common case); what is left.  A
+        stream that is not a socket (TLS) gets the small parts joined (``coalesced``)."""
         if self._fd is None:
-            return parts
+            return coalesced(parts)
         try:
             return write_without_blocking(self._fd, parts)
         except OSError as exc:
             raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
+
+    async def _write_shielded(self, parts: list[Part]) -> None:
+        """``parts`` whole even if the caller is cancelled, unless the cut-off comes."""
+        with trio.CancelScope(shield=True, deadline=self._cut_off) as shield:
+            self._shield = shield
+            try:
+                await self._write(parts)
+            finally:
+                self._shield = None
+        if shield.cancelled_caught:
+            raise Stalled(self._cut_off_why)
 
     async def _write(self, parts: list[Part]) -> None:
         try:
