@@ -176,3 +176,75 @@ def test_receive_header_says_what_receive_data_says(
     split = [stream[:cut], stream[cut:]]
     generic = outcome(in_flight(structured), split, lean=None)
     assert outcome(in_flight(structured), split, lean=0) == generic
+
+
+# --- receive_whole: a whole reply at once, or nothing changed -----------------------------
+
+WHOLE = st.sampled_from(
+    [
+        (1, data_chunk(1, 4096, b"a" * 1024)),  # the whole READ in one chunk: taken
+        (1, data_chunk(1, 4096, b"a" * 1024, 0)),  # no DONE: not whole
+        (1, data_chunk(1, 4608, b"a" * 512)),  # not from the start
+        (1, data_chunk(1, 4096, b"a" * 512)),  # short
+        (1, data_chunk(3, 0, b"d" * 512)),  # another call's
+        (1, simple(1) + b"s" * 1024),  # simple, with the data: taken
+        (1, simple(1, errno.EIO)),  # an error: taken
+        (1, chunk(1, c.Chunk.NONE, b"")),  # a READ ended with no data: refused later
+        (1, chunk(1, c.Chunk.ERROR, c.ERROR_HEADER.pack(errno.EIO, 1) + b"x")),
+        (1, chunk(1, c.Chunk.OFFSET_HOLE, c.HOLE.pack(4096, 1024))),
+        (2, simple(2)),  # FLUSH: taken
+        (2, chunk(2, c.Chunk.NONE, b"")),  # taken
+        (2, chunk(2, c.Chunk.NONE, b"", 0)),  # no DONE: refused later
+        (2, simple(3)),  # another cookie
+        (4, chunk(4, c.Chunk.NONE, b"")),  # BLOCK_STATUS needs its status chunk
+        (4, simple(4)),  # a BLOCK_STATUS's simple reply
+        (1, c.SIMPLE_REPLY.pack(0x12345678, 0, 1)),
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(WHOLE, st.booleans(), st.integers(0, 4))
+def test_receive_whole_takes_a_whole_reply_or_nothing(
+    case: tuple[int, bytes], structured: bool, short: int
+) -> None:
+    """What ``receive_whole`` takes, ``receive_data`` reads as that one reply and its data;
+    what it leaves, it leaves untouched."""
+    cookie, reply = case
+    size = ClientTransmission(negotiated(structured)).header_size(c.Cmd.READ)
+    head = 16 if reply[:4] == c.U32.pack(c.SIMPLE_REPLY_MAGIC) else min(len(reply), size)
+    if cookie != 1:
+        head = 16 if reply[:4] == c.U32.pack(c.SIMPLE_REPLY_MAGIC) else 20
+    data = len(reply) - head - short if len(reply) - head >= short else len(reply) - head
+
+    tx = in_flight(structured)
+    tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)  # cookie 4
+    done = tx.receive_whole(reply[:head], cookie, data)
+    generic = in_flight(structured)
+    generic.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    said = outcome(generic, [reply[: head + data]], lean=None)
+    if done is None:
+        assert tx.at_rest and tx.in_flight == 4
+        assert outcome(tx, [reply[: head + data]], lean=None) == said
+    else:
+        assert tx.in_flight == 3 and tx.at_rest and tx.next_event() is NEED_DATA
+        payload = [e for e in said if isinstance(e, list)]
+        assert said[-1] == done and all(isinstance(e, list) for e in said[:-1])
+        assert b"".join(p[2] for p in payload) == reply[head : head + data]
+
+
+@pytest.mark.parametrize(
+    ("structured", "cookie", "reply", "head"),
+    [
+        (True, 1, data_chunk(1, 4096, b"a" * 1024), 28),
+        (False, 1, simple(1) + b"s" * 1024, 16),
+        (True, 1, simple(1, errno.EIO), 16),
+        (True, 2, simple(2), 16),
+        (True, 2, chunk(2, c.Chunk.NONE, b""), 20),
+    ],
+)
+def test_receive_whole_takes_these(structured: bool, cookie: int, reply: bytes, head: int) -> None:
+    tx = in_flight(structured)
+    error = errno.EIO if reply == simple(1, errno.EIO) else 0
+    assert tx.receive_whole(reply[:head], cookie, len(reply) - head) == Done(cookie, error)
+    assert tx.in_flight == 2 and tx.at_rest

@@ -47,6 +47,7 @@ from .chunks import (
 from .constants import (
     BASE_ALLOCATION,
     CHUNK_HEADER,
+    DATA_CHUNK_HEADER,
     DEFAULT_MAX_PAYLOAD,
     HOLE,
     NO_CMD_FLAGS,
@@ -229,7 +230,7 @@ class ClientTransmission:
     @property
     def at_rest(self) -> bool:
         """Between two replies with nothing buffered: the next bytes begin a reply."""
-        return self.state is ReplyState.HEADER and not len(self._buf) and self._ready is None
+        return self.state is ReplyState.HEADER and not self._buf.size and self._ready is None
 
     def header_size(self, cmd: Cmd) -> int:
         """The bytes that begin a reply to ``cmd`` when it is the usual one: a simple
@@ -262,6 +263,49 @@ class ClientTransmission:
         except ProtocolError:
             self.state = ReplyState.BROKEN
             raise
+
+    def receive_whole(
+        self, raw: bytes | bytearray | memoryview, cookie: int, data: int
+    ) -> Done | None:
+        """The lean path's best case, without any state on the way: ``raw`` (at rest) is
+        exactly the header of a reply that answers ``cookie`` whole, and the ``data``
+        bytes after it are its payload, already where they belong: a simple reply (a
+        successful READ's with all its data), a single data chunk with DONE covering the
+        whole READ, or a NONE chunk ending anything but a READ or BLOCK_STATUS.  Returns
+        that reply's ``Done`` (the request is no longer in flight); ``None`` when it is
+        not such a reply, having changed nothing (``receive_header`` then says what it is).
+        """
+        pending = self._pending.get(cookie)
+        if pending is None or pending.chunked or self.state is not ReplyState.HEADER:
+            return None
+        if self._buf.size or self._ready is not None:
+            return None
+        size = len(raw)
+        if size == DATA_CHUNK_HEADER.size:
+            magic, flags, ctype, got, length, offset = DATA_CHUNK_HEADER.unpack(raw)
+            whole = magic == STRUCTURED_REPLY_MAGIC and ctype == Chunk.OFFSET_DATA
+            whole = whole and pending.cmd is Cmd.READ and offset == pending.offset
+            whole = whole and length - U64.size == pending.length == data
+        elif size == SIMPLE_REPLY.size:
+            magic, error, got = SIMPLE_REPLY.unpack(raw)
+            wanted = pending.length if pending.cmd is Cmd.READ and not error else 0
+            if magic == SIMPLE_REPLY_MAGIC and got == cookie and data == wanted:
+                return self._whole(cookie, wire_errno(error) if error else 0)
+            return None
+        elif size == CHUNK_HEADER.size:
+            magic, flags, ctype, got, length = CHUNK_HEADER.unpack(raw)
+            whole = magic == STRUCTURED_REPLY_MAGIC and ctype == Chunk.NONE
+            whole = whole and length == data == 0
+            whole = whole and pending.cmd not in (Cmd.READ, Cmd.BLOCK_STATUS)
+        else:
+            return None
+        if not whole or got != cookie or not flags & REPLY_FLAG_DONE or not self.structured:
+            return None
+        return self._whole(cookie, 0)
+
+    def _whole(self, cookie: int, error: int) -> Done:
+        del self._pending[cookie]
+        return Done(cookie, error)
 
     def _lean_chunk(self, raw: bytes | bytearray | memoryview) -> None:
         flags, ctype, cookie, length = CHUNK_HEADER.unpack_from(raw)[1:]
