@@ -1,53 +1,56 @@
 #!/usr/bin/env python3
-"""Read throughput of our NBD client vs libnbd's Python binding vs nbdcopy, in one run.
+"""Our NBD client vs libnbd's Python binding, side by side on one server, interleaved.
 
-Serves ``nbdkit memory SIZE`` on a Unix socket (unwritten memory reads as zeroes; nbdkit
-still sends every byte as data) and measures, each client in turn on the same server:
+The server is ``nbdkit file`` over an image of random bytes on tmpfs (/dev/shm: held in
+memory, which this VM cannot page out, unlike page cache).  Each job runs each client
+in a process of its own, for ``--seconds``, in an order rotated every round; a process
+measures its own CPU time over the timed loop (/proc/self/task/*/schedstat, every
+thread), so the client's CPU µs per request is printed next to its rate.  The table
+gives, per job, the medians over rounds of each client's rate, of the per-round ratio
+ours / libnbd, and of CPU µs per request.
 
-- sequential reads of SIZE with 1 MiB and with 128 KiB requests;
-- 4 KiB reads at random aligned offsets for a fixed time.
+- ``rand 4K qd1``: 4 KiB reads at random aligned offsets, one in flight (libnbd's
+  synchronous ``pread``; ours, one trio task calling ``pread``).
+- ``rand 4K qd16``: the same with 16 in flight (libnbd: ``aio_pread`` on 16 buffers,
+  ``poll`` and ``aio_peek_command_completed``; ours: 16 trio tasks).
+- ``seq 1M qd1``: 1 MiB reads one after another, wrapping at the image's end.
 
-Our client runs one request at a time (QD1, like libnbd's synchronous ``pread``) and with
-16 requests in flight (QD16).  nbdcopy (``--no-extents URI null:``) is the C reference for
-the sequential rows only.  The machine is shared, so every client runs ``--rounds`` times,
-interleaved, and the best of each is kept.  Prints MB/s (or IOPS) and the ratio to
-libnbd-python; also the peak RSS, to show that memory stays bounded with many requests
-in flight.
-
-    .venv/bin/python scripts/bench_nbd.py [--size 1G] [--seconds 2] [--rounds 3]
+    .venv/bin/python scripts/bench_nbd.py [--rounds 3] [--seconds 3] [--size 512M]
+        [--tree PATH]   # "ours" from another checkout (a base to compare with)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-import resource
 import shutil
-import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
-import trio
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from blockfuse.nbd.uri import parse_uri
-from blockfuse.transport.client import NBDClient
-from blockfuse.transport.connect import open_nbd_client
-
+HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
+BLOCK = 4096
+JOBS = [("rand 4K qd1", BLOCK, 1, True), ("rand 4K qd16", BLOCK, 16, True),
+        ("seq 1M qd1", MiB, 1, False)]  # fmt: skip
+CLIENTS = ("ours", "libnbd")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", default="1G", help="bytes to read sequentially (default 1G)")
-    p.add_argument("--seconds", type=float, default=2.0, help="time per random-read run")
-    p.add_argument("--rounds", type=int, default=3, help="runs per client; the best counts")
-    return p.parse_args()
+    p.add_argument("--size", default="512M", help="image size (default 512M)")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per job and client")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, in rotated order")
+    p.add_argument("--tree", default=str(HERE.parent), help="checkout whose client is ours")
+    p.add_argument("--child", nargs=5, metavar=("CLIENT", "URI", "BS", "DEPTH", "RANDOM"))
+    return p.parse_args(argv)
 
 
 def size_of(text: str) -> int:
@@ -55,161 +58,203 @@ def size_of(text: str) -> int:
     return int(text[:-1]) << units[text[-1].upper()] if text[-1].isalpha() else int(text)
 
 
-# --- ours ---------------------------------------------------------------------------------
+def cpu_ns_self() -> int:
+    """CPU time of every thread of this process so far, in ns."""
+    total = 0
+    for stat in Path("/proc/self/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
-async def ours_sequential(client: NBDClient, size: int, request: int, depth: int) -> float:
-    offsets = iter(range(0, size, request))
+class Offsets:
+    """Where the next read goes: random aligned blocks, or one after another."""
 
-    async def worker() -> None:
-        buf = memoryview(bytearray(request))
-        for off in offsets:
-            await client.pread(buf, off)
+    def __init__(self, size: int, bs: int, rand: bool, seed: int) -> None:
+        self._blocks = size // bs
+        self._bs = bs
+        self._rand = random.Random(seed) if rand else None
+        self._next = seed * 7919 % self._blocks
 
-    t = time.perf_counter()
-    async with trio.open_nursery() as n:
-        for _ in range(depth):
-            n.start_soon(worker)
-    return time.perf_counter() - t
+    def __call__(self) -> int:
+        if self._rand is not None:
+            return self._rand.randrange(self._blocks) * self._bs
+        self._next = (self._next + 1) % self._blocks
+        return self._next * self._bs
 
 
-async def ours_random(client: NBDClient, size: int, seconds: float, depth: int) -> int:
-    count = 0
-    deadline = time.perf_counter() + seconds
+# --- the clients, each in a process of its own ----------------------------------------------
 
-    async def worker(seed: int) -> None:
-        nonlocal count
-        rng = random.Random(seed)
-        buf = memoryview(bytearray(4096))
-        while time.perf_counter() < deadline:
-            await client.pread(buf, rng.randrange(size // 4096) * 4096)
+
+def child_ours(uri: str, size: int, bs: int, depth: int, rand: bool, seconds: float) -> dict:
+    import trio
+
+    from blockfuse.nbd.uri import parse_uri
+    from blockfuse.transport.connect import open_nbd_client
+
+    async def main() -> dict:
+        async with open_nbd_client(parse_uri(uri)) as client:
+            count = 0
+            stop_at = 0.0
+
+            async def worker(seed: int) -> None:
+                nonlocal count
+                where = Offsets(size, bs, rand, seed)
+                buf = memoryview(bytearray(bs))
+                while time.perf_counter() < stop_at:
+                    await client.pread(buf, where())
+                    count += 1
+
+            await trio.sleep(0.1)  # the reader task started (and parked)
+            cpu, t = cpu_ns_self(), time.perf_counter()
+            stop_at = t + seconds
+            async with trio.open_nursery() as n:
+                for i in range(depth):
+                    n.start_soon(worker, i)
+            return measured(count, bs, time.perf_counter() - t, cpu_ns_self() - cpu)
+
+    return trio.run(main)
+
+
+def child_libnbd(uri: str, size: int, bs: int, depth: int, rand: bool, seconds: float) -> dict:
+    sys.path.append("/usr/lib/python3/dist-packages")
+    import nbd  # type: ignore[import-not-found]
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    where = Offsets(size, bs, rand, 0)
+    cpu, t = cpu_ns_self(), time.perf_counter()
+    stop_at = t + seconds
+    if depth == 1:
+        count = 0
+        while time.perf_counter() < stop_at:
+            h.pread(bs, where())
             count += 1
+    else:
+        count = libnbd_aio(h, nbd.Buffer, where, bs, depth, stop_at)
+    result = measured(count, bs, time.perf_counter() - t, cpu_ns_self() - cpu)
+    h.shutdown()
+    return result
 
-    async with trio.open_nursery() as n:
-        for i in range(depth):
-            n.start_soon(worker, i)
+
+def libnbd_aio(h, buffer, where: Callable[[], int], bs: int, depth: int, stop_at: float) -> int:  # type: ignore[no-untyped-def]
+    bufs = [buffer(bs) for _ in range(depth)]
+    owner = {h.aio_pread(buf, where()): buf for buf in bufs}
+    count = 0
+    while owner:
+        h.poll(-1)
+        while owner and (cookie := h.aio_peek_command_completed()) > 0:
+            h.aio_command_completed(cookie)
+            count += 1
+            buf = owner.pop(cookie)
+            if time.perf_counter() < stop_at:
+                owner[h.aio_pread(buf, where())] = buf
     return count
 
 
-async def run_ours(uri: str, size: int, seconds: float) -> dict[str, float]:
-    out: dict[str, float] = {}
-    async with open_nbd_client(parse_uri(uri)) as client:
-        for depth in (1, 16):
-            for request in (MiB, 128 << 10):
-                elapsed = await ours_sequential(client, size, request, depth)
-                out[f"seq {request >> 10}K QD{depth}"] = size / elapsed / 1e6
-            out[f"rand 4K QD{depth}"] = await ours_random(client, size, seconds, depth) / seconds
-    return out
+def measured(count: int, bs: int, seconds: float, cpu: int) -> dict:
+    return {"rate": count / seconds, "mbs": count * bs / seconds / 1e6, "cpu_us": cpu / 1e3 / count}
 
 
-# --- references ---------------------------------------------------------------------------
+def run_child(args: argparse.Namespace) -> None:
+    client, uri, bs, depth, rand = args.child
+    run = child_ours if client == "ours" else child_libnbd
+    out = run(uri, size_of(args.size), int(bs), int(depth), rand == "1", args.seconds)
+    if client == "ours":
+        import blockfuse
+
+        out["tree"] = str(Path(blockfuse.__file__).parent.parent)
+    print(json.dumps(out))
 
 
-def run_libnbd(uri: str, size: int, seconds: float) -> dict[str, float]:
-    sys.path.append("/usr/lib/python3/dist-packages")
+def one(args: argparse.Namespace, client: str, uri: str, job: tuple) -> dict:
+    _, bs, depth, rand = job
+    cmd = [sys.executable, __file__, "--size", args.size, "--seconds", str(args.seconds),
+           "--child", client, uri, str(bs), str(depth), "1" if rand else "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": args.tree}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    if out.returncode:
+        sys.exit(f"{client} {job[0]} failed:\n{out.stderr}")
+    result: dict = json.loads(out.stdout.splitlines()[-1])
+    if client == "ours" and Path(result["tree"]) != Path(args.tree).resolve():
+        sys.exit(f"ours ran from {result['tree']}, not {args.tree}")
+    return result
+
+
+# --- the server and the report --------------------------------------------------------------
+
+
+@contextmanager
+def image(size: int) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="bf-bench-", dir="/dev/shm"))
+    path = d / "disk.img"
+    with open(path, "wb") as f:
+        for _ in range(0, size, 16 * MiB):
+            f.write(os.urandom(min(16 * MiB, size)))
+        f.truncate(size)
     try:
-        import nbd  # type: ignore[import-not-found]
-    except ImportError:
-        print("libnbd python binding not found (apt-get install python3-libnbd)")
-        return {}
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    out: dict[str, float] = {}
-    for request in (MiB, 128 << 10):
-        t = time.perf_counter()
-        for off in range(0, size, request):
-            h.pread(request, off)
-        out[f"seq {request >> 10}K QD1"] = size / (time.perf_counter() - t) / 1e6
-    rng = random.Random(0)
-    count, deadline = 0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        h.pread(4096, rng.randrange(size // 4096) * 4096)
-        count += 1
-    out["rand 4K QD1"] = count / seconds
-    h.shutdown()
-    return out
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def run_nbdcopy(uri: str, size: int) -> dict[str, float]:
-    if not shutil.which("nbdcopy"):
-        return {}
-    out: dict[str, float] = {}
-    for request in (MiB, 128 << 10):
-        t = time.perf_counter()
-        subprocess.run(
-            ["nbdcopy", "--no-extents", f"--request-size={request}", uri, "null:"],
-            check=True,
-            timeout=300,
-        )
-        out[f"seq {request >> 10}K"] = size / (time.perf_counter() - t) / 1e6
-    return out
-
-
-# --- report -------------------------------------------------------------------------------
-
-
-def row(name: str, value: float | None, ref: float | None, unit: str) -> str:
-    shown = f"{value:10.0f} {unit}" if value is not None else f"{'n/a':>10} {unit}"
-    ratio = f"{value / ref:5.2f}x" if value and ref else "    -"
-    return f"  {name:<30}{shown}   {ratio}"
-
-
-def report(ours: dict[str, float], lib: dict[str, float], copy: dict[str, float]) -> None:
-    print("\nratio = value / libnbd-python (synchronous pread, one request at a time)")
-    for test, unit in (("seq 1024K", "MB/s"), ("seq 128K", "MB/s"), ("rand 4K", "IOPS")):
-        ref = lib.get(f"{test} QD1")
-        print(f"{test} reads:")
-        print(row("libnbd-python pread", ref, ref, unit))
-        print(row("ours QD1", ours.get(f"{test} QD1"), ref, unit))
-        print(row("ours QD16", ours.get(f"{test} QD16"), ref, unit))
-        if test in copy:
-            print(row("nbdcopy (default parallelism)", copy[test], ref, unit))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS of this process: {rss:.0f} MiB")
-
-
-def best(into: dict[str, float], new: dict[str, float]) -> None:
-    for key, value in new.items():
-        into[key] = max(into.get(key, 0.0), value)
-
-
-def with_server(size: int, body: Callable[[str], None]) -> None:
-    d = tempfile.mkdtemp(prefix="bf-bench-")
-    sock = os.path.join(d, "nbd.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(size)])
+@contextmanager
+def nbdkit(path: Path) -> Iterator[str]:
+    d = Path(tempfile.mkdtemp(prefix="bf-sock-", dir="/tmp"))
+    sock, pidfile = d / "nbd.sock", d / "pid"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), "file",
+                             str(path)])  # fmt: skip
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not pidfile.exists():
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("nbdkit did not start")
+                sys.exit("nbdkit did not start")
             time.sleep(0.02)
-        time.sleep(0.1)
-        body(f"nbd+unix:///?socket={sock}")
+        yield f"nbd+unix:///?socket={sock}"
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.terminate()
         proc.wait(10)
         shutil.rmtree(d, ignore_errors=True)
 
 
-def main() -> None:
-    args = parse_args()
-    size = size_of(args.size)
-    print(
-        f"nbdkit memory {args.size} over a Unix socket; {os.cpu_count()} CPUs; "
-        f"best of {args.rounds} rounds"
-    )
+def report(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> None:
+    print(f"nbdkit file on tmpfs ({args.size}), Unix socket; {args.seconds:g} s per job, "
+          f"{args.rounds} rounds (rotated order); medians; ours from {args.tree}")  # fmt: skip
+    print(f"{'job':<14}{'ours':>12}{'libnbd':>12}{'ours/libnbd':>13}"
+          f"{'ours µs/req':>13}{'libnbd µs/req':>15}")  # fmt: skip
+    for label, bs, _, _ in JOBS:
+        key, unit = ("mbs", " MB/s") if bs >= MiB else ("rate", " IOPS")
+        ratios = per_round(results, label, key)
+        med = {n: statistics.median(x[key] for x in results[(label, n)]) for n in CLIENTS}
+        cpu = {n: statistics.median(x["cpu_us"] for x in results[(label, n)]) for n in CLIENTS}
+        print(f"{label:<14}{med['ours']:>7.0f}{unit}{med['libnbd']:>7.0f}{unit}"
+              f"{statistics.median(ratios):>12.2f}x"
+              f"{cpu['ours']:>13.1f}{cpu['libnbd']:>15.1f}")  # fmt: skip
+        print(f"{'':<14}per-round ratios: " + " ".join(f"{r:.2f}" for r in ratios))
 
-    def body(uri: str) -> None:
-        ours: dict[str, float] = {}
-        lib: dict[str, float] = {}
-        copy: dict[str, float] = {}
-        for _ in range(args.rounds):
-            best(ours, trio.run(run_ours, uri, size, args.seconds))
-            best(lib, run_libnbd(uri, size, args.seconds))
-            best(copy, run_nbdcopy(uri, size))
-        report(ours, lib, copy)
 
-    with_server(size, body)
+def per_round(results: dict[tuple[str, str], list[dict]], label: str, key: str) -> list[float]:
+    pairs = zip(results[(label, "ours")], results[(label, "libnbd")], strict=True)
+    return [ours[key] / lib[key] for ours, lib in pairs]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return run_child(args)
+    results: dict[tuple[str, str], list[dict]] = {}
+    with ExitStack() as stack:
+        path = stack.enter_context(image(size_of(args.size)))
+        uri = stack.enter_context(nbdkit(path))
+        for r in range(args.rounds):
+            order = CLIENTS[r % 2 :] + CLIENTS[: r % 2]
+            for job in JOBS:
+                for client in order:
+                    results.setdefault((job[0], client), []).append(one(args, client, uri, job))
+        report(results, args)
+    return None
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from collections import deque
 class ReceiveBuffer:
     def __init__(self) -> None:
         self._chunks: deque[memoryview] = deque()
-        self._size = 0
+        self.size = 0
+        """Bytes buffered (``len``), as an attribute for the hot paths."""
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -25,11 +26,11 @@ class ReceiveBuffer:
         if not isinstance(data, bytes):
             data = bytes(data)
         self._chunks.append(memoryview(data))
-        self._size += len(data)
+        self.size += len(data)
 
     def take(self, n: int) -> bytes | None:
         """Exactly ``n`` bytes, or ``None`` (nothing consumed) if fewer are buffered."""
-        if self._size < n:
+        if self.size < n:
             return None
         if n == 0:
             return b""
@@ -47,7 +48,7 @@ class ReceiveBuffer:
 
     def peek(self, n: int) -> bytes | None:
         """The first ``n`` bytes without consuming them, or ``None`` if fewer are buffered."""
-        if self._size < n:
+        if self.size < n:
             return None
         if n == 0:
             return b""
@@ -63,7 +64,7 @@ class ReceiveBuffer:
 
     def take_some(self, n: int) -> memoryview | None:
         """Up to ``n`` bytes without copying, or ``None`` if the buffer is empty."""
-        if not self._size or n <= 0:
+        if not self.size or n <= 0:
             return None
         head = self._chunks[0]
         part = min(len(head), n)
@@ -76,4 +77,4 @@ class ReceiveBuffer:
             self._chunks.popleft()
         else:
             self._chunks[0] = head[n:]
-        self._size -= n
+        self.size -= n

@@ -6,7 +6,7 @@ that does not fit the request or the protocol's limit is refused without bufferi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ProtocolError
 from .constants import (
@@ -32,18 +32,32 @@ def wire_errno(value: int) -> int:
     return value if value in Errno._value2member_map_ else Errno.EINVAL
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     cmd: Cmd
     offset: int
     length: int
     error: int = 0
     message: str = ""
-    coverage: Coverage = field(default_factory=Coverage)
-    contexts: set[int] = field(default_factory=set)
-    """Metadata contexts already answered (BLOCK_STATUS: one chunk per context)."""
     chunked: bool = False
     """A structured reply chunk arrived for it: no simple reply may end it then."""
+    _coverage: Coverage | None = None
+    _contexts: set[int] | None = None
+
+    @property
+    def coverage(self) -> Coverage:
+        """What the reply's content chunks covered (made at the first: most replies to
+        a lone request never need it)."""
+        if self._coverage is None:
+            self._coverage = Coverage()
+        return self._coverage
+
+    @property
+    def contexts(self) -> set[int]:
+        """Metadata contexts already answered (BLOCK_STATUS: one chunk per context)."""
+        if self._contexts is None:
+            self._contexts = set()
+        return self._contexts
 
 
 def check_chunk(pending: Pending, ctype: int, length: int, flags: int) -> None:

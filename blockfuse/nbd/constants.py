@@ -214,6 +214,7 @@ U64 = struct.Struct(">Q")
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # a CHUNK_HEADER and an OFFSET_DATA's offset
 HOLE = struct.Struct(">QI")  # offset, size
 ERROR_HEADER = struct.Struct(">IH")  # error, message length
 EXTENT = struct.Struct(">II")  # length, flags

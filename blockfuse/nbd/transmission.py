@@ -47,6 +47,7 @@ from .chunks import (
 from .constants import (
     BASE_ALLOCATION,
     CHUNK_HEADER,
+    DATA_CHUNK_HEADER,
     DEFAULT_MAX_PAYLOAD,
     HOLE,
     NO_CMD_FLAGS,
@@ -226,6 +227,96 @@ class ClientTransmission:
             self._eof = True
         self._buf.feed(data)
 
+    @property
+    def at_rest(self) -> bool:
+        """Between two replies with nothing buffered: the next bytes begin a reply."""
+        return self.state is ReplyState.HEADER and not self._buf.size and self._ready is None
+
+    def header_size(self, cmd: Cmd) -> int:
+        """The bytes that begin a reply to ``cmd`` when it is the usual one: a simple
+        reply's header, or a chunk's header (with a data chunk's offset for a READ)."""
+        if not self.structured:
+            return SIMPLE_REPLY.size
+        return CHUNK_HEADER.size + U64.size if cmd is Cmd.READ else CHUNK_HEADER.size
+
+    def receive_header(self, raw: bytes | bytearray | memoryview) -> None:
+        """``receive_data(raw)`` for bytes that begin a reply (``at_rest``), parsed in
+        place when they are exactly one simple reply header or one chunk header (a data
+        chunk's with its offset): the lean path of a request read by its caller.
+
+        The checks are the ones ``next_event`` makes, but a violation raises here
+        (``ProtocolError``, and the machine stays broken); anything else is only fed.
+        Then a READ's data streams (``payload_target``), or the reply's ``Done`` is the
+        next event.
+        """
+        if not self.at_rest or len(raw) < U32.size:
+            self.receive_data(raw)
+            return
+        (magic,) = U32.unpack_from(raw)
+        try:
+            if magic == SIMPLE_REPLY_MAGIC and len(raw) == SIMPLE_REPLY.size:
+                self._simple(*SIMPLE_REPLY.unpack(raw)[1:])
+            elif magic == STRUCTURED_REPLY_MAGIC and len(raw) >= CHUNK_HEADER.size:
+                self._lean_chunk(raw)
+            else:
+                self.receive_data(raw)
+        except ProtocolError:
+            self.state = ReplyState.BROKEN
+            raise
+
+    def receive_whole(
+        self, raw: bytes | bytearray | memoryview, cookie: int, data: int
+    ) -> Done | None:
+        """The lean path's best case, without any state on the way: ``raw`` (at rest) is
+        exactly the header of a reply that answers ``cookie`` whole, and the ``data``
+        bytes after it are its payload, already where they belong: a simple reply (a
+        successful READ's with all its data), a single data chunk with DONE covering the
+        whole READ, or a NONE chunk ending anything but a READ or BLOCK_STATUS.  Returns
+        that reply's ``Done`` (the request is no longer in flight); ``None`` when it is
+        not such a reply, having changed nothing (``receive_header`` then says what it is).
+        """
+        pending = self._pending.get(cookie)
+        if pending is None or pending.chunked or self.state is not ReplyState.HEADER:
+            return None
+        if self._buf.size or self._ready is not None:
+            return None
+        size = len(raw)
+        if size == DATA_CHUNK_HEADER.size:
+            magic, flags, ctype, got, length, offset = DATA_CHUNK_HEADER.unpack(raw)
+            whole = magic == STRUCTURED_REPLY_MAGIC and ctype == Chunk.OFFSET_DATA
+            whole = whole and pending.cmd is Cmd.READ and offset == pending.offset
+            whole = whole and length - U64.size == pending.length == data
+        elif size == SIMPLE_REPLY.size:
+            magic, error, got = SIMPLE_REPLY.unpack(raw)
+            wanted = pending.length if pending.cmd is Cmd.READ and not error else 0
+            if magic == SIMPLE_REPLY_MAGIC and got == cookie and data == wanted:
+                return self._whole(cookie, wire_errno(error) if error else 0)
+            return None
+        elif size == CHUNK_HEADER.size:
+            magic, flags, ctype, got, length = CHUNK_HEADER.unpack(raw)
+            whole = magic == STRUCTURED_REPLY_MAGIC and ctype == Chunk.NONE
+            whole = whole and length == data == 0
+            whole = whole and pending.cmd not in (Cmd.READ, Cmd.BLOCK_STATUS)
+        else:
+            return None
+        if not whole or got != cookie or not flags & REPLY_FLAG_DONE or not self.structured:
+            return None
+        return self._whole(cookie, 0)
+
+    def _whole(self, cookie: int, error: int) -> Done:
+        del self._pending[cookie]
+        return Done(cookie, error)
+
+    def _lean_chunk(self, raw: bytes | bytearray | memoryview) -> None:
+        flags, ctype, cookie, length = CHUNK_HEADER.unpack_from(raw)[1:]
+        offset = CHUNK_HEADER.size + U64.size if ctype == Chunk.OFFSET_DATA else CHUNK_HEADER.size
+        if len(raw) != offset:
+            self.receive_data(raw)
+            return
+        self._chunk_header(flags, ctype, cookie, length)
+        if self.state is ReplyState.DATA_OFFSET:
+            self._start_data(U64.unpack_from(raw, CHUNK_HEADER.size)[0])
+
     def next_event(self) -> ReplyEvent | NeedData:
         """The next event, or ``NEED_DATA``; raises ``ProtocolError`` (and stays broken)."""
         if self.state is ReplyState.BROKEN:
@@ -331,16 +422,19 @@ class ClientTransmission:
             self.state = ReplyState.CHUNK_PAYLOAD
 
     def _data_offset(self) -> NeedData | None:
-        raw = self._buf.take(8)
+        raw = self._buf.take(U64.size)
         if raw is None:
             return NEED_DATA
+        self._start_data(U64.unpack(raw)[0])
+        return None
+
+    def _start_data(self, offset: int) -> None:
         s = self._reply
         assert s is not None
-        (s.offset,) = U64.unpack(raw)
-        s.remaining = s.length - 8
+        s.offset = offset
+        s.remaining = s.length - U64.size
         claim(s.pending, s.offset, s.remaining, "data")
         self.state = ReplyState.CHUNK_DATA
-        return None
 
     def _stream_data(self) -> ReplyEvent | NeedData | None:
         s = self._reply

@@ -1,4 +1,5 @@
-"""One NBD connection over trio: requests from many tasks, one reader task.
+"""One NBD connection over trio: requests from many tasks, read by their callers or one
+reader task.
 
     async with open_nbd_client(parse_uri("nbd+unix:///disk?socket=/run/s")) as client:
         await client.pread(buf, 0)
@@ -6,25 +7,28 @@
 Invariants (pyfuse3 calls in from up to 99 tasks at once):
 
 - Requests are queued whole on the out-queue and written in order by one sender at a
-  time with cancellation shielded (sender.py), so a cancelled caller never leaves half a
-  request on the wire.  A send that makes no progress for ``timeout`` seconds (a server
-  that stopped reading), or is still going at its caller's deadline, drops the
-  connection instead of holding its shield longer.
-- Only the reader task feeds the core and only it completes calls, except that dropping
-  the connection (``_drop``) fails every call at once; a caller waits on its call's
-  event.  A call stays registered until its reply is done, even if its caller was
-  cancelled, so late data lands in a buffer nobody reads any more, never elsewhere.
+  time, with cancellation shielded from the first piece the socket does not take at
+  once (sender.py), so a cancelled caller never leaves half a request on the wire.  A
+  send that makes no progress for ``timeout`` seconds (a server that stopped reading),
+  or is still going at its caller's deadline, drops the connection instead of holding
+  its shield longer.
+- One task at a time reads the connection and completes calls: a request alone on the
+  connection is read by its own caller, others by the reader task (the turn, and how
+  it changes hands without a reply ever left unread: receiver.py).  Dropping the
+  connection (``_drop``) fails every call at once; a caller waits on its call's event.
+  A call stays registered until its reply is done, even if its caller was cancelled,
+  so late data lands in a buffer nobody reads any more, never elsewhere.
 - Every call has a deadline (by default ``timeout`` seconds after its operation began).
-  The reader's waits end at the earliest deadline it knows of (watchdog.py); a call
-  still unanswered
-  then means the server stalled: the connection is dropped with ``Stalled`` (ETIMEDOUT),
-  whether or not anybody still waits for that call.  So no caller waits past its
-  deadline, whatever the server does (or does not do).
+  The reader task's waits, parked or reading, end at the earliest deadline it knows of
+  (watchdog.py); a call still unanswered then means the server stalled: the connection
+  is dropped with ``Stalled`` (ETIMEDOUT), whether or not anybody still waits for that
+  call, and whoever reads it.  So no caller waits past its deadline, whatever the
+  server does (or does not do).
 - When the connection breaks (EOF, reset, a protocol violation, a stall) the reader
-  records why, fails every waiting call with that error, closes the socket (a hard
-  disconnect, which the spec asks for after a violation) and ends; later requests fail
-  at once.  The reader never raises into its nursery: the error is delivered to every
-  caller instead.
+  task, or the caller that found it, records why and fails every waiting call with
+  that error; the reader closes the socket (a hard disconnect, which the spec asks for
+  after a violation) and ends; later requests fail at once.  The reader never raises
+  into its nursery: the error is delivered to every caller instead.
 - A server that answers ``NBD_ESHUTDOWN`` gets a soft disconnect: no new requests, the
   others answered, then ``NBD_CMD_DISC``.
 - ``aclose`` takes at most ``CLOSE_TIMEOUT`` seconds (to let requests in flight be
@@ -36,9 +40,9 @@ Invariants (pyfuse3 calls in from up to 99 tasks at once):
 
 Entry points in tiers live in connect.py: ``open_nbd_client`` (owns its nursery),
 ``connect_nbd(nursery, address)`` and ``wrap_nbd_stream(nursery, stream, export)``.
-The out-queue's sender (sender.py) and the deadlines' bookkeeping (watchdog.py) are
-modules of their own; what stays here is what the invariants above tie together (the
-calls, the reader that completes them, and closing), hence its length.
+The out-queue's sender (sender.py), the receive side (receiver.py) and the deadlines'
+bookkeeping (watchdog.py) are modules of their own; what stays here is the calls, their
+delivery, failing them, and closing.
 """
 
 from __future__ import annotations
@@ -47,14 +51,13 @@ import contextlib
 import errno
 import os
 from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 from ..errors import BlockError, Disconnected, ProtocolError, RequestFailed
 from ..nbd.constants import NO_CMD_FLAGS, Cmd, CmdFlag, TxFlag
 from ..nbd.events import (
-    NEED_DATA,
     BlockStatus,
     Done,
     ExportInfo,
@@ -66,38 +69,34 @@ from ..nbd.events import (
 )
 from ..nbd.transmission import WRITES, ClientTransmission
 from ..units import printable
-from .handshake import ConnectionLost, Stalled
+from .calls import Call, split
+from .handshake import ConnectionLost
+from .receiver import Receiver, Turn
 from .sender import STREAM_ERRORS, Sender
-from .watchdog import Watchdog
+
+BREAKAGE = (ProtocolError, ConnectionLost, *STREAM_ERRORS)
+"""What reading a broken connection raises (``PeerClosed`` is a ``ProtocolError``)."""
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds a request may wait for its answer, as the Linux kernel's NBD client allows."""
 CLOSE_TIMEOUT = 5.0
 """Seconds ``aclose`` waits for requests in flight to be answered (and DISC to leave)."""
 
-RECEIVE_SIZE = 1 << 17
-BURST = 16
-
 ZERO_SPLIT = 1 << 30
 """Payload-less requests (TRIM, WRITE_ZEROES, BLOCK_STATUS) are split at 1 GiB."""
 
 
-@dataclass
-class Call:
-    """One request on the wire; ``sink`` receives a READ's data."""
+@dataclass(frozen=True)
+class Statistics:
+    """How the replies of one connection were read."""
 
-    cookie: int
-    cmd: Cmd
-    offset: int
-    length: int
-    deadline: float
-    """``trio.current_time()`` by which the reply must be complete, or the connection is
-    given up."""
-    sink: memoryview | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Done | None = None
-    extents: list[tuple[int, int]] = field(default_factory=list)
-    error: BaseException | None = None
+    alone: int
+    """Requests sent alone on the connection and read by their own caller."""
+    by_reader: int
+    """Replies read by the reader task."""
+    handovers: int
+    """Times a caller reading its own reply handed the connection to the reader task
+    with requests in flight (others came meanwhile, or it was cancelled)."""
 
 
 class NBDClient:
@@ -116,16 +115,20 @@ class NBDClient:
         self.server = server
         self.timeout = timeout
         sock = getattr(stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
-        self._sender = Sender(stream, self._fd, server, timeout, self._drop)
-        self._watchdog = Watchdog()
+        fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
+        self._sender = Sender(stream, fd, server, timeout, self._drop)
+        self._calls: dict[int, Call] = {}
+        self._receiver = Receiver(
+            stream, fd, self._tx, self._calls, self._sender, server, self._deliver
+        )
         self._reader_scope = trio.CancelScope()
         self._disc_due = False
-        self._calls: dict[int, Call] = {}
         self._broken: BlockError | None = None
         self._closed = False
         self._shutting_down = False
         self._reader_done = trio.Event()
+        self._alone = 0
+        self._by_reader = 0
         self._acked_writes = 0
         """WRITE, TRIM and WRITE_ZEROES requests the server answered with success."""
         self._flushed_writes = 0
@@ -161,113 +164,53 @@ class NBDClient:
         """Whether writes were acknowledged that no successful FLUSH has covered yet."""
         return self._acked_writes > self._flushed_writes
 
+    def statistics(self) -> Statistics:
+        return Statistics(self._alone, self._by_reader, self._receiver.handovers)
+
     # --- the reader task ------------------------------------------------------------------
 
     async def run_reader(self, trailing: bytes = b"") -> None:
         """Read replies until the connection ends; never raises (see the module text)."""
         try:
-            with self._reader_scope:
+            with self._reader_scope, self._breaking():
                 if trailing:
-                    self._feed(trailing, eof=False)
-                if self._fd is not None:
-                    await self._receive_fd(self._fd)
-                else:
-                    await self._receive_some()
-        except PeerClosed as exc:
-            self._fail(ConnectionLost(f"{self.server}: {exc}"), exc)
-        except ProtocolError as exc:
-            self._fail(ProtocolError(f"{self.server}: {exc}"), exc)
-        except ConnectionLost as exc:
-            self._fail(exc, exc)
-        except STREAM_ERRORS as exc:
-            self._fail(ConnectionLost(f"connection to {self.server} lost: {exc}"), exc)
+                    self._receiver.feed(trailing, eof=False)
+                await self._receiver.serve()
         finally:
             self._fail(Disconnected(f"connection to {self.server} is closed"), None)
             with trio.CancelScope(shield=True):
                 await quietly(self._stream.aclose())
             self._reader_done.set()
 
-    async def _receive_some(self) -> None:
-        while True:
-            with self._watching() as wait:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            if wait.cancelled_caught:
-                continue
-            self._feed(data)
-            await self._sender.send_if_idle()
-            if not data:
-                raise ConnectionLost(f"{self.server} closed the connection")
-
-    async def _receive_fd(self, fd: int) -> None:
-        """Like ``_receive_some``, but reading the socket directly while data flows.
-
-        READ data goes straight into the caller's buffer (``payload_target``), and up to
-        ``BURST`` reads in a row happen without a trip through the scheduler; the task
-        waits for the socket (a checkpoint) only when it has nothing more to read.
-        """
-        view = memoryview(bytearray(RECEIVE_SIZE))
-        while True:
-            for _ in range(BURST):
-                try:
-                    n = self._read_once(fd, view)
-                except BlockingIOError:
-                    break
-                if not n:
-                    raise ConnectionLost(f"{self.server} closed the connection")
-            await self._sender.send_if_idle()
-            with self._watching():
-                await trio.lowlevel.wait_readable(fd)
-
     @contextlib.contextmanager
-    def _watching(self) -> Iterator[trio.CancelScope]:
-        """A wait of the reader's that ends at the earliest deadline; the deadlines are
-        checked before and after it (``Stalled`` if a call is past its own)."""
-        self._check_deadlines()
-        with self._watchdog.waiting() as scope:
-            yield scope
-        self._check_deadlines()
+    def _breaking(self) -> Iterator[None]:
+        """What a broken connection raises while reading becomes the error every call
+        fails with (the first one found)."""
+        try:
+            yield
+        except BREAKAGE as exc:
+            self._fail(self._breakage(exc), exc)
 
-    def _check_deadlines(self) -> None:
-        late = self._watchdog.overdue(self._calls.values())
-        if late:
-            more = f" and {len(late) - 1} more" if len(late) > 1 else ""
-            raise Stalled(
-                f"{self.server}: no reply by the deadline to {describe(late[0])}{more}; "
-                f"the connection was dropped"
-            )
-
-    def _read_once(self, fd: int, view: memoryview) -> int:
-        target = self._tx.payload_target()
-        if target is None:
-            n = os.readv(fd, [view])
-            self._feed(view[:n].tobytes())
-            return n
-        cookie, offset, remaining = target
-        call = self._calls.get(cookie)
-        if call is None or call.sink is None:  # failed already: read and drop the bytes
-            dest = view[: min(remaining, len(view))]
-        else:
-            start = offset - call.offset
-            dest = call.sink[start : start + remaining]
-        n = os.readv(fd, [dest])
-        if n:
-            self._tx.payload_received(n)
-        if n == remaining or not n:
-            self._feed(b"", eof=not n)
-        return n
-
-    def _feed(self, data: bytes | bytearray, *, eof: bool = True) -> None:
-        if data or eof:
-            self._tx.receive_data(data)
-        while (event := self._tx.next_event()) is not NEED_DATA:
-            self._deliver(event)
+    def _breakage(self, exc: BaseException) -> BlockError:
+        """The error a broken connection's exception means for the calls on it."""
+        if self._closed and isinstance(exc, trio.ClosedResourceError):  # by ``aclose``
+            return Disconnected(f"connection to {self.server} is closed")
+        if isinstance(exc, PeerClosed):
+            return ConnectionLost(f"{self.server}: {exc}")
+        if isinstance(exc, ProtocolError):
+            return ProtocolError(f"{self.server}: {exc}")
+        if isinstance(exc, ConnectionLost):
+            return exc
+        return ConnectionLost(f"connection to {self.server} lost: {exc}")
 
     def _deliver(self, event: ReplyEvent) -> None:
         """Hand one event to its call; calls already failed (broken connection) are skipped."""
         call = self._calls.get(event.cookie)
         if call is None:
             return
-        if isinstance(event, ReadData):
+        if type(event) is Done:
+            self._complete(call, event)
+        elif isinstance(event, ReadData):
             assert call.sink is not None
             start = event.offset - call.offset
             call.sink[start : start + len(event.data)] = event.data
@@ -275,19 +218,21 @@ class NBDClient:
             assert call.sink is not None
             start = event.offset - call.offset
             call.sink[start : start + event.length] = bytes(event.length)
-        elif isinstance(event, BlockStatus):
-            if event.context == self._tx.allocation_context:
-                call.extents.extend(event.extents)
-        elif isinstance(event, Done):
-            del self._calls[event.cookie]
-            call.result = event
-            if not event.error and call.cmd in WRITES:
-                self._acked_writes += 1
-            call.done.set()
-            if event.error == errno.ESHUTDOWN:
-                self._server_shutting_down()
-            if self._disc_due and not self._calls:
-                self._send_disc_now()
+        elif isinstance(event, BlockStatus) and event.context == self._tx.allocation_context:
+            call.extents.extend(event.extents)
+
+    def _complete(self, call: Call, done: Done) -> None:
+        del self._calls[done.cookie]
+        call.result = done
+        if call.cmd in WRITES and not done.error:
+            self._acked_writes += 1
+        if self._receiver.turn is Turn.READER:
+            self._by_reader += 1
+        call.done.set()
+        if done.error == errno.ESHUTDOWN:
+            self._server_shutting_down()
+        if self._disc_due and not self._calls:
+            self._send_disc_now()
 
     def _server_shutting_down(self) -> None:
         """ESHUTDOWN: take no new requests, and send DISC once the others are answered."""
@@ -296,7 +241,7 @@ class NBDClient:
             self._shutting_down = self._disc_due = True
 
     def _send_disc_now(self) -> None:
-        """Queue DISC; the reader sends it right after the current batch of replies."""
+        """Queue DISC; whoever reads sends it right after the current batch of replies."""
         self._disc_due = False
         self._sender.queue(self._tx.disconnect())
 
@@ -318,6 +263,44 @@ class NBDClient:
 
     # --- requests -------------------------------------------------------------------------
 
+    async def request(
+        self,
+        cmd: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: CmdFlag = NO_CMD_FLAGS,
+        *,
+        payload: memoryview | None = None,
+        sink: memoryview | None = None,
+    ) -> Call:
+        """One request, answered (or its failure raised): alone on the connection its
+        caller reads the reply itself (receiver.py), else the reader task does."""
+        if self._closed or self._broken is not None:
+            self._check_usable()
+        now = trio.current_time()
+        receiver = self._receiver
+        if not receiver.take(now):
+            call = await self.submit(cmd, offset, length, flags, payload=payload, sink=sink)
+            await self.wait([call])
+            return call
+        try:
+            call = self._register(cmd, offset, length, flags, payload, sink, now)
+            if not self._sender.send_at_once():
+                await self._sender.send(batch=False)
+            try:
+                await receiver.read_own(call)
+            except BREAKAGE as exc:  # found by this caller: the reader task closes
+                self._fail(self._breakage(exc), exc)
+                self._reader_scope.cancel()
+        finally:
+            receiver.give_back()
+        self._alone += 1
+        if self._sender.queued:
+            await self._sender.send_if_idle()  # a DISC due after the last reply
+        if error := call.error or self._request_error(call):
+            raise error
+        return call
+
     async def submit(
         self,
         cmd: Cmd,
@@ -337,16 +320,29 @@ class NBDClient:
         requests leaves in one ``writev``.
         """
         self._check_usable()
-        cookie, header = self._tx.request(cmd, offset, length, flags)
-        call = Call(cookie, cmd, offset, length, trio.current_time() + self.timeout, sink)
-        self._calls[cookie] = call
-        self._watchdog.watch(call.deadline)
-        self._sender.queue(header)
-        if payload is not None:
-            self._sender.queue(payload)
+        call = self._register(cmd, offset, length, flags, payload, sink, trio.current_time())
+        self._receiver.queued()
         if not self._sender.busy:
-            until = trio.current_effective_deadline()  # the caller's, outside the shield
-            await self._sender.send(batch=len(self._calls) > 1, until=until)
+            await self._sender.send(batch=len(self._calls) > 1)
+        return call
+
+    def _register(
+        self,
+        cmd: Cmd,
+        offset: int,
+        length: int,
+        flags: CmdFlag,
+        payload: memoryview | None,
+        sink: memoryview | None,
+        now: float,
+    ) -> Call:
+        """A call for the request (made at ``now``), in flight and watched; the request
+        queued."""
+        cookie, header = self._tx.request(cmd, offset, length, flags)
+        call = Call(cookie, cmd, offset, length, now + self.timeout, sink)
+        self._calls[cookie] = call
+        self._receiver.watchdog.watch(call.deadline)
+        self._sender.queue(header, payload)
         return call
 
     def _check_usable(self) -> None:
@@ -377,35 +373,52 @@ class NBDClient:
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from byte ``offset``."""
-        await self.preadv([buf], offset)
+        if 0 < len(buf) <= self._tx.max_payload:
+            await self.request(Cmd.READ, offset, len(buf), sink=buf)
+        else:
+            await self._vectored(Cmd.READ, [buf], offset, NO_CMD_FLAGS)
 
     async def preadv(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Fill ``bufs`` one after another from ``offset``; all pieces in flight at once."""
-        await self._vectored(Cmd.READ, bufs, offset, NO_CMD_FLAGS)
+        if len(bufs) == 1:
+            await self.pread(bufs[0], offset)
+        else:
+            await self._vectored(Cmd.READ, bufs, offset, NO_CMD_FLAGS)
 
     async def pwrite(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
-        await self.pwritev([data], offset, fua=fua)
+        flags = CmdFlag.FUA if fua else NO_CMD_FLAGS
+        if 0 < len(data) <= self._tx.max_payload:
+            await self.request(Cmd.WRITE, offset, len(data), flags, payload=data)
+        else:
+            await self._vectored(Cmd.WRITE, [data], offset, flags)
 
     async def pwritev(self, bufs: Sequence[memoryview], offset: int, *, fua: bool = False) -> None:
         """Write ``bufs`` in order from ``offset``, split at the server's maximum payload."""
-        await self._vectored(Cmd.WRITE, bufs, offset, CmdFlag.FUA if fua else NO_CMD_FLAGS)
+        if len(bufs) == 1:
+            await self.pwrite(bufs[0], offset, fua=fua)
+        else:
+            await self._vectored(Cmd.WRITE, bufs, offset, CmdFlag.FUA if fua else NO_CMD_FLAGS)
 
     async def _vectored(
         self, cmd: Cmd, bufs: Sequence[memoryview], offset: int, flags: CmdFlag
     ) -> None:
         """READ into, or WRITE from, ``bufs`` in pieces of at most ``max_payload``."""
-        calls = []
+        pieces = []
         for buf in bufs:
             for off, n in split(offset, len(buf), self.max_payload):
-                piece = buf[off - offset : off - offset + n]
-                data = {"payload": piece} if cmd is Cmd.WRITE else {"sink": piece}
-                calls.append(await self.submit(cmd, off, n, flags, **data))
+                pieces.append((off, n, buf[off - offset : off - offset + n]))
             offset += len(buf)
+        data = "payload" if cmd is Cmd.WRITE else "sink"
+        if len(pieces) == 1:
+            off, n, piece = pieces[0]
+            await self.request(cmd, off, n, flags, **{data: piece})
+            return
+        calls = [await self.submit(cmd, off, n, flags, **{data: p}) for off, n, p in pieces]
         await self.wait(calls)
 
     async def flush(self) -> None:
         covered = self._acked_writes
-        await self.wait([await self.submit(Cmd.FLUSH)])
+        await self.request(Cmd.FLUSH)
         self._flushed_writes = max(self._flushed_writes, covered)
 
     async def trim(self, offset: int, length: int) -> None:
@@ -417,12 +430,14 @@ class NBDClient:
 
     async def _ranged(self, cmd: Cmd, offset: int, length: int, flags: CmdFlag) -> None:
         pieces = split(offset, length, ZERO_SPLIT)
+        if len(pieces) == 1:
+            await self.request(cmd, offset, length, flags)
+            return
         await self.wait([await self.submit(cmd, off, n, flags) for off, n in pieces])
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """``(length, flags)`` of ``base:allocation`` from ``offset`` on; may stop short."""
-        call = await self.submit(Cmd.BLOCK_STATUS, offset, min(length, ZERO_SPLIT))
-        await self.wait([call])
+        call = await self.request(Cmd.BLOCK_STATUS, offset, min(length, ZERO_SPLIT))
         return call.extents
 
     async def aclose(self) -> None:
@@ -451,20 +466,6 @@ class NBDClient:
             await next(iter(self._calls.values())).done.wait()
 
 
-def describe(call: Call) -> str:
-    """``'a READ of 4096 bytes at 0'``, for messages."""
-    if call.cmd in (Cmd.FLUSH, Cmd.DISC):
-        return f"a {call.cmd.name}"
-    return f"a {call.cmd.name} of {call.length} bytes at {call.offset}"
-
-
 async def quietly(aw: Awaitable[object]) -> None:
     with contextlib.suppress(*STREAM_ERRORS):
         await aw
-
-
-def split(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` pieces of at most ``limit`` bytes covering the range."""
-    return [
-        (off, min(limit, offset + length - off)) for off in range(offset, offset + length, limit)
-    ]

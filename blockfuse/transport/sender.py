@@ -2,17 +2,18 @@
 
 Requests are queued whole (a header, then a WRITE's payload) and written in order by one
 sender at a time, with cancellation shielded, so a cancelled caller never leaves half a
-request on the wire.  The shield must not become a hang: each piece that cannot be
-written at once must be taken by the server within ``timeout`` seconds, and before the
-sending caller's own deadline (``until``), or the connection is given up (``on_broken``
-with ``Stalled``: half a request cannot be taken back, so the connection goes with it).
-On a socket, what the kernel takes without blocking goes out in one ``writev`` of up to
-``IOV_MAX`` pieces (``write_without_blocking``, which the server's writer shares).
+request on the wire.  On a socket, what the kernel takes without blocking goes out in
+one ``writev`` of up to ``IOV_MAX`` pieces (``write_without_blocking``, which the
+server's writer shares), before any checkpoint: when it takes the whole queue (the usual
+case) there is nothing to shield, and no shield is made.  The shield must not become a
+hang: each piece that cannot be written at once must be taken by the server within
+``timeout`` seconds, and before the sending caller's own deadline (``until``), or the
+connection is given up (``on_broken`` with ``Stalled``: half a request cannot be taken
+back, so the connection goes with it).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -46,37 +47,66 @@ class Sender:
         """A sender is at work: what is queued now leaves with it."""
         self._idle: trio.Event | None = None
 
-    def queue(self, part: Part) -> None:
+    def queue(self, part: Part, then: Part | None = None) -> None:
+        """``part`` (and ``then``, a WRITE's payload after its header) at the end."""
         self._queue.append(part)
+        if then is not None:
+            self._queue.append(then)
+
+    @property
+    def queued(self) -> bool:
+        """Something waits to be sent."""
+        return bool(self._queue)
 
     def clear(self) -> None:
         """Forget what is queued (the connection is broken)."""
         self._queue.clear()
 
-    async def send(self, *, batch: bool, until: float = math.inf) -> None:
-        """Send the queue (and what is queued meanwhile), by ``until`` at the latest.  With
-        ``batch`` the other ready tasks first get to queue theirs, so a burst leaves in
-        one ``writev``."""
+    def send_at_once(self) -> bool:
+        """Write the queue now, if no sender is at work, as far as the socket takes it
+        without blocking; whether all of it went (what did not waits for ``send``)."""
+        if self.busy or self._fd is None:
+            return False
+        parts, self._queue = self._queue, []
+        if rest := self._send_now(parts):
+            self._queue[:0] = rest
+        return not self._queue
+
+    async def send(self, *, batch: bool, until: float | None = None) -> None:
+        """Send the queue (and what is queued meanwhile), by ``until`` at the latest (by
+        default the caller's deadline).  With ``batch`` the other ready tasks first get
+        to queue theirs, so a burst leaves in one ``writev``."""
         self.busy = True
         try:
             if batch:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            with trio.CancelScope(shield=True):
-                while self._queue:
-                    parts, self._queue = self._queue, []
-                    if rest := self._send_now(parts):
-                        await self._send(rest, until)
+            parts, self._queue = self._queue, []
+            rest = self._send_now(parts)
+            if rest or self._queue:
+                if until is None:
+                    until = trio.current_effective_deadline()  # outside the shield
+                with trio.CancelScope(shield=True):
+                    await self._send_all(rest, until)
         finally:
             self.busy = False
             if self._idle is not None:
                 self._idle.set()
                 self._idle = None
 
+    async def _send_all(self, rest: list[Part], until: float) -> None:
+        """``rest``, then whatever is queued meanwhile (shielded by the caller)."""
+        if rest:
+            await self._send(rest, until)
+        while self._queue:
+            parts, self._queue = self._queue, []
+            if rest := self._send_now(parts):
+                await self._send(rest, until)
+
     async def send_if_idle(self) -> None:
         if self._queue and not self.busy:
             await self.send(batch=False)
 
-    async def send_after_current(self, until: float = math.inf) -> None:
+    async def send_after_current(self, until: float | None = None) -> None:
         """Send everything queued, after the send under way (if any) has ended."""
         while self.busy:
             if self._idle is None:
@@ -122,6 +152,8 @@ def write_without_blocking(fd: int, parts: list[Part]) -> list[Part]:
         sent = os.writev(fd, parts[:IOV_MAX])
     except BlockingIOError:
         return parts
+    if len(parts) == 1 and sent == len(parts[0]):
+        return []
     out: list[Part] = []
     for part in parts:
         if out:
