@@ -277,6 +277,7 @@ class NBDClient:
         caller reads the reply itself (receiver.py), else the reader task does."""
         if self._closed or self._broken is not None:
             self._check_usable()
+        await trio.lowlevel.checkpoint_if_cancelled()  # nothing queued for a cancelled caller
         now = trio.current_time()
         receiver = self._receiver
         if not receiver.take(now):
@@ -320,6 +321,7 @@ class NBDClient:
         requests leaves in one ``writev``.
         """
         self._check_usable()
+        await trio.lowlevel.checkpoint_if_cancelled()
         call = self._register(cmd, offset, length, flags, payload, sink, trio.current_time())
         self._receiver.queued()
         if not self._sender.busy:

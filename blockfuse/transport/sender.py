@@ -76,6 +76,8 @@ class Sender:
         """Send the queue (and what is queued meanwhile), by ``until`` at the latest (by
         default the caller's deadline).  With ``batch`` the other ready tasks first get
         to queue theirs, so a burst leaves in one ``writev``."""
+        if until is None:  # before any checkpoint: a cancel there makes it -inf
+            until = trio.current_effective_deadline()
         self.busy = True
         try:
             if batch:
@@ -83,8 +85,6 @@ class Sender:
             parts, self._queue = self._queue, []
             rest = self._send_now(parts)
             if rest or self._queue:
-                if until is None:
-                    until = trio.current_effective_deadline()  # outside the shield
                 with trio.CancelScope(shield=True):
                     await self._send_all(rest, until)
         finally:
