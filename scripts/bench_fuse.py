@@ -19,7 +19,6 @@ than IOPS on this VM, where idle vCPUs halt and a lone request's latency is bimo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,7 +30,17 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchlib import blockfuse_mount, cpu_ns, is_mounted, need, peak_rss_mib, pinned, stop
+from benchlib import (
+    blockfuse_mount,
+    cpu_ns,
+    fio,
+    is_mounted,
+    make_random_image,
+    need,
+    peak_rss_mib,
+    pinned,
+    stop,
+)
 
 IMAGE_SIZE = 1 << 30
 
@@ -72,32 +81,12 @@ def qsd(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
         stop(proc, target)
 
 
-def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> tuple[float, int]:
-    """IOPS and the number of requests done."""
-    cmd = [
-        "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
-        f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={IMAGE_SIZE}",
-        "--time_based", f"--runtime={runtime}", "--output-format=json",
-        "--randrepeat=0", "--norandommap",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
-    job = json.loads(out.stdout)["jobs"][0]
-    side = job["read" if "read" in rw else "write"]
-    return float(side["iops"]), int(side["total_ios"])
-
-
-def make_image(path: Path) -> None:
-    with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE >> 24):
-            f.write(os.urandom(1 << 24))
-
-
 def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
     base = workdir / "base.img"
     sides = {"blockfuse": workdir / "ours.img", "qsd": workdir / "qsd.img"}
     if stock:
         sides["blockfuse (stock loop)"] = workdir / "stock.img"
-    make_image(base)
+    make_random_image(base, IMAGE_SIZE)
     for image in sides.values():
         shutil.copyfile(base, image)  # every copy made alike: same kind of pages
     base.unlink()
@@ -121,7 +110,7 @@ def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
                     os.sync()  # no job pays for the writeback of the one before
                     path, pid = paths[name]
                     before = cpu_ns(pid)
-                    iops, ios = fio(path, rw, bs, depth, runtime)
+                    iops, ios = fio(path, rw, bs, depth, runtime, IMAGE_SIZE)
                     us = (cpu_ns(pid) - before) / 1000 / max(ios, 1)
                     results.setdefault((label, name), []).append((iops, us))
         rss = peak_rss_mib(paths["blockfuse"][1])

@@ -17,8 +17,6 @@ nbdfuse, and of the front end's CPU time per request (our mount, or nbdfuse; fro
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -29,7 +27,16 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchlib import blockfuse_mount, cpu_ns, is_mounted, need, stop, tmpfs
+from benchlib import (
+    blockfuse_mount,
+    cpu_ns,
+    fio,
+    is_mounted,
+    make_random_image,
+    need,
+    stop,
+    tmpfs,
+)
 
 IMAGE_SIZE = 1 << 30
 
@@ -80,30 +87,11 @@ def nbdfuse(uri: str, mountpoint: Path) -> Iterator[tuple[Path, int]]:
         stop(proc, mountpoint)
 
 
-def fio(path: Path, rw: str, bs: str, depth: int, runtime: int) -> tuple[float, int]:
-    """IOPS and the number of requests done."""
-    cmd = [
-        "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
-        f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={IMAGE_SIZE}",
-        "--time_based", f"--runtime={runtime}", "--output-format=json",
-        "--randrepeat=0", "--norandommap",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
-    job = json.loads(out.stdout)["jobs"][0]
-    return float(job["read"]["iops"]), int(job["read"]["total_ios"])
-
-
-def make_image(path: Path) -> None:
-    with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE >> 24):
-            f.write(os.urandom(1 << 24))
-
-
 def run(workdir: Path, rounds: int, runtime: int) -> None:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with ExitStack() as stack:
         store = stack.enter_context(tmpfs(workdir / "store", IMAGE_SIZE + (64 << 20)))
-        make_image(store / "disk.img")
+        make_random_image(store / "disk.img", IMAGE_SIZE)
         uri = stack.enter_context(nbdkit(store / "disk.img", workdir / "nbdkit.sock"))
         sides = {
             "blockfuse": stack.enter_context(ours(uri, workdir / "mnt")),
@@ -116,7 +104,7 @@ def run(workdir: Path, rounds: int, runtime: int) -> None:
                 for name in order:
                     path, pid = sides[name]
                     before = cpu_ns(pid)
-                    iops, ios = fio(path, rw, bs, depth, runtime)
+                    iops, ios = fio(path, rw, bs, depth, runtime, IMAGE_SIZE)
                     us = (cpu_ns(pid) - before) / 1000 / max(ios, 1)
                     results.setdefault((label, name), []).append((iops, us))
     report(results, names, rounds, runtime)

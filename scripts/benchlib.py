@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -126,3 +127,25 @@ def pinned(*paths: Path) -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def fio(path: Path, rw: str, bs: str, depth: int, runtime: int, size: int) -> tuple[float, int]:
+    """fio with O_DIRECT (libaio) on the first ``size`` bytes of ``path`` for ``runtime``
+    seconds: its IOPS and the number of requests done."""
+    cmd = [
+        "fio", "--name=bench", f"--filename={path}", "--direct=1", "--ioengine=libaio",
+        f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={size}",
+        "--time_based", f"--runtime={runtime}", "--output-format=json",
+        "--randrepeat=0", "--norandommap",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
+    job = json.loads(out.stdout)["jobs"][0]
+    side = job["read" if "read" in rw else "write"]
+    return float(side["iops"]), int(side["total_ios"])
+
+
+def make_random_image(path: Path, size: int) -> None:
+    """``size`` random bytes (a whole number of 16 MiB) at ``path``."""
+    with open(path, "wb") as f:
+        for _ in range(size >> 24):
+            f.write(os.urandom(1 << 24))
