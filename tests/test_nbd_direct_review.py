@@ -1,0 +1,93 @@
+"""Hazards of the lone path (transport/receiver.py's turn) found in review: each test is
+a behaviour that must hold whatever the server's pace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from blockfuse.errors import BlockError
+
+from .hostile_nbd import Hostile, Script
+from .test_nbd_direct import connect
+
+MIB = 1 << 20
+
+
+class Gated(trio.abc.Stream):
+    """A server's end that reads nothing while ``gate`` is shut (its buffers fill)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.open = trio.Event()
+        self.open.set()
+
+    def shut(self) -> None:
+        self.open = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await self.open.wait()
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class GatedHostile(Hostile):
+    """The hostile server (well-behaved by default) behind a ``Gated`` end."""
+
+    gate: Gated
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        self.gate = Gated(stream)
+        await super().handle(self.gate)
+
+
+async def test_replies_are_read_while_a_lone_callers_send_carries_others(
+    nursery: trio.Nursery,
+) -> None:
+    """A lone WRITE too big for the socket is still being sent when a READ and another
+    WRITE come; its caller's send carries theirs too.  An in-order server answers the
+    first WRITE, then the READ, and stops reading until that reply is read: somebody must
+    read while the sending goes on, or neither side moves until the timeout drops the
+    connection (every call failing with ``Stalled``)."""
+    hostile = GatedHostile(Script(size=64 * MIB))
+    client = await connect(nursery, hostile, "socket", request_timeout=2)
+    first, third = os.urandom(8 * MIB), os.urandom(8 * MIB)
+    second = bytearray(8 * MIB)
+    failures: list[BaseException] = []
+
+    async def op(fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        try:
+            await fn(*args)
+        except BlockError as exc:
+            failures.append(exc)
+
+    async def registered(calls: int) -> None:
+        """Until ``calls`` requests are in flight (polled: nothing says so)."""
+        while len(client._calls) < calls:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+
+    with trio.fail_after(20):
+        hostile.gate.shut()
+        async with trio.open_nursery() as ops:
+            ops.start_soon(op, client.pwrite, memoryview(first), 0)
+            while not client._sender.busy:  # noqa: ASYNC110 (its send waits for the server)
+                await trio.sleep(0.001)
+            ops.start_soon(op, client.pread, memoryview(second), 8 * MIB)
+            await registered(2)  # the READ goes first on the wire, then the WRITE
+            ops.start_soon(op, client.pwrite, memoryview(third), 16 * MIB)
+            await registered(3)
+            hostile.gate.open.set()
+    assert not failures and client.broken is None, failures
+    assert hostile.read(0, 8 * MIB) == first and bytes(second) == bytes(8 * MIB)
+    assert hostile.read(16 * MIB, 8 * MIB) == third
+    await client.aclose()
