@@ -288,13 +288,20 @@ class NBDClient:
             call = self._register(cmd, offset, length, flags, payload, sink, now)
             if not self._sender.send_at_once():
                 await self._sender.send(batch=False)
-            try:
-                await receiver.read_own(call)
-            except BREAKAGE as exc:  # found by this caller: the reader task closes
-                self._fail(self._breakage(exc), exc)
-                self._reader_scope.cancel()
+            if not receiver.sent():  # others came while it was sent: the reader reads
+                alone = False
+            else:
+                alone = True
+                try:
+                    await receiver.read_own(call)
+                except BREAKAGE as exc:  # found by this caller: the reader task closes
+                    self._fail(self._breakage(exc), exc)
+                    self._reader_scope.cancel()
         finally:
             receiver.give_back()
+        if not alone:
+            await self.wait([call])
+            return call
         self._alone += 1
         if self._sender.queued:
             await self._sender.send_if_idle()  # a DISC due after the last reply

@@ -20,6 +20,12 @@ one reads is the *turn*; exactly one task holds it while anything is in flight::
   reading); its caller takes the turn (OWN) before its first checkpoint.  A request that
   comes while the turn is OWN or READER is queued as before and waits for its call's
   event: whoever reads delivers its reply, whichever reply comes first.
+- One that comes while the caller holding the turn is still sending (the socket did not
+  take its request at once) gives the turn to the reader task: that send goes on with
+  the newcomer's request too, and nobody would read meanwhile, so a server that stops
+  reading until its replies are read (any in-order one, once its buffers are full) would
+  stall both sides until the timeout dropped the connection.  The caller that sent then
+  waits for its call's event like any other (``sent``).
 - The caller gives the turn back in a ``finally`` as soon as it stops reading, without a
   checkpoint in between: PARKED when nothing is in flight, else READER, waking the
   reader task.  So a second request sent while the first caller reads is answered:
@@ -109,8 +115,11 @@ class Receiver:
         self._view = memoryview(bytearray(RECEIVE_SIZE))
         self._read_head = memoryview(bytearray(tx.header_size(Cmd.READ)))
         self._other_head = memoryview(bytearray(tx.header_size(Cmd.FLUSH)))
+        self._sending = False
+        """The caller holding the turn has not finished sending its request."""
         self.handovers = 0
-        """Times a caller gave the turn to the reader task with calls in flight."""
+        """Times a caller gave the turn to the reader task with calls in flight (or lost
+        it to the reader task while it sent)."""
         self._answered = 0
         """Replies completed so far (the reader's measure of being idle)."""
 
@@ -122,11 +131,23 @@ class Receiver:
         if self.turn is not Turn.PARKED or self._sender.busy:
             return False
         self.turn = Turn.OWN
+        self._sending = True
         self._last_request = now
         return True
 
+    def sent(self) -> bool:
+        """The caller that took the turn has sent its request: whether it still holds the
+        turn (else a request queued meanwhile gave it to the reader task).  No checkpoint
+        since the send ended, so a turn still OWN is this caller's."""
+        self._sending = False
+        return self.turn is Turn.OWN
+
     def give_back(self) -> None:
-        """End a caller's turn: parked if nothing is in flight, else to the reader task."""
+        """End a caller's turn: parked if nothing is in flight, else to the reader task.
+        Nothing if the turn went to the reader task while the caller sent."""
+        self._sending = False
+        if self.turn is not Turn.OWN:
+            return
         if self._calls:
             self.handovers += 1
             self._to_reader()
@@ -134,8 +155,13 @@ class Receiver:
             self.turn = Turn.PARKED
 
     def queued(self) -> None:
-        """A call was queued the usual way: wake the reader task if nobody reads."""
+        """A call was queued the usual way: wake the reader task if nobody reads, or if
+        the caller holding the turn is still sending (its send carries this one too)."""
         if self.turn is Turn.PARKED:
+            self._to_reader()
+        elif self._sending and self.turn is Turn.OWN:
+            self.handovers += 1
+            self._sending = False
             self._to_reader()
 
     def _to_reader(self) -> None:
