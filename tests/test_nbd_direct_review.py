@@ -3,15 +3,19 @@ a behaviour that must hold whatever the server's pace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import pytest
 import trio
 
 from blockfuse.errors import BlockError
+from blockfuse.nbd import constants as c
 
 from .hostile_nbd import Hostile, Script
-from .test_nbd_direct import connect
+from .test_nbd_direct import BLOCK, Timed, connect
 
 MIB = 1 << 20
 
@@ -91,3 +95,49 @@ async def test_replies_are_read_while_a_lone_callers_send_carries_others(
     assert hostile.read(0, 8 * MIB) == first and bytes(second) == bytes(8 * MIB)
     assert hostile.read(16 * MIB, 8 * MIB) == third
     await client.aclose()
+
+
+async def test_a_lone_caller_woken_as_its_socket_closes_reads_no_other_file(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The caller's socket becomes readable; before the caller runs, another task closes
+    the connection (``aclose``, or the reader task dropping it at a deadline: trio runs
+    them in any order in one batch), and the number of that socket is some other file's
+    by the time the caller reads (any task or thread that opens one gets the lowest free
+    number).  The caller must not read that file: its READ fails, and the file is
+    untouched.  Here the other file holds a reply to the caller's cookie, as another
+    NBD connection's socket might."""
+    server = Timed()
+    client = await connect(nursery, server, "socket")
+    fd = client._stream.socket.fileno()  # type: ignore[attr-defined]
+    foreign = tmp_path / "other"
+    header = c.DATA_CHUNK_HEADER.pack(
+        c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.Chunk.OFFSET_DATA, 1, 8 + BLOCK, 0
+    )
+    foreign.write_bytes(header + b"X" * BLOCK)
+    real = trio.lowlevel.wait_readable
+    meanwhile: list[int] = []
+
+    async def wait_readable(what: int) -> None:
+        await real(what)
+        if what == fd and not meanwhile:  # what runs between the wake-up and the read
+            client._stream.socket.close()  # type: ignore[attr-defined]
+            other = os.open(foreign, os.O_RDONLY)  # the lowest free number: fd itself
+            if other != fd:
+                os.dup2(other, fd)
+                os.close(other)
+            meanwhile.append(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", wait_readable)
+    buf = bytearray(BLOCK)
+    try:
+        with trio.fail_after(10):
+            with contextlib.suppress(BlockError):
+                await client.pread(memoryview(buf), 0)
+        assert meanwhile
+        assert bytes(buf) != b"X" * BLOCK, "the READ returned another file's bytes"
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0, "another file was read from"
+        assert client.broken is not None
+    finally:
+        if meanwhile:
+            os.close(fd)
