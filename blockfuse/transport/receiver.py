@@ -43,6 +43,13 @@ one reads is the *turn*; exactly one task holds it while anything is in flight::
   connection (a server that closes it, or sends what nobody asked for, is noticed at
   once); the next request then goes the reader's way, and the reader parks again.
 
+Reading the socket's fd directly has one more rule: after every checkpoint, before the
+next read, the socket is looked at (``_still_open``).  A task woken because the socket
+became readable may find it closed by the time it runs (``aclose``, or the reader task
+dropping the connection at a deadline, ran first in the same batch), and the number may
+already be another file's or connection's (whoever opens one gets the lowest free
+number): reading it would take that file's bytes as a reply, and steal them from it.
+
 The reading itself: on a socket, a lone caller reads exactly the header its reply
 should begin with (the core's ``receive_header`` parses it in place), then the data
 straight into its buffer; anything unexpected (another call's reply, an error chunk,
@@ -103,6 +110,7 @@ class Receiver:
     ) -> None:
         self._stream = stream
         self._fd = fd
+        self._socket: trio.socket.SocketType | None = getattr(stream, "socket", None)
         self._tx = tx
         self._calls = calls
         self._sender = sender
@@ -220,6 +228,7 @@ class Receiver:
         """
         answered = self._answered
         while True:
+            self._still_open(fd)  # after a checkpoint: the park, a wait, a send
             for _ in range(BURST):
                 try:
                     n = self._read_once(fd, self._view)
@@ -266,6 +275,7 @@ class Receiver:
             return
         fd = self._fd
         await trio.lowlevel.wait_readable(fd)
+        self._still_open(fd)
         try:
             if self._read_whole(fd, call):
                 return
@@ -275,6 +285,7 @@ class Receiver:
             pass
         while not call.done.is_set():
             await trio.lowlevel.wait_readable(fd)
+            self._still_open(fd)
             try:
                 while not call.done.is_set():
                     self._read_own_once(fd, call)
@@ -348,6 +359,12 @@ class Receiver:
             self._closed()
         self._tx.receive_header(head[:n])
         self.feed(b"", eof=False)
+
+    def _still_open(self, fd: int) -> None:
+        """Raise ``ClosedResourceError`` if the socket was closed since the last look (its
+        number ``fd`` may be another file's now: see the module text)."""
+        if self._socket is None or self._socket.fileno() != fd:
+            raise trio.ClosedResourceError("the connection was closed")
 
     def _closed(self) -> None:
         """The server closed the connection (the core says how, if it was mid-reply)."""

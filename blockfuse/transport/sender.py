@@ -39,6 +39,7 @@ class Sender:
     ) -> None:
         self._stream = stream
         self._fd = fd
+        self._socket: trio.socket.SocketType | None = getattr(stream, "socket", None)
         self._server = server
         self._timeout = timeout
         self._on_broken = on_broken
@@ -119,6 +120,11 @@ class Sender:
         """Write what the socket takes without blocking; what is left to send."""
         if self._fd is None:
             return parts
+        if self._socket is None or self._socket.fileno() != self._fd:
+            # closed since a checkpoint (``aclose``, the reader dropping the connection):
+            # the number may be another file's now, which must not get our requests
+            self._lost(trio.ClosedResourceError("the connection was closed"))
+            return []
         try:
             return write_without_blocking(self._fd, parts)
         except OSError as exc:
