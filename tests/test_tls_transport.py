@@ -15,6 +15,7 @@ import trio.testing
 from blockfuse.devices.remote import RemoteDevice
 from blockfuse.errors import ProtocolError
 from blockfuse.nbd import constants as c
+from blockfuse.nbd.transmission import ClientTransmission
 from blockfuse.nbd.uri import Address, TLSOptions
 from blockfuse.transport.client import NBDClient
 from blockfuse.transport.connect import wrap_nbd_stream
@@ -28,6 +29,7 @@ from blockfuse.transport.tls import (
     more_decrypted,
 )
 
+from .test_nbd_direct import parked
 from .test_tls_core import GREETING, reply
 from .tlscerts import Certificates, make_certificates
 
@@ -167,6 +169,30 @@ async def test_reads_over_tls(nursery: trio.Nursery, certs: Certificates) -> Non
         await client.pread(memoryview(buf), 0)
         await client.aclose()
     assert buf == bytes(4096) and script.tls_handshakes == 1 and script.done == ["disc"]
+
+
+async def test_read_data_over_tls_goes_straight_into_the_callers_buffer(
+    nursery: trio.Nursery, certs: Certificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone 1 MiB READ is decrypted into its buffer (``TLSStream.receive_into``): only
+    the reply's header passes through the core's receive buffer."""
+    fed: list[int] = []
+    receive_data = ClientTransmission.receive_data
+
+    def counting(self: ClientTransmission, data: bytes | bytearray) -> None:
+        fed.append(len(data))
+        receive_data(self, data)
+
+    monkeypatch.setattr(ClientTransmission, "receive_data", counting)
+    client = await connect(nursery, Script(server_context(certs)), tls_client(certs))
+    buf = bytearray(b"x" * (1 << 20))
+    with trio.fail_after(10):
+        await parked(client)  # the request is alone: its caller reads
+        fed.clear()
+        await client.pread(memoryview(buf), 0)
+        await client.aclose()
+    assert buf == bytes(1 << 20)
+    assert 0 < sum(fed) < 64 << 10, fed
 
 
 async def test_an_unverified_peer_is_said_so(

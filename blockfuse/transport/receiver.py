@@ -55,10 +55,11 @@ should begin with (the core's ``receive_header`` parses it in place), then the d
 straight into its buffer; anything unexpected (another call's reply, an error chunk,
 several chunks) goes through the core as usual.  The reader task reads big blocks,
 with READ data straight into the callers' buffers.  A stream that is not a socket
-(TLS, memory streams in tests) is read by ``receive_some``, in turn as well: over TLS a
-lone request is still read by its caller, only without the lean header, and that
-caller's wait ends at its call's deadline by itself too (closing a TLS stream under a
-receive need not wake it).
+(TLS, memory streams in tests) is read by ``receive_some``, in turn as well, and READ
+data over TLS is decrypted straight into the caller's buffer (``TLSStream.receive_into``:
+no receive buffer, no copy through the core): over TLS a lone request is still read by
+its caller, only without the lean header, and that caller's wait ends at its call's
+deadline by itself too (closing a TLS stream under a receive need not wake it).
 """
 
 from __future__ import annotations
@@ -211,12 +212,11 @@ class Receiver:
         answered = self._answered
         while not self._idle(answered):
             with self._watching() as wait:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
+                n = await self._receive_stream_once()
             if wait.cancelled_caught:
                 continue
-            self.feed(data)
             await self._sender.send_if_idle()
-            if not data:
+            if not n:
                 raise ConnectionLost(f"{self._server} closed the connection")
 
     async def _receive_fd(self, fd: int) -> None:
@@ -296,10 +296,9 @@ class Receiver:
         """``read_own`` on a stream that is not a socket (TLS), bounded by the call's
         deadline itself too: closing such a stream under a wait need not end the wait."""
         with trio.move_on_at(call.deadline) as scope:
+            head = self._tx.header_size(call.cmd)
             while not call.done.is_set():
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-                self.feed(data)
-                if not data:
+                if not await self._receive_stream_once(head):
                     raise ConnectionLost(f"{self._server} closed the connection")
         if scope.cancelled_caught:
             self._check_deadlines()
@@ -379,19 +378,44 @@ class Receiver:
             n = os.readv(fd, [view])
             self.feed(view[:n].tobytes())
             return n
+        n = os.readv(fd, [self._payload_destination(target)])
+        self._payload_arrived(n, target[2])
+        return n
+
+    async def _receive_stream_once(self, head: int = RECEIVE_SIZE) -> int:
+        """One receive from a stream that is not a socket; how many bytes (0: the end,
+        told to the core).  A READ's data goes straight into its buffer where the core
+        streams it and the stream can (a TLS stream's ``receive_into``); anything else
+        is fed to the core, at most ``head`` bytes between replies (a lone caller's:
+        its reply's header, so that its data comes next by ``receive_into``)."""
+        target = self._tx.payload_target()
+        receive_into = getattr(self._stream, "receive_into", None)
+        if target is None or receive_into is None:
+            size = head if self._tx.at_rest and receive_into else RECEIVE_SIZE
+            data = await self._stream.receive_some(size)
+            self.feed(data)
+            return len(data)
+        n: int = await receive_into(self._payload_destination(target))
+        self._payload_arrived(n, target[2])
+        return n
+
+    def _payload_destination(self, target: tuple[int, int, int]) -> memoryview:
+        """Where the next bytes of a READ's data go: its call's buffer, or (the call
+        failed already) the receive view, to be dropped."""
         cookie, offset, remaining = target
         call = self._calls.get(cookie)
-        if call is None or call.sink is None:  # failed already: read and drop the bytes
-            dest = view[: min(remaining, len(view))]
-        else:
-            start = offset - call.offset
-            dest = call.sink[start : start + remaining]
-        n = os.readv(fd, [dest])
+        if call is None or call.sink is None:
+            return self._view[: min(remaining, len(self._view))]
+        start = offset - call.offset
+        return call.sink[start : start + remaining]
+
+    def _payload_arrived(self, n: int, remaining: int) -> None:
+        """``n`` bytes of the ``remaining`` data landed where ``_payload_destination``
+        said (0: the end)."""
         if n:
             self._tx.payload_received(n)
         if n == remaining or not n:
             self.feed(b"", eof=not n)
-        return n
 
     def feed(self, data: bytes | bytearray, *, eof: bool = True) -> None:
         """``data`` into the core (``b""``: the end, unless ``eof`` is false), and every

@@ -211,14 +211,30 @@ class TLSStream(trio.abc.Stream):
         await self._tls.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = more_decrypted(self._tls, await self._receive(max_bytes), max_bytes)
+        self._received += len(data)
+        return data
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Up to ``len(view)`` decrypted bytes straight into ``view`` (a READ's buffer),
+        how many (0: the end): those already decrypted, else what one wait brings in,
+        every record of it that fits (``decrypted_into``)."""
+        n = decrypted_into(self._tls, view)
+        if not n:
+            data = await self._receive(len(view))
+            n = len(data)
+            view[:n] = data
+            n += decrypted_into(self._tls, view[n:])
+        self._received += n
+        return n
+
+    async def _receive(self, max_bytes: int | None) -> bytes | bytearray:
         try:
             data = await self._tls.receive_some(max_bytes)
         except trio.BrokenResourceError as exc:
             raise self._broken(exc) from exc
         if not data and not self._received:
             raise TLSBroken(self._client.closed_at_once())
-        data = more_decrypted(self._tls, data, max_bytes)
-        self._received += len(data)
         return data
 
     def _broken(self, exc: BaseException) -> TLSBroken:
@@ -280,25 +296,34 @@ def more_decrypted(
     attribute of trio's, looked up so that a trio without it just skips this).  Nothing
     is written: a record that needs an answer (a KeyUpdate) is left for the stream's
     next call, as is an error, which that call then raises."""
-    ssl_object = getattr(tls, "_ssl_object", None)
-    if ssl_object is None or not data or max_bytes is None or len(data) >= max_bytes:
+    if not data or max_bytes is None or len(data) >= max_bytes:
         return data
     out = bytearray(max_bytes)
     out[: len(data)] = data
-    n = len(data)
     with memoryview(out) as view:
-        while n < max_bytes:
-            try:
-                got = ssl_object.read(max_bytes - n, view[n:])
-            except ssl.SSLError:  # SSLWantReadError: nothing more decrypted yet
-                break
-            if not got:
-                break
-            n += got
+        n = len(data) + decrypted_into(tls, view[len(data) :])
     if n == len(data):
         return data
     del out[n:]
     return out
+
+
+def decrypted_into(tls: trio.SSLStream[trio.abc.Stream], view: memoryview) -> int:
+    """Decrypt into ``view`` what ``tls`` has received and not yet decrypted, without
+    waiting; how many bytes (see ``more_decrypted``)."""
+    ssl_object = getattr(tls, "_ssl_object", None)
+    if ssl_object is None:
+        return 0
+    n = 0
+    while n < len(view):
+        try:
+            got = ssl_object.read(len(view) - n, view[n:])
+        except ssl.SSLError:  # SSLWantReadError: nothing more decrypted yet
+            break
+        if not got:
+            break
+        n += got
+    return n
 
 
 def peer_subject(cert: dict[str, Any] | None) -> str:
