@@ -68,7 +68,7 @@ from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS
 from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
-from .writer import MessageWriter
+from .writer import MessageWriter, widen_send_buffer
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,10 @@ class Connection:
         self._listing = listing
         self._tls = tls
         sock = getattr(stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
+        self._fd: int | None = None
+        if isinstance(sock, trio.socket.SocketType):
+            self._fd = sock.fileno()
+            widen_send_buffer(sock)
         self._view = memoryview(bytearray(RECEIVE_SIZE))
         self._burst = 0
         self._writer = MessageWriter(stream, self._fd, peer, limits.send_timeout)
