@@ -68,6 +68,7 @@ from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS
 from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
+from .workers import Workers
 from .writer import MessageWriter, widen_send_buffer
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ class Limits:
     connections: int = 256
 
 
+Job = tuple[Request, Handler, Reservation]
+"""A request for a worker: what it asks, who does it, what it holds until answered."""
+
+
 class Connection:
     """One client; ``run`` serves it to its end (see the module text)."""
 
@@ -164,7 +169,7 @@ class Connection:
         self._budgets = (ByteBudget(limits.connection_bytes), server_budget)
         self._scope = trio.CancelScope()
         self._core: ServerCore | None = None
-        self._tasks: trio.Nursery | None = None
+        self._workers: Workers[Job] | None = None
         self._payload: Reservation | None = None
         self._unanswered = 0
         self.shutting_down = False
@@ -336,13 +341,18 @@ class Connection:
         assert self._core is not None
         handler = self._backend.open(ready, self.peer)
         failure: Exception | None = None
-        async with trio.open_nursery() as tasks:
-            self._tasks = tasks
-            try:
-                await self._read_requests(self._core, handler)
-            except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
-                failure = exc  # raised out of the nursery as itself, not in a group
-                tasks.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as tasks:
+                self._workers = Workers(tasks, self._limits.requests, self._answer)
+                try:
+                    await self._read_requests(self._core, handler)
+                    self._workers.close()  # they answer what is in flight, then end
+                except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
+                    failure = exc  # raised out of the nursery as itself, not in a group
+                    tasks.cancel_scope.cancel()
+        finally:
+            for _, _, reservation in self._workers.unstarted() if self._workers else ():
+                reservation.release()  # cancelled before a task took them
         if failure is not None:
             raise failure
         self.why = "the client disconnected (NBD_CMD_DISC)"
@@ -394,10 +404,11 @@ class Connection:
         reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
         self._payload = None
         self._unanswered += 1
-        assert self._tasks is not None
-        self._tasks.start_soon(self._answer, req, handler, reservation)
+        assert self._workers is not None
+        self._workers.submit((req, handler, reservation))
 
-    async def _answer(self, req: Request, handler: Handler, reservation: Reservation) -> None:
+    async def _answer(self, job: Job) -> None:
+        req, handler, reservation = job
         try:
             reply = await handler.handle(req)
         except Exception:
