@@ -66,6 +66,7 @@ from ..nbd.haggling import TLSPolicy
 from ..nbd.server import ServerCore
 from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
+from .pool import MAX_POOLED, MIN_POOLED, BufferPool
 from .sender import STREAM_ERRORS
 from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
 from .workers import Workers
@@ -150,8 +151,10 @@ class Connection:
         server_budget: ByteBudget,
         listing: bool = True,
         tls: ServerTLS | None = None,
+        payloads: BufferPool | None = None,
     ) -> None:
         self.peer = peer
+        self._payloads = payloads or BufferPool()
         self._stream = stream
         self._backend = backend
         self._limits = limits
@@ -255,7 +258,13 @@ class Connection:
     async def _handshake(self) -> ServerReady | None:
         table = await self._backend.table()
         policy = self._tls.policy if self._tls is not None else TLSPolicy.OFF
-        core = ServerCore(table.exports, default=table.default, listing=self._listing, tls=policy)
+        core = ServerCore(
+            table.exports,
+            default=table.default,
+            listing=self._listing,
+            tls=policy,
+            allocate=self._payload_buffer,
+        )
         self._core = core
         if self.shutting_down:
             core.shut_down()
@@ -269,6 +278,16 @@ class Connection:
             return ready
         self._dropped(why)
         return None
+
+    def _payload_buffer(self, n: int) -> bytearray:
+        return self._payloads.take(n) or bytearray(n)
+
+    def _reuse_payload(self, req: Request) -> None:
+        """A WRITE answered with success: its payload's buffer (if pooled) may be used
+        again.  After a failure it is dropped: a device may still hold it."""
+        buf = req.data.obj if isinstance(req.data, memoryview) else None
+        if isinstance(buf, bytearray) and MIN_POOLED <= req.length <= MAX_POOLED:
+            self._payloads.give_back(buf)
 
     def _cut_off_writes(self, deadline: float, why: str) -> None:
         """Writes end by ``deadline`` (``math.inf``: no cut-off); a hurry's cut-off stays."""
@@ -417,6 +436,8 @@ class Connection:
         except BaseException:  # cancelled: the connection is ending, nothing is sent
             self._answered(reservation)
             raise
+        if req.cmd == Cmd.WRITE and isinstance(reply, Reply) and not reply.error:
+            self._reuse_payload(req)
         await self._send(reply, reservation, handler)
 
     async def _refuse(self, reply: Reply) -> None:
