@@ -66,3 +66,29 @@ async def test_replies_stay_right_while_buffers_go_round(
                 assert all(bytes(buf) == bytes([i + 1]) * MiB for i, buf in enumerate(mine))
         for client in clients:
             await client.aclose()
+
+
+async def test_writes_stay_right_while_payload_buffers_go_round(
+    nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    """Two connections, 16 distinct WRITEs each in flight (pooled sizes, one odd length),
+    five rounds: a payload buffer used again too early would land another's bytes."""
+    device = MemoryDevice(32 * MiB)
+    async with serving([export_of(device)], short_tmp) as s:
+        with trio.fail_after(30):
+            clients = [await connect_nbd(nursery, parse_uri(s.uri())) for _ in range(2)]
+        for r in range(5):
+            length = MiB - 512 * r
+            async with trio.open_nursery() as writers:
+                for c, client in enumerate(clients):
+                    for i in range(16):
+                        data = bytes([(r * 32 + c * 16 + i) % 251 + 1]) * length
+                        writers.start_soon(client.pwrite, data, (c * 16 + i) * MiB)
+            for c in range(2):
+                for i in range(16):
+                    want = bytes([(r * 32 + c * 16 + i) % 251 + 1]) * length
+                    got = bytearray(length)
+                    await device.read((c * 16 + i) * 2048, [got])
+                    assert got == want
+        for client in clients:
+            await client.aclose()

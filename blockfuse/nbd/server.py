@@ -151,9 +151,12 @@ class ServerCore:
         go: bool = True,
         fixed: bool = True,
         tls: TLSPolicy = TLSPolicy.OFF,
+        allocate: Callable[[int], bytearray] = bytearray,
     ) -> None:
         """``exports`` in the order LIST shows them; ``default`` names the one that the
-        empty name opens.  Each export's ``max_payload`` is enforced as advertised."""
+        empty name opens.  Each export's ``max_payload`` is enforced as advertised.
+        ``allocate(n)`` gives a WRITE payload's buffer, of at least ``n`` bytes."""
+        self._allocate = allocate
         knobs = Knobs(listing, structured, go, fixed, tls)
         self._haggling = Haggling(exports, default, knobs)
         self._offered = HandshakeFlag.NO_ZEROES
@@ -259,7 +262,7 @@ class ServerCore:
         w = self._incoming
         if self.state is not ServerState.WRITE_PAYLOAD or len(self._buf) or w is None:
             return None
-        return memoryview(self._payload_buffer(w))[w.filled :]
+        return memoryview(self._payload_buffer(w))[w.filled : w.length]
 
     def payload_received(self, n: int) -> None:
         w = self._incoming
@@ -388,7 +391,7 @@ class ServerCore:
 
     def _payload_buffer(self, w: Incoming) -> bytearray:
         if w.data is None:  # only now: room was reserved after PayloadComing
-            w.data = bytearray(w.length)
+            w.data = self._allocate(w.length)
         return w.data
 
     def _write_payload(self) -> ServerEvent | NeedData | None:
@@ -432,5 +435,5 @@ class ServerCore:
         refused = refused or range_refusal(t, w.cmd, w.offset, w.length)
         if refused is not None:
             return RequestRefused(w.cookie, w.cmd, *refused)
-        data = memoryview(w.data) if w.data is not None else b""
+        data = memoryview(w.data)[: w.length] if w.data is not None else b""
         return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, data)

@@ -22,9 +22,8 @@ FUA flushes through the device, not the cursor: the write fails if the flush doe
 the error stays recorded for every connection's next FLUSH (the errseq rule).
 
 A READ's data goes into a buffer of ``ReadBuffers``, shared by the server's connections,
-which takes it back once the reply has been written (``written``): a fresh 1 MiB
-``bytearray`` costs its zeroing, 256 page faults and an ``munmap`` when it is freed,
-about a fifth of the server's CPU per 1 MiB READ (perf, nbdcopy from a tmpfs image).
+which takes it back once the reply has been written (``written``); why, and the pool's
+bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
@@ -41,6 +40,10 @@ from ..errors import BlockError, RequestFailed
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
 from ..sectors import DeviceBytes, span
+from ..transport.pool import IDLE_BYTES as IDLE_BYTES
+from ..transport.pool import MAX_POOLED as MAX_POOLED
+from ..transport.pool import MIN_POOLED as MIN_POOLED
+from ..transport.pool import BufferPool
 from ..units import ceil_div
 
 ZERO_PIECE = 1 << 20
@@ -75,37 +78,8 @@ def nbd_errno(exc: BlockError) -> int:
     return WIRE_ERRNO.get(exc.errno, Errno.EIO)
 
 
-MIN_POOLED = 64 << 10
-MAX_POOLED = 4 << 20
-IDLE_BYTES = 32 << 20
-"""READ buffers are kept for reads of ``MIN_POOLED`` to ``MAX_POOLED`` bytes (sizes
-rounded up to a power of two), at most ``IDLE_BYTES`` of them idle in the whole server."""
-
-
-class ReadBuffers:
+class ReadBuffers(BufferPool):
     """Buffers for READ replies, used again once a reply is written; see the module."""
-
-    def __init__(self, idle_bytes: int = IDLE_BYTES) -> None:
-        self._idle: dict[int, list[bytearray]] = {}
-        self._idle_bytes = 0
-        self._limit = idle_bytes
-
-    def take(self, length: int) -> bytearray | None:
-        """A buffer of at least ``length`` bytes (``None``: allocate one of your own)."""
-        if not MIN_POOLED <= length <= MAX_POOLED:
-            return None
-        size = 1 << (length - 1).bit_length()
-        idle = self._idle.get(size)
-        if not idle:
-            return bytearray(size)
-        self._idle_bytes -= size
-        return idle.pop()
-
-    def give_back(self, buf: bytearray) -> None:
-        """``buf`` (from ``take``) is free again: nothing refers to its bytes any more."""
-        if self._idle_bytes + len(buf) <= self._limit:
-            self._idle.setdefault(len(buf), []).append(buf)
-            self._idle_bytes += len(buf)
 
 
 class RequestHandler:

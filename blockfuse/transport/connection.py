@@ -66,9 +66,11 @@ from ..nbd.haggling import TLSPolicy
 from ..nbd.server import ServerCore
 from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
+from .pool import MAX_POOLED, MIN_POOLED, BufferPool
 from .sender import STREAM_ERRORS
 from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
-from .writer import MessageWriter
+from .workers import Workers
+from .writer import MessageWriter, widen_send_buffer
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,10 @@ class Limits:
     connections: int = 256
 
 
+Job = tuple[Request, Handler, Reservation]
+"""A request for a worker: what it asks, who does it, what it holds until answered."""
+
+
 class Connection:
     """One client; ``run`` serves it to its end (see the module text)."""
 
@@ -145,15 +151,20 @@ class Connection:
         server_budget: ByteBudget,
         listing: bool = True,
         tls: ServerTLS | None = None,
+        payloads: BufferPool | None = None,
     ) -> None:
         self.peer = peer
+        self._payloads = payloads or BufferPool()
         self._stream = stream
         self._backend = backend
         self._limits = limits
         self._listing = listing
         self._tls = tls
         sock = getattr(stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else None
+        self._fd: int | None = None
+        if isinstance(sock, trio.socket.SocketType):
+            self._fd = sock.fileno()
+            widen_send_buffer(sock)
         self._view = memoryview(bytearray(RECEIVE_SIZE))
         self._burst = 0
         self._writer = MessageWriter(stream, self._fd, peer, limits.send_timeout)
@@ -161,7 +172,7 @@ class Connection:
         self._budgets = (ByteBudget(limits.connection_bytes), server_budget)
         self._scope = trio.CancelScope()
         self._core: ServerCore | None = None
-        self._tasks: trio.Nursery | None = None
+        self._workers: Workers[Job] | None = None
         self._payload: Reservation | None = None
         self._unanswered = 0
         self.shutting_down = False
@@ -247,7 +258,13 @@ class Connection:
     async def _handshake(self) -> ServerReady | None:
         table = await self._backend.table()
         policy = self._tls.policy if self._tls is not None else TLSPolicy.OFF
-        core = ServerCore(table.exports, default=table.default, listing=self._listing, tls=policy)
+        core = ServerCore(
+            table.exports,
+            default=table.default,
+            listing=self._listing,
+            tls=policy,
+            allocate=self._payload_buffer,
+        )
         self._core = core
         if self.shutting_down:
             core.shut_down()
@@ -261,6 +278,16 @@ class Connection:
             return ready
         self._dropped(why)
         return None
+
+    def _payload_buffer(self, n: int) -> bytearray:
+        return self._payloads.take(n) or bytearray(n)
+
+    def _reuse_payload(self, req: Request) -> None:
+        """A WRITE answered with success: its payload's buffer (if pooled) may be used
+        again.  After a failure it is dropped: a device may still hold it."""
+        buf = req.data.obj if isinstance(req.data, memoryview) else None
+        if isinstance(buf, bytearray) and MIN_POOLED <= req.length <= MAX_POOLED:
+            self._payloads.give_back(buf)
 
     def _cut_off_writes(self, deadline: float, why: str) -> None:
         """Writes end by ``deadline`` (``math.inf``: no cut-off); a hurry's cut-off stays."""
@@ -333,13 +360,18 @@ class Connection:
         assert self._core is not None
         handler = self._backend.open(ready, self.peer)
         failure: Exception | None = None
-        async with trio.open_nursery() as tasks:
-            self._tasks = tasks
-            try:
-                await self._read_requests(self._core, handler)
-            except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
-                failure = exc  # raised out of the nursery as itself, not in a group
-                tasks.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as tasks:
+                self._workers = Workers(tasks, self._limits.requests, self._answer)
+                try:
+                    await self._read_requests(self._core, handler)
+                    self._workers.close()  # they answer what is in flight, then end
+                except (ProtocolError, ConnectionLost, *STREAM_ERRORS) as exc:
+                    failure = exc  # raised out of the nursery as itself, not in a group
+                    tasks.cancel_scope.cancel()
+        finally:
+            for _, _, reservation in self._workers.unstarted() if self._workers else ():
+                reservation.release()  # cancelled before a task took them
         if failure is not None:
             raise failure
         self.why = "the client disconnected (NBD_CMD_DISC)"
@@ -361,8 +393,12 @@ class Connection:
 
     async def _take_payload(self, core: ServerCore, length: int) -> ServerEvent | NeedData:
         """Room for a WRITE's payload, then the payload, whole within the payload timeout
-        (else ``Stalled``: it holds budget other clients wait for); the event after it."""
+        (else ``Stalled``: it holds budget other clients wait for); the event after it.
+        A payload that came with its header needs no deadline: without that cancel scope
+        a 4 KiB WRITE at depth 16 costs the server ~44 µs of CPU instead of 55-65."""
         self._payload = await self._reserve(length)
+        if (event := core.next_event()) is not NEED_DATA:
+            return event
         timeout = self._limits.payload_timeout
         with trio.move_on_after(timeout):
             while (event := core.next_event()) is NEED_DATA:
@@ -387,10 +423,11 @@ class Connection:
         reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
         self._payload = None
         self._unanswered += 1
-        assert self._tasks is not None
-        self._tasks.start_soon(self._answer, req, handler, reservation)
+        assert self._workers is not None
+        self._workers.submit((req, handler, reservation))
 
-    async def _answer(self, req: Request, handler: Handler, reservation: Reservation) -> None:
+    async def _answer(self, job: Job) -> None:
+        req, handler, reservation = job
         try:
             reply = await handler.handle(req)
         except Exception:
@@ -399,6 +436,8 @@ class Connection:
         except BaseException:  # cancelled: the connection is ending, nothing is sent
             self._answered(reservation)
             raise
+        if req.cmd == Cmd.WRITE and isinstance(reply, Reply) and not reply.error:
+            self._reuse_payload(req)
         await self._send(reply, reservation, handler)
 
     async def _refuse(self, reply: Reply) -> None:

@@ -27,6 +27,7 @@ import trio
 
 from .budget import ByteBudget
 from .connection import Backend, Connection, Limits
+from .pool import BufferPool
 from .tlsserver import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class NBDServer:
         self.tls = tls
         self.limits = limits or Limits()
         self._budget = ByteBudget(self.limits.server_bytes)
+        self._payloads = BufferPool()
+        """WRITE payload buffers, shared by the connections (``pool.py``)."""
         self._connections: dict[Connection, None] = {}
         """The connections being served, oldest first (a dict as an ordered set)."""
         self._numbers = itertools.count(1)
@@ -95,6 +98,7 @@ class NBDServer:
             server_budget=self._budget,
             listing=self._listing,
             tls=self.tls,
+            payloads=self._payloads,
         )
         if self.shutting_down:
             conn.shut_down()
