@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from benchlib import (
     need,
     peak_rss_mib,
     pinned,
+    print_ratio_table,
     stop,
 )
 
@@ -126,22 +126,7 @@ def report(
 ) -> None:
     print(f"fio O_DIRECT libaio, {runtime} s per job, {rounds} rounds (rotated order), "
           "images pinned in memory; medians")  # fmt: skip
-    header = f"{'job':<20}" + "".join(
-        f" {n + ' IOPS':>24} {'x qsd':>6} {'µs/req':>7}" for n in names
-    )
-    print(header)
-    for label, *_ in JOBS:
-        ref = [iops for iops, _ in results[(label, "qsd")]]
-        row = f"{label:<20}"
-        for name in names:
-            runs = results[(label, name)]
-            ratios = [iops / r for (iops, _), r in zip(runs, ref, strict=True)]
-            row += (
-                f" {statistics.median(i for i, _ in runs):>24.0f}"
-                f" {statistics.median(ratios):>5.2f}x"
-                f" {statistics.median(u for _, u in runs):>7.1f}"
-            )
-        print(row, flush=True)
+    print_ratio_table([label for label, *_ in JOBS], names, "qsd", results)
     print(f"blockfuse mount's peak RSS after all jobs: {rss:.1f} MiB")
 
 

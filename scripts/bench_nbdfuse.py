@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from benchlib import (
     is_mounted,
     make_random_image,
     need,
+    print_ratio_table,
     stop,
     tmpfs,
 )
@@ -118,22 +118,7 @@ def report(
 ) -> None:
     print(f"fio O_DIRECT libaio through the flat file of one nbdkit file export, {runtime} s "
           f"per job, {rounds} rounds (rotated order); medians")  # fmt: skip
-    print(
-        f"{'job':<20}"
-        + "".join(f" {n + ' IOPS':>16} {'x nbdfuse':>9} {'µs/req':>7}" for n in names)
-    )
-    for label, *_ in JOBS:
-        ref = [iops for iops, _ in results[(label, "nbdfuse")]]
-        row = f"{label:<20}"
-        for name in names:
-            runs = results[(label, name)]
-            ratios = [iops / r for (iops, _), r in zip(runs, ref, strict=True)]
-            row += (
-                f" {statistics.median(i for i, _ in runs):>16.0f}"
-                f" {statistics.median(ratios):>8.2f}x"
-                f" {statistics.median(u for _, u in runs):>7.1f}"
-            )
-        print(row, flush=True)
+    print_ratio_table([label for label, *_ in JOBS], names, "nbdfuse", results)
 
 
 def main() -> None:

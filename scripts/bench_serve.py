@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import REPO, cpu_ns, need, peak_rss_mib, tmpfs
+from benchlib import REPO, cpu_ns, need, peak_rss_mib, terminate, tmpfs
 
 MiB = 1 << 20
 SERVERS = ("blockfuse", "qemu-nbd", "nbdkit")
@@ -95,13 +94,7 @@ class Server:
         return f"nbd+unix:///disk?socket={self.sock}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 60)
 
 
 def start(name: str, image: Path, workdir: Path) -> Server:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,15 +31,20 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == real for line in f)
 
 
-def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    """SIGTERM ``proc`` (SIGKILL after 30 s), then make sure nothing is left mounted."""
+def terminate(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM ``proc``, SIGKILL after ``grace`` seconds; returns once it is gone."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """``terminate`` ``proc``, then make sure nothing is left mounted."""
+    terminate(proc)
     if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, timeout=30)
 
@@ -149,3 +155,31 @@ def make_random_image(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size >> 24):
             f.write(os.urandom(1 << 24))
+
+
+def print_ratio_table(
+    jobs: Sequence[str],
+    names: Sequence[str],
+    reference: str,
+    results: Mapping[tuple[str, str], Sequence[tuple[float, float]]],
+) -> None:
+    """Per job and side (``results[(job, side)]``: one ``(IOPS, µs per request)`` a
+    round): the median IOPS, the median of the per-round ratios to ``reference``, and
+    the median CPU µs per request."""
+    width = max(len(n) for n in names) + 5
+    print(
+        f"{'job':<20}"
+        + "".join(f" {n + ' IOPS':>{width}} {'x ' + reference:>12} {'µs/req':>7}" for n in names)
+    )
+    for job in jobs:
+        ref = [iops for iops, _ in results[(job, reference)]]
+        row = f"{job:<20}"
+        for name in names:
+            runs = results[(job, name)]
+            ratios = [iops / r for (iops, _), r in zip(runs, ref, strict=True)]
+            row += (
+                f" {statistics.median(i for i, _ in runs):>{width}.0f}"
+                f" {statistics.median(ratios):>11.2f}x"
+                f" {statistics.median(u for _, u in runs):>7.1f}"
+            )
+        print(row, flush=True)
