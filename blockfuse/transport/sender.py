@@ -14,6 +14,7 @@ back, so the connection goes with it).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -104,8 +105,10 @@ class Sender:
                 await self._send(rest, until)
 
     async def send_if_idle(self) -> None:
+        """Send what is due (a DISC) unless a sender is at work; bounded by ``timeout``
+        only: the caller's deadline is not this notice's (a cancel makes it ``-inf``)."""
         if self._queue and not self.busy:
-            await self.send(batch=False)
+            await self.send(batch=False, until=math.inf)
 
     async def send_after_current(self, until: float | None = None) -> None:
         """Send everything queued, after the send under way (if any) has ended."""
