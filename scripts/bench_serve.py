@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import REPO, cpu_ns, need, peak_rss_mib, terminate, tmpfs
+from benchlib import REPO, connectable, cpu_ns, need, peak_rss_mib, terminate, tmpfs
 
 MiB = 1 << 20
 SERVERS = ("blockfuse", "qemu-nbd", "nbdkit")
@@ -109,15 +108,6 @@ def start(name: str, image: Path, workdir: Path) -> Server:
             sys.exit(f"{name} did not start: {(workdir / f'{name}.log').read_text()}")
         time.sleep(0.02)
     return Server(name, proc, sock)
-
-
-def connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
 
 
 # --- jobs -----------------------------------------------------------------------------------

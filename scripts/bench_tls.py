@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import REPO, need, terminate, tmpfs
+from benchlib import REPO, connectable, need, terminate, tmpfs
 
 MiB = 1 << 20
 TARGET = 0.7
@@ -134,15 +133,6 @@ class Run:
     """CPU seconds of the process compared (the reader, or the server)."""
     other_cpu: float
     """CPU seconds of the other side (the server, or nbdcopy)."""
-
-
-def connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
 
 
 class Server:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,16 @@ def need(tool: str, package: str) -> None:
     """Exit with how to install ``tool`` when it is missing."""
     if shutil.which(tool) is None:
         sys.exit(f"{tool} is missing: run scripts/setup (or apt-get install {package})")
+
+
+def connectable(path: Path) -> bool:
+    """A server listens on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
 
 
 def is_mounted(path: Path) -> bool:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -110,6 +110,10 @@ class Receiver:
         deliver: Callable[[ReplyEvent], None],
     ) -> None:
         self._stream = stream
+        self._receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
+            stream, "receive_into", None
+        )
+        """A TLS stream's: decrypts straight into a buffer (``_receive_stream_once``)."""
         self._fd = fd
         self._socket: trio.socket.SocketType | None = getattr(stream, "socket", None)
         self._tx = tx
@@ -231,7 +235,7 @@ class Receiver:
             self._still_open(fd)  # after a checkpoint: the park, a wait, a send
             for _ in range(BURST):
                 try:
-                    n = self._read_once(fd, self._view)
+                    n = self._read_once(fd)
                 except BlockingIOError:
                     break
                 if not n:
@@ -349,7 +353,7 @@ class Receiver:
         """At rest, the header the reply should begin with, parsed in place; else a
         step of the reader's kind (payload into its buffer, or a block into the core)."""
         if not self._tx.at_rest:
-            if not self._read_once(fd, self._view):
+            if not self._read_once(fd):
                 self._closed()
             return
         head = self._read_head if call.cmd is Cmd.READ else self._other_head
@@ -372,9 +376,10 @@ class Receiver:
 
     # --- feeding the core -------------------------------------------------------------
 
-    def _read_once(self, fd: int, view: memoryview) -> int:
+    def _read_once(self, fd: int) -> int:
         target = self._tx.payload_target()
         if target is None:
+            view = self._view
             n = os.readv(fd, [view])
             self.feed(view[:n].tobytes())
             return n
@@ -389,13 +394,13 @@ class Receiver:
         is fed to the core, at most ``head`` bytes between replies (a lone caller's:
         its reply's header, so that its data comes next by ``receive_into``)."""
         target = self._tx.payload_target()
-        receive_into = getattr(self._stream, "receive_into", None)
+        receive_into = self._receive_into
         if target is None or receive_into is None:
             size = head if self._tx.at_rest and receive_into else RECEIVE_SIZE
             data = await self._stream.receive_some(size)
             self.feed(data)
             return len(data)
-        n: int = await receive_into(self._payload_destination(target))
+        n = await receive_into(self._payload_destination(target))
         self._payload_arrived(n, target[2])
         return n
 

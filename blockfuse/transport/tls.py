@@ -296,7 +296,7 @@ def more_decrypted(
     attribute of trio's, looked up so that a trio without it just skips this).  Nothing
     is written: a record that needs an answer (a KeyUpdate) is left for the stream's
     next call, as is an error, which that call then raises."""
-    if not data or max_bytes is None or len(data) >= max_bytes:
+    if not data or max_bytes is None or len(data) >= max_bytes or not _decrypts(tls):
         return data
     out = bytearray(max_bytes)
     out[: len(data)] = data
@@ -413,3 +413,8 @@ def file_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return printable(str(exc))
+
+
+def _decrypts(tls: trio.SSLStream[trio.abc.Stream]) -> bool:
+    """``tls`` has the ``SSLObject`` (trio's private ``_ssl_object``) to decrypt with."""
+    return getattr(tls, "_ssl_object", None) is not None
