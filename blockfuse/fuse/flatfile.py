@@ -1,9 +1,9 @@
 """One device seen as a flat file of bytes: the FUSE handlers' only way to a device.
 
 The byte-level behaviour is ``blockfuse.sectors.DeviceBytes`` (shared with the NBD
-server); this adds what the file shows: its name, the spec it came from (with the size it has
-now, once resized), the status of
-every layer, and the controls (``user.blockfuse.KEY`` writes).  No pyfuse3 here.
+server); this adds what the file shows: its name, the spec it came from (with the size
+it has now, once resized), and the controls (``user.blockfuse.KEY`` writes).  No pyfuse3
+here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,3 @@ class FlatFile(DeviceBytes):
     async def control(self, key: str, value: bytes) -> None:
         """Hand ``user.blockfuse.KEY`` to the first layer (outermost first) that takes it."""
         await send_control(self.device, key, value, self.name)
-
-    def status(self) -> dict[str, str]:
-        return super().status()

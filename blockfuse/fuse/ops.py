@@ -313,10 +313,12 @@ class BlockFS(pyfuse3.Operations):
         else:
             opened = self._opened.get(args[0])
             file = opened.file if opened is not None else None
-            what = {
-                "read": lambda: f"read of {args[2]} bytes at {args[1]}",
-                "write": lambda: f"write of {len(args[2])} bytes at {args[1]}",
-            }.get(handler, lambda: handler)()
+            if handler == "read":
+                what = f"read of {args[2]} bytes at {args[1]}"
+            elif handler == "write":
+                what = f"write of {len(args[2])} bytes at {args[1]}"
+            else:
+                what = handler
         if file is not None:
             file.note_error(what, exc)
 
