@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import BlockError, RequestFailed, Unimplemented, Unsafe
+from .threads import WorkerThreads
 
 Buffer = bytearray | memoryview | bytes
 """A run of bytes handed to ``read`` (must be writable) or ``write``."""
@@ -188,18 +189,21 @@ class BlockDevice(ABC):
         view: memoryview,
         fill: Filler,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        threads: WorkerThreads | None = None,
     ) -> None:
         """Write ``view`` at ``sector`` once ``fill(view)`` has put its bytes there, then
         ``write_behind`` it: a bulk copier's data path.
 
         ``fill`` blocks (it reads another device over a connection of its own), so it
-        runs in a worker thread, one of the caller's ``limiter`` (trio's default one if
+        runs in a worker thread, one of the caller's ``threads`` (trio's default ones if
         none); a device that writes in worker threads anyway does its write in the same
         one (one thread hop per chunk, not three: see ``file.py``).  What ``fill`` raises
         propagates, and then nothing is written.  Otherwise it fails as ``write`` and
         ``write_behind`` do."""
-        await trio.to_thread.run_sync(fill, view, limiter=limiter)
+        if threads is None:
+            await trio.to_thread.run_sync(fill, view)
+        else:
+            await threads.run(fill, view)
         await self.write(sector, [view])
         await self.write_behind(sector, len(view) // (await self.get_info()).sector_size)
 

@@ -52,6 +52,7 @@ from blockfuse.devices.mirror.parts import data_plane  # noqa: E402
 from blockfuse.extents import IntervalSet  # noqa: E402
 from blockfuse.opening import OpenContext, background_tasks  # noqa: E402
 from blockfuse.spec import compile_spec, parse_size  # noqa: E402
+from blockfuse.threads import WorkerThreads  # noqa: E402
 
 MiB = 1 << 20
 
@@ -160,7 +161,7 @@ def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0
             ctx = OpenContext(nursery)
             source = await compile_spec(uri).open(ctx)
             plane = data_plane(source)
-            threads = trio.CapacityLimiter(in_flight)
+            threads = WorkerThreads(in_flight, "floor")
             info = await source.get_info()
             sink = await compile_spec(f"sparse({target}, size={info.size_bytes})").open(ctx)
             data: list[tuple[int, int]] = []
@@ -187,7 +188,7 @@ def floor(uri: str, target: Path, chunk: int = DEFAULT_CHUNK, in_flight: int = 0
                     view = memoryview(buf)[: (b - a) * 512]
                     if plane is not None:
                         read = plane.read_into
-                        await trio.to_thread.run_sync(read, view, a * 512, limiter=threads)
+                        await threads.run(read, view, a * 512)
                     else:
                         await source.read(a, [view])
                     await sink.write(a, [view])

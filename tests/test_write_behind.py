@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import pytest
 import trio
 
 from blockfuse.block import FlushCursor
-from blockfuse.devices import file as file_module
 from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.writeback import WriteBehind
 from blockfuse.errors import BlockError
+from blockfuse.threads import WorkerThreads
 
 from .conftest import require_tool
 
@@ -134,16 +135,16 @@ async def test_a_fill_runs_in_the_callers_threads_not_the_files(tmp_path: Path) 
     path = tmp_path / "secondary.img"
     path.write_bytes(bytes(CHUNK))
     dev = open_file(str(path))
-    mine = trio.CapacityLimiter(1)
-    seen: list[tuple[float, float]] = []
+    mine = WorkerThreads(1, "mine")
+    seen: list[str] = []
 
     def fill(view: memoryview) -> None:
-        seen.append((mine.borrowed_tokens, file_module._threads.borrowed_tokens))
+        seen.append(threading.current_thread().name)
         view[:] = bytes(len(view))
 
     try:
         with trio.fail_after(30):
-            await dev.write_filled(0, memoryview(bytearray(CHUNK)), fill, limiter=mine)
+            await dev.write_filled(0, memoryview(bytearray(CHUNK)), fill, threads=mine)
     finally:
         await dev.aclose()
-    assert seen == [(1, 0)]
+    assert seen == ["mine-1"]

@@ -2,11 +2,12 @@
 
 Blocking syscalls must not stall the event loop, and handing a call to a worker thread
 is not free.  Measured here (``scripts/bench_file_calls.py``, 2-core VM): from the page
-cache a 4 KiB ``preadv`` costs ~1 µs in the loop and a 4 KiB ``pwritev`` ~5 µs, but
-``trio.to_thread.run_sync`` adds 100-140 µs per call, and far more under load, when the
-worker waits for the GIL (fio through the mount: 3.5k write IOPS at depth 16 with
-threads, the same as depth 1).  A read that misses the cache, or a write throttled by
-dirty-page writeback, can block for milliseconds, though.  So:
+cache a 4 KiB ``preadv`` costs ~1 µs in the loop and a 4 KiB ``pwritev`` ~5 µs, but a
+hand-off to a worker thread costs 55-130 µs of CPU (``threads.py``; ``trio.to_thread``
+cost 165-280 µs), and more under load, when the worker waits for the GIL (fio through
+the mount: 3.5k write IOPS at depth 16 with threads, the same as depth 1).  A read that
+misses the cache, or a write throttled by dirty-page writeback, can block for
+milliseconds, though.  So:
 
 - reads try ``preadv`` in the loop with ``RWF_NOWAIT`` (the kernel returns what the
   cache holds, or ``EAGAIN``, instead of waiting); only the rest goes to a thread.  Where
@@ -59,6 +60,7 @@ from ..errors import (
     map_os_errors,
     request_failed,
 )
+from ..threads import WorkerThreads
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
 from .images import check_openable, check_raw, device_geometry, lock_image
@@ -66,7 +68,9 @@ from .images import check_openable, check_raw, device_geometry, lock_image
 T = TypeVar("T")
 IoCall = Callable[[int, list[memoryview], int, int], int]
 
-_threads = trio.CapacityLimiter(16)
+_threads = WorkerThreads(16, "blockfuse-file")
+"""The threads every file device shares (``threads.py``: a hand-off to them costs less
+than half of ``trio.to_thread``'s)."""
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 """The most buffers one ``preadv``/``pwritev`` takes (1024 on Linux)."""
@@ -234,13 +238,13 @@ class FileDevice(BlockDevice):
         view: memoryview,
         fill: Filler,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        threads: WorkerThreads | None = None,
     ) -> None:
         """``fill``, the write and the write-behind in one worker thread (see ``block.py``)."""
         self._check_writable()
         offset = sector * self._sector_size
         write = functools.partial(self._blocking_io, os.pwritev, [view], offset, "write")
-        await self._fill_write_behind(offset, view, fill, write, limiter)
+        await self._fill_write_behind(offset, view, fill, write, threads)
 
     async def _fill_write_behind(
         self,
@@ -248,10 +252,10 @@ class FileDevice(BlockDevice):
         view: memoryview,
         fill: Filler,
         write: Callable[[], None],
-        limiter: trio.CapacityLimiter | None,
+        threads: WorkerThreads | None,
     ) -> None:
         """Run ``fill(view)``, ``write()`` and the write-behind of ``view``'s range in one
-        thread of ``limiter`` (the device's own if ``None``; a writeback error recorded as
+        thread of ``threads`` (the devices' own if ``None``; a writeback error recorded as
         ``write_behind``'s).  What ``fill`` raises comes out as it is, even an
         ``OSError``; if anything fails, the ranges due to settle stay due."""
         due = self._behind.hand_over(offset, len(view)) if writeback.AVAILABLE else None
@@ -268,7 +272,7 @@ class FileDevice(BlockDevice):
         self._check_open()
         try:
             with self._busy(), map_os_errors(f"write {self.path} at byte {offset}"):
-                await trio.to_thread.run_sync(job, limiter=limiter or _threads)
+                await (threads or _threads).run(job)
         except BaseException as exc:
             if due:
                 self._behind.give_back(due)
@@ -306,7 +310,7 @@ class FileDevice(BlockDevice):
         """Run a blocking call in a worker thread, counted as in flight."""
         self._check_open()
         with self._busy(), map_os_errors(what):
-            return await trio.to_thread.run_sync(fn, *args, limiter=_threads)
+            return await _threads.run(fn, *args)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -337,9 +341,7 @@ class FileDevice(BlockDevice):
             done = nowait.attempt(call, self._fd, views, offset, nbytes)
             if done < nbytes:
                 rest = advance(views, done)
-                await trio.to_thread.run_sync(
-                    self._blocking_io, call, rest, offset + done, what, limiter=_threads
-                )
+                await _threads.run(self._blocking_io, call, rest, offset + done, what)
         except OSError as exc:
             raise request_failed(exc, f"{what} {self.path} at byte {offset}") from exc
         finally:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import trio
-
 from ..block import BlockDevice, Buffer, Extent, Filler, Info, check_new_size, total_length
 from ..errors import ReadOnly, Unsafe
+from ..threads import WorkerThreads
 from .wrapper import PassThrough
 
 
@@ -74,13 +73,13 @@ class SafeDevice(PassThrough):
         view: memoryview,
         fill: Filler,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        threads: WorkerThreads | None = None,
     ) -> None:
         info = await self._inner.get_info()
         check_request(sector, [view], info)
         if not info.read_write:
             raise ReadOnly("the device is read-only")
-        await self._inner.write_filled(sector, view, fill, limiter=limiter)
+        await self._inner.write_filled(sector, view, fill, threads=threads)
 
     async def unsafe_read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self._inner.read(sector, buffers)

@@ -63,6 +63,7 @@ from ..block import (
 from ..buffers import byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
+from ..threads import WorkerThreads
 from ..units import format_size
 from .file import HOLE_CAPABILITIES, FileDevice
 from .holes import append_extent, file_extents, is_hole, make_zeroes
@@ -179,7 +180,7 @@ class SparseDevice(FileDevice):
         view: memoryview,
         fill: Filler,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        threads: WorkerThreads | None = None,
     ) -> None:
         """Inside the backing file: ``fill``, the write (its zero runs punched, as
         ``write`` does) and the write-behind in one worker thread, holding the gate
@@ -190,8 +191,8 @@ class SparseDevice(FileDevice):
         async with self._gate.shared:
             if offset + len(view) <= self._length:
                 write = functools.partial(self._write_runs_blocking, offset, view)
-                return await self._fill_write_behind(offset, view, fill, write, limiter)
-        await BlockDevice.write_filled(self, sector, view, fill, limiter=limiter)
+                return await self._fill_write_behind(offset, view, fill, write, threads)
+        await BlockDevice.write_filled(self, sector, view, fill, threads=threads)
 
     def _write_runs_blocking(self, offset: int, view: memoryview) -> None:
         """``write``'s runs, in a worker thread, inside the backing file (the gate held)."""

@@ -91,6 +91,7 @@ from ...block import Capability
 from ...errors import BlockError
 from ...extents import IntervalSet, align_out
 from ...rangelock import RangeLock
+from ...threads import WorkerThreads
 from ...transport.blocking import Plane
 from .copymap import CopyMap
 from .pace import Pace
@@ -197,7 +198,7 @@ class Copier:
         """Workers that go on copying while foreground I/O uses the primary."""
         self.in_flight = 0
         """Items being copied right now (for statistics)."""
-        self._threads = trio.CapacityLimiter(settings.in_flight)
+        self._threads = WorkerThreads(settings.in_flight, "blockfuse-copy")
         """The worker threads chunks are copied in (not a device's: a stalled primary
         must not take the threads local files need)."""
         self._flush_behind = FlushBehind(events)

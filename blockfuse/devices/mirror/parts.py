@@ -15,6 +15,7 @@ import trio
 from ...block import BlockDevice, Buffer, Capability, Filler, Info, layers, total_length
 from ...errors import BlockError, Unimplemented
 from ...extents import IntervalSet, align_out
+from ...threads import WorkerThreads
 from ...transport.blocking import Plane
 from ...units import ceil_div
 
@@ -105,12 +106,12 @@ class Side:
         await self.dev.write_behind(sector * self.ratio, count * self.ratio)
 
     async def write_filled(
-        self, sector: int, view: memoryview, fill: Filler, limiter: trio.CapacityLimiter
+        self, sector: int, view: memoryview, fill: Filler, threads: WorkerThreads
     ) -> None:
         """``write_filled`` (``block.py``), recorded as written exactly (a copier's)."""
         if self._grain:  # before the write: it may half land
             self._written.add(sector, sector + len(view) // self._sector_size)
-        await self.dev.write_filled(sector * self.ratio, view, fill, limiter=limiter)
+        await self.dev.write_filled(sector * self.ratio, view, fill, threads=threads)
 
     async def find_data(self, size: int) -> None:
         """Learn where the device holds data now (if it can tell: extents)."""
