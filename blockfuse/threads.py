@@ -21,7 +21,8 @@ The same calls: 139 µs (131 µs of CPU) one at a time, 54 µs (58 µs) with 16 
   caller waits for it to return and is cancelled then, as ``trio.to_thread.run_sync``
   does by default.  A caller cancelled before it queues runs nothing.
 - One pool serves any number of event loops, one after another or at once: each call
-  carries its own loop's token.
+  carries its own loop's token.  A forked child starts with no threads and no calls
+  (its parent's threads do not exist in it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import collections
 import contextlib
 import errno
 import itertools
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,10 +57,15 @@ class WorkerThreads:
         self.limit = limit
         self.name = name
         self._idle_seconds = idle_seconds
+        self._numbers = itertools.count(1)
+        self._forget()
+        _pools.add(self)
+
+    def _forget(self) -> None:
+        """No threads, no calls: a new pool, or one in a forked child."""
         self._queue: collections.deque[_Call] = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self._idle = 0
-        self._numbers = itertools.count(1)
         self.alive = 0
         """Threads alive now."""
 
@@ -112,6 +120,17 @@ class WorkerThreads:
                     self.alive -= 1
                     return None
             return self._queue.popleft()
+
+
+_pools: weakref.WeakSet[WorkerThreads] = weakref.WeakSet()
+
+
+def _forget_every_pool() -> None:
+    for pool in _pools:
+        pool._forget()
+
+
+os.register_at_fork(after_in_child=_forget_every_pool)
 
 
 def _run(

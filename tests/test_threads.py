@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -144,3 +146,29 @@ async def test_a_pool_that_cannot_start_a_thread_fails_the_call(
                 await threads.run(lambda: 1)
         assert threads.alive == 0
         assert await threads.run(lambda: 2) == 2
+
+
+def test_a_forked_child_gets_threads_of_its_own() -> None:
+    """The parent's threads do not exist in a child: a call there must not wait for one."""
+    threads = WorkerThreads(1, "test")
+    assert trio.run(threads.run, lambda: 1) == 1 and threads.alive == 1
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the exit status, never return into pytest
+        try:
+            code = trio.run(_call_with_deadline, threads)
+        except BaseException:
+            code = 99
+        os._exit(code)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's call never ran")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 42
+
+
+async def _call_with_deadline(threads: WorkerThreads) -> int:
+    with trio.fail_after(5):
+        return await threads.run(lambda: 42)
