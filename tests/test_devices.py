@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 
 from blockfuse.block import BlockDevice
+from blockfuse.devices import file as file_module
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.readonly import ReadOnlyDevice
@@ -117,10 +118,11 @@ async def test_file_large_concurrent_io(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("opener", [open_file, open_sparse])
 async def test_a_write_too_big_for_the_loop_goes_whole_in_pieces(
-    tmp_path: Path, opener: Any
+    tmp_path: Path, opener: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Over 1 MiB goes to a thread, which writes 256 KiB at a time: buffers of odd sizes
-    across the piece edges, at an odd sector, all land in order."""
+    """Over 1 MiB goes to a thread, which writes a piece at a time (256 KiB here):
+    buffers of odd sizes across the piece edges, at an odd sector, all land in order."""
+    monkeypatch.setattr(file_module, "THREAD_WRITE_PIECE", 256 << 10)
     dev = opener(image(tmp_path, 8 << 20))
     data = [os.urandom(n) for n in (512, 300 * 512, 2 << 20, 1536, 1 << 20)]
     with trio.fail_after(10):

@@ -79,12 +79,13 @@ IN_LOOP_WRITE_MAX = 1 << 20
 """Reads and writes up to this many bytes (every FUSE request) may run in the loop where
 RWF_NOWAIT is refused; larger ones, from a mirror's copier with big chunks, go to a
 thread."""
-THREAD_WRITE_PIECE = 256 << 10
-"""A write in a thread is issued in pieces of at most this many bytes.  Large aligned
-``pwritev`` calls were often slow on the dev VM (likely the page cache allocating large
-folios; not verified): 1 GiB in aligned 4 MiB writes took 0.32-1.27 s in 5 of 8 runs and
-0.20 s in the others; in 256 KiB pieces, 0.20-0.24 s in 8 of 8 (nbdcopy writes 256 KiB
-requests).  The mirror's copier writes whole chunks (4 MiB by default) here."""
+THREAD_WRITE_PIECE = 4 << 20
+"""A write in a thread is issued in pieces of at most this many bytes: the copier's
+default chunk in one call.  In interleaved 2 GiB mirror copies on the dev VM, 256 KiB
+pieces copied at 1614-1729 MiB/s with 1.11-1.20 s of CPU, whole 4 MiB chunks at
+1648-1900 MiB/s with 0.98-1.15 s.  Writing 1 GiB into the page cache took 0.25-0.3 s
+with a few runs at 1-2 s whatever the piece size (256 KiB, 1 MiB, 4 MiB): dirty-page
+throttling, not the size of the call."""
 SLOW_CALL = 0.001
 """A write that blocked this long (seconds) sends the next ones to threads..."""
 SLOW_PERIOD = 1.0
