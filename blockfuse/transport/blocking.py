@@ -12,8 +12,17 @@ Several connections read one export only where the server says it may be done
 connection had acknowledged, and the copy could miss a foreground write.
 
 The protocol is the same sans-io core as the trio client's (``nbd/handshake.py``,
-``nbd/transmission.py``); every socket call has the request timeout (a stalled server
-fails the read with ``TimedOut``, and the connection is dropped).  A connection is used
+``nbd/transmission.py``); every socket call has what is left of the request's timeout (a
+stalled server fails the read with ``TimedOut``, and the connection is dropped).  After
+the handshake a socket blocks, with the kernel's own timeouts (``SO_RCVTIMEO``,
+``SO_SNDTIMEO``) set to what is left before each call, so that a READ's payload is
+received by one ``recv_into`` with ``MSG_WAITALL`` (with the GIL released for all of
+it) instead of one per socket buffer's worth, each back in Python: in interleaved 2 GiB
+mirror copies on the dev VM, 2104-2172 MiB/s with 0.82-0.88 s of CPU instead of
+1826-2004 MiB/s with 0.90-1.06 s, and fio's random reads through the mount beside a
+copy at 128 MB/s went from 6.7-7.1k to 7.6-7.7k IOPS.  The kernel's timeout bounds the
+whole of such a call, and a payload cut short by it is received on, within the
+deadline.  A connection is used
 by one thread at a time (``Plane`` hands them out); one that failed is closed and a new
 one is made for the next read.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import struct
 import time
 
 from ..errors import BlockError, ProtocolError, RequestFailed
@@ -34,6 +44,8 @@ from ..nbd.uri import Address
 from .handshake import ConnectionLost, TimedOut
 
 RECEIVE_SIZE = 1 << 16
+DISCONNECT_SECONDS = 1.0
+"""How long closing a connection may wait to send NBD_CMD_DISC."""
 
 
 class BlockingClient:
@@ -42,6 +54,7 @@ class BlockingClient:
     def __init__(
         self, sock: socket.socket, negotiated: Negotiated, server: str, timeout: float
     ) -> None:
+        sock.settimeout(None)  # blocking, the deadlines are the kernel's (module text)
         self._sock = sock
         self._tx = ClientTransmission(negotiated)
         self._server = server
@@ -79,10 +92,10 @@ class BlockingClient:
     def _read_one(self, view: memoryview, offset: int) -> None:
         _, header = self._tx.request(Cmd.READ, offset, len(view))
         try:
-            self._arm()
+            self._arm(socket.SO_SNDTIMEO)
             self._sock.sendall(header)
             while True:
-                self._arm()
+                self._arm(socket.SO_RCVTIMEO)
                 target = self._tx.payload_target()
                 if target is not None:
                     self._receive_payload(view, offset, target)
@@ -90,7 +103,7 @@ class BlockingClient:
                     self._tx.receive_data(self._sock.recv(RECEIVE_SIZE))
                 if (done := self._deliver(view, offset)) is not None:
                     return self._finish(done)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # a kernel timeout is EAGAIN
             self.close()
             raise TimedOut(f"{self._server}: no answer to a read within the timeout") from None
         except OSError as exc:
@@ -100,17 +113,18 @@ class BlockingClient:
             self.close()
             raise
 
-    def _arm(self) -> None:
-        """The next socket call may take what is left of the read's time."""
+    def _arm(self, option: int) -> None:
+        """The next receive (``SO_RCVTIMEO``) or send (``SO_SNDTIMEO``) may take what is
+        left of the read's time."""
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        self._sock.settimeout(left)
+        _set_timeout(self._sock, option, left)
 
     def _receive_payload(self, view: memoryview, offset: int, target: tuple[int, int, int]) -> None:
         _, at, remaining = target
         start = at - offset
-        n = self._sock.recv_into(view[start : start + remaining], remaining)
+        n = self._sock.recv_into(view[start : start + remaining], remaining, socket.MSG_WAITALL)
         if n == 0:
             self._tx.receive_data(b"")  # the server closed: the core says how
         else:
@@ -135,8 +149,16 @@ class BlockingClient:
     def close(self) -> None:
         """Send NBD_CMD_DISC where possible, and close; never fails."""
         with contextlib.suppress(OSError, BlockError):
+            _set_timeout(self._sock, socket.SO_SNDTIMEO, DISCONNECT_SECONDS)
             self._sock.sendall(self._tx.disconnect())
         self._sock.close()
+
+
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """The kernel's timeout ``option`` for a blocking socket's calls (never 0: that is
+    none at all)."""
+    whole, micro = divmod(max(1, round(seconds * 1e6)), 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micro))
 
 
 def _open_socket(address: Address, timeout: float) -> socket.socket:
