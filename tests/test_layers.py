@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 
 LAYERS = [
-    ["errors", "log"],
+    ["errors", "log", "threads"],
     ["block"],
     ["units", "buffers", "extents", "rangelock", "opening", "notify", "lifecycle", "malloc"],
     ["sectors"],
