@@ -15,8 +15,9 @@ and the memory of its copy map.  One run, same source for everyone.
    others' as child processes; nbdkit's is not counted for anyone).
 2. Foreground reads.  fio 4 KiB random reads (O_DIRECT, libaio, depth 16) through
    ``blockfuse mount``: of the NBD export alone, of the mirror while its copier runs
-   (unthrottled, for 1 s as the copy is short; and at ``rate=128M``), and of the same
-   mirror once synced (when reads come from the local secondary).
+   (unthrottled, for 1 s as the copy is short; and at ``rate=128M`` and ``rate=32M``: what
+   a copy rate costs the foreground), and of the same mirror once synced (when reads come
+   from the local secondary, whose pages the copy dropped from the cache).
 3. Copy map memory.  RSS growth of an ``IntervalSet`` for a 1 TiB device in 1 MiB
    chunks: copied in order (the usual case) and every other chunk (the worst case).
 
@@ -277,7 +278,12 @@ def foreground(args: argparse.Namespace, work: Path, source: Path) -> None:
     print(f"\nfio 4 KiB random reads, depth 16, {args.runtime} s each, through the mount")
     plain = plain_nbd_iops(args, work, source)
     print(f"  the NBD export mounted alone (no mirror):         {plain:8.0f} IOPS")
-    for label, extra, runtime in (("unthrottled", "", 1), ("rate=128M", ", rate=128M", 3)):
+    settings = (
+        ("unthrottled", "", 1),
+        ("rate=128M", ", rate=128M", 3),
+        ("rate=32M", ", rate=32M", 3),
+    )
+    for label, extra, runtime in settings:
         during, after, note = fio_during_and_after(args, work, source, extra, runtime)
         print(f"  mirror, copier {label:11} during the copy ({runtime} s): {during:8.0f} IOPS"
               f"  {during / plain:4.2f}x  ({note})")  # fmt: skip
