@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +21,7 @@ from blockfuse.transport.handshake import TLSBroken
 from blockfuse.transport.tls import TLSStream
 from blockfuse.transport.tlsread import CiphertextReader
 
+from .conftest import require_tool
 from .test_tls_transport import server_context, tls_client
 from .tlscerts import Certificates, make_certificates
 
@@ -162,9 +165,41 @@ async def test_a_closed_socket_is_not_read_under_its_old_number(
                 os.close(n)
 
 
-def test_renegotiation_is_refused(certs: Certificates) -> None:
-    """TLS 1.2's renegotiation is refused (TLS 1.3 has none), so that decrypting never
-    needs to send and wait (tlsread.py)."""
+async def test_renegotiation_is_refused(short_tmp: Path, certs: Certificates) -> None:
+    """A TLS 1.2 server (``openssl s_server``, its ``r`` command; TLS 1.3 has no
+    renegotiation) asks for one: the client reads on without it and refuses it with the
+    no_renegotiation alert, which leaves with its next bytes (tlsread.py)."""
     context = tls_client(certs).context
     assert context.options & ssl.OP_NO_RENEGOTIATION
-    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    directory = certs.dir("server")
+    sock = short_tmp / "s.sock"
+    argv = [require_tool("openssl", "openssl"), "s_server", "-tls1_2", "-unix", str(sock),
+            "-cert", f"{directory}/server-cert.pem", "-key", f"{directory}/server-key.pem",
+            "-naccept", "1"]  # fmt: skip
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        with trio.fail_after(20):
+            await output_until(proc.stdout, b"ACCEPT")
+            stream = await tls_client(certs).start(await trio.open_unix_socket(str(sock)))
+            assert stream.version == "TLSv1.2" and stream._reader is not None
+            await proc.stdin.send_all(b"r\n")  # HelloRequest (what it prints is buffered)
+            await trio.sleep(1)  # s_server reads its next line apart
+            await proc.stdin.send_all(b"after\n")
+            assert await stream.receive_some(100) == b"after\n"
+            await stream.send_all(b"next request\n")
+            await output_until(proc.stdout, b"no renegotiation")
+            await stream.aclose()
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def output_until(out: trio.abc.ReceiveStream, text: bytes) -> None:
+    seen = b""
+    while text not in seen:
+        more = await out.receive_some(1 << 16)
+        assert more, seen.decode(errors="replace")[-2000:]
+        seen += more
