@@ -123,6 +123,14 @@ async def test_bytes_that_are_not_records_break_the_session(
                 await pair.client.receive_into(buf)
 
 
+async def test_an_empty_buffer_is_refused(certs: Certificates) -> None:
+    """As trio refuses ``receive_some(0)``: 0 would say the session ended."""
+    async with tls_pair(certs) as pair, trio.open_nursery() as nursery:
+        nursery.start_soon(pair.server.send_all, b"x")
+        with trio.fail_after(5), pytest.raises(ValueError):
+            await pair.client.receive_into(memoryview(bytearray(0)))
+
+
 async def test_a_cancelled_receive_loses_nothing(certs: Certificates) -> None:
     async with tls_pair(certs) as pair:
         buf = memoryview(bytearray(100))

@@ -83,7 +83,10 @@ class CiphertextReader:
         every byte more that is already here and fits; how many (0: the server closed the
         session with close_notify).  Raises ``trio.BrokenResourceError`` (from the
         ``ssl.SSLError``) if the session broke, ``trio.ClosedResourceError`` if the
-        socket was closed."""
+        socket was closed; ``ValueError`` for an empty ``view`` (as trio's
+        ``receive_some(0)``: 0 would say the end)."""
+        if not view:
+            raise ValueError("receive_into needs a buffer of at least one byte")
         while True:
             n = self.decrypted_into(view)
             if n or self._ended:
