@@ -20,7 +20,7 @@ What the pieces are for:
   stream that is not a socket, so it takes its ``receive_some`` path, never the socket's
   fd).  It does four things beyond ``trio.SSLStream``: over a socket it receives
   without it, ciphertext read straight from the socket and READ data decrypted straight
-  into the caller's buffer (tlsread.py: trio's receive costs a scheduler trip, a fresh
+  into the caller's buffer (tlssocket.py: trio's receive costs a scheduler trip, a fresh
   bytes object and a Python retry loop per 256 KiB); its ``aclose`` is bounded
   (``CLOSE_TIMEOUT``; trio's sends a close_notify, which a server that stopped reading
   would hold forever, and callers close under a shield); a TLS failure is a
@@ -33,7 +33,7 @@ What the pieces are for:
   socket at a time, and a read takes every record already received.
 
 The context refuses TLS 1.2's renegotiation (``OP_NO_RENEGOTIATION``; TLS 1.3 has
-none), so decrypting never has to send and wait (tlsread.py).
+none), so decrypting never has to send and wait (tlssocket.py).
 
 Failures say which, in one line (``explain``): an unknown CA, a wrong host name, an
 expired certificate, no client certificate where the server wants one, a server that
@@ -58,7 +58,7 @@ import trio
 from ..nbd.uri import Address, TLSOptions
 from ..units import printable
 from .handshake import TLSBroken, TLSFailed
-from .tlsread import TRANSPORT_READ, CiphertextReader
+from .tlssocket import TRANSPORT_READ, CiphertextReader
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class TLSStream(trio.abc.Stream):
         self._client = client
         self._received = 0
         self._reader = CiphertextReader.for_stream(tls)
-        """Receives straight from the socket (tlsread.py); ``None``: through trio."""
+        """Receives straight from the socket (tlssocket.py); ``None``: through trio."""
         self.version: str = tls.version() or "TLS"
         self.peer = peer_subject(tls.getpeercert())
 

@@ -1,4 +1,4 @@
-"""The TLS client's receive path on a socket (tlsread.py): a real socket pair, the server
+"""The TLS client's receive path on a socket (tlssocket.py): a real socket pair, the server
 a ``trio.SSLStream`` with Python's own TLS.  The data comes out whole and in order, and
 each way a session ends or breaks says what it is: close_notify, the socket's end
 without one, bytes that are not records, a socket closed under a wait or before a read,
@@ -19,7 +19,7 @@ import trio
 
 from blockfuse.transport.handshake import TLSBroken
 from blockfuse.transport.tls import TLSStream
-from blockfuse.transport.tlsread import CiphertextReader
+from blockfuse.transport.tlssocket import CiphertextReader
 
 from .conftest import require_tool
 from .test_tls_transport import server_context, tls_client
@@ -176,7 +176,7 @@ async def test_a_closed_socket_is_not_read_under_its_old_number(
 async def test_renegotiation_is_refused(short_tmp: Path, certs: Certificates) -> None:
     """A TLS 1.2 server (``openssl s_server``, its ``r`` command; TLS 1.3 has no
     renegotiation) asks for one: the client reads on without it and refuses it with the
-    no_renegotiation alert, which leaves with its next bytes (tlsread.py)."""
+    no_renegotiation alert, which leaves with its next bytes (tlssocket.py)."""
     context = tls_client(certs).context
     assert context.options & ssl.OP_NO_RENEGOTIATION
     directory = certs.dir("server")
