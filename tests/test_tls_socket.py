@@ -19,7 +19,7 @@ import trio
 
 from blockfuse.transport.handshake import TLSBroken
 from blockfuse.transport.tls import TLSStream
-from blockfuse.transport.tlssocket import CiphertextReader
+from blockfuse.transport.tlssocket import CiphertextReader, CiphertextWriter
 
 from .conftest import require_tool
 from .test_tls_transport import server_context, tls_client
@@ -63,6 +63,7 @@ async def test_a_socket_is_read_directly(certs: Certificates) -> None:
     data = bytes(range(256)) * 4096 * 16
     async with tls_pair(certs) as pair:
         assert isinstance(pair.client._reader, CiphertextReader)
+        assert isinstance(pair.client._writer, CiphertextWriter)
         got = bytearray()
         sizes = []
         with trio.fail_after(10):
@@ -171,6 +172,52 @@ async def test_a_closed_socket_is_not_read_under_its_old_number(
         finally:
             for n in (fd, r, w):
                 os.close(n)
+
+
+async def test_a_socket_is_written_directly(certs: Certificates) -> None:
+    """8 MiB sent while the server reads slowly (the socket fills: the send waits for
+    it), then a short one; all of it arrives in order."""
+    data = bytes(range(256)) * 4096 * 32
+    got = bytearray()
+
+    async def read_slowly(server: trio.SSLStream[trio.SocketStream], size: int) -> None:
+        while len(got) < size:
+            await trio.sleep(0.001)
+            got.extend(await server.receive_some(1 << 16))
+
+    async with tls_pair(certs) as pair:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_slowly, pair.server, len(data) + 5)
+                await pair.client.send_all(data)
+                await pair.client.send_all(b"after")
+    assert got == data + b"after"
+
+
+async def test_a_send_cut_short_breaks_the_session(certs: Certificates) -> None:
+    """Cancelled with records left to write (the server reads nothing): every later send
+    raises, and closing sends no close_notify after half a record."""
+    async with tls_pair(certs) as pair:
+        with trio.move_on_after(0.2) as waited:
+            await pair.client.send_all(bytes(8 * MiB))
+        assert waited.cancelled_caught
+        for _ in range(2):
+            with pytest.raises(TLSBroken, match=r"^TLS: a send was cut short, leaving part"):
+                await pair.client.send_all(b"more")
+        started = trio.current_time()
+        await pair.client.aclose()
+        assert trio.current_time() - started < 1
+
+
+async def test_closing_the_stream_ends_a_send(certs: Certificates) -> None:
+    """A send that waits for the socket (the server reads nothing) ends when the stream
+    is closed, and the close does not wait for it."""
+    async with tls_pair(certs) as pair:
+        with trio.fail_after(1):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.client.aclose)
+                with pytest.raises(trio.ClosedResourceError):
+                    await pair.client.send_all(bytes(8 * MiB))
 
 
 async def test_renegotiation_is_refused(short_tmp: Path, certs: Certificates) -> None:

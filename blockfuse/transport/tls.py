@@ -18,10 +18,11 @@ What the pieces are for:
   timeout) bounds it, as every other wait of the handshake.
 - ``TLSStream`` is what the NBD client then reads and writes (``NBDClient`` sees a
   stream that is not a socket, so it takes its ``receive_some`` path, never the socket's
-  fd).  It does four things beyond ``trio.SSLStream``: over a socket it receives
-  without it, ciphertext read straight from the socket and READ data decrypted straight
-  into the caller's buffer (tlssocket.py: trio's receive costs a scheduler trip, a fresh
-  bytes object and a Python retry loop per 256 KiB); its ``aclose`` is bounded
+  fd).  It does four things beyond ``trio.SSLStream``: over a socket it receives and
+  sends without it, ciphertext read straight from the socket and READ data decrypted
+  straight into the caller's buffer, records written straight to the socket
+  (tlssocket.py: trio's receive costs a scheduler trip, a fresh bytes object and a
+  Python retry loop per 256 KiB, its send a few trips); its ``aclose`` is bounded
   (``CLOSE_TIMEOUT``; trio's sends a close_notify, which a server that stopped reading
   would hold forever, and callers close under a shield); a TLS failure is a
   ``TLSBroken`` (a ``trio.BrokenResourceError``, so every layer above treats it as a
@@ -33,7 +34,7 @@ What the pieces are for:
   socket at a time, and a read takes every record already received.
 
 The context refuses TLS 1.2's renegotiation (``OP_NO_RENEGOTIATION``; TLS 1.3 has
-none), so decrypting never has to send and wait (tlssocket.py).
+none), so decrypting never has to send and wait, nor sending to receive (tlssocket.py).
 
 Failures say which, in one line (``explain``): an unknown CA, a wrong host name, an
 expired certificate, no client certificate where the server wants one, a server that
@@ -58,7 +59,13 @@ import trio
 from ..nbd.uri import Address, TLSOptions
 from ..units import printable
 from .handshake import TLSBroken, TLSFailed
-from .tlssocket import TRANSPORT_READ, CiphertextReader
+from .tlssocket import (
+    TRANSPORT_READ,
+    CiphertextReader,
+    CiphertextWriter,
+    SendCutShort,
+    on_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +209,10 @@ class TLSStream(trio.abc.Stream):
         self._tls = tls
         self._client = client
         self._received = 0
-        self._reader = CiphertextReader.for_stream(tls)
-        """Receives straight from the socket (tlssocket.py); ``None``: through trio."""
+        direct = on_socket(tls)
+        self._reader: CiphertextReader | None = direct[0] if direct else None
+        self._writer: CiphertextWriter | None = direct[1] if direct else None
+        """Receive and send straight on the socket (tlssocket.py); ``None``: through trio."""
         self.version: str = tls.version() or "TLS"
         self.peer = peer_subject(tls.getpeercert())
 
@@ -213,7 +222,10 @@ class TLSStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self._tls.send_all(data)
+            if self._writer is not None:
+                await self._writer.send_all(data)
+            else:
+                await self._tls.send_all(data)
         except trio.BrokenResourceError as exc:
             raise self._broken(exc) from exc
 
@@ -269,6 +281,8 @@ class TLSStream(trio.abc.Stream):
     def _broken(self, exc: BaseException) -> TLSBroken:
         """A failure in words; one without a TLS alert before the server sent anything
         is most likely a refused client certificate (see the module text)."""
+        if isinstance(exc, SendCutShort):
+            return TLSBroken(f"TLS: {exc}")
         cause = root_cause(exc)
         alert = isinstance(cause, ssl.SSLError) and not isinstance(cause, QUIET_ENDINGS)
         if not self._received and not alert:
@@ -278,9 +292,11 @@ class TLSStream(trio.abc.Stream):
     async def aclose(self) -> None:
         """close_notify if it leaves within ``CLOSE_TIMEOUT``; the connection is closed in
         any case (also when cancelled)."""
+        writer = self._writer
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self._tls.aclose()
+            if writer is None or not (writer.sending or writer.broken):
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._tls.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:

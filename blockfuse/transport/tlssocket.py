@@ -1,31 +1,37 @@
-"""The TLS client's receive path on a socket: ciphertext read straight from the socket
-into the session's incoming BIO, plaintext decrypted straight into the caller's buffer.
+"""The TLS client on a socket: ciphertext read straight from the socket into the
+session's incoming BIO and decrypted straight into the caller's buffer; records written
+straight from the outgoing BIO to the socket.
 
     socket --os.readv--> one reusable 256 KiB buffer --write--> incoming MemoryBIO
                                                                      |
                               caller's buffer (a READ's) <--read-- SSLObject
+    socket <--os.write-- outgoing MemoryBIO <--write-- a request
 
-``trio.SSLStream`` still does the handshake, every send and the close; only receiving
-goes this way once the session is up (trio's costs a scheduler trip, a fresh bytes object
-and a Python-level retry loop per 256 KiB of ciphertext).  Both share the stream's one
-``SSLObject`` and its BIOs (trio's private ``_ssl_object`` and ``_incoming``:
-``CiphertextReader.for_stream`` is ``None`` on a trio without them, or a transport that
-is not a socket, and the stream then reads through trio).
+``trio.SSLStream`` still does the handshake and the close; once the session is up,
+receiving and sending go this way (trio's receive costs a scheduler trip, a fresh bytes
+object and a Python-level retry loop per 256 KiB of ciphertext, and its send a few
+trips per request).  Both share the stream's one ``SSLObject`` and its BIOs (trio's
+private ``_ssl_object``, ``_incoming`` and ``_outgoing``: ``on_socket`` is ``None`` on a
+trio without them, or a transport that is not a socket, and the stream then goes
+through trio).
 
 Why sharing is safe:
 
-- Only one task receives at a time (the receiver's turn), and trio never reads the
-  socket itself after the handshake: its sends never want to read, as TLS 1.3 has no
+- Only one task receives at a time (the receiver's turn) and one sends (the sender's),
+  and sending never needs to receive nor receiving to send: TLS 1.3 has no
   renegotiation and the client's context refuses TLS 1.2's (``OP_NO_RENEGOTIATION``).
 - What decrypting makes OpenSSL write (the answer to a KeyUpdate, the alert refusing a
-  renegotiation) stays in the outgoing BIO, in order, and trio sends it before the next
+  renegotiation) stays in the outgoing BIO, in order, and leaves before the next
   request's records: RFC 8446 asks a KeyUpdate's answer before the next application
   data, no sooner.
+- A send that stops halfway (cancelled, the socket closed) has taken its records from
+  the BIO, and the server may have part of one: the session is broken from then on,
+  and ``aclose`` sends no close_notify after it, nor under a send still waiting.
 - Nothing is consumed before the only waits (``wait_readable``, and a checkpoint every
   ``BURST`` fills so that a fast server cannot starve the other tasks), so a cancelled
   receive (the call's deadline, the reader's watchdog) loses nothing.  After every wait
-  the socket is looked at before it is read (its number may be another file's by then:
-  receiver.py's ``_still_open``).
+  the socket is looked at before it is read or written (its number may be another
+  file's by then: receiver.py's ``_still_open``).
 
 How a session ends: the server's close_notify makes ``read`` return 0 (the end, 0
 here); the socket's end without one (``SSLEOFError``), or bytes that are not this
@@ -47,6 +53,28 @@ BURST = 16
 """Fills from the socket in a row without a trip through the scheduler."""
 
 
+class SendCutShort(trio.BrokenResourceError):
+    """A send stopped halfway before this one (see the module text)."""
+
+
+def on_socket(
+    tls: trio.SSLStream[trio.abc.Stream],
+) -> tuple[CiphertextReader, CiphertextWriter] | None:
+    """The reader and writer for ``tls`` (handshake done) if it runs over a socket and
+    trio's SSLStream has the parts they share; else ``None``."""
+    ssl_object = getattr(tls, "_ssl_object", None)
+    incoming = getattr(tls, "_incoming", None)
+    outgoing = getattr(tls, "_outgoing", None)
+    sock = socket_under(tls.transport_stream)
+    if sock is None or not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+        return None
+    return CiphertextReader(sock, ssl_object, incoming), CiphertextWriter(
+        sock, ssl_object, outgoing
+    )
+
+
 class CiphertextReader:
     """Receives a TLS session's plaintext by reading its socket directly; see the module
     text."""
@@ -64,19 +92,6 @@ class CiphertextReader:
         self._broken: trio.BrokenResourceError | None = None
         self._ended = False
         """The server's close_notify came (``read`` returned 0)."""
-
-    @classmethod
-    def for_stream(cls, tls: trio.SSLStream[trio.abc.Stream]) -> CiphertextReader | None:
-        """A reader for ``tls`` (handshake done) if it runs over a socket and trio's
-        SSLStream has the parts it shares; else ``None``."""
-        ssl_object = getattr(tls, "_ssl_object", None)
-        incoming = getattr(tls, "_incoming", None)
-        sock = socket_under(tls.transport_stream)
-        if sock is None or not isinstance(ssl_object, ssl.SSLObject):
-            return None
-        if not isinstance(incoming, ssl.MemoryBIO):
-            return None
-        return cls(sock, ssl_object, incoming)
 
     async def receive_into(self, view: memoryview) -> int:
         """Decrypt into ``view`` at least one byte, waiting for the socket as needed, and
@@ -145,6 +160,68 @@ class CiphertextReader:
             return None
         except OSError as exc:
             raise trio.BrokenResourceError(f"receiving failed: {exc}") from exc
+
+
+class CiphertextWriter:
+    """Sends a TLS session's records by writing its socket directly; see the module text."""
+
+    def __init__(
+        self, sock: trio.socket.SocketType, ssl_object: ssl.SSLObject, outgoing: ssl.MemoryBIO
+    ) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._ssl_object = ssl_object
+        self._outgoing = outgoing
+        self.sending = False
+        """A send has records left to write (it waits for the socket)."""
+        self.broken: trio.BrokenResourceError | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and write it, and whatever OpenSSL wrote before it; no
+        checkpoint when the socket takes it all at once.  Raises
+        ``trio.BrokenResourceError`` if the session is broken (or breaks: a send cut
+        short by a cancel or an error breaks it), ``trio.ClosedResourceError`` if the
+        socket was closed."""
+        if self.broken is not None:
+            raise self.broken
+        if not data:  # SSLObject.write(b"") would be an EOF
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            self._ssl_object.write(data)
+        except ssl.SSLError as exc:
+            self.broken = trio.BrokenResourceError(f"TLS send failed: {exc}")
+            raise self.broken from exc
+        await self._write_all(memoryview(self._outgoing.read()))
+
+    async def _write_all(self, out: memoryview) -> None:
+        self.sending = True
+        try:
+            while out:
+                sent = self._write_socket(out)
+                if sent is None:
+                    await trio.lowlevel.wait_writable(self._fd)
+                else:
+                    out = out[sent:]
+        except BaseException:
+            self.broken = SendCutShort(
+                "a send was cut short, leaving part of its records unsent: the session cannot go on"
+            )
+            raise
+        finally:
+            self.sending = False
+
+    def _write_socket(self, out: memoryview) -> int | None:
+        """One write of ``out`` to the socket: how many bytes it took, ``None`` if none
+        now; the socket is looked at first (see the reader's ``_read_socket``)."""
+        if self._sock.fileno() != self._fd:
+            raise trio.ClosedResourceError("the connection was closed")
+        try:
+            return os.write(self._fd, out)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"sending failed: {exc}") from exc
 
 
 def socket_under(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
