@@ -18,15 +18,23 @@ What the pieces are for:
   timeout) bounds it, as every other wait of the handshake.
 - ``TLSStream`` is what the NBD client then reads and writes (``NBDClient`` sees a
   stream that is not a socket, so it takes its ``receive_some`` path, never the socket's
-  fd).  It does three things beyond ``trio.SSLStream``: its ``aclose`` is bounded
+  fd).  It does four things beyond ``trio.SSLStream``: over a socket it receives and
+  sends without it, ciphertext read straight from the socket and READ data decrypted
+  straight into the caller's buffer, records written straight to the socket
+  (tlssocket.py: trio's receive costs a scheduler trip, a fresh bytes object and a
+  Python retry loop per 256 KiB, its send a few trips); its ``aclose`` is bounded
   (``CLOSE_TIMEOUT``; trio's sends a close_notify, which a server that stopped reading
   would hold forever, and callers close under a shield); a TLS failure is a
   ``TLSBroken`` (a ``trio.BrokenResourceError``, so every layer above treats it as a
   broken connection) whose text says what went wrong; and it describes itself for the
   status (``describe``): the TLS version and the peer certificate's subject.
-- ``LargeReads`` and ``more_decrypted`` (the server's TLS uses them too) make a read
-  cost less than a trip through the scheduler per 16 KiB record: trio's stream refills
-  256 KiB from the socket at a time, and a read takes every record already received.
+- ``LargeReads`` and ``more_decrypted`` (the server's TLS uses them too, and the client
+  over a stream that is not a socket) make a read through trio cost less than a trip
+  through the scheduler per 16 KiB record: trio's stream refills 256 KiB from the
+  socket at a time, and a read takes every record already received.
+
+The context refuses TLS 1.2's renegotiation (``OP_NO_RENEGOTIATION``; TLS 1.3 has
+none), so decrypting never has to send and wait, nor sending to receive (tlssocket.py).
 
 Failures say which, in one line (``explain``): an unknown CA, a wrong host name, an
 expired certificate, no client certificate where the server wants one, a server that
@@ -51,6 +59,13 @@ import trio
 from ..nbd.uri import Address, TLSOptions
 from ..units import printable
 from .handshake import TLSBroken, TLSFailed
+from .tlssocket import (
+    TRANSPORT_READ,
+    CiphertextReader,
+    CiphertextWriter,
+    SendCutShort,
+    on_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +209,10 @@ class TLSStream(trio.abc.Stream):
         self._tls = tls
         self._client = client
         self._received = 0
+        direct = on_socket(tls)
+        self._reader: CiphertextReader | None = direct[0] if direct else None
+        self._writer: CiphertextWriter | None = direct[1] if direct else None
+        """Receive and send straight on the socket (tlssocket.py); ``None``: through trio."""
         self.version: str = tls.version() or "TLS"
         self.peer = peer_subject(tls.getpeercert())
 
@@ -203,7 +222,10 @@ class TLSStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self._tls.send_all(data)
+            if self._writer is not None:
+                await self._writer.send_all(data)
+            else:
+                await self._tls.send_all(data)
         except trio.BrokenResourceError as exc:
             raise self._broken(exc) from exc
 
@@ -211,6 +233,12 @@ class TLSStream(trio.abc.Stream):
         await self._tls.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._reader is not None:
+            out = bytearray(max_bytes or RECEIVE_SOME)
+            with memoryview(out) as view:
+                n = await self.receive_into(view)
+            del out[n:]
+            return out
         data = more_decrypted(self._tls, await self._receive(max_bytes), max_bytes)
         self._received += len(data)
         return data
@@ -219,13 +247,26 @@ class TLSStream(trio.abc.Stream):
         """Up to ``len(view)`` decrypted bytes straight into ``view`` (a READ's buffer),
         how many (0: the end): those already decrypted, else what one wait brings in,
         every record of it that fits (``decrypted_into``)."""
-        n = decrypted_into(self._tls, view)
-        if not n:
-            data = await self._receive(len(view))
-            n = len(data)
-            view[:n] = data
-            n += decrypted_into(self._tls, view[n:])
+        if self._reader is not None:
+            n = await self._read_socket_into(view)
+        else:
+            n = decrypted_into(self._tls, view)
+            if not n:
+                data = await self._receive(len(view))
+                n = len(data)
+                view[:n] = data
+                n += decrypted_into(self._tls, view[n:])
         self._received += n
+        return n
+
+    async def _read_socket_into(self, view: memoryview) -> int:
+        assert self._reader is not None
+        try:
+            n = await self._reader.receive_into(view)
+        except trio.BrokenResourceError as exc:
+            raise self._broken(exc) from exc
+        if not n and not self._received:
+            raise TLSBroken(self._client.closed_at_once())
         return n
 
     async def _receive(self, max_bytes: int | None) -> bytes | bytearray:
@@ -240,6 +281,8 @@ class TLSStream(trio.abc.Stream):
     def _broken(self, exc: BaseException) -> TLSBroken:
         """A failure in words; one without a TLS alert before the server sent anything
         is most likely a refused client certificate (see the module text)."""
+        if isinstance(exc, SendCutShort):
+            return TLSBroken(f"TLS: {exc}")
         cause = root_cause(exc)
         alert = isinstance(cause, ssl.SSLError) and not isinstance(cause, QUIET_ENDINGS)
         if not self._received and not alert:
@@ -249,18 +292,19 @@ class TLSStream(trio.abc.Stream):
     async def aclose(self) -> None:
         """close_notify if it leaves within ``CLOSE_TIMEOUT``; the connection is closed in
         any case (also when cancelled)."""
+        writer = self._writer
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self._tls.aclose()
+            if writer is None or not (writer.sending or writer.broken):
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._tls.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(self._tls.transport_stream)
 
 
-TRANSPORT_READ = 1 << 18
-"""Bytes of ciphertext ``trio.SSLStream`` asks its transport for at once (trio's
-default, a socket's 64 KiB, took 16 trips through the scheduler per MiB)."""
+RECEIVE_SOME = 1 << 16
+"""Bytes ``TLSStream.receive_some()`` without a size returns at most."""
 
 
 class LargeReads(trio.abc.Stream):
@@ -372,6 +416,7 @@ def client_context(options: TLSOptions, *, check_hostname: bool = True) -> ssl.S
     except (ssl.SSLError, OSError) as exc:
         raise TLSFailed(f"{ca}: not a usable CA certificate ({file_error(exc)})") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
     if not options.verify_peer:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
