@@ -172,3 +172,27 @@ def test_a_forked_child_gets_threads_of_its_own() -> None:
 async def _call_with_deadline(threads: WorkerThreads) -> int:
     with trio.fail_after(5):
         return await threads.run(lambda: 42)
+
+
+async def test_a_call_cancelled_while_still_queued_runs_nothing_and_ends_at_once() -> None:
+    """Queued behind a busy pool, nothing of a call has run yet: its cancelled caller
+    leaves at once, as a wait for a ``CapacityLimiter`` token in ``trio.to_thread`` did,
+    not when the call ahead of it (a stalled device's) returns."""
+    threads, started, release = WorkerThreads(1, "test"), threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def stalled() -> None:
+        started.set()
+        release.wait(2)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(threads.run, stalled)
+            await trio.to_thread.run_sync(started.wait)
+            with trio.move_on_after(0.05) as scope:
+                await threads.run(ran.append, "queued")
+            still_stalled = not release.is_set()
+            release.set()
+        assert await threads.run(lambda: 3) == 3
+    assert ran == []
+    assert still_stalled and scope.cancelled_caught
