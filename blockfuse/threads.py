@@ -17,9 +17,11 @@ The same calls: 139 µs (131 µs of CPU) one at a time, 54 µs (58 µs) with 16 
 
 - At most ``limit`` threads run; more calls wait in the queue, first come first run.
   Threads start when a call finds none idle, and end after ``idle_seconds`` without work.
-- A call cannot be abandoned once queued (it holds a buffer, a descriptor): a cancelled
-  caller waits for it to return and is cancelled then, as ``trio.to_thread.run_sync``
-  does by default.  A caller cancelled before it queues runs nothing.
+- A call cannot be abandoned once a thread has taken it (it holds a buffer, a
+  descriptor): a cancelled caller waits for it to return and is cancelled then, as
+  ``trio.to_thread.run_sync`` does by default.  A call still queued has not begun: a
+  cancel takes it out and its caller leaves at once (as a wait for ``trio.to_thread``'s
+  limiter did), so calls stalled in every thread hold no one else's cancel.
 - One pool serves any number of event loops, one after another or at once: each call
   carries its own loop's token.  A forked child starts with no threads and no calls
   (its parent's threads do not exist in it).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import threading
@@ -74,7 +77,15 @@ class WorkerThreads:
         await trio.lowlevel.checkpoint_if_cancelled()
         call = (fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
         self._submit(call)
-        return await trio.lowlevel.wait_task_rescheduled(_cannot_abandon)  # type: ignore[no-any-return]
+        withdraw = functools.partial(self._withdraw, call)
+        return await trio.lowlevel.wait_task_rescheduled(withdraw)  # type: ignore[no-any-return]
+
+    def _withdraw(self, call: _Call, _: Any) -> trio.lowlevel.Abort:
+        """A cancel: the call leaves the queue if no thread has taken it yet."""
+        with self._ready:
+            if _take_out(self._queue, call):
+                return trio.lowlevel.Abort.SUCCEEDED
+        return trio.lowlevel.Abort.FAILED
 
     def _submit(self, call: _Call) -> None:
         with self._ready:
@@ -144,5 +155,10 @@ def _run(
         token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
 
-def _cannot_abandon(_: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
+def _take_out(queue: collections.deque[_Call], call: _Call) -> bool:
+    """Remove ``call`` itself (not an equal one) from ``queue``; whether it was there."""
+    for i, queued in enumerate(queue):
+        if queued is call:
+            del queue[i]
+            return True
+    return False
