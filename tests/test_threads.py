@@ -196,3 +196,35 @@ async def test_a_call_cancelled_while_still_queued_runs_nothing_and_ends_at_once
         assert await threads.run(lambda: 3) == 3
     assert ran == []
     assert still_stalled and scope.cancelled_caught
+
+
+def test_calls_of_two_loops_both_fail_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two event loops' calls queued at once, each starting a thread that cannot start:
+    neither caller waits forever for a thread that will never come."""
+    threads, both = WorkerThreads(2, "test"), threading.Barrier(2, timeout=5)
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if not self.name.startswith("test-"):
+            return start(self)
+        both.wait()  # both calls queued, each caller counted a thread of its own
+        raise RuntimeError("can't start new thread")
+
+    results: dict[str, str] = {}
+
+    def loop(name: str) -> None:
+        try:
+            results[name] = trio.run(threads.run, lambda: "ran")
+        except OSError as exc:
+            results[name] = "failed" if "cannot start" in str(exc) else repr(exc)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    loops = [threading.Thread(target=loop, args=(n,), name=n, daemon=True) for n in "ab"]
+    for t in loops:
+        t.start()
+    for t in loops:
+        t.join(10)
+    monkeypatch.undo()
+    assert results == {"a": "failed", "b": "failed"} and threads.alive == 0
