@@ -99,23 +99,40 @@ class WorkerThreads:
             else:
                 start = False  # a busy thread takes it when it is done
         if start:
-            self._start_thread()
+            self._start_thread(call)
 
-    def _start_thread(self) -> None:
+    def _start_thread(self, call: _Call) -> None:
         name = f"{self.name}-{next(self._numbers)}"
         try:
             threading.Thread(target=self._serve, name=name, daemon=True).start()
         except RuntimeError as exc:  # the system has no thread to give
-            with self._ready:
-                self.alive -= 1
-                if self.alive:
-                    return  # the call waits for a thread that is busy now
-                self._queue.clear()  # only the caller's: no thread took any call
-            raise OSError(errno.EAGAIN, f"cannot start a {self.name} thread: {exc}") from exc
+            if self._not_started(call, exc):
+                raise self._no_thread(exc) from exc
+
+    def _not_started(self, call: _Call, exc: RuntimeError) -> bool:
+        """A thread did not start.  If no other is alive or starting, every queued call
+        fails: ``call`` through the return value (whether it was still queued), others
+        (another loop's, queued at once) through their loops."""
+        with self._ready:
+            self.alive -= 1
+            if self.alive:
+                return False  # the calls wait for a thread that is alive, or starting
+            stranded = list(self._queue)
+            self._queue.clear()
+        for other in stranded:
+            if other is not call:
+                _deliver(other, outcome.Error(self._no_thread(exc)))
+        return any(queued is call for queued in stranded)
+
+    def _no_thread(self, exc: RuntimeError) -> OSError:
+        """What a call fails with when no thread could start for it (caused by ``exc``)."""
+        error = OSError(errno.EAGAIN, f"cannot start a {self.name} thread: {exc}")
+        error.__cause__ = exc
+        return error
 
     def _serve(self) -> None:
         while (call := self._next_call()) is not None:
-            _run(*call)
+            _run(call)
             del call  # an idle thread keeps nothing of a call alive (its buffers)
 
     def _next_call(self) -> _Call | None:
@@ -144,13 +161,14 @@ def _forget_every_pool() -> None:
 os.register_at_fork(after_in_child=_forget_every_pool)
 
 
-def _run(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    task: trio.lowlevel.Task,
-    token: trio.lowlevel.TrioToken,
-) -> None:
-    result = outcome.capture(fn, *args)
+def _run(call: _Call) -> None:
+    fn, args, _, _ = call
+    _deliver(call, outcome.capture(fn, *args))
+
+
+def _deliver(call: _Call, result: outcome.Outcome[Any]) -> None:
+    """Wake ``call``'s caller with ``result``, through its own event loop."""
+    _, _, task, token = call
     with contextlib.suppress(trio.RunFinishedError):  # its caller still waits
         token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
