@@ -17,9 +17,11 @@ The same calls: 139 µs (131 µs of CPU) one at a time, 54 µs (58 µs) with 16 
 
 - At most ``limit`` threads run; more calls wait in the queue, first come first run.
   Threads start when a call finds none idle, and end after ``idle_seconds`` without work.
-- A call cannot be abandoned once queued (it holds a buffer, a descriptor): a cancelled
-  caller waits for it to return and is cancelled then, as ``trio.to_thread.run_sync``
-  does by default.  A caller cancelled before it queues runs nothing.
+- A call cannot be abandoned once a thread has taken it (it holds a buffer, a
+  descriptor): a cancelled caller waits for it to return and is cancelled then, as
+  ``trio.to_thread.run_sync`` does by default.  A call still queued has not begun: a
+  cancel takes it out and its caller leaves at once (as a wait for ``trio.to_thread``'s
+  limiter did), so calls stalled in every thread hold no one else's cancel.
 - One pool serves any number of event loops, one after another or at once: each call
   carries its own loop's token.  A forked child starts with no threads and no calls
   (its parent's threads do not exist in it).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import threading
@@ -74,7 +77,15 @@ class WorkerThreads:
         await trio.lowlevel.checkpoint_if_cancelled()
         call = (fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
         self._submit(call)
-        return await trio.lowlevel.wait_task_rescheduled(_cannot_abandon)  # type: ignore[no-any-return]
+        withdraw = functools.partial(self._withdraw, call)
+        return await trio.lowlevel.wait_task_rescheduled(withdraw)  # type: ignore[no-any-return]
+
+    def _withdraw(self, call: _Call, _: Any) -> trio.lowlevel.Abort:
+        """A cancel: the call leaves the queue if no thread has taken it yet."""
+        with self._ready:
+            if _take_out(self._queue, call):
+                return trio.lowlevel.Abort.SUCCEEDED
+        return trio.lowlevel.Abort.FAILED
 
     def _submit(self, call: _Call) -> None:
         with self._ready:
@@ -88,23 +99,40 @@ class WorkerThreads:
             else:
                 start = False  # a busy thread takes it when it is done
         if start:
-            self._start_thread()
+            self._start_thread(call)
 
-    def _start_thread(self) -> None:
+    def _start_thread(self, call: _Call) -> None:
         name = f"{self.name}-{next(self._numbers)}"
         try:
             threading.Thread(target=self._serve, name=name, daemon=True).start()
         except RuntimeError as exc:  # the system has no thread to give
-            with self._ready:
-                self.alive -= 1
-                if self.alive:
-                    return  # the call waits for a thread that is busy now
-                self._queue.clear()  # only the caller's: no thread took any call
-            raise OSError(errno.EAGAIN, f"cannot start a {self.name} thread: {exc}") from exc
+            if self._not_started(call, exc):
+                raise self._no_thread(exc) from exc
+
+    def _not_started(self, call: _Call, exc: RuntimeError) -> bool:
+        """A thread did not start.  If no other is alive or starting, every queued call
+        fails: ``call`` through the return value (whether it was still queued), others
+        (another loop's, queued at once) through their loops."""
+        with self._ready:
+            self.alive -= 1
+            if self.alive:
+                return False  # the calls wait for a thread that is alive, or starting
+            stranded = list(self._queue)
+            self._queue.clear()
+        for other in stranded:
+            if other is not call:
+                _deliver(other, outcome.Error(self._no_thread(exc)))
+        return any(queued is call for queued in stranded)
+
+    def _no_thread(self, exc: RuntimeError) -> OSError:
+        """What a call fails with when no thread could start for it (caused by ``exc``)."""
+        error = OSError(errno.EAGAIN, f"cannot start a {self.name} thread: {exc}")
+        error.__cause__ = exc
+        return error
 
     def _serve(self) -> None:
         while (call := self._next_call()) is not None:
-            _run(*call)
+            _run(call)
             del call  # an idle thread keeps nothing of a call alive (its buffers)
 
     def _next_call(self) -> _Call | None:
@@ -133,16 +161,22 @@ def _forget_every_pool() -> None:
 os.register_at_fork(after_in_child=_forget_every_pool)
 
 
-def _run(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    task: trio.lowlevel.Task,
-    token: trio.lowlevel.TrioToken,
-) -> None:
-    result = outcome.capture(fn, *args)
+def _run(call: _Call) -> None:
+    fn, args, _, _ = call
+    _deliver(call, outcome.capture(fn, *args))
+
+
+def _deliver(call: _Call, result: outcome.Outcome[Any]) -> None:
+    """Wake ``call``'s caller with ``result``, through its own event loop."""
+    _, _, task, token = call
     with contextlib.suppress(trio.RunFinishedError):  # its caller still waits
         token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
 
-def _cannot_abandon(_: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
+def _take_out(queue: collections.deque[_Call], call: _Call) -> bool:
+    """Remove ``call`` itself (not an equal one) from ``queue``; whether it was there."""
+    for i, queued in enumerate(queue):
+        if queued is call:
+            del queue[i]
+            return True
+    return False

@@ -8,9 +8,11 @@ import contextlib
 import functools
 import os
 import re
+import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,41 @@ async def logged(log: Path, text: str, times: int) -> None:
     with trio.fail_after(10):
         while (log.read_text() if log.exists() else "").count(text) < times:  # noqa: ASYNC110
             await trio.sleep(0.05)
+
+
+async def test_signals_to_the_reading_thread_do_not_stretch_the_timeout(
+    nursery: trio.Nursery, start: Start, short_tmp: Path, image: bytes
+) -> None:
+    """A signal that interrupts the kernel's wait (the socket's timeout) must not give the
+    wait its whole timeout again: a stalled server, the reading thread signalled every
+    0.2 s, and the read still fails at its 2 s, long before the signals stop."""
+    peer = start(nbdkit_file(short_tmp, "--filter=delay", "delay-read=30"))
+    dev = await remote(nursery, peer.uri())
+    plane = dev.data_plane()
+    assert plane is not None
+    reader: list[int] = []
+
+    def read() -> None:
+        reader.append(threading.get_ident())
+        plane.read_into(memoryview(bytearray(4096)), 0)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        async with trio.open_nursery() as reads:
+            reads.start_soon(read_expecting_timeout, read, reads.cancel_scope)
+            with trio.move_on_after(15) as signalling:
+                while True:
+                    if reader:
+                        signal.pthread_kill(reader[0], signal.SIGUSR1)
+                    await trio.sleep(0.2)
+        assert not signalling.cancelled_caught  # the read ended while signals came
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        plane.close()
+        await dev.aclose()
+
+
+async def read_expecting_timeout(read: Callable[[], None], done: trio.CancelScope) -> None:
+    with trio.fail_after(30), pytest.raises(TimedOut):
+        await trio.to_thread.run_sync(read)
+    done.cancel()

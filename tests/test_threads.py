@@ -172,3 +172,59 @@ def test_a_forked_child_gets_threads_of_its_own() -> None:
 async def _call_with_deadline(threads: WorkerThreads) -> int:
     with trio.fail_after(5):
         return await threads.run(lambda: 42)
+
+
+async def test_a_call_cancelled_while_still_queued_runs_nothing_and_ends_at_once() -> None:
+    """Queued behind a busy pool, nothing of a call has run yet: its cancelled caller
+    leaves at once, as a wait for a ``CapacityLimiter`` token in ``trio.to_thread`` did,
+    not when the call ahead of it (a stalled device's) returns."""
+    threads, started, release = WorkerThreads(1, "test"), threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def stalled() -> None:
+        started.set()
+        release.wait(2)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(threads.run, stalled)
+            await trio.to_thread.run_sync(started.wait)
+            with trio.move_on_after(0.05) as scope:
+                await threads.run(ran.append, "queued")
+            still_stalled = not release.is_set()
+            release.set()
+        assert await threads.run(lambda: 3) == 3
+    assert ran == []
+    assert still_stalled and scope.cancelled_caught
+
+
+def test_calls_of_two_loops_both_fail_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two event loops' calls queued at once, each starting a thread that cannot start:
+    neither caller waits forever for a thread that will never come."""
+    threads, both = WorkerThreads(2, "test"), threading.Barrier(2, timeout=5)
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if not self.name.startswith("test-"):
+            return start(self)
+        both.wait()  # both calls queued, each caller counted a thread of its own
+        raise RuntimeError("can't start new thread")
+
+    results: dict[str, str] = {}
+
+    def loop(name: str) -> None:
+        try:
+            results[name] = trio.run(threads.run, lambda: "ran")
+        except OSError as exc:
+            results[name] = "failed" if "cannot start" in str(exc) else repr(exc)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    loops = [threading.Thread(target=loop, args=(n,), name=n, daemon=True) for n in "ab"]
+    for t in loops:
+        t.start()
+    for t in loops:
+        t.join(10)
+    monkeypatch.undo()
+    assert results == {"a": "failed", "b": "failed"} and threads.alive == 0

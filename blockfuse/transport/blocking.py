@@ -22,18 +22,24 @@ mirror copies on the dev VM, 2104-2172 MiB/s with 0.82-0.88 s of CPU instead of
 1826-2004 MiB/s with 0.90-1.06 s, and fio's random reads through the mount beside a
 copy at 128 MB/s went from 6.7-7.1k to 7.6-7.7k IOPS.  The kernel's timeout bounds the
 whole of such a call, and a payload cut short by it is received on, within the
-deadline.  A connection is used
-by one thread at a time (``Plane`` hands them out); one that failed is closed and a new
-one is made for the next read.
+deadline.  A signal interrupting such a call would restart it with the whole timeout
+again (CPython retries an ``EINTR`` as it was), so a reading thread other than the main
+one holds signals off while it reads: one for the process goes to another thread, one
+for this thread waits for the read to end.  A connection is used by one thread at a
+time (``Plane`` hands them out); one that failed is closed and a new one is made for the
+next read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import socket
 import struct
+import threading
 import time
+from collections.abc import Iterator
 
 from ..errors import BlockError, ProtocolError, RequestFailed
 from ..nbd.constants import Cmd, TxFlag
@@ -46,6 +52,11 @@ from .handshake import ConnectionLost, TimedOut
 RECEIVE_SIZE = 1 << 16
 DISCONNECT_SECONDS = 1.0
 """How long closing a connection may wait to send NBD_CMD_DISC."""
+HELD_SIGNALS = signal.valid_signals() - {
+    signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP,
+    signal.SIGABRT, signal.SIGSYS,
+}  # fmt: skip
+"""The signals a reading thread holds off (module text); a fault's stay deliverable."""
 
 
 class BlockingClient:
@@ -84,10 +95,11 @@ class BlockingClient:
         timeout for the whole of it (a server that trickles its answer times out too)."""
         self._deadline = time.monotonic() + self._timeout
         pos = 0
-        while pos < len(view):
-            n = min(len(view) - pos, self._tx.max_payload)
-            self._read_one(view[pos : pos + n], offset + pos)
-            pos += n
+        with _signals_held():
+            while pos < len(view):
+                n = min(len(view) - pos, self._tx.max_payload)
+                self._read_one(view[pos : pos + n], offset + pos)
+                pos += n
 
     def _read_one(self, view: memoryview, offset: int) -> None:
         _, header = self._tx.request(Cmd.READ, offset, len(view))
@@ -152,6 +164,20 @@ class BlockingClient:
             _set_timeout(self._sock, socket.SO_SNDTIMEO, DISCONNECT_SECONDS)
             self._sock.sendall(self._tx.disconnect())
         self._sock.close()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """``HELD_SIGNALS`` held off in this thread, unless it is the main one (whose
+    handlers must run): the kernel's timeouts restart on ``EINTR`` (module text)."""
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
