@@ -1,4 +1,4 @@
-"""READ buffers used again once their reply is written (serve/requests.py ReadBuffers):
+"""READ buffers used again once their reply is written (transport/pool.py BufferPool):
 the pool's own rules, and replies that stay right while buffers go round, over plain
 sockets and over TLS, on several connections sharing the pool."""
 
@@ -12,8 +12,8 @@ import trio
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.nbd.haggling import TLSPolicy
 from blockfuse.nbd.uri import parse_uri
-from blockfuse.serve.requests import IDLE_BYTES, MAX_POOLED, MIN_POOLED, ReadBuffers
 from blockfuse.transport.connect import connect_nbd
+from blockfuse.transport.pool import IDLE_BYTES, MAX_POOLED, MIN_POOLED, BufferPool
 from blockfuse.transport.tlsserver import ServerTLS
 
 from .servekit import export_of, serving
@@ -29,7 +29,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 def test_sizes_are_powers_of_two_within_bounds_and_idle_bytes_are_capped() -> None:
-    pool = ReadBuffers(idle_bytes=3 * MiB)
+    pool = BufferPool(idle_bytes=3 * MiB)
     assert pool.take(MIN_POOLED - 1) is None and pool.take(MAX_POOLED + 1) is None
     a = pool.take(MiB - 512)
     assert a is not None and len(a) == MiB

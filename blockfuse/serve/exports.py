@@ -29,7 +29,8 @@ from ..nbd.constants import DEFAULT_MAX_PAYLOAD, TxFlag
 from ..nbd.events import ExportInfo, ServerReady
 from ..sectors import DeviceBytes
 from ..transport.connection import ExportTable
-from .requests import ReadBuffers, RequestHandler
+from ..transport.pool import BufferPool
+from .requests import RequestHandler
 
 PREFERRED_BLOCK = 4096
 ALWAYS = (
@@ -95,7 +96,8 @@ class ServeBackend:
     def __init__(self, exports: Sequence[Export]) -> None:
         self.exports = tuple(exports)
         self._by_name = {e.name: e for e in exports}
-        self._buffers = ReadBuffers()
+        self._buffers = BufferPool()
+        """READ reply buffers, shared by the connections (``transport/pool.py``)."""
 
     async def table(self) -> ExportTable:
         infos = tuple([await export_info(e) for e in self.exports])

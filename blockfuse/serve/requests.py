@@ -21,7 +21,7 @@ call of its own (WRITE_ZEROES that punches) holds the same lock on them::
 FUA flushes through the device, not the cursor: the write fails if the flush does, and
 the error stays recorded for every connection's next FLUSH (the errseq rule).
 
-A READ's data goes into a buffer of ``ReadBuffers``, shared by the server's connections,
+A READ's data goes into a buffer of a ``BufferPool``, shared by the server's connections,
 which takes it back once the reply has been written (``written``); why, and the pool's
 bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
 
@@ -40,9 +40,6 @@ from ..errors import BlockError, RequestFailed
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
 from ..sectors import DeviceBytes, span
-from ..transport.pool import IDLE_BYTES as IDLE_BYTES
-from ..transport.pool import MAX_POOLED as MAX_POOLED
-from ..transport.pool import MIN_POOLED as MIN_POOLED
 from ..transport.pool import BufferPool
 from ..units import ceil_div
 
@@ -78,21 +75,17 @@ def nbd_errno(exc: BlockError) -> int:
     return WIRE_ERRNO.get(exc.errno, Errno.EIO)
 
 
-class ReadBuffers(BufferPool):
-    """Buffers for READ replies, used again once a reply is written; see the module."""
-
-
 class RequestHandler:
     """The requests of one connection on one export."""
 
     def __init__(
-        self, bytes_: DeviceBytes, structured: bool, buffers: ReadBuffers | None = None
+        self, bytes_: DeviceBytes, structured: bool, buffers: BufferPool | None = None
     ) -> None:
         self._bytes = bytes_
         self._device = bytes_.device
         self._structured = structured
         self._cursor = FlushCursor(bytes_.device)
-        self._buffers = buffers or ReadBuffers(0)
+        self._buffers = buffers or BufferPool(0)
         self._lent: dict[int, bytearray] = {}
         """id(reply) -> the pooled buffer its data is in, until ``written``."""
         self._commands: dict[int, Callable[[Request], Awaitable[ServerReply]]] = {

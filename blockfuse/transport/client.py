@@ -288,10 +288,8 @@ class NBDClient:
             call = self._register(cmd, offset, length, flags, payload, sink, now)
             if not self._sender.send_at_once():
                 await self._sender.send(batch=False)
-            if not receiver.sent():  # others came while it was sent: the reader reads
-                alone = False
-            else:
-                alone = True
+            alone = receiver.sent()  # else others came while it was sent: the reader reads
+            if alone:
                 try:
                     await receiver.read_own(call)
                 except BREAKAGE as exc:  # found by this caller: the reader task closes

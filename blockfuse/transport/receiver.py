@@ -76,7 +76,7 @@ from ..nbd.events import NEED_DATA, Done, ReplyEvent
 from ..nbd.transmission import ClientTransmission
 from .calls import Call
 from .handshake import ConnectionLost, Stalled
-from .sender import Sender
+from .sender import Sender, still_open
 from .watchdog import Watchdog
 
 RECEIVE_SIZE = 1 << 17
@@ -366,7 +366,7 @@ class Receiver:
     def _still_open(self, fd: int) -> None:
         """Raise ``ClosedResourceError`` if the socket was closed since the last look (its
         number ``fd`` may be another file's now: see the module text)."""
-        if self._socket is None or self._socket.fileno() != fd:
+        if not still_open(self._socket, fd):
             raise trio.ClosedResourceError("the connection was closed")
 
     def _closed(self) -> None:

@@ -123,9 +123,7 @@ class Sender:
         """Write what the socket takes without blocking; what is left to send."""
         if self._fd is None:
             return parts
-        if self._socket is None or self._socket.fileno() != self._fd:
-            # closed since a checkpoint (``aclose``, the reader dropping the connection):
-            # the number may be another file's now, which must not get our requests
+        if not still_open(self._socket, self._fd):
             self._lost(trio.ClosedResourceError("the connection was closed"))
             return []
         try:
@@ -152,6 +150,14 @@ class Sender:
         error = ConnectionLost(f"connection to {self._server} lost: {exc}")
         error.__cause__ = exc
         self._on_broken(error)
+
+
+def still_open(sock: trio.socket.SocketType | None, fd: int) -> bool:
+    """Whether ``sock`` still has the number ``fd``.  A socket closed since a checkpoint
+    (``aclose``, a connection dropped at a deadline) may have left its number to another
+    file or connection, which must neither get our bytes nor have its bytes read as ours
+    (receiver.py's module text)."""
+    return sock is not None and sock.fileno() == fd
 
 
 def write_without_blocking(fd: int, parts: list[Part]) -> list[Part]:

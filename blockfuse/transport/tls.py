@@ -50,9 +50,9 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -68,6 +68,8 @@ from .tlssocket import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CA_FILE = "ca-cert.pem"
 CLIENT_CERT = "client-cert.pem"
@@ -239,7 +241,8 @@ class TLSStream(trio.abc.Stream):
                 n = await self.receive_into(view)
             del out[n:]
             return out
-        data = more_decrypted(self._tls, await self._receive(max_bytes), max_bytes)
+        data = await self._received_from(self._tls.receive_some(max_bytes))
+        data = more_decrypted(self._tls, data, max_bytes)
         self._received += len(data)
         return data
 
@@ -248,35 +251,27 @@ class TLSStream(trio.abc.Stream):
         how many (0: the end): those already decrypted, else what one wait brings in,
         every record of it that fits (``decrypted_into``)."""
         if self._reader is not None:
-            n = await self._read_socket_into(view)
+            n = await self._received_from(self._reader.receive_into(view))
         else:
             n = decrypted_into(self._tls, view)
             if not n:
-                data = await self._receive(len(view))
+                data = await self._received_from(self._tls.receive_some(len(view)))
                 n = len(data)
                 view[:n] = data
                 n += decrypted_into(self._tls, view[n:])
         self._received += n
         return n
 
-    async def _read_socket_into(self, view: memoryview) -> int:
-        assert self._reader is not None
+    async def _received_from(self, receiving: Awaitable[T]) -> T:
+        """What ``receiving`` gets (bytes, or a count of them), its failure as a
+        ``TLSBroken``; an end before the server sent anything is one too."""
         try:
-            n = await self._reader.receive_into(view)
+            got = await receiving
         except trio.BrokenResourceError as exc:
             raise self._broken(exc) from exc
-        if not n and not self._received:
+        if not got and not self._received:
             raise TLSBroken(self._client.closed_at_once())
-        return n
-
-    async def _receive(self, max_bytes: int | None) -> bytes | bytearray:
-        try:
-            data = await self._tls.receive_some(max_bytes)
-        except trio.BrokenResourceError as exc:
-            raise self._broken(exc) from exc
-        if not data and not self._received:
-            raise TLSBroken(self._client.closed_at_once())
-        return data
+        return got
 
     def _broken(self, exc: BaseException) -> TLSBroken:
         """A failure in words; one without a TLS alert before the server sent anything
@@ -307,15 +302,14 @@ RECEIVE_SOME = 1 << 16
 """Bytes ``TLSStream.receive_some()`` without a size returns at most."""
 
 
-class LargeReads(trio.abc.Stream):
-    """The transport under a TLS stream: ``receive_some()`` without a size (what
-    ``trio.SSLStream`` calls) reads up to ``TRANSPORT_READ`` bytes; the rest is passed on."""
+class StreamWrapper(trio.abc.Stream):
+    """A stream that passes every call on to ``inner``; a subclass changes what it must."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes or TRANSPORT_READ)
+        return await self.inner.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -325,6 +319,14 @@ class LargeReads(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class LargeReads(StreamWrapper):
+    """The transport under a TLS stream: ``receive_some()`` without a size (what
+    ``trio.SSLStream`` calls) reads up to ``TRANSPORT_READ`` bytes; the rest is passed on."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes or TRANSPORT_READ)
 
 
 def more_decrypted(

@@ -40,6 +40,7 @@ from .tls import (
     CA_FILE,
     NOT_TLS,
     LargeReads,
+    StreamWrapper,
     file_error,
     more_decrypted,
     peer_subject,
@@ -60,24 +61,16 @@ class TLSHandshakeFailed(Exception):
     """A client's TLS handshake failed; the message says why, in one line."""
 
 
-class ServerTLSStream(trio.abc.Stream):
+class ServerTLSStream(StreamWrapper):
     """What a connection reads and writes after STARTTLS: trio's ``SSLStream``, with
     reads that take every record it can already decrypt (``tls.more_decrypted``)."""
 
     def __init__(self, tls: trio.SSLStream[trio.abc.Stream]) -> None:
+        super().__init__(tls)
         self.tls = tls
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return more_decrypted(self.tls, await self.tls.receive_some(max_bytes), max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.tls.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.tls.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.tls.aclose()
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ from collections.abc import Callable
 
 import trio
 
+from .sender import still_open
+
 TRANSPORT_READ = 1 << 18
 """Bytes of ciphertext read from the socket at once (64 KiB and 1 MiB are slower)."""
 BURST = 16
@@ -152,7 +154,7 @@ class CiphertextReader:
         """One read of the socket into the buffer: how many bytes (0: its end), ``None``
         if it has none now.  The socket is looked at first, as any checkpoint may have
         come since the last read (see the module text)."""
-        if self._sock.fileno() != self._fd:
+        if not still_open(self._sock, self._fd):
             raise trio.ClosedResourceError("the connection was closed")
         try:
             return os.readv(self._fd, [self._buffer])
@@ -214,7 +216,7 @@ class CiphertextWriter:
     def _write_socket(self, out: memoryview) -> int | None:
         """One write of ``out`` to the socket: how many bytes it took, ``None`` if none
         now; the socket is looked at first (see the reader's ``_read_socket``)."""
-        if self._sock.fileno() != self._fd:
+        if not still_open(self._sock, self._fd):
             raise trio.ClosedResourceError("the connection was closed")
         try:
             return os.write(self._fd, out)
