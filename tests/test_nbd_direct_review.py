@@ -13,6 +13,7 @@ import trio
 
 from blockfuse.errors import BlockError
 from blockfuse.nbd import constants as c
+from blockfuse.transport.tls import StreamWrapper
 
 from .hostile_nbd import Hostile, Script
 from .test_nbd_direct import BLOCK, Timed, connect
@@ -20,11 +21,11 @@ from .test_nbd_direct import BLOCK, Timed, connect
 MIB = 1 << 20
 
 
-class Gated(trio.abc.Stream):
+class Gated(StreamWrapper):
     """A server's end that reads nothing while ``gate`` is shut (its buffers fill)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.open = trio.Event()
         self.open.set()
 
@@ -34,15 +35,6 @@ class Gated(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         await self.open.wait()
         return await self.inner.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class GatedHostile(Hostile):
