@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from blockfuse.block import FlushCursor
+from blockfuse.devices import file as file_module
 from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.writeback import WriteBehind
 from blockfuse.errors import BlockError
@@ -148,3 +149,32 @@ async def test_a_fill_runs_in_the_callers_threads_not_the_files(tmp_path: Path) 
     finally:
         await dev.aclose()
     assert seen == ["mine-1"]
+
+
+async def test_ranges_due_stay_due_when_the_write_behind_never_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write-behind whose thread call fails before it runs (cancelled while queued, no
+    thread to start) settles nothing: the ranges it took stay due for the next one."""
+    path = tmp_path / "secondary.img"
+    with open(path, "wb") as f:
+        f.truncate(3 * CHUNK)
+    dev = open_file(str(path))
+    dev._behind = WriteBehind(window=CHUNK)  # type: ignore[attr-defined]
+    sectors = CHUNK // 512
+    try:
+        with trio.fail_after(60):
+            await dev.write_behind(0, sectors)
+
+            async def never_runs(*args: object) -> None:
+                raise RuntimeError("can't start new thread")
+
+            monkeypatch.setattr(file_module._threads, "run", never_runs)
+            with pytest.raises(RuntimeError):
+                await dev.write_behind(sectors, sectors)  # takes chunk 0 as due
+            monkeypatch.undo()
+            due = dev._behind.hand_over(2 * CHUNK, CHUNK)  # type: ignore[attr-defined]
+            assert due == [(0, CHUNK), (CHUNK, CHUNK)]
+    finally:
+        with trio.fail_after(60):
+            await dev.aclose()

@@ -215,15 +215,20 @@ class FileDevice(BlockDevice):
     async def write_behind(self, sector: int, count: int) -> None:
         """Start writing those sectors back, and drop earlier ones from the cache once
         written back (``writeback.py``), in a thread.  A writeback error it waits for is
-        recorded in ``write_errors`` (the descriptor will not report it again)."""
+        recorded in ``write_errors`` (the descriptor will not report it again).  If the
+        call fails, or never runs, the ranges it took to settle stay due."""
         if self._read_only or self._closed or not writeback.AVAILABLE:
             return
         ss = self._sector_size
         offset, length = sector * ss, count * ss
         due = self._behind.hand_over(offset, length)
-        await self._in_thread(
-            f"write back {self.path}", self._write_behind_now, offset, length, due
-        )
+        try:
+            await self._in_thread(
+                f"write back {self.path}", self._write_behind_now, offset, length, due
+            )
+        except BaseException:
+            self._behind.give_back(due)
+            raise
 
     def _write_behind_now(self, offset: int, length: int, due: list[writeback.Range]) -> None:
         """Start writing ``[offset, offset+length)`` back and settle ``due`` (a thread)."""
