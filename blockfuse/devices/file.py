@@ -30,6 +30,7 @@ A regular file also offers ``discard``/``write_zeroes`` (punched holes) and ``ex
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -221,14 +222,10 @@ class FileDevice(BlockDevice):
             return
         ss = self._sector_size
         offset, length = sector * ss, count * ss
-        due = self._behind.hand_over(offset, length)
-        try:
+        with self._behind.settling(offset, length) as due:
             await self._in_thread(
                 f"write back {self.path}", self._write_behind_now, offset, length, due
             )
-        except BaseException:
-            self._behind.give_back(due)
-            raise
 
     def _write_behind_now(self, offset: int, length: int, due: list[writeback.Range]) -> None:
         """Start writing ``[offset, offset+length)`` back and settle ``due`` (a thread)."""
@@ -264,9 +261,10 @@ class FileDevice(BlockDevice):
         thread of ``threads`` (the devices' own if ``None``; a writeback error recorded as
         ``write_behind``'s).  What ``fill`` raises comes out as it is, even an
         ``OSError``; if anything fails, the ranges due to settle stay due."""
-        due = self._behind.hand_over(offset, len(view)) if writeback.AVAILABLE else None
+        self._check_open()
+        behind = self._behind.settling(offset, len(view)) if writeback.AVAILABLE else None
 
-        def job() -> None:
+        def job(due: list[writeback.Range] | None) -> None:
             try:
                 fill(view)
             except Exception as exc:
@@ -275,16 +273,12 @@ class FileDevice(BlockDevice):
             if due is not None:
                 self._write_behind_now(offset, len(view), due)
 
-        self._check_open()
         try:
-            with self._busy(), map_os_errors(f"write {self.path} at byte {offset}"):
-                await (threads or _threads).run(job)
-        except BaseException as exc:
-            if due:
-                self._behind.give_back(due)
-            if isinstance(exc, _FillFailed):
-                raise exc.error from None
-            raise
+            where = f"write {self.path} at byte {offset}"
+            with behind or contextlib.nullcontext() as due, self._busy(), map_os_errors(where):
+                await (threads or _threads).run(job, due)
+        except _FillFailed as exc:
+            raise exc.error from None
 
     async def discard(self, sector: int, count: int) -> None:
         await self.write_zeroes(sector, count)

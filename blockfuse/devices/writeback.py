@@ -19,8 +19,10 @@ acknowledged writes may be lost.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
@@ -62,6 +64,17 @@ class WriteBehind:
             self._started_bytes -= old[1]
             due.append(old)
         return due
+
+    @contextlib.contextmanager
+    def settling(self, offset: int, length: int) -> Iterator[list[Range]]:
+        """``hand_over``; if the block that settles the ranges raises (or never runs
+        them), they are given back: due still."""
+        due = self.hand_over(offset, length)
+        try:
+            yield due
+        except BaseException:
+            self.give_back(due)
+            raise
 
     def give_back(self, due: list[Range]) -> None:
         """``due`` could not be settled (the write before failed): they are due still."""
