@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import resource
 import stat
@@ -52,7 +53,7 @@ from ..block import (
     Info,
     total_length,
 )
-from ..buffers import advance, byte_views, slice_views
+from ..buffers import FileRange, advance, byte_views, slice_views
 from ..errors import (
     Disconnected,
     ReadOnly,
@@ -65,6 +66,8 @@ from ..threads import WorkerThreads
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
 from .images import check_openable, check_raw, device_geometry, lock_image
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 IoCall = Callable[[int, list[memoryview], int, int], int]
@@ -168,6 +171,8 @@ class FileDevice(BlockDevice):
         self._closed = False
         self._in_flight = 0
         self._idle = trio.Event()
+        self._lending = True
+        """Whether ``lend`` offers ranges (until a send from one failed)."""
         if stat.S_ISREG(os.fstat(fd).st_mode):
             self.capabilities = HOLE_CAPABILITIES
 
@@ -178,6 +183,31 @@ class FileDevice(BlockDevice):
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         views = byte_views(buffers)
         await self._io_at(os.preadv, self._nowait_read, sector * self._sector_size, views, "read")
+
+    def lend(self, sector: int, count: int) -> FileRange | None:
+        """The sectors as a range of this file, for a front end to send straight from
+        it (an NBD READ reply: ``os.sendfile`` hands the page cache's pages to the
+        socket, where a read and a write would copy them twice); ``None`` where that is
+        not offered: closed, outside the device, or after such a send failed.
+
+        The file's bytes are read when the range is sent, later than ``read`` would
+        read them: only a front end whose request is not answered before then may ask
+        (a write acknowledged meanwhile is one that ran concurrently with the read).
+        Until ``release`` the range counts as a call in flight, so ``aclose`` waits
+        for it before closing the descriptor (its number must not be another file's)."""
+        if self._closed or not self._lending or count <= 0:
+            return None
+        if sector < 0 or sector + count > self._info.size_sectors:
+            return None
+        self._in_flight += 1
+        ss = self._sector_size
+        return FileRange(self._fd, sector * ss, count * ss, self._leave, self._lend_failed)
+
+    def _lend_failed(self, exc: OSError) -> None:
+        if self._lending:
+            self._lending = False
+            log.warning("%s: sending straight from the file failed (%s); reads are copied "
+                        "from now on", self.path, exc)  # fmt: skip
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         if self._read_only:

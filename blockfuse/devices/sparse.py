@@ -60,7 +60,7 @@ from ..block import (
     check_new_size,
     total_length,
 )
-from ..buffers import byte_views, split_views
+from ..buffers import FileRange, byte_views, split_views
 from ..errors import Unsafe
 from ..opening import OpenContext
 from ..threads import WorkerThreads
@@ -143,6 +143,11 @@ class SparseDevice(FileDevice):
     async def get_info(self) -> Info:
         self._check_open()
         return Info(not self._read_only, self._sector_size, self._size_sectors)
+
+    def lend(self, sector: int, count: int) -> FileRange | None:
+        """Nothing: what lies past the backing file reads as zeroes, and the gate that
+        orders reads against growing the file would not hold while a range is sent."""
+        return None
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_open()

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..buffers import FileRange
 from ..errors import ProtocolError
 from .constants import DEFAULT_MAX_PAYLOAD, NO_TX_FLAGS, Opt, Rep, TxFlag
 
@@ -234,12 +235,13 @@ class Reply:
 @dataclass(frozen=True)
 class ReadReply:
     """A READ's answer from ``offset`` on: ``pieces`` in order, each either data (a
-    buffer) or a hole (an ``int``, its length: reads as zeroes).  With ``error`` set, the
+    buffer, or a ``FileRange`` that the transport sends from its file) or a hole (an
+    ``int``, its length: reads as zeroes).  With ``error`` set, the
     pieces are what was read before the failure at ``error_offset`` (``None``: anywhere)."""
 
     cookie: int
     offset: int
-    pieces: tuple[bytes | bytearray | memoryview | int, ...]
+    pieces: tuple[bytes | bytearray | memoryview | FileRange | int, ...]
     error: int = 0
     message: str = ""
     error_offset: int | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..buffers import FileRange
 from .constants import (
     CHUNK_HEADER,
     ERROR_HEADER,
@@ -43,7 +44,8 @@ from .constants import (
 from .events import ExportInfo, ReadReply, ServerReply, StatusReply
 from .transmission import FLAG_COMMANDS, FLAG_NEEDS, NEEDS_FLAG, WRITES
 
-Part = bytes | bytearray | memoryview
+Part = bytes | bytearray | memoryview | FileRange
+"""A part of a message: bytes, or a file's range that the transport sends from the file."""
 
 ALLOCATION_ID = 1
 """The id this server gives ``base:allocation`` (opaque to the client; qemu-nbd uses 0,

@@ -103,7 +103,8 @@ class ServeBackend:
         infos = tuple([await export_info(e) for e in self.exports])
         return ExportTable(infos, self.exports[0].name if self.exports else None)
 
-    def open(self, ready: ServerReady, peer: str) -> RequestHandler:
+    def open(self, ready: ServerReady, peer: str, *, sends_files: bool = False) -> RequestHandler:
+        export = self._by_name[ready.export.name]
         return RequestHandler(
-            self._by_name[ready.export.name].bytes, ready.structured, self._buffers
+            export.bytes, ready.structured, self._buffers, sends_files=sends_files
         )

@@ -23,7 +23,12 @@ the error stays recorded for every connection's next FLUSH (the errseq rule).
 
 A READ's data goes into a buffer of a ``BufferPool``, shared by the server's connections,
 which takes it back once the reply has been written (``written``); why, and the pool's
-bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
+bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.  A READ of
+at least ``LEND_MIN`` bytes of whole sectors of a file device, on a connection that
+writes to a socket, is not read at all: the device lends the range of its file
+(``FileDevice.lend``), the transport sends it from there (``os.sendfile``: no copy in
+this process; ``transport/writer.py``), and ``written`` gives it back.  Its bytes are
+read when the reply is sent, which is still before the client has its answer.
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
@@ -36,6 +41,8 @@ import errno
 from collections.abc import Awaitable, Callable
 
 from ..block import Capability, Extent, FlushCursor
+from ..buffers import FileRange
+from ..devices.file import FileDevice
 from ..errors import BlockError, RequestFailed
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
@@ -45,6 +52,10 @@ from ..units import ceil_div
 
 ZERO_PIECE = 1 << 20
 ZEROES = bytes(ZERO_PIECE)
+LEND_MIN = 64 << 10
+"""READs this large are sent from the file where they can be (the module text).  Below
+it a ``sendfile`` of its own costs more than the copy: smaller replies ready together
+leave in one ``writev``."""
 MAX_READ_PIECES = 64
 """A READ whose range holds more holes and data than this is sent as data, whole."""
 
@@ -79,15 +90,24 @@ class RequestHandler:
     """The requests of one connection on one export."""
 
     def __init__(
-        self, bytes_: DeviceBytes, structured: bool, buffers: BufferPool | None = None
+        self,
+        bytes_: DeviceBytes,
+        structured: bool,
+        buffers: BufferPool | None = None,
+        *,
+        sends_files: bool = False,
     ) -> None:
         self._bytes = bytes_
         self._device = bytes_.device
         self._structured = structured
         self._cursor = FlushCursor(bytes_.device)
         self._buffers = buffers or BufferPool(0)
-        self._lent: dict[int, bytearray] = {}
-        """id(reply) -> the pooled buffer its data is in, until ``written``."""
+        direct = bytes_.device.unchecked  # without safe's checks: ``_lend`` makes them
+        self._lender = direct if sends_files and isinstance(direct, FileDevice) else None
+        """The file device that lends large READs' ranges (the module text), if any."""
+        self._lent: dict[int, bytearray | FileRange] = {}
+        """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
+        ``written``."""
         self._commands: dict[int, Callable[[Request], Awaitable[ServerReply]]] = {
             Cmd.READ: self._read,
             Cmd.WRITE: self._write,
@@ -111,9 +131,11 @@ class RequestHandler:
 
     def written(self, reply: ServerReply) -> None:
         """``reply`` has been written (or never will be): its buffer may be used again."""
-        buf = self._lent.pop(id(reply), None)
-        if buf is not None:
-            self._buffers.give_back(buf)
+        lent = self._lent.pop(id(reply), None)
+        if isinstance(lent, FileRange):
+            lent.release()
+        elif lent is not None:
+            self._buffers.give_back(lent)
 
     async def _done(self, req: Request) -> Reply:
         """Success; with FUA once the device's flush says it is durable."""
@@ -126,12 +148,25 @@ class RequestHandler:
     async def _read(self, req: Request) -> ReadReply:
         if not req.flags & DF and self._finds_holes_cheaply():
             return await self._read_pieces(req)
+        if self._lender is not None and req.length >= LEND_MIN:
+            lent = await self._lend(self._lender, req.offset, req.length)
+            if lent is not None:
+                lent_reply = ReadReply(req.cookie, req.offset, (lent,))
+                self._lent[id(lent_reply)] = lent
+                return lent_reply
         buf = self._buffers.take(req.length)  # on failure it is dropped, not given back:
         data = await self._read_exactly(req.offset, req.length, buf)  # a device may hold it
         reply = ReadReply(req.cookie, req.offset, (data,))
         if buf is not None:
             self._lent[id(reply)] = buf
         return reply
+
+    async def _lend(self, lender: FileDevice, offset: int, length: int) -> FileRange | None:
+        """The range lent for whole sectors (``None``: a part sector, or not lent)."""
+        ss = (await self._bytes.info()).sector_size
+        if offset % ss or length % ss:
+            return None
+        return lender.lend(offset // ss, length // ss)
 
     async def _read_exactly(
         self, offset: int, length: int, into: bytearray | None = None

@@ -112,9 +112,10 @@ class Backend(Protocol):
         """The exports as a new connection sees them (called once per connection)."""
         ...
 
-    def open(self, ready: ServerReady, peer: str) -> Handler:
+    def open(self, ready: ServerReady, peer: str, *, sends_files: bool = False) -> Handler:
         """A handler for a connection that negotiated ``ready`` (one per connection: its
-        own flush cursor)."""
+        own flush cursor).  With ``sends_files`` its replies may carry ``FileRange``
+        data (the connection writes to a socket, which sends them from the file)."""
         ...
 
 
@@ -358,7 +359,7 @@ class Connection:
 
     async def _transmit(self, ready: ServerReady) -> None:
         assert self._core is not None
-        handler = self._backend.open(ready, self.peer)
+        handler = self._backend.open(ready, self.peer, sends_files=self._fd is not None)
         failure: Exception | None = None
         try:
             async with trio.open_nursery() as tasks:

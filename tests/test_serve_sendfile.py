@@ -1,0 +1,242 @@
+"""Large READs of a file device sent straight from the file (``FileDevice.lend``, the
+writer's ``os.sendfile``): the bytes stay right, in order with every other reply; a file
+that fails under a send drops only that connection, and the client's retry gets an
+error reply; a lent range keeps the descriptor open; TLS never sends from the file."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from blockfuse.buffers import FileRange
+from blockfuse.devices.file import open_file
+from blockfuse.errors import BlockError, RequestFailed
+from blockfuse.nbd.uri import parse_uri
+from blockfuse.serve.requests import LEND_MIN
+from blockfuse.transport import writer
+from blockfuse.transport.connect import connect_nbd
+from blockfuse.transport.handshake import ConnectionLost
+from blockfuse.transport.writer import MessageWriter
+
+from .servekit import export_of, serving
+from .test_tls_serve import nbds, server_tls
+from .tlscerts import Certificates, make_certificates
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(random.Random(7).randbytes(SIZE))
+    return path
+
+
+@pytest.fixture
+def sendfiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The byte counts the writer asked ``os.sendfile`` for, one per call."""
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(writer.os, "sendfile", counting)
+    yield calls
+
+
+READS = [(0, LEND_MIN), (LEND_MIN, 4096), (512, MiB), (3 * MiB, 8 * MiB), (100, 3 * LEND_MIN),
+         (SIZE - LEND_MIN, LEND_MIN), (4096, 4096), (SIZE - 2 * MiB, 2 * MiB)]  # fmt: skip
+"""Offsets and lengths: lent (whole sectors, >= LEND_MIN) and not, among each other."""
+
+
+async def test_large_reads_are_sent_from_the_file_in_order_with_the_rest(
+    image: Path, short_tmp: Path, sendfiles: list[int]
+) -> None:
+    data = image.read_bytes()
+    device = open_file(str(image))
+    with trio.fail_after(60):
+        async with serving([export_of(device)], short_tmp) as s, trio.open_nursery() as n:
+            client = await s.client(n)
+
+            async def check(offset: int, length: int) -> None:
+                buf = memoryview(bytearray(length))
+                await client.pread(buf, offset)
+                assert buf == data[offset : offset + length], (offset, length)
+
+            for _ in range(3):  # all in flight at once, replies in any order
+                async with trio.open_nursery() as readers:
+                    for offset, length in READS:
+                        readers.start_soon(check, offset, length)
+            await client.aclose()
+        await device.aclose()
+    assert sendfiles, "no READ was sent from the file"
+
+
+async def test_a_file_that_ends_under_a_lent_read_drops_that_connection_only(
+    image: Path, short_tmp: Path, sendfiles: list[int]
+) -> None:
+    """The file shrank behind the device's back: the reply was begun (its header went),
+    so the connection is dropped; the next connection's READ is not lent, and gets the
+    error as a reply."""
+    device = open_file(str(image))
+    with trio.fail_after(60):
+        async with serving([export_of(device)], short_tmp) as s, trio.open_nursery() as n:
+            other = await s.client(n)
+            os.truncate(image, MiB)
+            client = await s.client(n)
+            with pytest.raises(ConnectionLost):
+                await client.pread(memoryview(bytearray(MiB)), 2 * MiB)
+            assert sendfiles
+            retry = await s.client(n)
+            with pytest.raises(RequestFailed):
+                await retry.pread(memoryview(bytearray(MiB)), 2 * MiB)
+            buf = memoryview(bytearray(LEND_MIN))
+            await other.pread(buf, 0)  # the other connection lives on
+            assert buf == image.read_bytes()[:LEND_MIN]
+            for c in (client, retry, other):
+                await c.aclose()
+        await device.aclose()
+
+
+async def test_a_lent_range_keeps_the_file_open_until_it_is_released(image: Path) -> None:
+    device = open_file(str(image))
+    lent = device.lend(0, LEND_MIN // 512)
+    assert lent is not None and lent.length == LEND_MIN
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(device.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            os.fstat(lent.fd)  # still open: a send from it may be under way
+            lent.release()
+    with pytest.raises(OSError):
+        os.fstat(lent.fd)
+    assert device.lend(0, 1) is None  # closed
+
+
+async def test_only_ranges_inside_the_device_are_lent(image: Path) -> None:
+    device = open_file(str(image))
+    sectors = SIZE // 512
+    assert device.lend(sectors - 1, 2) is None
+    assert device.lend(-1, 2) is None
+    assert device.lend(0, 0) is None
+    whole = device.lend(0, sectors)
+    assert whole is not None and whole.length == SIZE
+    whole.release()
+    await device.aclose()
+
+
+async def test_a_failed_send_stops_the_lending(image: Path) -> None:
+    device = open_file(str(image))
+    lent = device.lend(0, 8)
+    assert lent is not None
+    lent.failed(OSError(5, "Input/output error"))
+    lent.release()
+    assert device.lend(0, 8) is None
+    await device.aclose()
+
+
+def file_range(path: Path, offset: int, length: int) -> tuple[FileRange, list[str]]:
+    fd = os.open(path, os.O_RDONLY)
+    events: list[str] = []
+
+    def release() -> None:
+        events.append("released")
+        os.close(fd)
+
+    return FileRange(fd, offset, length, release, lambda exc: events.append("failed")), events
+
+
+async def test_the_writer_sends_ranges_whole_and_in_order_when_the_socket_fills(
+    image: Path,
+) -> None:
+    """A small send buffer: the range goes partly at once, the rest after waits."""
+    data = image.read_bytes()
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    stream = trio.SocketStream(a)
+    out = MessageWriter(stream, a.fileno(), "test", timeout=10)
+    rng, events = file_range(image, 4096, 3 * MiB)
+    parts = [b"head", rng, b"tail"]
+    expected = b"head" + data[4096 : 4096 + 3 * MiB] + b"tail" + b"next"
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+
+            async def receive() -> None:
+                while len(got) < len(expected):
+                    got.extend(await b.recv(1 << 16))
+
+            n.start_soon(receive)
+            await out.write(parts)
+            await out.write([b"next"])
+    assert got == expected
+    rng.release()
+    assert events == ["released"]
+    await stream.aclose()
+    b.close()
+
+
+async def test_the_writer_reads_a_range_into_bytes_for_a_stream_that_is_not_a_socket(
+    image: Path,
+) -> None:
+    data = image.read_bytes()
+    left, right = trio.testing.memory_stream_pair()
+    out = MessageWriter(left, None, "test", timeout=10)
+    rng, _ = file_range(image, 0, 2 * LEND_MIN)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(out.write, [b"h", rng])
+            got = b""
+            while len(got) < 1 + 2 * LEND_MIN:
+                got += await right.receive_some()
+    assert got == b"h" + data[: 2 * LEND_MIN]
+    rng.release()
+
+
+async def test_a_range_past_the_end_of_its_file_breaks_the_writer(image: Path) -> None:
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = trio.SocketStream(a)
+    out = MessageWriter(stream, a.fileno(), "test", timeout=10)
+    rng, events = file_range(image, SIZE - 4096, 8192)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(b.recv, 1 << 20)
+            with pytest.raises(BlockError, match="READ reply"):
+                await out.write([rng])
+            n.cancel_scope.cancel()
+    assert events == ["failed"]
+    rng.release()
+    await stream.aclose()
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+async def test_over_tls_nothing_is_sent_from_the_file(
+    image: Path, short_tmp: Path, certs: Certificates, sendfiles: list[int]
+) -> None:
+    data = image.read_bytes()
+    device = open_file(str(image))
+    with trio.fail_after(60):
+        tls = server_tls(certs)
+        async with serving([export_of(device)], short_tmp, tls=tls) as s, trio.open_nursery() as n:
+            client = await connect_nbd(n, parse_uri(nbds(s, certs)))
+            buf = memoryview(bytearray(2 * MiB))
+            await client.pread(buf, MiB)
+            assert buf == data[MiB : 3 * MiB]
+            await client.aclose()
+        await device.aclose()
+    assert sendfiles == []
