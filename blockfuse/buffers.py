@@ -7,7 +7,7 @@ file's end, a request split across units).  ``slice_views`` is the one primitive
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import accumulate
 
 from .block import Buffer, total_length
@@ -53,36 +53,3 @@ def split_buffers(buffers: Sequence[Buffer], lengths: Sequence[int]) -> list[lis
     ends = list(accumulate(lengths))
     starts = [0, *ends[:-1]]
     return [slice_views(buffers, a, b) for a, b in zip(starts, ends, strict=True)]
-
-
-class FileRange:
-    """``length`` bytes of an open file from byte ``offset``, to be sent from the file
-    itself (``os.sendfile``) instead of being read into a buffer first.
-
-    The device that lent it keeps ``fd`` open until ``release`` (once, when the range has
-    been sent or never will be); ``failed`` tells it that reading the file for a send
-    failed (it lends no more ranges then, so the next read of them is a plain one that
-    can answer with the error).  ``len()`` is the byte count, as for a buffer."""
-
-    __slots__ = ("failed", "fd", "length", "offset", "release")
-
-    def __init__(
-        self,
-        fd: int,
-        offset: int,
-        length: int,
-        release: Callable[[], None],
-        failed: Callable[[OSError], None],
-    ) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.length = length
-        self.release = release
-        self.failed = failed
-
-    def __len__(self) -> int:
-        return self.length
-
-    def after(self, n: int) -> FileRange:
-        """What is left once the first ``n`` bytes have been sent."""
-        return FileRange(self.fd, self.offset + n, self.length - n, self.release, self.failed)

@@ -11,7 +11,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 LAYERS = [
     ["errors", "log", "threads"],
     ["block"],
-    ["units", "buffers", "extents", "rangelock", "opening", "notify", "lifecycle", "malloc"],
+    [
+        "units",
+        "buffers",
+        "filerange",
+        "extents",
+        "rangelock",
+        "opening",
+        "notify",
+        "lifecycle",
+        "malloc",
+    ],
     ["sectors"],
     ["nbd"],
     ["transport"],

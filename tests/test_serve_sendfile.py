@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from blockfuse.buffers import FileRange
 from blockfuse.devices.file import open_file
 from blockfuse.errors import BlockError, RequestFailed
+from blockfuse.filerange import FileRange
 from blockfuse.nbd.uri import parse_uri
 from blockfuse.serve.requests import LEND_MIN
 from blockfuse.transport import writer

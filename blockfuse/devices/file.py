@@ -53,7 +53,7 @@ from ..block import (
     Info,
     total_length,
 )
-from ..buffers import FileRange, advance, byte_views, slice_views
+from ..buffers import advance, byte_views, slice_views
 from ..errors import (
     Disconnected,
     ReadOnly,
@@ -62,6 +62,7 @@ from ..errors import (
     map_os_errors,
     request_failed,
 )
+from ..filerange import FileRange
 from ..threads import WorkerThreads
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes

@@ -60,8 +60,9 @@ from ..block import (
     check_new_size,
     total_length,
 )
-from ..buffers import FileRange, byte_views, split_views
+from ..buffers import byte_views, split_views
 from ..errors import Unsafe
+from ..filerange import FileRange
 from ..opening import OpenContext
 from ..threads import WorkerThreads
 from ..units import format_size

@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..buffers import FileRange
 from ..errors import ProtocolError
+from ..filerange import FileRange
 from .constants import DEFAULT_MAX_PAYLOAD, NO_TX_FLAGS, Opt, Rep, TxFlag
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..buffers import FileRange
+from ..filerange import FileRange
 from .constants import (
     CHUNK_HEADER,
     ERROR_HEADER,

@@ -41,9 +41,9 @@ import errno
 from collections.abc import Awaitable, Callable
 
 from ..block import Capability, Extent, FlushCursor
-from ..buffers import FileRange
 from ..devices.file import FileDevice
 from ..errors import BlockError, RequestFailed
+from ..filerange import FileRange
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
 from ..sectors import DeviceBytes, span

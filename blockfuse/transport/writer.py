@@ -41,8 +41,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ..buffers import FileRange
 from ..errors import BlockError
+from ..filerange import FileRange
 from .handshake import ConnectionLost, Stalled
 from .sender import STREAM_ERRORS, Part, still_open, write_without_blocking
 

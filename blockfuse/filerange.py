@@ -1,0 +1,43 @@
+"""A range of an open file, sent from the file itself instead of through a buffer.
+
+The NBD server answers a large READ of a file device with one (``FileDevice.lend``); its
+writer sends it with ``os.sendfile`` (``transport/writer.py``).  No I/O here: the
+sans-io protocol core names the type in its replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class FileRange:
+    """``length`` bytes of an open file from byte ``offset``, to be sent from the file
+    itself (``os.sendfile``) instead of being read into a buffer first.
+
+    The device that lent it keeps ``fd`` open until ``release`` (once, when the range has
+    been sent or never will be); ``failed`` tells it that reading the file for a send
+    failed (it lends no more ranges then, so the next read of them is a plain one that
+    can answer with the error).  ``len()`` is the byte count, as for a buffer."""
+
+    __slots__ = ("failed", "fd", "length", "offset", "release")
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        release: Callable[[], None],
+        failed: Callable[[OSError], None],
+    ) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.release = release
+        self.failed = failed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def after(self, n: int) -> FileRange:
+        """What is left once the first ``n`` bytes have been sent."""
+        return FileRange(self.fd, self.offset + n, self.length - n, self.release, self.failed)
