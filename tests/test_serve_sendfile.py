@@ -5,9 +5,11 @@ error reply; a lent range keeps the descriptor open; TLS never sends from the fi
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,16 +18,21 @@ import trio
 import trio.testing
 
 from blockfuse.devices.file import open_file
+from blockfuse.devices.readonly import ReadOnlyDevice
+from blockfuse.devices.safe import SafeDevice
+from blockfuse.devices.sparse import open_sparse
+from blockfuse.devices.wrapper import PassThrough
 from blockfuse.errors import BlockError, RequestFailed
 from blockfuse.filerange import FileRange
 from blockfuse.nbd.uri import parse_uri
-from blockfuse.serve.requests import LEND_MIN
+from blockfuse.sectors import DeviceBytes
+from blockfuse.serve.requests import LEND_MIN, RequestHandler
 from blockfuse.transport import writer
 from blockfuse.transport.connect import connect_nbd
 from blockfuse.transport.handshake import ConnectionLost
 from blockfuse.transport.writer import MessageWriter
 
-from .servekit import export_of, serving
+from .servekit import export_of, serving, wait_until
 from .test_tls_serve import nbds, server_tls
 from .tlscerts import Certificates, make_certificates
 
@@ -77,32 +84,65 @@ async def test_large_reads_are_sent_from_the_file_in_order_with_the_rest(
                 async with trio.open_nursery() as readers:
                     for offset, length in READS:
                         readers.start_soon(check, offset, length)
+            writer_client = await s.client(n)  # a write acknowledged on another connection
+            new = random.Random(8).randbytes(2 * MiB)
+            await writer_client.pwrite(memoryview(new), 5 * MiB)
+            data = data[: 5 * MiB] + new + data[7 * MiB :]
+            await check(5 * MiB, 2 * MiB)  # is seen by a later READ sent from the file
             await client.aclose()
+            await writer_client.aclose()
         await device.aclose()
     assert sendfiles, "no READ was sent from the file"
 
 
-async def test_a_file_that_ends_under_a_lent_read_drops_that_connection_only(
+async def test_a_file_that_shrank_behind_the_device_answers_the_read_with_an_error(
     image: Path, short_tmp: Path, sendfiles: list[int]
 ) -> None:
-    """The file shrank behind the device's back: the reply was begun (its header went),
-    so the connection is dropped; the next connection's READ is not lent, and gets the
-    error as a reply."""
+    """Past the file's new end nothing is cached, so nothing is lent: the READ is read
+    as usual and answered with the error, on a connection that lives on."""
+    device = open_file(str(image))
+    with trio.fail_after(60):
+        async with serving([export_of(device)], short_tmp) as s, trio.open_nursery() as n:
+            client = await s.client(n)
+            os.truncate(image, MiB)
+            with pytest.raises(RequestFailed, match="ended"):
+                await client.pread(memoryview(bytearray(MiB)), 2 * MiB)
+            buf = memoryview(bytearray(LEND_MIN))
+            await client.pread(buf, 0)
+            assert buf == image.read_bytes()[:LEND_MIN]
+            await client.aclose()
+        await device.aclose()
+    assert sendfiles == [LEND_MIN]
+
+
+async def test_a_read_error_under_a_send_drops_that_connection_only(
+    image: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply was begun (its header went), so the connection is dropped; the device
+    lends no more, so the next connection's READ is read as usual (and would get an
+    error as a reply, were the file still failing)."""
+    data = image.read_bytes()
+    calls: list[int] = []
+
+    def failing(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        raise OSError(errno.EIO, "Input/output error")
+
     device = open_file(str(image))
     with trio.fail_after(60):
         async with serving([export_of(device)], short_tmp) as s, trio.open_nursery() as n:
             other = await s.client(n)
-            os.truncate(image, MiB)
             client = await s.client(n)
+            monkeypatch.setattr(writer.os, "sendfile", failing)
             with pytest.raises(ConnectionLost):
                 await client.pread(memoryview(bytearray(MiB)), 2 * MiB)
-            assert sendfiles
+            assert calls == [MiB]
             retry = await s.client(n)
-            with pytest.raises(RequestFailed):
-                await retry.pread(memoryview(bytearray(MiB)), 2 * MiB)
-            buf = memoryview(bytearray(LEND_MIN))
+            buf = memoryview(bytearray(MiB))
+            await retry.pread(buf, 2 * MiB)
+            assert buf == data[2 * MiB : 3 * MiB] and calls == [MiB]
             await other.pread(buf, 0)  # the other connection lives on
-            assert buf == image.read_bytes()[:LEND_MIN]
+            assert buf == data[:MiB]
             for c in (client, retry, other):
                 await c.aclose()
         await device.aclose()
@@ -112,15 +152,52 @@ async def test_a_lent_range_keeps_the_file_open_until_it_is_released(image: Path
     device = open_file(str(image))
     lent = device.lend(0, LEND_MIN // 512)
     assert lent is not None and lent.length == LEND_MIN
+    inode = os.fstat(lent.fd).st_ino
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             n.start_soon(device.aclose)
             await trio.testing.wait_all_tasks_blocked()
-            os.fstat(lent.fd)  # still open: a send from it may be under way
+            assert os.fstat(lent.fd).st_ino == inode  # still open: a send may be under way
             lent.release()
-    with pytest.raises(OSError):
-        os.fstat(lent.fd)
-    assert device.lend(0, 1) is None  # closed
+    assert not fd_is(lent.fd, inode)  # closed (the number may be another file's by now)
+    assert device.lend(0, 1) is None
+
+
+def fd_is(fd: int, inode: int) -> bool:
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False
+
+
+async def test_a_range_not_all_in_the_page_cache_is_not_lent(image: Path) -> None:
+    """The send reads the file in the event loop: from the disk it would stall it."""
+    device = open_file(str(image))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert device.lend(0, MiB // 512) is None
+        os.pread(fd, MiB, 0)
+        lent = device.lend(0, MiB // 512)
+        assert lent is not None
+        lent.release()
+    finally:
+        os.close(fd)
+    await device.aclose()
+
+
+async def test_neither_a_sparse_device_nor_a_wrapper_lends(image: Path, short_tmp: Path) -> None:
+    sparse = open_sparse(str(image))
+    assert sparse.lend(0, 8) is None
+    await sparse.aclose()
+    inner = open_file(str(image))
+    for device in (PassThrough(inner), ReadOnlyDevice(inner)):
+        handler = RequestHandler(DeviceBytes(device), True, sends_files=True)
+        assert handler._lender is None
+    assert RequestHandler(DeviceBytes(SafeDevice(inner)), True, sends_files=True)._lender is inner
+    assert RequestHandler(DeviceBytes(inner), True, sends_files=False)._lender is None
+    await inner.aclose()
 
 
 async def test_only_ranges_inside_the_device_are_lent(image: Path) -> None:
@@ -132,6 +209,31 @@ async def test_only_ranges_inside_the_device_are_lent(image: Path) -> None:
     whole = device.lend(0, sectors)
     assert whole is not None and whole.length == SIZE
     whole.release()
+    await device.aclose()
+
+
+@pytest.mark.parametrize("error", [errno.EPIPE, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOMEM])
+async def test_a_socket_error_under_a_send_keeps_the_lending(
+    image: Path, error: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection is lost; the file is fine, and lends on."""
+
+    def failing(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(writer.os, "sendfile", failing)
+    device = open_file(str(image))
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out = MessageWriter(trio.SocketStream(a), a.fileno(), "test", timeout=10)
+    lent = device.lend(0, 8)
+    assert lent is not None
+    with pytest.raises(ConnectionLost):
+        await out.write([b"header", lent], lent.release)
+    again = device.lend(0, 8)
+    assert again is not None
+    again.release()
+    a.close()
+    b.close()
     await device.aclose()
 
 
@@ -166,8 +268,9 @@ async def test_the_writer_sends_ranges_whole_and_in_order_when_the_socket_fills(
     stream = trio.SocketStream(a)
     out = MessageWriter(stream, a.fileno(), "test", timeout=10)
     rng, events = file_range(image, 4096, 3 * MiB)
-    parts = [b"head", rng, b"tail"]
-    expected = b"head" + data[4096 : 4096 + 3 * MiB] + b"tail" + b"next"
+    head = bytes(MiB)  # more than the socket takes: a partial writev before the range
+    parts = [head, rng, b"tail"]
+    expected = head + data[4096 : 4096 + 3 * MiB] + b"tail" + b"next"
     got = bytearray()
     with trio.fail_after(30):
         async with trio.open_nursery() as n:
@@ -240,3 +343,38 @@ async def test_over_tls_nothing_is_sent_from_the_file(
             await client.aclose()
         await device.aclose()
     assert sendfiles == []
+
+
+def raw_client(path: Path) -> socket.socket:
+    """A fixed-newstyle client that opens export ``disk`` (NBD_OPT_EXPORT_NAME) and
+    reads nothing more: what a test needs to leave replies unread."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.recv(18, socket.MSG_WAITALL)
+    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 4) + b"disk")
+    assert len(sock.recv(10, socket.MSG_WAITALL)) == 10
+    return sock
+
+
+@pytest.mark.parametrize("ending", ["client resets", "server hurries"])
+async def test_lent_replies_left_unread_are_released(
+    image: Path, short_tmp: Path, sendfiles: list[int], ending: str
+) -> None:
+    """Lent READs whose replies the client never reads: once the connection ends (the
+    client goes, or the server's shutdown cuts the writes off), every range is given
+    back, so the device closes."""
+    device = open_file(str(image))
+    with trio.fail_after(60):
+        async with serving([export_of(device)], short_tmp, grace=0.5) as s:
+            sock = await trio.to_thread.run_sync(raw_client, Path(s.address.path or ""))
+            for cookie in range(8):
+                sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, 0, 4 * MiB))
+            await wait_until(lambda: bool(sendfiles))
+            if ending == "client resets":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        await device.aclose()  # waits for every lent range
+        if ending != "client resets":
+            sock.close()

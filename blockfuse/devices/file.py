@@ -67,6 +67,7 @@ from ..threads import WorkerThreads
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
 from .images import check_openable, check_raw, device_geometry, lock_image
+from .pagecache import fully_cached
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +190,24 @@ class FileDevice(BlockDevice):
         """The sectors as a range of this file, for a front end to send straight from
         it (an NBD READ reply: ``os.sendfile`` hands the page cache's pages to the
         socket, where a read and a write would copy them twice); ``None`` where that is
-        not offered: closed, outside the device, or after such a send failed.
+        not offered: closed, outside the device, not all in the page cache (the send
+        runs on the event loop's thread: ``pagecache.py``), or after such a send failed.
 
-        The file's bytes are read when the range is sent, later than ``read`` would
-        read them: only a front end whose request is not answered before then may ask
-        (a write acknowledged meanwhile is one that ran concurrently with the read).
-        Until ``release`` the range counts as a call in flight, so ``aclose`` waits
-        for it before closing the descriptor (its number must not be another file's)."""
+        The file's bytes are read when the range is sent, and on a local socket the
+        socket holds the page cache's pages until the client reads them: a write made
+        until then may show in what the client gets.  So only a front end whose
+        request is not answered before the client has read it may ask (a write made
+        meanwhile ran concurrently with the READ, which may see it or not).  Until
+        ``release`` the range counts as a call in flight, so ``aclose`` waits for it
+        before closing the descriptor (its number must not be another file's)."""
         if self._closed or not self._lending or count <= 0:
             return None
         if sector < 0 or sector + count > self._info.size_sectors:
             return None
-        self._in_flight += 1
         ss = self._sector_size
+        if not fully_cached(self._fd, sector * ss, count * ss):
+            return None
+        self._in_flight += 1
         return FileRange(self._fd, sector * ss, count * ss, self._leave, self._lend_failed)
 
     def _lend_failed(self, exc: OSError) -> None:

@@ -28,7 +28,12 @@ at least ``LEND_MIN`` bytes of whole sectors of a file device, on a connection t
 writes to a socket, is not read at all: the device lends the range of its file
 (``FileDevice.lend``), the transport sends it from there (``os.sendfile``: no copy in
 this process; ``transport/writer.py``), and ``written`` gives it back.  Its bytes are
-read when the reply is sent, which is still before the client has its answer.
+read when the reply is sent (and on a local socket the pages are held until the client
+reads them), which is still before the client has its answer: a write made meanwhile
+ran concurrently with the READ.  Only ranges all in the page cache are lent (the send
+runs in the event loop).  A read error under such a send comes after the reply's header
+has gone: that connection is dropped, the device lends no more, and the client's retry
+gets the error as a reply.
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected

@@ -463,7 +463,12 @@ class Connection:
                 handler.written(reply)
 
         try:
-            await self._writer.write(self._core.send(reply), written, batch=self._unanswered > 1)
+            parts = self._core.send(reply)
+        except BaseException:
+            written()  # what the reply holds goes back (a lent file range, a buffer)
+            raise
+        try:
+            await self._writer.write(parts, written, batch=self._unanswered > 1)
         except Stalled as exc:
             self._dropped(str(exc))
             self._scope.cancel()

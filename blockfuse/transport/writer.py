@@ -37,7 +37,7 @@ import errno
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
@@ -49,10 +49,13 @@ from .sender import STREAM_ERRORS, Part, still_open, write_without_blocking
 Outgoing = Part | FileRange
 """A part of a message: bytes, or a range of a file sent from the file."""
 
-SOCKET_ERRNOS = frozenset(
-    {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED, errno.ESHUTDOWN}
-)
-"""What ``sendfile`` raises about the socket; anything else is about the file."""
+FILE_ERRNOS = frozenset(
+    {errno.EIO, errno.ENXIO, errno.ESTALE, errno.EINVAL, errno.EOVERFLOW, errno.EOPNOTSUPP,
+     errno.ENOSYS}
+)  # fmt: skip
+"""What ``sendfile`` raises about the file, and will raise again for it: the lender is
+told and lends no more.  Anything else (the socket's errors, TCP's among them; ENOMEM)
+ends the connection only."""
 
 COALESCE = 64 << 10
 """Parts smaller than this are joined before a stream that is not a socket gets them:
@@ -158,15 +161,14 @@ class MessageWriter:
             rest = self._write_now([part for parts, _ in messages for part in parts])
             if rest:
                 await self._write_shielded(rest)
-        except BlockError as exc:
-            self._broken = exc
-            for _, done in self._queue:  # nobody will write them now
-                done()
-            self._queue.clear()
+        except BaseException as exc:
+            # the stream is broken, or in an unknown state (a bug): nothing more goes out
+            self._broken = exc if isinstance(exc, BlockError) else ConnectionLost(str(exc))
+            messages += self._queue  # nobody will write them now
+            self._queue = []
             raise
         finally:
-            for _, done in messages:
-                done()
+            call_each(done for _, done in messages)
 
     def _write_now(self, parts: list[Outgoing]) -> list[Outgoing]:
         """What the socket takes at once (no await: the common case); what is left.  A
@@ -218,6 +220,19 @@ class MessageWriter:
             left = send_file_without_blocking(fd, left)
 
 
+def call_each(callbacks: Iterable[Callable[[], None]]) -> None:
+    """Call every one, even after one raised (the first error is raised at the end):
+    each gives back what its message held (a buffer, a lent file range)."""
+    first: BaseException | None = None
+    for callback in callbacks:
+        try:
+            callback()
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def send_without_blocking(fd: int, parts: list[Outgoing]) -> list[Outgoing]:
     """``write_without_blocking`` for parts among which are file ranges: what the socket
     ``fd`` takes now, in order; what is left to send."""
@@ -246,7 +261,7 @@ def send_file_without_blocking(fd: int, rest: FileRange) -> FileRange | None:
         except BlockingIOError:
             return rest
         except OSError as exc:
-            if exc.errno in SOCKET_ERRNOS:
+            if exc.errno not in FILE_ERRNOS:
                 raise
             raise file_failed(rest, exc) from exc
         if n == 0:
