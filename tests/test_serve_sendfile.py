@@ -187,10 +187,29 @@ async def test_a_range_not_all_in_the_page_cache_is_not_lent(image: Path) -> Non
     await device.aclose()
 
 
-async def test_neither_a_sparse_device_nor_a_wrapper_lends(image: Path, short_tmp: Path) -> None:
-    sparse = open_sparse(str(image))
-    assert sparse.lend(0, 8) is None
+async def test_a_sparse_device_lends_inside_its_backing_file_only(image: Path) -> None:
+    """Past the backing file the device reads zeroes: nothing to send from there.  A lent
+    range holds the gate shared, so a resize that would cut it off waits for it."""
+    sparse = open_sparse(str(image), size_bytes=2 * SIZE)
+    sectors = SIZE // 512
+    assert sparse.lend(sectors - 8, 16) is None
+    lent = sparse.lend(sectors - 8, 8)
+    assert lent is not None
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(sparse.resize, sectors // 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert os.fstat(lent.fd).st_size == SIZE  # not cut yet
+            assert sparse.lend(0, 8) is None  # a resize waits: nothing more is lent
+            lent.release()
+    assert os.fstat(sparse._fd).st_size == SIZE // 2
+    again = sparse.lend(0, 8)
+    assert again is not None
+    again.release()
     await sparse.aclose()
+
+
+async def test_a_wrapper_keeps_its_device_from_lending(image: Path) -> None:
     inner = open_file(str(image))
     for device in (PassThrough(inner), ReadOnlyDevice(inner)):
         handler = RequestHandler(DeviceBytes(device), True, sends_files=True)

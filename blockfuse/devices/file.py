@@ -200,15 +200,24 @@ class FileDevice(BlockDevice):
         meanwhile ran concurrently with the READ, which may see it or not).  Until
         ``release`` the range counts as a call in flight, so ``aclose`` waits for it
         before closing the descriptor (its number must not be another file's)."""
-        if self._closed or not self._lending or count <= 0:
-            return None
-        if sector < 0 or sector + count > self._info.size_sectors:
+        if not self._may_lend(sector, count, self._info.size_sectors):
             return None
         ss = self._sector_size
-        if not fully_cached(self._fd, sector * ss, count * ss):
+        return self._lent(sector * ss, count * ss, self._leave)
+
+    def _may_lend(self, sector: int, count: int, size_sectors: int) -> bool:
+        """Open, lending, and the sectors inside the device."""
+        if self._closed or not self._lending or count <= 0:
+            return False
+        return sector >= 0 and sector + count <= size_sectors
+
+    def _lent(self, offset: int, length: int, release: Callable[[], None]) -> FileRange | None:
+        """The range, counted as in flight (``release`` ends that), if all of it is in the
+        page cache."""
+        if not fully_cached(self._fd, offset, length):
             return None
         self._in_flight += 1
-        return FileRange(self._fd, sector * ss, count * ss, self._leave, self._lend_failed)
+        return FileRange(self._fd, offset, length, release, self._lend_failed)
 
     def _lend_failed(self, exc: OSError) -> None:
         if self._lending:

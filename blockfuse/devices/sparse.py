@@ -92,6 +92,13 @@ class LengthGate:
                 pass
         self._holders += 1
 
+    def try_enter_shared(self) -> bool:
+        """``enter_shared`` if it need not wait (nothing exclusive holds or waits)."""
+        if self._lock.locked():
+            return False
+        self._holders += 1
+        return True
+
     def leave_shared(self) -> None:
         self._holders -= 1
         if self._holders == 0:
@@ -146,9 +153,24 @@ class SparseDevice(FileDevice):
         return Info(not self._read_only, self._sector_size, self._size_sectors)
 
     def lend(self, sector: int, count: int) -> FileRange | None:
-        """Nothing: what lies past the backing file reads as zeroes, and the gate that
-        orders reads against growing the file would not hold while a range is sent."""
-        return None
+        """``FileDevice.lend`` for sectors inside the backing file (past it they read as
+        zeroes, with nothing to send from).  A lent range holds the gate shared until
+        it is released, as a read does: a resize that would cut it off waits for it.
+        Where the gate is held or wanted exclusively, nothing is lent (no waiting)."""
+        ss = self._sector_size
+        offset, length = sector * ss, count * ss
+        if not self._may_lend(sector, count, self._size_sectors) or offset + length > self._length:
+            return None
+        if not self._gate.try_enter_shared():
+            return None
+        lent = self._lent(offset, length, self._release_lent)
+        if lent is None:
+            self._gate.leave_shared()
+        return lent
+
+    def _release_lent(self) -> None:
+        self._gate.leave_shared()
+        self._leave()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_open()

@@ -24,7 +24,8 @@ the error stays recorded for every connection's next FLUSH (the errseq rule).
 A READ's data goes into a buffer of a ``BufferPool``, shared by the server's connections,
 which takes it back once the reply has been written (``written``); why, and the pool's
 bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.  A READ of
-at least ``LEND_MIN`` bytes of whole sectors of a file device, on a connection that
+at least ``LEND_MIN`` bytes of whole sectors of a file device (a raw file, or a sparse
+image inside its backing file), on a connection that
 writes to a socket, is not read at all: the device lends the range of its file
 (``FileDevice.lend``), the transport sends it from there (``os.sendfile``: no copy in
 this process; ``transport/writer.py``), and ``written`` gives it back.  Its bytes are
