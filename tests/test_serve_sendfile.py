@@ -66,13 +66,14 @@ READS = [(0, LEND_MIN), (LEND_MIN, 4096), (512, MiB), (3 * MiB, 8 * MiB), (100, 
 """Offsets and lengths: lent (whole sectors, >= LEND_MIN) and not, among each other."""
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 async def test_large_reads_are_sent_from_the_file_in_order_with_the_rest(
-    image: Path, short_tmp: Path, sendfiles: list[int]
+    image: Path, short_tmp: Path, sendfiles: list[int], tcp: bool
 ) -> None:
     data = image.read_bytes()
     device = open_file(str(image))
     with trio.fail_after(60):
-        async with serving([export_of(device)], short_tmp) as s, trio.open_nursery() as n:
+        async with serving([export_of(device)], short_tmp, tcp=tcp) as s, trio.open_nursery() as n:
             client = await s.client(n)
 
             async def check(offset: int, length: int) -> None:
