@@ -222,8 +222,8 @@ class FileDevice(BlockDevice):
     def _lend_failed(self, exc: OSError) -> None:
         if self._lending:
             self._lending = False
-            log.warning("%s: sending straight from the file failed (%s); reads are copied "
-                        "from now on", self.path, exc)  # fmt: skip
+            why = "reads are copied from now on"
+            log.warning("%s: sending straight from the file failed (%s); %s", self.path, exc, why)
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         if self._read_only:

@@ -236,8 +236,8 @@ class Reply:
 class ReadReply:
     """A READ's answer from ``offset`` on: ``pieces`` in order, each either data (a
     buffer, or a ``FileRange`` that the transport sends from its file) or a hole (an
-    ``int``, its length: reads as zeroes).  With ``error`` set, the
-    pieces are what was read before the failure at ``error_offset`` (``None``: anywhere)."""
+    ``int``, its length: reads as zeroes).  With ``error`` set, the pieces are what was
+    read before the failure at ``error_offset`` (``None``: anywhere)."""
 
     cookie: int
     offset: int

@@ -23,18 +23,19 @@ the error stays recorded for every connection's next FLUSH (the errseq rule).
 
 A READ's data goes into a buffer of a ``BufferPool``, shared by the server's connections,
 which takes it back once the reply has been written (``written``); why, and the pool's
-bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.  A READ of
-at least ``LEND_MIN`` bytes of whole sectors of a file device (a raw file, or a sparse
-image inside its backing file), on a connection that
-writes to a socket, is not read at all: the device lends the range of its file
-(``FileDevice.lend``), the transport sends it from there (``os.sendfile``: no copy in
-this process; ``transport/writer.py``), and ``written`` gives it back.  Its bytes are
-read when the reply is sent (and on a local socket the pages are held until the client
-reads them), which is still before the client has its answer: a write made meanwhile
-ran concurrently with the READ.  Only ranges all in the page cache are lent (the send
-runs in the event loop).  A read error under such a send comes after the reply's header
-has gone: that connection is dropped, the device lends no more, and the client's retry
-gets the error as a reply.
+bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
+
+A READ of at least ``LEND_MIN`` bytes of whole sectors of a file device (a raw file, or
+a sparse image inside its backing file), on a connection that writes to a socket, is
+not read at all: the device lends the range of its file (``FileDevice.lend``), the
+transport sends it from there (``os.sendfile``: no copy in this process;
+``transport/writer.py``), and ``written`` gives it back.  Its bytes are read when the
+reply is sent (and on a local socket the pages are held until the client reads them),
+which is still before the client has its answer: a write made meanwhile ran
+concurrently with the READ.  Only ranges all in the page cache are lent (the send runs
+in the event loop).  A read error under such a send comes after the reply's header has
+gone: that connection is dropped, the device lends no more, and the client's retry gets
+the error as a reply.
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected

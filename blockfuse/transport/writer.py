@@ -38,6 +38,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import trio
 
@@ -175,11 +176,11 @@ class MessageWriter:
         stream that is not a socket (TLS) gets the small parts joined (``coalesced``)."""
         ranges = any(type(part) is FileRange for part in parts)
         if self._fd is None:
-            return list(coalesced(read_ranges(parts) if ranges else parts))  # type: ignore[arg-type]
+            return list(coalesced(read_ranges(parts) if ranges else cast(list[Part], parts)))
         try:
             if ranges:
                 return send_without_blocking(self._fd, parts)
-            return list(write_without_blocking(self._fd, parts))  # type: ignore[arg-type]
+            return list(write_without_blocking(self._fd, cast(list[Part], parts)))
         except OSError as exc:
             raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
 
@@ -198,10 +199,10 @@ class MessageWriter:
         try:
             for part in parts:
                 with trio.move_on_after(self._timeout) as scope:
-                    if type(part) is FileRange:
+                    if isinstance(part, FileRange):
                         await self._send_file(part)
                     else:
-                        await self._stream.send_all(part)  # type: ignore[arg-type]
+                        await self._stream.send_all(part)
                 if scope.cancelled_caught:
                     raise Stalled(f"{self._peer} took nothing we sent for {self._timeout:g} s")
         except STREAM_ERRORS as exc:
@@ -238,17 +239,22 @@ def send_without_blocking(fd: int, parts: list[Outgoing]) -> list[Outgoing]:
     ``fd`` takes now, in order; what is left to send."""
     start = 0
     for index, part in enumerate(parts):
-        if type(part) is not FileRange:
+        if not isinstance(part, FileRange):
             continue
         if index > start:
-            rest: list[Outgoing] = list(write_without_blocking(fd, parts[start:index]))  # type: ignore[arg-type]
+            rest: list[Outgoing] = list(write_bytes(fd, parts[start:index]))
             if rest:
                 return rest + parts[index:]
         left = send_file_without_blocking(fd, part)
         if left is not None:
             return [left, *parts[index + 1 :]]
         start = index + 1
-    return list(write_without_blocking(fd, parts[start:])) if start < len(parts) else []  # type: ignore[arg-type]
+    return list(write_bytes(fd, parts[start:])) if start < len(parts) else []
+
+
+def write_bytes(fd: int, parts: list[Outgoing]) -> list[Part]:
+    """``write_without_blocking`` of parts that are all bytes (no file range among them)."""
+    return write_without_blocking(fd, cast(list[Part], parts))
 
 
 def send_file_without_blocking(fd: int, rest: FileRange) -> FileRange | None:
@@ -274,8 +280,8 @@ def read_ranges(parts: list[Outgoing]) -> list[Part]:
     """``parts`` with every file range read into bytes (for a stream that is not a socket)."""
     out: list[Part] = []
     for part in parts:
-        if type(part) is not FileRange:
-            out.append(part)  # type: ignore[arg-type]
+        if not isinstance(part, FileRange):
+            out.append(part)
             continue
         try:
             data = os.pread(part.fd, part.length, part.offset)
