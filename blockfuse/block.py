@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import BlockError, RequestFailed, Unimplemented, Unsafe
+from .filerange import FileRange
 from .threads import WorkerThreads
 
 Buffer = bytearray | memoryview | bytes
@@ -177,6 +178,15 @@ class BlockDevice(ABC):
         ``Unimplemented``; a caller then treats everything as data.
         """
         raise Unimplemented(f"{self.kind} devices cannot report extents")
+
+    def lend(self, sector: int, count: int) -> FileRange | None:
+        """Whole sectors inside the device as a range of a file that holds them, for a
+        front end to send straight from it (an NBD READ reply, ``os.sendfile``), or
+        ``None``: by default, and wherever a device cannot (see ``FileDevice.lend`` for
+        what the caller must keep to: it releases the range once sent).  No waiting, no
+        I/O but a look at the page cache.  A wrapper lends nothing unless it says so:
+        what it does to reads would be skipped."""
+        return None
 
     async def write_behind(self, sector: int, count: int) -> None:  # noqa: B027
         """Start writing ``count`` sectors from ``sector`` to stable storage, without

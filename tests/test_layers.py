@@ -9,12 +9,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "blockfuse"
 
 LAYERS = [
-    ["errors", "log", "threads"],
+    ["errors", "log", "threads", "filerange"],
     ["block"],
     [
         "units",
         "buffers",
-        "filerange",
         "extents",
         "rangelock",
         "opening",

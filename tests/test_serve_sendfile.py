@@ -18,6 +18,8 @@ import trio
 import trio.testing
 
 from blockfuse.devices.file import open_file
+from blockfuse.devices.memory import MemoryDevice
+from blockfuse.devices.mirror.opening import open_mirror
 from blockfuse.devices.readonly import ReadOnlyDevice
 from blockfuse.devices.safe import SafeDevice
 from blockfuse.devices.sparse import open_sparse
@@ -32,6 +34,8 @@ from blockfuse.transport.connect import connect_nbd
 from blockfuse.transport.handshake import ConnectionLost
 from blockfuse.transport.writer import MessageWriter
 
+from .mirrorkit import Slow
+from .mirrorkit import image as mirror_image
 from .servekit import export_of, serving, wait_until
 from .test_tls_serve import nbds, server_tls
 from .tlscerts import Certificates, make_certificates
@@ -212,9 +216,8 @@ async def test_a_sparse_device_lends_inside_its_backing_file_only(image: Path) -
 
 async def test_a_wrapper_keeps_its_device_from_lending(image: Path) -> None:
     inner = open_file(str(image))
-    for device in (PassThrough(inner), ReadOnlyDevice(inner)):
-        handler = RequestHandler(DeviceBytes(device), True, sends_files=True)
-        assert handler._lender is None
+    for device in (PassThrough(inner), ReadOnlyDevice(inner)):  # what they do to reads holds
+        assert device.lend(0, 8) is None
     assert RequestHandler(DeviceBytes(SafeDevice(inner)), True, sends_files=True)._lender is inner
     assert RequestHandler(DeviceBytes(inner), True, sends_files=False)._lender is None
     await inner.aclose()
@@ -398,3 +401,36 @@ async def test_lent_replies_left_unread_are_released(
         await device.aclose()  # waits for every lent range
         if ending != "client resets":
             sock.close()
+
+
+async def test_a_mirror_lends_from_its_secondary_where_it_reads_from_it(
+    image: Path, tmp_path: Path, short_tmp: Path, sendfiles: list[int]
+) -> None:
+    """While copying, reads go to the primary: nothing is lent.  Synced (the range
+    copied) and pivoted, reads come from the secondary: its file's range is lent, and a
+    READ served from the mirror is sent from it."""
+    data = image.read_bytes()
+    primary = MemoryDevice(SIZE)
+    await primary.write(0, [data])
+    secondary = open_file(mirror_image(tmp_path, "secondary.img", SIZE))
+    sectors = LEND_MIN // 512
+    with trio.fail_after(60):
+        async with open_mirror(Slow(primary, 0.05), secondary, chunk=64 << 10) as m:
+            assert m.lend(0, sectors) is None  # copying: a read would go to the primary
+            m._primary.dev.delay = 0
+            await m.wait_synced()
+            Path(secondary.path).read_bytes()  # the copy's write-behind may have dropped it
+            lent = m.lend(0, sectors)
+            assert lent is not None and os.fstat(lent.fd).st_ino == os.stat(secondary.path).st_ino
+            lent.release()
+            async with serving([export_of(m)], short_tmp) as s, trio.open_nursery() as n:
+                client = await s.client(n)
+                buf = memoryview(bytearray(4 * MiB))
+                await client.pread(buf, MiB)
+                assert buf == data[MiB : 5 * MiB] and sendfiles
+                await m.pivot()
+                sendfiles.clear()
+                await client.pread(buf, 2 * MiB)
+                assert buf == data[2 * MiB : 6 * MiB] and sendfiles
+                await client.aclose()
+    await secondary.aclose()

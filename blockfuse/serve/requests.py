@@ -25,9 +25,10 @@ A READ's data goes into a buffer of a ``BufferPool``, shared by the server's con
 which takes it back once the reply has been written (``written``); why, and the pool's
 bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
 
-A READ of at least ``LEND_MIN`` bytes of whole sectors of a file device (a raw file, or
-a sparse image inside its backing file), on a connection that writes to a socket, is
-not read at all: the device lends the range of its file (``FileDevice.lend``), the
+A READ of at least ``LEND_MIN`` bytes of whole sectors, on a connection that writes to
+a socket, is not read at all where the device lends the range of a file that holds them
+(``BlockDevice.lend``: a raw file, a sparse image inside its backing file, a mirror that
+reads the range from such a secondary; ``FileDevice.lend``), the
 transport sends it from there (``os.sendfile``: no copy in this process;
 ``transport/writer.py``), and ``written`` gives it back.  Its bytes are read when the
 reply is sent (and on a local socket the pages are held until the client reads them),
@@ -47,8 +48,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Awaitable, Callable
 
-from ..block import Capability, Extent, FlushCursor
-from ..devices.file import FileDevice
+from ..block import BlockDevice, Capability, Extent, FlushCursor
 from ..errors import BlockError, RequestFailed
 from ..filerange import FileRange
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
@@ -110,8 +110,8 @@ class RequestHandler:
         self._cursor = FlushCursor(bytes_.device)
         self._buffers = buffers or BufferPool(0)
         direct = bytes_.device.unchecked  # without safe's checks: ``_lend`` makes them
-        self._lender = direct if sends_files and isinstance(direct, FileDevice) else None
-        """The file device that lends large READs' ranges (the module text), if any."""
+        self._lender = direct if sends_files else None
+        """The device asked to lend large READs' ranges (the module text), if any."""
         self._lent: dict[int, bytearray | FileRange] = {}
         """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
         ``written``."""
@@ -168,7 +168,7 @@ class RequestHandler:
             self._lent[id(reply)] = buf
         return reply
 
-    async def _lend(self, lender: FileDevice, offset: int, length: int) -> FileRange | None:
+    async def _lend(self, lender: BlockDevice, offset: int, length: int) -> FileRange | None:
         """The range lent for whole sectors (``None``: a part sector, or not lent)."""
         ss = (await self._bytes.info()).sector_size
         if offset % ss or length % ss:

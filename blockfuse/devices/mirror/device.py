@@ -90,6 +90,7 @@ from ...block import (
 )
 from ...buffers import slice_views
 from ...errors import BlockError, Disconnected, RequestFailed, Unreachable
+from ...filerange import FileRange
 from ...log import Repeats, left_out
 from ...rangelock import RangeLock
 from ...transport.blocking import Plane
@@ -181,6 +182,19 @@ class MirrorDevice(BlockDevice):
             if self._copy.pivoted:  # the primary was closed meanwhile
                 raise err
         await self._using_primary(self._primary.read(sector, buffers))
+
+    def lend(self, sector: int, count: int) -> FileRange | None:
+        """The secondary's range where ``read`` would read the sectors from it (pivoted,
+        or synced with them copied) and it lends; ``None`` otherwise.  A send from it
+        that fails leaves the secondary lending no more, so the client's retry is a
+        ``read``, which falls back to the primary."""
+        if self._copy.closed:
+            return None
+        if self._copy.pivoted:
+            return self._secondary.lend(sector, count)
+        if self._copy.state is MirrorState.SYNCED and self._map.is_copied(sector, sector + count):
+            return self._secondary.lend(sector, count)
+        return None
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_open()

@@ -15,6 +15,7 @@ import trio
 from ...block import BlockDevice, Buffer, Capability, Filler, Info, layers, total_length
 from ...errors import BlockError, Unimplemented
 from ...extents import IntervalSet, align_out
+from ...filerange import FileRange
 from ...threads import WorkerThreads
 from ...transport.blocking import Plane
 from ...units import ceil_div
@@ -94,6 +95,11 @@ class Side:
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         await self.dev.read(sector * self.ratio, buffers)
+
+    def lend(self, sector: int, count: int) -> FileRange | None:
+        """The device's ``lend`` of these sectors (the mirror proves what ``safe`` would
+        check: whole sectors inside the device)."""
+        return self.dev.unchecked.lend(sector * self.ratio, count * self.ratio)
 
     async def write(self, sector: int, buffers: Sequence[Buffer], *, exact: bool = False) -> None:
         """Write; ``exact``: record just these sectors as written, not whole grains."""
