@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -10,12 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from blockfuse.cli.registry import ENV
+
 from .nbdpeers import Peer
 
 Start = Callable[..., Peer]
 """``start(argv, tcp=False) -> Peer``: see the ``start`` fixture."""
 
 PACKAGES = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbd-server": "nbd-server"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_dir() -> Iterator[Path]:
+    """Servers and mounts the suite starts register here, not in the machine's
+    ``/run/blockfuse`` (one killed by a test leaves its entry behind).  A test that
+    looks at the registry sets a directory of its own on top."""
+    path = Path(tempfile.mkdtemp(prefix="bf-run-"))
+    before = os.environ.get(ENV)
+    os.environ[ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = before
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
