@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from blockfuse.cli.registry import ENV
-
 from .nbdpeers import Peer
 
 Start = Callable[..., Peer]
 """``start(argv, tcp=False) -> Peer``: see the ``start`` fixture."""
+
+ENV = "BLOCKFUSE_RUNTIME_DIR"
+"""Where servers register (``blockfuse/cli/registry.py``; not imported: it loads the CLI)."""
 
 PACKAGES = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbd-server": "nbd-server"}
 

@@ -214,6 +214,21 @@ async def test_a_sparse_device_lends_inside_its_backing_file_only(image: Path) -
     await sparse.aclose()
 
 
+async def test_a_lent_sparse_range_holds_up_no_other_io(image: Path) -> None:
+    """A write that grows the backing file, and a read behind it, do not wait for a lent
+    range (a client slow to read it would otherwise hold up the whole device)."""
+    sparse = open_sparse(str(image), size_bytes=2 * SIZE)
+    lent = sparse.lend(0, 8)
+    assert lent is not None
+    with trio.fail_after(5):
+        await sparse.write(SIZE // 512 + 8, [b"g" * 4096])  # past the backing file: grows it
+        buf = bytearray(4096)
+        await sparse.read(0, [buf])
+    assert os.fstat(lent.fd).st_size > SIZE
+    lent.release()
+    await sparse.aclose()
+
+
 async def test_a_wrapper_keeps_its_device_from_lending(image: Path) -> None:
     inner = open_file(str(image))
     for device in (PassThrough(inner), ReadOnlyDevice(inner)):  # what they do to reads holds

@@ -92,13 +92,6 @@ class LengthGate:
                 pass
         self._holders += 1
 
-    def try_enter_shared(self) -> bool:
-        """``enter_shared`` if it need not wait (nothing exclusive holds or waits)."""
-        if self._lock.locked():
-            return False
-        self._holders += 1
-        return True
-
     def leave_shared(self) -> None:
         self._holders -= 1
         if self._holders == 0:
@@ -140,6 +133,11 @@ class SparseDevice(FileDevice):
         self._size_sectors = size_bytes // self._sector_size
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         self._gate = LengthGate()
+        self._lent_out = 0
+        """Ranges lent and not yet released (``lend``)."""
+        self._all_back = trio.Event()
+        self._resizing = 0
+        """Resizes under way: each waits for the lent ranges, and nothing more is lent."""
         if self._regular:
             self.capabilities = HOLE_CAPABILITIES | {Capability.RESIZE}
 
@@ -154,23 +152,32 @@ class SparseDevice(FileDevice):
 
     def lend(self, sector: int, count: int) -> FileRange | None:
         """``FileDevice.lend`` for sectors inside the backing file (past it they read as
-        zeroes, with nothing to send from).  A lent range holds the gate shared until
-        it is released, as a read does: a resize that would cut it off waits for it.
-        Where the gate is held or wanted exclusively, nothing is lent (no waiting)."""
+        zeroes, with nothing to send from).  Growing the file cannot cut a lent range
+        off, so it does not wait for one; a resize, which may shrink the file, waits
+        until every lent range is back, and nothing is lent meanwhile.  A lent range
+        does not hold the gate: a client slow to read it would hold up every read and
+        write of the device behind a growing write."""
         ss = self._sector_size
         offset, length = sector * ss, count * ss
-        if not self._may_lend(sector, count, self._size_sectors) or offset + length > self._length:
+        if self._resizing or not self._may_lend(sector, count, self._size_sectors):
             return None
-        if not self._gate.try_enter_shared():
+        if offset + length > self._length:
             return None
         lent = self._lent(offset, length, self._release_lent)
-        if lent is None:
-            self._gate.leave_shared()
+        if lent is not None:
+            self._lent_out += 1
         return lent
 
     def _release_lent(self) -> None:
-        self._gate.leave_shared()
+        self._lent_out -= 1
+        if not self._lent_out:
+            self._all_back.set()
         self._leave()
+
+    async def _wait_lent_back(self) -> None:
+        while self._lent_out:
+            self._all_back = trio.Event()
+            await self._all_back.wait()
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_open()
@@ -268,10 +275,15 @@ class SparseDevice(FileDevice):
         self._check_writable()
         check_new_size(size_sectors)
         new_length = size_sectors * self._sector_size
-        async with self._gate.exclusive():
-            await self._in_thread(f"resize {self.path}", os.ftruncate, self._fd, new_length)
-            self._length = new_length
-            self._size_sectors = size_sectors
+        self._resizing += 1
+        try:
+            await self._wait_lent_back()  # a range sent from the file must not be cut off
+            async with self._gate.exclusive():
+                await self._in_thread(f"resize {self.path}", os.ftruncate, self._fd, new_length)
+                self._length = new_length
+                self._size_sectors = size_sectors
+        finally:
+            self._resizing -= 1
 
     async def extents(self, sector: int, count: int) -> list[Extent]:
         self._check_can(Capability.EXTENTS)

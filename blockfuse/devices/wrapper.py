@@ -3,7 +3,9 @@
 Like nbdkit's filters, ``PassThrough`` hands every call of the contract to ``inner``
 unchanged; a wrapper overrides only what it is about (``ReadOnlyDevice`` the writes,
 ``SafeDevice`` the checks, ``FaultyDevice`` the errors).  A method added to the
-contract later reaches every wrapper through here without touching them.
+contract later reaches every wrapper through here without touching them; ``lend``
+(a range of a file to send a READ from) deliberately does not: a wrapper that changes
+reads would be skipped, so it lends nothing unless it says so.
 
 A wrapper's own ``status`` and ``control`` are empty: the front end walks every layer
 through ``inner`` and asks each one, so passing them on here would ask the inner
