@@ -9,7 +9,8 @@ case) there is nothing to shield, and no shield is made.  The shield must not be
 hang: each piece that cannot be written at once must be taken by the server within
 ``timeout`` seconds, and before the sending caller's own deadline (``until``), or the
 connection is given up (``on_broken`` with ``Stalled``: half a request cannot be taken
-back, so the connection goes with it).
+back, so the connection goes with it).  A large piece counts in parts of
+``PROGRESS_PIECE`` bytes: taking each one in time is progress.
 """
 
 from __future__ import annotations
@@ -134,10 +135,10 @@ class Sender:
 
     async def _send(self, parts: list[Part], until: float) -> None:
         try:
-            for part in parts:
+            for piece in (piece for part in parts for piece in in_pieces(part)):
                 started = trio.current_time()
                 with trio.move_on_at(min(started + self._timeout, until)) as scope:
-                    await self._stream.send_all(part)
+                    await self._stream.send_all(piece)
                 if scope.cancelled_caught:
                     waited = trio.current_time() - started
                     took = f"{self._server}: took nothing we sent for {waited:g} s"
@@ -150,6 +151,20 @@ class Sender:
         error = ConnectionLost(f"connection to {self._server} lost: {exc}")
         error.__cause__ = exc
         self._on_broken(error)
+
+
+PROGRESS_PIECE = 256 << 10
+"""What cannot go out at once is sent in pieces of at most this many bytes, each within
+the timeout: a peer that takes nothing for that long has stalled, one that reads a
+large message slowly but steadily (a 32 MiB one at 1 MB/s) has not."""
+
+
+def in_pieces(part: Part) -> list[memoryview]:
+    """``part`` as views of at most ``PROGRESS_PIECE`` bytes, in order."""
+    view = memoryview(part)
+    if len(view) <= PROGRESS_PIECE:
+        return [view]
+    return [view[at : at + PROGRESS_PIECE] for at in range(0, len(view), PROGRESS_PIECE)]
 
 
 def still_open(sock: trio.socket.SocketType | None, fd: int) -> bool:

@@ -16,7 +16,9 @@ clear they never will.  The owner hands over nothing: the stream is free only wh
 queue is empty, so no newcomer can start a message while another is half written (a
 hand-over to a waiting task once let one in).  A write that cannot go out at once is
 shielded from cancellation (half a message cannot be taken back) and bounded instead:
-a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``),
+a client that takes nothing for ``timeout`` seconds breaks the connection (``Stalled``;
+what is left goes in pieces of ``PROGRESS_PIECE`` bytes, each within the timeout, so a
+client that reads a large reply slowly but steadily is not dropped),
 and so does the cut-off (``cut_off_at``: a deadline the connection sets when it must end
 soon whatever its client reads, as when the server hurries to shut down).
 
@@ -45,7 +47,14 @@ import trio
 from ..errors import BlockError
 from ..filerange import FileRange
 from .handshake import ConnectionLost, Stalled
-from .sender import STREAM_ERRORS, Part, still_open, write_without_blocking
+from .sender import (
+    PROGRESS_PIECE,
+    STREAM_ERRORS,
+    Part,
+    in_pieces,
+    still_open,
+    write_without_blocking,
+)
 
 Outgoing = Part | FileRange
 """A part of a message: bytes, or a range of a file sent from the file."""
@@ -196,13 +205,14 @@ class MessageWriter:
             raise Stalled(self._cut_off_why)
 
     async def _write(self, parts: list[Outgoing]) -> None:
+        """``parts`` in pieces (``PROGRESS_PIECE``), each taken within the timeout."""
         try:
-            for part in parts:
+            for piece in (piece for part in parts for piece in pieces_of(part)):
                 with trio.move_on_after(self._timeout) as scope:
-                    if isinstance(part, FileRange):
-                        await self._send_file(part)
+                    if isinstance(piece, FileRange):
+                        await self._send_file(piece)
                     else:
-                        await self._stream.send_all(part)
+                        await self._stream.send_all(piece)
                 if scope.cancelled_caught:
                     raise Stalled(f"{self._peer} took nothing we sent for {self._timeout:g} s")
         except STREAM_ERRORS as exc:
@@ -219,6 +229,17 @@ class MessageWriter:
             if not still_open(sock, fd):  # its number may be another file's by now
                 raise trio.ClosedResourceError("the connection was closed")
             left = send_file_without_blocking(fd, left)
+
+
+def pieces_of(part: Outgoing) -> list[Outgoing]:
+    """``part`` in pieces of at most ``PROGRESS_PIECE`` bytes (``sender.in_pieces``)."""
+    if not isinstance(part, FileRange):
+        return list(in_pieces(part))
+    step = PROGRESS_PIECE
+    return [
+        FileRange(part.fd, part.offset + at, min(step, part.length - at), part.release, part.failed)
+        for at in range(0, part.length, step)
+    ]
 
 
 def call_each(callbacks: Iterable[Callable[[], None]]) -> None:
