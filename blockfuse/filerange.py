@@ -38,6 +38,10 @@ class FileRange:
     def __len__(self) -> int:
         return self.length
 
+    def piece(self, at: int, n: int) -> FileRange:
+        """``n`` bytes of it from byte ``at`` of the range (the same lender's)."""
+        return FileRange(self.fd, self.offset + at, n, self.release, self.failed)
+
     def after(self, n: int) -> FileRange:
         """What is left once the first ``n`` bytes have been sent."""
-        return FileRange(self.fd, self.offset + n, self.length - n, self.release, self.failed)
+        return self.piece(n, self.length - n)

@@ -32,15 +32,14 @@ def set_io_flusher() -> str | None:
     if not failed:
         return None
     err = ctypes.get_errno()
-    why = {
-        errno.EPERM: "this process lacks CAP_SYS_RESOURCE",
-        errno.EINVAL: "the kernel is older than 5.6",
-    }.get(err, errno.errorcode.get(err, str(err)))
-    fix = {
-        errno.EPERM: " (run the mount as root with CAP_SYS_RESOURCE, e.g. outside a "
-        "container that drops it)",
-        errno.EINVAL: " (a kernel of 5.6 or later has the fix)",
-    }.get(err, "")
+    why, fix = {
+        errno.EPERM: (
+            "this process lacks CAP_SYS_RESOURCE",
+            " (run the mount as root with CAP_SYS_RESOURCE, e.g. outside a container that "
+            "drops it)",
+        ),
+        errno.EINVAL: ("the kernel is older than 5.6", " (a kernel of 5.6 or later has the fix)"),
+    }.get(err, (errno.errorcode.get(err, str(err)), ""))
     return (
         f"not an IO flusher (PR_SET_IO_FLUSHER: {why}): a loop device on a flat file of "
         f"this mount may deadlock under memory pressure{fix}"

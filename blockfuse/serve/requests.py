@@ -27,10 +27,10 @@ bounds (``IDLE_BYTES``, ``MIN_POOLED``, ``MAX_POOLED``): ``transport/pool.py``.
 
 A READ of at least ``LEND_MIN`` bytes of whole sectors, on a connection that writes to
 a socket, is not read at all where the device lends the range of a file that holds them
-(``BlockDevice.lend``: a raw file, a sparse image inside its backing file, a mirror that
-reads the range from such a secondary; ``FileDevice.lend``), the
-transport sends it from there (``os.sendfile``: no copy in this process;
-``transport/writer.py``), and ``written`` gives it back.  Its bytes are read when the
+(``BlockDevice.lend``, ``FileDevice.lend``: a raw file, a sparse image inside its backing
+file, a mirror that reads the range from such a secondary): the transport sends it from
+there (``os.sendfile``: no copy in this process; ``transport/writer.py``), and
+``written`` gives it back.  Its bytes are read when the
 reply is sent (and on a local socket the pages are held until the client reads them),
 which is still before the client has its answer: a write made meanwhile ran
 concurrently with the READ.  Only ranges all in the page cache are lent (the send runs
@@ -110,8 +110,10 @@ class RequestHandler:
         self._cursor = FlushCursor(bytes_.device)
         self._buffers = buffers or BufferPool(0)
         direct = bytes_.device.unchecked  # without safe's checks: ``_lend`` makes them
-        self._lender = direct if sends_files else None
-        """The device asked to lend large READs' ranges (the module text), if any."""
+        lends = type(direct).lend is not BlockDevice.lend
+        self._lender = direct if sends_files and lends else None
+        """The device asked to lend large READs' ranges (the module text): one that can,
+        on a connection that can send them."""
         self._lent: dict[int, bytearray | FileRange] = {}
         """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
         ``written``."""

@@ -183,13 +183,14 @@ class MessageWriter:
     def _write_now(self, parts: list[Outgoing]) -> list[Outgoing]:
         """What the socket takes at once (no await: the common case); what is left.  A
         stream that is not a socket (TLS) gets the small parts joined (``coalesced``)."""
-        ranges = any(type(part) is FileRange for part in parts)
+        ranges = FileRange in map(type, parts)  # every reply comes here: no Python loop
         if self._fd is None:
-            return list(coalesced(read_ranges(parts) if ranges else cast(list[Part], parts)))
+            out = coalesced(read_ranges(parts) if ranges else cast(list[Part], parts))
+            return cast(list[Outgoing], out)
         try:
             if ranges:
                 return send_without_blocking(self._fd, parts)
-            return list(write_without_blocking(self._fd, cast(list[Part], parts)))
+            return cast(list[Outgoing], write_without_blocking(self._fd, cast(list[Part], parts)))
         except OSError as exc:
             raise ConnectionLost(f"connection to {self._peer} lost: {exc}") from exc
 
@@ -234,12 +235,9 @@ class MessageWriter:
 def pieces_of(part: Outgoing) -> list[Outgoing]:
     """``part`` in pieces of at most ``PROGRESS_PIECE`` bytes (``sender.in_pieces``)."""
     if not isinstance(part, FileRange):
-        return list(in_pieces(part))
+        return cast(list[Outgoing], in_pieces(part))
     step = PROGRESS_PIECE
-    return [
-        FileRange(part.fd, part.offset + at, min(step, part.length - at), part.release, part.failed)
-        for at in range(0, part.length, step)
-    ]
+    return [part.piece(at, min(step, part.length - at)) for at in range(0, part.length, step)]
 
 
 def call_each(callbacks: Iterable[Callable[[], None]]) -> None:
@@ -262,20 +260,18 @@ def send_without_blocking(fd: int, parts: list[Outgoing]) -> list[Outgoing]:
     for index, part in enumerate(parts):
         if not isinstance(part, FileRange):
             continue
-        if index > start:
-            rest: list[Outgoing] = list(write_bytes(fd, parts[start:index]))
-            if rest:
-                return rest + parts[index:]
+        if index > start and (rest := write_bytes(fd, parts[start:index])):
+            return [*rest, *parts[index:]]
         left = send_file_without_blocking(fd, part)
         if left is not None:
             return [left, *parts[index + 1 :]]
         start = index + 1
-    return list(write_bytes(fd, parts[start:])) if start < len(parts) else []
+    return write_bytes(fd, parts[start:]) if start < len(parts) else []
 
 
-def write_bytes(fd: int, parts: list[Outgoing]) -> list[Part]:
+def write_bytes(fd: int, parts: list[Outgoing]) -> list[Outgoing]:
     """``write_without_blocking`` of parts that are all bytes (no file range among them)."""
-    return write_without_blocking(fd, cast(list[Part], parts))
+    return cast(list[Outgoing], write_without_blocking(fd, cast(list[Part], parts)))
 
 
 def send_file_without_blocking(fd: int, rest: FileRange) -> FileRange | None:

@@ -190,9 +190,8 @@ class MirrorDevice(BlockDevice):
         ``read``, which falls back to the primary."""
         if self._copy.closed:
             return None
-        if self._copy.pivoted:
-            return self._secondary.lend(sector, count)
-        if self._copy.state is MirrorState.SYNCED and self._map.is_copied(sector, sector + count):
+        synced = self._copy.state is MirrorState.SYNCED
+        if self._copy.pivoted or (synced and self._map.is_copied(sector, sector + count)):
             return self._secondary.lend(sector, count)
         return None
 
