@@ -188,6 +188,16 @@ class BlockDevice(ABC):
         what it does to reads would be skipped."""
         return None
 
+    def read_now(self, offset: int, into: memoryview) -> bool:
+        """Fill ``into`` with the bytes from byte ``offset`` on, at once: no waiting and
+        no blocking call (a file's page cache), so that a front end may answer a request
+        without a trip through the scheduler.  ``False`` by default and wherever that
+        cannot be done (then nothing is promised about ``into``, and the caller awaits
+        ``read``).  Only whole sectors inside the device; no error is raised (the
+        awaited ``read`` meets it again and reports it).  A wrapper offers nothing
+        unless it says so: what it does to reads would be skipped."""
+        return False
+
     async def write_behind(self, sector: int, count: int) -> None:  # noqa: B027
         """Start writing ``count`` sectors from ``sector`` to stable storage, without
         waiting for it (a copier's write-behind, so that its writes do not pile up in a

@@ -163,6 +163,14 @@ class DeviceBytes:
         await self.device.read(s.first, [buf])
         return memoryview(buf)[s.head : s.head + length]
 
+    def read_now(
+        self, offset: int, length: int, into: bytearray | None = None
+    ) -> memoryview | None:
+        """``read`` at once where the device can (``BlockDevice.read_now``), else ``None``."""
+        buf = into if into is not None and len(into) >= length else bytearray(length)
+        view = memoryview(buf)[:length]
+        return view if self._direct.read_now(offset, view) else None
+
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a write running past the end is cut short there,
         one that starts at or past the end fails with ENOSPC (as on a block device)."""

@@ -596,3 +596,43 @@ async def test_a_mirror_served_while_it_copies(nursery: trio.Nursery, short_tmp:
         await client.pread(memoryview(exported), 0)
         assert primary.data == secondary.data == bytes(exported)
         await client.aclose()
+
+
+async def test_a_read_of_cached_file_data_is_answered_at_once(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(7).randbytes(SIZE))
+    dev = open_file(str(image))
+    try:
+        handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
+        assert image.read_bytes()  # now in the page cache
+        reply = handler.answer_now(Request(1, c.Cmd.READ, 0, 8192, 4096))
+        assert isinstance(reply, ReadReply) and reply.error == 0
+        assert bytes(reply.pieces[0]) == image.read_bytes()[8192 : 8192 + 4096]
+        handler.written(reply)
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "why"),
+    [(100, 4096, "a part sector"), (SIZE - 512, 4096, "past the end"), (0, 0, "nothing")],
+)
+async def test_a_read_the_file_cannot_do_at_once_is_left_to_handle(
+    tmp_path: Path, offset: int, length: int, why: str
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image))
+    try:
+        handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
+        assert handler.answer_now(Request(1, c.Cmd.READ, 0, offset, length)) is None, why
+        assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 512, b"x" * 512)) is None
+    finally:
+        await dev.aclose()
+
+
+async def test_only_a_device_that_says_so_answers_at_once() -> None:
+    handler = RequestHandler(DeviceBytes(MemoryDevice(SIZE)), structured=True)
+    assert handler.answer_now(Request(1, c.Cmd.READ, 0, 0, 4096)) is None
+    wrapped = RequestHandler(DeviceBytes(PassThrough(MemoryDevice(SIZE))), structured=True)
+    assert wrapped.answer_now(Request(1, c.Cmd.READ, 0, 0, 4096)) is None

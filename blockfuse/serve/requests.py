@@ -38,6 +38,14 @@ in the event loop).  A read error under such a send comes after the reply's head
 gone: that connection is dropped, the device lends no more, and the client's retry gets
 the error as a reply.
 
+A READ the device can do at once (``BlockDevice.read_now``: a raw file's page cache,
+read with ``RWF_NOWAIT``) is answered by the connection's reader itself, as it parses
+the request (``answer_now``), on a connection that writes to a socket: no hand-off to a
+task, no trip through the scheduler.  fio 4 KiB random reads at depth 16 from a tmpfs
+image cost the server 23.9 µs of CPU per request instead of 30.9 (medians of 3
+interleaved rounds, the 2-core dev VM).  Anything else, and a READ the device cannot do
+at once, is awaited in a task (``handle``).
+
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
 exception with EIO).
@@ -114,6 +122,8 @@ class RequestHandler:
         self._lender = direct if sends_files and lends else None
         """The device asked to lend large READs' ranges (the module text): one that can,
         on a connection that can send them."""
+        self._reads_now = type(direct).read_now is not BlockDevice.read_now
+        """Whether a READ may be answered at once (``answer_now``)."""
         self._lent: dict[int, bytearray | FileRange] = {}
         """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
         ``written``."""
@@ -137,6 +147,26 @@ class RequestHandler:
             if req.cmd == Cmd.READ:
                 return ReadReply(req.cookie, req.offset, (), nbd_errno(exc), str(exc), req.offset)
             return Reply(req.cookie, nbd_errno(exc), str(exc))
+
+    def answer_now(self, req: Request) -> ServerReply | None:
+        """The reply to ``req`` made at once, without waiting (a READ of data a file holds
+        in its page cache), or ``None``: ``handle`` answers it."""
+        if req.cmd != Cmd.READ or not self._reads_now:
+            return None
+        if self._lender is not None and req.length >= LEND_MIN:
+            return None
+        if not req.flags & DF and self._finds_holes_cheaply():
+            return None
+        buf = self._buffers.take(req.length)
+        data = self._bytes.read_now(req.offset, req.length, buf)
+        if data is None:
+            if buf is not None:
+                self._buffers.give_back(buf)
+            return None
+        reply = ReadReply(req.cookie, req.offset, (data,))
+        if buf is not None:
+            self._lent[id(reply)] = buf
+        return reply
 
     def written(self, reply: ServerReply) -> None:
         """``reply`` has been written (or never will be): its buffer may be used again."""

@@ -11,7 +11,9 @@ Invariants:
   sends faster than its requests are answered is held back by TCP: the connection holds
   at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
 - Each request runs in a task of the connection's nursery and sends its reply when it
-  is done, so replies leave in the order requests complete.  Messages are written whole
+  is done, so replies leave in the order requests complete; one the handler can answer
+  at once (``Handler.answer_now``: a READ of a file's cached data) is answered by the
+  reader itself, on a socket, before it reads on.  Messages are written whole
   and in the order they were handed over, never cut or interleaved (``writer.py``); a
   client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped, and
   so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds after
@@ -97,6 +99,11 @@ class Handler(Protocol):
     async def handle(self, request: Request) -> ServerReply:
         """The reply to ``request``; a device's error becomes an error reply, so this
         raises nothing but cancellation (which may leave a write partly done)."""
+        ...
+
+    def answer_now(self, request: Request) -> ServerReply | None:
+        """The reply to ``request`` if it can be made at once (no waiting, no blocking
+        call), else ``None``: ``handle`` is then awaited for it, in a task of its own."""
         ...
 
     def written(self, reply: ServerReply) -> None:
@@ -424,6 +431,10 @@ class Connection:
         reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
         self._payload = None
         self._unanswered += 1
+        reply = handler.answer_now(req) if self._fd is not None else None
+        if reply is not None:
+            await self._send(reply, reservation, handler)
+            return
         assert self._workers is not None
         self._workers.submit((req, handler, reservation))
 
