@@ -241,6 +241,7 @@ async def test_a_server_that_wants_a_client_certificate(
     with trio.fail_after(10), pytest.raises(TLSFailed, match=r"^fake: the server closed") as e:
         await connect(nursery, script, tls_client(certs, client))
     assert message in str(e.value)
+    assert "or it closed it for another reason (its log says which)" in str(e.value)
     assert script.tls_handshakes == 0
 
 

@@ -42,7 +42,9 @@ does not answer in TLS.  GnuTLS servers (nbdkit, qemu-nbd), and trio's, that ref
 client's certificate finish the TLS 1.3 handshake (on the client's side it ends before
 the server has checked that certificate) and then close the connection without an
 alert, so a TLS stream closed before its first byte arrived is reported as most likely
-that.  Nothing secret is ever in a message: file names, never their contents.
+that (the message also names the other cause: a server that stopped, or ended the
+connection for a reason of its own, which only its log tells).  Nothing secret is ever
+in a message: file names, never their contents.
 """
 
 from __future__ import annotations
@@ -199,9 +201,10 @@ class TLSClient:
         """Why a server closes a TLS session before sending anything (GnuTLS servers do
         so after refusing the client's certificate)."""
         why = "the server closed the TLS connection at once: most likely it"
+        other = ", or it closed it for another reason (its log says which)"
         if client_certificate(self.options) is None:
-            return f"{why} requires a client certificate{self._client_note()}"
-        return f"{why} does not accept our client certificate{self._client_note()}"
+            return f"{why} requires a client certificate{self._client_note()}{other}"
+        return f"{why} does not accept our client certificate{self._client_note()}{other}"
 
 
 class TLSStream(trio.abc.Stream):
