@@ -151,8 +151,7 @@ class DeviceBytes:
         info = await self._direct.get_info()
         ss = info.sector_size
         if not (offset | length) % ss and 0 < offset + length <= info.size_bytes and length:
-            buf = into if into is not None and len(into) >= length else bytearray(length)
-            view = memoryview(buf)[:length]
+            view = room(into, length)
             await self._direct.read(offset // ss, [view])
             return view
         length = clip(offset, length, info.size_bytes)
@@ -167,8 +166,7 @@ class DeviceBytes:
         self, offset: int, length: int, into: bytearray | None = None
     ) -> memoryview | None:
         """``read`` at once where the device can (``BlockDevice.read_now``), else ``None``."""
-        buf = into if into is not None and len(into) >= length else bytearray(length)
-        view = memoryview(buf)[:length]
+        view = room(into, length)
         return view if self._direct.read_now(offset, view) else None
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
@@ -234,3 +232,9 @@ class DeviceBytes:
             await self.device.resize(new)
         finally:
             self._writes.release(hold)
+
+
+def room(into: bytearray | None, length: int) -> memoryview:
+    """``length`` bytes to read into: the start of ``into`` if it is long enough."""
+    buf = into if into is not None and len(into) >= length else bytearray(length)
+    return memoryview(buf)[:length]

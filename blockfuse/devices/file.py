@@ -189,9 +189,8 @@ class FileDevice(BlockDevice):
     def read_now(self, offset: int, into: memoryview) -> bool:
         """``BlockDevice.read_now``: what ``read`` tries first in the loop, alone."""
         n = len(into)
-        if self._closed or (offset | n) % self._sector_size or n > IN_LOOP_WRITE_MAX:
-            return False
-        if not 0 < offset + n <= self._info.size_bytes or not n:
+        inside = 0 < n <= IN_LOOP_WRITE_MAX and offset + n <= self._info.size_bytes
+        if self._closed or not inside or (offset | n) % self._sector_size:
             return False
         try:
             return self._nowait_read.attempt(os.preadv, self._fd, [into], offset, n) == n

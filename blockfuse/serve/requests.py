@@ -155,7 +155,7 @@ class RequestHandler:
             return None
         if self._lender is not None and req.length >= LEND_MIN:
             return None
-        if not req.flags & DF and self._finds_holes_cheaply():
+        if self._reads_pieces(req):
             return None
         buf = self._buffers.take(req.length)
         data = self._bytes.read_now(req.offset, req.length, buf)
@@ -163,10 +163,7 @@ class RequestHandler:
             if buf is not None:
                 self._buffers.give_back(buf)
             return None
-        reply = ReadReply(req.cookie, req.offset, (data,))
-        if buf is not None:
-            self._lent[id(reply)] = buf
-        return reply
+        return self._data_reply(req, data, buf)
 
     def written(self, reply: ServerReply) -> None:
         """``reply`` has been written (or never will be): its buffer may be used again."""
@@ -185,7 +182,7 @@ class RequestHandler:
     # --- data -----------------------------------------------------------------------------
 
     async def _read(self, req: Request) -> ReadReply:
-        if not req.flags & DF and self._finds_holes_cheaply():
+        if self._reads_pieces(req):
             return await self._read_pieces(req)
         if self._lender is not None and req.length >= LEND_MIN:
             lent = await self._lend(self._lender, req.offset, req.length)
@@ -195,6 +192,10 @@ class RequestHandler:
                 return lent_reply
         buf = self._buffers.take(req.length)  # on failure it is dropped, not given back:
         data = await self._read_exactly(req.offset, req.length, buf)  # a device may hold it
+        return self._data_reply(req, data, buf)
+
+    def _data_reply(self, req: Request, data: memoryview, buf: bytearray | None) -> ReadReply:
+        """``data`` as the READ's reply; ``buf``, the pooled buffer it is in, until sent."""
         reply = ReadReply(req.cookie, req.offset, (data,))
         if buf is not None:
             self._lent[id(reply)] = buf
@@ -214,6 +215,10 @@ class RequestHandler:
         if len(data) < length:
             raise RequestFailed(errno.EIO, f"the device shrank below byte {offset + length}")
         return data
+
+    def _reads_pieces(self, req: Request) -> bool:
+        """Whether the READ is answered as data and holes (``_read_pieces``)."""
+        return not req.flags & DF and self._finds_holes_cheaply()
 
     def _finds_holes_cheaply(self) -> bool:
         dev = self._device
