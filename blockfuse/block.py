@@ -198,6 +198,15 @@ class BlockDevice(ABC):
         unless it says so: what it does to reads would be skipped."""
         return False
 
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        """Write ``data`` at byte ``offset`` at once, as ``read_now`` reads: ``True`` once
+        all of it is written (as an awaited ``write`` would have written it), ``False``
+        by default and wherever that cannot be done without waiting; then any part of it
+        may have been written, and the caller awaits ``write`` with all of it.  Only
+        whole sectors inside the device; no error is raised.  A wrapper offers nothing
+        unless it says so: what it does to writes would be skipped."""
+        return False
+
     async def write_behind(self, sector: int, count: int) -> None:  # noqa: B027
         """Start writing ``count`` sectors from ``sector`` to stable storage, without
         waiting for it (a copier's write-behind, so that its writes do not pile up in a

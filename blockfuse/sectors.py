@@ -169,6 +169,14 @@ class DeviceBytes:
         view = room(into, length)
         return view if self._direct.read_now(offset, view) else None
 
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        """``write`` at once where the device can (``BlockDevice.write_now``) while no
+        other write through this object is in flight; ``False`` otherwise, and then the
+        caller awaits ``write`` with all of ``data``.  With nothing in flight, nothing
+        holds the range lock, and the call takes no turn from anybody: it ends before
+        any other task runs."""
+        return len(self._writes) == 0 and self._direct.write_now(offset, data)
+
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a write running past the end is cut short there,
         one that starts at or past the end fails with ENOSPC (as on a block device)."""

@@ -626,7 +626,76 @@ async def test_a_read_the_file_cannot_do_at_once_is_left_to_handle(
     try:
         handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
         assert handler.answer_now(Request(1, c.Cmd.READ, 0, offset, length)) is None, why
-        assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 512, b"x" * 512)) is None
+    finally:
+        await dev.aclose()
+
+
+async def test_a_write_of_whole_sectors_to_a_file_is_answered_at_once(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image))
+    try:
+        handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
+        data = random.Random(8).randbytes(4096)
+        reply = handler.answer_now(Request(1, c.Cmd.WRITE, 0, 8192, 4096, data))
+        assert reply is not None and reply.error == 0
+        assert image.read_bytes()[8192 : 8192 + 4096] == data
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "flags", "why"),
+    [
+        (100, 4096, 0, "a part sector"),
+        (SIZE - 512, 4096, 0, "past the end"),
+        (0, 0, 0, "nothing"),
+        (0, 4096, c.CmdFlag.FUA, "FUA: the flush is awaited"),
+    ],
+)
+async def test_a_write_the_file_cannot_do_at_once_is_left_to_handle(
+    tmp_path: Path, offset: int, length: int, flags: int, why: str
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image))
+    try:
+        handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
+        req = Request(1, c.Cmd.WRITE, flags, offset, length, b"x" * length)
+        assert handler.answer_now(req) is None, why
+        assert image.read_bytes() == bytes(SIZE), why
+    finally:
+        await dev.aclose()
+
+
+async def test_a_write_is_not_answered_at_once_on_a_read_only_file(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image), read_only=True)
+    try:
+        handler = RequestHandler(DeviceBytes(dev), structured=True)
+        assert handler.answer_now(Request(1, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
+        with pytest.raises(ReadOnly):
+            await dev.write(0, [b"x" * 4096])
+    finally:
+        await dev.aclose()
+
+
+async def test_a_write_waits_its_turn_while_another_write_holds_sectors(tmp_path: Path) -> None:
+    """A write in flight through the bridge (here: sectors held, as a WRITE_ZEROES or a
+    read-modify-write holds them) sends every write to ``handle``, which takes the range
+    lock: none overtakes a write that holds sectors it touches."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image))
+    try:
+        bytes_ = DeviceBytes(SafeDevice(dev))
+        handler = RequestHandler(bytes_, structured=True)
+        async with bytes_.holding(0, 8):
+            assert handler.answer_now(Request(1, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
+        assert image.read_bytes() == bytes(SIZE)
+        assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"y" * 4096)) is not None
+        assert image.read_bytes()[:4096] == b"y" * 4096
     finally:
         await dev.aclose()
 
@@ -634,5 +703,7 @@ async def test_a_read_the_file_cannot_do_at_once_is_left_to_handle(
 async def test_only_a_device_that_says_so_answers_at_once() -> None:
     handler = RequestHandler(DeviceBytes(MemoryDevice(SIZE)), structured=True)
     assert handler.answer_now(Request(1, c.Cmd.READ, 0, 0, 4096)) is None
+    assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
     wrapped = RequestHandler(DeviceBytes(PassThrough(MemoryDevice(SIZE))), structured=True)
     assert wrapped.answer_now(Request(1, c.Cmd.READ, 0, 0, 4096)) is None
+    assert wrapped.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None

@@ -112,17 +112,16 @@ class _NoWait:
         self, call: IoCall, fd: int, views: list[memoryview], offset: int, nbytes: int
     ) -> int:
         """Bytes done without blocking (0 if the kernel would have to wait)."""
-        if not self.supported:
-            return self._fallback.attempt(call, fd, views, offset, nbytes) if self._fallback else 0
-        try:
-            return call(fd, views, offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno != errno.EOPNOTSUPP:
-                raise
-            self.supported = False
-            return 0
+        if self.supported:
+            try:
+                return call(fd, views, offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self.supported = False
+        return self._fallback.attempt(call, fd, views, offset, nbytes) if self._fallback else 0
 
 
 def _sleeps() -> int:
@@ -188,12 +187,20 @@ class FileDevice(BlockDevice):
 
     def read_now(self, offset: int, into: memoryview) -> bool:
         """``BlockDevice.read_now``: what ``read`` tries first in the loop, alone."""
-        n = len(into)
+        return self._now(os.preadv, self._nowait_read, offset, into)
+
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        """``BlockDevice.write_now``: what ``write`` tries first in the loop, alone."""
+        return not self._read_only and self._now(os.pwritev, self._nowait_write, offset, data)
+
+    def _now(self, call: IoCall, nowait: _NoWait, offset: int, view: memoryview) -> bool:
+        """Whether all of ``view`` was done at once (an error: not done)."""
+        n = len(view)
         inside = 0 < n <= IN_LOOP_WRITE_MAX and offset + n <= self._info.size_bytes
         if self._closed or not inside or (offset | n) % self._sector_size:
             return False
         try:
-            return self._nowait_read.attempt(os.preadv, self._fd, [into], offset, n) == n
+            return nowait.attempt(call, self._fd, [view], offset, n) == n
         except OSError:
             return False
 

@@ -124,6 +124,8 @@ class RequestHandler:
         on a connection that can send them."""
         self._reads_now = type(direct).read_now is not BlockDevice.read_now
         """Whether a READ may be answered at once (``answer_now``)."""
+        self._writes_now = type(direct).write_now is not BlockDevice.write_now
+        """Whether a WRITE may be answered at once (``answer_now``)."""
         self._lent: dict[int, bytearray | FileRange] = {}
         """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
         ``written``."""
@@ -150,9 +152,14 @@ class RequestHandler:
 
     def answer_now(self, req: Request) -> ServerReply | None:
         """The reply to ``req`` made at once, without waiting (a READ of data a file holds
-        in its page cache), or ``None``: ``handle`` answers it."""
-        if req.cmd != Cmd.READ or not self._reads_now:
-            return None
+        in its page cache, a WRITE into it), or ``None``: ``handle`` answers it."""
+        if req.cmd == Cmd.READ and self._reads_now:
+            return self._read_now(req)
+        if req.cmd == Cmd.WRITE and self._writes_now and not req.flags & FUA:
+            return self._write_now(req)
+        return None
+
+    def _read_now(self, req: Request) -> ReadReply | None:
         if self._lender is not None and req.length >= LEND_MIN:
             return None
         if self._reads_pieces(req):
@@ -164,6 +171,10 @@ class RequestHandler:
                 self._buffers.give_back(buf)
             return None
         return self._data_reply(req, data, buf)
+
+    def _write_now(self, req: Request) -> Reply | None:
+        done = self._bytes.write_now(req.offset, memoryview(req.data))
+        return Reply(req.cookie) if done else None
 
     def written(self, reply: ServerReply) -> None:
         """``reply`` has been written (or never will be): its buffer may be used again."""

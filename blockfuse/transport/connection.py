@@ -12,12 +12,13 @@ Invariants:
   at most ``Limits.requests`` requests and ``Limits.connection_bytes`` bytes.
 - Each request runs in a task of the connection's nursery and sends its reply when it
   is done, so replies leave in the order requests complete; one the handler can answer
-  at once (``Handler.answer_now``: a READ of a file's cached data) is answered by the
-  reader itself, on a socket, before it reads on.  Messages are written whole
-  and in the order they were handed over, never cut or interleaved (``writer.py``); a
-  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped, and
-  so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds after
-  its room was reserved (it holds budget that other clients may be waiting for).
+  at once (``Handler.answer_now``: a READ of a file's cached data, a WRITE into its page
+  cache) is answered by the reader itself, on a socket, before it reads on.  Messages
+  are written whole and in the order they were handed over, never cut or interleaved
+  (``writer.py``); a client that takes nothing we send for ``Limits.send_timeout``
+  seconds is dropped, and so is one whose WRITE payload is not whole
+  ``Limits.payload_timeout`` seconds after its room was reserved (it holds budget that
+  other clients may be waiting for).
 - The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
   after STARTTLS and the writing of every reply included (``tlsserver.py``).  From the
   TLS handshake on, the connection reads and writes the TLS stream only (never the
@@ -433,6 +434,7 @@ class Connection:
         self._unanswered += 1
         reply = handler.answer_now(req) if self._fd is not None else None
         if reply is not None:
+            self._replied(req, reply)
             await self._send(reply, reservation, handler)
             return
         assert self._workers is not None
@@ -448,9 +450,13 @@ class Connection:
         except BaseException:  # cancelled: the connection is ending, nothing is sent
             self._answered(reservation)
             raise
+        self._replied(req, reply)
+        await self._send(reply, reservation, handler)
+
+    def _replied(self, req: Request, reply: ServerReply) -> None:
+        """``reply`` is ``req``'s: a WRITE's payload may be used again after a success."""
         if req.cmd == Cmd.WRITE and isinstance(reply, Reply) and not reply.error:
             self._reuse_payload(req)
-        await self._send(reply, reservation, handler)
 
     async def _refuse(self, reply: Reply) -> None:
         """A reply from the reader itself, after those queued before it.  It holds a slot
