@@ -311,6 +311,64 @@ async def test_the_writer_writes_each_message_whole_whoever_waits() -> None:
         at += size
 
 
+async def test_held_messages_leave_with_the_next_write_in_order() -> None:
+    """What is held is not written until ``flush`` or another ``write``, which takes it
+    along, first; ``drop_held`` gives back what will never be written."""
+    sending, receiving = trio.testing.memory_stream_pair()
+    writer = MessageWriter(sending, None, "test", timeout=30)
+    done: list[str] = []
+    writer.hold([b"a"], lambda: done.append("a"))
+    writer.hold([b"b"], lambda: done.append("b"))
+    with trio.move_on_after(0.01):
+        assert await receiving.receive_some(10) == b"", "nothing written yet"
+    await writer.write([b"c"], lambda: done.append("c"))
+    assert (await receiving.receive_some(10), done) == (b"abc", ["a", "b", "c"])
+    writer.hold([b"d"], lambda: done.append("d"))
+    await writer.flush()
+    assert (await receiving.receive_some(10), done[-1]) == (b"d", "d")
+    writer.hold([b"e"], lambda: done.append("e"))
+    writer.drop_held()
+    await writer.flush()
+    assert done[-1] == "e"
+    with trio.move_on_after(0.01):
+        assert await receiving.receive_some(10) == b"", "a dropped message is not written"
+
+
+async def test_the_reader_writes_its_own_replies_before_it_waits_for_a_slot(
+    short_tmp: Path,
+) -> None:
+    """Writes and reads a file answers at once, many more than the connection's request
+    slots, sent in one go: the reader's own replies hold the slots until written, so it
+    writes them when it runs out (and before it waits for more requests) instead of
+    waiting for slots only its replies would free."""
+    image = short_tmp / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    dev = open_file(str(image))
+    count = 40
+    data = [random.Random(i).randbytes(4096) for i in range(count)]
+    writes = b"".join(
+        request(c.Cmd.WRITE, i * 4096, 4096, cookie=i) + data[i] for i in range(count)
+    )
+    reads = b"".join(request(c.Cmd.READ, i * 4096, 4096, cookie=100 + i) for i in range(count))
+    try:
+        async with (
+            serving([export_of(dev)], short_tmp, limits=Limits(requests=2)) as s,
+            await RawClient.connect(str(s.address.path)) as raw,
+        ):
+            await raw.go(structured=False)
+            with trio.fail_after(10):
+                await raw.send(writes)
+                assert [await raw.simple_reply() for _ in range(count)] == [
+                    (0, i) for i in range(count)
+                ]
+                await raw.send(reads)
+                for i in range(count):
+                    assert await raw.simple_reply() == (0, 100 + i)
+                    assert await raw.receive(4096) == data[i]
+    finally:
+        await dev.aclose()
+
+
 async def test_the_writer_hands_over_to_its_waiter_not_to_a_newcomer() -> None:
     """A writer that finishes passes the stream to the task waiting for it; a task that
     asks just then, before the waiter ran, waits too (it once wrote at the same time).

@@ -33,13 +33,17 @@ class ByteBudget:
         self.held = 0
         self._waiting: deque[tuple[int, trio.Event]] = deque()
 
+    def fits(self, n: int) -> bool:
+        """Whether ``acquire(n)`` would hold them at once."""
+        return not self._waiting and self._fits(n)
+
     def _fits(self, n: int) -> bool:
         return self.held == 0 or self.held + n <= self.limit
 
     async def acquire(self, n: int) -> None:
         """Hold ``n`` more bytes, waiting for them in turn.  No checkpoint when they are
         free at once (it runs once per request)."""
-        if not self._waiting and self._fits(n):
+        if self.fits(n):
             self.held += n
             return
         granted = trio.Event()
@@ -75,6 +79,10 @@ class Reservation:
         self._held: list[ByteBudget] = []
         self._slot = False
         self.bytes = 0
+
+    def fits(self, n: int) -> bool:
+        """Whether ``take(n)`` would get all of it at once."""
+        return self._slots.fits(1) and all(budget.fits(n) for budget in self._budgets)
 
     async def take(self, n: int) -> None:
         """A slot, then ``n`` bytes of every budget in order; on cancellation what was

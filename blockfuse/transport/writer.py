@@ -22,6 +22,11 @@ client that reads a large reply slowly but steadily is not dropped),
 and so does the cut-off (``cut_off_at``: a deadline the connection sets when it must end
 soon whatever its client reads, as when the server hurries to shut down).
 
+A message may also be held (``hold``): queued without being written, it leaves with the
+next ``write`` or ``flush``.  The connection's reader holds the replies it makes itself
+and flushes before it waits; what is held when the connection ends is dropped
+(``drop_held``: each message's ``on_written`` still called).
+
 A part may be a ``FileRange`` (a large READ's data lent by a file device): on a socket
 it is sent from the file by ``os.sendfile``, which hands the page cache's pages to the
 socket (a 1 MiB READ reply cost ~50-80 µs of the server's CPU instead of ~410-440 for a
@@ -150,12 +155,33 @@ class MessageWriter:
         ``ConnectionLost`` (``Stalled``: the client took nothing for the timeout) when
         the stream fails under this task.  A message begun is finished even if the
         caller is cancelled; ``on_written`` is called once, written or not."""
+        self.hold(parts, on_written)
+        if not self._busy:
+            await self._write_queue(batch)
+
+    def hold(self, parts: Sequence[Outgoing], on_written: Callable[[], None]) -> None:
+        """Queue ``parts`` as one message without writing it: the next ``write`` or
+        ``flush`` writes it with the others queued (the replies a connection's reader
+        makes itself, until it next waits).  Raises as ``write`` does once the stream
+        is broken."""
         if self._broken is not None:
             on_written()
             raise self._broken
         self._queue.append((parts, on_written))
-        if self._busy:
-            return
+
+    async def flush(self) -> None:
+        """Write what is queued, unless another task is at it (which writes it too)."""
+        if self._queue and not self._busy:
+            await self._write_queue(batch=False)
+
+    def drop_held(self) -> None:
+        """What is queued will not be written (its connection is ending): each message's
+        ``on_written`` is called.  Nothing while another task writes: it takes the queue."""
+        if not self._busy:
+            messages, self._queue = self._queue, []
+            call_each(done for _, done in messages)
+
+    async def _write_queue(self, batch: bool) -> None:
         self._busy = True
         try:
             if batch:
