@@ -98,6 +98,8 @@ from .replies import Part, Transmission, command_refusal, encode, range_refusal
 class ServerState(enum.Enum):
     """What the core reads next."""
 
+    __hash__ = object.__hash__  # Enum's is a Python call; states are looked up ~8 times a request
+
     CLIENT_FLAGS = "client flags"
     OPTION = "option header"
     OPTION_DATA = "option data"

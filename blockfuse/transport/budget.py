@@ -33,9 +33,13 @@ class ByteBudget:
         self.held = 0
         self._waiting: deque[tuple[int, trio.Event]] = deque()
 
-    def fits(self, n: int) -> bool:
-        """Whether ``acquire(n)`` would hold them at once."""
-        return not self._waiting and self._fits(n)
+    def acquire_now(self, n: int) -> bool:
+        """Hold ``n`` more bytes if that needs no wait (``acquire`` would hold them at
+        once); ``False``, holding nothing more, otherwise."""
+        if self._waiting or not self._fits(n):
+            return False
+        self.held += n
+        return True
 
     def _fits(self, n: int) -> bool:
         return self.held == 0 or self.held + n <= self.limit
@@ -43,8 +47,7 @@ class ByteBudget:
     async def acquire(self, n: int) -> None:
         """Hold ``n`` more bytes, waiting for them in turn.  No checkpoint when they are
         free at once (it runs once per request)."""
-        if self.fits(n):
-            self.held += n
+        if self.acquire_now(n):
             return
         granted = trio.Event()
         entry = (n, granted)
@@ -80,9 +83,18 @@ class Reservation:
         self._slot = False
         self.bytes = 0
 
-    def fits(self, n: int) -> bool:
-        """Whether ``take(n)`` would get all of it at once."""
-        return self._slots.fits(1) and all(budget.fits(n) for budget in self._budgets)
+    def take_now(self, n: int) -> bool:
+        """``take(n)`` if all of it is free at once; ``False``, holding nothing, otherwise."""
+        if not self._slots.acquire_now(1):
+            return False
+        self._slot = True
+        self.bytes = n
+        for budget in self._budgets:
+            if not budget.acquire_now(n):
+                self.release()
+                return False
+            self._held.append(budget)
+        return True
 
     async def take(self, n: int) -> None:
         """A slot, then ``n`` bytes of every budget in order; on cancellation what was

@@ -432,9 +432,9 @@ class Connection:
 
     async def _reserve(self, n: int) -> Reservation:
         reservation = Reservation(self._slots, self._budgets)
-        if not reservation.fits(n):  # the reader's own replies may hold what it waits for
-            await self._flush()
-        await reservation.take(n)
+        if not reservation.take_now(n):
+            await self._flush()  # the reader's own replies may hold what it waits for
+            await reservation.take(n)
         return reservation
 
     def _release_payload(self) -> None:
