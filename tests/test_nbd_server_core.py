@@ -34,6 +34,7 @@ from blockfuse.nbd.events import (
     ServerReady,
     StatusReply,
 )
+from blockfuse.nbd.replies import encode
 from blockfuse.nbd.server import ServerCore, ServerState
 from blockfuse.nbd.transmission import ClientTransmission
 
@@ -511,3 +512,23 @@ def test_fuzz_server_core(parts: list[bytes], prefixed: bool, split: int) -> Non
             assert len(server._buf) <= c.MAX_OPTION_DATA + c.OPTION.size + split  # type: ignore[attr-defined]
         server.receive_data(b"")
         run_to_need_data(server)
+
+
+@pytest.mark.parametrize(
+    "pieces", [(b"x" * 10,), (b"x" * 10, 512), (512, b"y" * 3)], ids=["one", "two", "hole"]
+)
+def test_a_read_reply_is_the_chunks_our_client_parses(pieces: tuple[bytes | int, ...]) -> None:
+    """The one-chunk shortcut and the general encoding say the same as the client reads."""
+    length = sum(p if isinstance(p, int) else len(p) for p in pieces)
+    tx = ClientTransmission(Negotiated(ExportInfo("disk", 1 << 20, c.TxFlag.HAS_FLAGS), True, {}))
+    cookie, _ = tx.request(c.Cmd.READ, 4096, length, c.NO_CMD_FLAGS)
+    wire = b"".join(bytes(p) for p in encode(ReadReply(cookie, 4096, pieces), structured=True))
+    tx.receive_data(wire)
+    events = []
+    while (event := tx.next_event()) is not NEED_DATA:
+        events.append(event)
+    got = b"".join(
+        bytes(e.data) if isinstance(e, ReadData) else bytes(e.length) for e in events[:-1]
+    )
+    assert got == b"".join(bytes(p) if isinstance(p, int) else p for p in pieces)
+    assert events[-1] == Done(cookie)

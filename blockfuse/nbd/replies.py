@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..filerange import FileRange
 from .constants import (
     CHUNK_HEADER,
+    DATA_CHUNK_HEADER,
     ERROR_HEADER,
     EXTENT,
     HOLE,
@@ -163,7 +164,13 @@ def _error(cookie: int, error: int, message: str, offset: int | None, *, done: b
     return [chunk(cookie, Chunk.ERROR_OFFSET, len(body), done=done), body]
 
 
+OFFSET_DATA = int(Chunk.OFFSET_DATA)
+
+
 def _read(reply: ReadReply) -> list[Part]:
+    pieces = reply.pieces
+    if len(pieces) == 1 and not reply.error and not isinstance(pieces[0], int):
+        return _one_piece(reply.cookie, reply.offset, pieces[0])
     parts: list[Part] = []
     offset = reply.offset
     last = len(reply.pieces) - 1
@@ -182,6 +189,15 @@ def _read(reply: ReadReply) -> list[Part]:
     elif not reply.pieces:
         parts.append(chunk(reply.cookie, Chunk.NONE, 0, done=True))
     return parts
+
+
+def _one_piece(cookie: int, offset: int, data: Part) -> list[Part]:
+    """A READ answered by one OFFSET_DATA chunk (most are): its header in one part."""
+    length = 8 + len(data)
+    header = DATA_CHUNK_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, OFFSET_DATA, cookie, length, offset
+    )
+    return [header, data]
 
 
 def _simple_read(reply: ReadReply) -> list[Part]:
