@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import trio
 import trio.testing
 
 from blockfuse.block import BlockDevice, Capability, Extent
-from blockfuse.devices.file import open_file
+from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
 from blockfuse.devices.readonly import ReadOnlyDevice
@@ -341,32 +343,27 @@ async def test_the_reader_writes_its_own_replies_before_it_waits_for_a_slot(
     slots, sent in one go: the reader's own replies hold the slots until written, so it
     writes them when it runs out (and before it waits for more requests) instead of
     waiting for slots only its replies would free."""
-    image = short_tmp / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image))
     count = 40
     data = [random.Random(i).randbytes(4096) for i in range(count)]
     writes = b"".join(
         request(c.Cmd.WRITE, i * 4096, 4096, cookie=i) + data[i] for i in range(count)
     )
     reads = b"".join(request(c.Cmd.READ, i * 4096, 4096, cookie=100 + i) for i in range(count))
-    try:
-        async with (
-            serving([export_of(dev)], short_tmp, limits=Limits(requests=2)) as s,
-            await RawClient.connect(str(s.address.path)) as raw,
-        ):
-            await raw.go(structured=False)
-            with trio.fail_after(10):
-                await raw.send(writes)
-                assert [await raw.simple_reply() for _ in range(count)] == [
-                    (0, i) for i in range(count)
-                ]
-                await raw.send(reads)
-                for i in range(count):
-                    assert await raw.simple_reply() == (0, 100 + i)
-                    assert await raw.receive(4096) == data[i]
-    finally:
-        await dev.aclose()
+    async with (
+        file_device(short_tmp / "disk.img") as dev,
+        serving([export_of(dev)], short_tmp, limits=Limits(requests=2)) as s,
+        await RawClient.connect(str(s.address.path)) as raw,
+    ):
+        await raw.go(structured=False)
+        with trio.fail_after(10):
+            await raw.send(writes)
+            assert [await raw.simple_reply() for _ in range(count)] == [
+                (0, i) for i in range(count)
+            ]
+            await raw.send(reads)
+            for i in range(count):
+                assert await raw.simple_reply() == (0, 100 + i)
+                assert await raw.receive(4096) == data[i]
 
 
 async def test_the_writer_hands_over_to_its_waiter_not_to_a_newcomer() -> None:
@@ -656,19 +653,28 @@ async def test_a_mirror_served_while_it_copies(nursery: trio.Nursery, short_tmp:
         await client.aclose()
 
 
+@asynccontextmanager
+async def file_device(
+    image: Path, data: bytes = bytes(SIZE), *, read_only: bool = False
+) -> AsyncIterator[FileDevice]:
+    """A raw file device on ``image``, which holds ``data``, for the body of the block."""
+    image.write_bytes(data)
+    dev = open_file(str(image), read_only=read_only)
+    try:
+        yield dev
+    finally:
+        await dev.aclose()
+
+
 async def test_a_read_of_cached_file_data_is_answered_at_once(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
-    image.write_bytes(random.Random(7).randbytes(SIZE))
-    dev = open_file(str(image))
-    try:
+    async with file_device(image, random.Random(7).randbytes(SIZE)) as dev:
         handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
         assert image.read_bytes()  # now in the page cache
         reply = handler.answer_now(Request(1, c.Cmd.READ, 0, 8192, 4096))
         assert isinstance(reply, ReadReply) and reply.error == 0
         assert bytes(reply.pieces[0]) == image.read_bytes()[8192 : 8192 + 4096]
         handler.written(reply)
-    finally:
-        await dev.aclose()
 
 
 @pytest.mark.parametrize(
@@ -678,28 +684,19 @@ async def test_a_read_of_cached_file_data_is_answered_at_once(tmp_path: Path) ->
 async def test_a_read_the_file_cannot_do_at_once_is_left_to_handle(
     tmp_path: Path, offset: int, length: int, why: str
 ) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image))
-    try:
+    async with file_device(tmp_path / "disk.img") as dev:
         handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
         assert handler.answer_now(Request(1, c.Cmd.READ, 0, offset, length)) is None, why
-    finally:
-        await dev.aclose()
 
 
 async def test_a_write_of_whole_sectors_to_a_file_is_answered_at_once(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image))
-    try:
+    async with file_device(image) as dev:
         handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
         data = random.Random(8).randbytes(4096)
         reply = handler.answer_now(Request(1, c.Cmd.WRITE, 0, 8192, 4096, data))
         assert reply is not None and reply.error == 0
         assert image.read_bytes()[8192 : 8192 + 4096] == data
-    finally:
-        await dev.aclose()
 
 
 @pytest.mark.parametrize(
@@ -715,28 +712,19 @@ async def test_a_write_the_file_cannot_do_at_once_is_left_to_handle(
     tmp_path: Path, offset: int, length: int, flags: int, why: str
 ) -> None:
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image))
-    try:
+    async with file_device(image) as dev:
         handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
         req = Request(1, c.Cmd.WRITE, flags, offset, length, b"x" * length)
         assert handler.answer_now(req) is None, why
         assert image.read_bytes() == bytes(SIZE), why
-    finally:
-        await dev.aclose()
 
 
 async def test_a_write_is_not_answered_at_once_on_a_read_only_file(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image), read_only=True)
-    try:
+    async with file_device(tmp_path / "disk.img", read_only=True) as dev:
         handler = RequestHandler(DeviceBytes(dev), structured=True)
         assert handler.answer_now(Request(1, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
         with pytest.raises(ReadOnly):
             await dev.write(0, [b"x" * 4096])
-    finally:
-        await dev.aclose()
 
 
 async def test_a_write_waits_its_turn_while_another_write_holds_sectors(tmp_path: Path) -> None:
@@ -744,9 +732,7 @@ async def test_a_write_waits_its_turn_while_another_write_holds_sectors(tmp_path
     read-modify-write holds them) sends every write to ``handle``, which takes the range
     lock: none overtakes a write that holds sectors it touches."""
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SIZE))
-    dev = open_file(str(image))
-    try:
+    async with file_device(image) as dev:
         bytes_ = DeviceBytes(SafeDevice(dev))
         handler = RequestHandler(bytes_, structured=True)
         async with bytes_.holding(0, 8):
@@ -754,8 +740,6 @@ async def test_a_write_waits_its_turn_while_another_write_holds_sectors(tmp_path
         assert image.read_bytes() == bytes(SIZE)
         assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"y" * 4096)) is not None
         assert image.read_bytes()[:4096] == b"y" * 4096
-    finally:
-        await dev.aclose()
 
 
 async def test_only_a_device_that_says_so_answers_at_once() -> None:

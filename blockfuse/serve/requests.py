@@ -43,8 +43,14 @@ read with ``RWF_NOWAIT``) is answered by the connection's reader itself, as it p
 the request (``answer_now``), on a connection that writes to a socket: no hand-off to a
 task, no trip through the scheduler.  fio 4 KiB random reads at depth 16 from a tmpfs
 image cost the server 23.9 µs of CPU per request instead of 30.9 (medians of 3
-interleaved rounds, the 2-core dev VM).  Anything else, and a READ the device cannot do
-at once, is awaited in a task (``handle``).
+interleaved rounds, the 2-core dev VM).  So is a WRITE without FUA that the device can
+do at once (``BlockDevice.write_now``: a raw file's page cache), while no other write
+through the bridge is in flight: then nothing holds the range lock, so no turn is
+skipped (``DeviceBytes.write_now``).  A write not done whole at once is awaited in a
+task with all its data: writes in flight together have no order, so a second write of
+the bytes already written is one the client could have seen anyway.  4 KiB random
+writes at depth 16: 63.5 µs per request instead of 74.8.  Anything else, and a request
+the device cannot do at once, is awaited in a task (``handle``).
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
