@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -311,6 +312,27 @@ async def test_the_writer_writes_each_message_whole_whoever_waits() -> None:
         size = 3000 + 7 * got[at]
         assert got[at : at + size] == bytes([got[at]]) * size, f"message cut at {at}"
         at += size
+
+
+async def test_replies_made_at_once_still_go_out_when_the_client_half_closes(
+    short_tmp: Path,
+) -> None:
+    """Writes the reader answers itself, then the client's end of stream in the same
+    read: their replies are written before the connection ends, not dropped."""
+    count = 8
+    writes = b"".join(
+        request(c.Cmd.WRITE, i * 4096, 4096, cookie=i) + bytes([i]) * 4096 for i in range(count)
+    )
+    async with (
+        file_device(short_tmp / "disk.img") as dev,
+        serving([export_of(dev)], short_tmp) as s,
+        await RawClient.connect(str(s.address.path)) as raw,
+    ):
+        await raw.go(structured=False)
+        sock = raw.stream.socket
+        assert os.write(sock.fileno(), writes) == len(writes)  # no await: the server reads
+        sock.shutdown(socket.SHUT_WR)  # the requests and the end together
+        assert [await raw.simple_reply() for _ in range(count)] == [(0, i) for i in range(count)]
 
 
 async def test_held_messages_leave_with_the_next_write_in_order() -> None:
@@ -740,6 +762,38 @@ async def test_a_write_waits_its_turn_while_another_write_holds_sectors(tmp_path
         assert image.read_bytes() == bytes(SIZE)
         assert handler.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"y" * 4096)) is not None
         assert image.read_bytes()[:4096] == b"y" * 4096
+
+
+async def test_a_zero_write_to_a_sparse_device_stays_a_hole(tmp_path: Path) -> None:
+    """A sparse image keeps zeroes as holes: its writes are never the raw file's."""
+    image = tmp_path / "s.img"
+    dev = open_sparse(str(image), size_bytes=4 * MiB)
+    try:
+        handler = RequestHandler(DeviceBytes(SafeDevice(dev)), structured=True)
+        before = os.stat(image).st_blocks
+        req = Request(1, c.Cmd.WRITE, 0, MiB, 64 << 10, bytes(64 << 10))
+        reply = handler.answer_now(req) or await handler.handle(req)
+        assert reply.error == 0
+        assert os.stat(image).st_blocks == before, "zeroes were written into the file"
+    finally:
+        await dev.aclose()
+
+
+async def test_a_write_past_a_shrunk_sparse_device_is_refused(tmp_path: Path) -> None:
+    """A connection that still believes the old size: the write past the new end fails
+    (ENOSPC), and the backing file does not grow past the device."""
+    image = tmp_path / "s.img"
+    dev = open_sparse(str(image), size_bytes=4 * MiB)
+    try:
+        bytes_ = DeviceBytes(SafeDevice(dev))
+        handler = RequestHandler(bytes_, structured=True)
+        await bytes_.resize(MiB)
+        req = Request(1, c.Cmd.WRITE, 0, 2 * MiB, 4096, b"x" * 4096)
+        reply = handler.answer_now(req) or await handler.handle(req)
+        assert os.path.getsize(image) <= MiB, "the backing file grew past the device"
+        assert reply.error != 0, "a write past the end was acknowledged"
+    finally:
+        await dev.aclose()
 
 
 async def test_only_a_device_that_says_so_answers_at_once() -> None:
