@@ -369,8 +369,10 @@ class Connection:
             return
         if n and target is not None:
             core.payload_received(n)
-        else:
-            core.receive_data(into[:n].tobytes())
+            return
+        if not n:  # the end of the stream: what was answered goes out before it ends
+            await self._flush()
+        core.receive_data(into[:n].tobytes())
 
     # --- transmission -------------------------------------------------------------------
 
