@@ -124,12 +124,9 @@ class _NoWait:
         return self._fallback.attempt(call, fd, views, offset, nbytes) if self._fallback else 0
 
 
-RUSAGE_THREAD = resource.RUSAGE_THREAD
-
-
 def _sleeps() -> int:
     """Voluntary context switches of this thread: how often it slept in the kernel."""
-    return resource.getrusage(RUSAGE_THREAD).ru_nvcsw
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 class _BlockingGuard:
@@ -150,7 +147,7 @@ class _BlockingGuard:
         now = time.monotonic()
         if now < self._threads_until or nbytes > IN_LOOP_WRITE_MAX:
             return 0
-        sleeps = resource.getrusage(RUSAGE_THREAD).ru_nvcsw  # ``_sleeps``, once a request
+        sleeps = _sleeps()
         done = call(fd, views, offset, 0)
         if time.monotonic() - now > SLOW_CALL and _sleeps() > sleeps:
             self._threads_until = time.monotonic() + SLOW_PERIOD

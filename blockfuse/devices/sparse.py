@@ -191,11 +191,10 @@ class SparseDevice(FileDevice):
             if views:
                 await self._io_at(os.preadv, self._nowait_read, offset, views, "read")
 
-    def write_now(self, offset: int, data: memoryview) -> bool:
-        """Never: a write keeps zeroes as holes, grows the backing file under the gate,
-        and stops at the device's own size, none of which a raw file's ``write_now``
-        knows about."""
-        return False
+    write_now = BlockDevice.write_now
+    """Not a raw file's: a write keeps zeroes as holes, grows the backing file under the
+    gate and stops at the device's own size, none of which ``FileDevice.write_now`` knows
+    about (and front ends see that none is offered, as for any device)."""
 
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
