@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds; the median counts")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per fio job")
     p.add_argument("--memory-connections", type=int, default=64)
+    p.add_argument("--only", action="append", default=[], metavar="TEXT",
+                   help="run only the jobs whose name contains TEXT (repeatable; no memory run)")  # fmt: skip
     return p.parse_args()
 
 
@@ -188,6 +190,8 @@ def rounds(args: argparse.Namespace, image: Path, workdir: Path, size: int) -> R
     }
     for job, (rw, bs, depth) in FIO_JOBS.items():
         jobs[job] = fio_job(rw, bs, depth, args.seconds)
+    if args.only:
+        jobs = {job: run for job, run in jobs.items() if any(t in job for t in args.only)}
     results: Results = {j: {s: [] for s in SERVERS} for j in jobs}
     for r in range(args.rounds):
         order = SERVERS[r % 3 :] + SERVERS[: r % 3]
@@ -234,8 +238,9 @@ def report(results: Results, rss: dict[str, float], rounds_: int) -> None:
             else ""
         )
         print(f"| {job} | {cells} | {ratio:.2f}x | {TARGETS[job]:.1f}x ({mark}) | {cpu_cell} |")
-    cells = " | ".join(f"{rss[s]:.0f} MiB" for s in SERVERS)
-    print(f"| peak RSS, 64 connections x 16 x 1 MiB reads | {cells} | | | |")
+    if rss:
+        cells = " | ".join(f"{rss[s]:.0f} MiB" for s in SERVERS)
+        print(f"| peak RSS, 64 connections x 16 x 1 MiB reads | {cells} | | | |")
     print("\nevery round:")
     for job, by_server in results.items():
         runs = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v, _ in by_server[s]) for s in SERVERS)
@@ -255,7 +260,7 @@ def main() -> None:
             make_image(image, size)
             warm(image, workdir)
             results = rounds(args, image, workdir, size)
-            rss = memory(args, image, workdir)
+            rss = {} if args.only else memory(args, image, workdir)
         report(results, rss, args.rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
