@@ -188,6 +188,16 @@ class BlockDevice(ABC):
         what it does to reads would be skipped."""
         return None
 
+    def lend_writable(self, sector: int, count: int) -> FileRange | None:
+        """Whole sectors inside the device as a range of a file that *is* them, for a
+        front end to write into straight (an NBD WRITE's payload spliced from the socket
+        into the file: one copy instead of two), or ``None``: by default, and wherever a
+        write must go through the device (see ``FileDevice.lend_writable``).  Bytes
+        written into the range are the device's as ``write`` would have left them; the
+        caller keeps other writers off it and releases it once done.  A wrapper lends
+        nothing unless it says so: what it does to writes would be skipped."""
+        return None
+
     def read_now(self, offset: int, into: memoryview) -> bool:
         """Fill ``into`` with the bytes from byte ``offset`` on, at once: no waiting and
         no blocking call (a file's page cache), so that a front end may answer a request

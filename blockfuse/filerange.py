@@ -19,7 +19,7 @@ class FileRange:
     failed (it lends no more ranges then, so the next read of them is a plain one that
     can answer with the error).  ``len()`` is the byte count, as for a buffer."""
 
-    __slots__ = ("failed", "fd", "length", "offset", "release")
+    __slots__ = ("blocked", "failed", "fd", "length", "offset", "release")
 
     def __init__(
         self,
@@ -34,6 +34,9 @@ class FileRange:
         self.length = length
         self.release = release
         self.failed = failed
+        self.blocked: Callable[[], None] = _nothing
+        """Told by a writer into the range that a write blocked in the kernel (the
+        lender then sends its writes to threads for a while)."""
 
     def __len__(self) -> int:
         return self.length
@@ -45,3 +48,7 @@ class FileRange:
     def after(self, n: int) -> FileRange:
         """What is left once the first ``n`` bytes have been sent."""
         return self.piece(n, self.length - n)
+
+
+def _nothing() -> None:
+    pass

@@ -67,6 +67,16 @@ class RangeLock:
             raise
         return hold
 
+    def acquire_now(self, start: int, end: int) -> Hold | None:
+        """Hold ``[start, end)`` at once if no entry overlaps it (none holds or waits for
+        any of it), else ``None``: it then takes no turn from anybody."""
+        for h in self._entries:
+            if h.start < end and start < h.end:
+                return None
+        hold = Hold(start, end)
+        self._entries.append(hold)
+        return hold
+
     def release(self, hold: Hold) -> None:
         self._entries.remove(hold)
         hold.mark_released()

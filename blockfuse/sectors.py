@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .block import BlockDevice, Buffer, Capability, Info, merged_status
 from .errors import BlockError, RequestFailed
+from .filerange import FileRange
 from .log import Repeats, left_out
 from .rangelock import RangeLock
 from .units import ceil_div
@@ -176,6 +177,33 @@ class DeviceBytes:
         holds the range lock, and the call takes no turn from anybody: it ends before
         any other task runs."""
         return len(self._writes) == 0 and self._direct.write_now(offset, data)
+
+    async def lend_writable(self, offset: int, length: int) -> FileRange | None:
+        """Whole sectors inside the device as a range of a file to write ``length`` bytes
+        at ``offset`` into straight (``BlockDevice.lend_writable``), held against every
+        other write through this object until the range is released; ``None`` where the
+        device lends none, or another write holds or waits for any of the sectors (the
+        caller then writes as usual).  Its bytes are the device's as ``write`` would
+        have left them."""
+        ss = (await self._direct.get_info()).sector_size
+        if (offset | length) % ss or length <= 0:
+            return None
+        first, end = offset // ss, (offset + length) // ss
+        hold = self._writes.acquire_now(first, end)
+        if hold is None:
+            return None
+        lent = self._direct.lend_writable(first, end - first)
+        if lent is None:
+            self._writes.release(hold)
+            return None
+        give_back = lent.release
+
+        def release() -> None:
+            self._writes.release(hold)
+            give_back()
+
+        lent.release = release
+        return lent
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a write running past the end is cut short there,

@@ -35,6 +35,7 @@ import errno
 import functools
 import itertools
 import os
+import resource
 import threading
 import weakref
 from collections.abc import Callable
@@ -180,3 +181,14 @@ def _take_out(queue: collections.deque[_Call], call: _Call) -> bool:
             del queue[i]
             return True
     return False
+
+
+SLOW_CALL = 0.001
+"""A call in the event loop that took this long (seconds) and slept in the kernel
+blocked: a device then sends its next calls to threads for a while."""
+
+
+def thread_sleeps() -> int:
+    """Voluntary context switches of this thread: how often it slept in the kernel (a
+    call that took long and slept blocked; one that took long without, was preempted)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw

@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from blockfuse.block import BlockDevice, Buffer
+from blockfuse.devices.file import FileDevice, open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.wrapper import PassThrough
 from blockfuse.nbd.uri import parse_uri
@@ -63,6 +64,19 @@ def export_of(device: BlockDevice, name: str = "disk", spec: str | None = None) 
 
 def mem_export(name: str = "disk", size: int = SIZE) -> Export:
     return export_of(MemoryDevice(size), name, f"mem({size})")
+
+
+@asynccontextmanager
+async def file_device(
+    image: Path, data: bytes = bytes(SIZE), *, read_only: bool = False
+) -> AsyncIterator[FileDevice]:
+    """A raw file device on ``image``, which holds ``data``, for the body of the block."""
+    image.write_bytes(data)
+    dev = open_file(str(image), read_only=read_only)
+    try:
+        yield dev
+    finally:
+        await dev.aclose()
 
 
 @dataclass

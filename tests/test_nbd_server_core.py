@@ -385,6 +385,37 @@ def test_a_write_payload_received_in_place() -> None:
     assert isinstance(event, Request) and bytes(event.data) == b"a" * 600 + b"b" * 400
 
 
+def test_a_diverted_write_is_handed_out_first_and_its_payload_moved_by_the_caller() -> None:
+    server = opened()
+    server.receive_data(request(Cmd.WRITE, 512, 1000) + b"a" * 300)
+    assert server.next_event() == PayloadComing(1, 1000)
+    assert server.incoming_write() == Request(1, Cmd.WRITE, 0, 512, 1000, b"")
+    assert server.divert_payload() == Request(1, Cmd.WRITE, 0, 512, 1000, b"")
+    assert server.in_flight == 1 and server.payload_left == 1000
+    piece = server.buffered_payload()
+    assert piece is not None and bytes(piece) == b"a" * 300
+    assert server.buffered_payload() is None and server.payload_left == 700
+    assert server.payload_target() is None  # nothing goes into a buffer of the core's
+    server.payload_received(700)  # read past the core, by the caller
+    events, _ = pump(server, request(Cmd.FLUSH, cookie=2))
+    assert events == [Request(2, Cmd.FLUSH, 0, 0, 0)] and server.in_flight == 2
+
+
+def test_a_write_to_be_refused_is_not_diverted() -> None:
+    server = opened()
+    server.receive_data(request(Cmd.WRITE, SIZE - 512, 1024))  # past the end
+    assert server.next_event() == PayloadComing(1, 1024)
+    assert server.incoming_write() is None
+    events, _ = pump(server, bytes(1024))
+    assert [type(e) for e in events] == [RequestRefused]  # refused once, after its payload
+    read_only = opened(export="ro")
+    read_only.receive_data(request(Cmd.WRITE, 0, 512))
+    assert read_only.next_event() == PayloadComing(1, 512)
+    assert read_only.incoming_write() is None
+    pump(server, request(Cmd.WRITE, 0, 512, cookie=3) + b"x")
+    assert server.incoming_write() is None  # some of the payload was taken already
+
+
 @BYTEWISE
 def test_writes_over_the_maximum_are_skipped_and_refused_absurd_ones_break(bytewise: bool) -> None:
     server = opened()

@@ -210,3 +210,22 @@ async def test_a_cancelled_waiter_lets_the_next_one_go(autojump_clock: object) -
         async with lock.hold(0, 10):
             pass
     assert len(lock) == 0
+
+
+async def test_acquire_now_takes_no_turn_from_anybody(autojump_clock: object) -> None:
+    """``acquire_now`` holds a range only where no entry, holding or waiting, overlaps
+    it: it never overtakes a waiter."""
+    lock = RangeLock()
+    with trio.fail_after(5):
+        first = await lock.acquire(0, 10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock.acquire, 20, 30)  # holds at once
+            nursery.start_soon(lock.acquire, 5, 40)  # waits for both
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.acquire_now(9, 11) is None  # the holder's
+            assert lock.acquire_now(35, 36) is None  # only the waiter's
+            beside = lock.acquire_now(40, 50)
+            assert beside is not None and len(lock) == 4
+            lock.release(beside)
+            nursery.cancel_scope.cancel()
+        lock.release(first)

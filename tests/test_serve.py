@@ -8,8 +8,6 @@ import errno
 import os
 import random
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import trio
 import trio.testing
 
 from blockfuse.block import BlockDevice, Capability, Extent
-from blockfuse.devices.file import FileDevice, open_file
+from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
 from blockfuse.devices.readonly import ReadOnlyDevice
@@ -41,9 +39,11 @@ from blockfuse.transport.server import NBDServer
 from blockfuse.transport.writer import MessageWriter
 
 from .hostile_client import RawClient, info_data, meta_data, option, request
-from .servekit import SIZE, Gate, Gauge, export_of, mem_export, serving, wait_until
+from .servekit import SIZE, Gate, Gauge, export_of, file_device, mem_export, serving, wait_until
+from .timing import time_limit
 
 MiB = 1 << 20
+limit = time_limit(120)
 
 
 async def round_trip(nursery: trio.Nursery, dev_uri: str, size: int) -> None:
@@ -673,19 +673,6 @@ async def test_a_mirror_served_while_it_copies(nursery: trio.Nursery, short_tmp:
         await client.pread(memoryview(exported), 0)
         assert primary.data == secondary.data == bytes(exported)
         await client.aclose()
-
-
-@asynccontextmanager
-async def file_device(
-    image: Path, data: bytes = bytes(SIZE), *, read_only: bool = False
-) -> AsyncIterator[FileDevice]:
-    """A raw file device on ``image``, which holds ``data``, for the body of the block."""
-    image.write_bytes(data)
-    dev = open_file(str(image), read_only=read_only)
-    try:
-        yield dev
-    finally:
-        await dev.aclose()
 
 
 async def test_a_read_of_cached_file_data_is_answered_at_once(tmp_path: Path) -> None:

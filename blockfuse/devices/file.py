@@ -35,7 +35,6 @@ import errno
 import functools
 import logging
 import os
-import resource
 import stat
 import threading
 import time
@@ -63,7 +62,7 @@ from ..errors import (
     request_failed,
 )
 from ..filerange import FileRange
-from ..threads import WorkerThreads
+from ..threads import SLOW_CALL, WorkerThreads, thread_sleeps
 from . import writeback
 from .holes import file_extents, is_hole, make_zeroes
 from .images import check_openable, check_raw, device_geometry, lock_image
@@ -92,8 +91,6 @@ pieces copied at 1614-1729 MiB/s with 1.11-1.20 s of CPU, whole 4 MiB chunks at
 1648-1900 MiB/s with 0.98-1.15 s.  Writing 1 GiB into the page cache took 0.25-0.3 s
 with a few runs at 1-2 s whatever the piece size (256 KiB, 1 MiB, 4 MiB): dirty-page
 throttling, not the size of the call."""
-SLOW_CALL = 0.001
-"""A write that blocked this long (seconds) sends the next ones to threads..."""
 SLOW_PERIOD = 1.0
 """...for this long (seconds)."""
 
@@ -123,10 +120,14 @@ class _NoWait:
                 self.supported = False
         return self._fallback.attempt(call, fd, views, offset, nbytes) if self._fallback else 0
 
+    def in_loop(self) -> bool:
+        """Whether a call the kernel would make wait may run in the loop now: never
+        where ``RWF_NOWAIT`` works or has not been tried yet; else as the fallback says."""
+        return not self.supported and self._fallback is not None and self._fallback.in_loop()
 
-def _sleeps() -> int:
-    """Voluntary context switches of this thread: how often it slept in the kernel."""
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    def blocked(self) -> None:
+        if self._fallback is not None:
+            self._fallback.blocked()
 
 
 class _BlockingGuard:
@@ -140,6 +141,15 @@ class _BlockingGuard:
     def __init__(self) -> None:
         self._threads_until = 0.0
 
+    def in_loop(self) -> bool:
+        """Whether calls run in the loop now (no recent one blocked)."""
+        return time.monotonic() >= self._threads_until
+
+    def blocked(self) -> None:
+        """A call made elsewhere in the loop blocked (a write into a lent range): the
+        next ones go to threads, as after one of ``attempt``'s."""
+        self._threads_until = time.monotonic() + SLOW_PERIOD
+
     def attempt(
         self, call: IoCall, fd: int, views: list[memoryview], offset: int, nbytes: int
     ) -> int:
@@ -147,11 +157,15 @@ class _BlockingGuard:
         now = time.monotonic()
         if now < self._threads_until or nbytes > IN_LOOP_WRITE_MAX:
             return 0
-        sleeps = _sleeps()
+        sleeps = thread_sleeps()
         done = call(fd, views, offset, 0)
-        if time.monotonic() - now > SLOW_CALL and _sleeps() > sleeps:
-            self._threads_until = time.monotonic() + SLOW_PERIOD
+        if time.monotonic() - now > SLOW_CALL and thread_sleeps() > sleeps:
+            self.blocked()
         return done
+
+
+def _ignore_failure(exc: OSError) -> None:
+    """A failed write into a lent range is the writer's to report (as a write error)."""
 
 
 class FileDevice(BlockDevice):
@@ -174,7 +188,8 @@ class FileDevice(BlockDevice):
         self._idle = trio.Event()
         self._lending = True
         """Whether ``lend`` offers ranges (until a send from one failed)."""
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if self._regular:
             self.capabilities = HOLE_CAPABILITIES
 
     async def get_info(self) -> Info:
@@ -222,6 +237,26 @@ class FileDevice(BlockDevice):
             return None
         ss = self._sector_size
         return self._lent(sector * ss, count * ss, self._leave)
+
+    def lend_writable(self, sector: int, count: int) -> FileRange | None:
+        """``BlockDevice.lend_writable``: the sectors as a range of this file to write
+        into, counted as a call in flight until ``release`` (as ``lend``).  A write into
+        the range runs in the event loop, so only where writes do: once a write found
+        that the file refuses ``RWF_NOWAIT`` (where it takes it, a write that would wait
+        goes to a thread, which a splice cannot), and not while writes go to threads
+        because one blocked (``_BlockingGuard``).  Only of a regular file (a splice into a block
+        device's page cache is not what the rest of this class does)."""
+        if not self._regular or self._read_only:
+            return None
+        if not self._may_lend(sector, count, self._info.size_sectors):
+            return None
+        if not self._nowait_write.in_loop():
+            return None
+        ss = self._sector_size
+        self._in_flight += 1
+        lent = FileRange(self._fd, sector * ss, count * ss, self._leave, _ignore_failure)
+        lent.blocked = self._nowait_write.blocked
+        return lent
 
     def _may_lend(self, sector: int, count: int, size_sectors: int) -> bool:
         """Open, lending, and the sectors inside the device."""

@@ -196,6 +196,9 @@ class SparseDevice(FileDevice):
     gate and stops at the device's own size, none of which ``FileDevice.write_now`` knows
     about (and front ends see that none is offered, as for any device)."""
 
+    lend_writable = BlockDevice.lend_writable
+    """Not offered, for the reasons ``write_now`` is not."""
+
     async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()
         offset = sector * self._sector_size

@@ -138,6 +138,8 @@ class Incoming:
     length: int
     data: bytearray | None = None
     filled: int = 0
+    diverted: bool = False
+    """The layer above moves the payload itself (``divert_payload``)."""
 
 
 class ServerCore:
@@ -264,12 +266,55 @@ class ServerCore:
         w = self._incoming
         if self.state is not ServerState.WRITE_PAYLOAD or len(self._buf) or w is None:
             return None
+        if w.diverted:
+            return None
         return memoryview(self._payload_buffer(w))[w.filled : w.length]
 
     def payload_received(self, n: int) -> None:
+        """``n`` more bytes of the payload were received past the core: into
+        ``payload_target``, or wherever a diverted payload goes."""
         w = self._incoming
-        assert w is not None and self.payload_target() is not None and 0 < n <= w.length - w.filled
+        assert w is not None and 0 < n <= w.length - w.filled
+        assert w.diverted or self.payload_target() is not None
         w.filled += n
+
+    def incoming_write(self) -> Request | None:
+        """After ``PayloadComing`` and before any of its payload was taken: the WRITE as
+        the ``Request`` it will be (its ``data`` empty), or ``None`` if it will be
+        refused.  Nothing changes."""
+        w = self._incoming
+        if self.state is not ServerState.WRITE_PAYLOAD or w is None or w.filled or w.data:
+            return None
+        if self._refusal(w) is not None:
+            return None
+        return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, b"")
+
+    def divert_payload(self) -> Request:
+        """Hand out the WRITE ``incoming_write`` named now, its payload the layer
+        above's to move: the bytes already buffered (``buffered_payload``), then the rest
+        read past the core, each piece reported (``payload_received``).  Once
+        ``payload_left`` is 0 the core reads the next request."""
+        req = self.incoming_write()
+        assert req is not None and self._incoming is not None, "no WRITE to divert"
+        self._incoming.diverted = True
+        self.in_flight += 1
+        return req
+
+    def buffered_payload(self) -> memoryview | None:
+        """The next buffered piece of a diverted payload (counted as received), or
+        ``None`` when nothing more of it is buffered."""
+        w = self._incoming
+        assert w is not None and w.diverted
+        piece = self._buf.take_some(w.length - w.filled)
+        if piece is not None:
+            w.filled += len(piece)
+        return piece
+
+    @property
+    def payload_left(self) -> int:
+        """Bytes of the current WRITE's payload not yet received."""
+        w = self._incoming
+        return 0 if w is None else w.length - w.filled
 
     def send(self, reply: ServerReply) -> list[Part]:
         """The message answering one request, as parts to write whole, in order."""
@@ -399,6 +444,12 @@ class ServerCore:
     def _write_payload(self) -> ServerEvent | NeedData | None:
         w = self._incoming
         assert w is not None
+        if w.diverted:  # handed out already; the layer above moves the payload
+            if w.filled < w.length:
+                return NEED_DATA
+            self._incoming = None
+            self._goto(S.REQUEST)
+            return None
         buffer = self._payload_buffer(w)
         while w.filled < w.length:
             piece = self._buf.take_some(w.length - w.filled)
@@ -426,16 +477,20 @@ class ServerCore:
         return RequestRefused(w.cookie, w.cmd, Errno.EINVAL, message)
 
     def _hand_out(self, w: Incoming) -> Request | RequestRefused:
+        self.in_flight += 1
+        refused = self._refusal(w)
+        if refused is not None:
+            return RequestRefused(w.cookie, w.cmd, *refused)
+        data = memoryview(w.data)[: w.length] if w.data is not None else b""
+        return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, data)
+
+    def _refusal(self, w: Incoming) -> tuple[int, str] | None:
+        """Why the request is refused (NBD error, message), or ``None``."""
         t = self.transmission
         assert t is not None
-        self.in_flight += 1
         refused = None
         if (w.cmd, w.flags) not in self._usable:
             refused = command_refusal(t, w.cmd, w.flags)
             if refused is None:
                 self._usable.add((w.cmd, w.flags))
-        refused = refused or range_refusal(t, w.cmd, w.offset, w.length)
-        if refused is not None:
-            return RequestRefused(w.cookie, w.cmd, *refused)
-        data = memoryview(w.data)[: w.length] if w.data is not None else b""
-        return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, data)
+        return refused or range_refusal(t, w.cmd, w.offset, w.length)

@@ -52,6 +52,16 @@ the bytes already written is one the client could have seen anyway.  4 KiB rando
 writes at depth 16: 63.5 µs per request instead of 74.8.  Anything else, and a request
 the device cannot do at once, is awaited in a task (``handle``).
 
+A large WRITE without FUA on a connection that reads a socket need not be received into
+a buffer at all where the device lends the range of a file that *is* those sectors
+(``BlockDevice.lend_writable``, ``FileDevice.lend_writable``: a raw file only, not a
+sparse image or a mirror, whose writes do more): ``write_target`` asks for it before
+the payload is read, and the transport splices the payload from the socket into the
+file (``transport/splice.py``: one copy instead of two).  The range is held in the
+bridge's range lock from then until the payload is in (``DeviceBytes.lend_writable``
+takes it only where no other write holds or waits for any of it, so it takes no turn),
+and a failure to write it is the WRITE's reply (``write_failed``).
+
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
 exception with EIO).
@@ -63,7 +73,7 @@ import errno
 from collections.abc import Awaitable, Callable
 
 from ..block import BlockDevice, Capability, Extent, FlushCursor
-from ..errors import BlockError, RequestFailed
+from ..errors import BlockError, RequestFailed, request_failed
 from ..filerange import FileRange
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
@@ -77,6 +87,9 @@ LEND_MIN = 64 << 10
 """READs this large are sent from the file where they can be (the module text).  Below
 it a ``sendfile`` of its own costs more than the copy: smaller replies ready together
 leave in one ``writev``."""
+SPLICE_MIN = 64 << 10
+"""WRITEs this large have their payload written from the socket into the file where
+they can (the module text); a smaller payload mostly came with its header."""
 MAX_READ_PIECES = 64
 """A READ whose range holds more holes and data than this is sent as data, whole."""
 
@@ -132,6 +145,10 @@ class RequestHandler:
         """Whether a READ may be answered at once (``answer_now``)."""
         self._writes_now = type(direct).write_now is not BlockDevice.write_now
         """Whether a WRITE may be answered at once (``answer_now``)."""
+        lends_writable = type(direct).lend_writable is not BlockDevice.lend_writable
+        self._writes_into_files = sends_files and lends_writable
+        """Whether a large WRITE's payload may go from the socket into the file
+        (``write_target``)."""
         self._lent: dict[int, bytearray | FileRange] = {}
         """id(reply) -> the pooled buffer its data is in, or the range lent for it, until
         ``written``."""
@@ -181,6 +198,20 @@ class RequestHandler:
     def _write_now(self, req: Request) -> Reply | None:
         done = self._bytes.write_now(req.offset, memoryview(req.data))
         return Reply(req.cookie) if done else None
+
+    async def write_target(self, req: Request) -> FileRange | None:
+        """Where the payload of ``req`` (a WRITE whose payload has not come yet) may be
+        written straight from the socket (the module text), held against every other
+        write until released; or ``None``: it is received and ``handle``d as usual."""
+        if not self._writes_into_files or req.flags & FUA or req.length < SPLICE_MIN:
+            return None
+        return await self._bytes.lend_writable(req.offset, req.length)
+
+    def write_failed(self, req: Request, exc: OSError) -> Reply:
+        """The reply to a WRITE whose payload failed to go into its ``write_target``."""
+        error = request_failed(exc, f"write {req.length} bytes at byte {req.offset}")
+        self._bytes.note_error(f"NBD WRITE of {req.length} bytes at {req.offset}", error)
+        return Reply(req.cookie, nbd_errno(error), str(error))
 
     def written(self, reply: ServerReply) -> None:
         """``reply`` has been written (or never will be): its buffer may be used again."""
