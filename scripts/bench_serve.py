@@ -63,8 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds; the median counts")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per fio job")
     p.add_argument("--memory-connections", type=int, default=64)
-    p.add_argument("--only", action="append", default=[], metavar="TEXT",
-                   help="run only the jobs whose name contains TEXT (repeatable; no memory run)")  # fmt: skip
+    p.add_argument(
+        "--only", action="append", default=[], metavar="TEXT",
+        help="only the jobs whose name contains TEXT (repeatable; no memory run)",
+    )  # fmt: skip
     return p.parse_args()
 
 
