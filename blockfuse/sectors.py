@@ -178,32 +178,16 @@ class DeviceBytes:
         any other task runs."""
         return len(self._writes) == 0 and self._direct.write_now(offset, data)
 
-    async def lend_writable(self, offset: int, length: int) -> FileRange | None:
+    async def lend_writable(self, offset: int, length: int) -> WritableRange | None:
         """Whole sectors inside the device as a range of a file to write ``length`` bytes
-        at ``offset`` into straight (``BlockDevice.lend_writable``), held against every
-        other write through this object until the range is released; ``None`` where the
-        device lends none, or another write holds or waits for any of the sectors (the
-        caller then writes as usual).  Its bytes are the device's as ``write`` would
-        have left them."""
+        at ``offset`` into straight (``BlockDevice.lend_writable``), or ``None`` where
+        the device lends none (the caller then writes as usual).  Each write into it
+        takes turns with every other write through this object (``WritableRange``)."""
         ss = (await self._direct.get_info()).sector_size
         if (offset | length) % ss or length <= 0:
             return None
-        first, end = offset // ss, (offset + length) // ss
-        hold = self._writes.acquire_now(first, end)
-        if hold is None:
-            return None
-        lent = self._direct.lend_writable(first, end - first)
-        if lent is None:
-            self._writes.release(hold)
-            return None
-        give_back = lent.release
-
-        def release() -> None:
-            self._writes.release(hold)
-            give_back()
-
-        lent.release = release
-        return lent
+        lent = self._direct.lend_writable(offset // ss, length // ss)
+        return WritableRange(lent, offset // ss, ss, self._writes) if lent is not None else None
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a write running past the end is cut short there,
@@ -268,6 +252,40 @@ class DeviceBytes:
             await self.device.resize(new)
         finally:
             self._writes.release(hold)
+
+
+class WritableRange:
+    """A device's sectors as a range of a file to write into straight
+    (``DeviceBytes.lend_writable``).  Each write holds the sectors it touches in the
+    bridge's range lock for as long as it runs, and no longer: a write that covers part
+    of a sector cannot interleave with another writer's read-modify-write of it, and a
+    range lent to a payload still on its way holds nothing meanwhile."""
+
+    def __init__(self, lent: FileRange, first: int, sector_size: int, lock: RangeLock) -> None:
+        self._lent = lent
+        self._first = first
+        self._sector_size = sector_size
+        self._lock = lock
+        self.fd, self.offset, self.length = lent.fd, lent.offset, lent.length
+
+    async def write(self, at: int, n: int, call: Callable[[], int]) -> int:
+        """``call()``, which writes at most ``n`` bytes at byte ``at`` of the file, run
+        holding the sectors they touch; its answer."""
+        assert self.offset <= at and at + n <= self.offset + self.length
+        ss = self._sector_size
+        first = self._first + (at - self.offset) // ss
+        end = self._first + ceil_div(at + n - self.offset, ss)
+        hold = self._lock.acquire_now(first, end) or await self._lock.acquire(first, end)
+        try:
+            return call()
+        finally:
+            self._lock.release(hold)
+
+    def blocked(self) -> None:
+        self._lent.blocked()
+
+    def release(self) -> None:
+        self._lent.release()
 
 
 def room(into: bytearray | None, length: int) -> memoryview:

@@ -86,30 +86,45 @@ async def test_a_file_lends_no_range_to_write_into_before_a_write_tried_rwf_nowa
         lent.release()
 
 
-async def test_the_write_target_holds_its_sectors_against_every_other_write(
+async def test_each_write_into_the_target_takes_turns_with_other_writers(
     tmp_path: Path,
 ) -> None:
+    """A target lent holds nothing by itself (a payload on its way does not hold other
+    writers back); each write into it waits for a writer that holds its sectors (a
+    read-modify-write), and holds them while it runs."""
     image = tmp_path / "disk.img"
     async with file_device(image) as dev:
         bytes_ = DeviceBytes(SafeDevice(dev))
         await first_write_through(bytes_)
         handler = RequestHandler(bytes_, structured=True, sends_files=True)
-        into = await handler.write_target(Request(1, c.Cmd.WRITE, 0, 0, BIG))
-        assert into is not None and (into.offset, into.length) == (0, BIG)
-        done = trio.Event()
+        target = await handler.write_target(Request(1, c.Cmd.WRITE, 0, 0, BIG))
+        assert target is not None and (target.offset, target.length) == (0, BIG)
+        assert bytes_.write_now(BIG, memoryview(b"n" * 4096)), "the lent range held sectors"
+        order: list[str] = []
+        held, let_go = trio.Event(), trio.Event()
 
-        async def overlapping_write() -> None:
-            await bytes_.write(BIG - 100, b"w" * 200)  # a read-modify-write of two sectors
-            done.set()
+        async def holder() -> None:
+            async with bytes_.holding(7, 9):  # a read-modify-write of sectors 7-8
+                held.set()
+                await let_go.wait()
+                order.append("holder")
 
-        async with trio.open_nursery() as tasks:
-            tasks.start_soon(overlapping_write)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set(), "a write overtook the lent range"
-            assert await handler.write_target(Request(2, c.Cmd.WRITE, 0, 0, BIG)) is None
-            os.pwrite(into.fd, b"s" * BIG, into.offset)
-            into.release()
-        assert image.read_bytes()[: BIG + 100] == b"s" * (BIG - 100) + b"w" * 200
+        def write_sectors_0_to_7() -> int:
+            assert not bytes_.write_now(0, memoryview(b"x" * 512)), "not held while it runs"
+            order.append("target")
+            return os.pwrite(target.fd, b"s" * 4096, 0)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(holder)
+                await held.wait()
+                tasks.start_soon(target.write, 0, 4096, write_sectors_0_to_7)
+                await trio.testing.wait_all_tasks_blocked()
+                assert order == [], "the write did not wait for the holder"
+                let_go.set()
+        target.release()
+        assert order == ["holder", "target"]
+        assert image.read_bytes()[:4096] == b"s" * 4096
 
 
 @pytest.mark.parametrize(
@@ -131,22 +146,13 @@ async def test_no_write_target_where_a_write_must_go_through_the_device(
         assert await handler.write_target(Request(1, c.Cmd.WRITE, flags, 0, BIG)) is None, why
 
 
-async def test_no_write_target_on_a_sparse_image_or_over_held_sectors(tmp_path: Path) -> None:
+async def test_no_write_target_on_a_sparse_image(tmp_path: Path) -> None:
     sparse = open_sparse(str(tmp_path / "s.img"), size_bytes=SIZE)
     try:
         handler = RequestHandler(DeviceBytes(sparse), structured=True, sends_files=True)
         assert await handler.write_target(Request(1, c.Cmd.WRITE, 0, 0, BIG)) is None
     finally:
         await sparse.aclose()
-    async with file_device(tmp_path / "disk.img") as dev:
-        bytes_ = DeviceBytes(dev)
-        await first_write_through(bytes_)
-        handler = RequestHandler(bytes_, structured=True, sends_files=True)
-        async with bytes_.holding(BIG // 512 - 1, BIG // 512):
-            assert await handler.write_target(Request(1, c.Cmd.WRITE, 0, 0, BIG)) is None
-            beside = await handler.write_target(Request(2, c.Cmd.WRITE, 0, BIG, BIG))
-            assert beside is not None
-            beside.release()
 
 
 async def first_write(served: Served, nursery: trio.Nursery) -> None:
@@ -258,3 +264,44 @@ async def test_a_socket_that_cannot_be_spliced_from_is_read_into_a_buffer(
         await client.aclose()
     assert image.read_bytes()[: 2 * MiB] == data + data[::-1]
     assert moves == [MiB, MiB] and len(refused) == 1, "asked again after EINVAL"
+
+
+async def test_writes_sent_one_after_another_are_all_answered(
+    nursery: trio.Nursery, short_tmp: Path, moves: list[int]
+) -> None:
+    """The event after a spliced payload may be the next WRITE's header."""
+    image = short_tmp / "disk.img"
+    size = 64 << 10
+    async with file_device(image) as dev, serving([export_of(dev)], short_tmp) as s:
+        await first_write(s, nursery)
+        async with await RawClient.connect(str(s.address.path)) as raw:
+            await raw.go(structured=False)
+            await raw.send(
+                request(c.Cmd.WRITE, 0, size, cookie=1)
+                + b"a" * size
+                + request(c.Cmd.WRITE, size, size, cookie=2)
+                + b"b" * size
+                + request(c.Cmd.WRITE, 2 * size, 4096, cookie=3)
+                + b"c" * 4096
+            )
+            replies = {await raw.simple_reply() for _ in range(3)}
+    assert replies == {(0, 1), (0, 2), (0, 3)}
+    assert image.read_bytes()[: 2 * size + 4096] == b"a" * size + b"b" * size + b"c" * 4096
+    assert moves
+
+
+async def test_a_stalled_payload_holds_no_sectors_against_other_writers(
+    nursery: trio.Nursery, short_tmp: Path, moves: list[int]
+) -> None:
+    """Another front end's write (a FUSE write through the same bridge) of sectors a
+    payload still on its way goes to does not wait for it."""
+    async with file_device(short_tmp / "disk.img") as dev:
+        export = export_of(dev)
+        async with serving([export], short_tmp, limits=Limits(payload_timeout=30)) as s:
+            await first_write(s, nursery)
+            async with await RawClient.connect(str(s.address.path)) as raw:
+                await half_a_write(raw, 0)
+                await wait_until(lambda: bool(moves))
+                with trio.fail_after(5):
+                    await export.bytes.write(1000, b"f" * 4096)
+                    assert export.bytes.write_now(8192, memoryview(b"g" * 4096))

@@ -281,7 +281,7 @@ class ServerCore:
     def incoming_write(self) -> Request | None:
         """After ``PayloadComing`` and before any of its payload was taken: the WRITE as
         the ``Request`` it will be (its ``data`` empty), or ``None`` if it will be
-        refused.  Nothing changes."""
+        refused.  Nothing changes (but the cache of command flags found valid)."""
         w = self._incoming
         if self.state is not ServerState.WRITE_PAYLOAD or w is None or w.filled or w.data:
             return None

@@ -57,10 +57,10 @@ a buffer at all where the device lends the range of a file that *is* those secto
 (``BlockDevice.lend_writable``, ``FileDevice.lend_writable``: a raw file only, not a
 sparse image or a mirror, whose writes do more): ``write_target`` asks for it before
 the payload is read, and the transport splices the payload from the socket into the
-file (``transport/splice.py``: one copy instead of two).  The range is held in the
-bridge's range lock from then until the payload is in (``DeviceBytes.lend_writable``
-takes it only where no other write holds or waits for any of it, so it takes no turn),
-and a failure to write it is the WRITE's reply (``write_failed``).
+file (``transport/splice.py``: one copy instead of two).  Each write into the range
+holds the sectors it touches in the bridge's range lock while it runs
+(``WritableRange.write``), and a failure to write it is the WRITE's reply
+(``write_failed``).
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
@@ -77,7 +77,7 @@ from ..errors import BlockError, RequestFailed, request_failed
 from ..filerange import FileRange
 from ..nbd.constants import MAX_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno
 from ..nbd.events import ReadReply, Reply, Request, ServerReply, StatusReply
-from ..sectors import DeviceBytes, span
+from ..sectors import DeviceBytes, WritableRange, span
 from ..transport.pool import BufferPool
 from ..units import ceil_div
 
@@ -199,10 +199,10 @@ class RequestHandler:
         done = self._bytes.write_now(req.offset, memoryview(req.data))
         return Reply(req.cookie) if done else None
 
-    async def write_target(self, req: Request) -> FileRange | None:
+    async def write_target(self, req: Request) -> WritableRange | None:
         """Where the payload of ``req`` (a WRITE whose payload has not come yet) may be
-        written straight from the socket (the module text), held against every other
-        write until released; or ``None``: it is received and ``handle``d as usual."""
+        written straight from the socket (the module text), until released; or
+        ``None``: it is received and ``handle``d as usual."""
         if not self._writes_into_files or req.flags & FUA or req.length < SPLICE_MIN:
             return None
         return await self._bytes.lend_writable(req.offset, req.length)

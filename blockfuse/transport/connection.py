@@ -56,7 +56,6 @@ from typing import Protocol
 import trio
 
 from ..errors import BlockError, ProtocolError
-from ..filerange import FileRange
 from ..nbd.constants import Cmd
 from ..nbd.events import (
     NEED_DATA,
@@ -81,7 +80,7 @@ from .budget import ByteBudget, Reservation
 from .handshake import ConnectionLost, Stalled
 from .pool import MAX_POOLED, MIN_POOLED, BufferPool
 from .sender import STREAM_ERRORS
-from .splice import SPLICE_MIN, PayloadSplicer
+from .splice import SPLICE_MIN, PayloadSplicer, WriteTarget
 from .tlsserver import ServerTLS, TLSHandshakeFailed, TLSSession
 from .workers import Workers
 from .writer import MessageWriter, widen_send_buffer
@@ -127,7 +126,7 @@ class Handler(Protocol):
         reads its buffers any more."""
         ...
 
-    async def write_target(self, request: Request) -> FileRange | None:
+    async def write_target(self, request: Request) -> WriteTarget | None:
         """Where the payload of ``request``, a WRITE whose payload has not been read,
         may be written straight from the socket, or ``None``.  The range is the
         caller's to ``release`` once the payload is in it (or never will be)."""
@@ -434,7 +433,7 @@ class Connection:
         try:
             while True:
                 event = core.next_event()
-                if isinstance(event, PayloadComing):
+                while isinstance(event, PayloadComing):  # a spliced one: the next may be too
                     event = await self._take_payload(core, event.length, handler)
                 if event is NEED_DATA:
                     await self._receive(core)
@@ -458,8 +457,9 @@ class Connection:
         a 4 KiB WRITE at depth 16 costs the server ~44 µs of CPU instead of 55-65.  A
         large one may go from the socket straight into its file (``_splice_payload``)."""
         self._payload = await self._reserve(length)
-        if self._splicer is not None and length >= SPLICE_MIN and not self.shutting_down:
-            req = core.incoming_write()
+        splicer = self._splicer
+        if splicer is not None and length >= SPLICE_MIN and not self.shutting_down:
+            req = core.incoming_write() if splicer.ready() else None
             into = await handler.write_target(req) if req is not None else None
             if req is not None and into is not None:
                 return await self._splice_payload(core, req, into, handler)
@@ -473,7 +473,7 @@ class Connection:
         raise payload_stalled(length, timeout)
 
     async def _splice_payload(
-        self, core: ServerCore, req: Request, into: FileRange, handler: Handler
+        self, core: ServerCore, req: Request, into: WriteTarget, handler: Handler
     ) -> ServerEvent | NeedData:
         """The WRITE done by moving its payload from the socket into ``into`` (whole
         within the payload timeout); its reply held as the reader's own; the next event."""

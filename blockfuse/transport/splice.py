@@ -24,16 +24,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
-from ..filerange import FileRange
 from ..nbd.events import PeerClosed
 from ..nbd.server import ServerCore
 from ..threads import SLOW_CALL, thread_sleeps
+
+log = logging.getLogger(__name__)
 
 SPLICE_MIN = 64 << 10
 """WRITEs this large have their payload spliced where they can; a smaller payload
@@ -42,6 +46,38 @@ PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 BURST = 16
 """Splices in a row before a trip through the scheduler, as ``connection.BURST``."""
+
+
+class WriteTarget(Protocol):
+    """Where a WRITE's payload goes straight (``Handler.write_target``): ``length`` bytes
+    of the open file ``fd`` from byte ``offset``, the caller's until ``release``."""
+
+    fd: int
+    offset: int
+    length: int
+
+    async def write(self, at: int, n: int, call: Callable[[], int]) -> int:
+        """``call()``, which writes at most ``n`` bytes at byte ``at`` of the file and
+        says how many, run while no other writer has any of the sectors they touch."""
+        ...
+
+    def blocked(self) -> None:
+        """A write into it blocked in the kernel for longer than ``SLOW_CALL``."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class _Move:
+    """One payload on its way into its target: where its next byte goes, and the first
+    error writing it (after which the rest is dropped)."""
+
+    __slots__ = ("at", "error", "into")
+
+    def __init__(self, into: WriteTarget) -> None:
+        self.into = into
+        self.at = into.offset
+        self.error: OSError | None = None
 
 
 class PayloadSplicer:
@@ -55,6 +91,16 @@ class PayloadSplicer:
         self._pipe: tuple[int, int] | None = None
         self._splices = True
 
+    def ready(self) -> bool:
+        """Whether it can move a payload: its pipe made (``False`` where the system
+        refuses one, out of descriptors: payloads are then received as usual)."""
+        try:
+            self._pipe_in()
+        except OSError as exc:
+            log.warning("no pipe for a WRITE's payload (%s): receiving it as usual", exc)
+            return False
+        return True
+
     def close(self) -> None:
         if self._pipe is not None:
             for fd in self._pipe:
@@ -62,15 +108,15 @@ class PayloadSplicer:
             self._pipe = None
 
     async def move(
-        self, core: ServerCore, into: FileRange, wait: Callable[[], Awaitable[None]]
+        self, core: ServerCore, into: WriteTarget, wait: Callable[[], Awaitable[None]]
     ) -> OSError | None:
         """The rest of the payload ``core.divert_payload`` handed out, written into
         ``into`` in order (``wait`` until the socket is readable when nothing has come);
         the error writing it, if one (the rest was then dropped).  Raises ``PeerClosed``
         if the client closes the connection before the payload is whole."""
-        at, error = into.offset, None
+        move = _Move(into)
         while (piece := core.buffered_payload()) is not None:
-            at, error = _write(into.fd, piece, at, error)
+            await self._put(move, piece)
         burst = 0
         while left := core.payload_left:
             burst += 1
@@ -78,36 +124,43 @@ class PayloadSplicer:
                 burst = 0
                 await trio.lowlevel.checkpoint()
             try:
-                at, error = self._receive(core, left, into, at, error)
+                await self._receive(core, left, move)
             except BlockingIOError:
                 burst = 0
                 await wait()
-        return error
+        return move.error
 
-    def _receive(
-        self, core: ServerCore, left: int, into: FileRange, at: int, error: OSError | None
-    ) -> tuple[int, OSError | None]:
-        """What one call takes from the socket, written at ``at`` (after an error,
-        dropped); the next position and the error.  ``BlockingIOError``: nothing came."""
-        if self._splices:
-            try:
-                n = os.splice(self._fd, self._pipe_in(), left, flags=os.SPLICE_F_NONBLOCK)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._splices = False  # not a socket the kernel splices from
-                return at, error
+    async def _receive(self, core: ServerCore, left: int, move: _Move) -> None:
+        """What one call takes from the socket, on its way into the file (after an
+        error: dropped).  ``BlockingIOError``: nothing came."""
+        if not self._splices:
+            piece = self._scratch[: min(left, len(self._scratch))]
+            n = os.readv(self._fd, [piece])
             self._check_more(core, n)
-            return self._drain(n, into, at, error)
-        piece = self._scratch[: min(left, len(self._scratch))]
-        n = os.readv(self._fd, [piece])
+            await self._put(move, piece[:n])
+            return
+        try:
+            n = os.splice(self._fd, self._pipe_in(), left, flags=os.SPLICE_F_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._splices = False  # not a socket the kernel splices from
+            return
         self._check_more(core, n)
-        return _write(into.fd, piece[:n], at, error)
+        await self._drain(move, n)
 
     def _check_more(self, core: ServerCore, n: int) -> None:
         if n == 0:
             raise PeerClosed("the client closed the connection in the middle of a WRITE payload")
         core.payload_received(n)
+
+    async def _put(self, move: _Move, data: memoryview) -> None:
+        """Bytes already in memory on their way into the file, through the pipe (the
+        bytes that came with the header; all of them where nothing is spliced)."""
+        while data:
+            n = os.write(self._pipe_in(), data)  # the pipe is empty: it takes some
+            await self._drain(move, n)
+            data = data[n:]
 
     def _pipe_in(self) -> int:
         if self._pipe is None:
@@ -116,48 +169,31 @@ class PayloadSplicer:
                 fcntl.fcntl(self._pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
         return self._pipe[1]
 
-    def _drain(
-        self, n: int, into: FileRange, at: int, error: OSError | None
-    ) -> tuple[int, OSError | None]:
-        """The ``n`` bytes in the pipe into the file at ``at`` (after an error: dropped)."""
+    async def _drain(self, move: _Move, n: int) -> None:
+        """The ``n`` bytes in the pipe into the file (after an error: dropped)."""
         assert self._pipe is not None
-        fd = into.fd
         out = self._pipe[0]
         while n:
-            if error is None:
+            if move.error is None:
                 try:
-                    m = self._write_out(out, fd, n, at, into)
+                    write_out = functools.partial(self._write_out, out, n, move)
+                    m = await move.into.write(move.at, n, write_out)
                 except OSError as exc:
-                    error = exc
+                    move.error = exc
                     continue
                 if m == 0:
-                    error = OSError(errno.EIO, "the file took no more bytes")
+                    move.error = OSError(errno.EIO, "the file took no more bytes")
                     continue
-                at += m
+                move.at += m
             else:
                 m = os.readv(out, [self._scratch[:n]])
             n -= m
-        return at, error
 
-    def _write_out(self, pipe: int, fd: int, n: int, at: int, into: FileRange) -> int:
+    def _write_out(self, pipe: int, n: int, move: _Move) -> int:
         """One splice from the pipe into the file; one that blocked in the kernel for
-        longer than ``SLOW_CALL`` is told to the lender (``FileRange.blocked``)."""
+        longer than ``SLOW_CALL`` is told to the target (``WriteTarget.blocked``)."""
         started, sleeps = time.monotonic(), thread_sleeps()
-        m = os.splice(pipe, fd, n, offset_dst=at)
+        m = os.splice(pipe, move.into.fd, n, offset_dst=move.at)
         if time.monotonic() - started > SLOW_CALL and thread_sleeps() > sleeps:
-            into.blocked()
+            move.into.blocked()
         return m
-
-
-def _write(fd: int, data: memoryview, at: int, error: OSError | None) -> tuple[int, OSError | None]:
-    """``data`` written at ``at`` unless an error came before; the next position and the
-    error."""
-    while data and error is None:
-        try:
-            n = os.pwritev(fd, [data], at)
-        except OSError as exc:
-            return at, exc
-        if n == 0:
-            return at, OSError(errno.EIO, "the file took no more bytes")
-        data, at = data[n:], at + n
-    return at, error
