@@ -372,6 +372,23 @@ def test_a_write_announces_its_payload_before_it_is_held(bytewise: bool) -> None
     assert server.in_flight == 2
 
 
+def test_a_write_whose_payload_came_with_it_is_handed_out_at_once_uncopied() -> None:
+    server = opened()
+    sent = request(Cmd.WRITE, 8, 4096) + b"p" * 4096 + request(Cmd.WRITE, 0, 512, cookie=2)
+    server.receive_data(sent)
+    event = server.next_event()
+    assert event == Request(1, Cmd.WRITE, 0, 8, 4096, b"p" * 4096)
+    assert isinstance(event, Request) and isinstance(event.data, memoryview)
+    assert event.data.obj is not None and len(event.data.obj) == len(sent)  # a view of it
+    assert server.next_event() == PayloadComing(2, 512)  # its payload has not come
+    server.receive_data(b"q" * 512)
+    assert server.next_event() == Request(2, Cmd.WRITE, 0, 0, 512, b"q" * 512)
+    server.receive_data(request(Cmd.WRITE, SIZE, 512, cookie=3) + b"r" * 512)
+    refused = server.next_event()
+    assert isinstance(refused, RequestRefused) and refused.error == errno.ENOSPC
+    assert server.next_event() is NEED_DATA and server.in_flight == 3
+
+
 def test_a_write_payload_received_in_place() -> None:
     server = opened()
     pump(server, request(Cmd.WRITE, 0, 1000))

@@ -8,13 +8,14 @@ import errno
 import os
 import random
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from blockfuse.block import BlockDevice, Capability, Extent
+from blockfuse.block import BlockDevice, Buffer, Capability, Extent
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
@@ -34,7 +35,7 @@ from blockfuse.serve.requests import RequestHandler
 from blockfuse.testing import FaultyDevice, check_block_device
 from blockfuse.testing.faults import Fault
 from blockfuse.testing.simulated import SimDisk
-from blockfuse.transport.connection import Limits
+from blockfuse.transport.connection import Limits, own_payload
 from blockfuse.transport.server import NBDServer
 from blockfuse.transport.writer import MessageWriter
 
@@ -790,3 +791,57 @@ async def test_only_a_device_that_says_so_answers_at_once() -> None:
     wrapped = RequestHandler(DeviceBytes(PassThrough(MemoryDevice(SIZE))), structured=True)
     assert wrapped.answer_now(Request(1, c.Cmd.READ, 0, 0, 4096)) is None
     assert wrapped.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
+
+
+class WriteGauge(PassThrough):
+    """Every write waits for ``release``; ``most`` is the most inside at once."""
+
+    kind = "write-gauge"
+
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.inside = 0
+        self.most = 0
+        self.release = trio.Event()
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.release.wait()
+            await self._inner.write(sector, buffers)
+        finally:
+            self.inside -= 1
+
+
+async def test_writes_that_came_with_their_payload_count_their_bytes(short_tmp: Path) -> None:
+    """WRITEs whose payloads came whole with their headers (handed out at once, without
+    PayloadComing) hold their bytes of the connection's budget as any other: 8 of 4 KiB
+    in one send on a connection of 16 KiB, at most 4 inside the device at once."""
+    gauge = WriteGauge(MemoryDevice(SIZE))
+    writes = b"".join(
+        request(c.Cmd.WRITE, i * 4096, 4096, cookie=i) + bytes([i]) * 4096 for i in range(8)
+    )
+    limits = Limits(connection_bytes=16 << 10)
+    async with (
+        serving([export_of(gauge)], short_tmp, limits=limits) as s,
+        await RawClient.connect(str(s.address.path)) as raw,
+    ):
+        await raw.go(structured=False)
+        await raw.send(writes)
+        await wait_until(lambda: gauge.inside == 4)
+        await trio.testing.wait_all_tasks_blocked(0.05)  # more would be in by now
+        assert gauge.most == 4
+        gauge.release.set()
+        assert {await raw.simple_reply() for _ in range(8)} == {(0, i) for i in range(8)}
+
+
+def test_a_waiting_write_keeps_only_its_own_payload_alive() -> None:
+    """A payload handed out as a view of what was received is copied before the WRITE
+    waits in a task: it must not keep the whole piece it came in alive."""
+    piece = bytes(range(256)) * 512
+    req = Request(1, c.Cmd.WRITE, 0, 0, 4096, memoryview(piece)[4096:8192])
+    own = own_payload(req)
+    assert isinstance(own.data, bytes) and own.data == piece[4096:8192]
+    whole = Request(2, c.Cmd.WRITE, 0, 0, 4096, memoryview(bytearray(4096)))
+    assert own_payload(whole) is whole  # a buffer of its own already

@@ -62,6 +62,15 @@ class ReceiveBuffer:
                 break
         return bytes(out)
 
+    def take_whole(self, n: int) -> memoryview | None:
+        """Exactly ``n`` bytes without copying where they lie in one chunk as fed, else
+        ``None`` (nothing consumed).  The view keeps that chunk alive."""
+        if not self._chunks or len(self._chunks[0]) < n:
+            return None
+        head = self._chunks[0]
+        self._advance_head(n)
+        return head[:n]
+
     def take_some(self, n: int) -> memoryview | None:
         """Up to ``n`` bytes without copying, or ``None`` if the buffer is empty."""
         if not self.size or n <= 0:

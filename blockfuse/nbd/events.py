@@ -182,7 +182,9 @@ class ServerReady:
 class PayloadComing:
     """A WRITE's header arrived and ``length`` bytes of payload follow.  The layer above
     may reserve room for them before it feeds more data: the core keeps them (up to the
-    maximum payload) until it hands out the ``Request``."""
+    maximum payload) until it hands out the ``Request``.  A WRITE whose payload was
+    buffered whole, in one piece fed, with its header comes as a ``Request`` at once
+    (its ``data`` a view of that piece: no copy, and the piece lives as long as it)."""
 
     cookie: int
     length: int

@@ -15,6 +15,7 @@ per thing that needs a decision::
          EXPORT_NAME, unknown name  -> Closing           (the protocol's only answer)
     C: request (28-byte header [+ WRITE payload])
          WRITE header               -> PayloadComing     (reserve room, then feed it)
+         WRITE, payload with it     -> Request           (data: a view of what came)
          valid                      -> Request           (answer with send(reply))
          invalid                    -> RequestRefused    (answer with send(Reply(error)))
          DISC                       -> ClientGone        (answer what is in flight; close)
@@ -423,6 +424,8 @@ class ServerCore:
             return self._hand_out(incoming)
         if length > MAX_REFUSED_PAYLOAD:
             raise ProtocolError(f"WRITE payload of {length} bytes")
+        if length <= self._max_payload and (payload := self._buf.take_whole(length)):
+            return self._hand_out(incoming, payload)  # it came with its header
         self._incoming = incoming
         if length > self._max_payload:
             self._skip = length
@@ -476,11 +479,14 @@ class ServerCore:
         message = f"WRITE of {w.length} bytes exceeds the maximum {limit}"
         return RequestRefused(w.cookie, w.cmd, Errno.EINVAL, message)
 
-    def _hand_out(self, w: Incoming) -> Request | RequestRefused:
+    def _hand_out(self, w: Incoming, payload: memoryview | None = None) -> Request | RequestRefused:
+        """The request, its WRITE payload in ``payload`` or else in ``w.data``."""
         self.in_flight += 1
         refused = self._refusal(w)
         if refused is not None:
             return RequestRefused(w.cookie, w.cmd, *refused)
+        if payload is not None:
+            return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, payload)
         data = memoryview(w.data)[: w.length] if w.data is not None else b""
         return Request(w.cookie, w.cmd, w.flags, w.offset, w.length, data)
 

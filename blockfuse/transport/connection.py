@@ -95,6 +95,21 @@ HURRIED_WRITE = 2.0
 SHUTTING_DOWN = "the server is shutting down"
 
 
+RESERVES_LENGTH = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
+"""Requests that hold their length's bytes of budget: a READ's reply, a WRITE's payload
+(one that came with its header; others reserved before it was read)."""
+
+
+def own_payload(req: Request) -> Request:
+    """``req`` with a payload of its own where it is a view of what was received (the
+    core's, ``PayloadComing``): a request that waits must not keep the whole piece it came
+    in alive, only the bytes its budget counts."""
+    data = req.data
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data.obj) > len(data):
+        return Request(req.cookie, req.cmd, req.flags, req.offset, req.length, bytes(data))
+    return req
+
+
 def payload_stalled(length: int, timeout: float) -> Stalled:
     return Stalled(f"the payload of a {length}-byte WRITE did not come within {timeout:g} s")
 
@@ -510,7 +525,9 @@ class Connection:
         if self.shutting_down:
             await self._refuse(Reply(req.cookie, errno.ESHUTDOWN, SHUTTING_DOWN))
             return
-        reservation = self._payload or await self._reserve(req.length if req.cmd == Cmd.READ else 0)
+        reservation = self._payload or await self._reserve(
+            req.length if req.cmd in RESERVES_LENGTH else 0
+        )
         self._payload = None
         self._unanswered += 1
         reply = handler.answer_now(req) if self._fd is not None else None
@@ -519,7 +536,7 @@ class Connection:
             self._hold(reply, reservation, handler)
             return
         assert self._workers is not None
-        self._workers.submit((req, handler, reservation))
+        self._workers.submit((own_payload(req), handler, reservation))
 
     async def _answer(self, job: Job) -> None:
         req, handler, reservation = job
