@@ -240,12 +240,11 @@ class FileDevice(BlockDevice):
 
     def lend_writable(self, sector: int, count: int) -> FileRange | None:
         """``BlockDevice.lend_writable``: the sectors as a range of this file to write
-        into, counted as a call in flight until ``release`` (as ``lend``).  A write into
-        the range runs in the event loop, so only where writes do: once a write found
-        that the file refuses ``RWF_NOWAIT`` (where it takes it, a write that would wait
-        goes to a thread, which a splice cannot), and not while writes go to threads
-        because one blocked (``_BlockingGuard``).  Only of a regular file (a splice into a block
-        device's page cache is not what the rest of this class does)."""
+        into, counted as a call in flight until ``release`` (as ``lend``).  Only of a
+        regular file.  A write into the range runs in the event loop, so only where
+        writes do: once a write found that the file refuses ``RWF_NOWAIT`` (where it
+        takes it, a write that would wait goes to a thread, which a splice cannot), and
+        not while writes go to threads because one blocked (``_BlockingGuard``)."""
         if not self._regular or self._read_only:
             return None
         if not self._may_lend(sector, count, self._info.size_sectors):

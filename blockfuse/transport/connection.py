@@ -17,13 +17,13 @@ Invariants:
   reader would wait (for the client's bytes, or for a slot or budget its held replies
   may be holding), so that the replies to what one read brought leave in one
   ``writev``: fio 4 KiB random writes at depth 16 cost the server ~5 µs less of CPU per
-  request (42.6 µs instead of 47.7, medians of 3 interleaved rounds).  A large WRITE whose
-  range the handler lends as a file's (``Handler.write_target``) has its payload moved
-  from the socket into that file by the reader (``splice.py``), under the same payload
-  deadline; its reply is held the same way.  Messages
-  are written whole and in the order they were handed over, never cut or interleaved
-  (``writer.py``); a client that takes nothing we send for ``Limits.send_timeout``
-  seconds is dropped, and so is one whose WRITE payload is not whole
+  request (42.6 µs instead of 47.7, medians of 3 interleaved rounds).  A large WRITE
+  whose range the handler lends as a file's (``Handler.write_target``) has its payload
+  moved from the socket into that file by the reader (``splice.py``), under the same
+  payload deadline; its reply is held the same way.  Messages are written whole and
+  in the order they were handed over, never cut or interleaved (``writer.py``); a
+  client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped,
+  and so is one whose WRITE payload is not whole
   ``Limits.payload_timeout`` seconds after its room was reserved (it holds budget that
   other clients may be waiting for).
 - The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
@@ -101,9 +101,9 @@ RESERVES_LENGTH = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
 
 
 def own_payload(req: Request) -> Request:
-    """``req`` with a payload of its own where it is a view of what was received (the
-    core's, ``PayloadComing``): a request that waits must not keep the whole piece it came
-    in alive, only the bytes its budget counts."""
+    """``req`` with a payload of its own where it is a view of a larger piece received
+    (a WRITE that came with its payload, without ``PayloadComing``): a request that waits
+    must not keep the whole piece alive, only the bytes its budget counts."""
     data = req.data
     if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data.obj) > len(data):
         return Request(req.cookie, req.cmd, req.flags, req.offset, req.length, bytes(data))
