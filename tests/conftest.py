@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,19 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bf-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def small_tmpfs_at(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``4M``) mounted on the new directory ``where`` for the body,
+    unmounted at the end whatever happens: a filesystem a test can fill."""
+    require_tool("mount", "util-linux")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def require_tool(name: str, package: str) -> str:

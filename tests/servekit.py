@@ -176,23 +176,33 @@ class Gate(PassThrough):
 
 
 class Gauge(PassThrough):
-    """Every read waits for ``release``; ``inside`` counts the reads waiting, ``most``
-    the most there ever were at once."""
+    """Every read (``writes``: every write instead) waits for ``release``; ``inside``
+    counts those waiting, ``most`` the most there ever were at once."""
 
     kind = "gauge"
 
-    def __init__(self, inner: BlockDevice) -> None:
+    def __init__(self, inner: BlockDevice, *, writes: bool = False) -> None:
         super().__init__(inner)
         self.inside = 0
         self.most = 0
         self.release = trio.Event()
+        self._writes = writes
 
     async def read(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        if not self._writes:
+            await self._counted()
+        await self._inner.read(sector, buffers)
+
+    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
+        if self._writes:
+            await self._counted()
+        await self._inner.write(sector, buffers)
+
+    async def _counted(self) -> None:
         self.inside += 1
         self.most = max(self.most, self.inside)
         try:
             await self.release.wait()
-            await self._inner.read(sector, buffers)
         finally:
             self.inside -= 1
 

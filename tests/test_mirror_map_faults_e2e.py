@@ -15,7 +15,7 @@ import pytest
 
 from blockfuse.devices.mirror.mapfile import STALE_MARK, read_saved_map
 
-from .conftest import require_tool
+from .conftest import small_tmpfs_at
 from .mounting import MountProcess, mounted
 from .timing import time_limit
 
@@ -26,15 +26,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs for the map, unmounted at the end whatever happens."""
-    require_tool("mount", "util-linux")
-    where = tmp_path / "maps"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(where)], check=True)
-    try:
+    """A 4 MiB tmpfs for the map."""
+    with small_tmpfs_at(tmp_path / "maps", "4M") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def attr(m: MountProcess, key: str) -> str:

@@ -8,14 +8,13 @@ import errno
 import os
 import random
 import socket
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from blockfuse.block import BlockDevice, Buffer, Capability, Extent
+from blockfuse.block import BlockDevice, Capability, Extent
 from blockfuse.devices.file import open_file
 from blockfuse.devices.memory import MemoryDevice
 from blockfuse.devices.mirror import open_mirror
@@ -793,32 +792,11 @@ async def test_only_a_device_that_says_so_answers_at_once() -> None:
     assert wrapped.answer_now(Request(2, c.Cmd.WRITE, 0, 0, 4096, b"x" * 4096)) is None
 
 
-class WriteGauge(PassThrough):
-    """Every write waits for ``release``; ``most`` is the most inside at once."""
-
-    kind = "write-gauge"
-
-    def __init__(self, inner: BlockDevice) -> None:
-        super().__init__(inner)
-        self.inside = 0
-        self.most = 0
-        self.release = trio.Event()
-
-    async def write(self, sector: int, buffers: Sequence[Buffer]) -> None:
-        self.inside += 1
-        self.most = max(self.most, self.inside)
-        try:
-            await self.release.wait()
-            await self._inner.write(sector, buffers)
-        finally:
-            self.inside -= 1
-
-
 async def test_writes_that_came_with_their_payload_count_their_bytes(short_tmp: Path) -> None:
     """WRITEs whose payloads came whole with their headers (handed out at once, without
     PayloadComing) hold their bytes of the connection's budget as any other: 8 of 4 KiB
     in one send on a connection of 16 KiB, at most 4 inside the device at once."""
-    gauge = WriteGauge(MemoryDevice(SIZE))
+    gauge = Gauge(MemoryDevice(SIZE), writes=True)
     writes = b"".join(
         request(c.Cmd.WRITE, i * 4096, 4096, cookie=i) + bytes([i]) * 4096 for i in range(8)
     )

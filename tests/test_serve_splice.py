@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from blockfuse.serve.requests import RequestHandler
 from blockfuse.transport import splice
 from blockfuse.transport.connection import Limits
 
-from .conftest import require_tool
+from .conftest import small_tmpfs_at
 from .hostile_client import RawClient, request
 from .servekit import SIZE, Served, export_of, file_device, serving, wait_until
 from .timing import time_limit
@@ -203,15 +202,9 @@ async def test_a_stalled_payload_drops_its_connection_and_frees_its_sectors(
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted at the end whatever happens."""
-    require_tool("mount", "util-linux")
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(where)], check=True)
-    try:
+    """A 1 MiB tmpfs, to fill."""
+    with small_tmpfs_at(tmp_path / "small", "1M") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 async def test_a_write_the_file_refuses_gets_its_error_and_the_stream_stays_in_step(
