@@ -284,7 +284,9 @@ class ServerCore:
         the ``Request`` it will be (its ``data`` empty), or ``None`` if it will be
         refused.  Nothing changes (but the cache of command flags found valid)."""
         w = self._incoming
-        if self.state is not ServerState.WRITE_PAYLOAD or w is None or w.filled or w.data:
+        if self.state is not ServerState.WRITE_PAYLOAD or w is None:
+            return None
+        if w.filled or w.data is not None:  # the core has begun to take the payload
             return None
         if self._refusal(w) is not None:
             return None

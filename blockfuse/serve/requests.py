@@ -52,15 +52,15 @@ the bytes already written is one the client could have seen anyway.  4 KiB rando
 writes at depth 16: 63.5 µs per request instead of 74.8.  Anything else, and a request
 the device cannot do at once, is awaited in a task (``handle``).
 
-A large WRITE without FUA on a connection that reads a socket need not be received into
-a buffer at all where the device lends the range of a file that *is* those sectors
-(``BlockDevice.lend_writable``, ``FileDevice.lend_writable``: a raw file only, not a
-sparse image or a mirror, whose writes do more): ``write_target`` asks for it before
-the payload is read, and the transport splices the payload from the socket into the
-file (``transport/splice.py``: one copy instead of two).  Each write into the range
-holds the sectors it touches in the bridge's range lock while it runs
-(``WritableRange.write``), and a failure to write it is the WRITE's reply
-(``write_failed``).
+A large WRITE (``transport/splice.py`` says how large) without FUA, on a connection
+that reads a socket, need not be received into a buffer at all where the device lends
+the range of a file that *is* those sectors (``BlockDevice.lend_writable``,
+``FileDevice.lend_writable``: a raw file only, not a sparse image or a mirror, whose
+writes do more): ``write_target`` asks for it before the payload is read, and the
+transport splices the payload from the socket into the file (one copy instead of two).
+Each write into the range holds the sectors it touches in the bridge's range lock
+while it runs (``WritableRange.write``), and a failure to write it is the WRITE's
+reply (``write_failed``).
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),
 with its message; nothing else escapes ``handle`` (the transport answers an unexpected
@@ -87,9 +87,6 @@ LEND_MIN = 64 << 10
 """READs this large are sent from the file where they can be (the module text).  Below
 it a ``sendfile`` of its own costs more than the copy: smaller replies ready together
 leave in one ``writev``."""
-SPLICE_MIN = 64 << 10
-"""WRITEs this large have their payload written from the socket into the file where
-they can (the module text); a smaller payload mostly came with its header."""
 MAX_READ_PIECES = 64
 """A READ whose range holds more holes and data than this is sent as data, whole."""
 
@@ -203,7 +200,7 @@ class RequestHandler:
         """Where the payload of ``req`` (a WRITE whose payload has not come yet) may be
         written straight from the socket (the module text), until released; or
         ``None``: it is received and ``handle``d as usual."""
-        if not self._writes_into_files or req.flags & FUA or req.length < SPLICE_MIN:
+        if not self._writes_into_files or req.flags & FUA:
             return None
         return await self._bytes.lend_writable(req.offset, req.length)
 

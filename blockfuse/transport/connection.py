@@ -23,9 +23,8 @@ Invariants:
   payload deadline; its reply is held the same way.  Messages are written whole and
   in the order they were handed over, never cut or interleaved (``writer.py``); a
   client that takes nothing we send for ``Limits.send_timeout`` seconds is dropped,
-  and so is one whose WRITE payload is not whole
-  ``Limits.payload_timeout`` seconds after its room was reserved (it holds budget that
-  other clients may be waiting for).
+  and so is one whose WRITE payload is not whole ``Limits.payload_timeout`` seconds
+  after its room was reserved (it holds budget that other clients may be waiting for).
 - The handshake must end within ``Limits.handshake_timeout`` seconds, a TLS handshake
   after STARTTLS and the writing of every reply included (``tlsserver.py``).  From the
   TLS handshake on, the connection reads and writes the TLS stream only (never the
@@ -475,8 +474,7 @@ class Connection:
         splicer = self._splicer
         if splicer is not None and length >= SPLICE_MIN and not self.shutting_down:
             req = core.incoming_write() if splicer.ready() else None
-            into = await handler.write_target(req) if req is not None else None
-            if req is not None and into is not None:
+            if req is not None and (into := await handler.write_target(req)) is not None:
                 return await self._splice_payload(core, req, into, handler)
         if (event := core.next_event()) is not NEED_DATA:
             return event

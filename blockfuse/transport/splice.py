@@ -12,11 +12,17 @@ sender, too, is done with its pages sooner.
 The bytes the core had already buffered go first (``pwrite``).  Then each splice into
 the pipe (at most its capacity: ``PIPE_SIZE`` where the system allows, else its
 default) is written out of it before the next, so the pipe holds at most one splice's
-bytes and nothing piles up here.  After an error writing the file the rest of the
-payload is still taken from the socket, read out of the pipe and dropped, so that the
-stream stays in step; the error is the request's reply.  A socket the kernel cannot
-splice from (``EINVAL``) is read with ``readv`` into the connection's receive buffer
-instead, for the rest of the connection.
+bytes and nothing piles up here.  Each write into the file holds the sectors it
+touches against every other writer while it runs, and no longer
+(``WriteTarget.write``): a payload on its way holds nothing while its client is slow
+to send it, and another front end's read-modify-write never straddles one of its
+writes.
+
+After an error writing the file the rest of the payload is still taken from the
+socket, read out of the pipe and dropped, so that the stream stays in step; the error
+is the request's reply.  A socket the kernel cannot splice from (``EINVAL``) is read
+with ``readv`` into the connection's receive buffer instead, for the rest of the
+connection.
 """
 
 from __future__ import annotations
@@ -155,12 +161,11 @@ class PayloadSplicer:
         core.payload_received(n)
 
     async def _put(self, move: _Move, data: memoryview) -> None:
-        """Bytes already in memory on their way into the file, through the pipe (the
-        bytes that came with the header; all of them where nothing is spliced)."""
-        while data:
-            n = os.write(self._pipe_in(), data)  # the pipe is empty: it takes some
-            await self._drain(move, n)
-            data = data[n:]
+        """Bytes already in memory into the file (those that came with the header; all
+        of them where nothing is spliced); after an error, dropped."""
+        while data and move.error is None:
+            write = functools.partial(os.pwrite, move.into.fd, data, move.at)
+            data = data[await self._write(move, len(data), write) :]
 
     def _pipe_in(self) -> int:
         if self._pipe is None:
@@ -175,25 +180,31 @@ class PayloadSplicer:
         out = self._pipe[0]
         while n:
             if move.error is None:
-                try:
-                    write_out = functools.partial(self._write_out, out, n, move)
-                    m = await move.into.write(move.at, n, write_out)
-                except OSError as exc:
-                    move.error = exc
-                    continue
-                if m == 0:
-                    move.error = OSError(errno.EIO, "the file took no more bytes")
-                    continue
-                move.at += m
+                write = functools.partial(os.splice, out, move.into.fd, n, offset_dst=move.at)
+                n -= await self._write(move, n, write)
             else:
-                m = os.readv(out, [self._scratch[:n]])
-            n -= m
+                n -= os.readv(out, [self._scratch[:n]])
 
-    def _write_out(self, pipe: int, n: int, move: _Move) -> int:
-        """One splice from the pipe into the file; one that blocked in the kernel for
-        longer than ``SLOW_CALL`` is told to the target (``WriteTarget.blocked``)."""
-        started, sleeps = time.monotonic(), thread_sleeps()
-        m = os.splice(pipe, move.into.fd, n, offset_dst=move.at)
-        if time.monotonic() - started > SLOW_CALL and thread_sleeps() > sleeps:
-            move.into.blocked()
+    async def _write(self, move: _Move, n: int, call: Callable[[], int]) -> int:
+        """``call()``, which writes at most ``n`` bytes at ``move.at``, run holding its
+        sectors (``WriteTarget.write``); the bytes it wrote, 0 after an error (which
+        ``move`` keeps)."""
+        try:
+            m = await move.into.write(move.at, n, functools.partial(_timed, call, move.into))
+        except OSError as exc:
+            move.error = exc
+            return 0
+        if m == 0:
+            move.error = OSError(errno.EIO, "the file took no more bytes")
+        move.at += m
         return m
+
+
+def _timed(call: Callable[[], int], into: WriteTarget) -> int:
+    """``call()``; one that blocked in the kernel for longer than ``SLOW_CALL`` is told
+    to the target (``WriteTarget.blocked``)."""
+    started, sleeps = time.monotonic(), thread_sleeps()
+    m = call()
+    if time.monotonic() - started > SLOW_CALL and thread_sleeps() > sleeps:
+        into.blocked()
+    return m
