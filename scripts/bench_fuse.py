@@ -13,7 +13,9 @@ than IOPS on this VM, where idle vCPUs halt and a lone request's latency is bimo
 
     sudo .venv/bin/python scripts/bench_fuse.py [--rounds 3] [--runtime 5] [--stock]
 
-``--stock`` adds blockfuse with pyfuse3's stock request loop (BLOCKFUSE_STOCK_FUSE_LOOP=1).
+``--stock`` adds blockfuse with pyfuse3's stock request loop (BLOCKFUSE_STOCK_FUSE_LOOP=1);
+``--tree PATH`` adds blockfuse from another checkout (an A/B of a change, in one run);
+``--only TEXT`` runs the jobs whose name holds TEXT (given again: either).
 """
 
 from __future__ import annotations
@@ -55,8 +57,7 @@ JOBS = [
 
 
 @contextmanager
-def ours(image: Path, mountpoint: Path, stock: bool = False) -> Iterator[tuple[Path, int]]:
-    env = {"BLOCKFUSE_STOCK_FUSE_LOOP": "1"} if stock else {}
+def ours(image: Path, mountpoint: Path, env: dict[str, str]) -> Iterator[tuple[Path, int]]:
     with blockfuse_mount(mountpoint, [f"disk={image}"], env=env) as pid:
         yield mountpoint / "disk", pid
 
@@ -81,11 +82,22 @@ def qsd(image: Path, target: Path) -> Iterator[tuple[Path, int]]:
         stop(proc, target)
 
 
-def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
+def side_envs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """blockfuse's sides by name, each with the environment its mount runs in."""
+    envs: dict[str, dict[str, str]] = {"blockfuse": {}}
+    if args.stock:
+        envs["blockfuse (stock loop)"] = {"BLOCKFUSE_STOCK_FUSE_LOOP": "1"}
+    if args.tree:
+        envs[f"blockfuse ({Path(args.tree).name})"] = {"PYTHONPATH": str(Path(args.tree).resolve())}
+    return envs
+
+
+def run(workdir: Path, args: argparse.Namespace) -> None:
+    rounds, runtime = args.rounds, args.runtime
+    jobs = [job for job in JOBS if not args.only or any(t in job[0] for t in args.only)]
+    envs = side_envs(args)
     base = workdir / "base.img"
-    sides = {"blockfuse": workdir / "ours.img", "qsd": workdir / "qsd.img"}
-    if stock:
-        sides["blockfuse (stock loop)"] = workdir / "stock.img"
+    sides = {name: workdir / f"side{i}.img" for i, name in enumerate(["qsd", *envs])}
     make_random_image(base, IMAGE_SIZE)
     for image in sides.values():
         shutil.copyfile(base, image)  # every copy made alike: same kind of pages
@@ -98,14 +110,14 @@ def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
         paths = {
             name: stack.enter_context(
                 qsd(image, workdir / "qsd-export") if name == "qsd"
-                else ours(image, workdir / f"mnt-{len(name)}", stock="stock" in name)
+                else ours(image, image.with_suffix(".mnt"), envs[name])
             )
             for name, image in sides.items()
         }  # fmt: skip
-        names = list(sides)
+        names = [*envs, "qsd"]
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
-            for label, rw, bs, depth in JOBS:
+            for label, rw, bs, depth in jobs:
                 for name in order:
                     os.sync()  # no job pays for the writeback of the one before
                     path, pid = paths[name]
@@ -114,19 +126,19 @@ def run(workdir: Path, rounds: int, runtime: int, stock: bool) -> None:
                     us = (cpu_ns(pid) - before) / 1000 / max(ios, 1)
                     results.setdefault((label, name), []).append((iops, us))
         rss = peak_rss_mib(paths["blockfuse"][1])
-    report(results, names, rounds, runtime, rss)
+    report(results, names, [label for label, *_ in jobs], args, rss)
 
 
 def report(
     results: dict[tuple[str, str], list[tuple[float, float]]],
     names: list[str],
-    rounds: int,
-    runtime: int,
+    jobs: list[str],
+    args: argparse.Namespace,
     rss: float,
 ) -> None:
-    print(f"fio O_DIRECT libaio, {runtime} s per job, {rounds} rounds (rotated order), "
+    print(f"fio O_DIRECT libaio, {args.runtime} s per job, {args.rounds} rounds (rotated order), "
           "images pinned in memory; medians")  # fmt: skip
-    print_ratio_table([label for label, *_ in JOBS], names, "qsd", results)
+    print_ratio_table(jobs, names, "qsd", results)
     print(f"blockfuse mount's peak RSS after all jobs: {rss:.1f} MiB")
 
 
@@ -135,12 +147,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     parser.add_argument("--stock", action="store_true", help="also pyfuse3's stock loop")
+    parser.add_argument("--tree", help="also blockfuse from this checkout")
+    parser.add_argument("--only", action="append", metavar="TEXT", help="jobs named with TEXT")
     args = parser.parse_args()
     need("fio", "fio")
     need("qemu-storage-daemon", "qemu-system-common")
     workdir = Path(tempfile.mkdtemp(prefix="bf-bench-", dir="/var/tmp"))
     try:
-        run(workdir, args.rounds, args.runtime, args.stock)
+        run(workdir, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
