@@ -16,8 +16,9 @@ class FileRange:
 
     The device that lent it keeps ``fd`` open until ``release`` (once, when the range has
     been sent or never will be); ``failed`` tells it that reading the file for a send
-    failed (it lends no more ranges then, so the next read of them is a plain one that
-    can answer with the error).  ``len()`` is the byte count, as for a buffer."""
+    failed, or that the file takes no splice into it (it lends no more such ranges then,
+    so the next request is a plain one, which can answer with the error).  ``len()``
+    is the byte count, as for a buffer."""
 
     __slots__ = ("blocked", "failed", "fd", "length", "offset", "release")
 

@@ -284,6 +284,9 @@ class WritableRange:
     def blocked(self) -> None:
         self._lent.blocked()
 
+    def refused(self, exc: OSError) -> None:
+        self._lent.failed(exc)
+
     def release(self) -> None:
         self._lent.release()
 

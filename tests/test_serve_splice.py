@@ -259,6 +259,39 @@ async def test_a_socket_that_cannot_be_spliced_from_is_read_into_a_buffer(
     assert moves == [MiB, MiB] and len(refused) == 1, "asked again after EINVAL"
 
 
+async def test_a_file_that_refuses_splices_is_written_from_a_buffer(
+    nursery: trio.Nursery,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    moves: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file whose filesystem takes no splice into it (``EINVAL``: no ``splice_write``):
+    the WRITE still lands, from the bytes read out of the pipe, and the device lends no
+    more ranges to write into, so the next WRITE is received as usual."""
+    real_splice = os.splice
+    refused: list[int] = []
+
+    def no_splice_into_files(src: int, dst: int, count: int, **kw: int) -> int:
+        if "offset_dst" in kw:  # pipe -> file
+            refused.append(count)
+            raise OSError(errno.EINVAL, "not here")
+        return real_splice(src, dst, count, **kw)
+
+    monkeypatch.setattr(os, "splice", no_splice_into_files)
+    image = short_tmp / "disk.img"
+    data = random.Random(3).randbytes(MiB)
+    async with file_device(image) as dev, serving([export_of(dev)], short_tmp) as s:
+        await first_write(s, nursery)
+        client = await s.client(nursery)
+        await client.pwrite(memoryview(data), 0)
+        await client.pwrite(memoryview(data[::-1]), MiB)
+        await client.aclose()
+    assert image.read_bytes()[: 2 * MiB] == data + data[::-1]
+    assert moves == [MiB] and len(refused) == 1, "lent a range to splice into again"
+    assert "received into memory from now on" in caplog.text
+
+
 async def test_writes_sent_one_after_another_are_all_answered(
     nursery: trio.Nursery, short_tmp: Path, moves: list[int]
 ) -> None:

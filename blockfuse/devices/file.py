@@ -164,10 +164,6 @@ class _BlockingGuard:
         return done
 
 
-def _ignore_failure(exc: OSError) -> None:
-    """A failed write into a lent range is the writer's to report (as a write error)."""
-
-
 class FileDevice(BlockDevice):
     """An open file descriptor as a device; ``open_file`` builds one from a path."""
 
@@ -188,6 +184,8 @@ class FileDevice(BlockDevice):
         self._idle = trio.Event()
         self._lending = True
         """Whether ``lend`` offers ranges (until a send from one failed)."""
+        self._lending_writable = True
+        """Whether ``lend_writable`` offers ranges (until the file refused a splice)."""
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         if self._regular:
             self.capabilities = HOLE_CAPABILITIES
@@ -249,11 +247,11 @@ class FileDevice(BlockDevice):
             return None
         if not self._may_lend(sector, count, self._info.size_sectors):
             return None
-        if not self._nowait_write.in_loop():
+        if not self._nowait_write.in_loop() or not self._lending_writable:
             return None
         ss = self._sector_size
         self._in_flight += 1
-        lent = FileRange(self._fd, sector * ss, count * ss, self._leave, _ignore_failure)
+        lent = FileRange(self._fd, sector * ss, count * ss, self._leave, self._splice_refused)
         lent.blocked = self._nowait_write.blocked
         return lent
 
@@ -270,6 +268,14 @@ class FileDevice(BlockDevice):
             return None
         self._in_flight += 1
         return FileRange(self._fd, offset, length, release, self._lend_failed)
+
+    def _splice_refused(self, exc: OSError) -> None:
+        """A writer found that the file takes no splice into it (a failed write is the
+        writer's to report, as a write error)."""
+        if self._lending_writable:
+            self._lending_writable = False
+            why = "WRITEs are received into memory from now on"
+            log.warning("%s: writing straight into the file failed (%s); %s", self.path, exc, why)
 
     def _lend_failed(self, exc: OSError) -> None:
         if self._lending:

@@ -22,7 +22,8 @@ After an error writing the file the rest of the payload is still taken from the
 socket, read out of the pipe and dropped, so that the stream stays in step; the error
 is the request's reply.  A socket the kernel cannot splice from (``EINVAL``) is read
 with ``readv`` into the connection's receive buffer instead, for the rest of the
-connection.
+connection; so is one whose file takes no splice into it (``EINVAL`` too: a filesystem
+without ``splice_write``), whose device then lends no more ranges to write into.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class WriteTarget(Protocol):
 
     def blocked(self) -> None:
         """A write into it blocked in the kernel for longer than ``SLOW_CALL``."""
+        ...
+
+    def refused(self, exc: OSError) -> None:
+        """The file takes no splice into it (``exc``: ``EINVAL``); its bytes are
+        written with ``pwrite`` instead."""
         ...
 
     def release(self) -> None: ...
@@ -175,15 +181,24 @@ class PayloadSplicer:
         return self._pipe[1]
 
     async def _drain(self, move: _Move, n: int) -> None:
-        """The ``n`` bytes in the pipe into the file (after an error: dropped)."""
+        """The ``n`` bytes in the pipe into the file (after an error: dropped).  Where
+        the file takes no splice (``EINVAL``), they are read out of the pipe and written,
+        the rest of the payload is read from the socket into the buffer, and the target
+        is told (``WriteTarget.refused``)."""
         assert self._pipe is not None
         out = self._pipe[0]
         while n:
-            if move.error is None:
+            if move.error is None and self._splices:
                 write = functools.partial(os.splice, out, move.into.fd, n, offset_dst=move.at)
                 n -= await self._write(move, n, write)
-            else:
-                n -= os.readv(out, [self._scratch[:n]])
+                if move.error is not None and move.error.errno == errno.EINVAL:
+                    self._splices, refusal, move.error = False, move.error, None
+                    move.into.refused(refusal)
+                continue
+            piece = self._scratch[: min(n, len(self._scratch))]
+            m = os.readv(out, [piece])
+            await self._put(move, piece[:m])  # after an error: dropped
+            n -= m
 
     async def _write(self, move: _Move, n: int, call: Callable[[], int]) -> int:
         """``call()``, which writes at most ``n`` bytes at ``move.at``, run holding its
