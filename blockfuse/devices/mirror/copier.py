@@ -67,8 +67,15 @@ first workers, with ``FOREGROUND_BYTES`` of chunks between them (one or two work
 take new items; the others wait until the primary is idle.  Requests share one
 connection to the primary, and 16 MiB of chunks queued ahead of a 4 KiB read cut fio's
 random reads during the copy to 0.08-0.15x of the NBD export alone; with 2 MiB they
-kept 0.60-0.66x, and the copy went on.  When nothing else uses the disk, every worker
-copies.
+kept 0.60-0.66x, and the copy went on.  Those first workers then share the primary
+too: after an item that took *t* seconds, a worker waits up to ``FOREGROUND_PAUSE`` x
+*t* (at most ``FOREGROUND_PAUSE_MAX``) for the foreground to leave the primary, so a
+foreground that keeps it busy gets about three quarters of it and the copy the rest.
+On a simulated 30 Mbit/s link, 4 KiB reads one after another ran 72 times in 10 s
+during the copy against 9156 alone; on the dev VM (an NBD export on tmpfs, fio 4 KiB
+random reads at depth 16 through the mount during an unthrottled copy) 0.47-0.53x of
+the export alone without the wait, 0.88x with it.  When nothing else uses the disk,
+every worker copies without a pause.
 
 Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
 and goes on copying without waiting (one flush at a time).  The kernel then writes the
@@ -106,6 +113,11 @@ PLAN_SPAN_BYTES = 1 << 30
 FOREGROUND_BYTES = 2 << 20
 """While foreground I/O uses the primary, only this many bytes of chunks are copied at
 once (but always one chunk, and at most two)."""
+FOREGROUND_PAUSE = 3.0
+"""While foreground I/O uses the primary, a worker that copied an item in *t* seconds
+waits up to this many times *t* for it to stop before the next item."""
+FOREGROUND_PAUSE_MAX = 5.0
+"""...but never longer than this many seconds (an item slowed by retries)."""
 FLUSH_BEHIND_BYTES = 64 << 20
 """The copier starts a flush of the secondary after writing this many bytes to it."""
 
@@ -327,8 +339,17 @@ class Copier:
                     await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
+                began = trio.current_time()
                 await self._copy_with_retries(start, end, is_data, buf)
                 self._flush_behind.maybe_start(nursery)
+                await self._share_with_foreground(trio.current_time() - began)
+
+    async def _share_with_foreground(self, took: float) -> None:
+        """After an item that took ``took`` seconds: the module text."""
+        pause = min(FOREGROUND_PAUSE * took, FOREGROUND_PAUSE_MAX)
+        if pause > 0:
+            with trio.move_on_after(pause):
+                await self._events.wait_foreground_idle()
 
     async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
         retries, backoff = self.settings.retries, self.settings.backoff
