@@ -2,8 +2,8 @@
 defect 6): 3 writers during a copy from a 30 Mbit/s primary waited up to 20 s with the
 default 4 MiB chunks; and reads that keep a slow primary busy get most of it during
 an unthrottled copy (72 reads in 10 s against 9156 alone, before the copier paused for
-them).  The link is simulated (every request takes its turn on one link of a fixed
-rate) and time is trio's autojump clock, so the test is exact and fast."""
+them; 7108 since).  The link is simulated (every request takes its turn on one link of
+a fixed rate) and time is trio's autojump clock, so the test is exact and fast."""
 
 from __future__ import annotations
 
@@ -100,5 +100,5 @@ async def test_a_copy_leaves_most_of_a_busy_primary_to_foreground_reads(
         async with open_mirror(Link(disk, LINK_RATE), MemoryDevice(SIZE)) as m:
             during = await reads_done(m)
             copied = m.statistics().copied_bytes
-    assert during > 0.6 * alone, f"{during} reads during the copy, {alone} alone"
+    assert during > 0.7 * alone, f"{during} reads during the copy, {alone} alone"
     assert copied > 0.15 * LINK_RATE * seconds, f"{copied} bytes copied meanwhile"

@@ -68,14 +68,16 @@ take new items; the others wait until the primary is idle.  Requests share one
 connection to the primary, and 16 MiB of chunks queued ahead of a 4 KiB read cut fio's
 random reads during the copy to 0.08-0.15x of the NBD export alone; with 2 MiB they
 kept 0.60-0.66x, and the copy went on.  Those first workers then share the primary
-too: after an item that took *t* seconds, a worker waits up to ``FOREGROUND_PAUSE`` x
-*t* (at most ``FOREGROUND_PAUSE_MAX``) for the foreground to leave the primary, so a
-foreground that keeps it busy gets about three quarters of it and the copy the rest.
-On a simulated 30 Mbit/s link, 4 KiB reads one after another ran 72 times in 10 s
-during the copy against 9156 alone; on the dev VM (an NBD export on tmpfs, fio 4 KiB
-random reads at depth 16 through the mount during an unthrottled copy) 0.47-0.53x of
-the export alone without the wait, 0.88x with it.  When nothing else uses the disk,
-every worker copies without a pause.
+too: after an item that held its ranges for *t* seconds (waits for the rate limit, the
+pace and the lock not counted), a worker waits up to ``FOREGROUND_PAUSE`` x *t* (at
+most ``FOREGROUND_PAUSE_MAX``) for the foreground to leave the primary, so a foreground
+that keeps it busy gets about four fifths of it and the copy the rest.  On a simulated
+30 Mbit/s link, 4 KiB reads one after another ran 72 times in 10 s during the copy
+against 9156 alone; with the wait 7108, and the copy had 22% of the link.  On the dev
+VM (an NBD export on tmpfs, fio 4 KiB random reads at depth 16 through the mount during
+an unthrottled copy, 3 interleaved runs each) 0.53x of the export alone without the
+wait, 0.82x with it (the copy 43-50% done after 1 s instead of 78-88%).  When nothing
+else uses the disk, every worker copies without a pause.
 
 Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
 and goes on copying without waiting (one flush at a time).  The kernel then writes the
@@ -113,11 +115,11 @@ PLAN_SPAN_BYTES = 1 << 30
 FOREGROUND_BYTES = 2 << 20
 """While foreground I/O uses the primary, only this many bytes of chunks are copied at
 once (but always one chunk, and at most two)."""
-FOREGROUND_PAUSE = 3.0
-"""While foreground I/O uses the primary, a worker that copied an item in *t* seconds
+FOREGROUND_PAUSE = 4.0
+"""While foreground I/O uses the primary, a worker that held an item's ranges *t* seconds
 waits up to this many times *t* for it to stop before the next item."""
 FOREGROUND_PAUSE_MAX = 5.0
-"""...but never longer than this many seconds (an item slowed by retries)."""
+"""...but never longer than this many seconds (a piece that waited long for an answer)."""
 FLUSH_BEHIND_BYTES = 64 << 20
 """The copier starts a flush of the secondary after writing this many bytes to it."""
 
@@ -339,40 +341,52 @@ class Copier:
                     await self._events.wait_foreground_idle()
                 if not self._events.going_on():
                     return
-                began = trio.current_time()
-                await self._copy_with_retries(start, end, is_data, buf)
+                took = await self._copy_with_retries(start, end, is_data, buf)
                 self._flush_behind.maybe_start(nursery)
-                await self._share_with_foreground(trio.current_time() - began)
+                await self._share_with_foreground(took)
 
     async def _share_with_foreground(self, took: float) -> None:
-        """After an item that took ``took`` seconds: the module text."""
+        """After an item that held its ranges for ``took`` seconds: the module text."""
         pause = min(FOREGROUND_PAUSE * took, FOREGROUND_PAUSE_MAX)
         if pause > 0:
             with trio.move_on_after(pause):
                 await self._events.wait_foreground_idle()
 
-    async def _copy_with_retries(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
+    async def _copy_with_retries(
+        self, start: int, end: int, is_data: bool, buf: bytearray
+    ) -> float:
+        """Copy the item, trying again as the settings say; the seconds the try that
+        succeeded held its ranges (0 where none did)."""
         retries, backoff = self.settings.retries, self.settings.backoff
         tries = retries + 1
+        held = 0.0
+
+        async def copy() -> None:
+            nonlocal held
+            held = await self._copy_item(start, end, is_data, buf)
+
         for attempt in range(tries):
             self.in_flight += 1
             try:
-                err = await error_of(self._copy_item(start, end, is_data, buf))
+                err = await error_of(copy())
             finally:
                 self.in_flight -= 1
             if err is None:
-                return self._done(start, end, is_data)
+                self._done(start, end, is_data)
+                return held
             if not self._events.going_on():
-                return  # another item gave up, or the copy was cancelled: nothing to add
+                return 0.0  # another item gave up, or the copy was cancelled: nothing to add
             where = f"copying sectors {start}-{end}: {err}"
             if attempt == retries:
                 self._events.note_error(f"{where} (try {tries} of {tries})")
-                return self._events.fail(f"{where} (gave up after {tries} tries)")
+                self._events.fail(f"{where} (gave up after {tries} tries)")
+                return 0.0
             pause = backoff * 2**attempt
             self._events.note_error(f"{where} (try {attempt + 1} of {tries}; again in {pause:g} s)")
             await trio.sleep(pause)
             if not self._events.going_on():
-                return
+                return 0.0
+        return 0.0
 
     def _done(self, start: int, end: int, is_data: bool) -> None:
         nbytes = (end - start) * self._sector_size
@@ -381,26 +395,31 @@ class Copier:
             self.tally.swept_data += nbytes
         self._events.copied_more()
 
-    async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> None:
+    async def _copy_item(self, start: int, end: int, is_data: bool, buf: bytearray) -> float:
+        """Copy the item; the seconds it held its ranges (not counting waits for the
+        rate limit, the pace or the lock)."""
         if is_data:
-            pos = start
+            pos, held = start, 0.0
             while pos < end:  # the piece size follows the pace as the item goes on
                 stop = min(end, pos + self._pace.piece_bytes // self._sector_size)
-                await self._copy_piece(pos, stop, buf)
+                held += await self._copy_piece(pos, stop, buf)
                 pos = stop
-            return
+            return held
         async with self._ranges.hold(start, end):
+            locked = trio.current_time()
             if not self._events.going_on():
-                return  # cancelled while this item waited for its range
+                return 0.0  # cancelled while this item waited for its range
             for a, b in self._map.uncopied_parts(start, end):
                 if self._written_since_plan.intersection(a, b):  # the plan may be old
                     await self._copy_by_extents(a, b, buf)
                 else:
                     await self._zero_secondary(a, b)
                 self._map.mark_copied(a, b)
+            return trio.current_time() - locked
 
-    async def _copy_piece(self, start: int, end: int, buf: bytearray) -> None:
-        """Copy ``[start, end)`` of data under its range lock, paced (``pace.py``)."""
+    async def _copy_piece(self, start: int, end: int, buf: bytearray) -> float:
+        """Copy ``[start, end)`` of data under its range lock, paced (``pace.py``); the
+        seconds it held the lock."""
         nbytes = (end - start) * self._sector_size
         await self._throttle.take(nbytes)  # before the lock: a write must not wait for it
         began = await self._pace.enter(nbytes)
@@ -409,13 +428,14 @@ class Copier:
             async with self._ranges.hold(start, end):
                 locked = trio.current_time()
                 if not self._events.going_on():
-                    return  # cancelled while this piece waited for its range
+                    return 0.0  # cancelled while this piece waited for its range
                 for a, b in self._map.uncopied_parts(start, end):
                     await self._copy_data(a, b, buf)
                     self._map.mark_copied(a, b)
                 held = trio.current_time() - locked
         finally:
             self._pace.leave(nbytes, began, held)
+        return held
 
     async def _copy_by_extents(self, start: int, end: int, buf: bytearray) -> None:
         """Copy the primary's data and zero its holes, asking its extents now."""
