@@ -64,20 +64,24 @@ the rest.
 
 Foreground I/O comes first: while a foreground request is using the primary, only the
 first workers, with ``FOREGROUND_BYTES`` of chunks between them (one or two workers),
-take new items; the others wait until the primary is idle.  Requests share one
-connection to the primary, and 16 MiB of chunks queued ahead of a 4 KiB read cut fio's
-random reads during the copy to 0.08-0.15x of the NBD export alone; with 2 MiB they
-kept 0.60-0.66x, and the copy went on.  Those first workers then share the primary
-too: after an item that held its ranges for *t* seconds (waits for the rate limit, the
-pace and the lock not counted), a worker waits up to ``FOREGROUND_PAUSE`` x *t* (at
-most ``FOREGROUND_PAUSE_MAX``) for the foreground to leave the primary, so a foreground
-that keeps it busy gets about four fifths of it and the copy the rest.  On a simulated
-30 Mbit/s link, 4 KiB reads one after another ran 72 times in 10 s during the copy
-against 9156 alone; with the wait 7108, and the copy had 22% of the link.  On the dev
-VM (an NBD export on tmpfs, fio 4 KiB random reads at depth 16 through the mount during
-an unthrottled copy, 3 interleaved runs each) 0.53x of the export alone without the
-wait, 0.82x with it (the copy 43-50% done after 1 s instead of 78-88%).  When nothing
-else uses the disk, every worker copies without a pause.
+take new items; the others wait until the primary is idle (or every item has been handed
+out) before they take one, so that none holds an item it cannot start: under foreground
+I/O that never stopped, three workers each held one and the copy never ended.
+Requests share one connection to the primary, and 16 MiB of chunks queued ahead of a
+4 KiB read cut fio's random reads during the copy to 0.08-0.15x of the NBD export
+alone; with 2 MiB they kept 0.60-0.66x, and the copy went on.  Those first workers then
+share the primary too: after an item that held its ranges for *t* seconds (waits for
+the rate limit, the pace and the lock not counted), a worker waits up to
+``FOREGROUND_PAUSE`` x *t* (at most ``FOREGROUND_PAUSE_MAX``) for the foreground to
+leave the primary, so a foreground that keeps it busy gets about four fifths of it and
+the copy the rest (with the default 4 MiB chunks, where one worker goes on; with two,
+about two thirds).  On a simulated 30 Mbit/s link, 4 KiB reads one after another ran
+72 times in 10 s during the copy against 9156 alone; with the wait 7108, and the copy
+had 22% of the link.  On the dev VM (an NBD export on tmpfs, fio 4 KiB random reads at
+depth 16 through the mount during an unthrottled copy, 3 interleaved runs each) 0.53x
+of the export alone without the wait, 0.82x with it (the copy 43-50% done after 1 s
+instead of 78-88%).  When nothing else uses the disk, every worker copies without a
+pause.
 
 Every ``FLUSH_BEHIND_BYTES`` written to the secondary, the copier starts a flush of it
 and goes on copying without waiting (one flush at a time).  The kernel then writes the
@@ -151,7 +155,8 @@ class CopyEvents(Protocol):
         for every flush caller of the mirror, fails the copy, and is raised."""
 
     async def wait_foreground_idle(self) -> None:
-        """Return once no foreground request is using the primary."""
+        """Return once no foreground request is using the primary, or once the copy no
+        longer goes on."""
 
 
 @dataclass
@@ -244,10 +249,11 @@ class Copier:
         self._sweeping = True
         self.tally = Tally()
         try:
+            planned = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._plan, send)
+                nursery.start_soon(self._plan, send, planned)
                 for index in range(self.settings.in_flight):
-                    nursery.start_soon(self._work, receive.clone(), nursery, index)
+                    nursery.start_soon(self._work, receive.clone(), planned, nursery, index)
                 await receive.aclose()
         finally:
             self._sweeping = False
@@ -301,7 +307,14 @@ class Copier:
         except BlockError as exc:
             self._events.note_error(f"asking the secondary for extents: {exc}")
 
-    async def _plan(self, send: trio.MemorySendChannel[Item]) -> None:
+    async def _plan(self, send: trio.MemorySendChannel[Item], planned: trio.Event) -> None:
+        """Hand out the sweep's items in order; ``planned`` once there are no more."""
+        try:
+            await self._hand_out(send)
+        finally:
+            planned.set()
+
+    async def _hand_out(self, send: trio.MemorySendChannel[Item]) -> None:
         span = max(PLAN_SPAN_BYTES // self._sector_size, self.settings.chunk)
         async with send:
             pos = 0
@@ -332,18 +345,40 @@ class Copier:
             return IntervalSet([(start, end)])
 
     async def _work(
-        self, receive: trio.MemoryReceiveChannel[Item], nursery: trio.Nursery, index: int
+        self,
+        receive: trio.MemoryReceiveChannel[Item],
+        planned: trio.Event,
+        nursery: trio.Nursery,
+        index: int,
     ) -> None:
         buf = bytearray(self.settings.chunk * self._sector_size)  # one per worker, reused
         async with receive:
-            async for start, end, is_data in receive:
+            while True:
                 if index >= self.foreground_workers:
-                    await self._events.wait_foreground_idle()
+                    await self._wait_for_idle_or_planned(planned)
+                try:
+                    start, end, is_data = await receive.receive()
+                except trio.EndOfChannel:
+                    return
                 if not self._events.going_on():
                     return
                 took = await self._copy_with_retries(start, end, is_data, buf)
                 self._flush_behind.maybe_start(nursery)
                 await self._share_with_foreground(took)
+
+    async def _wait_for_idle_or_planned(self, planned: trio.Event) -> None:
+        """Until no foreground request uses the primary, or every item has been handed
+        out (``planned``): a worker held back takes no item first, which it would keep
+        from the workers that go on copying."""
+        async with trio.open_nursery() as nursery:
+
+            async def idle() -> None:
+                await self._events.wait_foreground_idle()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(idle)
+            await planned.wait()
+            nursery.cancel_scope.cancel()
 
     async def _share_with_foreground(self, took: float) -> None:
         """After an item that held its ranges for ``took`` seconds: the module text."""
