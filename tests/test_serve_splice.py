@@ -234,28 +234,40 @@ async def test_a_write_the_file_refuses_gets_its_error_and_the_stream_stays_in_s
     assert moves == [2 * MiB]
 
 
-async def test_a_socket_that_cannot_be_spliced_from_is_read_into_a_buffer(
-    nursery: trio.Nursery, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, moves: list[int]
-) -> None:
+def refuse_splices(monkeypatch: pytest.MonkeyPatch, *, into_files: bool) -> list[int]:
+    """``os.splice`` answers ``EINVAL`` into files (pipe -> file) or from sockets (socket
+    -> pipe), as a kernel that cannot would; the length of each call refused."""
     real_splice = os.splice
     refused: list[int] = []
 
-    def no_splice_from_sockets(src: int, dst: int, count: int, **kw: int) -> int:
-        if "offset_dst" not in kw:  # socket -> pipe
+    def refusing(src: int, dst: int, count: int, **kw: int) -> int:
+        if ("offset_dst" in kw) == into_files:
             refused.append(count)
             raise OSError(errno.EINVAL, "not here")
         return real_splice(src, dst, count, **kw)
 
-    monkeypatch.setattr(os, "splice", no_splice_from_sockets)
-    image = short_tmp / "disk.img"
-    data = random.Random(2).randbytes(MiB)
-    async with file_device(image) as dev, serving([export_of(dev)], short_tmp) as s:
-        await first_write(s, nursery)
-        client = await s.client(nursery)
-        await client.pwrite(memoryview(data), 0)
-        await client.pwrite(memoryview(data[::-1]), MiB)
-        await client.aclose()
+    monkeypatch.setattr(os, "splice", refusing)
+    return refused
+
+
+async def two_writes_land(served: Served, nursery: trio.Nursery, image: Path, seed: int) -> None:
+    """Two 1 MiB WRITEs, one after another, and both on the disk."""
+    data = random.Random(seed).randbytes(MiB)
+    await first_write(served, nursery)
+    client = await served.client(nursery)
+    await client.pwrite(memoryview(data), 0)
+    await client.pwrite(memoryview(data[::-1]), MiB)
+    await client.aclose()
     assert image.read_bytes()[: 2 * MiB] == data + data[::-1]
+
+
+async def test_a_socket_that_cannot_be_spliced_from_is_read_into_a_buffer(
+    nursery: trio.Nursery, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, moves: list[int]
+) -> None:
+    refused = refuse_splices(monkeypatch, into_files=False)
+    image = short_tmp / "disk.img"
+    async with file_device(image) as dev, serving([export_of(dev)], short_tmp) as s:
+        await two_writes_land(s, nursery, image, 2)
     assert moves == [MiB, MiB] and len(refused) == 1, "asked again after EINVAL"
 
 
@@ -269,25 +281,10 @@ async def test_a_file_that_refuses_splices_is_written_from_a_buffer(
     """A file whose filesystem takes no splice into it (``EINVAL``: no ``splice_write``):
     the WRITE still lands, from the bytes read out of the pipe, and the device lends no
     more ranges to write into, so the next WRITE is received as usual."""
-    real_splice = os.splice
-    refused: list[int] = []
-
-    def no_splice_into_files(src: int, dst: int, count: int, **kw: int) -> int:
-        if "offset_dst" in kw:  # pipe -> file
-            refused.append(count)
-            raise OSError(errno.EINVAL, "not here")
-        return real_splice(src, dst, count, **kw)
-
-    monkeypatch.setattr(os, "splice", no_splice_into_files)
+    refused = refuse_splices(monkeypatch, into_files=True)
     image = short_tmp / "disk.img"
-    data = random.Random(3).randbytes(MiB)
     async with file_device(image) as dev, serving([export_of(dev)], short_tmp) as s:
-        await first_write(s, nursery)
-        client = await s.client(nursery)
-        await client.pwrite(memoryview(data), 0)
-        await client.pwrite(memoryview(data[::-1]), MiB)
-        await client.aclose()
-    assert image.read_bytes()[: 2 * MiB] == data + data[::-1]
+        await two_writes_land(s, nursery, image, 3)
     assert moves == [MiB] and len(refused) == 1, "lent a range to splice into again"
     assert "received into memory from now on" in caplog.text
 
