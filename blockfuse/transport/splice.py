@@ -191,8 +191,10 @@ class PayloadSplicer:
             if move.error is None and self._splices:
                 write = functools.partial(os.splice, out, move.into.fd, n, offset_dst=move.at)
                 n -= await self._write(move, n, write)
-                if move.error is not None and move.error.errno == errno.EINVAL:
-                    self._splices, refusal, move.error = False, move.error, None
+                refusal = move.error
+                if refusal is not None and refusal.errno == errno.EINVAL:
+                    self._splices = False  # the bytes are still in the pipe: written below
+                    move.error = None
                     move.into.refused(refusal)
                 continue
             piece = self._scratch[: min(n, len(self._scratch))]

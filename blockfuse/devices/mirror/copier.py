@@ -394,16 +394,13 @@ class Copier:
         succeeded held its ranges (0 where none did)."""
         retries, backoff = self.settings.retries, self.settings.backoff
         tries = retries + 1
-        held = 0.0
-
-        async def copy() -> None:
-            nonlocal held
-            held = await self._copy_item(start, end, is_data, buf)
-
         for attempt in range(tries):
             self.in_flight += 1
+            held, err = 0.0, None
             try:
-                err = await error_of(copy())
+                held = await self._copy_item(start, end, is_data, buf)
+            except BlockError as exc:
+                err = exc
             finally:
                 self.in_flight -= 1
             if err is None:
