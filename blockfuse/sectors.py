@@ -32,7 +32,7 @@ from .block import BlockDevice, Buffer, Capability, Info, merged_status
 from .errors import BlockError, RequestFailed
 from .filerange import FileRange
 from .log import Repeats, left_out
-from .rangelock import RangeLock
+from .rangelock import Hold, RangeLock
 from .units import ceil_div
 
 log = logging.getLogger(__name__)
@@ -268,18 +268,22 @@ class WritableRange:
         self._lock = lock
         self.fd, self.offset, self.length = lent.fd, lent.offset, lent.length
 
-    async def write(self, at: int, n: int, call: Callable[[], int]) -> int:
-        """``call()``, which writes at most ``n`` bytes at byte ``at`` of the file, run
-        holding the sectors they touch; its answer."""
+    def hold_now(self, at: int, n: int) -> Hold | None:
+        """The sectors bytes ``at`` to ``at + n`` of the file touch, held, if nobody
+        holds or waits for any of them; else ``None``."""
+        return self._lock.acquire_now(*self._sectors(at, n))
+
+    async def hold(self, at: int, n: int) -> Hold:
+        """The same, once every writer that asked for any of them before is done."""
+        return await self._lock.acquire(*self._sectors(at, n))
+
+    def unhold(self, hold: Hold) -> None:
+        self._lock.release(hold)
+
+    def _sectors(self, at: int, n: int) -> tuple[int, int]:
         assert self.offset <= at and at + n <= self.offset + self.length
-        ss = self._sector_size
-        first = self._first + (at - self.offset) // ss
-        end = self._first + ceil_div(at + n - self.offset, ss)
-        hold = self._lock.acquire_now(first, end) or await self._lock.acquire(first, end)
-        try:
-            return call()
-        finally:
-            self._lock.release(hold)
+        ss, start = self._sector_size, at - self.offset
+        return self._first + start // ss, self._first + ceil_div(start + n, ss)
 
     def blocked(self) -> None:
         self._lent.blocked()

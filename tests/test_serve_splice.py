@@ -108,16 +108,22 @@ async def test_each_write_into_the_target_takes_turns_with_other_writers(
                 await let_go.wait()
                 order.append("holder")
 
-        def write_sectors_0_to_7() -> int:
-            assert not bytes_.write_now(0, memoryview(b"x" * 512)), "not held while it runs"
-            order.append("target")
-            return os.pwrite(target.fd, b"s" * 4096, 0)
+        async def write_sectors_0_to_7() -> None:
+            assert target.hold_now(0, 4096) is None, "the holder has sectors 7-8"
+            hold = await target.hold(0, 4096)
+            try:
+                assert not bytes_.write_now(0, memoryview(b"x" * 512)), "not held while it runs"
+                order.append("target")
+                os.pwrite(target.fd, b"s" * 4096, 0)
+            finally:
+                target.unhold(hold)
+            assert bytes_.write_now(4096, memoryview(b"y" * 512)), "still held after it"
 
         with trio.fail_after(5):
             async with trio.open_nursery() as tasks:
                 tasks.start_soon(holder)
                 await held.wait()
-                tasks.start_soon(target.write, 0, 4096, write_sectors_0_to_7)
+                tasks.start_soon(write_sectors_0_to_7)
                 await trio.testing.wait_all_tasks_blocked()
                 assert order == [], "the write did not wait for the holder"
                 let_go.set()

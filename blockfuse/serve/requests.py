@@ -59,7 +59,7 @@ the range of a file that *is* those sectors (``BlockDevice.lend_writable``,
 writes do more): ``write_target`` asks for it before the payload is read, and the
 transport splices the payload from the socket into the file (one copy instead of two).
 Each write into the range holds the sectors it touches in the bridge's range lock
-while it runs (``WritableRange.write``), and a failure to write it is the WRITE's
+while it runs (``WritableRange.hold``), and a failure to write it is the WRITE's
 reply (``write_failed``).
 
 Errors: a ``BlockError``'s errno becomes one of the eight NBD values (``nbd_errno``),

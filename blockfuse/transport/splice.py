@@ -14,7 +14,7 @@ the pipe (at most its capacity: ``PIPE_SIZE`` where the system allows, else its
 default) is written out of it before the next, so the pipe holds at most one splice's
 bytes and nothing piles up here.  Each write into the file holds the sectors it
 touches against every other writer while it runs, and no longer
-(``WriteTarget.write``): a payload on its way holds nothing while its client is slow
+(``WriteTarget.hold``): a payload on its way holds nothing while its client is slow
 to send it, and another front end's read-modify-write never straddles one of its
 writes.
 
@@ -31,17 +31,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from ..nbd.events import PeerClosed
 from ..nbd.server import ServerCore
+from ..rangelock import Hold
 from ..threads import SLOW_CALL, thread_sleeps
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ mostly came with its header, already buffered."""
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 BURST = 16
+CLOSED_MID_PAYLOAD = "the client closed the connection in the middle of a WRITE payload"
 """Splices in a row before a trip through the scheduler, as ``connection.BURST``."""
 
 
@@ -63,10 +64,16 @@ class WriteTarget(Protocol):
     offset: int
     length: int
 
-    async def write(self, at: int, n: int, call: Callable[[], int]) -> int:
-        """``call()``, which writes at most ``n`` bytes at byte ``at`` of the file and
-        says how many, run while no other writer has any of the sectors they touch."""
+    def hold_now(self, at: int, n: int) -> Hold | None:
+        """The sectors bytes ``at`` to ``at + n`` of the file touch, held against every
+        other writer, if nobody holds or waits for any of them; else ``None``."""
         ...
+
+    async def hold(self, at: int, n: int) -> Hold:
+        """The same, once every writer that asked for any of them before is done."""
+        ...
+
+    def unhold(self, hold: Hold) -> None: ...
 
     def blocked(self) -> None:
         """A write into it blocked in the kernel for longer than ``SLOW_CALL``."""
@@ -136,42 +143,39 @@ class PayloadSplicer:
                 burst = 0
                 await trio.lowlevel.checkpoint()
             try:
-                await self._receive(core, left, move)
+                if self._splices:
+                    n = os.splice(self._fd, self._pipe_in(), left, flags=os.SPLICE_F_NONBLOCK)
+                else:
+                    n = self._read(left)
             except BlockingIOError:
                 burst = 0
                 await wait()
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._splices:
+                    raise
+                self._splices = False  # not a socket the kernel splices from
+                continue
+            if n == 0:
+                raise PeerClosed(
+                    "the client closed the connection in the middle of a WRITE payload"
+                )
+            core.payload_received(n)
+            if self._splices:
+                await self._drain(move, n)
+            else:
+                await self._put(move, self._scratch[:n])
         return move.error
 
-    async def _receive(self, core: ServerCore, left: int, move: _Move) -> None:
-        """What one call takes from the socket, on its way into the file (after an
-        error: dropped).  ``BlockingIOError``: nothing came."""
-        if not self._splices:
-            piece = self._scratch[: min(left, len(self._scratch))]
-            n = os.readv(self._fd, [piece])
-            self._check_more(core, n)
-            await self._put(move, piece[:n])
-            return
-        try:
-            n = os.splice(self._fd, self._pipe_in(), left, flags=os.SPLICE_F_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._splices = False  # not a socket the kernel splices from
-            return
-        self._check_more(core, n)
-        await self._drain(move, n)
-
-    def _check_more(self, core: ServerCore, n: int) -> None:
-        if n == 0:
-            raise PeerClosed("the client closed the connection in the middle of a WRITE payload")
-        core.payload_received(n)
+    def _read(self, left: int) -> int:
+        """Bytes from the socket into the receive buffer, at most ``left``."""
+        return os.readv(self._fd, [self._scratch[: min(left, len(self._scratch))]])
 
     async def _put(self, move: _Move, data: memoryview) -> None:
         """Bytes already in memory into the file (those that came with the header; all
         of them where nothing is spliced); after an error, dropped."""
         while data and move.error is None:
-            write = functools.partial(os.pwrite, move.into.fd, data, move.at)
-            data = data[await self._write(move, len(data), write) :]
+            data = data[await self._write(move, len(data), _pwrite, data) :]
 
     def _pipe_in(self) -> int:
         if self._pipe is None:
@@ -187,41 +191,50 @@ class PayloadSplicer:
         is told (``WriteTarget.refused``)."""
         assert self._pipe is not None
         out = self._pipe[0]
+        while n and move.error is None:
+            n -= await self._write(move, n, _splice_from, out)
+            refusal = move.error
+            if refusal is not None and refusal.errno == errno.EINVAL:
+                self._splices = False  # the bytes are still in the pipe: written below
+                move.error = None
+                move.into.refused(refusal)
+                break
         while n:
-            if move.error is None and self._splices:
-                write = functools.partial(os.splice, out, move.into.fd, n, offset_dst=move.at)
-                n -= await self._write(move, n, write)
-                refusal = move.error
-                if refusal is not None and refusal.errno == errno.EINVAL:
-                    self._splices = False  # the bytes are still in the pipe: written below
-                    move.error = None
-                    move.into.refused(refusal)
-                continue
-            piece = self._scratch[: min(n, len(self._scratch))]
-            m = os.readv(out, [piece])
-            await self._put(move, piece[:m])  # after an error: dropped
+            m = os.readv(out, [self._scratch[: min(n, len(self._scratch))]])
+            await self._put(move, self._scratch[:m])  # after an error: dropped
             n -= m
 
-    async def _write(self, move: _Move, n: int, call: Callable[[], int]) -> int:
-        """``call()``, which writes at most ``n`` bytes at ``move.at``, run holding its
-        sectors (``WriteTarget.write``); the bytes it wrote, 0 after an error (which
-        ``move`` keeps)."""
+    async def _write(
+        self, move: _Move, n: int, call: Callable[[int, Any, int, int], int], source: Any
+    ) -> int:
+        """``call(fd, source, n, at)``, which writes at most ``n`` bytes of ``source``
+        at byte ``at`` of the file ``fd``, run holding the sectors they touch; the bytes
+        it wrote, 0 after an error (which ``move`` keeps).  One that blocked in the
+        kernel for longer than ``SLOW_CALL`` is told to the target
+        (``WriteTarget.blocked``)."""
+        into, at = move.into, move.at
+        hold = into.hold_now(at, n) or await into.hold(at, n)
         try:
-            m = await move.into.write(move.at, n, functools.partial(_timed, call, move.into))
+            started, sleeps = time.monotonic(), thread_sleeps()
+            m = call(into.fd, source, n, at)
+            if time.monotonic() - started > SLOW_CALL and thread_sleeps() > sleeps:
+                into.blocked()
         except OSError as exc:
             move.error = exc
             return 0
+        finally:
+            into.unhold(hold)
         if m == 0:
             move.error = OSError(errno.EIO, "the file took no more bytes")
         move.at += m
         return m
 
 
-def _timed(call: Callable[[], int], into: WriteTarget) -> int:
-    """``call()``; one that blocked in the kernel for longer than ``SLOW_CALL`` is told
-    to the target (``WriteTarget.blocked``)."""
-    started, sleeps = time.monotonic(), thread_sleeps()
-    m = call()
-    if time.monotonic() - started > SLOW_CALL and thread_sleeps() > sleeps:
-        into.blocked()
-    return m
+def _pwrite(fd: int, data: memoryview, n: int, at: int) -> int:
+    """The ``n`` bytes of ``data`` into the file ``fd`` at byte ``at``."""
+    return os.pwrite(fd, data[:n], at)
+
+
+def _splice_from(fd: int, pipe: int, n: int, at: int) -> int:
+    """At most ``n`` bytes from the pipe into the file ``fd`` at byte ``at``."""
+    return os.splice(pipe, fd, n, offset_dst=at)
