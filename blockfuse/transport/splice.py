@@ -157,9 +157,7 @@ class PayloadSplicer:
                 self._splices = False  # not a socket the kernel splices from
                 continue
             if n == 0:
-                raise PeerClosed(
-                    "the client closed the connection in the middle of a WRITE payload"
-                )
+                raise PeerClosed(CLOSED_MID_PAYLOAD)
             core.payload_received(n)
             if self._splices:
                 await self._drain(move, n)
