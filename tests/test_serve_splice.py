@@ -117,7 +117,8 @@ async def test_each_write_into_the_target_takes_turns_with_other_writers(
                 os.pwrite(target.fd, b"s" * 4096, 0)
             finally:
                 target.unhold(hold)
-            assert bytes_.write_now(4096, memoryview(b"y" * 512)), "its sectors stayed held after it"
+            stayed = "its sectors stayed held after it"
+            assert bytes_.write_now(4096, memoryview(b"y" * 512)), stayed
 
         with trio.fail_after(5):
             async with trio.open_nursery() as tasks:

@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -52,8 +52,11 @@ mostly came with its header, already buffered."""
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 BURST = 16
-CLOSED_MID_PAYLOAD = "the client closed the connection in the middle of a WRITE payload"
 """Splices in a row before a trip through the scheduler, as ``connection.BURST``."""
+CLOSED_MID_PAYLOAD = "the client closed the connection in the middle of a WRITE payload"
+
+Source = TypeVar("Source", memoryview, int)
+"""What a write into the file takes its bytes from: a buffer, or the pipe's fd."""
 
 
 class WriteTarget(Protocol):
@@ -203,7 +206,7 @@ class PayloadSplicer:
             n -= m
 
     async def _write(
-        self, move: _Move, n: int, call: Callable[[int, Any, int, int], int], source: Any
+        self, move: _Move, n: int, call: Callable[[int, Source, int, int], int], source: Source
     ) -> int:
         """``call(fd, source, n, at)``, which writes at most ``n`` bytes of ``source``
         at byte ``at`` of the file ``fd``, run holding the sectors they touch; the bytes
